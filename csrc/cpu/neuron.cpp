@@ -1,0 +1,262 @@
+// CPU kernels of spikingir::neuron_fwd / neuron_bwd (schemas: csrc/ops.cpp).
+//
+// Layout: x is [T, M] (M neurons per step, contiguous). Work is split over
+// neurons with at::parallel_for; each task walks a chunk of kChunk neurons
+// through all T steps, keeping membrane potentials in a local array so the
+// inner loop is a branch-free, auto-vectorised pass over contiguous memory.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../dispatch.h"
+#include "../neuron_math.h"
+
+namespace spikingir {
+namespace {
+
+constexpr int64_t kChunk = 512;
+
+struct Params {
+  const float* theta;
+  const float* beta;
+  const float* alpha;
+  int64_t C, inner;
+  float reuse_alpha;
+  bool reuse_step, scale_output, detach_reset;
+};
+
+// Gathers per-channel parameters of neurons [m0, m0 + n) into local arrays.
+inline void gather(const Params& p, int64_t m0, int64_t n, float* th, float* be, float* al) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = ((m0 + i) / p.inner) % p.C;
+    th[i] = p.theta[c];
+    be[i] = p.beta[c];
+    al[i] = p.alpha[c];
+  }
+}
+
+template <typename scalar_t, typename save_t>
+void fwd_impl(const scalar_t* __restrict__ x, const float* v0, scalar_t* __restrict__ y,
+              float* __restrict__ vT, save_t* __restrict__ saved, int64_t T, int64_t M,
+              const Params& p) {
+  const int64_t T_if = p.reuse_step ? T - 1 : T;
+  at::parallel_for(0, M, kChunk, [&](int64_t begin, int64_t end) {
+    float v[kChunk], th[kChunk], be[kChunk], al[kChunk];
+    for (int64_t m0 = begin; m0 < end; m0 += kChunk) {
+      const int64_t n = std::min(kChunk, end - m0);
+      gather(p, m0, n, th, be, al);
+      for (int64_t i = 0; i < n; ++i) v[i] = v0 ? v0[m0 + i] : 0.0f;
+      for (int64_t t = 0; t < T; ++t) {
+        const bool reuse = t >= T_if;
+        const float thr_scale = reuse ? p.reuse_alpha : 1.0f;
+        const scalar_t* __restrict__ xt = x + t * M + m0;
+        scalar_t* __restrict__ yt = y + t * M + m0;
+        save_t* __restrict__ st = saved + t * M + m0;
+        const float* __restrict__ k = reuse ? be : th;  // spike size
+        for (int64_t i = 0; i < n; ++i) {
+          // h = v + x; u = h - thr; s = H(u); v = h - theta s (soft reset).
+          const float h = v[i] + static_cast<float>(xt[i]);
+          const float u = h - thr_scale * th[i];
+          const float s = u >= 0.0f ? 1.0f : 0.0f;
+          v[i] = h - th[i] * s;
+          yt[i] = static_cast<scalar_t>(p.scale_output ? k[i] * s : s);
+          st[i] = static_cast<save_t>(u);
+        }
+      }
+      std::copy(v, v + n, vT + m0);
+    }
+  });
+}
+
+template <typename scalar_t, typename save_t, int kSurrogate>
+void bwd_impl(const scalar_t* __restrict__ gy, const float* gvT, const save_t* __restrict__ saved,
+              scalar_t* __restrict__ gx, float* __restrict__ gv0, float* gtheta_buf,
+              float* gbeta_buf, int64_t T, int64_t M, const Params& p) {
+  const int64_t T_if = p.reuse_step ? T - 1 : T;
+  at::parallel_for(0, M, kChunk, [&](int64_t begin, int64_t end) {
+    float gv[kChunk], th[kChunk], be[kChunk], al[kChunk], gth[kChunk], gbe[kChunk];
+    for (int64_t m0 = begin; m0 < end; m0 += kChunk) {
+      const int64_t n = std::min(kChunk, end - m0);
+      gather(p, m0, n, th, be, al);
+      for (int64_t i = 0; i < n; ++i) {
+        gv[i] = gvT ? gvT[m0 + i] : 0.0f;
+        gth[i] = 0.0f;
+        gbe[i] = 0.0f;
+      }
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const bool reuse = t >= T_if;
+        const float thr_scale = reuse ? p.reuse_alpha : 1.0f;
+        const scalar_t* __restrict__ gyt = gy + t * M + m0;
+        const save_t* __restrict__ st = saved + t * M + m0;
+        scalar_t* __restrict__ gxt = gx + t * M + m0;
+        const float* __restrict__ k = reuse ? be : th;
+        float* __restrict__ gk = reuse ? gbe : gth;
+        for (int64_t i = 0; i < n; ++i) {
+          const float u = static_cast<float>(st[i]);
+          const float s = u >= 0.0f ? 1.0f : 0.0f;
+          const float sg = surrogate_grad<kSurrogate>(u, al[i]);
+          float gh, g_theta, g_k;
+          step_backward(static_cast<float>(gyt[i]), gv[i], s, sg, th[i], k[i], thr_scale,
+                        p.scale_output, p.detach_reset, gh, g_theta, g_k);
+          gxt[i] = static_cast<scalar_t>(gh);
+          gv[i] = gh;
+          gth[i] += g_theta;
+          gk[i] += g_k;
+        }
+      }
+      std::copy(gv, gv + n, gv0 + m0);
+      if (gtheta_buf) std::copy(gth, gth + n, gtheta_buf + m0);
+      if (gbeta_buf) std::copy(gbe, gbe + n, gbeta_buf + m0);
+    }
+  });
+}
+
+// Sums a per-neuron buffer [B, C, inner] (flattened) over all but the channel
+// axis. Each channel is summed in a fixed order in double, so the result does
+// not depend on the number of threads.
+at::Tensor channel_sum(const at::Tensor& buf, int64_t C, int64_t inner) {
+  auto out = at::zeros({C}, buf.options());
+  const float* b = buf.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t M = buf.numel();
+  const int64_t B = M / (C * inner);
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double acc = 0.0;
+      for (int64_t bi = 0; bi < B; ++bi) {
+        const float* row = b + (bi * C + c) * inner;
+        for (int64_t j = 0; j < inner; ++j) acc += row[j];
+      }
+      o[c] = static_cast<float>(acc);
+    }
+  });
+  return out;
+}
+
+void check_common(const at::Tensor& t, const at::Tensor& theta, const at::Tensor& beta,
+                  const at::Tensor& alpha, int64_t inner) {
+  TORCH_CHECK(t.device().is_cpu(), "spikingir neuron (cpu): expected CPU tensors");
+  TORCH_CHECK(t.dim() >= 1 && t.size(0) >= 1, "spikingir neuron: expected x of shape [T, ...], T >= 1");
+  TORCH_CHECK(t.is_contiguous(), "spikingir neuron: expected contiguous inputs");
+  for (const auto* q : {&theta, &beta, &alpha}) {
+    TORCH_CHECK(q->scalar_type() == at::kFloat && q->dim() == 1 && q->is_contiguous() &&
+                    q->device() == t.device(),
+                "spikingir neuron: theta/beta/alpha must be contiguous 1-d float32 on the input's device");
+  }
+  TORCH_CHECK(beta.numel() == theta.numel() && alpha.numel() == theta.numel(),
+              "spikingir neuron: theta, beta and alpha must have the same length C");
+  TORCH_CHECK(inner >= 1, "inner must be >= 1");
+}
+
+Params make_params(const at::Tensor& theta, const at::Tensor& beta, const at::Tensor& alpha,
+                   int64_t inner, double reuse_alpha, bool reuse_step, bool scale_output,
+                   bool detach_reset) {
+  return Params{theta.data_ptr<float>(), beta.data_ptr<float>(), alpha.data_ptr<float>(),
+                theta.numel(), inner,
+                static_cast<float>(reuse_alpha), reuse_step, scale_output, detach_reset};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> neuron_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& theta, const at::Tensor& beta,
+    const std::optional<at::Tensor>& v0, const at::Tensor& alpha, int64_t surrogate,
+    double reuse_alpha, bool reuse_step, bool scale_output, bool detach_reset, int64_t inner,
+    bool save_bf16) {
+  check_common(x, theta, beta, alpha, inner);
+  const int64_t T = x.size(0);
+  const int64_t M = x.numel() / T;
+  TORCH_CHECK(!reuse_step || T >= 2, "neuron_fwd: the MPRN reuse step needs T + 1 >= 2 steps");
+  const float* v0p = nullptr;
+  if (v0.has_value()) {
+    TORCH_CHECK(v0->scalar_type() == at::kFloat && v0->is_contiguous() && v0->numel() == M,
+                "neuron_fwd: v0 must be contiguous float32 with one value per neuron");
+    v0p = v0->data_ptr<float>();
+  }
+  auto y = at::empty_like(x);
+  auto vT = at::empty(x.sizes().slice(1), x.options().dtype(at::kFloat));
+  auto saved = at::empty_like(x, x.options().dtype(save_bf16 ? at::kBFloat16 : at::kFloat));
+  const Params p = make_params(theta, beta, alpha, inner, reuse_alpha, reuse_step, scale_output,
+                               detach_reset);
+  SPK_DISPATCH_FLOATS(x.scalar_type(), "neuron_fwd_cpu", [&] {
+    if (save_bf16) {
+      fwd_impl<scalar_t, c10::BFloat16>(x.data_ptr<scalar_t>(), v0p, y.data_ptr<scalar_t>(),
+                                        vT.data_ptr<float>(), saved.data_ptr<c10::BFloat16>(),
+                                        T, M, p);
+    } else {
+      fwd_impl<scalar_t, float>(x.data_ptr<scalar_t>(), v0p, y.data_ptr<scalar_t>(),
+                                vT.data_ptr<float>(), saved.data_ptr<float>(), T, M, p);
+    }
+  });
+  return {y, vT, saved};
+}
+
+template <typename scalar_t, typename save_t>
+void bwd_dispatch(int64_t surrogate, const scalar_t* gy, const float* gvT, const save_t* saved,
+                  scalar_t* gx, float* gv0, float* gth, float* gbe, int64_t T, int64_t M,
+                  const Params& p) {
+  switch (surrogate) {
+    case kSigmoid: return bwd_impl<scalar_t, save_t, kSigmoid>(gy, gvT, saved, gx, gv0, gth, gbe, T, M, p);
+    case kAtan: return bwd_impl<scalar_t, save_t, kAtan>(gy, gvT, saved, gx, gv0, gth, gbe, T, M, p);
+    case kTriangle: return bwd_impl<scalar_t, save_t, kTriangle>(gy, gvT, saved, gx, gv0, gth, gbe, T, M, p);
+    case kRectangle: return bwd_impl<scalar_t, save_t, kRectangle>(gy, gvT, saved, gx, gv0, gth, gbe, T, M, p);
+    default: TORCH_CHECK(false, "neuron_bwd: unknown surrogate id ", surrogate);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neuron_bwd_cpu(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_v, const at::Tensor& saved,
+    const at::Tensor& theta, const at::Tensor& beta, const at::Tensor& alpha, int64_t surrogate,
+    double reuse_alpha, bool reuse_step, bool scale_output, bool detach_reset, int64_t inner,
+    bool need_theta_grad, bool need_beta_grad) {
+  check_common(grad_y, theta, beta, alpha, inner);
+  TORCH_CHECK(saved.sizes() == grad_y.sizes() && saved.is_contiguous(),
+              "neuron_bwd: saved must be contiguous and shaped like grad_y");
+  const int64_t T = grad_y.size(0);
+  const int64_t M = grad_y.numel() / T;
+  const float* gvp = nullptr;
+  if (grad_v.has_value()) {
+    TORCH_CHECK(grad_v->scalar_type() == at::kFloat && grad_v->is_contiguous() && grad_v->numel() == M,
+                "neuron_bwd: grad_v must be contiguous float32 with one value per neuron");
+    gvp = grad_v->data_ptr<float>();
+  }
+  auto gx = at::empty_like(grad_y);
+  auto gv0 = at::empty(grad_y.sizes().slice(1), grad_y.options().dtype(at::kFloat));
+  const auto fopt = grad_y.options().dtype(at::kFloat);
+  at::Tensor gth_buf = need_theta_grad ? at::empty({M}, fopt) : at::Tensor();
+  at::Tensor gbe_buf = need_beta_grad ? at::empty({M}, fopt) : at::Tensor();
+  const Params p = make_params(theta, beta, alpha, inner, reuse_alpha, reuse_step, scale_output,
+                               detach_reset);
+  float* gth = need_theta_grad ? gth_buf.data_ptr<float>() : nullptr;
+  float* gbe = need_beta_grad ? gbe_buf.data_ptr<float>() : nullptr;
+  SPK_DISPATCH_FLOATS(grad_y.scalar_type(), "neuron_bwd_cpu", [&] {
+    if (saved.scalar_type() == at::kBFloat16) {
+      bwd_dispatch<scalar_t, c10::BFloat16>(surrogate, grad_y.data_ptr<scalar_t>(), gvp,
+                                            saved.data_ptr<c10::BFloat16>(), gx.data_ptr<scalar_t>(),
+                                            gv0.data_ptr<float>(), gth, gbe, T, M, p);
+    } else {
+      TORCH_CHECK(saved.scalar_type() == at::kFloat, "neuron_bwd: saved must be float32 or bfloat16");
+      bwd_dispatch<scalar_t, float>(surrogate, grad_y.data_ptr<scalar_t>(), gvp,
+                                    saved.data_ptr<float>(), gx.data_ptr<scalar_t>(),
+                                    gv0.data_ptr<float>(), gth, gbe, T, M, p);
+    }
+  });
+  const int64_t C = theta.numel();
+  auto g_theta = need_theta_grad ? channel_sum(gth_buf, C, inner) : at::zeros({C}, fopt);
+  auto g_beta = need_beta_grad ? channel_sum(gbe_buf, C, inner) : at::zeros({C}, fopt);
+  return {gx, gv0, g_theta, g_beta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spikingir, CPU, m) {
+  m.impl("neuron_fwd", &neuron_fwd_cpu);
+  m.impl("neuron_bwd", &neuron_bwd_cpu);
+}
+
+}  // namespace spikingir

@@ -1,0 +1,253 @@
+// CUDA kernels of spikingir::neuron_fwd / neuron_bwd (schemas: csrc/ops.cpp).
+//
+// One thread per neuron walks all T steps: the membrane potential stays in a
+// register and each step reads x (and writes y, u) once, so the kernel moves the
+// byte floor of the op (fp32: 12 B per neuron-step forward incl. the saved u,
+// 12 B backward). Offsets are int64 (t * M + m can pass 2^31). Launches go on
+// the current stream.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "../dispatch.h"
+#include "../neuron_math.h"
+
+namespace spikingir {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct Params {
+  const float* theta;
+  const float* beta;
+  const float* alpha;
+  int64_t C, inner;
+  float reuse_alpha;
+  bool reuse_step, scale_output, detach_reset;
+};
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(c10::Half v) { return static_cast<float>(v); }
+__device__ __forceinline__ float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
+
+template <typename scalar_t, typename save_t>
+__global__ void neuron_fwd_kernel(const scalar_t* __restrict__ x, const float* __restrict__ v0,
+                                  scalar_t* __restrict__ y, float* __restrict__ vT,
+                                  save_t* __restrict__ saved, int64_t T, int64_t M, Params p) {
+  const int64_t T_if = p.reuse_step ? T - 1 : T;
+  for (int64_t m = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; m < M;
+       m += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = (m / p.inner) % p.C;
+    const float th = __ldg(p.theta + c);
+    float v = v0 ? v0[m] : 0.0f;
+    int64_t off = m;
+    for (int64_t t = 0; t < T; ++t, off += M) {
+      const bool reuse = t >= T_if;
+      const float thr = reuse ? p.reuse_alpha * th : th;
+      const float k = reuse ? __ldg(p.beta + c) : th;
+      // h = v + x; u = h - thr; s = H(u); v = h - theta s (soft reset).
+      const float h = v + to_f(x[off]);
+      const float u = h - thr;
+      const float s = u >= 0.0f ? 1.0f : 0.0f;
+      v = h - th * s;
+      y[off] = static_cast<scalar_t>(p.scale_output ? k * s : s);
+      saved[off] = static_cast<save_t>(u);
+    }
+    vT[m] = v;
+  }
+}
+
+template <typename scalar_t, typename save_t, int kSurrogate>
+__global__ void neuron_bwd_kernel(const scalar_t* __restrict__ gy, const float* __restrict__ gvT,
+                                  const save_t* __restrict__ saved, scalar_t* __restrict__ gx,
+                                  float* __restrict__ gv0, float* __restrict__ gtheta_buf,
+                                  float* __restrict__ gbeta_buf, int64_t T, int64_t M, Params p) {
+  const int64_t T_if = p.reuse_step ? T - 1 : T;
+  for (int64_t m = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; m < M;
+       m += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = (m / p.inner) % p.C;
+    const float th = __ldg(p.theta + c);
+    const float a = __ldg(p.alpha + c);
+    float gv = gvT ? gvT[m] : 0.0f;
+    float gth = 0.0f, gbe = 0.0f;
+    int64_t off = (T - 1) * M + m;
+    for (int64_t t = T - 1; t >= 0; --t, off -= M) {
+      const bool reuse = t >= T_if;
+      const float u = to_f(saved[off]);
+      const float s = u >= 0.0f ? 1.0f : 0.0f;
+      const float sg = surrogate_grad<kSurrogate>(u, a);
+      float gh, g_theta, g_k;
+      step_backward(to_f(gy[off]), gv, s, sg, th, reuse ? __ldg(p.beta + c) : th,
+                    reuse ? p.reuse_alpha : 1.0f, p.scale_output, p.detach_reset, gh, g_theta,
+                    g_k);
+      gx[off] = static_cast<scalar_t>(gh);
+      gv = gh;
+      gth += g_theta;
+      if (reuse) gbe += g_k; else gth += g_k;
+    }
+    gv0[m] = gv;
+    if (gtheta_buf) gtheta_buf[m] = gth;
+    if (gbeta_buf) gbeta_buf[m] = gbe;
+  }
+}
+
+int64_t num_blocks(int64_t M) {
+  // Grid-stride loops: cap the grid, every thread covers M / (grid * block) neurons.
+  const int64_t want = (M + kThreads - 1) / kThreads;
+  return std::max<int64_t>(1, std::min<int64_t>(want, int64_t(1) << 30));
+}
+
+void check_common(const at::Tensor& t, const at::Tensor& theta, const at::Tensor& beta,
+                  const at::Tensor& alpha, int64_t inner) {
+  TORCH_CHECK(t.is_cuda(), "spikingir neuron (cuda): expected CUDA tensors");
+  TORCH_CHECK(t.dim() >= 1 && t.size(0) >= 1, "spikingir neuron: expected x of shape [T, ...], T >= 1");
+  TORCH_CHECK(t.is_contiguous(), "spikingir neuron: expected contiguous inputs");
+  for (const auto* q : {&theta, &beta, &alpha}) {
+    TORCH_CHECK(q->scalar_type() == at::kFloat && q->dim() == 1 && q->is_contiguous() &&
+                    q->device() == t.device(),
+                "spikingir neuron: theta/beta/alpha must be contiguous 1-d float32 on the input's device");
+  }
+  TORCH_CHECK(beta.numel() == theta.numel() && alpha.numel() == theta.numel(),
+              "spikingir neuron: theta, beta and alpha must have the same length C");
+  TORCH_CHECK(inner >= 1, "inner must be >= 1");
+}
+
+Params make_params(const at::Tensor& theta, const at::Tensor& beta, const at::Tensor& alpha,
+                   int64_t inner, double reuse_alpha, bool reuse_step, bool scale_output,
+                   bool detach_reset) {
+  return Params{theta.data_ptr<float>(), beta.data_ptr<float>(), alpha.data_ptr<float>(),
+                theta.numel(), inner, static_cast<float>(reuse_alpha), reuse_step,
+                scale_output, detach_reset};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> neuron_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& theta, const at::Tensor& beta,
+    const std::optional<at::Tensor>& v0, const at::Tensor& alpha, int64_t surrogate,
+    double reuse_alpha, bool reuse_step, bool scale_output, bool detach_reset, int64_t inner,
+    bool save_bf16) {
+  check_common(x, theta, beta, alpha, inner);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t T = x.size(0);
+  const int64_t M = x.numel() / T;
+  TORCH_CHECK(!reuse_step || T >= 2, "neuron_fwd: the MPRN reuse step needs T + 1 >= 2 steps");
+  const float* v0p = nullptr;
+  if (v0.has_value()) {
+    TORCH_CHECK(v0->scalar_type() == at::kFloat && v0->is_contiguous() && v0->numel() == M &&
+                    v0->device() == x.device(),
+                "neuron_fwd: v0 must be contiguous float32 on x's device, one value per neuron");
+    v0p = v0->data_ptr<float>();
+  }
+  auto y = at::empty_like(x);
+  auto vT = at::empty(x.sizes().slice(1), x.options().dtype(at::kFloat));
+  auto saved = at::empty_like(x, x.options().dtype(save_bf16 ? at::kBFloat16 : at::kFloat));
+  if (M == 0) return {y, vT, saved};
+  const Params p = make_params(theta, beta, alpha, inner, reuse_alpha, reuse_step, scale_output,
+                               detach_reset);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  SPK_DISPATCH_FLOATS(x.scalar_type(), "neuron_fwd_cuda", [&] {
+    {
+      if (save_bf16) {
+        neuron_fwd_kernel<scalar_t, c10::BFloat16><<<num_blocks(M), kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), v0p, y.data_ptr<scalar_t>(), vT.data_ptr<float>(),
+            saved.data_ptr<c10::BFloat16>(), T, M, p);
+      } else {
+        neuron_fwd_kernel<scalar_t, float><<<num_blocks(M), kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), v0p, y.data_ptr<scalar_t>(), vT.data_ptr<float>(),
+            saved.data_ptr<float>(), T, M, p);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {y, vT, saved};
+}
+
+template <typename scalar_t, typename save_t>
+void launch_bwd(int64_t surrogate, cudaStream_t stream, const scalar_t* gy, const float* gvT,
+                const save_t* saved, scalar_t* gx, float* gv0, float* gth, float* gbe, int64_t T,
+                int64_t M, const Params& p) {
+  const auto blocks = num_blocks(M);
+#define SPK_LAUNCH(S)                                                                  \
+  neuron_bwd_kernel<scalar_t, save_t, S><<<blocks, kThreads, 0, stream>>>(gy, gvT, saved, gx, \
+                                                                          gv0, gth, gbe, T, M, p)
+  switch (surrogate) {
+    case kSigmoid: SPK_LAUNCH(kSigmoid); break;
+    case kAtan: SPK_LAUNCH(kAtan); break;
+    case kTriangle: SPK_LAUNCH(kTriangle); break;
+    case kRectangle: SPK_LAUNCH(kRectangle); break;
+    default: TORCH_CHECK(false, "neuron_bwd: unknown surrogate id ", surrogate);
+  }
+#undef SPK_LAUNCH
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neuron_bwd_cuda(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_v, const at::Tensor& saved,
+    const at::Tensor& theta, const at::Tensor& beta, const at::Tensor& alpha, int64_t surrogate,
+    double reuse_alpha, bool reuse_step, bool scale_output, bool detach_reset, int64_t inner,
+    bool need_theta_grad, bool need_beta_grad) {
+  check_common(grad_y, theta, beta, alpha, inner);
+  const c10::cuda::CUDAGuard guard(grad_y.device());
+  TORCH_CHECK(saved.sizes() == grad_y.sizes() && saved.is_contiguous() &&
+                  saved.device() == grad_y.device(),
+              "neuron_bwd: saved must be contiguous, on grad_y's device and shaped like it");
+  const int64_t T = grad_y.size(0);
+  const int64_t M = grad_y.numel() / T;
+  const float* gvp = nullptr;
+  if (grad_v.has_value()) {
+    TORCH_CHECK(grad_v->scalar_type() == at::kFloat && grad_v->is_contiguous() &&
+                    grad_v->numel() == M && grad_v->device() == grad_y.device(),
+                "neuron_bwd: grad_v must be contiguous float32 with one value per neuron");
+    gvp = grad_v->data_ptr<float>();
+  }
+  const int64_t C = theta.numel();
+  const auto fopt = grad_y.options().dtype(at::kFloat);
+  auto gx = at::empty_like(grad_y);
+  auto gv0 = at::empty(grad_y.sizes().slice(1), fopt);
+  at::Tensor gth_buf = need_theta_grad ? at::empty({M}, fopt) : at::Tensor();
+  at::Tensor gbe_buf = need_beta_grad ? at::empty({M}, fopt) : at::Tensor();
+  if (M > 0) {
+    const Params p = make_params(theta, beta, alpha, inner, reuse_alpha, reuse_step,
+                                 scale_output, detach_reset);
+    float* gth = need_theta_grad ? gth_buf.data_ptr<float>() : nullptr;
+    float* gbe = need_beta_grad ? gbe_buf.data_ptr<float>() : nullptr;
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    SPK_DISPATCH_FLOATS(grad_y.scalar_type(), "neuron_bwd_cuda", [&] {
+      {
+        if (saved.scalar_type() == at::kBFloat16) {
+          launch_bwd<scalar_t, c10::BFloat16>(surrogate, stream, grad_y.data_ptr<scalar_t>(), gvp,
+                                              saved.data_ptr<c10::BFloat16>(), gx.data_ptr<scalar_t>(),
+                                              gv0.data_ptr<float>(), gth, gbe, T, M, p);
+        } else {
+          TORCH_CHECK(saved.scalar_type() == at::kFloat, "neuron_bwd: saved must be float32 or bfloat16");
+          launch_bwd<scalar_t, float>(surrogate, stream, grad_y.data_ptr<scalar_t>(), gvp,
+                                      saved.data_ptr<float>(), gx.data_ptr<scalar_t>(),
+                                      gv0.data_ptr<float>(), gth, gbe, T, M, p);
+        }
+      }
+    });
+  }
+  // Per-channel reduction of the per-neuron partial sums: [B, C, inner] -> [C].
+  // at::sum on CUDA uses a fixed reduction tree, so this is deterministic.
+  auto reduce = [&](const at::Tensor& buf) {
+    return buf.view({-1, C, inner}).sum(at::IntArrayRef{0, 2});
+  };
+  auto g_theta = need_theta_grad ? reduce(gth_buf) : at::zeros({C}, fopt);
+  auto g_beta = need_beta_grad ? reduce(gbe_buf) : at::zeros({C}, fopt);
+  return {gx, gv0, g_theta, g_beta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spikingir, CUDA, m) {
+  m.impl("neuron_fwd", &neuron_fwd_cuda);
+  m.impl("neuron_bwd", &neuron_bwd_cuda);
+}
+
+}  // namespace spikingir

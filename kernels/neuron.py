@@ -1,0 +1,199 @@
+"""Triton kernels of the fused multi-timestep IF / MPRN neuron.
+
+Three layers (Liger-Kernel style): the ``@triton.jit`` kernels, the launchers
+``neuron_fwd_triton`` / ``neuron_bwd_triton`` (same contract as the compiled
+ops spikingir::neuron_fwd / neuron_bwd, see csrc/ops.cpp), and the autograd /
+registration in spikingir/ops/neuron.py.
+
+One program handles BLOCK neurons through all T steps; the membrane potential
+stays in registers, each step reads x once and writes y and the saved
+u = h - threshold once. Pointers advance by M per step, so addresses are 64-bit
+even when T * M passes 2^31.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _surrogate_grad(u, a, SURROGATE: tl.constexpr):
+    # d/du of the smooth step; ids and formulas as in spikingir/ops/surrogate.py.
+    if SURROGATE == 0:  # sigmoid: a e / (1 + e)^2, e = exp(-|a u|)
+        e = tl.exp(-tl.abs(a * u))
+        g = a * e / ((1.0 + e) * (1.0 + e))
+    elif SURROGATE == 1:  # atan
+        z = 1.5707963267948966 * a * u
+        g = 0.5 * a / (1.0 + z * z)
+    elif SURROGATE == 2:  # triangle
+        g = tl.maximum(a * (1.0 - a * tl.abs(u)), 0.0)
+    else:  # rectangle
+        g = tl.where(tl.abs(u) < 0.5 / a, a, 0.0)
+    return g
+
+
+@triton.jit
+def _step_backward(gy, gv, u, a, theta, k, thr_scale, SURROGATE: tl.constexpr,
+                   SCALE: tl.constexpr, DETACH: tl.constexpr):
+    # One step of backward through time (csrc/neuron_math.h: step_backward).
+    s = tl.where(u >= 0.0, 1.0, 0.0)
+    sg = _surrogate_grad(u, a, SURROGATE)
+    if SCALE:
+        gs = k * gy
+        g_k = gy * s
+    else:
+        gs = gy
+        g_k = gy * 0.0
+    if not DETACH:
+        gs = gs - theta * gv
+    gh = gv + gs * sg
+    g_theta = -gv * s - thr_scale * gs * sg
+    return gh, g_theta, g_k
+
+
+@triton.jit
+def _neuron_fwd_kernel(x_ptr, v0_ptr, y_ptr, vT_ptr, saved_ptr, theta_ptr, beta_ptr,
+                       T_if, M, C, inner, reuse_alpha,
+                       HAS_V0: tl.constexpr, REUSE: tl.constexpr, SCALE: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    c = (offs // inner) % C
+    th = tl.load(theta_ptr + c, mask=mask, other=1.0)
+    if HAS_V0:
+        v = tl.load(v0_ptr + offs, mask=mask, other=0.0)
+    else:
+        v = tl.zeros([BLOCK], dtype=tl.float32)
+    xp = x_ptr + offs
+    yp = y_ptr + offs
+    sp = saved_ptr + offs
+    for _ in range(T_if):
+        # h = v + x; u = h - theta; s = H(u); v = h - theta s (soft reset)
+        h = v + tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+        u = h - th
+        s = tl.where(u >= 0.0, 1.0, 0.0)
+        v = h - th * s
+        y = th * s if SCALE else s
+        tl.store(yp, y.to(yp.dtype.element_ty), mask=mask)
+        tl.store(sp, u.to(sp.dtype.element_ty), mask=mask)
+        xp += M
+        yp += M
+        sp += M
+    if REUSE:
+        # MPRN reuse step: fires a spike of size beta when h >= reuse_alpha theta.
+        be = tl.load(beta_ptr + c, mask=mask, other=0.0)
+        h = v + tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+        u = h - reuse_alpha * th
+        s = tl.where(u >= 0.0, 1.0, 0.0)
+        v = h - th * s
+        y = be * s if SCALE else s
+        tl.store(yp, y.to(yp.dtype.element_ty), mask=mask)
+        tl.store(sp, u.to(sp.dtype.element_ty), mask=mask)
+    tl.store(vT_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def _neuron_bwd_kernel(gy_last, gvT_ptr, saved_last, gx_last, gv0_ptr, gth_ptr, gbe_ptr,
+                       theta_ptr, beta_ptr, alpha_ptr, T_if, M, C, inner, reuse_alpha,
+                       HAS_GV: tl.constexpr, REUSE: tl.constexpr, SCALE: tl.constexpr,
+                       DETACH: tl.constexpr, NEED_TH: tl.constexpr, NEED_BE: tl.constexpr,
+                       SURROGATE: tl.constexpr, BLOCK: tl.constexpr):
+    # *_last point at step T-1; the loop walks back in time.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    c = (offs // inner) % C
+    th = tl.load(theta_ptr + c, mask=mask, other=1.0)
+    a = tl.load(alpha_ptr + c, mask=mask, other=1.0)
+    if HAS_GV:
+        gv = tl.load(gvT_ptr + offs, mask=mask, other=0.0)
+    else:
+        gv = tl.zeros([BLOCK], dtype=tl.float32)
+    gth = tl.zeros([BLOCK], dtype=tl.float32)
+    gbe = tl.zeros([BLOCK], dtype=tl.float32)
+    gyp = gy_last + offs
+    sp = saved_last + offs
+    gxp = gx_last + offs
+    if REUSE:
+        be = tl.load(beta_ptr + c, mask=mask, other=0.0)
+        gy = tl.load(gyp, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(sp, mask=mask, other=-1.0).to(tl.float32)
+        gh, g_theta, g_k = _step_backward(gy, gv, u, a, th, be, reuse_alpha,
+                                          SURROGATE, SCALE, DETACH)
+        tl.store(gxp, gh.to(gxp.dtype.element_ty), mask=mask)
+        gv = gh
+        gth += g_theta
+        gbe += g_k
+        gyp -= M
+        sp -= M
+        gxp -= M
+    for _ in range(T_if):
+        gy = tl.load(gyp, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(sp, mask=mask, other=-1.0).to(tl.float32)
+        gh, g_theta, g_k = _step_backward(gy, gv, u, a, th, th, 1.0, SURROGATE, SCALE, DETACH)
+        tl.store(gxp, gh.to(gxp.dtype.element_ty), mask=mask)
+        gv = gh
+        gth += g_theta + g_k
+        gyp -= M
+        sp -= M
+        gxp -= M
+    tl.store(gv0_ptr + offs, gv, mask=mask)
+    if NEED_TH:
+        tl.store(gth_ptr + offs, gth, mask=mask)
+    if NEED_BE:
+        tl.store(gbe_ptr + offs, gbe, mask=mask)
+
+
+def _block(M: int) -> int:
+    # The interpreter's cost grows with the number of programs: use few, large ones.
+    if _INTERPRET:
+        return min(1 << 16, max(1024, triton.next_power_of_2(M)))
+    return 1024
+
+
+def neuron_fwd_triton(x, theta, beta, v0, alpha, surrogate, reuse_alpha, reuse_step,
+                      scale_output, detach_reset, inner, save_bf16):
+    """Launcher with the contract of spikingir::neuron_fwd (csrc/ops.cpp)."""
+    T = x.shape[0]
+    M = x.numel() // T
+    y = torch.empty_like(x)
+    vT = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)
+    saved = torch.empty_like(x, dtype=torch.bfloat16 if save_bf16 else torch.float32)
+    if M > 0:
+        BLOCK = _block(M)
+        _neuron_fwd_kernel[(triton.cdiv(M, BLOCK),)](
+            x, v0, y, vT, saved, theta, beta, T - int(reuse_step), M, theta.numel(), inner,
+            float(reuse_alpha), HAS_V0=v0 is not None, REUSE=bool(reuse_step),
+            SCALE=bool(scale_output), BLOCK=BLOCK, num_warps=4)
+    return y, vT, saved
+
+
+def neuron_bwd_triton(grad_y, grad_v, saved, theta, beta, alpha, surrogate, reuse_alpha,
+                      reuse_step, scale_output, detach_reset, inner, need_theta_grad,
+                      need_beta_grad):
+    """Launcher with the contract of spikingir::neuron_bwd (csrc/ops.cpp)."""
+    T = grad_y.shape[0]
+    M = grad_y.numel() // T
+    C = theta.numel()
+    f32 = dict(dtype=torch.float32, device=grad_y.device)
+    gx = torch.empty_like(grad_y)
+    gv0 = torch.empty(grad_y.shape[1:], **f32)
+    gth = torch.empty(M, **f32) if need_theta_grad else None
+    gbe = torch.empty(M, **f32) if need_beta_grad else None
+    if M > 0:
+        BLOCK = _block(M)
+        _neuron_bwd_kernel[(triton.cdiv(M, BLOCK),)](
+            grad_y[T - 1], grad_v, saved[T - 1], gx[T - 1], gv0, gth, gbe, theta, beta, alpha,
+            T - int(reuse_step), M, C, inner, float(reuse_alpha),
+            HAS_GV=grad_v is not None, REUSE=bool(reuse_step), SCALE=bool(scale_output),
+            DETACH=bool(detach_reset), NEED_TH=bool(need_theta_grad),
+            NEED_BE=bool(need_beta_grad), SURROGATE=int(surrogate), BLOCK=BLOCK, num_warps=4)
+
+    # Per-channel sums of per-neuron partials, [B, C, inner] -> [C]: torch's
+    # reductions use a fixed order for a given shape, so this is deterministic.
+    def reduce(buf):
+        return buf.view(-1, C, inner).sum((0, 2)) if buf is not None else torch.zeros(C, **f32)
+
+    return gx, gv0, reduce(gth), reduce(gbe)

@@ -1,0 +1,6 @@
+"""The op layer: public functional API of spikingir's ops."""
+from .backends import HAS_CPP_OPS, HAS_CUDA_OPS, HAS_TRITON, available_backends
+from .neuron import if_multistep, mprn_multistep
+
+__all__ = ["if_multistep", "mprn_multistep", "available_backends",
+           "HAS_CPP_OPS", "HAS_CUDA_OPS", "HAS_TRITON"]

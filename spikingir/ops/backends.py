@@ -1,0 +1,136 @@
+"""The one place a backend is chosen.
+
+=========  =====================================  ==========================================
+backend    runs                                   available when
+=========  =====================================  ==========================================
+torch      pure-PyTorch reference (autograd)      always, any device and float dtype
+cpp        C++ kernel (spikingir._C)              CPU tensors, the extension is built
+cuda       CUDA C++ kernel (spikingir._C)         CUDA tensors, built with nvcc + CUDA torch
+triton     Triton kernel (spikingir.kernels)      CUDA tensors and triton; CPU tensors only
+                                                  under TRITON_INTERPRET=1
+=========  =====================================  ==========================================
+
+``auto`` picks the fastest available backend for the device; a backend named
+explicitly is used or refused with an error that says why, never swapped.
+"""
+import os
+import warnings
+
+import torch
+
+try:  # importing the extension runs its TORCH_LIBRARY registrations
+    from spikingir import _C  # noqa: F401
+
+    HAS_CPP_OPS = True
+    _CPP_ERROR = ""
+except ImportError as exc:  # pragma: no cover - depends on the build
+    HAS_CPP_OPS = False
+    _CPP_ERROR = str(exc)
+
+HAS_CUDA_OPS = HAS_CPP_OPS and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "spikingir::neuron_fwd", "CUDA")
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+    _TRITON_ERROR = ""
+except ImportError as exc:
+    HAS_TRITON = False
+    _TRITON_ERROR = str(exc)
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+#: Backends each op implements, fastest first (the order ``auto`` tries).
+OP_BACKENDS = {
+    "if_multistep": ("cuda", "triton", "cpp", "torch"),
+    "mprn_multistep": ("cuda", "triton", "cpp", "torch"),
+}
+#: Input dtypes of the fused backends (the reference takes any float dtype).
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _device_type(device) -> str:
+    return torch.device(device).type
+
+
+def why_unavailable(backend: str, device, op: str = "if_multistep"):
+    """None when ``backend`` can run ``op`` on ``device``, else the reason."""
+    if op not in OP_BACKENDS:
+        raise ValueError(f"op: expected one of {sorted(OP_BACKENDS)}, got {op!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend not in OP_BACKENDS[op]:
+        return f"{op} has no {backend!r} implementation"
+    dev = _device_type(device)
+    if backend == "torch":
+        return None
+    if backend == "cpp":
+        if dev != "cpu":
+            return f"'cpp' runs on CPU tensors, got a {dev} tensor"
+        if not HAS_CPP_OPS:
+            return f"the compiled extension spikingir._C failed to import ({_CPP_ERROR})"
+        return None
+    if backend == "cuda":
+        if dev != "cuda":
+            return f"'cuda' runs on CUDA tensors, got a {dev} tensor"
+        if not HAS_CUDA_OPS:
+            return ("spikingir._C was built without CUDA kernels (needs nvcc and a CUDA "
+                    "torch at build time; see README 'Building for a GPU')")
+        return None
+    # triton
+    if not HAS_TRITON:
+        return f"triton is not installed ({_TRITON_ERROR}); pip install 'spikingir[triton]'"
+    if not HAS_CPP_OPS:
+        return f"the op schemas live in spikingir._C, which failed to import ({_CPP_ERROR})"
+    if dev == "cuda":
+        return None
+    if dev == "cpu" and TRITON_INTERPRET:
+        return None
+    return f"'triton' runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {dev}"
+
+
+def available_backends(device, op: str = "if_multistep") -> list:
+    """Backends that can run ``op`` on ``device``, fastest first."""
+    if op not in OP_BACKENDS:
+        raise ValueError(f"op: expected one of {sorted(OP_BACKENDS)}, got {op!r}")
+    return [b for b in OP_BACKENDS[op] if why_unavailable(b, device, op) is None]
+
+
+_warned_fallback = set()
+
+
+def choose(op: str, device, dtype: torch.dtype, requested: str = "auto") -> str:
+    """Returns the backend that runs ``op`` for inputs on ``device`` of ``dtype``.
+
+    ``auto``: the fastest available fused backend (the interpreted Triton
+    backend is never picked automatically); the reference for float64, which
+    no fused kernel takes; on a CUDA device with no fused backend, the reference
+    with a warning. A named backend that cannot run raises an error saying why.
+    """
+    if not isinstance(requested, str):
+        raise TypeError(f"backend: expected a str, got {type(requested).__name__}")
+    fused_dtype = dtype in FUSED_DTYPES
+    if requested == "auto":
+        if not fused_dtype:
+            return "torch"
+        dev = _device_type(device)
+        for b in OP_BACKENDS[op]:
+            if b == "triton" and dev != "cuda":
+                continue
+            if b != "torch" and why_unavailable(b, device, op) is None:
+                return b
+        if dev != "cpu" and (op, dev) not in _warned_fallback:
+            _warned_fallback.add((op, dev))
+            warnings.warn(f"spikingir: no fused backend for {op} on {dev} "
+                          f"({why_unavailable('cuda', device, op)}); using the slow "
+                          "PyTorch reference", RuntimeWarning, stacklevel=3)
+        return "torch"
+    reason = why_unavailable(requested, device, op)
+    if reason is not None:
+        raise ValueError(f"backend={requested!r} is not available for {op}: {reason}")
+    if requested != "torch" and not fused_dtype:
+        raise TypeError(f"x_seq: backend {requested!r} takes float32, float16 or bfloat16 "
+                        f"inputs, got {dtype}; use backend='torch' for {dtype}")
+    return requested

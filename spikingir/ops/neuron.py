@@ -1,0 +1,222 @@
+"""Fused multi-timestep spiking neurons: ``if_multistep`` and ``mprn_multistep``.
+
+Chain of names: kernels/neuron.py ``_neuron_fwd_kernel`` -> ``neuron_fwd_triton``;
+csrc/cpu/neuron.cpp ``neuron_fwd_cpu`` and csrc/cuda/neuron.cu ``neuron_fwd_cuda``
+-> ``torch.ops.spikingir.neuron_fwd``; all -> ``if_multistep`` / ``mprn_multistep``
+-> ``spikingir.nn.IFNeuron`` / ``MPRNeuron``. The backward is its own op
+(``neuron_bwd``), registered as the autograd formula of ``neuron_fwd``.
+
+Inputs are checked here, once; the kernels trust what reaches them.
+"""
+import math
+import numbers
+
+import torch
+
+from . import backends
+from .reference import neuron_reference
+from .surrogate import SURROGATES
+
+# --------------------------------------------------------------------------
+# Registration of the compiled and Triton ops: fake kernels, autograd, and the
+# Python (Triton) implementations of the *_triton schemas of csrc/ops.cpp.
+# --------------------------------------------------------------------------
+
+
+def _fake_fwd(x, theta, beta, v0, alpha, surrogate, reuse_alpha, reuse_step, scale_output,
+              detach_reset, inner, save_bf16):
+    y = torch.empty_like(x)
+    vT = x.new_empty(x.shape[1:], dtype=torch.float32)
+    saved = torch.empty_like(x, dtype=torch.bfloat16 if save_bf16 else torch.float32)
+    return y, vT, saved
+
+
+def _fake_bwd(grad_y, grad_v, saved, theta, beta, alpha, surrogate, reuse_alpha, reuse_step,
+              scale_output, detach_reset, inner, need_theta_grad, need_beta_grad):
+    C = theta.numel()
+    return (torch.empty_like(grad_y), grad_y.new_empty(grad_y.shape[1:], dtype=torch.float32),
+            theta.new_empty(C), theta.new_empty(C))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, theta, beta, v0, alpha, surrogate, reuse_alpha, reuse_step, scale_output,
+     detach_reset, inner, save_bf16) = inputs
+    ctx.save_for_backward(output[2], theta, beta, alpha)
+    ctx.config = (surrogate, reuse_alpha, reuse_step, scale_output, detach_reset, inner)
+    ctx.reuse_step = reuse_step
+
+
+def _backward_via(bwd_op):
+    def backward(ctx, grad_y, grad_v, _grad_saved):
+        saved, theta, beta, alpha = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_v = None if grad_v is None else grad_v.float().contiguous()
+        gx, gv0, gth, gbe = bwd_op(grad_y.contiguous(), grad_v, saved, theta, beta, alpha,
+                                   *ctx.config, need[1], need[2] and ctx.reuse_step)
+        return (gx, gth if need[1] else None, gbe if need[2] else None,
+                gv0 if need[3] else None) + (None,) * 8
+    return backward
+
+
+def _register():
+    if not backends.HAS_CPP_OPS:
+        return
+    ops = torch.ops.spikingir
+    pairs = [("spikingir::neuron_fwd", "spikingir::neuron_bwd", ops.neuron_bwd)]
+    if backends.HAS_TRITON:
+        from spikingir.kernels.neuron import neuron_bwd_triton, neuron_fwd_triton
+        for key in ("CPU", "CUDA"):
+            torch.library.impl("spikingir::neuron_fwd_triton", key)(neuron_fwd_triton)
+            torch.library.impl("spikingir::neuron_bwd_triton", key)(neuron_bwd_triton)
+        pairs.append(("spikingir::neuron_fwd_triton", "spikingir::neuron_bwd_triton",
+                      ops.neuron_bwd_triton))
+    for fwd, bwd, bwd_op in pairs:
+        torch.library.register_fake(fwd)(_fake_fwd)
+        torch.library.register_fake(bwd)(_fake_bwd)
+        torch.library.register_autograd(fwd, _backward_via(bwd_op), setup_context=_setup_context)
+
+
+_register()
+
+
+def _fused_op(backend):
+    ops = torch.ops.spikingir
+    return ops.neuron_fwd_triton if backend == "triton" else ops.neuron_fwd
+
+
+# --------------------------------------------------------------------------
+# Input checks (once, at the op boundary).
+# --------------------------------------------------------------------------
+
+def _check_x(x_seq, min_steps):
+    if not isinstance(x_seq, torch.Tensor):
+        raise TypeError(f"x_seq: expected a torch.Tensor, got {type(x_seq).__name__}")
+    if not x_seq.is_floating_point():
+        raise TypeError(f"x_seq: expected a floating-point tensor, got {x_seq.dtype}")
+    if x_seq.dim() < 2:
+        raise ValueError("x_seq: expected shape [T, ...] with at least one neuron axis, "
+                         f"got shape {tuple(x_seq.shape)}")
+    if x_seq.shape[0] < min_steps:
+        what = "T + 1 >= 2 steps (T IF steps and the reuse step)" if min_steps == 2 else "T >= 1"
+        raise ValueError(f"x_seq: expected {what}, got {x_seq.shape[0]} step(s)")
+
+
+def _param(name, value, x_seq, positive, can_check_values):
+    """float / 0-d / [C] tensor -> float32 tensor of shape [] or [C] on x's device."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name}: expected a float or a tensor, got {type(value).__name__}")
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if not math.isfinite(value) or (positive and value <= 0):
+            raise ValueError(f"{name}: expected a finite{' positive' if positive else ''} "
+                             f"value, got {value}")
+        dtype = torch.float64 if x_seq.dtype == torch.float64 else torch.float32
+        return torch.tensor(value, dtype=dtype, device=x_seq.device)
+    if not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
+    if value.device != x_seq.device:
+        raise ValueError(f"{name}: expected a tensor on {x_seq.device} (like x_seq), "
+                         f"got {value.device}")
+    channels = x_seq.shape[2] if x_seq.dim() >= 3 else None
+    if value.dim() > 1 or (value.dim() == 1 and value.numel() not in (1, channels)):
+        expect = f"a 1-d tensor of length C = x_seq.shape[2] = {channels}" if channels \
+            else "a 1-d tensor of length 1 (x_seq has no channel axis)"
+        raise ValueError(f"{name}: expected a float, a 0-d tensor or {expect}, "
+                         f"got shape {tuple(value.shape)}")
+    if can_check_values:
+        bad = ~torch.isfinite(value) | (value <= 0) if positive else ~torch.isfinite(value)
+        if bool(bad.any()):
+            raise ValueError(f"{name}: expected finite{' positive' if positive else ''} "
+                             f"values, got {value.detach().flatten()[:8].tolist()}")
+    return value.reshape(()) if value.numel() == 1 else value
+
+
+def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate,
+            detach_reset, scale_output, save_dtype, backend, op):
+    _check_x(x_seq, 2 if reuse_step else 1)
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate: expected one of {sorted(SURROGATES)}, got {surrogate!r}")
+    if reuse_step and not (isinstance(reuse_alpha, numbers.Real)
+                           and 0.5 < float(reuse_alpha) <= 1.0):
+        raise ValueError(f"reuse_alpha: expected a float in (0.5, 1], got {reuse_alpha!r}")
+    if save_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"save_dtype: expected torch.float32 or torch.bfloat16, got {save_dtype}")
+    check_values = not torch.compiler.is_compiling()
+    theta = _param("theta", theta, x_seq, True, check_values)
+    beta = theta if beta is None else _param("beta", beta, x_seq, False, check_values)
+    alpha = _param("alpha", alpha, x_seq, True, check_values).detach()
+    if v0 is not None:
+        if not isinstance(v0, torch.Tensor) or not v0.is_floating_point():
+            raise TypeError(f"v0: expected None or a floating-point tensor, got "
+                            f"{getattr(v0, 'dtype', type(v0).__name__)}")
+        if v0.shape != x_seq.shape[1:] or v0.device != x_seq.device:
+            raise ValueError(f"v0: expected shape {tuple(x_seq.shape[1:])} on {x_seq.device} "
+                             f"(one step of x_seq), got {tuple(v0.shape)} on {v0.device}")
+    chosen = backends.choose(op, x_seq.device, x_seq.dtype, backend)
+
+    # Channel layout of the kernels: C values per parameter, channel of neuron m
+    # within a step = (m // inner) % C. Scalars only: C = 1.
+    per_channel = any(p.dim() == 1 for p in (theta, beta, alpha))
+    C = x_seq.shape[2] if per_channel else 1
+    inner = math.prod(x_seq.shape[3:]) if per_channel else 1
+    theta_c, beta_c, alpha_c = (p.expand(C) for p in (theta, beta, alpha))
+    flags = (float(reuse_alpha), reuse_step, scale_output, detach_reset, inner)
+    if chosen == "torch":
+        return neuron_reference(x_seq, theta_c, beta_c, v0, alpha_c, surrogate, *flags)
+    theta_c, beta_c, alpha_c = (p.float().contiguous() for p in (theta_c, beta_c, alpha_c))
+    v0 = None if v0 is None else v0.float().contiguous()
+    y, v_final, _ = _fused_op(chosen)(x_seq.contiguous(), theta_c, beta_c, v0, alpha_c,
+                                      SURROGATES[surrogate], *flags,
+                                      save_dtype == torch.bfloat16)
+    return y, v_final
+
+
+def if_multistep(x_seq, theta, *, v0=None, surrogate="sigmoid", alpha=4.0, detach_reset=False,
+                 scale_output=True, save_dtype=torch.float32, backend="auto"):
+    """Integrate-and-fire neuron with soft reset over T steps, fused.
+
+    Args:
+        x_seq: input currents ``[T, ...]`` (``[T, B, C, ...]`` for per-channel
+            parameters), float32 / float16 / bfloat16 (the reference also takes
+            float64). Membrane state is kept in float32.
+        theta: threshold: a float, a 0-d tensor or a ``[C]`` tensor (C =
+            ``x_seq.shape[2]``); finite and > 0. Differentiable.
+        v0: initial membrane potential shaped like one step, or None (zeros).
+        surrogate: ``"sigmoid" | "atan" | "triangle" | "rectangle"``.
+        alpha: surrogate sharpness, a float or a 0-d / ``[C]`` tensor
+            (``alpha = a / theta`` makes it scale-free); no gradient.
+        detach_reset: the reset ``theta * s`` carries no gradient through s.
+        scale_output: return ``theta * s`` (True) or ``s`` in {0, 1}.
+        save_dtype: what is kept per neuron-step for backward: float32 (4 B)
+            or bfloat16 (2 B; the surrogate is evaluated on u rounded to 8 bits
+            of mantissa, spikes are recomputed exactly).
+        backend: ``"auto" | "torch" | "cpp" | "cuda" | "triton"`` (see
+            :mod:`spikingir.ops.backends`).
+
+    Returns:
+        ``(y_seq, v_final)``: ``y_seq`` like ``x_seq``, ``v_final`` float32
+        shaped like one step.
+
+    A NaN input makes that neuron's potential NaN from then on: it never fires
+    again (``NaN >= theta`` is false) and its ``v_final`` is NaN.
+    """
+    return _neuron(x_seq, theta, None, alpha, reuse_step=False, reuse_alpha=0.75, v0=v0,
+                   surrogate=surrogate, detach_reset=detach_reset, scale_output=scale_output,
+                   save_dtype=save_dtype, backend=backend, op="if_multistep")
+
+
+def mprn_multistep(x_seq, theta, beta, *, reuse_alpha=0.75, v0=None, surrogate="sigmoid",
+                   alpha=4.0, detach_reset=False, scale_output=True, save_dtype=torch.float32,
+                   backend="auto"):
+    """Membrane Potential Reuse Neuron: T IF steps, then one reuse step.
+
+    ``x_seq`` has T + 1 steps: the first T are IF steps (as
+    :func:`if_multistep`), the last is the reuse step, which fires a spike of
+    size ``beta`` when ``h >= reuse_alpha * theta`` and leaves
+    ``v_final = h - theta * s``. ``beta`` is a float, 0-d or ``[C]`` tensor,
+    differentiable; ``reuse_alpha`` is in (0.5, 1]. Other arguments and the
+    return value as :func:`if_multistep`; ``y_seq`` has T + 1 steps.
+    """
+    return _neuron(x_seq, theta, beta, alpha, reuse_step=True, reuse_alpha=reuse_alpha, v0=v0,
+                   surrogate=surrogate, detach_reset=detach_reset, scale_output=scale_output,
+                   save_dtype=save_dtype, backend=backend, op="mprn_multistep")

@@ -1,0 +1,63 @@
+"""Surrogate gradients of the spike function H(u), u = h - threshold.
+
+Each surrogate is the derivative of a smooth step ``sigma_a(u)`` that integrates
+to 1 over u; ``a`` (alpha) sets its sharpness. The fused kernels evaluate the
+derivative directly (csrc/neuron_math.h, kernels/neuron.py); the reference
+builds the spike as a straight-through estimator, ``H(u) + sigma_a(u) -
+stop_grad(sigma_a(u))``, whose forward is exactly H(u) and whose gradient is
+exactly ``sigma_a'(u)``.
+
+=========  ==========================================  ===========================
+name       sigma_a'(u)                                 sigma_a(u)
+=========  ==========================================  ===========================
+sigmoid    a sig(a u) (1 - sig(a u))                   sig(a u)
+atan       (a/2) / (1 + (pi a u / 2)^2)                atan(pi a u / 2) / pi + 1/2
+triangle   a max(0, 1 - a |u|)                         piecewise quadratic
+rectangle  a [|u| < 1/(2a)]                            clamp(a u + 1/2, 0, 1)
+=========  ==========================================  ===========================
+"""
+import math
+
+import torch
+
+#: Surrogate name -> integer id used by the compiled and Triton kernels.
+SURROGATES = {"sigmoid": 0, "atan": 1, "triangle": 2, "rectangle": 3}
+
+
+def smooth_step(name: str, u: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The smooth step sigma_a(u) whose derivative is the surrogate."""
+    if name == "sigmoid":
+        return torch.sigmoid(a * u)
+    if name == "atan":
+        return torch.atan(math.pi / 2 * a * u) / math.pi + 0.5
+    if name == "triangle":
+        z = (a * u).clamp(-1.0, 1.0)
+        return torch.where(z < 0, 0.5 * (1 + z) ** 2, 1 - 0.5 * (1 - z) ** 2)
+    if name == "rectangle":
+        return (a * u + 0.5).clamp(0.0, 1.0)
+    raise ValueError(f"surrogate: expected one of {sorted(SURROGATES)}, got {name!r}")
+
+
+def surrogate_grad(name: str, u: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """sigma_a'(u), written out (the formula the kernels implement)."""
+    if name == "sigmoid":
+        sig = torch.sigmoid(a * u)
+        return a * sig * (1 - sig)
+    if name == "atan":
+        return (a / 2) / (1 + (math.pi / 2 * a * u) ** 2)
+    if name == "triangle":
+        return a * (1 - a * u.abs()).clamp_min(0.0)
+    if name == "rectangle":
+        return a * (u.abs() < 0.5 / a).to(u.dtype)
+    raise ValueError(f"surrogate: expected one of {sorted(SURROGATES)}, got {name!r}")
+
+
+def spike(u: torch.Tensor, a: torch.Tensor, name: str, smooth: bool = False) -> torch.Tensor:
+    """H(u) forward with gradient sigma_a'(u); ``smooth=True`` returns sigma_a(u)
+    itself (forward and backward), which makes the whole neuron differentiable
+    so that gradcheck can verify the backward-through-time algebra."""
+    soft = smooth_step(name, u, a)
+    if smooth:
+        return soft
+    hard = (u >= 0).to(u.dtype)
+    return hard + (soft - soft.detach())
