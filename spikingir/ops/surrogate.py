@@ -3,9 +3,8 @@
 Each surrogate is the derivative of a smooth step ``sigma_a(u)`` that integrates
 to 1 over u; ``a`` (alpha) sets its sharpness. The fused kernels evaluate the
 derivative directly (csrc/neuron_math.h, kernels/neuron.py); the reference
-builds the spike as a straight-through estimator, ``H(u) + sigma_a(u) -
-stop_grad(sigma_a(u))``, whose forward is exactly H(u) and whose gradient is
-exactly ``sigma_a'(u)``.
+uses an autograd function whose forward is exactly H(u) and whose gradient is
+exactly ``sigma_a'(u)``; ``smooth=True`` uses ``sigma_a(u)`` itself.
 
 =========  ==========================================  ===========================
 name       sigma_a'(u)                                 sigma_a(u)
@@ -56,8 +55,21 @@ def spike(u: torch.Tensor, a: torch.Tensor, name: str, smooth: bool = False) -> 
     """H(u) forward with gradient sigma_a'(u); ``smooth=True`` returns sigma_a(u)
     itself (forward and backward), which makes the whole neuron differentiable
     so that gradcheck can verify the backward-through-time algebra."""
-    soft = smooth_step(name, u, a)
     if smooth:
-        return soft
-    hard = (u >= 0).to(u.dtype)
-    return hard + (soft - soft.detach())
+        return smooth_step(name, u, a)
+    return _Heaviside.apply(u, a, name)
+
+
+class _Heaviside(torch.autograd.Function):
+    """H(u) = [u >= 0] (0 for NaN u, as in the kernels), gradient sigma_a'(u)."""
+
+    @staticmethod
+    def forward(ctx, u, a, name):
+        ctx.save_for_backward(u, a)
+        ctx.name = name
+        return (u >= 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, a = ctx.saved_tensors
+        return grad * surrogate_grad(ctx.name, u, a), None, None

@@ -1,0 +1,140 @@
+"""Multi-step spiking neuron modules: thin shells over spikingir.ops."""
+import torch
+from torch import nn
+
+from spikingir import ops
+
+
+class _MultiStepNeuron(nn.Module):
+    """Shared parameter handling of IFNeuron / MPRNeuron.
+
+    Args:
+        theta: initial threshold (float).
+        num_channels: None for one scalar threshold, or C for per-channel
+            thresholds on inputs ``[T, B, C, ...]``.
+        trainable: thresholds (and beta) are ``nn.Parameter`` (else buffers).
+        v_init: initial potential, ``"zero"`` or ``"half"`` (theta / 2).
+        surrogate, alpha, detach_reset, scale_output, save_dtype, backend:
+            passed to the op (see :func:`spikingir.ops.if_multistep`).
+        scale_free_surrogate: use ``alpha / theta`` as the surrogate
+            sharpness, so the surrogate is a function of (h - theta) / theta
+            (DESIGN.md section 3: converted layers have thresholds 0.1 .. 10).
+        stateful: start each call from the previous call's ``v_final`` until
+            :meth:`reset` (SpikingJelly semantics); default: every call starts
+            from ``v_init``.
+
+    After each forward, ``self.v_final`` holds the final membrane potential
+    (float32, shaped like one step, still in the autograd graph), which
+    membrane-potential recycling needs.
+    """
+
+    def __init__(self, theta=1.0, num_channels=None, trainable=True, v_init="zero",
+                 surrogate="sigmoid", alpha=4.0, scale_free_surrogate=False, detach_reset=False,
+                 scale_output=True, save_dtype=torch.float32, backend="auto", stateful=False):
+        super().__init__()
+        if v_init not in ("zero", "half"):
+            raise ValueError(f"v_init: expected 'zero' or 'half', got {v_init!r}")
+        self.num_channels = num_channels
+        self.trainable = trainable
+        self._add_param("theta", theta)
+        self.v_init = v_init
+        self.surrogate = surrogate
+        self.alpha = alpha
+        self.scale_free_surrogate = scale_free_surrogate
+        self.detach_reset = detach_reset
+        self.scale_output = scale_output
+        self.save_dtype = save_dtype
+        self.backend = backend
+        self.stateful = stateful
+        self.v_final = None
+
+    def _add_param(self, name, value):
+        shape = () if self.num_channels is None else (self.num_channels,)
+        if isinstance(value, torch.Tensor):
+            t = value.detach().clone().float().expand(shape).clone()
+        else:
+            t = torch.full(shape, float(value))
+        if self.trainable:
+            self.register_parameter(name, nn.Parameter(t))
+        else:
+            self.register_buffer(name, t)
+
+    def reset(self):
+        """Forget the membrane state kept from the last call."""
+        self.v_final = None
+
+    def _step_params(self, x_seq):
+        """(v0, alpha) for one call on ``x_seq``."""
+        if self.stateful and self.v_final is not None:
+            v0 = self.v_final
+        elif self.v_init == "half":
+            th = self.theta
+            if th.dim() == 1:
+                th = th.reshape((-1,) + (1,) * (x_seq.dim() - 3))
+            v0 = (th / 2).expand(x_seq.shape[1:])
+        else:
+            v0 = None
+        alpha = self.alpha / self.theta.detach() if self.scale_free_surrogate else self.alpha
+        return v0, alpha
+
+    def _kwargs(self, x_seq):
+        v0, alpha = self._step_params(x_seq)
+        return dict(v0=v0, surrogate=self.surrogate, alpha=alpha, detach_reset=self.detach_reset,
+                    scale_output=self.scale_output, save_dtype=self.save_dtype,
+                    backend=self.backend)
+
+    def extra_repr(self):
+        shape = "scalar" if self.num_channels is None else f"C={self.num_channels}"
+        return (f"theta={shape}, v_init={self.v_init!r}, surrogate={self.surrogate!r}, "
+                f"alpha={self.alpha}, scale_free_surrogate={self.scale_free_surrogate}, "
+                f"backend={self.backend!r}")
+
+
+class IFNeuron(_MultiStepNeuron):
+    """Integrate-and-fire neuron with soft reset: ``[T, B, ...]`` in, spikes
+    (``theta * s``, or ``s`` with ``scale_output=False``) out."""
+
+    def forward(self, x_seq):
+        y, self.v_final = ops.if_multistep(x_seq, self.theta, **self._kwargs(x_seq))
+        return y
+
+
+class MPRNeuron(_MultiStepNeuron):
+    """Membrane Potential Reuse Neuron: T IF steps then one reuse step that fires
+    a spike of trainable size ``beta`` when the potential left is at least
+    ``reuse_alpha * theta``. Input and output have T + 1 steps.
+
+    Args:
+        beta: initial spike size of the reuse step (default: theta).
+        reuse_alpha: reuse threshold fraction in (0.5, 1].
+        Others as :class:`IFNeuron`.
+    """
+
+    def __init__(self, theta=1.0, beta=None, reuse_alpha=0.75, **kwargs):
+        super().__init__(theta, **kwargs)
+        self._add_param("beta", self.theta.detach() if beta is None else beta)
+        self.reuse_alpha = reuse_alpha
+
+    def forward(self, x_seq):
+        y, self.v_final = ops.mprn_multistep(x_seq, self.theta, self.beta,
+                                             reuse_alpha=self.reuse_alpha, **self._kwargs(x_seq))
+        return y
+
+    def extra_repr(self):
+        return super().extra_repr() + f", reuse_alpha={self.reuse_alpha}"
+
+
+class SeqToBatch(nn.Module):
+    """Runs a stateless layer (Conv2d, BatchNorm2d, ...) on ``[T, B, ...]`` by
+    merging T into the batch: ``[T*B, ...]`` in the layer, ``[T, B, ...]`` out."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x_seq):
+        if x_seq.dim() < 2:
+            raise ValueError(f"SeqToBatch: expected [T, B, ...], got shape {tuple(x_seq.shape)}")
+        T, B = x_seq.shape[:2]
+        y = self.module(x_seq.flatten(0, 1))
+        return y.unflatten(0, (T, B))

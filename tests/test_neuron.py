@@ -1,0 +1,497 @@
+"""Tests of the fused IF / MPRN neuron ops against the float64 reference."""
+import math
+
+import pytest
+import torch
+
+from spikingir import ops
+from spikingir.ops import backends
+from spikingir.ops.reference import neuron_reference
+from spikingir.ops.surrogate import SURROGATES
+
+from helpers import assert_close, dyadic
+
+CPU_FUSED = [b for b in ("cpp", "triton") if b in ops.available_backends("cpu")]
+GPU = torch.cuda.is_available()
+GPU_FUSED = [b for b in ("cuda", "triton") if GPU and b in ops.available_backends("cuda")]
+
+
+def run(op, backend, x, theta, beta=None, **kw):
+    if op == "if":
+        return ops.if_multistep(x, theta, backend=backend, **kw)
+    return ops.mprn_multistep(x, theta, beta, backend=backend, **kw)
+
+
+def loss_of(y, v, gen):
+    """A scalar with random weights on every output, so every gradient path counts."""
+    wy = torch.randn(y.shape, generator=gen).to(y.device)
+    wv = torch.randn(v.shape, generator=gen).to(v.device)
+    return (y.double() * wy).sum() + (v.double() * wv).sum()
+
+
+def compare_with_reference(op, backend, x, theta, beta=None, v0=None, device="cpu",
+                           tol=(1e-5, 1e-4), seed=0, **kw):
+    """Forward equal, gradients (x, theta, beta, v0) within tol of the float64 reference."""
+    def leaves(dtype):
+        def leaf(t):
+            if t is None or not isinstance(t, torch.Tensor):
+                return t
+            return t.detach().to(device=device, dtype=dtype).requires_grad_()
+        return leaf
+    outs = {}
+    for name, dtype, be in (("fused", x.dtype, backend), ("ref", torch.float64, "torch")):
+        leaf = leaves(dtype)
+        xs = leaf(x)
+        if not x.is_contiguous():  # keep the fused input non-contiguous
+            xs = x.detach().to(device).clone().transpose(-1, -2).contiguous().transpose(-1, -2)
+            xs = xs.to(dtype).requires_grad_()
+        th = leaf(theta) if isinstance(theta, torch.Tensor) else theta
+        bt = leaf(beta) if isinstance(beta, torch.Tensor) else beta
+        v = leaf(v0)
+        pd = torch.float64 if name == "ref" else torch.float32
+        if isinstance(theta, torch.Tensor):
+            th = theta.detach().to(device=device, dtype=pd).requires_grad_()
+        if isinstance(beta, torch.Tensor):
+            bt = beta.detach().to(device=device, dtype=pd).requires_grad_()
+        if v0 is not None:
+            v = v0.detach().to(device=device, dtype=pd).requires_grad_()
+        if "alpha" in kw and isinstance(kw["alpha"], torch.Tensor):
+            kw = dict(kw, alpha=kw["alpha"].to(device=device, dtype=pd))
+        y, vT = run(op, be, xs, th, bt, v0=v, **kw)
+        loss_of(y, vT, torch.Generator().manual_seed(seed)).backward()
+        outs[name] = dict(y=y, v=vT, gx=xs.grad,
+                          gth=th.grad if isinstance(th, torch.Tensor) else None,
+                          gbe=bt.grad if isinstance(bt, torch.Tensor) else None,
+                          gv0=v.grad if v0 is not None else None)
+    f, r = outs["fused"], outs["ref"]
+    assert f["y"].dtype == x.dtype and f["y"].shape == x.shape
+    assert f["v"].dtype == torch.float32
+    assert_close(f["y"], r["y"], 0, 0, "y")  # inputs are exact: spikes must agree
+    atol, rtol = tol
+    assert_close(f["v"], r["v"], atol, rtol, "v_final")
+    for k in ("gx", "gth", "gbe", "gv0"):
+        if r[k] is not None:
+            scale = max(1.0, r[k].abs().max().item())
+            assert_close(f[k], r[k], atol * scale, rtol, k)
+    return f, r
+
+
+# ---------------------------------------------------------------------------
+# The reference itself: gradcheck in float64 with the smooth surrogate.
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("surrogate", sorted(SURROGATES))
+@pytest.mark.parametrize("reuse_step", [False, True])
+@pytest.mark.parametrize("scale_output", [True, False])
+def test_reference_gradcheck(surrogate, reuse_step, scale_output):
+    """The true gradient of the smooth neuron (detach_reset is by definition not
+    a true gradient: the fused-vs-reference tests cover it)."""
+    g = torch.Generator().manual_seed(1)
+    T, B, C, S = 4, 2, 3, 2
+    x = torch.randn(T, B, C, S, dtype=torch.float64, generator=g).requires_grad_()
+    theta = (torch.rand(C, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    beta = (torch.rand(C, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    v0 = torch.randn(B, C, S, dtype=torch.float64, generator=g).requires_grad_()
+    alpha = torch.full((C,), 1.5 if surrogate != "sigmoid" else 2.0, dtype=torch.float64)
+
+    def f(x, theta, beta, v0):
+        return neuron_reference(x, theta, beta, v0, alpha, surrogate, 0.75, reuse_step,
+                                scale_output, False, S, smooth=True)
+    assert torch.autograd.gradcheck(f, (x, theta, beta, v0))
+
+
+def test_reference_straight_through_gradient_is_the_surrogate():
+    from spikingir.ops.surrogate import spike, surrogate_grad
+    u = torch.linspace(-2, 2, 101, dtype=torch.float64, requires_grad=True)
+    a = torch.tensor(1.7, dtype=torch.float64)
+    for name in SURROGATES:
+        s = spike(u, a, name)
+        assert torch.equal(s.detach(), (u >= 0).double())
+        (g,) = torch.autograd.grad(s.sum(), u)
+        assert_close(g, surrogate_grad(name, u.detach(), a), 1e-12, 1e-12, name)
+        # sigma_a' written out is the derivative of the smooth step (off its kinks)
+        from spikingir.ops.surrogate import smooth_step
+        (g_smooth,) = torch.autograd.grad(smooth_step(name, u, a).sum(), u)
+        off_kink = ((a * u).abs() - 0.5).abs().gt(1e-6) & ((a * u).abs() - 1).abs().gt(1e-6)
+        assert_close(g_smooth[off_kink], g[off_kink], 1e-12, 1e-12, name)
+        uu = torch.linspace(-30, 30, 200001, dtype=torch.float64)
+        area = torch.trapezoid(surrogate_grad(name, uu, a), uu).item()
+        ends = smooth_step(name, torch.tensor([-30.0, 30.0], dtype=torch.float64), a)
+        assert abs(area - (ends[1] - ends[0]).item()) < 1e-3  # rectangle: grid error
+        lim = smooth_step(name, torch.tensor([-1e9, 1e9], dtype=torch.float64), a)
+        assert_close(lim, torch.tensor([0.0, 1.0]), 1e-8, 0, name)
+
+
+# ---------------------------------------------------------------------------
+# Fused backends against the reference.
+# ---------------------------------------------------------------------------
+
+SHAPES = [(1, 7), (3, 1023), (5, 2, 3, 5, 7), (32, 1, 4, 9)]
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("op", ["if", "mprn"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_matches_reference_shapes(backend, op, shape):
+    if op == "mprn" and shape[0] < 2:
+        shape = (2,) + shape[1:]
+    g = torch.Generator().manual_seed(hash((backend, op, shape)) % 2**31)
+    x = dyadic(*shape, generator=g)
+    compare_with_reference(op, backend, x, 0.75, 0.5 if op == "mprn" else None)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("op", ["if", "mprn"])
+@pytest.mark.parametrize("surrogate", sorted(SURROGATES))
+@pytest.mark.parametrize("detach_reset", [False, True])
+@pytest.mark.parametrize("scale_output", [True, False])
+def test_fused_matches_reference_options(backend, op, surrogate, detach_reset, scale_output):
+    g = torch.Generator().manual_seed(7)
+    T, B, C, H, W = 6, 2, 3, 4, 5
+    x = dyadic(T, B, C, H, W, generator=g)
+    theta = torch.tensor([0.5, 1.0, 1.25])
+    beta = torch.tensor([0.25, 0.75, 1.5])
+    v0 = dyadic(B, C, H, W, generator=g, spread=0.5)
+    compare_with_reference(op, backend, x, theta, beta if op == "mprn" else None, v0=v0,
+                           surrogate=surrogate, detach_reset=detach_reset,
+                           scale_output=scale_output)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("op", ["if", "mprn"])
+def test_fused_noncontiguous_tensor_alpha_per_channel(backend, op):
+    g = torch.Generator().manual_seed(3)
+    x = dyadic(5, 3, 4, 7, 6, generator=g).transpose(-1, -2)  # [T, B, C, 6, 7] non-contiguous
+    assert not x.is_contiguous()
+    theta = torch.tensor([0.5, 1.0, 1.5, 2.0])
+    alpha = 4.0 / theta  # scale-free surrogate
+    compare_with_reference(op, backend, x, theta, torch.tensor(0.5) if op == "mprn" else None,
+                           alpha=alpha)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, (2e-3, 2e-3)), (torch.bfloat16, (2e-2, 2e-2))])
+def test_fused_half_inputs(backend, dtype, tol):
+    g = torch.Generator().manual_seed(5)
+    x = dyadic(4, 2, 3, 5, generator=g, scale=8, spread=1.0).to(dtype)
+    for op, beta in (("if", None), ("mprn", 0.5)):
+        f, _ = compare_with_reference(op, backend, x, 1.0, beta, tol=tol)
+        assert f["gx"].dtype == dtype
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_fused_random_inputs_away_from_threshold(backend):
+    """Non-dyadic random inputs: spikes agree wherever every step's potential is
+    at least 1e-3 away from the threshold (so rounding cannot flip a spike)."""
+    g = torch.Generator().manual_seed(11)
+    T, M = 10, 4001
+    x = torch.randn(T, M, generator=g)
+    theta = 0.9
+    # margin of every neuron, from the float64 reference recursion
+    v = torch.zeros(M, dtype=torch.float64)
+    margin = torch.full((M,), math.inf, dtype=torch.float64)
+    for t in range(T):
+        h = v + x[t].double()
+        margin = torch.minimum(margin, (h - theta).abs())
+        v = h - theta * (h >= theta).double()
+    keep = margin > 1e-3
+    assert keep.float().mean() > 0.9
+    y, vT = ops.if_multistep(x, theta, backend=backend)
+    yr, vr = ops.if_multistep(x.double(), theta, backend="torch")
+    assert_close(y[:, keep], yr[:, keep].float(), 0, 0, "y")
+    assert_close(vT[keep], vr[keep], 1e-5, 1e-5, "v_final")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_bf16_saved_state(backend):
+    """save_dtype=bfloat16 stores u = h - threshold in 2 bytes: spikes (its sign)
+    are exact, the surrogate sees u with 8 mantissa bits. Measured gradient
+    error: relative L2 error of grad_x about 1e-3 (bound: 1e-2)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 2, 4, 33, generator=g)
+    theta = torch.tensor([0.5, 0.8, 1.0, 1.3])
+    grads = {}
+    for sd in (torch.float32, torch.bfloat16):
+        xs, th = x.clone().requires_grad_(), theta.clone().requires_grad_()
+        y, v = ops.if_multistep(xs, th, save_dtype=sd, backend=backend)
+        loss_of(y, v, torch.Generator().manual_seed(0)).backward()
+        grads[sd] = (y, xs.grad, th.grad)
+    assert torch.equal(grads[torch.float32][0], grads[torch.bfloat16][0])
+    for i in (1, 2):
+        a, b = grads[torch.float32][i], grads[torch.bfloat16][i]
+        rel = ((a - b).norm() / a.norm()).item()
+        assert 0 < rel < 1e-2, rel
+
+
+# ---------------------------------------------------------------------------
+# MPRN semantics on hand-computed examples.
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_mprn_hand_computed(backend):
+    # theta = 1, beta = 0.5, reuse_alpha = 0.75; two neurons, T = 2 IF steps + reuse.
+    x = torch.tensor([[0.625, 0.625],
+                      [0.625, 0.625],
+                      [0.5, 0.625]])
+    y, v = ops.mprn_multistep(x, 1.0, 0.5, reuse_alpha=0.75, backend=backend)
+    # step 0: h = .625 (no spike); step 1: h = 1.25 -> spike 1, v = .25;
+    # reuse: neuron 0 h = .75 >= .75 -> spike of size .5, v = .75 - 1 = -.25;
+    #        neuron 1 h = .875 -> spike .5, v = -.125.
+    assert torch.equal(y, torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5, 0.5]]))
+    assert torch.equal(v, torch.tensor([-0.25, -0.125]))
+    x[2, 0] = 0.375  # h = .625 < .75: no reuse spike, v stays .625
+    y, v = ops.mprn_multistep(x, 1.0, 0.5, reuse_alpha=0.75, backend=backend)
+    assert y[2, 0] == 0 and v[0] == 0.625
+    y, v = ops.mprn_multistep(x, 1.0, 0.5, reuse_alpha=0.75, scale_output=False, backend=backend)
+    assert torch.equal(y[:, 1], torch.tensor([0.0, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_if_soft_reset_and_v0(backend):
+    x = torch.tensor([[1.5], [0.25], [0.25], [2.5]])
+    y, v = ops.if_multistep(x, 1.0, v0=torch.tensor([0.5]), backend=backend)
+    # h: 2.0 -> spike, v 1.0; 1.25 -> spike, v .25; .5 -> no; 3.0 -> spike, v 2.0 (one spike/step)
+    assert torch.equal(y.flatten(), torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    assert v.item() == 2.0
+
+
+# ---------------------------------------------------------------------------
+# Op registration: opcheck, torch.compile, the chosen backend really runs.
+# ---------------------------------------------------------------------------
+
+def _op_samples(device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 3, 4, generator=g).to(device)
+    C = 3
+    th = (torch.rand(C, generator=g) + 0.5).to(device)
+    be = (torch.rand(C, generator=g) + 0.5).to(device)
+    a = torch.full((C,), 2.0, device=device)
+    v0 = torch.randn(2, 3, 4, generator=g).to(device)
+    samples = []
+    for reuse in (False, True):
+        for with_v0 in (False, True):
+            samples.append(((x.clone().requires_grad_(), th.clone().requires_grad_(),
+                             be.clone().requires_grad_(),
+                             v0.clone().requires_grad_() if with_v0 else None, a,
+                             0, 0.75, reuse, True, False, 4, False), {}))
+    samples.append(((x, th, be, None, a, 2, 0.9, True, False, True, 4, True), {}))
+    return samples
+
+
+def _opcheck_all(fwd, device="cpu"):
+    for args, kwargs in _op_samples(device):
+        torch.library.opcheck(fwd, args, kwargs)
+
+
+@pytest.mark.skipif(not backends.HAS_CPP_OPS, reason="spikingir._C not built")
+def test_opcheck_cpp():
+    _opcheck_all(torch.ops.spikingir.neuron_fwd.default)
+    for args, _ in _op_samples()[:2]:
+        y, vT, saved = (t.detach() for t in torch.ops.spikingir.neuron_fwd(*args))
+        th, be = args[1].detach(), args[2].detach()
+        bwd_args = (torch.randn_like(y), torch.randn_like(vT), saved, th, be, args[4]) + \
+            args[5:11] + (True, True)
+        torch.library.opcheck(torch.ops.spikingir.neuron_bwd.default, bwd_args)
+
+
+@pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
+def test_opcheck_triton():
+    _opcheck_all(torch.ops.spikingir.neuron_fwd_triton.default)
+
+
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+def test_torch_compile_fullgraph():
+    from spikingir.nn import IFNeuron, MPRNeuron, SeqToBatch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        SeqToBatch(torch.nn.Conv2d(2, 4, 3, padding=1)),
+        IFNeuron(1.0, num_channels=4, backend="cpp"),
+        SeqToBatch(torch.nn.Conv2d(4, 4, 3, padding=1)),
+        MPRNeuron(0.5, backend="cpp", v_init="half"),
+    )
+    x = torch.randn(4, 2, 2, 8, 8)
+    eager = model(x)
+    eager.sum().backward()
+    g_eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    assert_close(out, eager, 1e-5, 1e-5, "compiled forward")
+    for a, b in zip([p.grad for p in model.parameters()], g_eager):
+        assert_close(a, b, 1e-4, 1e-4, "compiled grad")
+
+
+def _ran_ops(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("spikingir::")}
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_chosen_backend_runs(backend):
+    x = torch.randn(3, 5, requires_grad=True)
+
+    def fn():
+        y, _ = ops.if_multistep(x, 1.0, backend=backend)
+        y.sum().backward()
+    ran = _ran_ops(fn)
+    expected = {"torch": set(), "cpp": {"spikingir::neuron_fwd", "spikingir::neuron_bwd"},
+                "triton": {"spikingir::neuron_fwd_triton", "spikingir::neuron_bwd_triton"}}
+    assert ran == expected[backend]
+
+
+def test_auto_backend_choice():
+    assert backends.choose("if_multistep", "cpu", torch.float64, "auto") == "torch"
+    if "cpp" in CPU_FUSED:
+        assert backends.choose("if_multistep", "cpu", torch.float32, "auto") == "cpp"
+        ran = _ran_ops(lambda: ops.if_multistep(torch.randn(2, 3), 1.0))
+        assert ran == {"spikingir::neuron_fwd"}
+
+
+def test_determinism_of_parameter_gradients():
+    x = torch.randn(6, 4, 8, 16, 16)
+    grads = []
+    for _ in range(2):
+        th = torch.full((8,), 0.7, requires_grad=True)
+        y, v = ops.if_multistep(x, th)
+        (y.sum() + v.sum()).backward()
+        grads.append(th.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+# ---------------------------------------------------------------------------
+# Bad input: a clear error naming the argument.
+# ---------------------------------------------------------------------------
+
+X = torch.randn(4, 2, 3, 5)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda b: ops.if_multistep(X.long(), 1.0, backend=b), TypeError, "x_seq"),
+    (lambda b: ops.if_multistep([1.0], 1.0, backend=b), TypeError, "x_seq"),
+    (lambda b: ops.if_multistep(X[:0], 1.0, backend=b), ValueError, "T >= 1"),
+    (lambda b: ops.if_multistep(X[:1].squeeze(0)[0, 0], 1.0, backend=b), ValueError, "x_seq"),
+    (lambda b: ops.mprn_multistep(X[:1], 1.0, 1.0, backend=b), ValueError, "T \\+ 1"),
+    (lambda b: ops.if_multistep(X, torch.ones(4), backend=b), ValueError, "theta.*length C = .*3"),
+    (lambda b: ops.if_multistep(X, torch.ones(2, 3), backend=b), ValueError, "theta"),
+    (lambda b: ops.if_multistep(X, -1.0, backend=b), ValueError, "theta"),
+    (lambda b: ops.if_multistep(X, float("nan"), backend=b), ValueError, "theta"),
+    (lambda b: ops.if_multistep(X, torch.tensor([1.0, -1.0, 1.0]), backend=b), ValueError, "theta"),
+    (lambda b: ops.if_multistep(X, torch.tensor([1.0, float("nan"), 1.0]), backend=b), ValueError, "theta"),
+    (lambda b: ops.if_multistep(X, torch.ones(3, dtype=torch.int64), backend=b), TypeError, "theta"),
+    (lambda b: ops.if_multistep(X, "1", backend=b), TypeError, "theta"),
+    (lambda b: ops.if_multistep(X, 1.0, v0=torch.zeros(2, 3), backend=b), ValueError, "v0"),
+    (lambda b: ops.if_multistep(X, 1.0, v0=torch.zeros(2, 3, 5, device="meta"), backend=b), ValueError, "v0"),
+    (lambda b: ops.mprn_multistep(X, 1.0, 1.0, reuse_alpha=0.5, backend=b), ValueError, "reuse_alpha"),
+    (lambda b: ops.mprn_multistep(X, 1.0, 1.0, reuse_alpha=1.2, backend=b), ValueError, "reuse_alpha"),
+    (lambda b: ops.mprn_multistep(X, 1.0, float("inf"), backend=b), ValueError, "beta"),
+    (lambda b: ops.if_multistep(X, 1.0, surrogate="relu", backend=b), ValueError, "surrogate"),
+    (lambda b: ops.if_multistep(X, 1.0, alpha=0.0, backend=b), ValueError, "alpha"),
+    (lambda b: ops.if_multistep(X, 1.0, save_dtype=torch.float16, backend=b), ValueError, "save_dtype"),
+])
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_bad_input(call, exc, match, backend):
+    with pytest.raises(exc, match=match):
+        call(backend)
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend"):
+        ops.if_multistep(X, 1.0, backend="cudnn")
+    with pytest.raises(ValueError, match="'cuda' runs on CUDA tensors"):
+        ops.if_multistep(X, 1.0, backend="cuda")
+    if "cpp" in CPU_FUSED:
+        with pytest.raises(TypeError, match="float64"):
+            ops.if_multistep(X.double(), 1.0, backend="cpp")
+    with pytest.raises(ValueError, match="op"):
+        ops.available_backends("cpu", op="conv")
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_nan_input_silences_the_neuron(backend):
+    x = torch.tensor([[0.5, 0.5], [float("nan"), 0.75], [2.0, 0.0]])
+    y, v = ops.if_multistep(x, 1.0, backend=backend)
+    assert torch.equal(y[:, 0], torch.tensor([0.0, 0.0, 0.0]))  # never fires after NaN
+    assert torch.isnan(v[0]) and v[1] == 0.25
+    assert torch.equal(y[:, 1], torch.tensor([0.0, 1.0, 0.0]))
+
+
+# ---------------------------------------------------------------------------
+# Modules.
+# ---------------------------------------------------------------------------
+
+def test_modules():
+    from spikingir.nn import IFNeuron, MPRNeuron, SeqToBatch
+    n = IFNeuron(0.5, num_channels=3, v_init="half")
+    x = torch.randn(4, 2, 3, 5, 5)
+    y = n(x)
+    assert y.shape == x.shape and n.v_final.shape == x.shape[1:]
+    ref, vr = ops.if_multistep(x, torch.full((3,), 0.5), v0=torch.full(x.shape[1:], 0.25),
+                               backend="torch")
+    assert torch.equal(y, ref.float())
+    y.sum().backward()
+    assert n.theta.grad.shape == (3,)
+    n.reset()
+    assert n.v_final is None
+    frozen = IFNeuron(1.0, trainable=False)
+    assert "theta" in frozen.state_dict() and not list(frozen.parameters())
+    m = MPRNeuron(1.0, beta=0.5, num_channels=3)
+    assert m.beta.shape == (3,) and m(x).shape == x.shape
+    stateful = IFNeuron(1.0, stateful=True)
+    stateful(x)
+    v1 = stateful.v_final
+    y2 = stateful(x)
+    expect, _ = ops.if_multistep(x, 1.0, v0=v1, backend="torch")
+    assert torch.equal(y2, expect)
+    conv = SeqToBatch(torch.nn.Conv2d(3, 6, 3, padding=1))
+    assert conv(x).shape == (4, 2, 6, 5, 5)
+
+
+# ---------------------------------------------------------------------------
+# GPU (skipped without one).
+# ---------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_FUSED, reason="no CUDA GPU / fused GPU backend")
+@pytest.mark.parametrize("backend", GPU_FUSED or ["cuda"])
+@pytest.mark.parametrize("op", ["if", "mprn"])
+@pytest.mark.parametrize("surrogate", sorted(SURROGATES))
+def test_gpu_matches_reference(backend, op, surrogate):
+    g = torch.Generator().manual_seed(1)
+    x = dyadic(7, 3, 5, 9, 11, generator=g)
+    theta = torch.tensor([0.5, 0.75, 1.0, 1.25, 1.5])
+    v0 = dyadic(3, 5, 9, 11, generator=g, spread=0.5)
+    for detach in (False, True):
+        compare_with_reference(op, backend, x, theta, torch.tensor(0.5) if op == "mprn" else None,
+                               v0=v0, device="cuda", surrogate=surrogate, detach_reset=detach)
+    compare_with_reference(op, backend, dyadic(1 if op == "if" else 2, 4097, generator=g), 1.0,
+                           1.0 if op == "mprn" else None, device="cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        compare_with_reference(op, backend, dyadic(4, 2, 3, 5, generator=g, scale=8, spread=1.0)
+                               .to(dtype), 1.0, 0.5 if op == "mprn" else None, device="cuda",
+                               tol=(2e-2, 2e-2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_FUSED, reason="no CUDA GPU / fused GPU backend")
+@pytest.mark.parametrize("backend", GPU_FUSED or ["cuda"])
+def test_gpu_int64_offsets(backend):
+    """T * M > 2^31: the last neurons' results match the reference on a slice."""
+    free = torch.cuda.mem_get_info()[0]
+    T, M = 3, (1 << 31) // 3 + 4099
+    if free < 6 * 4 * T * M:
+        pytest.skip("not enough GPU memory")
+    x = torch.empty(T, M, device="cuda").uniform_(-0.5, 1.5)
+    x = (x * 16).round() / 16
+    xr = x.requires_grad_()
+    y, v = ops.if_multistep(xr, 0.75, backend=backend)
+    gy = torch.ones_like(y)
+    (gx,) = torch.autograd.grad(y, xr, gy)
+    tail = slice(M - 4099, M)
+    yr, vr = ops.if_multistep(x[:, tail].detach().double(), 0.75, backend="torch")
+    assert torch.equal(y[:, tail].double(), yr) and torch.equal(v[tail].double(), vr)
+    xt = x[:, tail].detach().double().requires_grad_()
+    yt, _ = ops.if_multistep(xt, 0.75, backend="torch")
+    (gxt,) = torch.autograd.grad(yt, xt, torch.ones_like(yt))
+    assert_close(gx[:, tail], gxt, 1e-5, 1e-4, "grad_x tail")
