@@ -1,0 +1,59 @@
+"""Multistep IF neuron: naive PyTorch loop, torch.compile, reference and every
+fused backend side by side (library: spikingir/bench/neuron.py).
+
+    python benchmarks/bench_neuron.py                       # CPU, default sizes
+    python benchmarks/bench_neuron.py --threads 2 --markdown-append benchmarks/RESULTS.md
+    python benchmarks/bench_neuron.py --device cuda --json out/bench_neuron.json
+
+``--markdown-append`` adds a section naming device, commit, date, torch version
+and thread count to a results file (benchmarks/RESULTS.md feeds the README).
+"""
+import argparse
+import json
+import os
+import sys
+
+from spikingir.bench import neuron as bn
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--T", type=int, nargs="+", help=f"default {bn.DEFAULT_T}")
+    p.add_argument("--N", type=int, nargs="+", help=f"default {bn.DEFAULT_N}")
+    p.add_argument("--modes", nargs="+", choices=bn.MODES, default=list(bn.MODES))
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--skip", nargs="+", choices=bn.SKIPPABLE, default=[])
+    p.add_argument("--json", metavar="PATH", help="write rows and environment as JSON")
+    p.add_argument("--markdown-append", metavar="PATH",
+                   help="append a Markdown section with the results to PATH")
+    p.add_argument("--note", default="", help="a line added under the Markdown header")
+    args = p.parse_args(argv)
+
+    try:
+        rows = bn.run(args.device, Ts=args.T, Ns=args.N, modes=args.modes, threads=args.threads,
+                      skip=tuple(args.skip),
+                      progress=lambda s: print(f"[bench_neuron] {s}", file=sys.stderr, flush=True))
+    except ValueError as exc:
+        p.error(str(exc))
+    env = bn.environment(args.device, args.threads)
+    header = bn.markdown_header(env)
+    print(header)
+    print(bn.format_table(rows))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+    if args.markdown_append:
+        section = bn.to_markdown(rows, "neuron — " + header)
+        if args.note:
+            head, rest = section.split("\n", 1)
+            section = f"{head}\n\n{args.note}\n{rest}"
+        with open(args.markdown_append, "a") as f:
+            f.write("\n" + section)
+        print(f"appended to {args.markdown_append}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

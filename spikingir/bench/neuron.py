@@ -1,0 +1,422 @@
+"""Multistep IF neuron: every implementation side by side, in one run.
+
+Columns (backends), each timed on the same input ``x = randn(T, N) * 0.5 + 0.3``
+(float32, theta = 1.0 scalar, sigmoid surrogate with alpha = 4):
+
+=============  ===============================================================
+naive          the per-step PyTorch loop a user writes (:func:`naive_if`),
+               autograd through a surrogate-gradient ``autograd.Function``
+compile        ``torch.compile`` of that loop (a note instead when it fails)
+torch          spikingir's reference backend (``if_multistep(backend="torch")``)
+cpp/cuda/...   every fused backend in ``available_backends(device)``
+spikingjelly   SpikingJelly's multistep ``IFNode`` (cupy backend on CUDA when
+               available, else torch), only when spikingjelly is importable
+=============  ===============================================================
+
+Modes: ``fwd`` (inference forward, x needs no grad) and ``fwdbwd`` (forward,
+then ``torch.autograd.backward([y], [g])`` with a fixed random g; x needs grad,
+theta does not).
+
+Timing: on the CPU ``time.perf_counter`` after a warmup, median over repeats
+(at least ``min_reps``, more until ``min_time`` seconds or ``max_reps``); on
+CUDA ``triton.testing.do_bench`` (median) when triton imports, else CUDA
+events. ``GB/s`` divides the byte floor of the op by the time: fp32, 8 B per
+neuron-step forward (read x, write y) and 24 B forward + backward (also write
+and read one saved value, read grad_y, write grad_x). On CUDA ``floor%`` is
+``floor_ms / ms`` with ``floor_ms = bytes / 3.0e12 B/s`` (assumed achievable
+HBM bandwidth of an H100 SXM, 3.35 TB/s nominal); on the CPU only GB/s is shown.
+``maxdiff`` is max |y - y_naive| (and, in fwdbwd, max |grad_x - grad_x_naive|):
+every column computes the same thing, so it is ~0 (a flipped spike shows as 1).
+"""
+import datetime
+import gc
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+from spikingir.ops import backends, if_multistep
+
+MODES = ("fwd", "fwdbwd")
+MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward+backward"}
+DEFAULT_T = (4, 10, 32)
+DEFAULT_N = {"cpu": (100_000, 1_000_000), "cuda": (1_000_000, 8_000_000)}
+QUICK_T = (10,)
+QUICK_N = {"cpu": (100_000, 1_000_000), "cuda": (1_000_000, 8_000_000)}
+#: Byte floor per neuron-step, fp32 (see the module docstring).
+BYTES_PER_NEURON_STEP = {"fwd": 8, "fwdbwd": 24}
+#: Assumed achievable GPU memory bandwidth for the floor (H100 SXM: 3.35 TB/s nominal).
+GPU_PEAK_BYTES_PER_S = 3.0e12
+#: Columns that ``skip`` may leave out (the naive loop is the baseline of every ratio).
+SKIPPABLE = ("compile", "torch", "cpp", "cuda", "triton", "spikingjelly")
+THETA = 1.0
+ALPHA = 4.0
+
+
+# --------------------------------------------------------------------------
+# The naive loop: what a user writes without spikingir.
+# --------------------------------------------------------------------------
+
+class SigmoidSpike(torch.autograd.Function):
+    """Heaviside forward, sigmoid surrogate gradient ``a sig(a u) (1 - sig(a u))``."""
+
+    @staticmethod
+    def forward(ctx, u, alpha):
+        ctx.save_for_backward(u)
+        ctx.alpha = alpha
+        return (u >= 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        (u,) = ctx.saved_tensors
+        sig = torch.sigmoid(ctx.alpha * u)
+        return grad_s * ctx.alpha * sig * (1 - sig), None
+
+
+def naive_if(x_seq, theta=THETA, alpha=ALPHA):
+    """IF neuron with soft reset, one PyTorch op at a time. Returns (y_seq, v_final)."""
+    v = torch.zeros_like(x_seq[0])
+    ys = []
+    for t in range(x_seq.shape[0]):
+        h = v + x_seq[t]
+        s = SigmoidSpike.apply(h - theta, alpha)
+        v = h - theta * s
+        ys.append(theta * s)
+    return torch.stack(ys), v
+
+
+# --------------------------------------------------------------------------
+# Columns.
+# --------------------------------------------------------------------------
+
+def _has_spikingjelly():
+    try:
+        from spikingjelly.activation_based import neuron, surrogate  # noqa: F401
+    except Exception:  # ImportError, or a broken install (cupy, ...)
+        return False
+    return True
+
+
+def _spikingjelly_column(device):
+    """(callable x -> (y, v), backend name) for SpikingJelly's multistep IFNode."""
+    from spikingjelly.activation_based import neuron, surrogate
+
+    node = neuron.IFNode(step_mode="m", v_threshold=THETA, v_reset=None, detach_reset=False,
+                         surrogate_function=surrogate.Sigmoid(alpha=ALPHA))
+    sj_backend = "torch"
+    if torch.device(device).type == "cuda" and "cupy" in node.supported_backends:
+        try:
+            import cupy  # noqa: F401
+            sj_backend = "cupy"
+        except Exception:
+            pass
+    node.backend = sj_backend
+    node.to(device)
+
+    def fn(x):
+        node.reset()
+        y = node(x)
+        return y, node.v
+
+    return fn, sj_backend
+
+
+def columns(device, skip=()):
+    """[(name, callable or None, note)] in table order; callable is None for a
+    column that is reported but not timed (the note says why)."""
+    cols = [("naive", naive_if, "")]
+    if "compile" not in skip:
+        cols.append(("compile", "compile", ""))  # built per cell, see _compiled
+    cols.append(("torch", lambda x: if_multistep(x, THETA, alpha=ALPHA, backend="torch"), ""))
+    for b in backends.available_backends(device):
+        if b == "torch" or b in skip:
+            continue
+        if b == "triton" and backends.TRITON_INTERPRET:
+            cols.append((b, None, "skipped: TRITON_INTERPRET=1 runs the interpreter"))
+            continue
+        cols.append((b, (lambda bb: lambda x: if_multistep(x, THETA, alpha=ALPHA,
+                                                           backend=bb))(b), ""))
+    if "spikingjelly" not in skip and _has_spikingjelly():
+        fn, sj_backend = _spikingjelly_column(device)
+        cols.append(("spikingjelly", fn, f"IFNode backend={sj_backend}"))
+    return [c for c in cols if c[0] not in skip]
+
+
+def _compiled():
+    # A fresh dynamo cache per cell: compiled frames of naive_if would otherwise
+    # pile up across shapes and hit the recompile limit (a silent fall back to eager).
+    torch._dynamo.reset()
+    return torch.compile(naive_if, dynamic=False)
+
+
+# --------------------------------------------------------------------------
+# Timing.
+# --------------------------------------------------------------------------
+
+def _time_cpu(fn, min_time, min_reps=3, max_reps=100):
+    fn()  # warmup (the correctness call before it was the first)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (len(times) < max_reps
+                                    and time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, len(times)
+
+
+def _time_cuda(fn):
+    try:
+        import triton.testing
+
+        # do_bench clears the L2 cache before each call and reports the median.
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")), None
+    except ImportError:
+        pass
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), len(times)
+
+
+def _max_diff(a, b):
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+# --------------------------------------------------------------------------
+# The run.
+# --------------------------------------------------------------------------
+
+def _check_args(device, Ts, Ns, modes):
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' requested but torch.cuda.is_available() is False "
+                         f"(torch {torch.__version__})")
+    for name, values in (("T", Ts), ("N", Ns)):
+        if not values or any(int(v) != v or v < 1 for v in values):
+            raise ValueError(f"{name}: expected positive integers, got {list(values)}")
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"modes: expected some of {MODES}, got {list(modes)}")
+    return dev
+
+
+def run(device="cpu", Ts=None, Ns=None, modes=MODES, threads=None, min_time=0.5, skip=(),
+        progress=None):
+    """Times every column for every (mode, T, N); returns one dict per row.
+
+    Row keys: device, backend, mode, T, N, ms (None when not timed), reps,
+    speedup (naive ms / ms), gbps (byte floor / time), floor_frac (GPU only:
+    floor_ms / ms), maxdiff (vs the naive loop), note. ``skip`` names columns
+    to leave out; ``progress`` (a callable taking a str) hears about each cell.
+    """
+    Ts = list(Ts or DEFAULT_T)
+    Ns = list(Ns or DEFAULT_N.get(torch.device(device).type, DEFAULT_N["cpu"]))
+    dev = _check_args(device, Ts, Ns, list(modes))
+    bad = [s for s in skip if s not in SKIPPABLE]
+    if bad:
+        raise ValueError(f"skip: expected some of {SKIPPABLE}, got {bad}")
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    on_gpu = dev.type == "cuda"
+    cols = columns(dev, skip)
+    rows = []
+    for mode in modes:
+        for T in Ts:
+            for N in Ns:
+                if progress:
+                    progress(f"{mode} T={T} N={N}")
+                rows += _run_cell(dev, mode, T, N, cols, on_gpu, min_time)
+                gc.collect()
+                if on_gpu:
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def _run_cell(dev, mode, T, N, cols, on_gpu, min_time):
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(T, N, generator=gen, device=dev) * 0.5 + 0.3
+    g = torch.randn(T, N, generator=gen, device=dev)
+    backward = mode == "fwdbwd"
+    x.requires_grad_(backward)
+    nbytes = BYTES_PER_NEURON_STEP[mode] * T * N
+    ref = None  # (y, grad_x) of the naive loop
+    rows = []
+    for name, fn, note in cols:
+        row = dict(device=str(dev), backend=name, mode=mode, T=T, N=N, ms=None, reps=0,
+                   speedup=None, gbps=None, floor_frac=None, maxdiff=None, note=note)
+        rows.append(row)
+        if fn is None:
+            continue
+        if fn == "compile":
+            fn = _compiled()
+
+        def step(fn=fn):
+            if backward:
+                x.grad = None
+                y, _ = fn(x)
+                torch.autograd.backward([y], [g])
+            else:
+                y, _ = fn(x)
+            return y
+
+        try:
+            y = step().detach()  # first call: compiles, checks, warms up
+        except Exception as exc:  # compile without a C compiler, a missing cupy, ...
+            row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+            if name == "naive":
+                raise
+            continue
+        got = (y, x.grad.detach().clone() if backward else None)
+        if ref is None:
+            ref = got
+        diff = _max_diff(got[0], ref[0])
+        if backward:
+            diff = max(diff, _max_diff(got[1], ref[1]))
+        row["maxdiff"] = diff
+        del y, got
+        if on_gpu:
+            row["ms"], row["reps"] = _time_cuda(step)
+        else:
+            row["ms"], row["reps"] = _time_cpu(step, min_time)
+        row["gbps"] = nbytes / (row["ms"] * 1e-3) / 1e9
+        if on_gpu:
+            row["floor_frac"] = nbytes / GPU_PEAK_BYTES_PER_S * 1e3 / row["ms"]
+    naive_ms = rows[0]["ms"]
+    for row in rows:
+        if row["ms"]:
+            row["speedup"] = naive_ms / row["ms"]
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Environment and output.
+# --------------------------------------------------------------------------
+
+def _git(*args):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def device_name(device):
+    """The GPU name, or the CPU model from /proc/cpuinfo."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device, threads=None):
+    """date, commit (``+dirty`` when the op code differs from it), device name,
+    torch version and thread count: what every results row is labelled with."""
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    # Only changes to code that runs in the benchmark make the numbers "dirty".
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "kernels",
+                 "spikingir/ops", "spikingir/bench", "setup.py")
+    if dirty:
+        commit += "+dirty"
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        commit=commit,
+        device=str(torch.device(device)),
+        device_name=device_name(device),
+        torch=torch.__version__,
+        threads=int(threads) if threads is not None else torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+    )
+
+
+def _fmt(v, spec, empty="-"):
+    return empty if v is None else format(v, spec)
+
+
+def _blocks(rows):
+    keys = []
+    for r in rows:
+        k = (r["mode"], r["T"], r["N"])
+        if k not in keys:
+            keys.append(k)
+    return [(k, [r for r in rows if (r["mode"], r["T"], r["N"]) == k]) for k in keys]
+
+
+def format_table(rows):
+    """A compact fixed-width table, one block per (mode, T, N)."""
+    if not rows:
+        return "(no rows)"
+    gpu = any(r["device"].startswith("cuda") for r in rows)
+    head = f"{'backend':<13}{'ms':>10}{'speedup':>9}{'GB/s':>8}"
+    head += f"{'floor%':>8}" if gpu else ""
+    head += f"{'maxdiff':>9}{'reps':>6}  note"
+    out = []
+    for (mode, T, N), block in _blocks(rows):
+        floor_mb = BYTES_PER_NEURON_STEP[mode] * T * N / 1e6
+        out.append(f"== {MODE_TITLES[mode]}  T={T}  N={N:,}  (byte floor {floor_mb:.1f} MB) ==")
+        out.append(head)
+        for r in block:
+            line = f"{r['backend']:<13}{_fmt(r['ms'], '.3f'):>10}{_fmt(r['speedup'], '.2f'):>9}"
+            line += f"{_fmt(r['gbps'], '.1f'):>8}"
+            if gpu:
+                line += f"{_fmt(r['floor_frac'] and 100 * r['floor_frac'], '.1f'):>8}"
+            line += f"{_fmt(r['maxdiff'], '.0e'):>9}{r['reps']:>6}  {r['note']}"
+            out.append(line.rstrip())
+        out.append("")
+    legend = ("ms: median; speedup: naive ms / ms; GB/s: byte floor (fp32: 8 B per neuron-step "
+              "fwd, 24 B fwd+bwd) / time")
+    if gpu:
+        legend += f"; floor%: (bytes / {GPU_PEAK_BYTES_PER_S / 1e12:.1f} TB/s) / time"
+    legend += "; maxdiff: max |y - y_naive| (and grad_x)"
+    out.append(legend)
+    return "\n".join(out)
+
+
+def to_markdown(rows, header):
+    """A Markdown section: ``### header`` and one table of all rows."""
+    gpu = any(r["device"].startswith("cuda") for r in rows)
+    cols = ["mode", "T", "N", "backend", "ms", "speedup", "GB/s"]
+    cols += ["% of floor"] if gpu else []
+    cols += ["max diff", "note"]
+    out = [f"### {header}", "", "| " + " | ".join(cols) + " |",
+           "|" + "|".join("---" if c in ("mode", "backend", "note") else "---:" for c in cols)
+           + "|"]
+    for r in rows:
+        cells = [MODE_TITLES[r["mode"]], str(r["T"]), f"{r['N']:,}", r["backend"],
+                 _fmt(r["ms"], ".3f"), _fmt(r["speedup"], ".2f"), _fmt(r["gbps"], ".1f")]
+        if gpu:
+            cells.append(_fmt(r["floor_frac"] and 100 * r["floor_frac"], ".1f"))
+        cells += [_fmt(r["maxdiff"], ".0e"), r["note"].replace("|", "/")]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def markdown_header(env):
+    """One line naming what produced the rows: device, commit, date, torch, threads."""
+    where = env["device_name"]
+    if env["device"].startswith("cuda"):
+        where += f" (floor at {GPU_PEAK_BYTES_PER_S / 1e12:.1f} TB/s assumed)"
+    return (f"{where}, {env['threads']} thread(s) — commit {env['commit']}, {env['date']}, "
+            f"torch {env['torch']}")

@@ -1,0 +1,37 @@
+"""The neuron benchmark runs end to end on a tiny config and prints every column.
+No timing is asserted (timing never lives in a pass/fail test)."""
+import math
+import re
+
+import pytest
+
+from spikingir import cli
+from spikingir.ops import backends
+
+
+def _row(out, backend):
+    # The line of a backend in the printed table: "name  ms  speedup  GB/s  maxdiff  reps".
+    m = re.search(rf"^{backend}\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\d+)", out, re.MULTILINE)
+    assert m, f"no {backend!r} row in the table:\n{out}"
+    return [float(v) for v in m.groups()]
+
+
+@pytest.mark.skipif(not backends.HAS_CPP_OPS, reason="spikingir._C is not built")
+def test_bench_neuron_cli_tiny(capsys):
+    rc = cli.main(["bench", "neuron", "--T", "2", "--N", "1000", "--modes", "fwd", "fwdbwd",
+                   "--skip", "compile", "--min-time", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "T=2  N=1,000" in out
+    for backend in ("naive", "torch", "cpp"):
+        ms, speedup, gbps, maxdiff, reps = _row(out, backend)
+        assert all(math.isfinite(v) for v in (ms, speedup, gbps, maxdiff)), out
+        assert ms > 0 and reps >= 3
+        assert maxdiff < 1e-4  # every column computes the same neuron as the naive loop
+
+
+def test_bench_neuron_cli_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "neuron", "--T", "0"])
+    assert exc.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
