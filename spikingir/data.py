@@ -1,0 +1,569 @@
+"""Data for the restoration pipeline (DESIGN §5).
+
+- Image folders: ``list_images``, ``load_image`` (float32 in [0, 1]).
+- Denoising: ``add_gaussian_noise`` (the DnCNN evaluation protocol),
+  ``DnCNNPatches`` (the DnCNN training patches: 40 x 40, stride 10, scales
+  1/0.9/0.8/0.7, 8 flip/rotation modes) and ``NoiseCollate`` / ``noisy`` for
+  fresh training noise.
+- Dehazing: ``DehazePairs`` (paired hazy/clean folders), ``synthesize_haze``
+  (atmospheric scattering model) and ``motorcycle_haze`` (a hazy/clean pair
+  with a real depth map, from scikit-image's bundled Middlebury stereo pair).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+__all__ = ["IMAGE_EXTENSIONS", "list_images", "load_image", "add_gaussian_noise", "DnCNNPatches",
+           "noisy", "NoiseCollate", "DehazePairs", "HAZE_BETAS", "HazeSample", "synthesize_haze",
+           "depth_proxy", "motorcycle_haze"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def list_images(directory) -> list[Path]:
+    """Sorted image files (PNG, JPG/JPEG, BMP, TIF/TIFF, any case) directly in
+    ``directory``. FileNotFoundError if it does not exist, NotADirectoryError if
+    it is a file, ValueError if it holds no image."""
+    d = Path(directory)
+    if not d.exists():
+        raise FileNotFoundError(f"list_images: no such directory: {d}")
+    if not d.is_dir():
+        raise NotADirectoryError(f"list_images: not a directory: {d}")
+    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"list_images: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {d}")
+    return files
+
+
+def _open(path) -> Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such image file: {p}")
+    try:
+        img = Image.open(p)
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read image {p}: {err}") from err
+    return img
+
+
+def _pil_to_float(img: Image.Image, gray) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale
+        a = np.asarray(img, dtype=np.float64) / 65535.0
+        if gray is False:
+            a = np.repeat(a[..., None], 3, axis=-1)
+        return a.astype(np.float32)
+    if mode in ("I", "F"):
+        raise ValueError(f"image mode {mode!r} (32-bit) has no defined [0, 1] scale; convert it to 8 or 16 bit")
+    if gray is None:
+        gray = mode in ("1", "L", "LA") or (mode == "P" and _palette_is_gray(img))
+    img = img.convert("L" if gray else "RGB")
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _palette_is_gray(img: Image.Image) -> bool:
+    rgb = np.asarray(img.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def load_image(path, gray: bool | None = None) -> np.ndarray:
+    """Read an image as float32 in [0, 1]: ``H x W`` (gray) or ``H x W x 3`` (RGB).
+
+    ``gray=None`` keeps the file's kind (gray modes -> H x W, colour -> RGB; alpha
+    is dropped); ``gray=True`` converts colour to luma (PIL, ITU-R 601-2) and
+    ``gray=False`` gray to RGB. 8-bit files are ``uint8 / 255`` exactly (the DnCNN
+    protocol), 16-bit gray files ``uint16 / 65535``.
+    """
+    if gray is not None and not isinstance(gray, bool):
+        raise TypeError(f"load_image: gray must be None or a bool, got {type(gray).__name__}")
+    return _pil_to_float(_open(path), gray)
+
+
+def _image_size(path) -> tuple[int, int]:
+    """(H, W) from the header only."""
+    p = Path(path)
+    try:
+        with Image.open(p) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read image {p}: {err}") from err
+    return h, w
+
+
+# ----------------------------------------------------------------------------- denoising
+
+def _check_sigma(sigma, name="sigma"):
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+        raise TypeError(f"{name} must be a number (noise std on the 0-255 scale), got {type(sigma).__name__}")
+    if not (0 <= sigma < math.inf):
+        raise ValueError(f"{name} must be finite and >= 0, got {sigma}")
+    return float(sigma)
+
+
+def add_gaussian_noise(clean: np.ndarray, sigma: float, seed: int | None = 0) -> np.ndarray:
+    """The DnCNN evaluation noise: ``clean + randn(*clean.shape) * sigma / 255``
+    drawn after seeding numpy's legacy generator with ``seed`` (one image, one
+    seed: the protocol uses seed 0 for every image); the result is not clipped.
+
+    This is exactly ``np.random.seed(seed); clean + np.random.randn(*clean.shape)
+    * sigma/255`` (same numbers as the reference's ``np.random.normal(0,
+    sigma/255, shape)``), but uses a private ``np.random.RandomState(seed)`` so
+    numpy's global generator is left untouched. The sum is computed in float64
+    and returned as float32 (the model's input dtype), as the reference test
+    script does. ``seed=None`` draws fresh noise.
+    """
+    if isinstance(clean, torch.Tensor):
+        raise TypeError("add_gaussian_noise: clean must be a numpy array (use noisy() for torch batches)")
+    if not isinstance(clean, np.ndarray):
+        raise TypeError(f"add_gaussian_noise: clean must be a numpy array, got {type(clean).__name__}")
+    if not np.issubdtype(clean.dtype, np.floating):
+        raise TypeError(f"add_gaussian_noise: clean must be float in [0, 1], got dtype {clean.dtype} "
+                        "(divide uint8 images by 255)")
+    sigma = _check_sigma(sigma)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"add_gaussian_noise: seed must be an int or None, got {type(seed).__name__}")
+    rs = np.random.RandomState(seed)
+    noise = rs.randn(*clean.shape) * (sigma / 255.0)
+    return (clean + noise).astype(np.float32)
+
+
+def noisy(batch: torch.Tensor, sigma, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fresh Gaussian noise for training: ``batch + randn * sigma / 255``, not clipped.
+
+    ``sigma`` is a number (DnCNN-S), or a ``(low, high)`` pair for blind training
+    (DnCNN-B): one sigma per sample drawn uniformly from [low, high].
+    ``generator`` is a ``torch.Generator`` on ``batch``'s device (None: torch's
+    global one).
+    """
+    if not isinstance(batch, torch.Tensor) or not batch.is_floating_point():
+        raise TypeError("noisy: batch must be a floating-point torch.Tensor")
+    if batch.dim() < 1:
+        raise ValueError("noisy: batch must have a batch dimension")
+    noise = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+    if isinstance(sigma, (tuple, list)):
+        if len(sigma) != 2:
+            raise ValueError(f"noisy: a sigma range must be (low, high), got {sigma}")
+        lo, hi = (_check_sigma(s) for s in sigma)
+        if lo > hi:
+            raise ValueError(f"noisy: sigma range low {lo} > high {hi}")
+        u = torch.rand(batch.shape[0], generator=generator, device=batch.device, dtype=batch.dtype)
+        s = (lo + (hi - lo) * u).view(-1, *([1] * (batch.dim() - 1)))
+        return batch + noise * (s / 255.0)
+    return batch + noise * (_check_sigma(sigma) / 255.0)
+
+
+class NoiseCollate:
+    """DataLoader ``collate_fn`` that stacks clean patches and adds fresh noise:
+    returns ``(noisy, clean)``, both ``[B, 1, h, w]``. See ``noisy`` for
+    ``sigma`` and ``generator``."""
+
+    def __init__(self, sigma, generator: torch.Generator | None = None):
+        if isinstance(sigma, (tuple, list)):
+            if len(sigma) != 2:
+                raise ValueError(f"NoiseCollate: a sigma range must be (low, high), got {sigma}")
+            sigma = tuple(_check_sigma(s) for s in sigma)
+        else:
+            sigma = _check_sigma(sigma)
+        self.sigma, self.generator = sigma, generator
+
+    def __call__(self, samples):
+        clean = torch.stack(list(samples))
+        return noisy(clean, self.sigma, self.generator), clean
+
+
+def _augment(x: torch.Tensor, mode: int) -> torch.Tensor:
+    """The 8 flip/rotation modes of the DnCNN data generator (on the last two
+    dims; numpy's ``flipud`` = flip rows, ``rot90`` = counter-clockwise)."""
+    if mode == 0:
+        return x
+    if mode == 1:
+        return x.flip(-2)
+    if mode == 2:
+        return x.rot90(1, (-2, -1))
+    if mode == 3:
+        return x.rot90(1, (-2, -1)).flip(-2)
+    if mode == 4:
+        return x.rot90(2, (-2, -1))
+    if mode == 5:
+        return x.rot90(2, (-2, -1)).flip(-2)
+    if mode == 6:
+        return x.rot90(3, (-2, -1))
+    if mode == 7:
+        return x.rot90(3, (-2, -1)).flip(-2)
+    raise ValueError(f"augmentation mode must be in 0..7, got {mode}")
+
+
+def _resize_bicubic(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Bicubic resize of an [H, W] float tensor, a = -0.75 and half-pixel centres
+    without antialiasing: OpenCV's INTER_CUBIC, used by the DnCNN generator."""
+    if (h, w) == tuple(img.shape):
+        return img.clone()
+    return F.interpolate(img[None, None].double(), size=(h, w), mode="bicubic", align_corners=False,
+                         antialias=False)[0, 0].float()
+
+
+class DnCNNPatches(Dataset):
+    """Clean training patches of the DnCNN data generator, as ``[1, patch,
+    patch]`` float32 tensors in [0, 1].
+
+    Every image is resized by each of ``scales`` (size ``int(h*s) x int(w*s)``,
+    bicubic as OpenCV's INTER_CUBIC; 8-bit sources are re-quantised to uint8 as
+    the generator does) and cut into ``patch x patch`` windows at ``stride``.
+    For Train400 (180 x 180) that is 225 + 169 + 121 + 81 = 596 patches per
+    image, 238,400 in all. With ``augment=True`` each access applies one of the
+    8 flip/rotation modes drawn from torch's global generator (so each epoch
+    sees fresh modes and DataLoader worker seeding applies); the reference drew
+    one mode per patch once. Pair with ``NoiseCollate`` or ``noisy``.
+
+    Args:
+        images: a directory, a sequence of image paths, or a sequence of
+            grayscale arrays (``H x W`` float in [0, 1] or uint8).
+    """
+
+    def __init__(self, images, patch: int = 40, stride: int = 10,
+                 scales: Sequence[float] = (1, 0.9, 0.8, 0.7), augment: bool = True):
+        for name, v in (("patch", patch), ("stride", stride)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"DnCNNPatches: {name} must be an int, got {type(v).__name__}")
+            if v < 1:
+                raise ValueError(f"DnCNNPatches: {name} must be >= 1, got {v}")
+        if isinstance(scales, numbers.Real):
+            scales = (scales,)
+        scales = tuple(scales)
+        if not scales or not all(isinstance(s, numbers.Real) and not isinstance(s, bool) and 0 < s <= 8
+                                 for s in scales):
+            raise ValueError(f"DnCNNPatches: scales must be a non-empty sequence of numbers in (0, 8], got {scales}")
+        self.patch, self.stride, self.scales, self.augment = int(patch), int(stride), scales, bool(augment)
+
+        sources = self._sources(images)
+        self.images: list[torch.Tensor] = []  # scaled images, uint8 or float32
+        index = []
+        for src in sources:
+            arr = load_image(src, gray=True) if isinstance(src, (str, os.PathLike)) else src
+            quantize = isinstance(src, (str, os.PathLike)) or arr.dtype == np.uint8
+            base = torch.from_numpy(np.asarray(arr, dtype=np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0))
+            h, w = base.shape
+            for s in scales:
+                hs, ws = int(h * s), int(w * s)  # int(): as the reference (180*0.7 -> 125)
+                if hs < self.patch or ws < self.patch:
+                    continue
+                img = _resize_bicubic(base, hs, ws)
+                if quantize:  # (numpy: torch.round is slow on some CPU builds)
+                    img = torch.from_numpy(np.round(np.clip(img.numpy(), 0, 1) * 255).astype(np.uint8))
+                k = len(self.images)
+                self.images.append(img)
+                index += [(k, i, j) for i in range(0, hs - self.patch + 1, self.stride)
+                          for j in range(0, ws - self.patch + 1, self.stride)]
+        if not index:
+            raise ValueError(f"DnCNNPatches: no {patch} x {patch} patch fits in the given images at scales {scales}")
+        self.index = torch.tensor(index, dtype=torch.int64)
+
+    @staticmethod
+    def _sources(images) -> list:
+        if isinstance(images, (str, os.PathLike)):
+            return list(list_images(images))
+        if isinstance(images, np.ndarray):
+            images = [images] if images.ndim == 2 else list(images)
+        if not isinstance(images, Sequence) or len(images) == 0:
+            raise ValueError("DnCNNPatches: images must be a directory or a non-empty sequence of paths/arrays")
+        out = []
+        for k, im in enumerate(images):
+            if isinstance(im, (str, os.PathLike)):
+                out.append(im)
+            elif isinstance(im, np.ndarray):
+                if im.ndim != 2:
+                    raise ValueError(f"DnCNNPatches: image {k} must be a 2-D grayscale array, got shape {im.shape}")
+                if im.dtype != np.uint8 and not np.issubdtype(im.dtype, np.floating):
+                    raise TypeError(f"DnCNNPatches: image {k} must be uint8 or float, got {im.dtype}")
+                out.append(im)
+            else:
+                raise TypeError(f"DnCNNPatches: image {k} must be a path or a numpy array, got {type(im).__name__}")
+        return out
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, n: int) -> torch.Tensor:
+        if not -len(self) <= n < len(self):
+            raise IndexError(f"DnCNNPatches: index {n} out of range for {len(self)} patches")
+        k, i, j = (int(v) for v in self.index[n])
+        x = self.images[k][i:i + self.patch, j:j + self.patch]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.clone()
+        if self.augment:
+            x = _augment(x, int(torch.randint(0, 8, ())))
+        return x.unsqueeze(0).contiguous()
+
+
+# ----------------------------------------------------------------------------- dehazing pairs
+
+def _hwc_to_tensor(a: np.ndarray) -> torch.Tensor:
+    a = np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+class DehazePairs(Dataset):
+    """Paired hazy / clean images; ``ds[i] = (hazy, clean)`` as ``[3, H, W]`` float32
+    tensors in [0, 1] (passed through ``transform(hazy, clean)`` if given).
+
+    Two layouts, told apart by the clean folder's name:
+
+    - ``DIR/hazy/{scene}_{k}.ext`` <-> ``DIR/gt/{scene}.ext`` (RESIDE SOTS/ITS/OTS:
+      several haze variants per scene; the scene is the hazy name up to its
+      first ``_``);
+    - ``DIR/hazy/NAME`` <-> ``DIR/clear/NAME`` (one hazy image per clean one; the
+      scene is NAME's stem).
+
+    Clean images are matched by stem, so the extensions may differ. Every hazy
+    image must have exactly one clean image of the same size (ValueError
+    otherwise, naming the culprits); clean images without hazy ones are ignored.
+
+    ``scenes`` lists the scene ids (sorted strings); ``subset(scenes)`` keeps
+    some, ``split(val_scenes)`` returns ``(train, val)``.
+    """
+
+    def __init__(self, root, transform=None, check_sizes: bool = True, _pairs=None):
+        self.root = Path(root)
+        self.transform = transform
+        if transform is not None and not callable(transform):
+            raise TypeError("DehazePairs: transform must be callable (hazy, clean) -> (hazy, clean)")
+        if _pairs is not None:
+            self.pairs = list(_pairs)
+            return
+        hazy_dir = self.root / "hazy"
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"DehazePairs: no such directory: {self.root}")
+        if not hazy_dir.is_dir():
+            raise FileNotFoundError(f"DehazePairs: {self.root} has no 'hazy' folder")
+        gt, clear = self.root / "gt", self.root / "clear"
+        if gt.is_dir() and clear.is_dir():
+            raise ValueError(f"DehazePairs: {self.root} has both 'gt' and 'clear' folders; keep one")
+        if gt.is_dir():
+            clean_dir, scene_of = gt, lambda stem: stem.split("_", 1)[0]
+        elif clear.is_dir():
+            clean_dir, scene_of = clear, lambda stem: stem
+        else:
+            raise FileNotFoundError(f"DehazePairs: {self.root} has neither a 'gt' nor a 'clear' folder")
+
+        clean_by_stem: dict[str, list[Path]] = {}
+        for p in list_images(clean_dir):
+            clean_by_stem.setdefault(p.stem, []).append(p)
+        pairs, missing, ambiguous, size_mismatch = [], [], [], []
+        for h in list_images(hazy_dir):
+            scene = scene_of(h.stem)
+            cands = clean_by_stem.get(scene, [])
+            if not cands:
+                missing.append(h.name)
+                continue
+            if len(cands) > 1:
+                ambiguous.append(f"{h.name} -> {[c.name for c in cands]}")
+                continue
+            c = cands[0]
+            if check_sizes:
+                hs, cs = _image_size(h), _image_size(c)
+                if hs != cs:
+                    size_mismatch.append(f"{h.name} {hs[0]}x{hs[1]} vs {c.name} {cs[0]}x{cs[1]}")
+                    continue
+            pairs.append((h, c, scene))
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} hazy image(s) have no clean image in {clean_dir.name}/: "
+                            + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        if ambiguous:
+            problems.append("several clean images share a stem: " + "; ".join(ambiguous[:5]))
+        if size_mismatch:
+            problems.append(f"{len(size_mismatch)} pair(s) differ in size (H x W): "
+                            + "; ".join(size_mismatch[:5]) + (" ..." if len(size_mismatch) > 5 else ""))
+        if problems:
+            raise ValueError(f"DehazePairs({self.root}): " + " | ".join(problems))
+        self.pairs: list[tuple[Path, Path, str]] = pairs
+
+    @property
+    def scenes(self) -> list[str]:
+        """Sorted scene ids present (numeric ids sort numerically)."""
+        ids = {s for _, _, s in self.pairs}
+        return sorted(ids, key=lambda s: (0, int(s), s) if s.isdigit() else (1, 0, s))
+
+    def _norm_scenes(self, scenes) -> set[str]:
+        if isinstance(scenes, (str, int)):
+            scenes = [scenes]
+        wanted = {str(s) for s in scenes}
+        unknown = wanted - set(self.scenes)
+        if unknown:
+            raise ValueError(f"DehazePairs: unknown scene id(s) {sorted(unknown)}; "
+                             f"have {self.scenes[:10]}{' ...' if len(self.scenes) > 10 else ''}")
+        return wanted
+
+    def subset(self, scenes) -> DehazePairs:
+        """A DehazePairs with only the pairs of ``scenes`` (ids as str or int)."""
+        wanted = self._norm_scenes(scenes)
+        return DehazePairs(self.root, self.transform, _pairs=[p for p in self.pairs if p[2] in wanted])
+
+    def split(self, val_scenes) -> tuple[DehazePairs, DehazePairs]:
+        """``(train, val)``: val holds the pairs of ``val_scenes``, train the rest,
+        so no scene is in both."""
+        val = self._norm_scenes(val_scenes)
+        return (DehazePairs(self.root, self.transform, _pairs=[p for p in self.pairs if p[2] not in val]),
+                DehazePairs(self.root, self.transform, _pairs=[p for p in self.pairs if p[2] in val]))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        h, c, _ = self.pairs[i]
+        hazy = _hwc_to_tensor(load_image(h, gray=False))
+        clean = _hwc_to_tensor(load_image(c, gray=False))
+        if self.transform is not None:
+            hazy, clean = self.transform(hazy, clean)
+        return hazy, clean
+
+
+# ----------------------------------------------------------------------------- synthetic haze
+
+HAZE_BETAS = (0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
+A_RANGE = (0.6, 1.0)
+
+
+class HazeSample(NamedTuple):
+    """Result of ``synthesize_haze``: float32 arrays and the parameters used."""
+    hazy: np.ndarray           # I, same shape as the clean image
+    clean: np.ndarray          # J (float32 copy of the input)
+    transmission: np.ndarray   # t = exp(-beta d), H x W
+    depth: np.ndarray          # d, normalised to [0, 1], H x W
+    A: float | np.ndarray      # atmospheric light (scalar or per channel)
+    beta: float                # scattering coefficient
+
+
+def _rng(rng) -> np.random.Generator:
+    if rng is None or isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
+        return np.random.default_rng(rng)
+    if isinstance(rng, np.random.Generator):
+        return rng
+    raise TypeError(f"rng must be None, an int seed or a numpy Generator, got {type(rng).__name__}")
+
+
+def _normalise(d: np.ndarray) -> np.ndarray:
+    lo, hi = float(d.min()), float(d.max())
+    if hi - lo <= 1e-12:
+        return np.zeros_like(d)
+    return (d - lo) / (hi - lo)
+
+
+def depth_proxy(clean: np.ndarray) -> np.ndarray:
+    """A smooth stand-in for scene depth, in [0, 1], H x W (a heuristic, not a
+    physical depth). Two cues, averaged and blurred:
+
+    - height: rows nearer the top are farther (d = 1 at the top row, 0 at the bottom),
+      true of most ground-level photographs;
+    - luminance: brighter regions after a wide Gaussian blur (sigma = 1/16 of the
+      shorter side) are farther, as sky and distant, already hazy parts are bright.
+
+    ``d = normalise(gaussian(0.5 * height + 0.5 * normalise(blurred luma), sigma/2))``.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    img = np.asarray(clean, dtype=np.float64)
+    luma = img if img.ndim == 2 else img[..., :3] @ np.array([0.299, 0.587, 0.114])
+    h, w = luma.shape
+    sigma = max(1.0, min(h, w) / 16.0)
+    height = np.repeat(np.linspace(1.0, 0.0, h)[:, None], w, axis=1)
+    lum = _normalise(gaussian_filter(luma, sigma, mode="reflect"))
+    return _normalise(gaussian_filter(0.5 * height + 0.5 * lum, sigma / 2, mode="reflect")).astype(np.float32)
+
+
+def synthesize_haze(clean: np.ndarray, depth: np.ndarray | None = None, beta: float | None = None,
+                    A=None, rng=None) -> HazeSample:
+    """Synthetic haze (AOD-Net / RESIDE): ``I = J t + A (1 - t)``, ``t = exp(-beta d)``.
+
+    Args:
+        clean: J, ``H x W x 3`` (or ``H x W``) float in [0, 1].
+        depth: ``H x W`` depth map (any positive scale; non-finite values are not
+            allowed), normalised here to [0, 1]; None uses ``depth_proxy(clean)``.
+        beta: scattering coefficient; None draws one from ``HAZE_BETAS``
+            {0.4, 0.6, ..., 1.6}.
+        A: atmospheric light, a number or one per channel; None draws a scalar
+            from U[0.6, 1.0].
+        rng: None, an int seed or a ``numpy.random.Generator`` (for beta and A).
+
+    For J in [0, 1] and A in [0, 1], I is a convex combination and stays in [0, 1].
+    """
+    if not isinstance(clean, np.ndarray):
+        raise TypeError(f"synthesize_haze: clean must be a numpy array, got {type(clean).__name__}")
+    if not np.issubdtype(clean.dtype, np.floating):
+        raise TypeError(f"synthesize_haze: clean must be float in [0, 1], got dtype {clean.dtype}")
+    if clean.ndim not in (2, 3) or (clean.ndim == 3 and clean.shape[-1] not in (1, 3)):
+        raise ValueError(f"synthesize_haze: clean must be H x W or H x W x 3, got {clean.shape}")
+    if not np.isfinite(clean).all():
+        raise ValueError("synthesize_haze: clean contains NaN or inf")
+    J = clean.astype(np.float32)
+    g = _rng(rng)
+    hw = J.shape[:2]
+    if depth is None:
+        d = depth_proxy(J)
+    else:
+        depth = np.asarray(depth, dtype=np.float64)
+        if depth.shape != hw:
+            raise ValueError(f"synthesize_haze: depth {depth.shape} must be H x W = {hw}")
+        if not np.isfinite(depth).all():
+            raise ValueError("synthesize_haze: depth has NaN or inf values; fill them first")
+        d = _normalise(depth).astype(np.float32)
+    if beta is None:
+        beta = float(g.choice(HAZE_BETAS))
+    elif isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < math.inf:
+        raise ValueError(f"synthesize_haze: beta must be a finite number >= 0, got {beta!r}")
+    if A is None:
+        A = float(g.uniform(*A_RANGE))
+    else:
+        A_arr = np.asarray(A, dtype=np.float64)
+        if A_arr.ndim == 0:
+            A = float(A_arr)
+        elif A_arr.shape == (J.shape[-1],) and J.ndim == 3:
+            A = A_arr.astype(np.float32)
+        else:
+            raise ValueError(f"synthesize_haze: A must be a number or one value per channel, got shape {A_arr.shape}")
+        if not (np.isfinite(A_arr).all() and (A_arr >= 0).all() and (A_arr <= 1).all()):
+            raise ValueError(f"synthesize_haze: A must lie in [0, 1], got {A}")
+    t = np.exp(-float(beta) * d).astype(np.float32)
+    tt = t[..., None] if J.ndim == 3 else t
+    hazy = (J * tt + np.asarray(A, dtype=np.float32) * (1.0 - tt)).astype(np.float32)
+    return HazeSample(hazy, J, t, d.astype(np.float32), A, float(beta))
+
+
+def motorcycle_haze(beta: float | None = None, A=None, seed: int = 0) -> HazeSample:
+    """A hazy/clean pair with a real depth map: the left view of scikit-image's
+    bundled Middlebury "motorcycle" stereo pair (500 x 741 RGB) as J, and depth
+    ``d = 1 / disparity``.
+
+    Pixels without a valid disparity (inf, NaN or <= 0: occlusions) take the
+    depth of the nearest valid pixel. ``beta`` and ``A`` default to draws from
+    ``synthesize_haze``'s ranges with ``numpy.random.default_rng(seed)``, so the
+    pair is fixed for a given seed.
+    """
+    from scipy.ndimage import distance_transform_edt
+    from skimage.data import stereo_motorcycle
+
+    left, _, disparity = stereo_motorcycle()
+    J = left.astype(np.float32) / 255.0
+    disp = np.asarray(disparity, dtype=np.float64)
+    valid = np.isfinite(disp) & (disp > 0)
+    if not valid.any():
+        raise ValueError("motorcycle_haze: the disparity map has no valid pixel")
+    depth = np.zeros_like(disp)
+    depth[valid] = 1.0 / disp[valid]
+    if not valid.all():
+        _, (ii, jj) = distance_transform_edt(~valid, return_indices=True)
+        depth = depth[ii, jj]
+    return synthesize_haze(J, depth=depth, beta=beta, A=A, rng=seed)

@@ -1,0 +1,197 @@
+"""Energy model of the paper (DESIGN §5, "Energy").
+
+ANN: conv MACs only (no ReLU, BN, additions or the AOD-Net formula), one full
+image, ``E_ANN = E_MAC_PJ * MACs``. With every ``nn.Conv2d`` counted (AOD-Net's
+1x1 conv1 included) this reproduces the paper's figures exactly:
+
+- DnCNN-17 on 481x321 (BSD68 size): 85,555,446,912 MACs -> 393.555 mJ
+- AOD-Net on 640x480: 536,371,200 MACs -> 2.467 mJ (without conv1: 2.455 mJ, which
+  does not match, so the paper counted the 1x1 conv too).
+
+SNN: ``E_SNN = E_MAC_PJ * MACs(first layer) + E_SOP_PJ * SOPs``: the analog
+input image enters the first conv as a constant current (computed once, so its
+MACs are counted once), every later layer is driven by binary spikes and costs
+one accumulate per synapse a spike reaches.
+
+``SOPs(l) = spikes into layer l x fan-out(l)``. The fan-out of a conv is the
+number of synaptic operations one input spike triggers at an interior pixel::
+
+    conv_fanout(conv) = (Cout / groups) * kh * kw          (stride 1)
+
+A spike of input channel ci reaches the Cout/groups output channels of its group
+at each of the kh*kw output positions whose receptive field covers it
+(dilation does not change the count). Near the border fewer positions exist
+(zero padding is outside the image, so nothing is computed there); the model
+count ``spikes x fan-out`` ignores this, overcounting by ~1% for a 3x3 conv
+on a 481x321 image. ``conv_sops(conv, spikes)`` gives the exact,
+border-aware count for a concrete spike tensor if wanted. With stride s > 1 the
+number of outputs a spike reaches depends on its position (kh*kw/s^2 on
+average), so ``conv_fanout`` refuses strides that do not divide the kernel and
+returns the exact ``(Cout/groups) * (kh/sh) * (kw/sw)`` when they do;
+``conv_sops`` is exact for any stride.
+"""
+from __future__ import annotations
+
+import copy
+import numbers
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["E_MAC_PJ", "E_SOP_PJ", "conv_macs", "ann_macs", "ann_energy_mj", "mac_energy_mj",
+           "sop_energy_mj", "snn_energy_mj", "conv_fanout", "conv_sops"]
+
+E_MAC_PJ = 4.6  # pJ per multiply-accumulate (45 nm, 32-bit float; Horowitz 2014)
+E_SOP_PJ = 0.9  # pJ per synaptic (accumulate-only) operation
+
+_PJ_PER_MJ = 1e9
+
+
+def _check_count(name, value):
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def _check_shape(input_shape) -> tuple[int, ...]:
+    if isinstance(input_shape, torch.Size):
+        input_shape = tuple(input_shape)
+    if not isinstance(input_shape, Sequence) or isinstance(input_shape, str):
+        raise TypeError(f"input_shape must be a sequence of ints, got {type(input_shape).__name__}")
+    if len(input_shape) != 4 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                                        for d in input_shape):
+        raise ValueError(f"input_shape must be 4 positive ints (B, C, H, W), got {input_shape}")
+    return tuple(input_shape)
+
+
+def conv_macs(model: nn.Module, input_shape, device="meta") -> list[tuple[str, nn.Conv2d, int]]:
+    """MACs of every ``nn.Conv2d`` call in one forward pass of ``model`` on a
+    zero input of ``input_shape``, in call order: ``[(name, conv, macs), ...]``.
+
+    A conv's MACs are ``out_elements * (Cin / groups) * kh * kw`` (batch
+    included). A conv called twice appears twice. By default the forward runs
+    on a copy of the model on the ``meta`` device (shapes only, no arithmetic);
+    pass ``device="cpu"`` (or another device) to run the real model there for
+    models whose ops have no meta implementation.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"conv_macs: model must be an nn.Module, got {type(model).__name__}")
+    shape = _check_shape(input_shape)
+    device = torch.device(device)
+    if device.type == "meta":
+        run = copy.deepcopy(model).to("meta")
+    else:
+        run = model
+    names = {m: n for n, m in run.named_modules()}
+    records: list[tuple[str, nn.Conv2d, int]] = []
+
+    def hook(mod, inputs, output):
+        kh, kw = mod.kernel_size
+        macs = output.numel() * (mod.in_channels // mod.groups) * kh * kw
+        records.append((names[mod], mod, int(macs)))
+
+    handles = [m.register_forward_hook(hook) for m in run.modules() if isinstance(m, nn.Conv2d)]
+    if not handles:
+        raise ValueError(f"conv_macs: {type(model).__name__} has no nn.Conv2d layers")
+    was_training = run.training
+    try:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        x = torch.zeros(shape, device=device, dtype=dtype)
+        run.eval()
+        with torch.no_grad():
+            try:
+                run(x)
+            except NotImplementedError as err:
+                raise RuntimeError(f"conv_macs: the forward of {type(model).__name__} fails on the "
+                                   f"meta device ({err}); pass device='cpu'") from err
+    finally:
+        for h in handles:
+            h.remove()
+        run.train(was_training)
+    if run is not model:  # report the caller's modules, not the meta copy's
+        orig = dict(model.named_modules())
+        records = [(n, orig[n], m) for n, _, m in records]
+    return records
+
+
+def ann_macs(model: nn.Module, input_shape, device="meta") -> int:
+    """Total conv MACs of one forward pass (see ``conv_macs``)."""
+    return sum(m for _, _, m in conv_macs(model, input_shape, device))
+
+
+def mac_energy_mj(macs, pj_per_mac: float = E_MAC_PJ) -> float:
+    """Energy in mJ of ``macs`` multiply-accumulates at ``pj_per_mac`` pJ each."""
+    return _check_count("macs", macs) * _check_count("pj_per_mac", pj_per_mac) / _PJ_PER_MJ
+
+
+def sop_energy_mj(sops, pj_per_sop: float = E_SOP_PJ) -> float:
+    """Energy in mJ of ``sops`` synaptic operations at ``pj_per_sop`` pJ each."""
+    return _check_count("sops", sops) * _check_count("pj_per_sop", pj_per_sop) / _PJ_PER_MJ
+
+
+def ann_energy_mj(model: nn.Module, input_shape, pj_per_mac: float = E_MAC_PJ, device="meta") -> float:
+    """Paper's ANN energy in mJ: ``pj_per_mac x`` conv MACs of one forward pass on
+    ``input_shape = (B, C, H, W)``. Unrounded; the paper reports 3 decimals
+    (DnCNN (1,1,321,481): 393.555; AOD-Net (1,3,480,640): 2.467)."""
+    return mac_energy_mj(ann_macs(model, input_shape, device), pj_per_mac)
+
+
+def snn_energy_mj(first_layer_macs, sops, pj_per_mac: float = E_MAC_PJ,
+                  pj_per_sop: float = E_SOP_PJ) -> float:
+    """Paper's SNN energy in mJ: MACs of the analog first layer (counted once)
+    plus ``sops`` synaptic operations (all T (+1) steps, mapper included)."""
+    return mac_energy_mj(first_layer_macs, pj_per_mac) + sop_energy_mj(sops, pj_per_sop)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def conv_fanout(conv: nn.Conv2d) -> int:
+    """Synaptic operations triggered by one input spike at an interior pixel:
+    ``(Cout / groups) * kh * kw`` for stride 1 (see the module docstring); for
+    stride s the exact ``(Cout/groups) * (kh/sh) * (kw/sw)`` when s divides the
+    kernel size, otherwise ValueError (position dependent: use ``conv_sops``)."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv_fanout: expected an nn.Conv2d, got {type(conv).__name__}")
+    kh, kw = _pair(conv.kernel_size)
+    sh, sw = _pair(conv.stride)
+    if kh % sh or kw % sw:
+        raise ValueError(f"conv_fanout: stride {conv.stride} does not divide kernel {conv.kernel_size}, "
+                         "so the fan-out depends on the pixel; count with conv_sops(conv, spikes)")
+    return (conv.out_channels // conv.groups) * (kh // sh) * (kw // sw)
+
+
+def conv_sops(conv: nn.Conv2d, spikes: torch.Tensor) -> int:
+    """Exact synaptic operations of ``conv`` driven by ``spikes``
+    ([B, Cin, H, W] or [T, B, Cin, H, W], binary or any non-negative counts):
+    for every output element, the number of spikes in its receptive field (its
+    group's input channels), summed. Border- and stride-aware; equals
+    ``spikes.sum() * conv_fanout(conv)`` up to the image border."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv_sops: expected an nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(spikes, torch.Tensor):
+        raise TypeError(f"conv_sops: spikes must be a torch.Tensor, got {type(spikes).__name__}")
+    if spikes.dim() == 5:
+        spikes = spikes.flatten(0, 1)
+    if spikes.dim() != 4 or spikes.shape[1] != conv.in_channels:
+        raise ValueError(f"conv_sops: spikes must be [B, {conv.in_channels}, H, W] or "
+                         f"[T, B, {conv.in_channels}, H, W], got {tuple(spikes.shape)}")
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise ValueError("conv_sops: only numeric zero padding is supported")
+    kh, kw = _pair(conv.kernel_size)
+    g = conv.groups
+    cin_g, cout_g = conv.in_channels // g, conv.out_channels // g
+    # per group: sum of spikes over the group's channels, then count per output window
+    s = spikes.detach().to(torch.float64).unflatten(1, (g, cin_g)).sum(2)  # [N, g, H, W]
+    ones = torch.ones(g, 1, kh, kw, dtype=torch.float64, device=s.device)
+    per_out = F.conv2d(s, ones, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=g)
+    return int(round(per_out.sum().item() * cout_g))

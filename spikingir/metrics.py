@@ -1,0 +1,100 @@
+"""PSNR / SSIM by the evaluation convention of DESIGN §5 (DnCNN protocol).
+
+Both images are brought to uint8 the same way the restored output is: clipped to
+[0, 1], multiplied by 255 and rounded (``to_uint8``); uint8 inputs are taken as
+they are. For a clean image read from an 8-bit file (``uint8 / 255``) this
+recovers the file exactly. Then
+
+- PSNR: ``skimage.metrics.peak_signal_noise_ratio(clean, restored, data_range=255)``
+- SSIM: ``skimage.metrics.structural_similarity(clean, restored, data_range=255,
+  gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`` (Wang et al.
+  2004), with ``channel_axis=-1`` for RGB.
+
+Accepted layouts (numpy arrays or torch tensors, any float dtype or uint8):
+``H x W``, ``H x W x C`` and ``1 x C x H x W`` (a model's batch of one), with
+C = 1 or 3. ``H x W x 1`` and ``1 x 1 x H x W`` are treated as grayscale.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+__all__ = ["to_uint8", "psnr", "ssim"]
+
+_SSIM_WIN = 11  # skimage's Gaussian window side for sigma=1.5: 2 * int(3.5 * 1.5 + 0.5) + 1
+
+
+def _to_numpy(img, name: str) -> np.ndarray:
+    if isinstance(img, torch.Tensor):
+        img = img.detach().cpu()
+        if img.dtype in (torch.bfloat16, torch.float16):
+            img = img.float()
+        img = img.numpy()
+    elif not isinstance(img, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(img).__name__}")
+    if img.dtype != np.uint8 and not np.issubdtype(img.dtype, np.floating):
+        raise TypeError(f"{name} must be float (in [0, 1]) or uint8, got dtype {img.dtype}")
+    return img
+
+
+def _to_hwc(img: np.ndarray, name: str) -> np.ndarray:
+    """Return H x W (gray) or H x W x 3 (RGB)."""
+    shape = img.shape
+    if img.ndim == 4:
+        if shape[0] != 1 or shape[1] not in (1, 3):
+            raise ValueError(f"{name}: a 4-D image must be 1 x C x H x W with C in (1, 3), got {shape}")
+        img = np.moveaxis(img[0], 0, -1)
+    elif img.ndim == 3:
+        if shape[-1] not in (1, 3):
+            raise ValueError(f"{name}: a 3-D image must be H x W x C with C in (1, 3), got {shape}; "
+                             "pass a C x H x W tensor as 1 x C x H x W")
+    elif img.ndim != 2:
+        raise ValueError(f"{name}: expected H x W, H x W x C or 1 x C x H x W, got shape {shape}")
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.size == 0:
+        raise ValueError(f"{name} is empty (shape {shape})")
+    return img
+
+
+def to_uint8(img) -> np.ndarray:
+    """Clip to [0, 1], scale by 255 and round to uint8 (uint8 input is returned
+    unchanged). Keeps the layout; accepts numpy arrays and torch tensors; NaN
+    raises ValueError."""
+    img = _to_numpy(img, "image")
+    if img.dtype == np.uint8:
+        return img.copy()
+    if np.isnan(img).any():
+        raise ValueError("to_uint8: image contains NaN")
+    return np.round(np.clip(img.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _prepare(clean, restored) -> tuple[np.ndarray, np.ndarray]:
+    c = _to_hwc(_to_numpy(clean, "clean"), "clean")
+    r = _to_hwc(_to_numpy(restored, "restored"), "restored")
+    if c.shape != r.shape:
+        raise ValueError(f"clean {c.shape} and restored {r.shape} differ in shape "
+                         "(after bringing both to H x W or H x W x 3)")
+    return to_uint8(c), to_uint8(r)
+
+
+def psnr(clean, restored) -> float:
+    """PSNR in dB of ``restored`` against ``clean`` (both in [0, 1] or uint8;
+    see the module docstring). Identical images give ``inf``."""
+    c, r = _prepare(clean, restored)
+    if np.array_equal(c, r):
+        return float("inf")
+    return float(peak_signal_noise_ratio(c, r, data_range=255))
+
+
+def ssim(clean, restored) -> float:
+    """SSIM (Wang et al.: Gaussian window sigma 1.5, population covariance,
+    data_range 255) of ``restored`` against ``clean``; channel mean for RGB.
+    Images must be at least 11 x 11 (the Gaussian window)."""
+    c, r = _prepare(clean, restored)
+    if min(c.shape[:2]) < _SSIM_WIN:
+        raise ValueError(f"ssim: images must be at least {_SSIM_WIN} x {_SSIM_WIN}, got {c.shape[:2]}")
+    return float(structural_similarity(c, r, data_range=255, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False,
+                                       channel_axis=-1 if c.ndim == 3 else None))

@@ -1,0 +1,110 @@
+"""The paper's energy model: ANN MACs, SOP helpers, fan-out."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, ann_energy_mj, ann_macs, conv_fanout, conv_macs, conv_sops,
+                              mac_energy_mj, snn_energy_mj, sop_energy_mj)
+from spikingir.models import AODNet, DnCNN
+
+
+def test_constants():
+    assert E_MAC_PJ == 4.6 and E_SOP_PJ == 0.9
+
+
+def test_dncnn_energy_matches_paper():
+    m = DnCNN()
+    pixels = 321 * 481
+    assert ann_macs(m, (1, 1, 321, 481)) == pixels * (2 * 64 * 9 + 15 * 64 * 64 * 9) == 85_555_446_912
+    assert round(ann_energy_mj(m, (1, 1, 321, 481)), 3) == 393.555
+    assert round(ann_energy_mj(DnCNN(batchnorm=False), (1, 1, 321, 481)), 3) == 393.555
+
+
+def test_aodnet_energy_matches_paper_with_1x1_conv():
+    m = AODNet()
+    records = conv_macs(m, (1, 3, 480, 640))
+    assert [n for n, _, _ in records] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert records[0][1] is m.conv1  # the caller's modules, not the meta copy's
+    per_pixel = [3 * 3 * 1, 3 * 3 * 9, 3 * 6 * 25, 3 * 6 * 49, 3 * 12 * 9]
+    assert [mac for _, _, mac in records] == [640 * 480 * p for p in per_pixel]
+    assert round(ann_energy_mj(m, (1, 3, 480, 640)), 3) == 2.467
+    # the paper's figure needs conv1 counted: without it the total is 2.455 mJ
+    assert round(mac_energy_mj(sum(mac for _, _, mac in records[1:])), 3) == 2.455
+
+
+def test_meta_and_real_count_agree():
+    m = DnCNN(depth=4, channels=8)
+    expected = 2 * 11 * 13 * 9 * (8 + 64 + 64 + 8)
+    assert ann_macs(m, (2, 1, 11, 13)) == ann_macs(m, (2, 1, 11, 13), device="cpu") == expected
+    assert next(m.parameters()).device.type == "cpu"
+
+
+def test_grouped_strided_conv_macs():
+    m = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2))
+    # output 8 x 5 x 6, each MAC count (Cin/groups) * 9 = 18
+    assert ann_macs(m, (1, 4, 10, 12)) == 8 * 5 * 6 * 18
+
+
+def test_energy_input_checks():
+    with pytest.raises(ValueError, match="input_shape"):
+        ann_macs(DnCNN(depth=3, channels=4), (1, 32, 32))
+    with pytest.raises(TypeError):
+        ann_macs("model", (1, 1, 8, 8))
+    with pytest.raises(ValueError, match="no nn.Conv2d"):
+        ann_macs(nn.ReLU(), (1, 1, 8, 8))
+    with pytest.raises(ValueError):
+        sop_energy_mj(-1)
+    with pytest.raises(TypeError):
+        sop_energy_mj("10")
+
+
+def test_sop_and_snn_energy():
+    assert sop_energy_mj(1e9) == pytest.approx(0.9)
+    assert sop_energy_mj(torch.tensor(2e9)) == pytest.approx(1.8)
+    assert sop_energy_mj(1e9, pj_per_sop=0.1) == pytest.approx(0.1)
+    assert mac_energy_mj(1e9) == pytest.approx(4.6)
+    assert snn_energy_mj(1e6, 1e9) == pytest.approx(4.6e-3 + 0.9)
+
+
+def test_conv_fanout():
+    assert conv_fanout(nn.Conv2d(64, 64, 3, padding=1)) == 576
+    assert conv_fanout(nn.Conv2d(64, 1, 3, padding=1)) == 9
+    assert conv_fanout(nn.Conv2d(3, 3, 7, padding=3)) == 147
+    assert conv_fanout(nn.Conv2d(8, 16, 3, groups=4)) == 4 * 9
+    assert conv_fanout(nn.Conv2d(8, 16, 4, stride=2)) == 16 * 4
+    assert conv_fanout(nn.Conv2d(8, 16, 3, dilation=2, padding=2)) == 16 * 9
+    with pytest.raises(ValueError, match="stride"):
+        conv_fanout(nn.Conv2d(8, 16, 3, stride=2))
+    with pytest.raises(TypeError):
+        conv_fanout(nn.Linear(3, 3))
+
+
+def _brute_sops(conv, s):
+    """Synapses reached, by definition: each output element counts the spikes in its receptive field."""
+    w = torch.ones(conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size, dtype=torch.float64)
+    return int(F.conv2d(s.double(), w, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                        groups=conv.groups).sum().item())
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 6, 3, padding=1),
+    nn.Conv2d(4, 6, 5, padding=2, groups=2),
+    nn.Conv2d(4, 6, 3, stride=2, padding=1),
+    nn.Conv2d(4, 6, 3, padding=2, dilation=2),
+])
+def test_conv_sops_exact(conv):
+    g = torch.Generator().manual_seed(0)
+    s = (torch.rand(3, 2, 4, 11, 13, generator=g) < 0.2).float()  # [T, B, C, H, W]
+    assert conv_sops(conv, s) == _brute_sops(conv, s.flatten(0, 1))
+
+
+def test_conv_sops_interior_spike_is_fanout():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    s = torch.zeros(1, 4, 9, 9)
+    s[0, 2, 4, 4] = 1
+    assert conv_sops(conv, s) == conv_fanout(conv) == 54
+    s[0, 1, 0, 0] = 1  # a corner spike reaches only 2 x 2 outputs
+    assert conv_sops(conv, s) == 54 + 6 * 4
+    with pytest.raises(ValueError):
+        conv_sops(conv, torch.zeros(1, 3, 9, 9))

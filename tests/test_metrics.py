@@ -1,0 +1,95 @@
+"""PSNR / SSIM by the DnCNN evaluation convention."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from spikingir.metrics import psnr, ssim, to_uint8
+
+
+def _pair(shape, seed=0, noise=0.05):
+    rng = np.random.default_rng(seed)
+    clean = rng.integers(0, 256, shape).astype(np.float32) / 255
+    restored = clean + rng.normal(0, noise, shape).astype(np.float32)
+    return clean, restored
+
+
+def test_to_uint8_roundtrip_and_clipping():
+    levels = np.arange(256, dtype=np.uint8)
+    assert np.array_equal(to_uint8(levels.astype(np.float32) / 255), levels)
+    assert np.array_equal(to_uint8(np.array([-0.3, 1.7, 0.4 / 255, 0.6 / 255])), [0, 255, 0, 1])
+    assert np.array_equal(to_uint8(torch.tensor([0.0, 1.0])), [0, 255])
+    assert to_uint8(levels) is not levels and np.array_equal(to_uint8(levels), levels)
+    with pytest.raises(ValueError, match="NaN"):
+        to_uint8(np.array([np.nan]))
+    with pytest.raises(TypeError):
+        to_uint8([0.5])
+
+
+def test_psnr_matches_convention():
+    clean, restored = _pair((32, 40))
+    c8 = np.round(clean * 255).astype(np.uint8)
+    r8 = np.round(np.clip(restored, 0, 1) * 255).astype(np.uint8)
+    expected = peak_signal_noise_ratio(c8, r8, data_range=255)
+    mse = np.mean((c8.astype(np.float64) - r8) ** 2)
+    assert expected == pytest.approx(10 * math.log10(255 ** 2 / mse))
+    assert psnr(clean, restored) == pytest.approx(expected, abs=1e-12)
+
+
+def test_ssim_matches_convention():
+    clean, restored = _pair((32, 40))
+    c8, r8 = to_uint8(clean), to_uint8(restored)
+    expected = structural_similarity(c8, r8, data_range=255, gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False)
+    assert ssim(clean, restored) == pytest.approx(expected, abs=1e-12)
+    assert ssim(clean, clean) == pytest.approx(1.0)
+
+
+def test_gray_layouts_agree():
+    clean, restored = _pair((24, 30))
+    ref_p, ref_s = psnr(clean, restored), ssim(clean, restored)
+    variants = [
+        (clean[..., None], restored[..., None]),
+        (torch.from_numpy(clean)[None, None], torch.from_numpy(restored)[None, None]),
+        (torch.from_numpy(clean), restored),
+        (to_uint8(clean), torch.from_numpy(restored).double()[None, None]),
+    ]
+    for c, r in variants:
+        assert psnr(c, r) == pytest.approx(ref_p, abs=1e-12)
+        assert ssim(c, r) == pytest.approx(ref_s, abs=1e-12)
+
+
+def test_rgb_uses_channel_axis():
+    clean, restored = _pair((24, 30, 3), seed=1)
+    c8, r8 = to_uint8(clean), to_uint8(restored)
+    expected = structural_similarity(c8, r8, data_range=255, gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False, channel_axis=-1)
+    assert ssim(clean, restored) == pytest.approx(expected, abs=1e-12)
+    nchw = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None]
+    assert ssim(nchw(clean), nchw(restored)) == pytest.approx(expected, abs=1e-12)
+    assert psnr(nchw(clean), restored) == pytest.approx(peak_signal_noise_ratio(c8, r8, data_range=255))
+
+
+def test_output_is_clipped_before_scoring():
+    clean = np.full((16, 16), 1.0, np.float32)
+    over = clean + 0.5  # clipping brings it back to the clean image
+    assert psnr(clean, over) == math.inf
+    assert ssim(clean, over) == pytest.approx(1.0)
+
+
+def test_metric_input_checks():
+    clean, restored = _pair((16, 16))
+    with pytest.raises(ValueError, match="differ in shape"):
+        psnr(clean, restored[:, :15])
+    with pytest.raises(ValueError, match="1 x C x H x W"):
+        psnr(np.zeros((2, 1, 16, 16)), np.zeros((2, 1, 16, 16)))
+    with pytest.raises(ValueError, match="H x W x C"):
+        psnr(np.zeros((5, 16, 16)), np.zeros((5, 16, 16)))
+    with pytest.raises(TypeError):
+        psnr(clean.tolist(), restored)
+    with pytest.raises(TypeError, match="dtype"):
+        psnr(clean.astype(np.int32), restored)
+    with pytest.raises(ValueError, match="at least 11"):
+        ssim(clean[:10], restored[:10])
