@@ -4,6 +4,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #ifdef __CUDACC__
 #define SPK_HD __host__ __device__ __forceinline__
@@ -33,9 +34,10 @@ SPK_HD float exp_nonpos(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  union { int32_t i; float f; } scale;
-  scale.i = (static_cast<int32_t>(n) + 127) << 23;
-  return p * scale.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
 #endif
 }
 
@@ -73,12 +75,15 @@ SPK_HD void step_backward(float gy, float gv, float s, float sg, float theta, fl
                           float& gh, float& g_theta, float& g_k) {
   // dL/ds: through the output (k gy, or gy unscaled) and, unless the reset is
   // detached, through v = h - theta s.
-  const float gs = (scale_output ? k * gy : gy) - (detach_reset ? 0.0f : theta * gv);
+  // (Written with multiplications by 0/1 instead of branches so that it vectorises.)
+  const float on_scale = scale_output ? 1.0f : 0.0f;
+  const float on_reset = detach_reset ? 0.0f : 1.0f;
+  const float gs = (on_scale * k + (1.0f - on_scale)) * gy - on_reset * theta * gv;
   gh = gv + gs * sg;
   // theta enters the reset (-s gv, also when detached) and the threshold
   // (du/dtheta = -thr_per_theta); k enters the output.
   g_theta = -gv * s - thr_per_theta * gs * sg;
-  g_k = scale_output ? gy * s : 0.0f;
+  g_k = on_scale * gy * s;
 }
 
 }  // namespace spikingir

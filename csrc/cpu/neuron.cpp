@@ -21,7 +21,7 @@
 namespace spikingir {
 namespace {
 
-constexpr int64_t kChunk = 512;
+constexpr int64_t kChunk = 1024;
 
 struct Params {
   const float* theta;
@@ -47,6 +47,7 @@ void fwd_impl(const scalar_t* __restrict__ x, const float* v0, scalar_t* __restr
               float* __restrict__ vT, save_t* __restrict__ saved, int64_t T, int64_t M,
               const Params& p) {
   const int64_t T_if = p.reuse_step ? T - 1 : T;
+  const bool scale = p.scale_output;
   at::parallel_for(0, M, kChunk, [&](int64_t begin, int64_t end) {
     float v[kChunk], th[kChunk], be[kChunk], al[kChunk];
     for (int64_t m0 = begin; m0 < end; m0 += kChunk) {
@@ -55,18 +56,21 @@ void fwd_impl(const scalar_t* __restrict__ x, const float* v0, scalar_t* __restr
       for (int64_t i = 0; i < n; ++i) v[i] = v0 ? v0[m0 + i] : 0.0f;
       for (int64_t t = 0; t < T; ++t) {
         const bool reuse = t >= T_if;
+        // Threshold thr = thr_scale * theta, spike size k (theta; beta on the reuse
+        // step; 1 when the output is not scaled).
         const float thr_scale = reuse ? p.reuse_alpha : 1.0f;
+        const float* __restrict__ k = reuse ? be : th;
+        const float k_on = scale ? 1.0f : 0.0f;
         const scalar_t* __restrict__ xt = x + t * M + m0;
         scalar_t* __restrict__ yt = y + t * M + m0;
         save_t* __restrict__ st = saved + t * M + m0;
-        const float* __restrict__ k = reuse ? be : th;  // spike size
         for (int64_t i = 0; i < n; ++i) {
           // h = v + x; u = h - thr; s = H(u); v = h - theta s (soft reset).
           const float h = v[i] + static_cast<float>(xt[i]);
           const float u = h - thr_scale * th[i];
           const float s = u >= 0.0f ? 1.0f : 0.0f;
           v[i] = h - th[i] * s;
-          yt[i] = static_cast<scalar_t>(p.scale_output ? k[i] * s : s);
+          yt[i] = static_cast<scalar_t>(s * (k_on * k[i] + (1.0f - k_on)));
           st[i] = static_cast<save_t>(u);
         }
       }
@@ -80,6 +84,7 @@ void bwd_impl(const scalar_t* __restrict__ gy, const float* gvT, const save_t* _
               scalar_t* __restrict__ gx, float* __restrict__ gv0, float* gtheta_buf,
               float* gbeta_buf, int64_t T, int64_t M, const Params& p) {
   const int64_t T_if = p.reuse_step ? T - 1 : T;
+  const bool scale = p.scale_output, detach = p.detach_reset;
   at::parallel_for(0, M, kChunk, [&](int64_t begin, int64_t end) {
     float gv[kChunk], th[kChunk], be[kChunk], al[kChunk], gth[kChunk], gbe[kChunk];
     for (int64_t m0 = begin; m0 < end; m0 += kChunk) {
@@ -97,18 +102,19 @@ void bwd_impl(const scalar_t* __restrict__ gy, const float* gvT, const save_t* _
         const save_t* __restrict__ st = saved + t * M + m0;
         scalar_t* __restrict__ gxt = gx + t * M + m0;
         const float* __restrict__ k = reuse ? be : th;
-        float* __restrict__ gk = reuse ? gbe : gth;
+        // dL/dk goes to beta on the reuse step, to theta on IF steps.
+        const float to_beta = reuse ? 1.0f : 0.0f;
         for (int64_t i = 0; i < n; ++i) {
           const float u = static_cast<float>(st[i]);
           const float s = u >= 0.0f ? 1.0f : 0.0f;
           const float sg = surrogate_grad<kSurrogate>(u, al[i]);
           float gh, g_theta, g_k;
           step_backward(static_cast<float>(gyt[i]), gv[i], s, sg, th[i], k[i], thr_scale,
-                        p.scale_output, p.detach_reset, gh, g_theta, g_k);
+                        scale, detach, gh, g_theta, g_k);
           gxt[i] = static_cast<scalar_t>(gh);
           gv[i] = gh;
-          gth[i] += g_theta;
-          gk[i] += g_k;
+          gth[i] += g_theta + (1.0f - to_beta) * g_k;
+          gbe[i] += to_beta * g_k;
         }
       }
       std::copy(gv, gv + n, gv0 + m0);
