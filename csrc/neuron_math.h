@@ -6,13 +6,25 @@
 #include <cstdint>
 #include <cstring>
 
+// always_inline on the host: the CPU kernels are compiled in several ISA clones
+// (cpu/neuron.cpp), and GCC only inlines across differing targets when forced.
 #ifdef __CUDACC__
 #define SPK_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define SPK_HD inline __attribute__((always_inline))
 #else
 #define SPK_HD inline
 #endif
 
 namespace spikingir {
+
+// Element type of the saved u when the forward keeps nothing (inference):
+// stores to it compile to nothing.
+struct NoSave {};
+template <typename save_t>
+SPK_HD void store_saved(save_t* p, int64_t i, float u) { p[i] = static_cast<save_t>(u); }
+template <>
+SPK_HD void store_saved<NoSave>(NoSave*, int64_t, float) {}
 
 // Surrogate ids; must match spikingir/ops/surrogate.py.
 enum Surrogate : int { kSigmoid = 0, kAtan = 1, kTriangle = 2, kRectangle = 3 };

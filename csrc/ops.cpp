@@ -15,12 +15,13 @@ TORCH_LIBRARY(spikingir, m) {
   //   beta     [C] float32 reuse-step spike size (ignored unless reuse_step)
   //   v0       optional [M...] float32 initial potential
   //   alpha    [C] float32 surrogate sharpness (backward only)
-  // Returns (y like x, v_final float32 [M...], saved [T, M...] u = h - threshold,
-  // float32 or bfloat16): one value per neuron-step is all backward needs.
+  // Returns (y like x, v_final float32 [M...], saved): saved is u = h - threshold
+  // per neuron-step, all that backward needs, as float32 (save_bytes 4) or
+  // bfloat16 (2), or an empty tensor (0: inference, nothing kept).
   m.def(
       "neuron_fwd(Tensor x, Tensor theta, Tensor beta, Tensor? v0, Tensor alpha, "
       "int surrogate, float reuse_alpha, bool reuse_step, bool scale_output, "
-      "bool detach_reset, int inner, bool save_bf16) -> (Tensor, Tensor, Tensor)");
+      "bool detach_reset, int inner, int save_bytes) -> (Tensor, Tensor, Tensor)");
   // Backward of neuron_fwd through time. Returns (grad_x like x, grad_v0 float32,
   // grad_theta [C], grad_beta [C]); parameter gradients are zeros unless asked for.
   m.def(
@@ -32,7 +33,7 @@ TORCH_LIBRARY(spikingir, m) {
   m.def(
       "neuron_fwd_triton(Tensor x, Tensor theta, Tensor beta, Tensor? v0, Tensor alpha, "
       "int surrogate, float reuse_alpha, bool reuse_step, bool scale_output, "
-      "bool detach_reset, int inner, bool save_bf16) -> (Tensor, Tensor, Tensor)");
+      "bool detach_reset, int inner, int save_bytes) -> (Tensor, Tensor, Tensor)");
   m.def(
       "neuron_bwd_triton(Tensor grad_y, Tensor? grad_v, Tensor saved, Tensor theta, "
       "Tensor beta, Tensor alpha, int surrogate, float reuse_alpha, bool reuse_step, "

@@ -57,8 +57,8 @@ def _step_backward(gy, gv, u, a, theta, k, thr_scale, SURROGATE: tl.constexpr,
 @triton.jit
 def _neuron_fwd_kernel(x_ptr, v0_ptr, y_ptr, vT_ptr, saved_ptr, theta_ptr, beta_ptr,
                        T_if, M, C, inner, reuse_alpha,
-                       HAS_V0: tl.constexpr, REUSE: tl.constexpr, SCALE: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                        HAS_V0: tl.constexpr, REUSE: tl.constexpr, SCALE: tl.constexpr,
+                       SAVE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     c = (offs // inner) % C
@@ -69,7 +69,8 @@ def _neuron_fwd_kernel(x_ptr, v0_ptr, y_ptr, vT_ptr, saved_ptr, theta_ptr, beta_
         v = tl.zeros([BLOCK], dtype=tl.float32)
     xp = x_ptr + offs
     yp = y_ptr + offs
-    sp = saved_ptr + offs
+    if SAVE:
+        sp = saved_ptr + offs
     for _ in range(T_if):
         # h = v + x; u = h - theta; s = H(u); v = h - theta s (soft reset)
         h = v + tl.load(xp, mask=mask, other=0.0).to(tl.float32)
@@ -78,10 +79,11 @@ def _neuron_fwd_kernel(x_ptr, v0_ptr, y_ptr, vT_ptr, saved_ptr, theta_ptr, beta_
         v = h - th * s
         y = th * s if SCALE else s
         tl.store(yp, y.to(yp.dtype.element_ty), mask=mask)
-        tl.store(sp, u.to(sp.dtype.element_ty), mask=mask)
+        if SAVE:
+            tl.store(sp, u.to(sp.dtype.element_ty), mask=mask)
+            sp += M
         xp += M
         yp += M
-        sp += M
     if REUSE:
         # MPRN reuse step: fires a spike of size beta when h >= reuse_alpha theta.
         be = tl.load(beta_ptr + c, mask=mask, other=0.0)
@@ -91,7 +93,8 @@ def _neuron_fwd_kernel(x_ptr, v0_ptr, y_ptr, vT_ptr, saved_ptr, theta_ptr, beta_
         v = h - th * s
         y = be * s if SCALE else s
         tl.store(yp, y.to(yp.dtype.element_ty), mask=mask)
-        tl.store(sp, u.to(sp.dtype.element_ty), mask=mask)
+        if SAVE:
+            tl.store(sp, u.to(sp.dtype.element_ty), mask=mask)
     tl.store(vT_ptr + offs, v, mask=mask)
 
 
@@ -154,19 +157,22 @@ def _block(M: int) -> int:
 
 
 def neuron_fwd_triton(x, theta, beta, v0, alpha, surrogate, reuse_alpha, reuse_step,
-                      scale_output, detach_reset, inner, save_bf16):
+                      scale_output, detach_reset, inner, save_bytes):
     """Launcher with the contract of spikingir::neuron_fwd (csrc/ops.cpp)."""
     T = x.shape[0]
     M = x.numel() // T
     y = torch.empty_like(x)
     vT = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)
-    saved = torch.empty_like(x, dtype=torch.bfloat16 if save_bf16 else torch.float32)
+    if save_bytes not in (0, 2, 4):
+        raise ValueError(f"save_bytes must be 0, 2 or 4, got {save_bytes}")
+    saved = torch.empty(0, dtype=torch.float32, device=x.device) if save_bytes == 0 else \
+        torch.empty_like(x, dtype=torch.bfloat16 if save_bytes == 2 else torch.float32)
     if M > 0:
         BLOCK = _block(M)
         _neuron_fwd_kernel[(triton.cdiv(M, BLOCK),)](
             x, v0, y, vT, saved, theta, beta, T - int(reuse_step), M, theta.numel(), inner,
             float(reuse_alpha), HAS_V0=v0 is not None, REUSE=bool(reuse_step),
-            SCALE=bool(scale_output), BLOCK=BLOCK, num_warps=4)
+            SCALE=bool(scale_output), SAVE=save_bytes > 0, BLOCK=BLOCK, num_warps=4)
     return y, vT, saved
 
 

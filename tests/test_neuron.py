@@ -273,8 +273,9 @@ def _op_samples(device="cpu"):
             samples.append(((x.clone().requires_grad_(), th.clone().requires_grad_(),
                              be.clone().requires_grad_(),
                              v0.clone().requires_grad_() if with_v0 else None, a,
-                             0, 0.75, reuse, True, False, 4, False), {}))
-    samples.append(((x, th, be, None, a, 2, 0.9, True, False, True, 4, True), {}))
+                             0, 0.75, reuse, True, False, 4, 4), {}))
+    samples.append(((x, th, be, None, a, 2, 0.9, True, False, True, 4, 2), {}))
+    samples.append(((x, th, be, None, a, 1, 0.9, False, True, False, 4, 0), {}))
     return samples
 
 

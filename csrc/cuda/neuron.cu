@@ -58,7 +58,7 @@ __global__ void neuron_fwd_kernel(const scalar_t* __restrict__ x, const float* _
       const float s = u >= 0.0f ? 1.0f : 0.0f;
       v = h - th * s;
       y[off] = static_cast<scalar_t>(p.scale_output ? k * s : s);
-      saved[off] = static_cast<save_t>(u);
+      store_saved(saved, off, u);
     }
     vT[m] = v;
   }
@@ -131,8 +131,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neuron_fwd_cuda(
     const at::Tensor& x, const at::Tensor& theta, const at::Tensor& beta,
     const std::optional<at::Tensor>& v0, const at::Tensor& alpha, int64_t surrogate,
     double reuse_alpha, bool reuse_step, bool scale_output, bool detach_reset, int64_t inner,
-    bool save_bf16) {
+    int64_t save_bytes) {
   check_common(x, theta, beta, alpha, inner);
+  TORCH_CHECK(save_bytes == 0 || save_bytes == 2 || save_bytes == 4,
+              "neuron_fwd: save_bytes must be 0, 2 or 4");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = x.size(0);
   const int64_t M = x.numel() / T;
@@ -146,24 +148,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neuron_fwd_cuda(
   }
   auto y = at::empty_like(x);
   auto vT = at::empty(x.sizes().slice(1), x.options().dtype(at::kFloat));
-  auto saved = at::empty_like(x, x.options().dtype(save_bf16 ? at::kBFloat16 : at::kFloat));
+  auto saved = save_bytes == 0 ? at::empty({0}, x.options().dtype(at::kFloat))
+                               : at::empty_like(x, x.options().dtype(save_bytes == 2 ? at::kBFloat16 : at::kFloat));
   if (M == 0) return {y, vT, saved};
   const Params p = make_params(theta, beta, alpha, inner, reuse_alpha, reuse_step, scale_output,
                                detach_reset);
   auto stream = c10::cuda::getCurrentCUDAStream();
   SPK_DISPATCH_FLOATS(x.scalar_type(), "neuron_fwd_cuda", [&] {
-    {
-      if (save_bf16) {
-        neuron_fwd_kernel<scalar_t, c10::BFloat16><<<num_blocks(M), kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), v0p, y.data_ptr<scalar_t>(), vT.data_ptr<float>(),
-            saved.data_ptr<c10::BFloat16>(), T, M, p);
-      } else {
-        neuron_fwd_kernel<scalar_t, float><<<num_blocks(M), kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), v0p, y.data_ptr<scalar_t>(), vT.data_ptr<float>(),
-            saved.data_ptr<float>(), T, M, p);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    float* vTp = vT.data_ptr<float>();
+    const auto blocks = num_blocks(M);
+    if (save_bytes == 2) {
+      neuron_fwd_kernel<<<blocks, kThreads, 0, stream>>>(xp, v0p, yp, vTp,
+                                                        saved.data_ptr<c10::BFloat16>(), T, M, p);
+    } else if (save_bytes == 4) {
+      neuron_fwd_kernel<<<blocks, kThreads, 0, stream>>>(xp, v0p, yp, vTp, saved.data_ptr<float>(),
+                                                        T, M, p);
+    } else {
+      neuron_fwd_kernel<<<blocks, kThreads, 0, stream>>>(xp, v0p, yp, vTp,
+                                                        static_cast<NoSave*>(nullptr), T, M, p);
     }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, vT, saved};
 }

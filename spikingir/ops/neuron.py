@@ -24,10 +24,11 @@ from .surrogate import SURROGATES
 
 
 def _fake_fwd(x, theta, beta, v0, alpha, surrogate, reuse_alpha, reuse_step, scale_output,
-              detach_reset, inner, save_bf16):
+              detach_reset, inner, save_bytes):
     y = torch.empty_like(x)
     vT = x.new_empty(x.shape[1:], dtype=torch.float32)
-    saved = torch.empty_like(x, dtype=torch.bfloat16 if save_bf16 else torch.float32)
+    saved = x.new_empty(0, dtype=torch.float32) if save_bytes == 0 else \
+        torch.empty_like(x, dtype=torch.bfloat16 if save_bytes == 2 else torch.float32)
     return y, vT, saved
 
 
@@ -40,7 +41,7 @@ def _fake_bwd(grad_y, grad_v, saved, theta, beta, alpha, surrogate, reuse_alpha,
 
 def _setup_context(ctx, inputs, output):
     (x, theta, beta, v0, alpha, surrogate, reuse_alpha, reuse_step, scale_output,
-     detach_reset, inner, save_bf16) = inputs
+     detach_reset, inner, save_bytes) = inputs
     ctx.save_for_backward(output[2], theta, beta, alpha)
     ctx.config = (surrogate, reuse_alpha, reuse_step, scale_output, detach_reset, inner)
     ctx.reuse_step = reuse_step
@@ -165,9 +166,12 @@ def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate
         return neuron_reference(x_seq, theta_c, beta_c, v0, alpha_c, surrogate, *flags)
     theta_c, beta_c, alpha_c = (p.float().contiguous() for p in (theta_c, beta_c, alpha_c))
     v0 = None if v0 is None else v0.float().contiguous()
+    # Keep u for backward only when a gradient can flow (inference saves 4 B/neuron-step).
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x_seq, theta_c, beta_c, v0))
+    save_bytes = (2 if save_dtype == torch.bfloat16 else 4) if needs_grad else 0
     y, v_final, _ = _fused_op(chosen)(x_seq.contiguous(), theta_c, beta_c, v0, alpha_c,
-                                      SURROGATES[surrogate], *flags,
-                                      save_dtype == torch.bfloat16)
+                                      SURROGATES[surrogate], *flags, save_bytes)
     return y, v_final
 
 

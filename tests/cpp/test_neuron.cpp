@@ -25,7 +25,7 @@ int main() {
                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                      const at::Tensor&, const at::Tensor&, const at::Tensor&,
                      const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double, bool,
-                     bool, bool, int64_t, bool)>();
+                     bool, bool, int64_t, int64_t)>();
   auto bwd = c10::Dispatcher::singleton()
                  .findSchemaOrThrow("spikingir::neuron_bwd", "")
                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
@@ -42,7 +42,7 @@ int main() {
   auto alpha = at::tensor({4.0f});
   auto [y, vT, saved] = fwd.call(x, theta, beta, std::nullopt, alpha, /*sigmoid*/ 0, 0.75,
                                  /*reuse_step=*/true, /*scale_output=*/true,
-                                 /*detach_reset=*/false, /*inner=*/1, /*save_bf16=*/false);
+                                 /*detach_reset=*/false, /*inner=*/1, /*save_bytes=*/4);
   expect_near("y[0]", y[0][0].item<float>(), 0.0);
   expect_near("y[1]", y[1][0].item<float>(), 1.0);
   expect_near("y[2]", y[2][0].item<float>(), 0.5);
@@ -52,7 +52,7 @@ int main() {
   // IF, one step, dL/dy = 1: gx = theta * sg(u), sg = a e / (1 + e)^2 at u = x - theta.
   auto x1 = at::tensor({0.8f}).reshape({1, 1});
   auto [y1, v1, s1] = fwd.call(x1, theta, theta, std::nullopt, alpha, 0, 0.75, false, true,
-                               false, 1, false);
+                               false, 1, 4);
   auto [gx, gv0, gth, gbe] = bwd.call(at::ones_like(y1), std::nullopt, s1, theta, theta, alpha, 0,
                                       0.75, false, true, false, 1, true, false);
   const double u = 0.8 - 1.0, e = std::exp(-std::fabs(4.0 * u));
