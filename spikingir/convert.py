@@ -1,0 +1,147 @@
+"""ANN -> SNN conversion (DESIGN.md section 5, steps 2-3).
+
+``to_snn`` folds BatchNorm, calibrates one threshold per layer (or per channel)
+from a high percentile of the ReLU activations on calibration images
+(Rueckauer et al. 2017: robust to outliers, unlike the maximum), swaps each
+ReLU for a fused IF or MPR neuron with that threshold, and adds the pixel
+mapper and membrane-potential recycling read-out. The SNN takes and returns
+images like the ANN.
+"""
+import copy
+
+import torch
+from torch import nn
+
+from spikingir.models import AODNet, DnCNN, fold_batchnorm
+from spikingir.models.spiking import SpikingAODNet, SpikingDnCNN, make_neuron
+
+#: Elements sampled per layer to estimate a percentile (torch.quantile's input limit is 2^24).
+_MAX_SAMPLES = 1 << 22
+
+
+def _percentile(acts, percentile, per_channel, generator):
+    """``percentile`` of the positive activations in a list of [B, C, H, W]
+    tensors, over everything or per channel."""
+    x = torch.cat([a.transpose(0, 1).flatten(1) for a in acts], 1)  # [C, N]
+    q = percentile / 100.0
+    if not per_channel:
+        x = x.flatten()
+        x = x[x > 0]
+        if x.numel() == 0:
+            return torch.tensor(1.0)
+        if x.numel() > _MAX_SAMPLES:
+            x = x[torch.randint(x.numel(), (_MAX_SAMPLES,), generator=generator)]
+        return torch.quantile(x, q).clamp_min(1e-3)
+    out = []
+    for row in x:
+        row = row[row > 0]
+        if row.numel() == 0:
+            out.append(torch.tensor(1.0))
+            continue
+        if row.numel() > _MAX_SAMPLES:
+            row = row[torch.randint(row.numel(), (_MAX_SAMPLES,), generator=generator)]
+        out.append(torch.quantile(row, q).clamp_min(1e-3))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def calibrate(ann, calib_images, percentile=99.9, per_channel=False):
+    """Thresholds of the spiking layers of ``ann`` (a BN-free DnCNN or an
+    AODNet): the ``percentile`` of each ReLU's activations on ``calib_images``
+    (a [B, C, H, W] tensor or a list of [1, C, H, W] tensors)."""
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile: expected a value in (0, 100], got {percentile}")
+    if isinstance(calib_images, torch.Tensor):
+        calib_images = [calib_images]
+    if not calib_images:
+        raise ValueError("calib_images: expected at least one image")
+    relus = _spiking_relus(ann)
+    acts = [[] for _ in relus]
+    hooks = [r.register_forward_hook(lambda m, i, o, k=k: acts[k].append(o.detach().float()))
+             for k, r in enumerate(relus)]
+    try:
+        for img in calib_images:
+            ann(img)
+    finally:
+        for h in hooks:
+            h.remove()
+    g = torch.Generator().manual_seed(0)
+    return [_percentile(a, percentile, per_channel, g) for a in acts]
+
+
+class _Tap(nn.Module):
+    """Identity marker after a ReLU whose output a spiking layer replaces."""
+
+    def forward(self, x):
+        return x
+
+
+def _spiking_relus(ann):
+    """Modules whose outputs are the activations that neurons replace."""
+    if isinstance(ann, DnCNN):
+        return [m for m in ann.dncnn if isinstance(m, nn.ReLU)]
+    if isinstance(ann, _AODTaps):
+        return list(ann.taps)
+    raise TypeError(f"expected a DnCNN or AODNet, got {type(ann).__name__}")
+
+
+class _AODTaps(nn.Module):
+    """AOD-Net with taps on x1..x4 (its ReLU module is shared, so hook taps)."""
+
+    def __init__(self, ann):
+        super().__init__()
+        self.ann = ann
+        self.taps = nn.ModuleList(_Tap() for _ in range(4))
+
+    def forward(self, x):
+        a, r = self.ann, self.ann.relu
+        x1 = self.taps[0](r(a.conv1(x)))
+        x2 = self.taps[1](r(a.conv2(x1)))
+        x3 = self.taps[2](r(a.conv3(torch.cat([x1, x2], 1))))
+        x4 = self.taps[3](r(a.conv4(torch.cat([x2, x3], 1))))
+        return a.conv5(torch.cat([x1, x2, x3, x4], 1))
+
+
+def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_channel=False,
+           v0="zero", recycling=True, backend="auto", surrogate="sigmoid", alpha=4.0,
+           reuse_alpha=0.75):
+    """Converts a trained DnCNN or AODNet into a spiking network.
+
+    Args:
+        ann: ``spikingir.models.DnCNN`` (BN or folded form) or ``AODNet``.
+        calib_images: degraded inputs for threshold calibration, [B, C, H, W]
+            or a list of [1, C, H, W] tensors.
+        timesteps: T, the number of IF steps (MPRN adds the reuse step).
+        neuron: ``"mprn"`` or ``"if"``.
+        percentile: activation percentile that sets each threshold.
+        per_channel: one threshold per channel instead of per layer.
+        v0: initial membrane potential, ``"zero"`` or ``"half"`` (theta / 2).
+        recycling: add the residual membrane potential to the read-out rate.
+        backend: neuron backend (``"auto"``: the fastest available).
+
+    Returns:
+        ``SpikingDnCNN`` or ``SpikingAODNet`` (an ``nn.Module`` in eval mode).
+    """
+    if neuron not in ("if", "mprn"):
+        raise ValueError(f"neuron: expected 'if' or 'mprn', got {neuron!r}")
+    if v0 not in ("zero", "half"):
+        raise ValueError(f"v0: expected 'zero' or 'half', got {v0!r}")
+    if not isinstance(timesteps, int) or timesteps < 1:
+        raise ValueError(f"timesteps: expected an int >= 1, got {timesteps!r}")
+    ann = copy.deepcopy(ann).eval().float()
+    if isinstance(ann, DnCNN):
+        if ann.batchnorm:
+            ann = fold_batchnorm(ann)
+        thetas = calibrate(ann, calib_images, percentile, per_channel)
+        convs = [copy.deepcopy(c) for c in ann.convs()]
+        cls = SpikingDnCNN
+    elif isinstance(ann, AODNet):
+        thetas = calibrate(_AODTaps(ann), calib_images, percentile, per_channel)
+        convs = [copy.deepcopy(c) for c in ann.convs()]
+        cls = SpikingAODNet
+    else:
+        raise TypeError(f"to_snn: expected a DnCNN or AODNet, got {type(ann).__name__}")
+    neurons = [make_neuron(neuron, th, num_channels=th.numel() if per_channel else None,
+                           v_init=v0, backend=backend, surrogate=surrogate, alpha=alpha,
+                           reuse_alpha=reuse_alpha) for th in thetas]
+    return cls(convs, neurons, timesteps, neuron, recycling).eval()

@@ -1,0 +1,153 @@
+"""Evaluation of converted SNNs against their ANN (DESIGN.md section 5, step 5).
+
+Per T: PSNR and SSIM of ANN and SNN (DnCNN protocol: output clipped to [0, 1]
+and rounded to uint8), PSNR loss, conversion rate (SNN / ANN x 100; dehazing:
+mean of the PSNR and SSIM rates), mean firing rate and energy (the paper's
+model, averaged over images).
+"""
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spikingir.energy import ann_energy_mj
+from spikingir.metrics import psnr, ssim, to_uint8
+
+
+@dataclass
+class Sample:
+    """One evaluation image: network input [1, C, H, W] and clean target (H x W [x 3])."""
+    name: str
+    inputs: torch.Tensor
+    clean: np.ndarray
+
+
+def _to_image(t):
+    a = t.detach()[0].float().cpu().numpy()
+    return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+
+
+@torch.no_grad()
+def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None):
+    """Evaluates ``ann`` and ``snn`` (a converted network whose ``timesteps``
+    is set to each T in turn) on ``samples``. Returns the report dict written
+    by ``--json``. If ``outputs`` is a dict, restored images are stored in it
+    as ``outputs[(name, "ann" | T)]``."""
+    if task not in ("denoise", "dehaze"):
+        raise ValueError(f"task: expected 'denoise' or 'dehaze', got {task!r}")
+    if not samples:
+        raise ValueError("evaluate: no images")
+    ann.eval()
+    snn.eval()
+    ann_rows = []
+    for s in samples:
+        out = _to_image(ann(s.inputs))
+        if outputs is not None:
+            outputs[(s.name, "ann")] = out
+        ann_rows.append((psnr(s.clean, out), ssim(s.clean, out),
+                         ann_energy_mj(ann, tuple(s.inputs.shape))))
+    a_psnr, a_ssim, a_energy = (float(np.mean(c)) for c in zip(*ann_rows))
+    report = {"task": task, "sigma": sigma, "images": len(samples),
+              "ann": {"psnr": a_psnr, "ssim": a_ssim, "energy_mj": a_energy}, "snn": []}
+    saved_t = snn.timesteps
+    snn.record_stats(True)
+    try:
+        for T in timesteps:
+            snn.timesteps = int(T)
+            rows = []
+            for s in samples:
+                out = _to_image(snn(s.inputs))
+                if outputs is not None:
+                    outputs[(s.name, int(T))] = out
+                rows.append((psnr(s.clean, out), ssim(s.clean, out), snn.energy_mj(),
+                             snn.firing_rate()))
+            p, q, e, f = (float(np.mean(c)) for c in zip(*rows))
+            rate = 100.0 * p / a_psnr if task == "denoise" else \
+                50.0 * (p / a_psnr + q / a_ssim)
+            report["snn"].append({"timesteps": int(T), "psnr": p, "ssim": q,
+                                  "psnr_loss": a_psnr - p, "conversion_rate": rate,
+                                  "energy_mj": e, "firing_rate": f})
+    finally:
+        snn.timesteps = saved_t
+        snn.record_stats(False)
+    return report
+
+
+def markdown_table(report, title=None):
+    """The paper-style table of a report."""
+    a = report["ann"]
+    head = title or (f"{report['task']}" + (f", sigma={report['sigma']:g}" if report["sigma"] else "")
+                     + f", {report['images']} images")
+    lines = [f"**{head}**", "",
+             "| Network | T | PSNR (dB) | SSIM | PSNR loss (dB) | Conversion rate (%) | "
+             "Energy (mJ) | SNN/ANN energy | Firing rate |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| ANN | - | {a['psnr']:.2f} | {a['ssim']:.4f} | - | 100 | {a['energy_mj']:.3f} | 1 | - |"]
+    for r in report["snn"]:
+        lines.append(f"| SNN | {r['timesteps']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+                     f"{r['psnr_loss']:.2f} | {r['conversion_rate']:.2f} | {r['energy_mj']:.3f} | "
+                     f"{r['energy_mj'] / a['energy_mj']:.3f} | {r['firing_rate']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path, text_or_bytes):
+    """Writes a file via a temporary file and a rename: never a partial file."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    mode = "wb" if isinstance(text_or_bytes, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(text_or_bytes)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, report):
+    write_atomic(path, json.dumps(report, indent=2) + "\n")
+
+
+def write_figures(directory, report, samples, outputs, degraded_label="noisy"):
+    """Side-by-side PNGs (input, ANN, SNN at each T, clean) and a PSNR-vs-T plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for s in samples:
+        inp = _to_image(s.inputs) if s.inputs.shape[1] in (1, 3) else None
+        panels = [inp, outputs[(s.name, "ann")]] + \
+            [outputs[(s.name, r["timesteps"])] for r in report["snn"]] + [s.clean]
+        tiles = [to_uint8(p) for p in panels]
+        h = max(t.shape[0] for t in tiles)
+        tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 4)) + ((0, 0),) * (t.ndim - 2)) for t in tiles]
+        strip = np.concatenate(tiles, 1)
+        path = os.path.join(directory, f"{s.name}_{degraded_label}_ann_snn_clean.png")
+        tmp = path + ".tmp.png"
+        Image.fromarray(strip).save(tmp)
+        os.replace(tmp, path)
+        written.append(path)
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    ts = [r["timesteps"] for r in report["snn"]]
+    ax.plot(ts, [r["psnr"] for r in report["snn"]], "o-", label="SNN")
+    ax.axhline(report["ann"]["psnr"], color="k", ls="--", label="ANN")
+    ax.set_xlabel("timesteps T")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(report["task"] + (f", sigma={report['sigma']:g}" if report["sigma"] else ""))
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(directory, f"psnr_vs_T_{report['task']}.png")
+    fig.savefig(path + ".tmp.png")
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    written.append(path)
+    return written

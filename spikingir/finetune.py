@@ -1,0 +1,69 @@
+"""Surrogate-gradient fine-tuning of a converted SNN (DESIGN.md section 5, step 4).
+
+Thresholds, MPRN spike sizes beta, the pixel mapper and all conv weights are
+trained with backpropagation through time over the T (+1) steps, through the
+fused neuron ops (their backward is the fused surrogate-gradient kernel), on the
+training data of the ANN. Two learning rates (measured on an H100 in DESIGN.md:
+Adam, 2e-5 for weights and 1e-3 for thresholds/beta).
+"""
+import torch
+
+from spikingir.train import (DEFAULT_VAL_SCENES, _CachedCrops, _loader, default_data_dir,
+                             denoise_validator, dehaze_validator, fit)
+
+
+def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, batch_size=8,
+                 patch=40, lr_weights=2e-5, lr_neurons=1e-3, device="cpu", seed=0,
+                 checkpoint=None, resume=True, val_crop=64, val_every=None, log_every=10,
+                 progress=True, time_limit=None, log=None):
+    """Fine-tunes ``snn`` (from :func:`spikingir.convert.to_snn`) in place.
+
+    Denoising: DnCNN patches of ``data`` (default ``../shared/data/train400``)
+    with fresh Gaussian noise each batch, validated on ``val_data`` (Set12)
+    center crops. Dehazing: random crops of the training scenes of
+    ``data`` (default ``../shared/data/sots_train``, scenes
+    ``DEFAULT_VAL_SCENES`` held out for validation). Returns the FitResult.
+    """
+    from spikingir.data import DehazePairs, DnCNNPatches, noisy
+
+    if task == "denoise":
+        data = data or default_data_dir("train400")
+        val_data = val_data or default_data_dir("set12")
+        if data is None or val_data is None:
+            raise FileNotFoundError("fine-tuning needs training data: pass --data DIR (Train400) "
+                                    "and --val-data DIR (Set12)")
+        dataset = DnCNNPatches(data, patch=patch)
+        s = float(sigma)
+
+        def make_batch(clean, dev):
+            clean = clean.to(dev)
+            return noisy(clean, s), clean
+        val_fn = denoise_validator(val_data, s, crop=val_crop, device=device)
+    elif task == "dehaze":
+        data = data or default_data_dir("sots_train")
+        if data is None:
+            raise FileNotFoundError("fine-tuning needs training data: pass --data DIR (hazy/ + gt/)")
+        pairs = DehazePairs(data)
+        if val_data is None:
+            train_pairs, val_pairs = pairs.split(DEFAULT_VAL_SCENES)
+        else:
+            train_pairs, val_pairs = pairs, DehazePairs(val_data)
+        dataset = _CachedCrops(train_pairs, patch * 4)
+
+        def make_batch(batch, dev):
+            hazy, clean = batch
+            return hazy.to(dev), clean.to(dev)
+        val_fn = dehaze_validator(val_pairs, device=device)
+    else:
+        raise ValueError(f"task: expected 'denoise' or 'dehaze', got {task!r}")
+    loader = _loader(dataset, batch_size, True, 0, device=device)
+    snn.train()
+    config = {"task": task, "sigma": sigma, "timesteps": snn.timesteps, "neuron": snn.neuron_kind,
+              "lr_weights": lr_weights, "lr_neurons": lr_neurons, "batch_size": batch_size}
+    res = fit(snn, loader, make_batch, val_fn, steps=steps,
+              param_groups=snn.param_groups(lr_weights, lr_neurons), schedule="cosine",
+              checkpoint=checkpoint, resume=resume, val_every=val_every or steps, seed=seed,
+              device=device, log_every=log_every, progress=progress, config=config,
+              time_limit=time_limit, log=log, desc=f"finetune {task} T={snn.timesteps}")
+    snn.eval()
+    return res

@@ -1,0 +1,192 @@
+"""Spiking versions of the restoration networks, built by spikingir.convert.
+
+Both take and return images like their ANN. The first convolution sees the
+image, an analog constant current, so it is computed once and fed to the first
+neurons at every step. Hidden convolutions run on the spikes of all steps at
+once (``[T*B, ...]`` batches). With MPRN neurons the network runs T + 1 steps
+(T IF steps and the reuse step) and rates are averaged over T.
+
+The read-out is ``Mapper(rate)`` where ``rate`` is the last spiking layer's
+spike rate plus the recycled residual potential (spikingir.nn.mapper). Since the
+mapper is linear, ``Mapper(mean_t y[t]) = mean_t Mapper(y[t])`` up to its bias,
+which is added once.
+
+``record_stats()`` turns on counting of spikes and synaptic operations (for
+firing rates and energy); ``stats`` then holds them for the last forward.
+"""
+import torch
+from torch import nn
+
+from spikingir.energy import conv_macs, conv_sops, mac_energy_mj, sop_energy_mj
+from spikingir.nn import IFNeuron, MPRNeuron, SeqToBatch
+from spikingir.nn.mapper import PixelMapper, spike_rate
+
+
+def make_neuron(kind, theta, *, num_channels=None, v_init="zero", backend="auto",
+                surrogate="sigmoid", alpha=4.0, reuse_alpha=0.75):
+    """An IF or MPR neuron with threshold ``theta`` (float or [C] tensor), a
+    scale-free surrogate (alpha / theta) and trainable threshold (and beta)."""
+    kw = dict(num_channels=num_channels, v_init=v_init, backend=backend, surrogate=surrogate,
+              alpha=alpha, scale_free_surrogate=True)
+    if kind == "if":
+        return IFNeuron(theta, **kw)
+    if kind == "mprn":
+        return MPRNeuron(theta, reuse_alpha=reuse_alpha, **kw)
+    raise ValueError(f"neuron: expected 'if' or 'mprn', got {kind!r}")
+
+
+class _SpikingNet(nn.Module):
+    """Shared machinery: steps, neuron state, recycling, statistics."""
+
+    def __init__(self, timesteps, neuron_kind, recycling):
+        super().__init__()
+        if not isinstance(timesteps, int) or timesteps < 1:
+            raise ValueError(f"timesteps: expected an int >= 1, got {timesteps!r}")
+        self.timesteps = timesteps
+        self.neuron_kind = neuron_kind
+        self.recycling = recycling
+        self._record = False
+        self.stats = None
+
+    @property
+    def steps(self):
+        """Simulated steps: T, plus the reuse step with MPRN neurons."""
+        return self.timesteps + (1 if self.neuron_kind == "mprn" else 0)
+
+    def record_stats(self, on=True):
+        self._record = on
+        return self
+
+    def _v0(self, neuron, like):
+        if neuron.v_init != "half":
+            return None
+        th = neuron.theta.reshape((-1, 1, 1)) if neuron.theta.dim() == 1 else neuron.theta
+        return (th / 2).expand(like.shape)
+
+    def _rate(self, neuron, y):
+        return spike_rate(y, neuron.v_final, self._v0(neuron, neuron.v_final), self.timesteps,
+                          self.recycling)
+
+    def _start_stats(self, x, first_conv):
+        if self._record:
+            macs = conv_macs(nn.Sequential(first_conv), tuple(x.shape))[0][2]
+            self.stats = {"first_layer_macs": macs, "sops": 0, "readout_macs": 0,
+                          "layers": []}
+
+    def _count(self, name, neuron, y, targets):
+        """Spikes of one layer (all steps) and the SOPs they cause in ``targets``
+        (list of (conv, channel slice) they feed)."""
+        if not self._record:
+            return
+        with torch.no_grad():
+            s = (y != 0).to(torch.float32)
+            counts = s.sum(0)  # spikes per neuron over all steps
+            n_spikes = int(counts.sum().item())
+            sops = 0
+            for conv, sl in targets:
+                full = torch.zeros(counts.shape[0], conv.in_channels, *counts.shape[2:])
+                full[:, sl] = counts
+                sops += conv_sops(conv, full)
+            self.stats["sops"] += sops
+            self.stats["layers"].append({
+                "name": name, "spikes": n_spikes, "neurons": counts.numel(),
+                "firing_rate": n_spikes / (counts.numel() * self.timesteps), "sops": sops})
+
+    def _finish_stats(self, readout_conv, rate_shape):
+        if self._record and self.recycling:
+            # the recycled residual is an analog input to the mapper: count its MACs
+            self.stats["readout_macs"] = conv_macs(nn.Sequential(readout_conv), rate_shape)[0][2]
+
+    def energy_mj(self):
+        """Energy of the last recorded forward (the paper's model): first-layer
+        and read-out MACs x 4.6 pJ + SOPs x 0.9 pJ."""
+        if self.stats is None:
+            raise RuntimeError("energy_mj: run a forward after record_stats() first")
+        st = self.stats
+        return mac_energy_mj(st["first_layer_macs"] + st["readout_macs"]) + sop_energy_mj(st["sops"])
+
+    def firing_rate(self):
+        """Mean firing rate (spikes per neuron per step, over T) of the last recorded forward."""
+        st = self.stats
+        spikes = sum(layer["spikes"] for layer in st["layers"])
+        neurons = sum(layer["neurons"] for layer in st["layers"])
+        return spikes / (neurons * self.timesteps)
+
+    def neurons(self):
+        return [m for m in self.modules() if isinstance(m, (IFNeuron, MPRNeuron))]
+
+    def param_groups(self, lr_weights, lr_neurons):
+        """Optimiser groups for fine-tuning: conv weights (incl. the mapper) at
+        ``lr_weights``, thresholds and beta at ``lr_neurons``."""
+        neuron_params = [p for n in self.neurons() for p in n.parameters()]
+        ids = {id(p) for p in neuron_params}
+        weights = [p for p in self.parameters() if id(p) not in ids]
+        return [{"params": weights, "lr": lr_weights}, {"params": neuron_params, "lr": lr_neurons}]
+
+
+class SpikingDnCNN(_SpikingNet):
+    """Converted DnCNN: conv1 (analog, once) -> [neuron -> conv] x (depth - 2)
+    -> neuron -> pixel mapper; output = input - mapper(rate)."""
+
+    def __init__(self, convs, neurons, timesteps, neuron_kind="mprn", recycling=True):
+        super().__init__(timesteps, neuron_kind, recycling)
+        if len(neurons) != len(convs) - 1:
+            raise ValueError("SpikingDnCNN: expected one neuron layer between consecutive convs")
+        self.conv1 = convs[0]
+        self.hidden = nn.ModuleList(SeqToBatch(c) for c in convs[1:-1])
+        self.neurons_ = nn.ModuleList(neurons)
+        self.mapper = PixelMapper(convs[-1])
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.conv1.in_channels:
+            raise ValueError(f"SpikingDnCNN: input must be [B, {self.conv1.in_channels}, H, W], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        self._start_stats(x, self.conv1)
+        current = self.conv1(x)
+        cur = current.unsqueeze(0).expand(self.steps, *current.shape)
+        y = None
+        for i, neuron in enumerate(self.neurons_):
+            y = neuron(cur)
+            nxt = self.hidden[i].module if i < len(self.hidden) else self.mapper.conv
+            self._count(f"neuron{i + 1}", neuron, y, [(nxt, slice(None))])
+            if i < len(self.hidden):
+                cur = self.hidden[i](y)
+        rate = self._rate(self.neurons_[-1], y)
+        self._finish_stats(self.mapper.conv, tuple(rate.shape))
+        return x - self.mapper(rate)
+
+
+class SpikingAODNet(_SpikingNet):
+    """Converted AOD-Net: spiking x1..x4 (x1 from the analog conv1), K = ReLU(
+    mapper(rates of x1..x4)) with conv5 as the mapper, J = ReLU(K I - K + 1)."""
+
+    def __init__(self, convs, neurons, timesteps, neuron_kind="mprn", recycling=True):
+        super().__init__(timesteps, neuron_kind, recycling)
+        if len(convs) != 5 or len(neurons) != 4:
+            raise ValueError("SpikingAODNet: expected 5 convs and 4 neuron layers")
+        self.conv1 = convs[0]
+        self.conv2, self.conv3, self.conv4 = (SeqToBatch(c) for c in convs[1:4])
+        self.neurons_ = nn.ModuleList(neurons)
+        self.mapper = PixelMapper(convs[4])
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"SpikingAODNet: input must be [B, 3, H, W], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        self._start_stats(x, self.conv1)
+        n1, n2, n3, n4 = self.neurons_
+        c1 = self.conv1(x)
+        y1 = n1(c1.unsqueeze(0).expand(self.steps, *c1.shape))
+        y2 = n2(self.conv2(y1))
+        y3 = n3(self.conv3(torch.cat([y1, y2], 2)))
+        y4 = n4(self.conv4(torch.cat([y2, y3], 2)))
+        c2, c3, c4, c5 = (self.conv2.module, self.conv3.module, self.conv4.module,
+                          self.mapper.conv)
+        self._count("x1", n1, y1, [(c2, slice(0, 3)), (c3, slice(0, 3)), (c5, slice(0, 3))])
+        self._count("x2", n2, y2, [(c3, slice(3, 6)), (c4, slice(0, 3)), (c5, slice(3, 6))])
+        self._count("x3", n3, y3, [(c4, slice(3, 6)), (c5, slice(6, 9))])
+        self._count("x4", n4, y4, [(c5, slice(9, 12))])
+        rates = torch.cat([self._rate(n, y) for n, y in zip(self.neurons_, (y1, y2, y3, y4))], 1)
+        self._finish_stats(self.mapper.conv, tuple(rates.shape))
+        k = torch.relu(self.mapper(rates))
+        return torch.relu(k * x - k + 1.0)

@@ -1,0 +1,186 @@
+"""The restoration workflow behind the CLI: evaluation images, ANN and SNN
+loading, conversion with calibration, saving converted/fine-tuned SNNs.
+
+Built-in data (no download): scikit-image's bundled photos. Denoising uses
+grayscale crops with noise by the DnCNN protocol; dehazing uses the motorcycle
+stereo scene hazed through its real disparity-derived depth.
+"""
+import numpy as np
+import torch
+
+from spikingir.data import add_gaussian_noise, list_images, load_image
+from spikingir.evaluate import Sample
+from spikingir.models import AODNet, DnCNN, load_dncnn
+from spikingir.models.spiking import SpikingAODNet, SpikingDnCNN, make_neuron
+
+SIGMAS = (15, 25, 50)
+#: Built-in evaluation photos (scikit-image) and the ones used for calibration.
+DENOISE_EVAL = ("camera", "astronaut", "coffee")
+DENOISE_CALIB = ("moon", "page", "chelsea", "rocket")
+DEHAZE_CALIB = ("chelsea", "rocket", "astronaut")
+
+
+def check_sigma(sigma):
+    if sigma not in SIGMAS:
+        raise ValueError(f"unknown sigma {sigma!r}: models exist for sigma in {SIGMAS}")
+    return sigma
+
+
+def center_crop(a, size):
+    if size is None:
+        return a
+    h, w = a.shape[:2]
+    if size > min(h, w):
+        return a
+    top, left = (h - size) // 2, (w - size) // 2
+    return a[top:top + size, left:left + size]
+
+
+def _to_input(a):
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return t[None, None] if t.dim() == 2 else t.permute(2, 0, 1)[None]
+
+
+def _skimage_photo(name, gray):
+    import skimage.data
+    from skimage.color import rgb2gray
+
+    img = getattr(skimage.data, name)()
+    a = img.astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0)
+    if gray and a.ndim == 3:
+        a = rgb2gray(a[..., :3]).astype(np.float32)
+    if not gray and a.ndim == 2:
+        a = np.repeat(a[..., None], 3, 2)
+    return np.round(a * 255) / 255  # 8-bit values, as an image file would give
+
+
+def denoise_samples(sigma, data=None, limit=None, crop=None):
+    """Noisy/clean samples: PNG/JPG/BMP files in ``data`` (grayscale), or the
+    built-in photos. Noise ``sigma/255 * N(0, 1)``, numpy seed 0 per image."""
+    if data is None:
+        named = [(n, _skimage_photo(n, gray=True)) for n in DENOISE_EVAL]
+    else:
+        named = []
+        for p in list_images(data):
+            img = load_image(p)
+            if img.ndim == 3:
+                raise ValueError(f"{p}: an RGB image for a grayscale denoising model")
+            named.append((p.stem, img))
+    named = named[:limit] if limit else named
+    out = []
+    for name, clean in named:
+        clean = center_crop(clean, crop)
+        out.append(Sample(name, _to_input(add_gaussian_noise(clean, sigma, seed=0)), clean))
+    return out
+
+
+def dehaze_samples(data=None, limit=None, crop=None, scenes=None):
+    """Hazy/clean samples from a paired folder (``DIR/hazy`` + ``DIR/gt`` or
+    ``DIR/clear``; ``scenes`` selects scene ids), or the built-in hazy
+    motorcycle scene (half resolution)."""
+    from spikingir.data import DehazePairs, motorcycle_haze
+
+    out = []
+    if data is None:
+        hs = motorcycle_haze(seed=0)
+        hazy, clean = hs.hazy[::2, ::2], hs.clean[::2, ::2]
+        out.append(Sample("motorcycle", _to_input(center_crop(hazy, crop)), center_crop(clean, crop)))
+        return out
+    pairs = DehazePairs(data)
+    if scenes:
+        pairs = pairs.subset(scenes)
+    for hazy_path, clean_path, _ in pairs.pairs[:limit] if limit else pairs.pairs:
+        hazy, clean = load_image(hazy_path, gray=False), load_image(clean_path, gray=False)
+        out.append(Sample(hazy_path.stem, _to_input(center_crop(hazy, crop)), center_crop(clean, crop)))
+    return out
+
+
+def calibration_inputs(task, sigma=None, crop=128, data=None):
+    """Degraded inputs for threshold calibration, disjoint from the evaluation
+    images: Train400 (if ``data`` is given) or built-in photos."""
+    from spikingir.data import synthesize_haze
+
+    if task == "denoise":
+        if data is not None:
+            cleans = [center_crop(load_image(p), crop) for p in list_images(data)[:8]]
+        else:
+            cleans = [center_crop(_skimage_photo(n, gray=True), crop) for n in DENOISE_CALIB]
+        return [_to_input(add_gaussian_noise(c, sigma, seed=i)) for i, c in enumerate(cleans)]
+    cleans = [center_crop(_skimage_photo(n, gray=False), crop) for n in DEHAZE_CALIB]
+    return [_to_input(synthesize_haze(c, rng=i).hazy) for i, c in enumerate(cleans)]
+
+
+def load_ann(task, sigma=None, path=None):
+    """The ANN: from ``path`` (a state dict), else the shipped weights."""
+    if path is None:
+        from spikingir.weights import load_shipped_ann
+        return load_shipped_ann(task, sigma).eval()
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if task == "denoise":
+        try:
+            return load_dncnn(sd).eval()
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ValueError(f"{path}: not a DnCNN checkpoint ({err})") from None
+    model = AODNet()
+    try:
+        model.load_state_dict(sd)
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(f"{path}: not an AOD-Net checkpoint ({str(err).splitlines()[0]})") from None
+    return model.eval()
+
+
+# -------------------------------------------------------------------- SNN files
+
+def snn_config(snn):
+    """What is needed, besides the state dict, to rebuild a converted SNN."""
+    n0 = snn.neurons_[0]
+    return {"arch": "dncnn" if isinstance(snn, SpikingDnCNN) else "aodnet",
+            "timesteps": snn.timesteps, "neuron": snn.neuron_kind, "recycling": snn.recycling,
+            "per_channel": n0.num_channels is not None, "v0": n0.v_init,
+            "reuse_alpha": getattr(n0, "reuse_alpha", 0.75), "surrogate": n0.surrogate,
+            "alpha": float(n0.alpha)}
+
+
+def save_snn(snn, path, extra=None):
+    """Saves a converted SNN as a plain dict (loads with weights_only=True)."""
+    from spikingir.evaluate import write_atomic
+    import io
+
+    obj = {"config": snn_config(snn), "state_dict": snn.state_dict(), "meta": dict(extra or {})}
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, buf.getvalue())
+
+
+def load_snn(path, backend="auto"):
+    """Rebuilds a converted SNN saved by :func:`save_snn`."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
+        raise ValueError(f"{path}: not a SpikingIR SNN checkpoint (expected config + state_dict)")
+    cfg, sd = obj["config"], obj["state_dict"]
+    if cfg["arch"] == "dncnn":
+        convs = [m for m in DnCNN(depth=sum(1 for k in sd if k.endswith("weight") and sd[k].dim() == 4),
+                                  channels=sd["conv1.weight"].shape[0],
+                                  image_channels=sd["conv1.weight"].shape[1],
+                                  batchnorm=False).convs()]
+        cls = SpikingDnCNN
+    elif cfg["arch"] == "aodnet":
+        convs = AODNet().convs()
+        cls = SpikingAODNet
+    else:
+        raise ValueError(f"{path}: unknown SNN architecture {cfg['arch']!r}")
+    neurons = []
+    for i in range(len(convs) - 1):
+        th = sd[f"neurons_.{i}.theta"]
+        neurons.append(make_neuron(cfg["neuron"], 1.0,
+                                   num_channels=th.numel() if th.dim() == 1 else None,
+                                   v_init=cfg["v0"], backend=backend, surrogate=cfg["surrogate"],
+                                   alpha=cfg["alpha"], reuse_alpha=cfg["reuse_alpha"]))
+    snn = cls(convs, neurons, int(cfg["timesteps"]), cfg["neuron"], bool(cfg["recycling"]))
+    try:
+        snn.load_state_dict(sd)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: SNN state does not fit its config ({str(err).splitlines()[0]})") from None
+    return snn.eval()
