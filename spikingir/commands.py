@@ -1,0 +1,292 @@
+"""Restoration commands of the ``spikingir`` CLI: evaluate, restore, finetune, demo.
+
+Errors a user can cause (missing or unreadable files, an RGB image for a
+grayscale model, unknown sigma, T < 1, a checkpoint of another model, an empty
+or mismatched data folder) print one line on stderr and exit with status 2;
+outputs are written only after everything succeeded, each atomically.
+"""
+import argparse
+import os
+import sys
+import time
+
+SHIPPED_SNN = {("denoise", 25): "snn_dncnn_s25.pt", ("denoise", 15): "snn_dncnn_s15.pt",
+               ("denoise", 50): "snn_dncnn_s50.pt", ("dehaze", None): "snn_aodnet.pt"}
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
+
+
+def _guard(func):
+    def run(args):
+        try:
+            return func(args)
+        except (UserError, FileNotFoundError, NotADirectoryError, ValueError, OSError) as err:
+            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+            print(f"spikingir {args.command}: error: {msg}", file=sys.stderr)
+            return 2
+    return run
+
+
+def _timesteps(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer T >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected T >= 1, got {v}")
+    return v
+
+
+def _sigma_of(args):
+    from spikingir.pipeline import check_sigma
+    if args.task != "denoise":
+        return None
+    if args.sigma is None:
+        raise UserError("--sigma is required for --task denoise (15, 25 or 50)")
+    return check_sigma(args.sigma)
+
+
+def _add_conversion_args(p):
+    p.add_argument("--neuron", choices=["mprn", "if"], default="mprn")
+    p.add_argument("--percentile", type=float, default=99.9)
+    p.add_argument("--per-channel", action="store_true", help="per-channel thresholds")
+    p.add_argument("--v0", choices=["half", "zero"], default="half",
+                   help="initial membrane potential (default half: theta/2)")
+    p.add_argument("--no-recycling", action="store_true")
+    p.add_argument("--backend", default="auto", help="neuron backend (auto, cpp, cuda, triton, torch)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _get_snn(task, sigma, ann, timesteps, args, ann_given):
+    """The shipped fine-tuned SNN when it applies, else a fresh conversion of ``ann``."""
+    from spikingir.convert import to_snn
+    from spikingir.pipeline import calibration_inputs, load_snn
+    from spikingir.weights import weights_path
+
+    path = getattr(args, "snn_weights", None)
+    if path is None and not ann_given:
+        name = SHIPPED_SNN.get((task, sigma))
+        shipped = weights_path(name) if name else None
+        if shipped is not None and os.path.exists(shipped):
+            path = shipped
+    if path is not None:
+        snn = load_snn(path, backend=args.backend)
+        snn.timesteps = timesteps
+        return snn, f"SNN weights {path}"
+    calib = calibration_inputs(task, sigma)
+    snn = to_snn(ann, calib, timesteps, neuron=args.neuron, percentile=args.percentile,
+                 per_channel=args.per_channel, v0=args.v0, recycling=not args.no_recycling,
+                 backend=args.backend)
+    return snn, (f"converted ANN ({args.neuron}, p{args.percentile:g}, v0={args.v0}, "
+                 f"calibrated on {len(calib)} built-in images, not fine-tuned)")
+
+
+def _set_threads(args):
+    import torch
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+# ------------------------------------------------------------------ evaluate
+
+def _cmd_evaluate(args):
+    from spikingir.evaluate import evaluate, markdown_table, write_atomic, write_figures, write_json
+    from spikingir.pipeline import dehaze_samples, denoise_samples, load_ann
+
+    _set_threads(args)
+    sigma = _sigma_of(args)
+    if args.task == "denoise":
+        samples = denoise_samples(sigma, args.data, args.limit, args.crop)
+    else:
+        samples = dehaze_samples(args.data, args.limit, args.crop, args.scenes)
+    ann = load_ann(args.task, sigma, args.ann_weights)
+    snn, origin = _get_snn(args.task, sigma, ann, max(args.timesteps), args, args.ann_weights is not None)
+    print(f"# {args.task}: {len(samples)} images; SNN: {origin}", flush=True)
+    outputs = {} if args.figures else None
+    report = evaluate(args.task, ann, snn, samples, args.timesteps, sigma, outputs)
+    table = markdown_table(report)
+    print(table)
+    if args.json:
+        write_json(args.json, report)
+    if args.markdown:
+        write_atomic(args.markdown, table)
+    if args.figures:
+        write_figures(args.figures, report, samples, outputs,
+                      "noisy" if args.task == "denoise" else "hazy")
+    return 0
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="ANN vs SNN: PSNR/SSIM, conversion rate, firing, energy",
+                       description="Evaluates the ANN and its SNN at each T. By default the shipped "
+                                   "weights and the built-in images.")
+    p.add_argument("--task", choices=["denoise", "dehaze"], required=True)
+    p.add_argument("--sigma", type=float, default=None, help="noise level (denoise): 15, 25 or 50")
+    p.add_argument("--data", default=None, help="image folder (denoise) or hazy/ + gt/ folder (dehaze)")
+    p.add_argument("--scenes", nargs="+", default=None, help="dehaze: scene ids to evaluate")
+    p.add_argument("--timesteps", type=_timesteps, nargs="+", default=[5, 10])
+    p.add_argument("--limit", type=_timesteps, default=None, help="first N images only")
+    p.add_argument("--crop", type=_timesteps, default=None, help="center crops of N x N pixels")
+    p.add_argument("--ann-weights", default=None)
+    p.add_argument("--snn-weights", default=None)
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--figures", default=None, help="folder for side-by-side PNGs and PSNR-vs-T")
+    _add_conversion_args(p)
+    p.set_defaults(func=_guard(_cmd_evaluate))
+
+
+# ------------------------------------------------------------------ restore
+
+def _cmd_restore(args):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from spikingir.data import load_image
+    from spikingir.evaluate import write_atomic
+    from spikingir.metrics import to_uint8
+    from spikingir.pipeline import _to_input, load_ann
+
+    _set_threads(args)
+    sigma = _sigma_of(args)
+    img = load_image(args.image)
+    if args.task == "denoise" and img.ndim == 3:
+        raise UserError(f"{args.image}: an RGB image for the grayscale denoising model")
+    if args.task == "dehaze" and img.ndim == 2:
+        img = np.repeat(img[..., None], 3, 2)
+    ann = load_ann(args.task, sigma, args.ann_weights)
+    snn, origin = _get_snn(args.task, sigma, ann, args.timesteps, args, args.ann_weights is not None)
+    with torch.no_grad():
+        out = snn(_to_input(img))[0].float().numpy()
+    out = out[0] if out.shape[0] == 1 else out.transpose(1, 2, 0)
+    import io
+    buf = io.BytesIO()
+    fmt = os.path.splitext(args.output)[1].lstrip(".").upper() or "PNG"
+    Image.fromarray(to_uint8(out)).save(buf, format={"JPG": "JPEG", "TIF": "TIFF"}.get(fmt, fmt))
+    write_atomic(args.output, buf.getvalue())
+    print(f"wrote {args.output} ({args.task}, T={args.timesteps}; {origin})")
+    return 0
+
+
+def _add_restore(sub):
+    p = sub.add_parser("restore", help="restore one image with the SNN",
+                       description="Denoises or dehazes IMAGE with the spiking network.")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--task", choices=["denoise", "dehaze"], required=True)
+    p.add_argument("--sigma", type=float, default=None)
+    p.add_argument("--timesteps", type=_timesteps, default=10)
+    p.add_argument("--ann-weights", default=None)
+    p.add_argument("--snn-weights", default=None)
+    _add_conversion_args(p)
+    p.set_defaults(func=_guard(_cmd_restore))
+
+
+# ------------------------------------------------------------------ finetune
+
+def _cmd_finetune(args):
+    import torch
+
+    from spikingir.convert import to_snn
+    from spikingir.finetune import finetune_snn
+    from spikingir.pipeline import calibration_inputs, load_ann, save_snn
+
+    _set_threads(args)
+    sigma = _sigma_of(args)
+    ann = load_ann(args.task, sigma, args.ann_weights)
+    calib_dir = args.data if args.task == "denoise" else None
+    calib = calibration_inputs(args.task, sigma, data=calib_dir)
+    snn = to_snn(ann, calib, args.timesteps, neuron=args.neuron, percentile=args.percentile,
+                 per_channel=args.per_channel, v0=args.v0, recycling=not args.no_recycling,
+                 backend=args.backend)
+    t0 = time.time()
+    res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,
+                       steps=args.steps, batch_size=args.batch_size, lr_weights=args.lr_weights,
+                       lr_neurons=args.lr_neurons, device=args.device, seed=args.seed,
+                       checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
+                       time_limit=args.time_limit)
+    snn = snn.cpu()
+    meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
+            "timesteps": args.timesteps, "device": args.device, "wall_s": round(time.time() - t0, 1),
+            "torch": torch.__version__}
+    if res.history:
+        last = res.history[-1]
+        meta.update({k: v for k, v in last.items() if isinstance(v, (int, float, str))})
+    save_snn(snn, args.out, meta)
+    print(f"wrote {args.out} (fine-tuned {res.step} steps)")
+    return 0
+
+
+def _add_finetune(sub):
+    p = sub.add_parser("finetune", help="convert an ANN and fine-tune the SNN with surrogate gradients",
+                       description="Converts the ANN (shipped or --ann-weights), then trains thresholds, "
+                                   "beta, mapper and weights through the fused neuron ops (BPTT).")
+    p.add_argument("--task", choices=["denoise", "dehaze"], required=True)
+    p.add_argument("--sigma", type=float, default=None)
+    p.add_argument("--ann-weights", default=None)
+    p.add_argument("--timesteps", type=_timesteps, default=4)
+    p.add_argument("--steps", type=_timesteps, default=200)
+    p.add_argument("--batch-size", type=_timesteps, default=8)
+    p.add_argument("--lr-weights", type=float, default=2e-5)
+    p.add_argument("--lr-neurons", type=float, default=1e-3)
+    p.add_argument("--data", default=None, help="training data (default ../shared/data/...)")
+    p.add_argument("--val-data", default=None)
+    p.add_argument("--val-crop", type=_timesteps, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="resumable training checkpoint")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--out", required=True, help="where to write the fine-tuned SNN")
+    _add_conversion_args(p)
+    p.set_defaults(func=_guard(_cmd_finetune))
+
+
+# ------------------------------------------------------------------ demo
+
+def _cmd_demo(args):
+    from spikingir.evaluate import evaluate, markdown_table, write_atomic, write_figures, write_json
+    from spikingir.pipeline import dehaze_samples, denoise_samples, load_ann
+
+    _set_threads(args)
+    t0 = time.time()
+    results = []
+    for task, sigma in (("denoise", 25), ("dehaze", None)):
+        samples = denoise_samples(sigma, crop=args.crop) if task == "denoise" else dehaze_samples()
+        ann = load_ann(task, sigma)
+        snn, origin = _get_snn(task, sigma, ann, max(args.timesteps), args, False)
+        outputs = {}
+        report = evaluate(task, ann, snn, samples, args.timesteps, sigma, outputs)
+        title = (f"{'Denoising (DnCNN, sigma=25)' if task == 'denoise' else 'Dehazing (AOD-Net)'}"
+                 f" on {len(samples)} built-in image(s); SNN: {origin}")
+        table = markdown_table(report, title)
+        print(table, flush=True)
+        results.append((task, report, table, samples, outputs))
+    for task, report, table, samples, outputs in results:
+        write_json(os.path.join(args.out, f"{task}.json"), report)
+        write_atomic(os.path.join(args.out, f"{task}.md"), table)
+        write_figures(args.out, report, samples, outputs, "noisy" if task == "denoise" else "hazy")
+    print(f"figures and tables in {args.out}/ ({time.time() - t0:.0f} s)")
+    return 0
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="the main job: ANN vs SNN on built-in photos, both tasks",
+                       description="Converts the shipped DnCNN (sigma=25) and AOD-Net, evaluates ANN vs "
+                                   "SNN on scikit-image's bundled photos, prints the tables, writes figures.")
+    p.add_argument("--timesteps", type=_timesteps, nargs="+", default=[4, 10])
+    p.add_argument("--crop", type=_timesteps, default=192, help="denoising crops (N x N)")
+    p.add_argument("--out", default="spikingir-demo")
+    _add_conversion_args(p)
+    p.set_defaults(func=_guard(_cmd_demo))
+
+
+def add_commands(sub):
+    """Registers the restoration commands on the CLI's subparsers."""
+    _add_evaluate(sub)
+    _add_restore(sub)
+    _add_finetune(sub)
+    _add_demo(sub)

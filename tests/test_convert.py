@@ -1,0 +1,193 @@
+"""Conversion, spiking models, read-out, energy accounting, evaluation report."""
+import math
+
+import pytest
+import torch
+
+from spikingir.convert import calibrate, to_snn
+from spikingir.energy import E_MAC_PJ, E_SOP_PJ, conv_fanout
+from spikingir.evaluate import Sample, evaluate
+from spikingir.models import AODNet, DnCNN
+from spikingir.nn.mapper import spike_rate
+from spikingir.pipeline import load_snn, save_snn
+
+torch.set_num_threads(1)
+
+
+def tiny_dncnn(batchnorm=False, seed=0):
+    torch.manual_seed(seed)
+    m = DnCNN(depth=5, channels=8, batchnorm=batchnorm)
+    for c in m.convs():
+        c.weight.data *= 0.5
+        if c.bias is not None:
+            c.bias.data.uniform_(0, 0.1)
+    return m.eval()
+
+
+def tiny_aodnet(seed=0):
+    torch.manual_seed(seed)
+    m = AODNet()
+    for c in m.convs():
+        c.weight.data.normal_(0, 0.2)
+        c.bias.data.uniform_(0, 0.1)
+    return m.eval()
+
+
+def images(c, n=3, size=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(1, c, size, size, generator=g) for _ in range(n)]
+
+
+def test_calibration_is_the_activation_percentile():
+    ann = tiny_dncnn()
+    x = images(1)
+    th = calibrate(ann, x, percentile=90.0)
+    acts = []
+    hook = ann.dncnn[1].register_forward_hook(lambda m, i, o: acts.append(o.flatten()))
+    with torch.no_grad():
+        for im in x:
+            ann(im)
+    hook.remove()
+    a = torch.cat(acts)
+    assert th[0].item() == pytest.approx(torch.quantile(a[a > 0], 0.9).item(), rel=1e-6)
+    per_ch = calibrate(ann, x, percentile=99.0, per_channel=True)
+    assert per_ch[0].shape == (8,) and len(per_ch) == 4
+
+
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_snn_approaches_ann_as_T_grows(neuron):
+    ann = tiny_dncnn()
+    x = images(1)
+    snn = to_snn(ann, x, 4, neuron=neuron, percentile=100.0, v0="half")
+    with torch.no_grad():
+        ref = ann(x[0])
+        errs = []
+        for T in (2, 8, 64):
+            snn.timesteps = T
+            errs.append((snn(x[0]) - ref).abs().mean().item())
+    assert errs[2] < errs[1] < errs[0], errs
+    assert errs[2] < 0.25 * errs[0]
+
+
+def test_bn_form_and_aodnet_convert():
+    bn = tiny_dncnn(batchnorm=True)
+    for m in bn.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    snn = to_snn(bn, images(1), 3, neuron="if")
+    assert snn.steps == 3 and len(snn.neurons_) == 4
+    out = snn(images(1)[0])
+    assert out.shape == (1, 1, 24, 24)
+    aod = tiny_aodnet()
+    snn = to_snn(aod, images(3), 6, neuron="mprn")
+    assert snn.steps == 7
+    y = snn(images(3)[0])
+    assert y.shape == (1, 3, 24, 24) and (y >= 0).all()
+    snn.timesteps = 256
+    with torch.no_grad():
+        err_long = (snn(images(3)[0]) - aod(images(3)[0])).abs().mean()
+    assert err_long < 0.05
+
+
+def test_bad_conversion_arguments():
+    ann = tiny_dncnn()
+    with pytest.raises(ValueError, match="neuron"):
+        to_snn(ann, images(1), 4, neuron="lif")
+    with pytest.raises(ValueError, match="timesteps"):
+        to_snn(ann, images(1), 0)
+    with pytest.raises(ValueError, match="v0"):
+        to_snn(ann, images(1), 4, v0="random")
+    with pytest.raises(TypeError, match="DnCNN or AODNet"):
+        to_snn(torch.nn.Conv2d(1, 1, 3), images(1), 4)
+    with pytest.raises(ValueError, match="calib_images"):
+        to_snn(ann, [], 4)
+
+
+def test_recycled_rate_is_clamped_at_zero():
+    y = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    v = torch.tensor([0.4, -0.3])
+    assert torch.allclose(spike_rate(y, v, None, 2, recycling=True), torch.tensor([1.2, 0.0]))
+    assert torch.allclose(spike_rate(y, v, torch.tensor([0.5, 0.5]), 2), torch.tensor([1.0, 0.0]))
+    assert torch.allclose(spike_rate(y, v, None, 2, recycling=False), torch.tensor([1.0, 0.0]))
+
+
+def test_energy_counts_real_spikes():
+    ann = tiny_dncnn()
+    x = images(1, n=1, size=16)[0]
+    snn = to_snn(ann, [x], 5, neuron="mprn").record_stats()
+    with torch.no_grad():
+        snn(x)
+    st = snn.stats
+    assert st["first_layer_macs"] == 16 * 16 * 8 * 9
+    total_spikes = sum(layer["spikes"] for layer in st["layers"])
+    assert total_spikes > 0
+    # SOPs per layer: spikes x fan-out of the conv they feed, up to the image border
+    # (border pixels reach fewer outputs)
+    targets = [h.module for h in snn.hidden] + [snn.mapper.conv]
+    for layer, conv in zip(st["layers"], targets):
+        bound = layer["spikes"] * conv_fanout(conv)
+        assert 0.7 * bound <= layer["sops"] <= bound, layer
+    assert st["sops"] == sum(layer["sops"] for layer in st["layers"])
+    expect = (st["first_layer_macs"] + st["readout_macs"]) * E_MAC_PJ * 1e-9 + st["sops"] * E_SOP_PJ * 1e-9
+    assert snn.energy_mj() == pytest.approx(expect)
+    assert 0 < snn.firing_rate() < 1
+
+
+def test_save_and_load_snn(tmp_path):
+    ann = tiny_dncnn()
+    snn = to_snn(ann, images(1), 3, per_channel=True, v0="half")
+    with torch.no_grad():
+        snn.neurons_[0].theta.mul_(1.1)
+    save_snn(snn, tmp_path / "snn.pt", {"note": "test"})
+    back = load_snn(tmp_path / "snn.pt")
+    x = images(1)[0]
+    with torch.no_grad():
+        assert torch.equal(snn(x), back(x))
+    aod = to_snn(tiny_aodnet(), images(3), 2)
+    save_snn(aod, tmp_path / "aod.pt")
+    assert isinstance(load_snn(tmp_path / "aod.pt"), type(aod))
+    torch.save(ann.state_dict(), tmp_path / "ann.pt")
+    with pytest.raises(ValueError, match="not a SpikingIR SNN"):
+        load_snn(tmp_path / "ann.pt")
+
+
+def test_evaluate_report_format():
+    ann = tiny_dncnn()
+    x = images(1, n=2, size=16)
+    samples = [Sample(f"im{i}", im + 0.05 * torch.randn_like(im), im[0, 0].numpy()) for i, im in enumerate(x)]
+    snn = to_snn(ann, x, 2)
+    r = evaluate("denoise", ann, snn, samples, [2, 3], sigma=25)
+    assert set(r) == {"task", "sigma", "images", "ann", "snn"}
+    assert set(r["ann"]) == {"psnr", "ssim", "energy_mj"}
+    assert [e["timesteps"] for e in r["snn"]] == [2, 3]
+    for e in r["snn"]:
+        assert set(e) == {"timesteps", "psnr", "ssim", "psnr_loss", "conversion_rate", "energy_mj",
+                          "firing_rate"}
+        assert e["psnr_loss"] == pytest.approx(r["ann"]["psnr"] - e["psnr"])
+        assert e["conversion_rate"] == pytest.approx(100 * e["psnr"] / r["ann"]["psnr"])
+        assert all(math.isfinite(v) for v in e.values())
+    assert snn.timesteps == 2  # restored
+
+
+def test_finetuning_gradients_reach_every_parameter():
+    """BPTT through the fused neuron op reaches thresholds, beta, mapper and weights,
+    and a few Adam steps lower the loss on a fixed batch."""
+    ann = tiny_dncnn()
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(4, 1, 16, 16, generator=g)
+    noisy = clean + 0.1 * torch.randn(4, 1, 16, 16, generator=g)
+    snn = to_snn(ann, [noisy], 3, neuron="mprn", backend="cpp").train()
+    opt = torch.optim.Adam(snn.param_groups(1e-3, 1e-2))
+    losses = []
+    for step in range(15):
+        loss = torch.nn.functional.mse_loss(snn(noisy), clean)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            for name, p in snn.named_parameters():
+                assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert snn.neurons_[1].theta.grad.abs() > 0 and snn.neurons_[1].beta.grad.abs() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
