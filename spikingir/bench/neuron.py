@@ -18,7 +18,9 @@ then ``torch.autograd.backward([y], [g])`` with a fixed random g; x needs grad,
 theta does not).
 
 Timing: on the CPU ``time.perf_counter`` after a warmup, median over repeats
-(at least ``min_reps``, more until ``min_time`` seconds or ``max_reps``); on
+(at least 3, more until ``min_time`` seconds per column or 100), the columns
+of one (mode, T, N) timed round-robin so that load from other processes
+falls on all of them alike; on
 CUDA ``triton.testing.do_bench`` (median) when triton imports, else CUDA
 events. ``GB/s`` divides the byte floor of the op by the time: fp32, 8 B per
 neuron-step forward (read x, write y) and 24 B forward + backward (also write
@@ -30,7 +32,6 @@ every column computes the same thing, so it is ~0 (a flipped spike shows as 1).
 """
 import datetime
 import gc
-import math
 import os
 import platform
 import statistics
@@ -157,16 +158,23 @@ def _compiled():
 # Timing.
 # --------------------------------------------------------------------------
 
-def _time_cpu(fn, min_time, min_reps=3, max_reps=100):
-    fn()  # warmup (the correctness call before it was the first)
-    times = []
+def _time_cpu(steps, min_time, min_reps=3, max_reps=100):
+    """Median ms of each callable, timed round-robin (one call of each per round)
+    so that load from other processes falls on every column alike. Rounds go on
+    until ``min_reps`` and then until ``min_time`` s per callable or ``max_reps``."""
+    for fn in steps:
+        fn()  # warmup (the correctness call before it was the first)
+    times = [[] for _ in steps]
     start = time.perf_counter()
-    while len(times) < min_reps or (len(times) < max_reps
-                                    and time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, len(times)
+    rounds = 0
+    while rounds < min_reps or (rounds < max_reps
+                                and time.perf_counter() - start < min_time * len(steps)):
+        for fn, ts in zip(steps, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        rounds += 1
+    return [(statistics.median(ts) * 1e3, len(ts)) for ts in times]
 
 
 def _time_cuda(fn):
@@ -195,6 +203,35 @@ def _max_diff(a, b):
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
 
+def _cpu_busy_seconds():
+    """(seconds of CPU time used by every process, by this one) so far; None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy_ticks = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+    own = os.times()
+    return busy_ticks / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+class _OtherLoad:
+    """Average number of cores used by *other* processes over a ``with`` block:
+    a busy machine makes CPU timings noisy (OpenMP barriers wait for descheduled
+    threads), and the table says so."""
+
+    def __enter__(self):
+        self.t0, self.c0 = time.perf_counter(), _cpu_busy_seconds()
+        self.cores = None
+        return self
+
+    def __exit__(self, *exc):
+        c1, wall = _cpu_busy_seconds(), time.perf_counter() - self.t0
+        if self.c0 is not None and c1 is not None and wall > 0:
+            self.cores = max(0.0, ((c1[0] - self.c0[0]) - (c1[1] - self.c0[1])) / wall)
+        return False
+
+
 # --------------------------------------------------------------------------
 # The run.
 # --------------------------------------------------------------------------
@@ -221,7 +258,8 @@ def run(device="cpu", Ts=None, Ns=None, modes=MODES, threads=None, min_time=0.5,
 
     Row keys: device, backend, mode, T, N, ms (None when not timed), reps,
     speedup (naive ms / ms), gbps (byte floor / time), floor_frac (GPU only:
-    floor_ms / ms), maxdiff (vs the naive loop), note. ``skip`` names columns
+    floor_ms / ms), maxdiff (vs the naive loop), note, other_load (cores used
+    by other processes while the cell ran; None when unknown). ``skip`` names columns
     to leave out; ``progress`` (a callable taking a str) hears about each cell.
     """
     Ts = list(Ts or DEFAULT_T)
@@ -240,7 +278,11 @@ def run(device="cpu", Ts=None, Ns=None, modes=MODES, threads=None, min_time=0.5,
             for N in Ns:
                 if progress:
                     progress(f"{mode} T={T} N={N}")
-                rows += _run_cell(dev, mode, T, N, cols, on_gpu, min_time)
+                with _OtherLoad() as load:
+                    cell = _run_cell(dev, mode, T, N, cols, on_gpu, min_time)
+                for row in cell:
+                    row["other_load"] = load.cores
+                rows += cell
                 gc.collect()
                 if on_gpu:
                     torch.cuda.empty_cache()
@@ -255,7 +297,7 @@ def _run_cell(dev, mode, T, N, cols, on_gpu, min_time):
     x.requires_grad_(backward)
     nbytes = BYTES_PER_NEURON_STEP[mode] * T * N
     ref = None  # (y, grad_x) of the naive loop
-    rows = []
+    rows, timed = [], []  # every row; (row, step) of the columns that ran
     for name, fn, note in cols:
         row = dict(device=str(dev), backend=name, mode=mode, T=T, N=N, ms=None, reps=0,
                    speedup=None, gbps=None, floor_frac=None, maxdiff=None, note=note)
@@ -289,13 +331,16 @@ def _run_cell(dev, mode, T, N, cols, on_gpu, min_time):
             diff = max(diff, _max_diff(got[1], ref[1]))
         row["maxdiff"] = diff
         del y, got
+        timed.append((row, step))
+    if on_gpu:
+        results = [_time_cuda(step) for _, step in timed]
+    else:
+        results = _time_cpu([step for _, step in timed], min_time)
+    for (row, _), (ms, reps) in zip(timed, results):
+        row["ms"], row["reps"] = ms, reps
+        row["gbps"] = nbytes / (ms * 1e-3) / 1e9
         if on_gpu:
-            row["ms"], row["reps"] = _time_cuda(step)
-        else:
-            row["ms"], row["reps"] = _time_cpu(step, min_time)
-        row["gbps"] = nbytes / (row["ms"] * 1e-3) / 1e9
-        if on_gpu:
-            row["floor_frac"] = nbytes / GPU_PEAK_BYTES_PER_S * 1e3 / row["ms"]
+            row["floor_frac"] = nbytes / GPU_PEAK_BYTES_PER_S * 1e3 / ms
     naive_ms = rows[0]["ms"]
     for row in rows:
         if row["ms"]:
@@ -375,7 +420,9 @@ def format_table(rows):
     out = []
     for (mode, T, N), block in _blocks(rows):
         floor_mb = BYTES_PER_NEURON_STEP[mode] * T * N / 1e6
-        out.append(f"== {MODE_TITLES[mode]}  T={T}  N={N:,}  (byte floor {floor_mb:.1f} MB) ==")
+        load = block[0].get("other_load")
+        busy = f"  [busy: other processes used {load:.1f} cores]" if (load or 0) >= 0.2 else ""
+        out.append(f"== {MODE_TITLES[mode]}  T={T}  N={N:,}  (byte floor {floor_mb:.1f} MB) =={busy}")
         out.append(head)
         for r in block:
             line = f"{r['backend']:<13}{_fmt(r['ms'], '.3f'):>10}{_fmt(r['speedup'], '.2f'):>9}"
@@ -408,7 +455,10 @@ def to_markdown(rows, header):
                  _fmt(r["ms"], ".3f"), _fmt(r["speedup"], ".2f"), _fmt(r["gbps"], ".1f")]
         if gpu:
             cells.append(_fmt(r["floor_frac"] and 100 * r["floor_frac"], ".1f"))
-        cells += [_fmt(r["maxdiff"], ".0e"), r["note"].replace("|", "/")]
+        note = r["note"]
+        if r.get("other_load") and r["other_load"] >= 0.2:
+            note = f"busy: others used {r['other_load']:.1f} cores" + (f"; {note}" if note else "")
+        cells += [_fmt(r["maxdiff"], ".0e"), note.replace("|", "/")]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
