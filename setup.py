@@ -79,7 +79,7 @@ def extensions():
 setup(
     packages=find_packages(include=["spikingir", "spikingir.*"]) + ["spikingir.kernels"],
     package_dir={"spikingir.kernels": "kernels"},
-    package_data={"spikingir": ["weights/*.pt", "weights/*.md"]},
+    package_data={"spikingir": ["weights/*.pt", "weights/*.json", "weights/*.md"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
 )

@@ -88,6 +88,169 @@ def _cmd_bench_neuron(args):
 
 
 # --------------------------------------------------------------------------
+# spikingir train-ann
+# --------------------------------------------------------------------------
+
+TRAIN_SIGMAS = (15, 25, 50)
+
+
+def _add_train_ann(sub):
+    p = sub.add_parser(
+        "train-ann", help="train the ANN (DnCNN-S denoiser or AOD-Net dehazer)",
+        description="Trains DnCNN-S (--task denoise, Train400 patches with fresh Gaussian noise, "
+                    "validated on Set12) or AOD-Net (--task dehaze, paired hazy/clean folders, "
+                    "validated on held-out scenes), with resumable checkpoints. Writes a plain "
+                    "state dict (DnCNN: BN folded, loads into DnCNN(batchnorm=False)) and a JSON "
+                    "sidecar with the metadata. Data default to ../shared/data.")
+    p.add_argument("--task", choices=("denoise", "dehaze"), required=True)
+    p.add_argument("--sigma", type=float, help=f"noise level for --task denoise, one of "
+                   f"{', '.join(map(str, TRAIN_SIGMAS))} (default 25)")
+    p.add_argument("--data", metavar="DIR", help="training data: Train400-like folder of grayscale "
+                   "images (denoise) or DIR/hazy + DIR/gt|clear (dehaze); default ../shared/data/"
+                   "train400 or sots_train")
+    p.add_argument("--val-data", metavar="DIR", help="validation data: Set12-like folder (denoise; "
+                   "default ../shared/data/set12) or a paired folder (dehaze; default: the scenes "
+                   "--val-scenes of --data, held out of training)")
+    p.add_argument("--val-scenes", nargs="+", metavar="ID",
+                   help="dehaze: scene ids of --data held out for validation (default 1420 ... 1424)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_positive_int,
+                        help="passes over the training set (default: denoise 20; dehaze 100 of 10 "
+                             "passes over the pairs each)")
+    length.add_argument("--steps", type=_positive_int, help="optimizer steps in total")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="default: denoise 128 patches of 40x40; dehaze 16 crops")
+    p.add_argument("--crop", type=_positive_int, default=128, help="dehaze: training crop size (default 128)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, decayed along a cosine "
+                   "to 1%% (default 1e-3)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="PATH", help="weights file (default ./dncnn_s<sigma>.pt or "
+                   "./aodnet.pt); the metadata go to PATH with suffix .json")
+    p.add_argument("--checkpoint", metavar="PATH", help="training checkpoint (default: OUT + '.ckpt')")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    p.add_argument("--threads", type=_positive_int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--val-crop", type=_positive_int, metavar="N",
+                   help="denoise: validate on N x N center crops (faster on a CPU; default: full images)")
+    p.add_argument("--val-every", type=_positive_int, metavar="STEPS",
+                   help="validate (and checkpoint) every STEPS steps (default: every epoch)")
+    p.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
+                   help="checkpoint every STEPS steps (default: --val-every, else 500)")
+    p.add_argument("--time-limit", type=_nonneg_float, metavar="SECONDS",
+                   help="stop after this long, write the weights and the checkpoint (--resume continues)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (+ channels_last on CUDA)")
+    p.add_argument("--log-every", type=int, default=50, metavar="STEPS")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a tqdm bar")
+    p.set_defaults(func=_cmd_train_ann, _parser=p)
+
+
+class _BadInput(ValueError):
+    pass
+
+
+def _check_train_args(args):
+    import os
+    from pathlib import Path
+
+    import torch
+
+    if args.task == "denoise":
+        sigma = 25.0 if args.sigma is None else args.sigma
+        if sigma not in TRAIN_SIGMAS:
+            raise _BadInput(f"--sigma {args.sigma:g} is not supported; use one of "
+                            f"{', '.join(map(str, TRAIN_SIGMAS))}")
+        args.sigma = int(sigma)
+        if args.val_scenes:
+            raise _BadInput("--val-scenes applies to --task dehaze only")
+    else:
+        if args.sigma is not None:
+            raise _BadInput("--sigma applies to --task denoise only")
+        if args.val_crop:
+            raise _BadInput("--val-crop applies to --task denoise only")
+        if args.val_scenes and args.val_data:
+            raise _BadInput("give either --val-scenes (held out of --data) or --val-data, not both")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise _BadInput(f"--device cuda: no CUDA device is available (torch {torch.__version__})")
+    if not args.lr > 0:
+        raise _BadInput(f"--lr must be > 0, got {args.lr}")
+    if args.workers < 0:
+        raise _BadInput(f"--workers must be >= 0, got {args.workers}")
+    for name in ("data", "val_data"):
+        d = getattr(args, name)
+        if d is not None and not Path(d).is_dir():
+            raise _BadInput(f"--{name.replace('_', '-')}: no such directory: {d}")
+    if args.out is None:
+        args.out = f"dncnn_s{args.sigma}.pt" if args.task == "denoise" else "aodnet.pt"
+    out = Path(args.out)
+    if out.suffix == ".json":
+        raise _BadInput(f"--out {out}: the weights need another suffix than .json (the metadata go there)")
+    if out.is_dir():
+        raise _BadInput(f"--out {out} is a directory")
+    args.checkpoint = args.checkpoint or str(out) + ".ckpt"
+    for target in (out, Path(args.checkpoint)):
+        parent = target.resolve().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK):
+            raise _BadInput(f"cannot write {target}: {parent} is not writable")
+    if Path(args.checkpoint).exists() and not args.resume:
+        raise _BadInput(f"checkpoint {args.checkpoint} exists: pass --resume to continue it, "
+                        "or delete it to start over")
+
+
+def _cmd_train_ann(args):
+    import os
+    import shlex
+
+    import torch
+
+    from spikingir import train
+
+    def fail(msg):
+        print(f"spikingir train-ann: error: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        _check_train_args(args)
+    except _BadInput as err:
+        return fail(err)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common = dict(data=args.data, val_data=args.val_data, steps=args.steps, epochs=args.epochs, lr=args.lr,
+                  device=args.device, seed=args.seed, checkpoint=args.checkpoint, resume=args.resume,
+                  val_every=args.val_every, checkpoint_every=args.checkpoint_every, amp=args.amp,
+                  workers=args.workers, log_every=args.log_every, progress=not args.no_progress,
+                  time_limit=args.time_limit)
+    try:
+        if args.task == "denoise":
+            if args.steps is None and args.epochs is None:
+                common["epochs"] = 20
+            res = train.train_denoiser(args.sigma, batch_size=args.batch_size or 128, val_crop=args.val_crop,
+                                       **common)
+        else:
+            if args.steps is None and args.epochs is None:
+                common["epochs"] = 100
+            kw = {"val_scenes": args.val_scenes} if args.val_scenes else {}
+            res = train.train_dehazer(batch_size=args.batch_size or 16, crop=args.crop, **kw, **common)
+        meta = dict(res.meta)
+        meta["command"] = "spikingir " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["train-ann"] else None
+        meta["threads"] = args.threads or torch.get_num_threads()
+        train.save_weights(args.out, res.state_dict, meta)
+    except KeyboardInterrupt:
+        print(f"spikingir train-ann: interrupted; checkpoint {args.checkpoint} (--resume continues)",
+              file=sys.stderr)
+        return 130
+    except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as err:
+        return fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    status = "finished" if res.fit.finished else f"stopped at step {res.fit.step} of {res.fit.total_steps}"
+    figs = (f"validation PSNR {meta['val_psnr']:.2f} dB, SSIM {meta['val_ssim']:.4f}"
+            if meta.get("val_psnr") is not None else "no validation")
+    print(f"{args.out}: {status}, {figs} ({os.path.splitext(args.out)[0]}.json)")
+    return 0
+
+
+# --------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------
 
@@ -101,8 +264,9 @@ def _build_parser():
                            description="Benchmarks of spikingir's ops.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="OP")
     _add_bench_neuron(bench_sub)
+    _add_train_ann(sub)
 
-    # Later: sub.add_parser("train-ann"), ("evaluate"), ("restore"), ("demo"), each with
+    # Later: sub.add_parser("evaluate"), ("restore"), ("demo"), each with
     # set_defaults(func=_cmd_<name>).
     return parser
 

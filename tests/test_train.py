@@ -1,0 +1,351 @@
+"""Training loop (fit), checkpoints and resume, `spikingir train-ann` bad input,
+and the shipped ANN weights."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from spikingir import train
+from spikingir.cli import main
+from spikingir.models import AODNet, DnCNN
+from spikingir.weights import WEIGHTS_DIR, load_shipped_ann, weights_path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = SHARED / "data"
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class _Smooth(Dataset):
+    """Smooth random 1 x 16 x 16 images; each access flips at random (global RNG),
+    as the real patch sampler does."""
+
+    def __init__(self, n=10, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.rand(n, 1, 4, 4, generator=g)
+        self.x = nn.functional.interpolate(base, size=(16, 16), mode="bilinear", align_corners=False)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        x = self.x[i]
+        return x.flip(-1) if torch.rand(()) < 0.5 else x
+
+
+def _make_batch(clean, device):
+    clean = clean.to(device)
+    return clean + 0.1 * torch.randn_like(clean), clean
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return DnCNN(depth=3, channels=8, batchnorm=False)
+
+
+def _loss_on(model, data):
+    g = torch.Generator().manual_seed(123)
+    clean = data.x
+    noisy = clean + 0.1 * torch.randn(clean.shape, generator=g)
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(model(noisy), clean))
+
+
+def _val_with_rng(model):
+    torch.randn(7)  # validation must not shift the training stream
+    np.random.rand(3)
+    return {"psnr": 1.0}
+
+
+def _params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _no_temp_files(folder):
+    return not [p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- fit
+
+def test_fit_lowers_loss(tmp_path, one_thread):
+    data = _Smooth(16)
+    model = _tiny_model()
+    before = _loss_on(model, data)
+    res = train.fit(model, DataLoader(data, batch_size=4, shuffle=True, drop_last=True), _make_batch,
+                    steps=40, lr=3e-3, schedule="constant", log_every=0, progress=False)
+    after = _loss_on(model, data)
+    assert res.step == 40 and res.finished
+    assert after < 0.5 * before, f"loss {before:.5f} -> {after:.5f}"
+
+
+def test_lr_factor():
+    assert train.lr_factor(0, 100, "cosine") == pytest.approx(1.0)
+    assert train.lr_factor(99, 100, "cosine", min_factor=0.01) == pytest.approx(0.01)
+    assert train.lr_factor(49, 100, "multistep", milestones=(0.5, 0.75)) == 1.0
+    assert train.lr_factor(50, 100, "multistep", milestones=(0.5, 0.75)) == pytest.approx(0.1)
+    assert train.lr_factor(80, 100, "multistep", milestones=(0.5, 0.75)) == pytest.approx(0.01)
+    assert train.lr_factor(0, 100, "constant", warmup=4) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        train.lr_factor(0, 10, "linear")
+
+
+def test_param_groups_keep_their_rates(one_thread):
+    data = _Smooth(8)
+    model = _tiny_model()
+    convs = model.convs()
+    groups = [{"params": convs[0].parameters(), "lr": 1e-2}, {"params": [p for c in convs[1:] for p in c.parameters()]}]
+    seen = []
+
+    def mb(batch, device):
+        seen.append(None)
+        return _make_batch(batch, device)
+
+    opt_holder = {}
+
+    def factory(g):
+        opt_holder["opt"] = torch.optim.Adam(g, lr=1e-4)
+        return opt_holder["opt"]
+
+    train.fit(model, DataLoader(data, batch_size=4), mb, steps=2, optimizer=factory, param_groups=groups,
+              schedule="constant", log_every=0, progress=False)
+    lrs = [g["lr"] for g in opt_holder["opt"].param_groups]
+    assert lrs == [1e-2, 1e-4] and len(seen) == 2
+
+
+def test_checkpoint_is_atomic_and_weights_only(tmp_path, one_thread):
+    data = _Smooth(10)
+    ckpt = tmp_path / "run" / "model.ckpt"
+    res = train.fit(_tiny_model(), DataLoader(data, batch_size=4, shuffle=True, drop_last=True), _make_batch,
+                    _val_with_rng, steps=5, checkpoint=ckpt, checkpoint_every=2, val_every=2, log_every=0,
+                    progress=False, config={"path": tmp_path, "n": 3})
+    assert ckpt.is_file() and _no_temp_files(ckpt.parent)
+    ck = torch.load(ckpt, weights_only=True)
+    assert ck["format"] == train.CHECKPOINT_FORMAT
+    assert ck["step"] == 5 and ck["finished"] is True and ck["total_steps"] == 5
+    assert ck["config"] == {"path": str(tmp_path), "n": 3}
+    assert [h["step"] for h in ck["history"]] == [2, 4, 5] == [h["step"] for h in res.history]
+    assert set(ck["model"]) == set(_tiny_model().state_dict())
+    assert isinstance(ck["rng"]["torch"], torch.Tensor)
+
+
+def test_save_atomic_failure_keeps_old_file(tmp_path):
+    path = tmp_path / "x.pt"
+    train.save_atomic({"a": torch.ones(2)}, path)
+    with pytest.raises(Exception):
+        train.save_atomic({"f": lambda: 0}, path)  # cannot be pickled
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert _no_temp_files(tmp_path)
+
+
+def _run(tmp_path, name, *, steps, stop_after=None, resume=True, interrupt_at=None):
+    data = _Smooth(10)  # 2 batches per epoch: the runs cross epochs and stop mid-epoch
+    loader = DataLoader(data, batch_size=4, shuffle=True, drop_last=True)
+    calls = {"n": 0}
+
+    def mb(batch, device):
+        calls["n"] += 1
+        if interrupt_at is not None and calls["n"] == interrupt_at:
+            raise KeyboardInterrupt
+        return _make_batch(batch, device)
+
+    model = _tiny_model()
+    res = train.fit(model, loader, mb, _val_with_rng, steps=steps, lr=1e-2, schedule="cosine", seed=5,
+                    checkpoint=tmp_path / f"{name}.ckpt", checkpoint_every=3, val_every=2, resume=resume,
+                    stop_after=stop_after, log_every=0, progress=False)
+    return model, res
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, one_thread):
+    full, res_full = _run(tmp_path, "full", steps=9)
+    part, res_part = _run(tmp_path, "part", steps=9, stop_after=5)
+    assert not res_part.finished and res_part.step == 5
+    assert torch.load(tmp_path / "part.ckpt", weights_only=True)["step"] == 5
+    resumed, res_resumed = _run(tmp_path, "part", steps=9)
+    assert res_resumed.step == 9 and res_resumed.finished
+    assert torch.equal(_params(resumed), _params(full)), "resumed run differs from the uninterrupted one"
+    assert [h["step"] for h in res_resumed.history] == [h["step"] for h in res_full.history]
+    # a finished checkpoint: resuming does nothing more
+    again, res_again = _run(tmp_path, "part", steps=9)
+    assert torch.equal(_params(again), _params(full)) and res_again.wall_s < 5
+
+
+def test_resume_after_keyboard_interrupt(tmp_path, one_thread):
+    full, _ = _run(tmp_path, "full", steps=7)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "intr", steps=7, interrupt_at=5)  # during the 5th step: 4 done
+    assert torch.load(tmp_path / "intr.ckpt", weights_only=True)["step"] == 4
+    resumed, _ = _run(tmp_path, "intr", steps=7)
+    assert torch.equal(_params(resumed), _params(full))
+
+
+def test_resume_rejects_another_model(tmp_path, one_thread):
+    _run(tmp_path, "m", steps=2)
+    with pytest.raises(ValueError, match="does not fit"):
+        train.fit(AODNet(), [(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))], lambda b, d: b, steps=3,
+                  checkpoint=tmp_path / "m.ckpt", log_every=0, progress=False)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _gray_folder(path, n=2, size=48, seed=0):
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(path / f"{k:02d}.png")
+    return path
+
+
+def _haze_folder(path, scenes=(1, 2), size=40):
+    rng = np.random.default_rng(0)
+    (path / "hazy").mkdir(parents=True, exist_ok=True)
+    (path / "gt").mkdir(exist_ok=True)
+    for s in scenes:
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path / "gt" / f"{s}.png")
+        for k in (1, 2):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                path / "hazy" / f"{s}_{k}.png")
+    return path
+
+
+def _bad_cli(capsys, out_dir, argv):
+    out = out_dir / "w.pt"
+    code = main(["train-ann", *argv, "--out", str(out), "--steps", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert "Traceback" not in err and "error" in lines[0]
+    left = [p.name for p in out_dir.iterdir()] if out_dir.exists() else []
+    assert left == [], f"files left behind: {left}"
+    return lines[0]
+
+
+def test_cli_bad_input(tmp_path, capsys, one_thread):
+    out = tmp_path / "out"
+    val = _gray_folder(tmp_path / "val", n=1)
+    msg = _bad_cli(capsys, out, ["--task", "denoise", "--data", str(tmp_path / "missing"), "--val-data", str(val)])
+    assert "missing" in msg
+    (tmp_path / "empty").mkdir()
+    msg = _bad_cli(capsys, out, ["--task", "denoise", "--data", str(tmp_path / "empty"), "--val-data", str(val)])
+    assert "no image" in msg
+    msg = _bad_cli(capsys, out, ["--task", "denoise", "--sigma", "30", "--data", str(val), "--val-data", str(val)])
+    assert "sigma" in msg
+    bad = _gray_folder(tmp_path / "bad", n=1)
+    (bad / "zz.png").write_bytes(b"not a png")
+    msg = _bad_cli(capsys, out, ["--task", "denoise", "--data", str(bad), "--val-data", str(val)])
+    assert "zz.png" in msg
+    haze = _haze_folder(tmp_path / "haze")
+    (haze / "gt" / "2.png").unlink()  # hazy 2_k have no clean image
+    msg = _bad_cli(capsys, out, ["--task", "dehaze", "--data", str(haze), "--val-scenes", "1"])
+    assert "no clean image" in msg
+    msg = _bad_cli(capsys, out, ["--task", "dehaze", "--sigma", "25", "--data", str(haze)])
+    assert "sigma" in msg
+
+
+def test_cli_train_denoise_writes_folded_weights_and_resumes(tmp_path, capsys, one_thread):
+    data, val = _gray_folder(tmp_path / "train", n=2), _gray_folder(tmp_path / "val", n=1, seed=1)
+    out = tmp_path / "w" / "dncnn.pt"
+    argv = ["train-ann", "--task", "denoise", "--sigma", "25", "--data", str(data), "--val-data", str(val),
+            "--batch-size", "4", "--out", str(out), "--no-progress", "--log-every", "0"]
+    assert main([*argv, "--steps", "2"]) == 0
+    sd = torch.load(out, weights_only=True)
+    DnCNN(batchnorm=False).load_state_dict(sd, strict=True)
+    import json
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["task"] == "denoise" and meta["sigma"] == 25 and meta["steps"] == 2
+    assert meta["form"] == "bn-folded" and np.isfinite(meta["val_psnr"])
+    assert _no_temp_files(out.parent)
+    capsys.readouterr()
+    assert main([*argv, "--steps", "3"]) == 2  # a checkpoint exists: --resume or delete it
+    assert "--resume" in capsys.readouterr().err
+    assert main([*argv, "--steps", "3", "--resume"]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["steps"] == 3
+    assert torch.load(str(out) + ".ckpt", weights_only=True)["step"] == 3
+
+
+def test_cli_train_dehaze(tmp_path, one_thread):
+    haze = _haze_folder(tmp_path / "haze", scenes=(1, 2, 3))
+    out = tmp_path / "aod.pt"
+    assert main(["train-ann", "--task", "dehaze", "--data", str(haze), "--val-scenes", "3", "--crop", "32",
+                 "--batch-size", "2", "--steps", "3", "--out", str(out), "--no-progress"]) == 0
+    AODNet().load_state_dict(torch.load(out, weights_only=True), strict=True)
+    import json
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["val_scenes"] == ["3"] and "3" not in meta["train_scenes"]
+
+
+# ----------------------------------------------------------------------------- shipped weights
+
+def test_load_shipped_ann_errors(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="sigma"):
+        load_shipped_ann("denoise", 30)
+    with pytest.raises(ValueError, match="sigma"):
+        load_shipped_ann("denoise")
+    with pytest.raises(ValueError, match="task"):
+        load_shipped_ann("deblur")
+    with pytest.raises(ValueError, match="sigma"):
+        load_shipped_ann("dehaze", 25)
+    import spikingir.weights as w
+    monkeypatch.setattr(w, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="dncnn_s25.pt"):
+        load_shipped_ann("denoise", 25)
+    with pytest.raises(FileNotFoundError):
+        weights_path("aodnet.pt")
+
+
+SHIPPED = [("denoise", 15), ("denoise", 25), ("denoise", 50), ("dehaze", None)]
+
+
+@pytest.mark.parametrize("task,sigma", SHIPPED)
+def test_shipped_weights_load_strictly(task, sigma):
+    name = f"dncnn_s{sigma}.pt" if task == "denoise" else "aodnet.pt"
+    if not (WEIGHTS_DIR / name).is_file():
+        pytest.skip(f"{name} is not shipped yet")
+    model = load_shipped_ann(task, sigma)
+    assert not model.training
+    assert isinstance(model, DnCNN if task == "denoise" else AODNet)
+    if task == "denoise":
+        assert not model.batchnorm
+    assert (WEIGHTS_DIR / name).stat().st_size < 3_000_000
+
+
+def test_shipped_dncnn_s25_denoises_set12_crop():
+    from spikingir.data import add_gaussian_noise, load_image
+    from spikingir.metrics import psnr
+
+    if not (WEIGHTS_DIR / "dncnn_s25.pt").is_file():
+        pytest.skip("dncnn_s25.pt is not shipped yet")
+    path = DATA / "set12" / "05.png"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    clean = load_image(path, gray=True)[64:192, 64:192]
+    noisy_img = add_gaussian_noise(clean, 25, seed=0)
+    with torch.no_grad():
+        out = load_shipped_ann("denoise", 25)(torch.from_numpy(noisy_img)[None, None])
+    gain = psnr(clean, out) - psnr(clean, noisy_img)
+    assert gain > 5.0, f"denoising gains only {gain:.2f} dB"
+
+
+def test_shipped_aodnet_dehazes_held_out_scene():
+    from spikingir.data import DehazePairs
+    from spikingir.metrics import psnr
+
+    if not (WEIGHTS_DIR / "aodnet.pt").is_file():
+        pytest.skip("aodnet.pt is not shipped yet")
+    if not (DATA / "sots_train").is_dir():
+        pytest.skip("../shared/data/sots_train not present")
+    hazy, clean = DehazePairs(DATA / "sots_train").subset(["1424"])[0]
+    with torch.no_grad():
+        out = load_shipped_ann("dehaze")(hazy[None])[0]
+    assert psnr(clean.permute(1, 2, 0).numpy(), out.permute(1, 2, 0).numpy()) > \
+        psnr(clean.permute(1, 2, 0).numpy(), hazy.permute(1, 2, 0).numpy()) + 3.0
