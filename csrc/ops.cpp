@@ -39,5 +39,32 @@ TORCH_LIBRARY(spikingir, m) {
       "Tensor beta, Tensor alpha, int surrogate, float reuse_alpha, bool reuse_step, "
       "bool scale_output, bool detach_reset, int inner, bool need_theta_grad, "
       "bool need_beta_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Convolution of binary spike maps (DESIGN.md section 4), groups = 1, no dilation.
+  //   s        [N, Cin, H, W] float32/float16/bfloat16, contiguous, values 0 or 1
+  //            (checked when validate is true)
+  //   weight   [Cout, Cin, kh, kw] float32, contiguous;  bias  optional [Cout] float32
+  //   dense_rate  firing rate above which the dense path runs (> 1: never)
+  //   validate    raise a ValueError unless s holds only 0 and 1 (the CPU kernel
+  //               checks in its packing pass; the CUDA kernel leaves it to the caller)
+  // Returns (out float32 [N, Cout, Ho, Wo], packed): packed holds the spikes for
+  // backward, 1 bit each, as uint8 [N, Cin, H, ceil(W / 8)] (bit b of byte j is
+  // pixel 8 j + b), or an empty tensor when save is false.
+  m.def(
+      "spike_conv2d_fwd(Tensor s, Tensor weight, Tensor? bias, int stride, int padding, "
+      "float dense_rate, bool validate, bool save) -> (Tensor, Tensor)");
+  // Backward of spike_conv2d_fwd from the packed spikes. Returns (grad_s float32
+  // [N, Cin, height, width], grad_weight float32, grad_bias float32 [Cout]); a
+  // gradient not asked for is an empty tensor.
+  m.def(
+      "spike_conv2d_bwd(Tensor grad_out, Tensor packed, Tensor weight, int height, int width, "
+      "int stride, int padding, float dense_rate, bool need_s, bool need_weight, "
+      "bool need_bias) -> (Tensor, Tensor, Tensor)");
+  // The same two ops implemented by the Triton kernels in kernels/spike_conv.py.
+  m.def(
+      "spike_conv2d_fwd_triton(Tensor s, Tensor weight, Tensor? bias, int stride, int padding, "
+      "float dense_rate, bool validate, bool save) -> (Tensor, Tensor)");
+  m.def(
+      "spike_conv2d_bwd_triton(Tensor grad_out, Tensor packed, Tensor weight, int height, "
+      "int width, int stride, int padding, float dense_rate, bool need_s, bool need_weight, "
+      "bool need_bias) -> (Tensor, Tensor, Tensor)");
 }
-

@@ -46,7 +46,10 @@ BACKENDS = ("torch", "cpp", "cuda", "triton")
 OP_BACKENDS = {
     "if_multistep": ("cuda", "triton", "cpp", "torch"),
     "mprn_multistep": ("cuda", "triton", "cpp", "torch"),
+    "spike_conv2d": ("cuda", "triton", "cpp", "torch"),
 }
+#: The compiled op whose CUDA kernel a ``cuda`` backend of each op needs.
+_CUDA_SCHEMA = {"spike_conv2d": "spikingir::spike_conv2d_fwd"}
 #: Input dtypes of the fused backends (the reference takes any float dtype).
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -75,7 +78,8 @@ def why_unavailable(backend: str, device, op: str = "if_multistep"):
     if backend == "cuda":
         if dev != "cuda":
             return f"'cuda' runs on CUDA tensors, got a {dev} tensor"
-        if not HAS_CUDA_OPS:
+        if not HAS_CUDA_OPS or not torch._C._dispatch_has_kernel_for_dispatch_key(
+                _CUDA_SCHEMA.get(op, "spikingir::neuron_fwd"), "CUDA"):
             return ("spikingir._C was built without CUDA kernels (needs nvcc and a CUDA "
                     "torch at build time; see README 'Building for a GPU')")
         return None

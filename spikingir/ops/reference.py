@@ -40,3 +40,11 @@ def neuron_reference(x, theta, beta, v0, alpha, surrogate, reuse_alpha, reuse_st
         ys.append(size * s if scale_output else s)
     y = torch.stack(ys).reshape(x.shape).to(x.dtype)
     return y, v.reshape(x.shape[1:])
+
+
+def spike_conv2d_reference(s, weight, bias=None, stride=1, padding=0):
+    """``F.conv2d`` of the spike map ``s`` [N, Cin, H, W] in the promoted dtype of
+    ``s`` and ``weight`` (float64 in the tests)."""
+    dtype = torch.promote_types(s.dtype, weight.dtype)
+    b = None if bias is None else bias.to(dtype)
+    return torch.nn.functional.conv2d(s.to(dtype), weight.to(dtype), b, stride, padding)

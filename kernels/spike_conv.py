@@ -1,0 +1,221 @@
+"""Triton kernel of the spike-sparse convolution (DESIGN.md section 4).
+
+Three layers: the ``@triton.jit`` kernel, the launchers ``spike_conv2d_fwd_triton``
+/ ``spike_conv2d_bwd_triton`` (same contract as the compiled ops
+spikingir::spike_conv2d_fwd / _bwd, see csrc/ops.cpp), and the autograd /
+registration in spikingir/ops/spike_conv.py.
+
+Forward: implicit GEMM, M = output pixels (one program: a TILE_H x TILE_W tile of
+one image, BLOCK_N output channels), N = Cout, K = (tap, input channel). The
+spikes are int8 in a zero-padded channels-last copy [N, Hp, Wp, Cin_p]; the
+weights are a per-output-channel fixed point w = q * 2^(e_co - 23) with
+|q| < 2^23, split into three balanced int8 digits q = q0 + 2^8 q1 + 2^16 q2.
+Three int8 dots accumulate exactly in int32 (|acc| <= K * 128), the digits are
+recombined exactly in int64 and rounded to float32 once: the result does not
+depend on the summation order (bitwise reproducible) and differs from the
+float64 convolution of w only by the quantisation of w, at most one float32
+ulp (2^-23 relative) of the channel's largest weight per weight.
+
+Sparsity: K is walked in blocks of (tap, BLOCK_K channels); a block-occupancy
+map occ[n, tile_y, tile_x, tap, channel group] (built with torch ops from the
+spikes, no im2col) says which blocks hold a spike, and empty blocks are skipped.
+Above a firing rate ``dense_rate`` the map is not built and every block runs
+(same result: a skipped block adds exactly zero).
+
+Backward (for now): grad_s is the dense transposed convolution, grad_weight the
+dense weight gradient of the unpacked spikes (torch ops); the event-driven
+grad_weight is in the cpp backend.
+"""
+import torch
+import triton
+import triton.language as tl
+
+#: Bits of the per-output-channel fixed point (|q| <= 2^FRAC_BITS).
+FRAC_BITS = 23
+#: Largest |q| three balanced int8 digits hold.
+QMAX = 127 * (1 + 256 + 65536)
+TILE_H, TILE_W = 8, 16
+
+
+@triton.jit
+def _spike_conv2d_fwd_kernel(s_ptr, wq_ptr, scale_ptr, bias_ptr, occ_ptr, out_ptr,
+                             Hp, Wp, Cin_p, Cout_p, Cout, Ho, Wo, n_th, n_tw, G,
+                             STRIDE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                             TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             SKIP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    BLOCK_M: tl.constexpr = TILE_H * TILE_W
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n = pid_m // (n_th * n_tw)
+    tile = pid_m % (n_th * n_tw)
+    ty0 = (tile // n_tw) * TILE_H
+    tx0 = (tile % n_tw) * TILE_W
+    m = tl.arange(0, BLOCK_M)
+    oy = ty0 + m // TILE_W
+    ox = tx0 + m % TILE_W
+    valid = (oy < Ho) & (ox < Wo)
+    k = tl.arange(0, BLOCK_K)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    plane = KH * KW * Cin_p * Cout_p  # elements per int8 digit plane
+    # 64-bit base offsets: N * Hp * Wp * Cin_p can pass 2^31.
+    pix = (n.to(tl.int64) * Hp + oy * STRIDE) * Wp + ox * STRIDE  # top-left tap, padded coords
+    occ_base = occ_ptr + pid_m.to(tl.int64) * (KH * KW * G)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for tap in range(KH * KW):
+        ky = tap // KW
+        kx = tap % KW
+        a_row = (pix + ky * Wp + kx) * Cin_p
+        for g in range(G):
+            if SKIP:
+                occupied = tl.load(occ_base + tap * G + g) != 0
+            else:
+                occupied = True
+            if occupied:
+                c0 = g * BLOCK_K
+                a = tl.load(s_ptr + a_row[:, None] + (c0 + k)[None, :], mask=valid[:, None],
+                            other=0)
+                w_off = (tap * Cin_p + c0 + k)[:, None] * Cout_p + co[None, :]
+                acc0 += tl.dot(a, tl.load(wq_ptr + w_off))
+                acc1 += tl.dot(a, tl.load(wq_ptr + plane + w_off))
+                acc2 += tl.dot(a, tl.load(wq_ptr + 2 * plane + w_off))
+    total = acc0.to(tl.int64) + acc1.to(tl.int64) * 256 + acc2.to(tl.int64) * 65536
+    cmask = co < Cout
+    out = total.to(tl.float32) * tl.load(scale_ptr + co, mask=cmask, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + co, mask=cmask, other=0.0)[None, :]
+    o_off = ((n.to(tl.int64) * Cout + co[None, :]) * Ho + oy[:, None]) * Wo + ox[:, None]
+    tl.store(out_ptr + o_off, out, mask=valid[:, None] & cmask[None, :])
+
+
+def _block_k(Cin):
+    return max(16, min(32, triton.next_power_of_2(Cin)))
+
+
+def _block_n(Cout):
+    return max(16, min(64, triton.next_power_of_2(Cout)))
+
+
+def quantize_weight(weight, block_k, block_n):
+    """weight [Cout, Cin, kh, kw] -> (int8 digit planes [3, kh, kw, Cin_p, Cout_p],
+    float32 scale [Cout]) with weight ~= (q0 + 2^8 q1 + 2^16 q2) * scale.
+
+    scale is a power of two per output channel, 2^(e - FRAC_BITS) with
+    max|w| < 2^e, so |q| <= 2^23 and the error of each weight is at most
+    2^-24 * 2^e <= 2^-23 * max|w[co]| (one fp32 ulp of the channel's largest
+    weight). Three balanced int8 digits reach QMAX = 127 * (1 + 2^8 + 2^16); the
+    few channels whose max|w| lies within 0.4% below 2^e get one bit less."""
+    Cout, Cin, kh, kw = weight.shape
+    w = weight.detach().double()
+    wmax = w.abs().amax(dim=(1, 2, 3))
+    _, e = torch.frexp(wmax)  # wmax < 2^e
+    q = torch.round(torch.ldexp(w, (FRAC_BITS - e)[:, None, None, None]))
+    e = torch.where(q.abs().amax(dim=(1, 2, 3)) > QMAX, e + 1, e)
+    scale = torch.ldexp(torch.ones_like(wmax), e - FRAC_BITS)
+    q = torch.round(torch.ldexp(w, (FRAC_BITS - e)[:, None, None, None])).long()
+    digits = []
+    for _ in range(2):
+        d = torch.remainder(q + 128, 256) - 128  # balanced digit in [-128, 127]
+        digits.append(d)
+        q = (q - d) // 256
+    digits.append(q)  # in [-128, 127] since |q| <= QMAX
+    Cin_p = triton.cdiv(Cin, block_k) * block_k
+    Cout_p = triton.cdiv(Cout, block_n) * block_n
+    planes = torch.zeros(3, kh, kw, Cin_p, Cout_p, dtype=torch.int8, device=weight.device)
+    for i, d in enumerate(digits):
+        planes[i, :, :, :Cin, :Cout] = d.permute(2, 3, 1, 0).to(torch.int8)
+    return planes.contiguous(), scale.float().contiguous()
+
+
+def padded_spikes(s, padding, block_k):
+    """s [N, Cin, H, W] -> int8 [N, H + 2p, W + 2p, Cin_p], zero-padded, channels last."""
+    N, Cin, H, W = s.shape
+    Cin_p = triton.cdiv(Cin, block_k) * block_k
+    out = torch.zeros(N, H + 2 * padding, W + 2 * padding, Cin_p, dtype=torch.int8,
+                      device=s.device)
+    out[:, padding:padding + H, padding:padding + W, :Cin] = (s != 0).permute(0, 2, 3, 1)
+    return out
+
+
+def occupancy_map(s8, kh, kw, stride, Ho, Wo, block_k, tile=(TILE_H, TILE_W)):
+    """Block-occupancy map of the padded int8 spikes ``s8`` [N, Hp, Wp, Cin_p]:
+    int8 [N, n_th, n_tw, kh * kw, G], 1 where output tile (n_th, n_tw) reads a
+    spike through tap (ky, kx) from channel group g (BLOCK_K channels)."""
+    N, Hp, Wp, Cin_p = s8.shape
+    G = Cin_p // block_k
+    th, tw = tile
+    n_th, n_tw = triton.cdiv(Ho, th), triton.cdiv(Wo, tw)
+    group_any = s8.view(N, Hp, Wp, G, block_k).amax(-1)  # [N, Hp, Wp, G]
+    taps = []
+    for ky in range(kh):
+        for kx in range(kw):
+            sl = group_any[:, ky:ky + stride * (Ho - 1) + 1:stride,
+                           kx:kx + stride * (Wo - 1) + 1:stride]  # [N, Ho, Wo, G]
+            sl = torch.nn.functional.pad(sl, (0, 0, 0, n_tw * tw - Wo, 0, n_th * th - Ho))
+            taps.append(sl.view(N, n_th, th, n_tw, tw, G).amax(dim=(2, 4)))
+    return torch.stack(taps, dim=3).contiguous()
+
+
+def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, validate, save):
+    """Launcher with the contract of spikingir::spike_conv2d_fwd (csrc/ops.cpp)."""
+    if validate and bool(((s != 0) & (s != 1)).any()):
+        raise ValueError("s: expected a binary spike map (only 0 and 1), found other values; "
+                         "pass validate=False to skip this check")
+    N, Cin, H, W = s.shape
+    Cout, _, kh, kw = weight.shape
+    Ho = (H + 2 * padding - kh) // stride + 1
+    Wo = (W + 2 * padding - kw) // stride + 1
+    BLOCK_K, BLOCK_N = _block_k(Cin), _block_n(Cout)
+    s8 = padded_spikes(s, padding, BLOCK_K)
+    planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N)
+    out = torch.empty(N, Cout, Ho, Wo, dtype=torch.float32, device=s.device)
+    n_th, n_tw = triton.cdiv(Ho, TILE_H), triton.cdiv(Wo, TILE_W)
+    G = s8.shape[3] // BLOCK_K
+    rate = float(s8.count_nonzero()) / max(1, s.numel())
+    skip = rate <= dense_rate
+    occ = occupancy_map(s8, kh, kw, stride, Ho, Wo, BLOCK_K) if skip else s8  # dummy when dense
+    grid = (N * n_th * n_tw, planes.shape[4] // BLOCK_N)
+    _spike_conv2d_fwd_kernel[grid](
+        s8, planes, scale, bias, occ, out, s8.shape[1], s8.shape[2], s8.shape[3],
+        planes.shape[4], Cout, Ho, Wo, n_th, n_tw, G, STRIDE=stride, KH=kh, KW=kw,
+        TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SKIP=skip,
+        HAS_BIAS=bias is not None, num_warps=4)
+    packed = pack_bits(s) if save else torch.empty(0, dtype=torch.uint8, device=s.device)
+    return out, packed
+
+
+def pack_bits(s):
+    """s [N, C, H, W] -> uint8 [N, C, H, ceil(W / 8)], bit b of byte j = pixel 8 j + b."""
+    W = s.shape[3]
+    Wb = (W + 7) // 8
+    bits = torch.nn.functional.pad((s != 0).to(torch.uint8), (0, 8 * Wb - W))
+    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=s.device)
+    return (bits.view(*s.shape[:3], Wb, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed, width):
+    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) & weights) != 0
+    return bits.flatten(-2)[..., :width].float()
+
+
+def spike_conv2d_bwd_triton(grad_out, packed, weight, height, width, stride, padding, dense_rate,
+                            need_s, need_weight, need_bias):
+    """Launcher with the contract of spikingir::spike_conv2d_bwd (csrc/ops.cpp)."""
+    N, Cout, Ho, Wo = grad_out.shape
+    kh, kw = weight.shape[2:]
+    empty = grad_out.new_empty(0, dtype=torch.float32)
+    gs = gw = gb = empty
+    if need_s:
+        oph = height - ((Ho - 1) * stride - 2 * padding + kh)
+        opw = width - ((Wo - 1) * stride - 2 * padding + kw)
+        gs = torch.nn.functional.conv_transpose2d(grad_out, weight, None, stride, padding,
+                                                  (oph, opw)).contiguous()
+    if need_weight:
+        s = unpack_bits(packed, width)
+        gw = torch.nn.grad.conv2d_weight(s, weight.shape, grad_out, stride, padding).contiguous()
+    if need_bias:
+        gb = grad_out.sum((0, 2, 3))
+    return gs, gw, gb

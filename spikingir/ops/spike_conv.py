@@ -1,0 +1,209 @@
+"""Convolution of binary spike maps: ``spike_conv2d`` (DESIGN.md section 4).
+
+Chain of names: kernels/spike_conv.py ``_spike_conv2d_fwd_kernel`` ->
+``spike_conv2d_fwd_triton``; csrc/cpu/spike_conv.cpp ``spike_conv2d_fwd_cpu`` and
+csrc/cuda/spike_conv.cu ``spike_conv2d_fwd_cuda`` -> ``torch.ops.spikingir.spike_conv2d_fwd``;
+all -> ``spike_conv2d`` -> ``spikingir.nn.SpikeConv2d``. The backward is its own op
+(``spike_conv2d_bwd``), registered as the autograd formula of the forward; it
+reads the spikes from the 1-bit-per-spike copy the forward kept.
+
+Inputs are checked here, once; the kernels trust what reaches them.
+"""
+import numbers
+
+import torch
+
+from . import backends
+from .reference import spike_conv2d_reference
+
+#: Kernel sizes the fused backends take (AOD-Net uses all four).
+KERNEL_SIZES = (1, 3, 5, 7)
+STRIDES = (1, 2)
+#: Firing rate above which each backend runs its dense path. cpp: the measured
+#: crossover of event-driven accumulation and oneDNN (benchmarks/bench_spike_conv.py,
+#: 2 threads, 64->64 3x3: events win up to ~30% firing). triton / cuda: the
+#: block-occupancy map is not built above this rate (random spikes at 20%
+#: leave almost no empty block; the result is the same either way).
+DENSE_RATE = {"cpp": 0.30, "triton": 0.20, "cuda": 2.0}
+
+# --------------------------------------------------------------------------
+# Registration: fake kernels, autograd, the Triton implementations.
+# --------------------------------------------------------------------------
+
+
+def _out_hw(H, W, kh, kw, stride, padding):
+    return (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+
+
+def _fake_fwd(s, weight, bias, stride, padding, dense_rate, validate, save):
+    N, Cin, H, W = s.shape
+    Ho, Wo = _out_hw(H, W, weight.shape[2], weight.shape[3], stride, padding)
+    out = s.new_empty((N, weight.shape[0], Ho, Wo), dtype=torch.float32)
+    packed = s.new_empty((N, Cin, H, (W + 7) // 8) if save else (0,), dtype=torch.uint8)
+    return out, packed
+
+
+def _fake_bwd(grad_out, packed, weight, height, width, stride, padding, dense_rate, need_s,
+              need_weight, need_bias):
+    N, Cout = grad_out.shape[:2]
+    f32 = dict(dtype=torch.float32)
+    gs = grad_out.new_empty((N, weight.shape[1], height, width) if need_s else (0,), **f32)
+    gw = grad_out.new_empty(weight.shape if need_weight else (0,), **f32)
+    gb = grad_out.new_empty((Cout,) if need_bias else (0,), **f32)
+    return gs, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    s, weight, bias, stride, padding, dense_rate, validate, save = inputs
+    ctx.save_for_backward(output[1], weight)
+    ctx.config = (s.shape[2], s.shape[3], stride, padding, dense_rate)
+    ctx.has_bias = bias is not None
+
+
+def _backward_via(bwd_op):
+    def backward(ctx, grad_out, _grad_packed):
+        packed, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gs, gw, gb = bwd_op(grad_out.float().contiguous(), packed, weight, *ctx.config,
+                            need[0], need[1], need[2] and ctx.has_bias)
+        return (gs if need[0] else None, gw if need[1] else None,
+                gb if need[2] and ctx.has_bias else None, None, None, None, None, None)
+    return backward
+
+
+def _register():
+    if not backends.HAS_CPP_OPS:
+        return
+    ops = torch.ops.spikingir
+    pairs = [("spikingir::spike_conv2d_fwd", "spikingir::spike_conv2d_bwd",
+              ops.spike_conv2d_bwd)]
+    if backends.HAS_TRITON:
+        from spikingir.kernels.spike_conv import spike_conv2d_bwd_triton, spike_conv2d_fwd_triton
+        for key in ("CPU", "CUDA"):
+            torch.library.impl("spikingir::spike_conv2d_fwd_triton", key)(spike_conv2d_fwd_triton)
+            torch.library.impl("spikingir::spike_conv2d_bwd_triton", key)(spike_conv2d_bwd_triton)
+        pairs.append(("spikingir::spike_conv2d_fwd_triton", "spikingir::spike_conv2d_bwd_triton",
+                      ops.spike_conv2d_bwd_triton))
+    for fwd, bwd, bwd_op in pairs:
+        torch.library.register_fake(fwd)(_fake_fwd)
+        torch.library.register_fake(bwd)(_fake_bwd)
+        torch.library.register_autograd(fwd, _backward_via(bwd_op), setup_context=_setup_context)
+
+
+_register()
+
+
+def _fused_op(backend):
+    ops = torch.ops.spikingir
+    return ops.spike_conv2d_fwd_triton if backend == "triton" else ops.spike_conv2d_fwd
+
+
+# --------------------------------------------------------------------------
+# Input checks (once, at the op boundary).
+# --------------------------------------------------------------------------
+
+def _int_arg(name, value, allowed=None, minimum=None):
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name}: expected an int or a pair of equal ints, got {value!r}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"{name}: expected one of {allowed}, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def _check(s, weight, bias, stride, padding):
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"s: expected a torch.Tensor, got {type(s).__name__}")
+    if s.dtype not in backends.FUSED_DTYPES + (torch.float64,):
+        raise TypeError(f"s: expected float32, float16 or bfloat16 spikes (float64 for the "
+                        f"reference), got {s.dtype}")
+    if s.dim() != 4:
+        raise ValueError(f"s: expected shape [N, Cin, H, W], got shape {tuple(s.shape)}")
+    if s.shape[0] == 0:
+        raise ValueError(f"s: empty batch (N = 0), shape {tuple(s.shape)}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight: expected a floating-point tensor, got {weight.dtype}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight: expected shape [Cout, Cin, kh, kw], got {tuple(weight.shape)}")
+    if weight.device != s.device:
+        raise ValueError(f"weight: expected a tensor on {s.device} (like s), got {weight.device}")
+    if weight.shape[1] != s.shape[1]:
+        raise ValueError(f"weight: has {weight.shape[1]} input channels but s has {s.shape[1]} "
+                         "(channel mismatch; spike_conv2d supports groups=1 only)")
+    if weight.shape[0] == 0 or s.shape[1] == 0:
+        raise ValueError(f"weight: expected Cout >= 1 and Cin >= 1, got {tuple(weight.shape)}")
+    kh, kw = weight.shape[2:]
+    if kh not in KERNEL_SIZES or kw not in KERNEL_SIZES:
+        raise ValueError(f"weight: kernel size {kh}x{kw} is not supported (each side one of "
+                         f"{KERNEL_SIZES})")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias: expected None or a floating-point tensor, got "
+                            f"{getattr(bias, 'dtype', type(bias).__name__)}")
+        if bias.shape != (weight.shape[0],) or bias.device != s.device:
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},) on {s.device}, got "
+                             f"{tuple(bias.shape)} on {bias.device}")
+    stride = _int_arg("stride", stride, allowed=STRIDES)
+    padding = _int_arg("padding", padding, minimum=0)
+    H, W = s.shape[2:]
+    if H + 2 * padding < kh or W + 2 * padding < kw:
+        raise ValueError(f"weight: kernel {kh}x{kw} is larger than the padded input "
+                         f"{H + 2 * padding}x{W + 2 * padding} (H, W = {H}, {W}, padding {padding})")
+    return stride, padding
+
+
+def check_binary(s):
+    bad = (s != 0) & (s != 1)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"s: expected a binary spike map (only 0 and 1), found {s[idx].item()!r} "
+                         f"at index {idx}; pass validate=False to skip this check")
+
+
+def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, backend="auto"):
+    """``F.conv2d(s, weight, bias, stride, padding)`` for a binary spike map ``s``.
+
+    Args:
+        s: spikes ``[N, Cin, H, W]``, float32 / float16 / bfloat16 holding only
+            0 and 1 (float64 runs the reference). Differentiable (grad_s is the
+            dense transposed convolution).
+        weight: ``[Cout, Cin, kh, kw]``, kh and kw in {1, 3, 5, 7}; groups = 1.
+        bias: ``[Cout]`` or None.
+        stride: 1 or 2. padding: zero padding, an int >= 0.
+        validate: check that ``s`` is binary (``ValueError`` if not). Spiking
+            layers that produce the spikes pass False.
+        backend: ``"auto" | "torch" | "cpp" | "cuda" | "triton"`` (see
+            :mod:`spikingir.ops.backends`).
+
+    Returns:
+        ``[N, Cout, Ho, Wo]`` in the promoted dtype of ``s`` and ``weight``.
+        The fused backends compute in float32 (triton: exact integer
+        accumulation of a 23-bit per-channel fixed point), equal to ``F.conv2d``
+        to float32 rounding and bitwise reproducible run to run. For backward
+        the spikes are kept bit-packed (1 bit per spike).
+    """
+    stride, padding = _check(s, weight, bias, stride, padding)
+    if backend not in ("auto", "torch") and s.dtype not in backends.FUSED_DTYPES:
+        raise TypeError(f"s: backend {backend!r} takes float32, float16 or bfloat16 spikes, "
+                        f"got {s.dtype}; use backend='torch' for {s.dtype}")
+    chosen = backends.choose("spike_conv2d", s.device, s.dtype, backend)
+    # cpp and triton check inside the op (cpp in its packing pass, no extra read of s).
+    if validate and chosen in ("torch", "cuda") and not torch.compiler.is_compiling():
+        check_binary(s)
+    if chosen == "torch":
+        return spike_conv2d_reference(s, weight, bias, stride, padding)
+    out_dtype = torch.promote_types(s.dtype, weight.dtype)
+    w = weight.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    save = torch.is_grad_enabled() and w.requires_grad
+    out, _ = _fused_op(chosen)(s.contiguous(), w, b, stride, padding, DENSE_RATE[chosen],
+                               bool(validate), save)
+    return out if out_dtype == torch.float32 else out.to(out_dtype)

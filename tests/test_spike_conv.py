@@ -1,0 +1,503 @@
+"""Tests of spike_conv2d (every backend) against float64 F.conv2d."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spikingir import ops
+from spikingir.nn import SpikeConv2d
+from spikingir.ops import backends
+from spikingir.ops.reference import spike_conv2d_reference
+
+from helpers import assert_close
+
+OP = "spike_conv2d"
+CPU_FUSED = [b for b in ("cpp", "triton") if b in ops.available_backends("cpu", op=OP)]
+GPU = torch.cuda.is_available()
+GPU_FUSED = [b for b in ("cuda", "triton") if GPU and b in ops.available_backends("cuda", op=OP)]
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def spikes(*shape, rate, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(*shape, generator=g) < rate).to(dtype).to(device)
+
+
+def conv_params(cout, cin, k, seed=1, bias=True, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5
+    b = torch.randn(cout, generator=g) if bias else None
+    return w.to(device), (b.to(device) if bias else None)
+
+
+def check_conv(out, s, w, b, stride, padding, name="out", fixed_point=False):
+    """out equals float64 F.conv2d to float32 rounding: per value, within a few
+    float32 ulps of the sum of |terms| (the bound of any float32 summation order),
+    and no worse than 4x torch's own float32 convolution plus that slack.
+
+    fixed_point (the Triton kernel): each weight is exact to one float32 ulp of
+    its output channel's largest weight (a per-channel 23-bit fixed point), so
+    each active term may add 2^-23 max|w[co]| more."""
+    ref = spike_conv2d_reference(s.double(), w.double(), None if b is None else b.double(),
+                                 stride, padding)
+    mag = spike_conv2d_reference(s.double(), w.double().abs(),
+                                 None if b is None else b.double().abs(), stride, padding)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    k = w.shape[1] * w.shape[2] * w.shape[3]
+    err = (out.double().cpu() - ref.cpu()).abs()
+    bound = (2 + k ** 0.5) * EPS32 * mag.cpu() + 1e-30
+    if fixed_point:
+        terms = spike_conv2d_reference(s.double(), torch.ones_like(w, dtype=torch.float64), None,
+                                       stride, padding).cpu()
+        wmax = w.double().abs().amax(dim=(1, 2, 3)).cpu()[None, :, None, None]
+        bound = bound + terms * wmax * 2.0 ** -23
+    if bool((err > bound).any()):
+        assert_close(out, ref, 0, 0, name)  # prints the worst values
+    torch_err = (F.conv2d(s.float(), w.float(), None if b is None else b.float(), stride,
+                          padding).double().cpu() - ref.cpu()).abs().max().item()
+    slack = 4 * EPS32 * mag.max().item() + (float(bound.max()) if fixed_point else 0.0)
+    assert err.max().item() <= 4 * torch_err + slack, name
+
+
+# ---------------------------------------------------------------------------
+# Forward against the float64 reference.
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+@pytest.mark.parametrize("rate", [0.0, 0.01, 0.1, 0.5, 1.0])
+def test_matches_reference_rates(backend, rate):
+    s = spikes(2, 7, 13, 11, rate=rate)
+    w, b = conv_params(5, 7, 3)
+    out = ops.spike_conv2d(s, w, b, 1, 1, backend=backend)
+    assert out.dtype == torch.float32
+    check_conv(out, s, w, b, 1, 1, fixed_point=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("k,stride,padding", [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1),
+                                              (3, 2, 0), (5, 1, 2), (5, 2, 2), (7, 1, 3),
+                                              (7, 2, 3), (3, 1, 4), (7, 1, 0)])
+def test_kernel_sizes_strides_padding(backend, k, stride, padding):
+    s = spikes(1, 3, 12, 9, rate=0.3, seed=k + stride)  # batch 1, odd width
+    w, b = conv_params(4, 3, k)
+    out = ops.spike_conv2d(s, w, b, stride, padding, backend=backend)
+    check_conv(out, s, w, b, stride, padding, fixed_point=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_wide_channels_and_no_bias(backend):
+    """More channels than one K block (triton: BLOCK_K = 32) and Cout > BLOCK_N."""
+    s = spikes(2, 40, 9, 10, rate=0.2, seed=3)
+    w, _ = conv_params(70, 40, 3, bias=False)
+    out = ops.spike_conv2d(s, w, None, 1, 1, backend=backend)
+    check_conv(out, s, w, None, 1, 1, fixed_point=backend == "triton")
+
+
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+@pytest.mark.parametrize("rate", [0.05, 0.5, 1.0])
+@pytest.mark.parametrize("dense_rate", [-1.0, 2.0])
+def test_cpp_event_and_dense_paths(rate, dense_rate):
+    """dense_rate -1: always oneDNN; 2: always event-driven, at any firing rate."""
+    s = spikes(3, 6, 10, 17, rate=rate, seed=4)
+    w, b = conv_params(9, 6, 3)
+    for stride in (1, 2):
+        out, packed = torch.ops.spikingir.spike_conv2d_fwd(s, w, b, stride, 1, dense_rate, True,
+                                                           True)
+        check_conv(out, s, w, b, stride, 1)
+        assert packed.dtype == torch.uint8 and packed.shape == (3, 6, 10, 3)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_spikes(backend, dtype):
+    s = spikes(2, 5, 9, 8, rate=0.2, dtype=dtype)
+    w, b = conv_params(4, 5, 3)
+    out = ops.spike_conv2d(s, w, b, 1, 1, backend=backend)  # float32 weights: float32 out
+    assert out.dtype == torch.float32
+    check_conv(out, s, w, b, 1, 1, fixed_point=backend == "triton")
+    out_h = ops.spike_conv2d(s, w.to(dtype), b.to(dtype), 1, 1, backend=backend)
+    assert out_h.dtype == dtype
+    ref = spike_conv2d_reference(s.double(), w.to(dtype).double(), b.to(dtype).double(), 1, 1)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    assert_close(out_h, ref, tol, tol, "half out")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_noncontiguous_spikes(backend):
+    s = spikes(2, 4, 11, 9, rate=0.3).transpose(2, 3)  # [2, 4, 9, 11] non-contiguous
+    w, b = conv_params(3, 4, 3)
+    check_conv(ops.spike_conv2d(s, w, b, 1, 1, backend=backend), s, w, b, 1, 1,
+               fixed_point=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_deterministic(backend):
+    """Bitwise equal run to run (cpp: also with 1 and 2 threads)."""
+    shape = (4, 16, 24, 24) if backend == "cpp" else (1, 8, 10, 12)
+    s = spikes(*shape, rate=0.1, seed=5)
+    w, b = conv_params(16, shape[1], 3)
+    first = ops.spike_conv2d(s, w, b, 1, 1, backend=backend)
+    assert torch.equal(first, ops.spike_conv2d(s, w, b, 1, 1, backend=backend))
+    if backend == "cpp":
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(first, ops.spike_conv2d(s, w, b, 1, 1, backend=backend))
+        finally:
+            torch.set_num_threads(threads)
+        sw = s.clone().requires_grad_()
+        wr = w.clone().requires_grad_()
+        gs = []
+        for _ in range(2):
+            sw.grad = wr.grad = None
+            ops.spike_conv2d(sw, wr, b, 1, 1, backend=backend).square().sum().backward()
+            gs.append((sw.grad.clone(), wr.grad.clone()))
+        assert torch.equal(gs[0][0], gs[1][0]) and torch.equal(gs[0][1], gs[1][1])
+
+
+# ---------------------------------------------------------------------------
+# Gradients.
+# ---------------------------------------------------------------------------
+
+def compare_grads(backend, s, w, b, stride, padding, need=(True, True, True), device="cpu"):
+    g = torch.Generator().manual_seed(7)
+    outs = {}
+    for name, dtype, be in (("fused", torch.float32, backend), ("ref", torch.float64, "torch")):
+        ss = s.detach().to(device=device, dtype=dtype).requires_grad_(need[0])
+        ww = w.detach().to(device=device, dtype=dtype).requires_grad_(need[1])
+        bb = None if b is None else b.detach().to(device=device, dtype=dtype).requires_grad_(need[2])
+        out = ops.spike_conv2d(ss, ww, bb, stride, padding, backend=be)
+        wy = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device)
+        (out.double() * wy).sum().backward()
+        g = torch.Generator().manual_seed(7)
+        outs[name] = (ss.grad, ww.grad, None if bb is None else bb.grad)
+    for i, key in enumerate(("grad_s", "grad_weight", "grad_bias")):
+        f, r = outs["fused"][i], outs["ref"][i]
+        if not need[i] or r is None:
+            assert f is None, key
+            continue
+        assert f.dtype == torch.float32 and f.shape == r.shape, key
+        scale = r.abs().max().item() + 1.0
+        assert_close(f, r, 2e-5 * scale, 1e-5, key)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("rate", [0.1, 0.6])
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (5, 2, 2),
+                                              (7, 1, 3)])
+def test_gradients(backend, rate, k, stride, padding):
+    s = spikes(2, 5, 11, 10, rate=rate, seed=k)
+    w, b = conv_params(6, 5, k)
+    compare_grads(backend, s, w, b, stride, padding)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False),
+                                  (False, False, True), (False, True, True)])
+def test_gradients_subsets(backend, need):
+    s = spikes(2, 4, 9, 9, rate=0.2)
+    w, b = conv_params(3, 4, 3)
+    compare_grads(backend, s, w, b, 1, 1, need)
+
+
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+@pytest.mark.parametrize("dense_rate", [-1.0, 2.0])
+def test_cpp_backward_both_paths(dense_rate):
+    s = spikes(2, 5, 12, 13, rate=0.3)
+    w, b = conv_params(6, 5, 3)
+    out, packed = torch.ops.spikingir.spike_conv2d_fwd(s, w, b, 2, 1, 2.0, True, True)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    gs, gw, gb = torch.ops.spikingir.spike_conv2d_bwd(go, packed, w, 12, 13, 2, 1, dense_rate,
+                                                      True, True, True)
+    sd, wd = s.double().requires_grad_(), w.double().requires_grad_()
+    F.conv2d(sd, wd, b.double(), 2, 1).backward(go.double())
+    assert_close(gs, sd.grad, 1e-5, 1e-5, "grad_s")
+    assert_close(gw, wd.grad, 1e-4, 1e-5, "grad_weight")
+    assert_close(gb, go.double().sum((0, 2, 3)), 1e-4, 1e-5, "grad_bias")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_spikes_saved_bit_packed(backend):
+    """What autograd keeps of s is 1 bit per spike (and nothing when the weight
+    needs no gradient)."""
+    s = spikes(2, 6, 10, 13, rate=0.3)
+    w, b = conv_params(4, 6, 3)
+    for need_w, expected in ((True, 2 * 6 * 10 * 2), (False, 0)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            out = ops.spike_conv2d(s.clone().requires_grad_(), w.clone().requires_grad_(need_w),
+                                   b, 1, 1, backend=backend)
+        big = [t for t in saved if t.dtype != torch.uint8 and t.numel() >= s.numel()]
+        assert not big, [(t.dtype, t.shape) for t in big]
+        packed = [t for t in saved if t.dtype == torch.uint8]
+        assert sum(t.numel() for t in packed) == expected
+        out.sum().backward()
+
+
+# ---------------------------------------------------------------------------
+# Registration: opcheck, torch.compile, the chosen backend really runs.
+# ---------------------------------------------------------------------------
+
+def _fwd_samples():
+    w, b = conv_params(3, 4, 3)
+    for rate, stride, bias, save in ((0.2, 1, True, True), (0.6, 2, False, True),
+                                     (0.1, 1, True, False)):
+        s = spikes(2, 4, 7, 9, rate=rate)
+        yield (s, w.clone().requires_grad_(save), b.clone() if bias else None, stride, 1, 0.3,
+               True, save)
+
+
+def _opcheck(fwd, bwd):
+    for args in _fwd_samples():
+        torch.library.opcheck(fwd, args)
+        out, packed = fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        if args[-1]:
+            go = torch.randn_like(out)
+            torch.library.opcheck(bwd, (go, packed, args[1].detach(), 7, 9, args[3], 1, 0.3,
+                                        True, True, args[2] is not None))
+
+
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+def test_opcheck_cpp():
+    _opcheck(torch.ops.spikingir.spike_conv2d_fwd.default,
+             torch.ops.spikingir.spike_conv2d_bwd.default)
+
+
+@pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
+def test_opcheck_triton():
+    _opcheck(torch.ops.spikingir.spike_conv2d_fwd_triton.default,
+             torch.ops.spikingir.spike_conv2d_bwd_triton.default)
+
+
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+def test_torch_compile_fullgraph():
+    from spikingir.nn import IFNeuron
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        IFNeuron(0.5, backend="cpp", scale_output=False),
+        SpikeConv2d(3, 4, 3, padding=1, validate=False, backend="cpp"),
+    )
+    x = torch.rand(3, 2, 3, 8, 8)
+    eager = model(x)
+    eager.sum().backward()
+    g_eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True)(x)
+    out.sum().backward()
+    assert_close(out, eager, 1e-6, 1e-6, "compiled forward")
+    for a, b in zip([p.grad for p in model.parameters()], g_eager):
+        assert_close(a, b, 1e-5, 1e-5, "compiled grad")
+
+
+def _ran_ops(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("spikingir::")}
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_chosen_backend_runs(backend):
+    s = spikes(1, 2, 5, 5, rate=0.3)
+    w = torch.randn(2, 2, 3, 3, requires_grad=True)
+
+    def fn():
+        ops.spike_conv2d(s, w, None, 1, 1, backend=backend).sum().backward()
+    expected = {"torch": set(),
+                "cpp": {"spikingir::spike_conv2d_fwd", "spikingir::spike_conv2d_bwd"},
+                "triton": {"spikingir::spike_conv2d_fwd_triton",
+                           "spikingir::spike_conv2d_bwd_triton"}}
+    assert _ran_ops(fn) == expected[backend]
+
+
+def test_auto_backend_choice():
+    assert backends.choose(OP, "cpu", torch.float64, "auto") == "torch"
+    if "cpp" in CPU_FUSED:
+        assert backends.choose(OP, "cpu", torch.float32, "auto") == "cpp"
+        ran = _ran_ops(lambda: ops.spike_conv2d(spikes(1, 2, 5, 5, rate=0.5),
+                                                torch.randn(2, 2, 3, 3)))
+        assert ran == {"spikingir::spike_conv2d_fwd"}
+    out = ops.spike_conv2d(spikes(1, 2, 5, 5, rate=0.5, dtype=torch.float64),
+                           torch.randn(2, 2, 3, 3, dtype=torch.float64))
+    assert out.dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------
+# The Triton kernel's pieces (interpreter).
+# ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(not backends.HAS_TRITON, reason="triton not installed")
+def test_triton_fixed_point_planes():
+    from spikingir.kernels.spike_conv import quantize_weight
+    w, _ = conv_params(5, 3, 3)
+    w[2] = 0.0  # an all-zero channel
+    w[3] *= 1e-3
+    planes, scale = quantize_weight(w, 16, 16)
+    assert planes.dtype == torch.int8 and planes.shape == (3, 3, 3, 16, 16)
+    q = planes[0].long() + 256 * planes[1].long() + 65536 * planes[2].long()
+    q = q[:, :, :3, :5].permute(3, 2, 0, 1)
+    rel = ((q.double() * scale.double()[:, None, None, None] - w.double()).abs()
+           / w.double().abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-30))
+    assert rel.max() <= 2.0 ** -23  # one float32 ulp of the channel's largest weight
+    # the digit range: a channel whose max lies just below a power of two
+    w2 = torch.full((1, 1, 1, 1), 1.0 - 2.0 ** -20)
+    planes, scale = quantize_weight(w2, 16, 16)
+    p = planes[:, 0, 0, 0, 0].long()
+    q = p[0] + 256 * p[1] + 65536 * p[2]
+    assert abs(q.item() * scale.item() - w2.item()) <= 2.0 ** -23
+
+
+@pytest.mark.skipif(not backends.HAS_TRITON, reason="triton not installed")
+def test_triton_occupancy_map_matches_brute_force():
+    from spikingir.kernels.spike_conv import occupancy_map, padded_spikes
+    s = spikes(2, 20, 19, 21, rate=0.002, seed=9)
+    k, stride, pad, bk, tile = 3, 2, 1, 16, (4, 8)
+    s8 = padded_spikes(s, pad, bk)
+    Ho, Wo = (19 + 2 - 3) // 2 + 1, (21 + 2 - 3) // 2 + 1
+    occ = occupancy_map(s8, k, k, stride, Ho, Wo, bk, tile)
+    G = s8.shape[3] // bk
+    assert occ.shape == (2, 3, 2, 9, G)
+    for n in range(2):
+        for ty in range(3):
+            for tx in range(2):
+                for tap in range(9):
+                    ky, kx = divmod(tap, 3)
+                    for g in range(G):
+                        oys = range(ty * 4, min(Ho, ty * 4 + 4))
+                        oxs = range(tx * 8, min(Wo, tx * 8 + 8))
+                        want = any(bool(s8[n, oy * stride + ky, ox * stride + kx,
+                                              g * bk:(g + 1) * bk].any())
+                                   for oy in oys for ox in oxs)
+                        assert bool(occ[n, ty, tx, tap, g]) == want
+    assert 0 < occ.float().mean() < 1  # some blocks skipped, some not
+
+
+# ---------------------------------------------------------------------------
+# The module.
+# ---------------------------------------------------------------------------
+
+def test_module_is_a_conv2d_drop_in():
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    sconv = SpikeConv2d(4, 6, 3, padding=1)
+    sconv.load_state_dict(conv.state_dict())
+    assert set(sconv.state_dict()) == {"weight", "bias"}
+    conv.load_state_dict(sconv.state_dict())
+    x = spikes(3, 2, 4, 7, 9, rate=0.2)  # [T, B, C, H, W]
+    y = sconv(x)
+    assert y.shape == (3, 2, 6, 7, 9)
+    for t in range(3):
+        check_conv(y[t], x[t], conv.weight.detach(), conv.bias.detach(), 1, 1)
+    assert sconv(x[0]).shape == (2, 6, 7, 9)
+    s2 = SpikeConv2d(4, 6, 5, stride=2, padding=2, bias=False)
+    assert s2(x).shape == (3, 2, 6, 4, 5) and s2.bias is None
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kernel_size=4), "kernel_size"), (dict(kernel_size=3, stride=3), "stride"),
+    (dict(kernel_size=3, stride=(1, 2)), "stride"), (dict(kernel_size=3, padding="same"), "padding"),
+])
+def test_module_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SpikeConv2d(4, 6, **kwargs)
+
+
+def test_module_bad_input():
+    with pytest.raises(ValueError, match="x"):
+        SpikeConv2d(2, 2, 3)(torch.zeros(2, 5, 5))
+
+
+# ---------------------------------------------------------------------------
+# Bad input: a clear error naming the argument.
+# ---------------------------------------------------------------------------
+
+S = spikes(2, 3, 6, 6, rate=0.3)
+W, B = conv_params(4, 3, 3)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda b: ops.spike_conv2d(S * 0.5, W, backend=b), ValueError, "s: expected a binary"),
+    (lambda b: ops.spike_conv2d(S * 2, W, backend=b), ValueError, "binary"),
+    (lambda b: ops.spike_conv2d(S - 1, W, backend=b), ValueError, "binary"),
+    (lambda b: ops.spike_conv2d(S.masked_fill(S == 0, float("nan")), W, backend=b), ValueError,
+     "binary"),
+    (lambda b: ops.spike_conv2d(S[0], W, backend=b), ValueError, r"s: expected shape \[N"),
+    (lambda b: ops.spike_conv2d(S[None], W, backend=b), ValueError, "s: expected shape"),
+    (lambda b: ops.spike_conv2d(S[:, :2], W, backend=b), ValueError, "weight.*channel mismatch"),
+    (lambda b: ops.spike_conv2d(S.long(), W, backend=b), TypeError, "s: expected float32"),
+    (lambda b: ops.spike_conv2d(S.bool(), W, backend=b), TypeError, "s: expected float32"),
+    (lambda b: ops.spike_conv2d(S.tolist(), W, backend=b), TypeError, "s: expected a torch"),
+    (lambda b: ops.spike_conv2d(S[:0], W, backend=b), ValueError, "s: empty batch"),
+    (lambda b: ops.spike_conv2d(S[..., :2, :2], W[..., :3, :3], backend=b), ValueError,
+     "larger than the padded input"),
+    (lambda b: ops.spike_conv2d(S[..., :2, :], conv_params(4, 3, 5)[0], padding=1, backend=b),
+     ValueError, "larger than the padded input"),
+    (lambda b: ops.spike_conv2d(S, torch.randn(4, 3, 2, 2), backend=b), ValueError,
+     "kernel size 2x2"),
+    (lambda b: ops.spike_conv2d(S, torch.randn(4, 3, 9, 9), padding=4, backend=b), ValueError,
+     "kernel size"),
+    (lambda b: ops.spike_conv2d(S, torch.randn(6, 1, 3, 3), backend=b), ValueError, "groups=1"),
+    (lambda b: ops.spike_conv2d(S, W[0], backend=b), ValueError, "weight: expected shape"),
+    (lambda b: ops.spike_conv2d(S, W.long(), backend=b), TypeError, "weight"),
+    (lambda b: ops.spike_conv2d(S, W, torch.zeros(3), backend=b), ValueError, "bias"),
+    (lambda b: ops.spike_conv2d(S, W, torch.zeros(4, dtype=torch.long), backend=b), TypeError,
+     "bias"),
+    (lambda b: ops.spike_conv2d(S, W, stride=3, backend=b), ValueError, "stride"),
+    (lambda b: ops.spike_conv2d(S, W, stride=1.0, backend=b), TypeError, "stride"),
+    (lambda b: ops.spike_conv2d(S, W, padding=-1, backend=b), ValueError, "padding"),
+    (lambda b: ops.spike_conv2d(S, W, padding=(1, 2), backend=b), ValueError, "padding"),
+    (lambda b: ops.spike_conv2d(S, W.to("meta"), backend=b), ValueError, "weight: expected a "
+     "tensor on cpu"),
+])
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_bad_input(call, exc, match, backend):
+    with pytest.raises(exc, match=match):
+        call(backend)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_validate_false_skips_the_check(backend):
+    ops.spike_conv2d(S * 0.5, W, validate=False, backend=backend)  # no error: caller's promise
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend"):
+        ops.spike_conv2d(S, W, backend="cudnn")
+    with pytest.raises(ValueError, match="'cuda' runs on CUDA tensors"):
+        ops.spike_conv2d(S, W, backend="cuda")
+    if "cpp" in CPU_FUSED:
+        with pytest.raises(TypeError, match="s: backend 'cpp'.*float64"):
+            ops.spike_conv2d(S.double(), W, backend="cpp")
+
+
+# ---------------------------------------------------------------------------
+# GPU (skipped without one).
+# ---------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_FUSED, reason="needs a CUDA GPU and a GPU backend")
+@pytest.mark.parametrize("backend", GPU_FUSED)
+@pytest.mark.parametrize("rate", [0.0, 0.01, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("k,stride,padding", [(1, 1, 0), (3, 1, 1), (3, 2, 1), (5, 1, 2),
+                                              (7, 2, 3)])
+def test_gpu_matches_reference(backend, rate, k, stride, padding):
+    s = spikes(2, 37, 23, 19, rate=rate, device="cuda")
+    w, b = conv_params(70, 37, k, device="cuda")
+    out = ops.spike_conv2d(s, w, b, stride, padding, backend=backend)
+    check_conv(out, s, w, b, stride, padding, fixed_point=backend == "triton")
+    assert torch.equal(out, ops.spike_conv2d(s, w, b, stride, padding, backend=backend))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_FUSED, reason="needs a CUDA GPU and a GPU backend")
+@pytest.mark.parametrize("backend", GPU_FUSED)
+def test_gpu_gradients(backend):
+    s = spikes(2, 5, 11, 10, rate=0.2)
+    w, b = conv_params(6, 5, 3)
+    compare_grads(backend, s, w, b, 2, 1, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_FUSED, reason="needs a CUDA GPU and a GPU backend")
+@pytest.mark.parametrize("backend", GPU_FUSED)
+def test_gpu_validates(backend):
+    with pytest.raises(ValueError, match="binary"):
+        ops.spike_conv2d(S.cuda() * 0.5, W.cuda(), backend=backend)
