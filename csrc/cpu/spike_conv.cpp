@@ -151,93 +151,160 @@ inline int64_t pack_rows_best(const float* s, uint8_t* bits, int64_t W, int64_t 
   return pack_rows(s, bits, W, Wb, r0, r1, bad);
 }
 
-// Packs all of s; returns the spike count, sets `bad` as pack_rows.
-int64_t pack(const at::Tensor& s, uint8_t* bits, int64_t W, int64_t Wb, bool& bad) {
-  const int64_t rows = s.numel() / std::max<int64_t>(W, 1);
-  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(rows, 256));
-  std::vector<int64_t> counts(nchunks, 0);
-  std::vector<char> bads(nchunks, 0);
-#ifdef SPK_HAVE_AVX2_PACK
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
-#else
-  const bool avx2 = false;
-#endif
-  SPK_DISPATCH_FLOATS(s.scalar_type(), "spike_conv2d_pack", [&] {
-    const scalar_t* sp = s.data_ptr<scalar_t>();
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t r0 = rows * c / nchunks, r1 = rows * (c + 1) / nchunks;
-        bool b = false;
-        counts[c] = pack_rows_best(sp, bits, W, Wb, r0, r1, b, avx2);
-        bads[c] = b;
-      }
-    });
-  });
-  int64_t total = 0;
-  for (int64_t c = 0; c < nchunks; ++c) {
-    total += counts[c];
-    bad = bad || bads[c];
-  }
-  return total;
-}
-
 int64_t popcount_bytes(const uint8_t* bits, int64_t n) {
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) total += __builtin_popcount(bits[i]);
   return total;
 }
 
-// dst[0..n) += src[0..n): the only arithmetic of the event-driven paths.
+// dst[0..n) += src[0..n): the arithmetic of the backward's event walk.
 inline void add_column(float* __restrict__ dst, const float* __restrict__ src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
-// Pass 2 for output rows [r0, r1) of [N * Ho]: acc is a Wo * Cout scratch row.
-// The stride is a template parameter: no integer division per spike and tap.
-template <int64_t st>
-SPK_CPU_CLONES void accumulate_rows(const uint8_t* __restrict__ bits, const float* __restrict__ wt,
-                                    const float* bias, float* __restrict__ out, float* acc,
-                                    const Geometry& g, int64_t r0, int64_t r1) {
-  const int64_t Cout = g.Cout, pad = g.pad;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / g.Ho, oy = r % g.Ho;
-    for (int64_t ox = 0; ox < g.Wo; ++ox) {
-      float* a = acc + ox * Cout;
-      if (bias) {
-        std::memcpy(a, bias, Cout * sizeof(float));
-      } else {
-        std::fill(a, a + Cout, 0.0f);
-      }
+// Transposes an 8x8 bit matrix: bit j of byte i <-> bit i of byte j.
+inline uint64_t transpose8x8(uint64_t x) {
+  uint64_t t;
+  t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAULL;
+  x = x ^ t ^ (t << 7);
+  t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCULL;
+  x = x ^ t ^ (t << 14);
+  t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ULL;
+  x = x ^ t ^ (t << 28);
+  return x;
+}
+
+// Forward pass 1 for input row (n, iy): packs each channel's row to bits
+// (into `rows`, row ci at rows + ci * row_stride: the saved tensor itself when
+// backward needs it), then transposes them, 8 channels x 8 pixels at a time,
+// into the channel masks of each pixel: masks[n][iy][ix] is Cw words, bit c of
+// word k = spike of channel 64 k + c. Returns the spike count, sets `bad` when
+// a value is neither 0 nor 1.
+template <typename scalar_t>
+int64_t masks_row(const scalar_t* s, uint8_t* rows, int64_t row_stride, uint64_t* masks,
+                  const Geometry& g, int64_t Cw, int64_t n, int64_t iy, bool avx2, bool& bad) {
+  int64_t count = 0;
+  for (int64_t ci = 0; ci < g.Cin; ++ci) {
+    count += pack_rows_best(s + ((n * g.Cin + ci) * g.H + iy) * g.W, rows + ci * row_stride,
+                            g.W, g.Wb, 0, 1, bad, avx2);
+  }
+  uint8_t* m = reinterpret_cast<uint8_t*>(masks + (n * g.H + iy) * g.W * Cw);
+  std::fill(m, m + g.W * Cw * 8, uint8_t{0});
+  for (int64_t cg = 0; cg < (g.Cin + 7) / 8; ++cg) {
+    const int64_t nc = std::min<int64_t>(8, g.Cin - 8 * cg);
+    for (int64_t j = 0; j < g.Wb; ++j) {
+      uint64_t x = 0;
+      for (int64_t i = 0; i < nc; ++i) x |= static_cast<uint64_t>(rows[(8 * cg + i) * row_stride + j]) << (8 * i);
+      if (!x) continue;
+      x = transpose8x8(x);  // byte b: channels 8 cg .. 8 cg + 7 of pixel 8 j + b
+      const int64_t nb = std::min<int64_t>(8, g.W - 8 * j);
+      for (int64_t b = 0; b < nb; ++b) m[(8 * j + b) * Cw * 8 + cg] = static_cast<uint8_t>(x >> (8 * b));
     }
+  }
+  return count;
+}
+
+// Forward pass 2 (gather form of the event-driven sum): output row (n, oy),
+// output channels [c0, c0 + 8 NV). For each output pixel the accumulator stays
+// in NV vector registers; each active (tap, ci) adds the weight column
+// wt[tap][ci][c0 : c0 + 8 NV] (weights pre-transposed to [kh kw, Cin, Cout_p],
+// contiguous over output channels): loads and adds only, no stores per spike.
+// The order (ky, kx, ci) is fixed: bitwise reproducible for any thread count.
+#if defined(__GNUC__) && defined(__x86_64__)
+template <int NV>
+__attribute__((target("avx2"))) void gather_row_avx2(const uint64_t* __restrict__ masks,
+                                                     const float* __restrict__ wt,
+                                                     const float* __restrict__ bias,
+                                                     float* __restrict__ row, const Geometry& g,
+                                                     int64_t Cw, int64_t Cout_p, int64_t n,
+                                                     int64_t oy, int64_t c0) {
+  for (int64_t ox = 0; ox < g.Wo; ++ox) {
+    __m256 acc[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = _mm256_loadu_ps(bias + c0 + 8 * v);
     for (int64_t ky = 0; ky < g.kh; ++ky) {
-      const int64_t iy = oy * st + ky - pad;
+      const int64_t iy = oy * g.stride + ky - g.pad;
       if (iy < 0 || iy >= g.H) continue;
-      for (int64_t ci = 0; ci < g.Cin; ++ci) {
-        const uint8_t* row = bits + ((n * g.Cin + ci) * g.H + iy) * g.Wb;
-        const float* wk = wt + (ci * g.kh + ky) * g.kw * Cout;
-        for (int64_t j = 0; j < g.Wb; ++j) {
-          uint32_t byte = row[j];
-          while (byte) {
-            const int64_t ix = 8 * j + __builtin_ctz(byte);
-            byte &= byte - 1;
-            // Output column ox receives tap kx when ox * st = ix + pad - kx.
-            for (int64_t kx = 0; kx < g.kw; ++kx) {
-              const int64_t t = ix + pad - kx;
-              if (t < 0) break;
-              if (t % st) continue;
-              const int64_t ox = t / st;
-              if (ox >= g.Wo) continue;
-              add_column(acc + ox * Cout, wk + kx * Cout, Cout);
-            }
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        const int64_t ix = ox * g.stride + kx - g.pad;
+        if (ix < 0 || ix >= g.W) continue;
+        const uint64_t* m = masks + ((n * g.H + iy) * g.W + ix) * Cw;
+        const float* wtap = wt + (ky * g.kw + kx) * g.Cin * Cout_p + c0;
+        for (int64_t word = 0; word < Cw; ++word) {
+          uint64_t bits = m[word];
+          while (bits) {
+            const float* wc = wtap + (64 * word + __builtin_ctzll(bits)) * Cout_p;
+            bits &= bits - 1;
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) acc[v] = _mm256_add_ps(acc[v], _mm256_loadu_ps(wc + 8 * v));
           }
         }
       }
     }
-    // acc[ox][co] -> out[n][co][oy][ox]
-    float* o = out + n * Cout * g.Ho * g.Wo + oy * g.Wo;
-    for (int64_t co = 0; co < Cout; ++co) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(row + ox * Cout_p + c0 + 8 * v, acc[v]);
+  }
+}
+#define SPK_HAVE_AVX2_GATHER 1
+#endif
+
+// The same without vector intrinsics (any CPU): 8 NV output channels per pass.
+void gather_row_generic(const uint64_t* __restrict__ masks, const float* __restrict__ wt,
+                        const float* __restrict__ bias, float* __restrict__ row,
+                        const Geometry& g, int64_t Cw, int64_t Cout_p, int64_t n, int64_t oy,
+                        int64_t c0, int64_t width) {
+  float acc[64];
+  for (int64_t ox = 0; ox < g.Wo; ++ox) {
+    for (int64_t c = 0; c < width; ++c) acc[c] = bias[c0 + c];
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      const int64_t iy = oy * g.stride + ky - g.pad;
+      if (iy < 0 || iy >= g.H) continue;
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        const int64_t ix = ox * g.stride + kx - g.pad;
+        if (ix < 0 || ix >= g.W) continue;
+        const uint64_t* m = masks + ((n * g.H + iy) * g.W + ix) * Cw;
+        const float* wtap = wt + (ky * g.kw + kx) * g.Cin * Cout_p + c0;
+        for (int64_t word = 0; word < Cw; ++word) {
+          uint64_t bits = m[word];
+          while (bits) {
+            const float* wc = wtap + (64 * word + __builtin_ctzll(bits)) * Cout_p;
+            bits &= bits - 1;
+            for (int64_t c = 0; c < width; ++c) acc[c] += wc[c];
+          }
+        }
+      }
+    }
+    std::copy(acc, acc + width, row + ox * Cout_p + c0);
+  }
+}
+
+// Forward pass 2 for output rows [r0, r1) of [N * Ho]; row is a Wo * Cout_p scratch.
+void accumulate_rows(const uint64_t* masks, const float* wt, const float* bias, float* out,
+                     float* row, const Geometry& g, int64_t Cw, int64_t Cout_p, bool avx2,
+                     int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / g.Ho, oy = r % g.Ho;
+    for (int64_t c0 = 0; c0 < Cout_p; c0 += 64) {
+      const int64_t width = std::min<int64_t>(64, Cout_p - c0);
+#ifdef SPK_HAVE_AVX2_GATHER
+      if (avx2) {
+        switch (width / 8) {
+#define SPK_CASE(NV) \
+  case NV: gather_row_avx2<NV>(masks, wt, bias, row, g, Cw, Cout_p, n, oy, c0); break;
+          SPK_CASE(1) SPK_CASE(2) SPK_CASE(3) SPK_CASE(4) SPK_CASE(5) SPK_CASE(6) SPK_CASE(7)
+          SPK_CASE(8)
+#undef SPK_CASE
+        }
+        continue;
+      }
+#endif
+      gather_row_generic(masks, wt, bias, row, g, Cw, Cout_p, n, oy, c0, width);
+    }
+    // row[ox][co] -> out[n][co][oy][ox]
+    float* o = out + n * g.Cout * g.Ho * g.Wo + oy * g.Wo;
+    for (int64_t co = 0; co < g.Cout; ++co) {
       float* oc = o + co * g.Ho * g.Wo;
-      for (int64_t ox = 0; ox < g.Wo; ++ox) oc[ox] = acc[ox * Cout + co];
+      for (int64_t ox = 0; ox < g.Wo; ++ox) oc[ox] = row[ox * Cout_p + co];
     }
   }
 }
@@ -334,9 +401,40 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
     bp = bias->data_ptr<float>();
   }
   const auto u8 = s.options().dtype(at::kByte);
-  auto packed = at::empty({g.N, g.Cin, g.H, g.Wb}, u8);
+  // Pass 1: bits (kept for backward when save), channel masks per pixel, spike
+  // count, validation.
+  const int64_t Cw = (g.Cin + 63) / 64;
+  auto masks = at::empty({g.N, g.H, g.W, Cw}, s.options().dtype(at::kLong));
+  uint64_t* mp = reinterpret_cast<uint64_t*>(masks.data_ptr<int64_t>());
+  at::Tensor packed = save ? at::empty({g.N, g.Cin, g.H, g.Wb}, u8) : at::empty({0}, u8);
+  uint8_t* pk = save ? packed.data_ptr<uint8_t>() : nullptr;
+  std::vector<int64_t> counts(g.N * g.H, 0);
+  std::vector<char> bads(g.N * g.H, 0);
+#ifdef SPK_HAVE_AVX2_PACK
+  const bool avx2_pack = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+#else
+  const bool avx2_pack = false;
+#endif
+  SPK_DISPATCH_FLOATS(s.scalar_type(), "spike_conv2d_masks", [&] {
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    at::parallel_for(0, g.N * g.H, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<uint8_t> local(save ? 0 : g.Cin * g.Wb);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / g.H, iy = r % g.H;
+        uint8_t* rows = save ? pk + (n * g.Cin * g.H + iy) * g.Wb : local.data();
+        const int64_t row_stride = save ? g.H * g.Wb : g.Wb;
+        bool b = false;
+        counts[r] = masks_row(sp, rows, row_stride, mp, g, Cw, n, iy, avx2_pack, b);
+        bads[r] = b;
+      }
+    });
+  });
+  int64_t spikes = 0;
   bool nonbinary = false;
-  const int64_t spikes = s.numel() ? pack(s, packed.data_ptr<uint8_t>(), g.W, g.Wb, nonbinary) : 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    spikes += counts[i];
+    nonbinary = nonbinary || bads[i];
+  }
   TORCH_CHECK_VALUE(!validate || !nonbinary,
                     "s: expected a binary spike map (only 0 and 1), found other values; pass "
                     "validate=False to skip this check");
@@ -347,21 +445,25 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
               .contiguous();
   } else {
     out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, s.options().dtype(at::kFloat));
-    const at::Tensor wt = weight.permute({1, 2, 3, 0}).contiguous();  // [Cin, kh, kw, Cout]
+    // [Cout, Cin, kh, kw] -> [kh kw, Cin, Cout_p], Cout zero-padded to a multiple of 8.
+    const int64_t Cout_p = (g.Cout + 7) / 8 * 8;
+    auto wt = at::zeros({g.kh * g.kw, g.Cin, Cout_p}, weight.options());
+    wt.narrow(2, 0, g.Cout).copy_(weight.permute({2, 3, 1, 0}).reshape({g.kh * g.kw, g.Cin, g.Cout}));
+    auto bias_p = at::zeros({Cout_p}, weight.options());
+    if (bp) bias_p.narrow(0, 0, g.Cout).copy_(*bias);
     const float* wtp = wt.data_ptr<float>();
-    const uint8_t* bits = packed.data_ptr<uint8_t>();
+    const float* bpp = bias_p.data_ptr<float>();
     float* op = out.data_ptr<float>();
+#ifdef SPK_HAVE_AVX2_GATHER
+    const bool avx2 = __builtin_cpu_supports("avx2");
+#else
+    const bool avx2 = false;
+#endif
     at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<float> acc(g.Wo * g.Cout);
-      if (g.stride == 1) {
-        accumulate_rows<1>(bits, wtp, bp, op, acc.data(), g, r0, r1);
-      } else {
-        TORCH_CHECK(g.stride == 2, "spike_conv2d (cpu): stride must be 1 or 2");
-        accumulate_rows<2>(bits, wtp, bp, op, acc.data(), g, r0, r1);
-      }
+      std::vector<float> row(g.Wo * Cout_p);
+      accumulate_rows(mp, wtp, bpp, op, row.data(), g, Cw, Cout_p, avx2, r0, r1);
     });
   }
-  if (!save) packed = at::empty({0}, u8);
   return {out, packed};
 }
 

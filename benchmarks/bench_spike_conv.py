@@ -1,0 +1,223 @@
+"""spike_conv2d: every available backend against F.conv2d, side by side, on random
+spike maps at several firing rates and (optionally) on real spike maps of a
+converted DnCNN.
+
+    python benchmarks/bench_spike_conv.py                      # CPU, 2 threads
+    python benchmarks/bench_spike_conv.py --dncnn              # + real DnCNN spike maps
+    python benchmarks/bench_spike_conv.py --markdown-append benchmarks/RESULTS.md
+    python benchmarks/bench_spike_conv.py --device cuda --shape 80 64 128 128
+
+Columns: ms of one forward call (CPU: the minimum over interleaved repeats, as
+the machine may be shared; GPU: triton.testing.do_bench median); ``x`` is
+F.conv2d fp32 ms / backend ms. ``occupancy``: fraction of (output tile 8x16,
+tap, 32-channel group) K-blocks of the Triton kernel that hold a spike (the
+blocks that kernel cannot skip). GPU runs add cuDNN fp32 (TF32 off), TF32 and
+bf16 channels-last columns. ``max err``: the largest |backend - float64 conv|
+over the row, relative to max |float64 conv|.
+
+Real spike maps (``--dncnn``): the official DnCNN-S sigma=25 weights
+(../shared/weights/dncnn_s25_official.pt) in a plain nn.Sequential of 17 convs,
+ReLUs replaced by IF neurons (spikingir.ops.if_multistep, soft reset, T=10)
+with thresholds = the 99.9th percentile of each ReLU's activations on the Set12
+images (96x96 centre crops, noise sigma 25, numpy seed 0); the first conv's
+output is the constant input current of every step. The spikes entering
+layers 2, 9 and 16 (64 -> 64 3x3) are benchmarked.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from spikingir import ops
+from spikingir.bench.neuron import environment, markdown_header
+from spikingir.ops import backends
+
+RATES = (0.01, 0.05, 0.10, 0.20, 0.50)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+
+def block_occupancy(s, k=3, stride=1, padding=1):
+    if not backends.HAS_TRITON:
+        return None
+    from spikingir.kernels.spike_conv import occupancy_map, padded_spikes
+    Ho = (s.shape[2] + 2 * padding - k) // stride + 1
+    Wo = (s.shape[3] + 2 * padding - k) // stride + 1
+    s8 = padded_spikes(s, padding, 32)
+    return occupancy_map(s8, k, k, stride, Ho, Wo, 32).float().mean().item()
+
+
+def columns(device):
+    """name -> f(s, w, b) for everything timed on this device."""
+    cols = {}
+    if device == "cpu":
+        cols["F.conv2d"] = lambda s, w, b: F.conv2d(s, w, b, 1, 1)
+    else:
+        def cudnn(tf32):
+            def f(s, w, b):
+                old = torch.backends.cudnn.allow_tf32
+                torch.backends.cudnn.allow_tf32 = tf32
+                try:
+                    return F.conv2d(s, w, b, 1, 1)
+                finally:
+                    torch.backends.cudnn.allow_tf32 = old
+            return f
+        cols["F.conv2d"] = cudnn(False)  # cuDNN fp32, TF32 off
+        cols["cudnn tf32"] = cudnn(True)
+        cols["cudnn bf16 cl"] = lambda s, w, b: F.conv2d(s, w, b, 1, 1)  # inputs converted below
+    for be in ops.available_backends(device, op="spike_conv2d"):
+        if be == "torch" or (be == "triton" and device == "cpu"):
+            continue  # torch is F.conv2d; the interpreted Triton kernel is not a timing
+        cols[be] = (lambda be: lambda s, w, b: ops.spike_conv2d(s, w, b, 1, 1, validate=False,
+                                                                backend=be))(be)
+        if be == "cpp":
+            cols["cpp+validate"] = lambda s, w, b: ops.spike_conv2d(s, w, b, 1, 1, backend="cpp")
+    return cols
+
+
+def time_cpu(cols, inputs, repeats):
+    """Minimum ms of each column, repeats interleaved across columns."""
+    best = {k: float("inf") for k in cols}
+    for k, f in cols.items():
+        f(*inputs[k])  # warm-up
+    for _ in range(repeats):
+        for k, f in cols.items():
+            t0 = time.perf_counter()
+            f(*inputs[k])
+            best[k] = min(best[k], (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def time_cuda(cols, inputs):
+    import triton.testing
+    return {k: triton.testing.do_bench(lambda f=f, a=inputs[k]: f(*a)) for k, f in cols.items()}
+
+
+def bench_one(name, s, w, b, device, repeats):
+    cols = columns(device)
+    inputs = {k: (s, w, b) for k in cols}
+    if "cudnn bf16 cl" in inputs:
+        cl = torch.channels_last
+        inputs["cudnn bf16 cl"] = (s.bfloat16().to(memory_format=cl), w.bfloat16().to(
+            memory_format=cl), b.bfloat16())
+    ms = time_cpu(cols, inputs, repeats) if device == "cpu" else time_cuda(cols, inputs)
+    ref = F.conv2d(s.double(), w.double(), b.double(), 1, 1)
+    scale = ref.abs().max().item()
+    err = 0.0
+    for k in cols:
+        if k in ("F.conv2d", "cudnn tf32", "cudnn bf16 cl"):
+            continue
+        err = max(err, (cols[k](s, w, b).double() - ref).abs().max().item() / scale)
+    return dict(input=name, rate=s.float().mean().item(), occupancy=block_occupancy(s), ms=ms,
+                err=err)
+
+
+def dncnn_spike_maps(device, T=10, layers=(2, 9, 16)):
+    """{layer: spikes [T * B, 64, 96, 96]} entering DnCNN conv `layer` (1-based)."""
+    import numpy as np
+    from spikingir.data import add_gaussian_noise, list_images, load_image
+    sd = torch.load(os.path.join(SHARED, "weights", "dncnn_s25_official.pt"), map_location="cpu",
+                    weights_only=True)
+    convs = []
+    for i in range(17):
+        w, bb = sd[f"dncnn.{2 * i}.weight"], sd[f"dncnn.{2 * i}.bias"]
+        conv = torch.nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1)
+        conv.weight.data.copy_(w)
+        conv.bias.data.copy_(bb)
+        convs.append(conv.to(device))
+    imgs = []
+    for path in list_images(os.path.join(SHARED, "data", "set12")):
+        clean = load_image(path, gray=True)
+        h, w_ = clean.shape
+        crop = clean[(h - 96) // 2:(h - 96) // 2 + 96, (w_ - 96) // 2:(w_ - 96) // 2 + 96]
+        imgs.append(torch.from_numpy(np.asarray(add_gaussian_noise(crop, 25, seed=0),
+                                                dtype=np.float32)))
+    x = torch.stack(imgs)[:, None].to(device)
+    with torch.no_grad():
+        thetas, h = [], x
+        for conv in convs[:16]:  # ANN: thresholds from the ReLU activations
+            h = torch.relu(conv(h))
+            thetas.append(torch.quantile(h.flatten()[::7].double(), 0.999).item())
+        x = x[:2]  # two images, T steps each -> N = 2 T spike maps
+        cur = convs[0](x).unsqueeze(0).expand(T, *convs[0](x).shape)
+        maps = {}
+        for i in range(16):
+            s, _ = ops.if_multistep(cur.contiguous(), thetas[i], scale_output=False,
+                                    backend="cpp" if device == "cpu" else "torch")
+            if i + 2 in layers:
+                maps[i + 2] = s.flatten(0, 1).contiguous()
+            if i < 15:  # theta folded into the next layer: y = theta * s
+                cur = (convs[i + 1](s.flatten(0, 1)) - convs[i + 1].bias[:, None, None]) * \
+                    thetas[i] + convs[i + 1].bias[:, None, None]
+                cur = cur.unflatten(0, (T, 2))
+    return maps, convs
+
+
+def fmt_table(rows, cols):
+    head = ["input", "rate", "occupancy"] + [f"{c} ms" for c in cols] + \
+        [f"{c} x" for c in cols if c != "F.conv2d"] + ["max err"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        base = r["ms"]["F.conv2d"]
+        occ = "-" if r["occupancy"] is None else f"{r['occupancy']:.2f}"
+        cells = [r["input"], f"{100 * r['rate']:.1f}%", occ]
+        cells += [f"{r['ms'][c]:.1f}" for c in cols]
+        cells += [f"{base / r['ms'][c]:.2f}" for c in cols if c != "F.conv2d"]
+        cells.append(f"{r['err']:.1e}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--shape", type=int, nargs=4, default=None, metavar=("N", "C", "H", "W"),
+                   help="input shape (default 16 64 96 96 on CPU, 80 64 128 128 on CUDA)")
+    p.add_argument("--rates", type=float, nargs="+", default=list(RATES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dncnn", action="store_true", help="add real DnCNN spike maps")
+    p.add_argument("--markdown-append", metavar="PATH")
+    p.add_argument("--note", default="")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dev = args.device
+    shape = args.shape or ([16, 64, 96, 96] if dev == "cpu" else [80, 64, 128, 128])
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(64, shape[1], 3, 3, generator=g) / (shape[1] * 9) ** 0.5).to(dev)
+    b = torch.randn(64, generator=g).to(dev)
+    rows = []
+    for rate in args.rates:
+        s = (torch.rand(*shape, generator=g) < rate).float().to(dev)
+        rows.append(bench_one(f"random {shape}", s, w, b, dev, args.repeats))
+        print(fmt_table(rows[-1:], list(rows[-1]["ms"])).splitlines()[-1], file=sys.stderr)
+    if args.dncnn:
+        maps, convs = dncnn_spike_maps(dev)
+        for layer, s in maps.items():
+            conv = convs[layer - 1]
+            rows.append(bench_one(f"DnCNN conv{layer} {list(s.shape)}", s, conv.weight.detach(),
+                                  conv.bias.detach(), dev, args.repeats))
+            print(fmt_table(rows[-1:], list(rows[-1]["ms"])).splitlines()[-1], file=sys.stderr)
+    env = environment(dev, args.threads)
+    header = markdown_header(env)
+    table = fmt_table(rows, list(rows[0]["ms"]))
+    print(header)
+    print(table)
+    if args.markdown_append:
+        note = f"\n{args.note}\n" if args.note else ""
+        with open(args.markdown_append, "a") as f:
+            f.write(f"\n## spike_conv2d (`benchmarks/bench_spike_conv.py`) — {header}\n{note}\n"
+                    "Forward only, 64 -> 64 3x3, stride 1, padding 1, bias; ms = min over "
+                    f"{args.repeats} interleaved repeats; x = F.conv2d ms / column ms; "
+                    "occupancy = non-empty (8x16 tile, tap, 32-channel) blocks; "
+                    "`cpp` runs with validate=False (as behind a neuron), `cpp+validate` "
+                    "with the binary check.\n\n" + table + "\n")
+        print(f"appended to {args.markdown_append}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
