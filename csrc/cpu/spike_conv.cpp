@@ -1,25 +1,26 @@
 // CPU kernels of spikingir::spike_conv2d_fwd / spike_conv2d_bwd (schemas: csrc/ops.cpp).
 //
 // Event-driven convolution of binary spike maps (DESIGN.md section 4):
-//   1. pack: one pass over s writes 1 bit per spike ([N, Cin, H, ceil(W/8)]
-//      uint8, bit b of byte j = pixel 8 j + b) and counts the spikes. The bits
-//      are what backward keeps, and what the accumulation walks.
-//   2. accumulate: one task per output row (n, oy) keeps a channels-last row
-//      accumulator acc[Wo][Cout] (starts at the bias); for every spike
-//      (ci, iy, ix) of the input rows that feed it, each tap (ky, kx) adds the
-//      weight column wt[ci][ky][kx][:] (weights pre-transposed to
-//      [Cin, kh, kw, Cout], contiguous over Cout) to acc[ox][:]. Adds only;
-//      work proportional to the number of spikes. The row is then written to
-//      the NCHW output.
-// Each output value is summed in a fixed order (ky, ci, ix, kx) that does not
+//   0. rate: the firing rate of every 8th input row picks the path; above
+//      `dense_rate` the dense oneDNN convolution is faster and runs instead
+//      (benchmarks/bench_spike_conv.py measures the crossover).
+//   1. pack: one pass over s writes 1 bit per spike along W ([N, Cin, H,
+//      ceil(W/8)] uint8, bit b of byte j = pixel 8 j + b: what backward keeps)
+//      and, by 8x8 bit transposes, the channel mask of every pixel (Cin bits);
+//      it also checks that s is binary.
+//   2. accumulate (the gather form of event-driven accumulation): one task per
+//      output row (n, oy); each output pixel keeps 64 output channels in AVX2
+//      registers and, for every spike (ci) under each tap (ky, kx), adds the
+//      weight column wt[ky kx][ci][:] (weights pre-transposed to [kh kw, Cin,
+//      Cout], contiguous over Cout). Adds only; work proportional to the number
+//      of spikes. The row is then written to the NCHW output.
+// Each output value is summed in a fixed order (ky, kx, ci) that does not
 // depend on the thread count: the result is bitwise reproducible.
-// Above the firing rate `dense_rate` the dense oneDNN convolution is faster and
-// runs instead (benchmarks/bench_spike_conv.py measures the crossover).
 //
 // Backward: grad_s is dense (at::conv_transpose2d); grad_weight walks the
 // packed spikes: grad_w[ci][ky][kx][:] += grad_out_cl[n][oy][ox][:] per spike
 // and tap, one task per input channel (fixed order), float partial sums per
-// image folded into double.
+// image folded into double; above dense_rate oneDNN's weight gradient runs.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/conv2d.h>
@@ -401,20 +402,67 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
     bp = bias->data_ptr<float>();
   }
   const auto u8 = s.options().dtype(at::kByte);
-  // Pass 1: bits (kept for backward when save), channel masks per pixel, spike
-  // count, validation.
-  const int64_t Cw = (g.Cin + 63) / 64;
-  auto masks = at::empty({g.N, g.H, g.W, Cw}, s.options().dtype(at::kLong));
-  uint64_t* mp = reinterpret_cast<uint64_t*>(masks.data_ptr<int64_t>());
-  at::Tensor packed = save ? at::empty({g.N, g.Cin, g.H, g.Wb}, u8) : at::empty({0}, u8);
-  uint8_t* pk = save ? packed.data_ptr<uint8_t>() : nullptr;
-  std::vector<int64_t> counts(g.N * g.H, 0);
-  std::vector<char> bads(g.N * g.H, 0);
 #ifdef SPK_HAVE_AVX2_PACK
   const bool avx2_pack = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
 #else
   const bool avx2_pack = false;
 #endif
+  at::Tensor packed = save ? at::empty({g.N, g.Cin, g.H, g.Wb}, u8) : at::empty({0}, u8);
+  uint8_t* pk = save ? packed.data_ptr<uint8_t>() : nullptr;
+  const char* binary_msg =
+      "s: expected a binary spike map (only 0 and 1), found other values; pass validate=False "
+      "to skip this check";
+  // The path is chosen from the firing rate of every 8th input row (1/8 of a
+  // pass over s), so that above dense_rate nothing else reads s before oneDNN.
+  const int64_t H8 = (g.H + 7) / 8;
+  std::vector<int64_t> sample(g.N * H8, 0);
+  SPK_DISPATCH_FLOATS(s.scalar_type(), "spike_conv2d_rate", [&] {
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    at::parallel_for(0, g.N * H8, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<uint8_t> scratch(g.Wb);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / H8, iy = 8 * (r % H8);
+        bool ignored = false;
+        for (int64_t ci = 0; ci < g.Cin; ++ci) {
+          sample[r] += pack_rows_best(sp + ((n * g.Cin + ci) * g.H + iy) * g.W, scratch.data(),
+                                      g.W, g.Wb, 0, 1, ignored, avx2_pack);
+        }
+      }
+    });
+  });
+  int64_t sampled = 0;
+  for (int64_t c : sample) sampled += c;
+  const double rate = static_cast<double>(sampled) / std::max<int64_t>(1, g.N * H8 * g.Cin * g.W);
+  at::Tensor out;
+  if (rate > dense_rate) {
+    if (validate || save) {  // one packing pass: the saved bits and/or the check
+      const int64_t rows = g.N * g.Cin * g.H;
+      std::vector<char> bads(rows, 0);
+      SPK_DISPATCH_FLOATS(s.scalar_type(), "spike_conv2d_pack", [&] {
+        const scalar_t* sp = s.data_ptr<scalar_t>();
+        at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+          std::vector<uint8_t> scratch(save ? 0 : g.Wb);
+          bool b = false;
+          for (int64_t r = r0; r < r1; ++r) {
+            pack_rows_best(sp + r * g.W, save ? pk + r * g.Wb : scratch.data(), g.W, g.Wb, 0, 1,
+                           b, avx2_pack);
+          }
+          bads[r0] = b;
+        });
+      });
+      const bool nonbinary = std::any_of(bads.begin(), bads.end(), [](char c) { return c != 0; });
+      TORCH_CHECK_VALUE(!validate || !nonbinary, binary_msg);
+    }
+    out = at::conv2d(s.to(at::kFloat), weight, bias, {stride, stride}, {padding, padding})
+              .contiguous();
+    return {out, packed};
+  }
+  // Pass 1: bits (written to the saved tensor when save), channel masks per
+  // pixel, validation.
+  const int64_t Cw = (g.Cin + 63) / 64;
+  auto masks = at::empty({g.N, g.H, g.W, Cw}, s.options().dtype(at::kLong));
+  uint64_t* mp = reinterpret_cast<uint64_t*>(masks.data_ptr<int64_t>());
+  std::vector<char> bads(g.N * g.H, 0);
   SPK_DISPATCH_FLOATS(s.scalar_type(), "spike_conv2d_masks", [&] {
     const scalar_t* sp = s.data_ptr<scalar_t>();
     at::parallel_for(0, g.N * g.H, 1, [&](int64_t r0, int64_t r1) {
@@ -424,26 +472,14 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
         uint8_t* rows = save ? pk + (n * g.Cin * g.H + iy) * g.Wb : local.data();
         const int64_t row_stride = save ? g.H * g.Wb : g.Wb;
         bool b = false;
-        counts[r] = masks_row(sp, rows, row_stride, mp, g, Cw, n, iy, avx2_pack, b);
+        masks_row(sp, rows, row_stride, mp, g, Cw, n, iy, avx2_pack, b);
         bads[r] = b;
       }
     });
   });
-  int64_t spikes = 0;
-  bool nonbinary = false;
-  for (size_t i = 0; i < counts.size(); ++i) {
-    spikes += counts[i];
-    nonbinary = nonbinary || bads[i];
-  }
-  TORCH_CHECK_VALUE(!validate || !nonbinary,
-                    "s: expected a binary spike map (only 0 and 1), found other values; pass "
-                    "validate=False to skip this check");
-  const double rate = s.numel() ? static_cast<double>(spikes) / s.numel() : 0.0;
-  at::Tensor out;
-  if (rate > dense_rate) {
-    out = at::conv2d(s.to(at::kFloat), weight, bias, {stride, stride}, {padding, padding})
-              .contiguous();
-  } else {
+  const bool nonbinary = std::any_of(bads.begin(), bads.end(), [](char c) { return c != 0; });
+  TORCH_CHECK_VALUE(!validate || !nonbinary, binary_msg);
+  {
     out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, s.options().dtype(at::kFloat));
     // [Cout, Cin, kh, kw] -> [kh kw, Cin, Cout_p], Cout zero-padded to a multiple of 8.
     const int64_t Cout_p = (g.Cout + 7) / 8 * 8;
