@@ -199,7 +199,8 @@ def _cmd_finetune(args):
     _set_threads(args)
     sigma = _sigma_of(args)
     ann = load_ann(args.task, sigma, args.ann_weights)
-    calib_dir = args.data if args.task == "denoise" else None
+    from spikingir.train import default_data_dir
+    calib_dir = (args.data or default_data_dir("train400")) if args.task == "denoise" else None
     calib = calibration_inputs(args.task, sigma, data=calib_dir)
     snn = to_snn(ann, calib, args.timesteps, neuron=args.neuron, percentile=args.percentile,
                  per_channel=not args.per_layer, v0=args.v0, recycling=not args.no_recycling,
