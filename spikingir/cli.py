@@ -129,6 +129,9 @@ def _add_train_ann(sub):
                    "./aodnet.pt); the metadata go to PATH with suffix .json")
     p.add_argument("--checkpoint", metavar="PATH", help="training checkpoint (default: OUT + '.ckpt')")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    p.add_argument("--init", metavar="PATH", help="start from these weights instead of a random "
+                   "initialisation: a train-ann checkpoint or a state dict of the training form "
+                   "(DnCNN with BN), e.g. another sigma's checkpoint")
     p.add_argument("--threads", type=_positive_int, help="torch.set_num_threads (CPU)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--val-crop", type=_positive_int, metavar="N",
@@ -139,7 +142,7 @@ def _add_train_ann(sub):
                    help="checkpoint every STEPS steps (default: --val-every, else 500)")
     p.add_argument("--time-limit", type=_nonneg_float, metavar="SECONDS",
                    help="stop after this long, write the weights and the checkpoint (--resume continues)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (+ channels_last on CUDA)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast + channels_last (GPU, or a CPU with AVX512-BF16/AMX)")
     p.add_argument("--log-every", type=int, default=50, metavar="STEPS")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a tqdm bar")
     p.set_defaults(func=_cmd_train_ann, _parser=p)
@@ -180,6 +183,8 @@ def _check_train_args(args):
         d = getattr(args, name)
         if d is not None and not Path(d).is_dir():
             raise _BadInput(f"--{name.replace('_', '-')}: no such directory: {d}")
+    if args.init is not None and not Path(args.init).is_file():
+        raise _BadInput(f"--init: no such file: {args.init}")
     if args.out is None:
         args.out = f"dncnn_s{args.sigma}.pt" if args.task == "denoise" else "aodnet.pt"
     out = Path(args.out)
@@ -221,7 +226,7 @@ def _cmd_train_ann(args):
                   device=args.device, seed=args.seed, checkpoint=args.checkpoint, resume=args.resume,
                   val_every=args.val_every, checkpoint_every=args.checkpoint_every, amp=args.amp,
                   workers=args.workers, log_every=args.log_every, progress=not args.no_progress,
-                  time_limit=args.time_limit)
+                  time_limit=args.time_limit, init=args.init)
     try:
         if args.task == "denoise":
             if args.steps is None and args.epochs is None:
@@ -244,7 +249,9 @@ def _cmd_train_ann(args):
     except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as err:
         return fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     status = "finished" if res.fit.finished else f"stopped at step {res.fit.step} of {res.fit.total_steps}"
-    figs = (f"validation PSNR {meta['val_psnr']:.2f} dB, SSIM {meta['val_ssim']:.4f}"
+    full = "val_full_psnr" in meta
+    figs = (f"validation{' (full images)' if full else ''} PSNR {meta['val_full_psnr' if full else 'val_psnr']:.2f} dB, "
+            f"SSIM {meta['val_full_ssim' if full else 'val_ssim']:.4f}"
             if meta.get("val_psnr") is not None else "no validation")
     print(f"{args.out}: {status}, {figs} ({os.path.splitext(args.out)[0]}.json)")
     return 0

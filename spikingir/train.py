@@ -325,7 +325,7 @@ def fit(model: nn.Module, train_loader: Iterable, make_batch: Callable, val_fn: 
         grad_clip: clip the total gradient norm to this value (None: no clipping).
         amp: bf16 autocast for the forward pass.
         channels_last: model and inputs in channels_last memory format (default:
-            with ``amp`` on CUDA).
+            with ``amp``; faster for convolutions on GPUs and on CPUs with bf16).
         checkpoint: path of the checkpoint (None: none). Written atomically every
             ``checkpoint_every`` steps (default: at each validation, or 500),
             at the end, and on KeyboardInterrupt.
@@ -366,7 +366,7 @@ def fit(model: nn.Module, train_loader: Iterable, make_batch: Callable, val_fn: 
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("fit: device cuda requested but no CUDA device is available")
-    use_cl = (bool(amp) and device.type == "cuda") if channels_last is None else bool(channels_last)
+    use_cl = bool(amp) if channels_last is None else bool(channels_last)
     model.to(device)
     if use_cl:
         model.to(memory_format=torch.channels_last)
@@ -675,14 +675,18 @@ def train_denoiser(sigma: float = 25, *, data=None, val_data=None, steps: int | 
                    val_crop: int | None = None, val_every: int | None = None, checkpoint_every=None,
                    amp: bool = False, workers: int = 0, log_every: int = 50, progress: bool = True,
                    bn_recalibration: int = 20, stop_after=None, time_limit=None, log=None,
-                   depth: int = 17) -> TrainResult:
+                   depth: int = 17, init=None) -> TrainResult:
     """DnCNN-S (BN form) for Gaussian noise ``sigma`` on Train400 patches (40 x 40,
     stride 10, 4 scales, flips/rotations; fresh noise every batch), Adam with a
     decaying learning rate, validated on Set12 (DESIGN protocol; ``val_crop``
     center crops keep it fast on a CPU). At the end the BN statistics are
     re-estimated on ``bn_recalibration`` training batches (kept only when the
     validation PSNR does not drop) and folded: ``result.state_dict`` loads
-    strictly into ``DnCNN(batchnorm=False)``.
+    strictly into ``DnCNN(batchnorm=False)``. With ``val_crop``, the final model
+    is also validated on the full images (``meta["val_full_psnr"]``/``["val_full_ssim"]``).
+
+    ``init``: start from a checkpoint or BN-form state dict (e.g. another
+    sigma's run) instead of the random initialisation.
 
     ``data`` / ``val_data`` default to ``../shared/data/train400`` and ``set12``.
     """
@@ -701,6 +705,10 @@ def train_denoiser(sigma: float = 25, *, data=None, val_data=None, steps: int | 
                                 "../shared/data/set12 was not found)")
     log = log or _default_log
     device = torch.device(device)
+    torch.manual_seed(seed)
+    model = DnCNN(depth=depth, batchnorm=True)
+    if init is not None:
+        _load_init(model, init)
     val_fn = denoise_validator(val_data, sigma, crop=val_crop, device=device)
     patches = DnCNNPatches(data)
     log(f"[train denoise s{sigma:g}] {len(patches)} patches from {data}; validation: {val_fn.images} images "
@@ -713,11 +721,9 @@ def train_denoiser(sigma: float = 25, *, data=None, val_data=None, steps: int | 
         clean = clean.to(dev, non_blocking=True)
         return noisy(clean, s), clean
 
-    torch.manual_seed(seed)
-    model = DnCNN(depth=depth, batchnorm=True)
     config = {"task": "denoise", "sigma": s, "data": str(data), "val_data": str(val_data), "val_crop": val_crop,
               "batch_size": batch_size, "lr": lr, "schedule": schedule if isinstance(schedule, str) else "custom",
-              "seed": seed, "depth": depth}
+              "seed": seed, "depth": depth, "init": None if init is None else str(init)}
     res = fit(model, loader, make_batch, val_fn, steps=steps, epochs=epochs, lr=lr, schedule=schedule,
               checkpoint=checkpoint, resume=resume, checkpoint_every=checkpoint_every, val_every=val_every,
               seed=seed, device=device, log_every=log_every, progress=progress, amp=amp, config=config,
@@ -740,14 +746,41 @@ def train_denoiser(sigma: float = 25, *, data=None, val_data=None, steps: int | 
         if val_rc["psnr"] >= val["psnr"]:
             folded, val = folded_rc, val_rc
     folded = folded.cpu().float().eval()
+    full = None
+    if val_crop and res.finished:  # the figures to report: full images
+        full_fn = denoise_validator(val_data, sigma, crop=None, device="cpu")
+        full = _val_eval(full_fn, folded)
+        log(f"[train denoise s{sigma:g}] full-image validation ({full_fn.images} images): "
+            f"PSNR {full['psnr']:.4f} dB, SSIM {full['ssim']:.4f} (noisy {full_fn.noisy['psnr']:.2f} dB)")
     meta = _common_meta("denoise", res, batch_size, lr, seed, device, amp)
     meta.update({"sigma": s, "model": "DnCNN(depth=%d, batchnorm=False)" % depth, "form": "bn-folded",
                  "train_data": str(data), "patches": len(patches), "val_data": str(val_data),
                  "val_crop": val_crop, "val_images": val_fn.images, "val_psnr": val["psnr"],
                  "val_ssim": val["ssim"], "val_noisy_psnr": val_fn.noisy["psnr"],
-                 "val_noisy_ssim": val_fn.noisy["ssim"], "finished": res.finished})
+                 "val_noisy_ssim": val_fn.noisy["ssim"], "finished": res.finished,
+                 "init": None if init is None else str(init)})
+    if full is not None:
+        meta.update({"val_full_psnr": full["psnr"], "val_full_ssim": full["ssim"]})
     return TrainResult(model=folded, state_dict={k: v.detach().clone().contiguous()
                                                  for k, v in folded.state_dict().items()}, meta=meta, fit=res)
+
+
+def _load_init(model: nn.Module, init) -> None:
+    """Start ``model`` from ``init``: a :func:`fit` checkpoint (its model) or a
+    plain state dict of the same form (DnCNN: the BN form)."""
+    path = Path(init)
+    if not path.is_file():
+        raise FileNotFoundError(f"--init: no such file: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"--init: cannot read {path} as PyTorch weights ({type(err).__name__}: {err})") from err
+    sd = obj["model"] if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else obj
+    try:
+        model.load_state_dict(sd, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ValueError(f"--init: {path} does not hold {type(model).__name__} weights of this form "
+                         f"({str(err).splitlines()[0]})") from err
 
 
 def _copy_model(model):
@@ -812,7 +845,7 @@ def train_dehazer(*, data=None, val_data=None, val_scenes=DEFAULT_VAL_SCENES, st
                   schedule="cosine", device="cpu", seed: int = 0, checkpoint=None, resume: bool = True,
                   val_every: int | None = None, checkpoint_every=None, amp: bool = False, workers: int = 0,
                   log_every: int = 50, progress: bool = True, grad_clip: float | None = 0.1,
-                  stop_after=None, time_limit=None, log=None, repeat: int = 10) -> TrainResult:
+                  stop_after=None, time_limit=None, log=None, repeat: int = 10, init=None) -> TrainResult:
     """AOD-Net on paired hazy/clean images (``DehazePairs`` layout), random
     ``crop`` x ``crop`` windows with flips, MSE loss, Adam, gradient-norm
     clipping (as the reference, 0.1). Validation on full images: the scenes
@@ -831,6 +864,10 @@ def train_dehazer(*, data=None, val_data=None, val_scenes=DEFAULT_VAL_SCENES, st
                                 "../shared/data/sots_train was not found)")
     log = log or _default_log
     device = torch.device(device)
+    torch.manual_seed(seed)
+    model = AODNet()
+    if init is not None:
+        _load_init(model, init)
     pairs = DehazePairs(data)
     if val_data is not None:
         train_pairs, val_pairs, held_out = pairs, DehazePairs(val_data), []
@@ -853,11 +890,10 @@ def train_dehazer(*, data=None, val_data=None, val_scenes=DEFAULT_VAL_SCENES, st
         h, c = batch
         return h.to(dev, non_blocking=True), c.to(dev, non_blocking=True)
 
-    torch.manual_seed(seed)
-    model = AODNet()
     config = {"task": "dehaze", "data": str(data), "val_data": None if val_data is None else str(val_data),
               "val_scenes": held_out, "batch_size": batch_size, "crop": crop, "lr": lr, "seed": seed,
-              "schedule": schedule if isinstance(schedule, str) else "custom", "repeat": repeat}
+              "schedule": schedule if isinstance(schedule, str) else "custom", "repeat": repeat,
+              "init": None if init is None else str(init)}
     res = fit(model, loader, make_batch, val_fn, steps=steps, epochs=epochs, lr=lr, schedule=schedule,
               grad_clip=grad_clip, checkpoint=checkpoint, resume=resume, checkpoint_every=checkpoint_every,
               val_every=val_every, seed=seed, device=device, log_every=log_every, progress=progress, amp=amp,

@@ -250,6 +250,14 @@ def test_cli_bad_input(tmp_path, capsys, one_thread):
     assert "no clean image" in msg
     msg = _bad_cli(capsys, out, ["--task", "dehaze", "--sigma", "25", "--data", str(haze)])
     assert "sigma" in msg
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    msg = _bad_cli(capsys, out, ["--task", "denoise", "--init", str(junk), "--data", str(val), "--val-data", str(val)])
+    assert "junk.pt" in msg
+    aod = tmp_path / "aod.pt"
+    torch.save(AODNet().state_dict(), aod)  # weights of another model
+    msg = _bad_cli(capsys, out, ["--task", "denoise", "--init", str(aod), "--data", str(val), "--val-data", str(val)])
+    assert "DnCNN" in msg
 
 
 def test_cli_train_denoise_writes_folded_weights_and_resumes(tmp_path, capsys, one_thread):
@@ -282,6 +290,13 @@ def test_cli_train_dehaze(tmp_path, one_thread):
     import json
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["val_scenes"] == ["3"] and "3" not in meta["train_scenes"]
+    # --init: start a new run from the first run's checkpoint
+    out2 = tmp_path / "aod2.pt"
+    assert main(["train-ann", "--task", "dehaze", "--data", str(haze), "--val-scenes", "3", "--crop", "32",
+                 "--batch-size", "2", "--steps", "1", "--lr", "1e-12", "--init", str(out) + ".ckpt",
+                 "--out", str(out2), "--no-progress"]) == 0
+    a, b = torch.load(out, weights_only=True), torch.load(out2, weights_only=True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 # ----------------------------------------------------------------------------- shipped weights
