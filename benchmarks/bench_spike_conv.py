@@ -8,7 +8,7 @@ converted DnCNN.
     python benchmarks/bench_spike_conv.py --device cuda --shape 80 64 128 128
 
 Columns: ms of one forward call (CPU: the minimum over interleaved repeats, as
-the machine may be shared; GPU: triton.testing.do_bench median); ``x`` is
+the machine may be shared, each after an untimed call of the same column; GPU: triton.testing.do_bench median); ``x`` is
 F.conv2d fp32 ms / backend ms. ``occupancy``: fraction of (output tile 8x16,
 tap, 32-channel group) K-blocks of the Triton kernel that hold a spike (the
 blocks that kernel cannot skip). GPU runs add cuDNN fp32 (TF32 off), TF32 and
@@ -79,12 +79,14 @@ def columns(device):
 
 
 def time_cpu(cols, inputs, repeats):
-    """Minimum ms of each column, repeats interleaved across columns."""
+    """Minimum ms of each column over `repeats` rounds (interleaved across columns,
+    so load drifts hit every column alike). Each timed call follows an untimed
+    call of the same column: right after oneDNN, OpenMP's spinning threads slow
+    the next parallel region down (up to 2x on a loaded 2-core machine)."""
     best = {k: float("inf") for k in cols}
-    for k, f in cols.items():
-        f(*inputs[k])  # warm-up
     for _ in range(repeats):
         for k, f in cols.items():
+            f(*inputs[k])
             t0 = time.perf_counter()
             f(*inputs[k])
             best[k] = min(best[k], (time.perf_counter() - t0) * 1e3)
@@ -211,7 +213,8 @@ def main(argv=None):
         with open(args.markdown_append, "a") as f:
             f.write(f"\n## spike_conv2d (`benchmarks/bench_spike_conv.py`) — {header}\n{note}\n"
                     "Forward only, 64 -> 64 3x3, stride 1, padding 1, bias; ms = min over "
-                    f"{args.repeats} interleaved repeats; x = F.conv2d ms / column ms; "
+                    f"{args.repeats} interleaved repeats (each after an untimed call of the "
+                    "same column); x = F.conv2d ms / column ms; "
                     "occupancy = non-empty (8x16 tile, tap, 32-channel) blocks; "
                     "`cpp` runs with validate=False (as behind a neuron), `cpp+validate` "
                     "with the binary check.\n\n" + table + "\n")
