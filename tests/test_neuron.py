@@ -445,6 +445,12 @@ def test_modules():
     y2 = stateful(x)
     expect, _ = ops.if_multistep(x, 1.0, v0=v1, backend="torch")
     assert torch.equal(y2, expect)
+    # thresholds stay above 1% of their initial value whatever the optimiser does
+    low = IFNeuron(torch.tensor([0.5, 0.05, 1.0]), num_channels=3)
+    with torch.no_grad():
+        low.theta[1] = -0.2
+    assert torch.allclose(low.effective_theta(), torch.tensor([0.5, 0.0005, 1.0]))
+    assert low(x).shape == x.shape
     conv = SeqToBatch(torch.nn.Conv2d(3, 6, 3, padding=1))
     assert conv(x).shape == (4, 2, 6, 5, 5)
 

@@ -60,7 +60,8 @@ class _SpikingNet(nn.Module):
     def _v0(self, neuron, like):
         if neuron.v_init != "half":
             return None
-        th = neuron.theta.reshape((-1, 1, 1)) if neuron.theta.dim() == 1 else neuron.theta
+        th = neuron.effective_theta()
+        th = th.reshape((-1, 1, 1)) if th.dim() == 1 else th
         return (th / 2).expand(like.shape)
 
     def _rate(self, neuron, y):

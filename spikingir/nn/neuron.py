@@ -26,6 +26,11 @@ class _MultiStepNeuron(nn.Module):
     After each forward, ``self.v_final`` holds the final membrane potential
     (float32, shaped like one step, still in the autograd graph), which
     membrane-potential recycling needs.
+
+    Training keeps thresholds positive: the neuron uses
+    ``max(theta, theta_floor)`` with ``theta_floor`` = 1% of the initial
+    threshold (a buffer), so an optimiser step cannot push a small per-channel
+    threshold to zero or below (the op rejects that).
     """
 
     def __init__(self, theta=1.0, num_channels=None, trainable=True, v_init="zero",
@@ -37,6 +42,7 @@ class _MultiStepNeuron(nn.Module):
         self.num_channels = num_channels
         self.trainable = trainable
         self._add_param("theta", theta)
+        self.register_buffer("theta_floor", 0.01 * self.theta.detach().clone())
         self.v_init = v_init
         self.surrogate = surrogate
         self.alpha = alpha
@@ -63,18 +69,22 @@ class _MultiStepNeuron(nn.Module):
         """Forget the membrane state kept from the last call."""
         self.v_final = None
 
+    def effective_theta(self):
+        """The threshold the neuron uses: ``max(theta, theta_floor)``."""
+        return torch.maximum(self.theta, self.theta_floor)
+
     def _step_params(self, x_seq):
         """(v0, alpha) for one call on ``x_seq``."""
         if self.stateful and self.v_final is not None:
             v0 = self.v_final
         elif self.v_init == "half":
-            th = self.theta
+            th = self.effective_theta()
             if th.dim() == 1:
                 th = th.reshape((-1,) + (1,) * (x_seq.dim() - 3))
             v0 = (th / 2).expand(x_seq.shape[1:])
         else:
             v0 = None
-        alpha = self.alpha / self.theta.detach() if self.scale_free_surrogate else self.alpha
+        alpha = self.alpha / self.effective_theta().detach() if self.scale_free_surrogate else self.alpha
         return v0, alpha
 
     def _kwargs(self, x_seq):
@@ -95,7 +105,7 @@ class IFNeuron(_MultiStepNeuron):
     (``theta * s``, or ``s`` with ``scale_output=False``) out."""
 
     def forward(self, x_seq):
-        y, self.v_final = ops.if_multistep(x_seq, self.theta, **self._kwargs(x_seq))
+        y, self.v_final = ops.if_multistep(x_seq, self.effective_theta(), **self._kwargs(x_seq))
         return y
 
 
@@ -116,7 +126,7 @@ class MPRNeuron(_MultiStepNeuron):
         self.reuse_alpha = reuse_alpha
 
     def forward(self, x_seq):
-        y, self.v_final = ops.mprn_multistep(x_seq, self.theta, self.beta,
+        y, self.v_final = ops.mprn_multistep(x_seq, self.effective_theta(), self.beta,
                                              reuse_alpha=self.reuse_alpha, **self._kwargs(x_seq))
         return y
 
