@@ -159,7 +159,7 @@ def _cmd_restore(args):
         raise UserError(f"{args.image}: an RGB image for the grayscale denoising model")
     if args.task == "dehaze" and img.ndim == 2:
         img = np.repeat(img[..., None], 3, 2)
-    ann = load_ann(args.task, sigma, args.ann_weights)
+    ann = None if args.snn_weights else load_ann(args.task, sigma, args.ann_weights)
     snn, origin = _get_snn(args.task, sigma, ann, args.timesteps, args, args.ann_weights is not None)
     with torch.no_grad():
         out = snn(_to_input(img))[0].float().numpy()

@@ -1,0 +1,107 @@
+"""The restoration commands of the CLI: outputs, and one-line errors with exit status 2."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spikingir.cli import main
+from spikingir.models import AODNet, DnCNN
+
+torch.set_num_threads(1)
+
+
+def run(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    dn = DnCNN(depth=4, channels=8, batchnorm=False)
+    torch.save(dn.state_dict(), d / "dncnn.pt")
+    torch.save(AODNet().state_dict(), d / "aod.pt")
+    gray = d / "gray"
+    gray.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8)).save(gray / f"im{i}.png")
+    rgb = d / "rgb"
+    rgb.mkdir()
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(rgb / "c.png")
+    (d / "empty").mkdir()
+    haze = d / "haze"
+    (haze / "hazy").mkdir(parents=True)
+    (haze / "gt").mkdir()
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(haze / "hazy" / "7_1.png")
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(haze / "gt" / "8.png")
+    return d
+
+
+def test_evaluate_writes_json_markdown_figures(files, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, stdout, err = run(["evaluate", "--task", "denoise", "--sigma", "25", "--data",
+                             str(files / "gray"), "--timesteps", "2", "3", "--ann-weights",
+                             str(files / "dncnn.pt"), "--json", str(out), "--markdown",
+                             str(tmp_path / "t.md"), "--figures", str(tmp_path / "fig")], capsys)
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert r["task"] == "denoise" and r["sigma"] == 25 and r["images"] == 2
+    assert [s["timesteps"] for s in r["snn"]] == [2, 3]
+    assert "| SNN | 3 |" in (tmp_path / "t.md").read_text() and "| SNN | 2 |" in stdout
+    pngs = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    assert "psnr_vs_T_denoise.png" in pngs and len(pngs) == 3
+
+
+def test_restore_writes_an_image(files, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    code, _, err = run(["restore", str(files / "gray" / "im0.png"), "-o", str(out), "--task",
+                        "denoise", "--sigma", "25", "--timesteps", "2", "--ann-weights",
+                        str(files / "dncnn.pt")], capsys)
+    assert code == 0, err
+    assert np.asarray(Image.open(out)).shape == (20, 24)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/nowhere"], "no such directory"),
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/empty"], "no image files"),
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/rgb"], "RGB image"),
+    (["evaluate", "--task", "denoise", "--sigma", "30", "--data", "{d}/gray"], "unknown sigma"),
+    (["evaluate", "--task", "denoise", "--data", "{d}/gray"], "--sigma is required"),
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/gray", "--ann-weights",
+      "{d}/aod.pt"], "not a DnCNN"),
+    (["evaluate", "--task", "dehaze", "--data", "{d}/haze", "--ann-weights", "{d}/dncnn.pt"],
+     "hazy|clean|no"),
+    (["evaluate", "--task", "dehaze", "--data", "{d}/gray", "--ann-weights", "{d}/aod.pt"], ""),
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--timesteps", "0"], "T >= 1"),
+    (["restore", "{d}/gray/missing.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25"],
+     "no such image"),
+    (["restore", "{d}/rgb/c.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
+      "--ann-weights", "{d}/dncnn.pt"], "RGB image"),
+    (["restore", "{d}/gray/im0.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
+      "--ann-weights", "{d}/missing.pt"], "No such file|no such"),
+    (["restore", "{d}/gray/im0.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
+      "--snn-weights", "{d}/dncnn.pt"], "not a SpikingIR SNN"),
+])
+def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, capsys, argv, match):
+    argv = [a.format(d=files, o=tmp_path) for a in argv]
+    json_out = tmp_path / "r.json"
+    if argv[0] == "evaluate":
+        argv += ["--json", str(json_out)]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err
+    if argv[0] != "evaluate" or "--timesteps" not in argv:  # argparse prints usage + 1 error line
+        assert len(lines) == 1, err
+    import re
+    assert re.search(match, lines[-1], re.I), lines[-1]
+    assert not json_out.exists() and not (tmp_path / "x.png").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
