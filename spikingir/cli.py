@@ -248,6 +248,9 @@ def _cmd_train_ann(args):
         return 130
     except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as err:
         return fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except FloatingPointError as err:  # diverged: not bad input, but no traceback either
+        print(f"spikingir train-ann: {err}; try a lower --lr (checkpoint {args.checkpoint})", file=sys.stderr)
+        return 1
     status = "finished" if res.fit.finished else f"stopped at step {res.fit.step} of {res.fit.total_steps}"
     full = "val_full_psnr" in meta
     figs = (f"validation{' (full images)' if full else ''} PSNR {meta['val_full_psnr' if full else 'val_psnr']:.2f} dB, "

@@ -405,7 +405,7 @@ def fit(model: nn.Module, train_loader: Iterable, make_batch: Callable, val_fn: 
 
     t_start = time.perf_counter()
 
-    rng_after_step = None  # generator states right after the last completed step
+    rng_after_step = resume_rng  # generator states right after the last completed step
 
     def save(finished):
         if ckpt_path is None:
@@ -753,7 +753,7 @@ def train_denoiser(sigma: float = 25, *, data=None, val_data=None, steps: int | 
         log(f"[train denoise s{sigma:g}] full-image validation ({full_fn.images} images): "
             f"PSNR {full['psnr']:.4f} dB, SSIM {full['ssim']:.4f} (noisy {full_fn.noisy['psnr']:.2f} dB)")
     meta = _common_meta("denoise", res, batch_size, lr, seed, device, amp)
-    meta.update({"sigma": s, "model": "DnCNN(depth=%d, batchnorm=False)" % depth, "form": "bn-folded",
+    meta.update({"sigma": int(s) if s.is_integer() else s, "model": "DnCNN(depth=%d, batchnorm=False)" % depth, "form": "bn-folded",
                  "train_data": str(data), "patches": len(patches), "val_data": str(val_data),
                  "val_crop": val_crop, "val_images": val_fn.images, "val_psnr": val["psnr"],
                  "val_ssim": val["ssim"], "val_noisy_psnr": val_fn.noisy["psnr"],
