@@ -65,14 +65,13 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
     """The shipped fine-tuned SNN when it applies, else a fresh conversion of ``ann``."""
     from spikingir.convert import to_snn
     from spikingir.pipeline import calibration_inputs, load_snn
-    from spikingir.weights import weights_path
+    from spikingir.weights import WEIGHTS_DIR
 
     path = getattr(args, "snn_weights", None)
     if path is None and not ann_given:
         name = SHIPPED_SNN.get((task, sigma))
-        shipped = weights_path(name) if name else None
-        if shipped is not None and os.path.exists(shipped):
-            path = shipped
+        if name and (WEIGHTS_DIR / name).exists():
+            path = WEIGHTS_DIR / name
     if path is not None:
         snn = load_snn(path, backend=args.backend)
         snn.timesteps = timesteps
@@ -200,7 +199,7 @@ def _cmd_finetune(args):
     sigma = _sigma_of(args)
     ann = load_ann(args.task, sigma, args.ann_weights)
     from spikingir.train import default_data_dir
-    calib_dir = (args.data or default_data_dir("train400")) if args.task == "denoise" else None
+    calib_dir = args.data or default_data_dir("train400" if args.task == "denoise" else "sots_train")
     calib = calibration_inputs(args.task, sigma, data=calib_dir)
     snn = to_snn(ann, calib, args.timesteps, neuron=args.neuron, percentile=args.percentile,
                  per_channel=not args.per_layer, v0=args.v0, recycling=not args.no_recycling,

@@ -97,7 +97,8 @@ def dehaze_samples(data=None, limit=None, crop=None, scenes=None):
 
 def calibration_inputs(task, sigma=None, crop=128, data=None):
     """Degraded inputs for threshold calibration, disjoint from the evaluation
-    images: Train400 (if ``data`` is given) or built-in photos."""
+    images: from the training data ``data`` (Train400 with noise; dehazing:
+    hazy images of the training scenes) or built-in photos."""
     from spikingir.data import synthesize_haze
 
     if task == "denoise":
@@ -106,6 +107,12 @@ def calibration_inputs(task, sigma=None, crop=128, data=None):
         else:
             cleans = [center_crop(_skimage_photo(n, gray=True), crop) for n in DENOISE_CALIB]
         return [_to_input(add_gaussian_noise(c, sigma, seed=i)) for i, c in enumerate(cleans)]
+    if data is not None:  # hazy images of the training scenes (validation scenes held out)
+        from spikingir.data import DehazePairs
+        from spikingir.train import DEFAULT_VAL_SCENES
+        train_pairs, _ = DehazePairs(data).split(DEFAULT_VAL_SCENES)
+        return [_to_input(center_crop(load_image(h, gray=False), crop * 2))
+                for h, _, _ in train_pairs.pairs[::max(1, len(train_pairs.pairs) // 8)][:8]]
     cleans = [center_crop(_skimage_photo(n, gray=False), crop) for n in DEHAZE_CALIB]
     return [_to_input(synthesize_haze(c, rng=i).hazy) for i, c in enumerate(cleans)]
 
