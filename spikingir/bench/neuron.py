@@ -158,12 +158,14 @@ def _compiled():
 # Timing.
 # --------------------------------------------------------------------------
 
-def _time_cpu(steps, min_time, min_reps=3, max_reps=100):
+def _time_cpu(steps, min_time, min_reps=3, max_reps=100, warm=None):
     """Median ms of each callable, timed round-robin (one call of each per round)
     so that load from other processes falls on every column alike. Rounds go on
-    until ``min_reps`` and then until ``min_time`` s per callable or ``max_reps``."""
-    for fn in steps:
-        fn()  # warmup (the correctness call before it was the first)
+    until ``min_reps`` and then until ``min_time`` s per callable or ``max_reps``.
+    Each callable gets one warmup call unless ``warm[i]`` says it needs none."""
+    for i, fn in enumerate(steps):
+        if not (warm and warm[i]):
+            fn()
     times = [[] for _ in steps]
     start = time.perf_counter()
     rounds = 0
@@ -317,7 +319,9 @@ def _run_cell(dev, mode, T, N, cols, on_gpu, min_time):
             return y
 
         try:
+            t0 = time.perf_counter()
             y = step().detach()  # first call: compiles, checks, warms up
+            first_s = time.perf_counter() - t0
         except Exception as exc:  # compile without a C compiler, a missing cupy, ...
             row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
             if name == "naive":
@@ -331,12 +335,14 @@ def _run_cell(dev, mode, T, N, cols, on_gpu, min_time):
             diff = max(diff, _max_diff(got[1], ref[1]))
         row["maxdiff"] = diff
         del y, got
-        timed.append((row, step))
+        # A call of over a second warms up enough (not so a compiling one).
+        timed.append((row, step, first_s > 1.0 and name != "compile"))
     if on_gpu:
-        results = [_time_cuda(step) for _, step in timed]
+        results = [_time_cuda(step) for _, step, _ in timed]
     else:
-        results = _time_cpu([step for _, step in timed], min_time)
-    for (row, _), (ms, reps) in zip(timed, results):
+        results = _time_cpu([step for _, step, _ in timed], min_time,
+                            warm=[w for _, _, w in timed])
+    for (row, _, _), (ms, reps) in zip(timed, results):
         row["ms"], row["reps"] = ms, reps
         row["gbps"] = nbytes / (ms * 1e-3) / 1e9
         if on_gpu:
