@@ -30,13 +30,8 @@ def _guard(func):
 
 
 def _timesteps(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer T >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected T >= 1, got {v}")
-    return v
+    from spikingir.cli import _positive_int
+    return _positive_int(text)
 
 
 def _sigma_of(args):
@@ -46,6 +41,23 @@ def _sigma_of(args):
     if args.sigma is None:
         raise UserError("--sigma is required for --task denoise (15, 25 or 50)")
     return check_sigma(args.sigma)
+
+
+def _add_model_args(p, snn_weights=True):
+    """--task, --sigma and the weights files, shared by evaluate/restore/finetune."""
+    p.add_argument("--task", choices=["denoise", "dehaze"], required=True)
+    p.add_argument("--sigma", type=float, default=None, help="noise level (denoise): 15, 25 or 50")
+    p.add_argument("--ann-weights", default=None, help="ANN state dict (default: the shipped one)")
+    if snn_weights:
+        p.add_argument("--snn-weights", default=None,
+                       help="SNN from `spikingir finetune` (default: the shipped one, else convert)")
+
+
+def _convert(ann, calib, timesteps, args):
+    from spikingir.convert import to_snn
+    return to_snn(ann, calib, timesteps, neuron=args.neuron, percentile=args.percentile,
+                  per_channel=not args.per_layer, v0=args.v0, recycling=not args.no_recycling,
+                  backend=args.backend)
 
 
 def _add_conversion_args(p):
@@ -63,7 +75,6 @@ def _add_conversion_args(p):
 
 def _get_snn(task, sigma, ann, timesteps, args, ann_given):
     """The shipped fine-tuned SNN when it applies, else a fresh conversion of ``ann``."""
-    from spikingir.convert import to_snn
     from spikingir.pipeline import calibration_inputs, load_snn
     from spikingir.weights import WEIGHTS_DIR
 
@@ -77,9 +88,7 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
         snn.timesteps = timesteps
         return snn, f"SNN weights {path}"
     calib = calibration_inputs(task, sigma)
-    snn = to_snn(ann, calib, timesteps, neuron=args.neuron, percentile=args.percentile,
-                 per_channel=not args.per_layer, v0=args.v0, recycling=not args.no_recycling,
-                 backend=args.backend)
+    snn = _convert(ann, calib, timesteps, args)
     return snn, (f"converted ANN ({args.neuron}, p{args.percentile:g}, v0={args.v0}, "
                  f"calibrated on {len(calib)} built-in images, not fine-tuned)")
 
@@ -123,15 +132,12 @@ def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="ANN vs SNN: PSNR/SSIM, conversion rate, firing, energy",
                        description="Evaluates the ANN and its SNN at each T. By default the shipped "
                                    "weights and the built-in images.")
-    p.add_argument("--task", choices=["denoise", "dehaze"], required=True)
-    p.add_argument("--sigma", type=float, default=None, help="noise level (denoise): 15, 25 or 50")
+    _add_model_args(p)
     p.add_argument("--data", default=None, help="image folder (denoise) or hazy/ + gt/ folder (dehaze)")
     p.add_argument("--scenes", nargs="+", default=None, help="dehaze: scene ids to evaluate")
     p.add_argument("--timesteps", type=_timesteps, nargs="+", default=[5, 10])
     p.add_argument("--limit", type=_timesteps, default=None, help="first N images only")
     p.add_argument("--crop", type=_timesteps, default=None, help="center crops of N x N pixels")
-    p.add_argument("--ann-weights", default=None)
-    p.add_argument("--snn-weights", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--figures", default=None, help="folder for side-by-side PNGs and PSNR-vs-T")
@@ -177,11 +183,8 @@ def _add_restore(sub):
                        description="Denoises or dehazes IMAGE with the spiking network.")
     p.add_argument("image")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--task", choices=["denoise", "dehaze"], required=True)
-    p.add_argument("--sigma", type=float, default=None)
+    _add_model_args(p)
     p.add_argument("--timesteps", type=_timesteps, default=10)
-    p.add_argument("--ann-weights", default=None)
-    p.add_argument("--snn-weights", default=None)
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_restore))
 
@@ -191,7 +194,6 @@ def _add_restore(sub):
 def _cmd_finetune(args):
     import torch
 
-    from spikingir.convert import to_snn
     from spikingir.finetune import finetune_snn
     from spikingir.pipeline import calibration_inputs, load_ann, save_snn
 
@@ -201,9 +203,7 @@ def _cmd_finetune(args):
     from spikingir.train import default_data_dir
     calib_dir = args.data or default_data_dir("train400" if args.task == "denoise" else "sots_train")
     calib = calibration_inputs(args.task, sigma, data=calib_dir)
-    snn = to_snn(ann, calib, args.timesteps, neuron=args.neuron, percentile=args.percentile,
-                 per_channel=not args.per_layer, v0=args.v0, recycling=not args.no_recycling,
-                 backend=args.backend)
+    snn = _convert(ann, calib, args.timesteps, args)
     t0 = time.time()
     res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,
                        steps=args.steps, batch_size=args.batch_size, lr_weights=args.lr_weights,
@@ -226,9 +226,7 @@ def _add_finetune(sub):
     p = sub.add_parser("finetune", help="convert an ANN and fine-tune the SNN with surrogate gradients",
                        description="Converts the ANN (shipped or --ann-weights), then trains thresholds, "
                                    "beta, mapper and weights through the fused neuron ops (BPTT).")
-    p.add_argument("--task", choices=["denoise", "dehaze"], required=True)
-    p.add_argument("--sigma", type=float, default=None)
-    p.add_argument("--ann-weights", default=None)
+    _add_model_args(p, snn_weights=False)
     p.add_argument("--timesteps", type=_timesteps, default=4)
     p.add_argument("--steps", type=_timesteps, default=200)
     p.add_argument("--batch-size", type=_timesteps, default=8)
