@@ -43,11 +43,23 @@ struct Params {
 
 // Gathers per-channel parameters of neurons [m0, m0 + n) into local arrays.
 SPK_HD void gather(const Params& p, int64_t m0, int64_t n, float* th, float* be, float* al) {
+  if (p.C == 1) {  // scalar parameters: a fill
+    std::fill(th, th + n, p.theta[0]);
+    std::fill(be, be + n, p.beta[0]);
+    std::fill(al, al + n, p.alpha[0]);
+    return;
+  }
+  // Channel of neuron m is (m / inner) % C: divide once, then step a counter.
+  int64_t c = (m0 / p.inner) % p.C;
+  int64_t left = p.inner - m0 % p.inner;  // neurons left in channel c
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t c = ((m0 + i) / p.inner) % p.C;
     th[i] = p.theta[c];
     be[i] = p.beta[c];
     al[i] = p.alpha[c];
+    if (--left == 0) {
+      left = p.inner;
+      c = c + 1 == p.C ? 0 : c + 1;
+    }
   }
 }
 
