@@ -5,7 +5,6 @@ grayscale model, unknown sigma, T < 1, a checkpoint of another model, an empty
 or mismatched data folder) print one line on stderr and exit with status 2;
 outputs are written only after everything succeeded, each atomically.
 """
-import argparse
 import os
 import sys
 import time

@@ -6,7 +6,6 @@ fused neuron ops (their backward is the fused surrogate-gradient kernel), on the
 training data of the ANN. Two learning rates (measured on an H100 in DESIGN.md:
 Adam, 2e-5 for weights and 1e-3 for thresholds/beta).
 """
-import torch
 
 from spikingir.train import (DEFAULT_VAL_SCENES, _CachedCrops, _loader, default_data_dir,
                              denoise_validator, dehaze_validator, fit)

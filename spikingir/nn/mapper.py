@@ -2,7 +2,6 @@
 mapped to pixels by a convolutional pixel mapper (DESIGN.md section 5)."""
 import copy
 
-import torch
 from torch import nn
 
 
