@@ -276,8 +276,8 @@ def _build_parser():
     _add_bench_neuron(bench_sub)
     _add_train_ann(sub)
 
-    # Later: sub.add_parser("evaluate"), ("restore"), ("demo"), each with
-    # set_defaults(func=_cmd_<name>).
+    from spikingir.commands import add_commands  # evaluate, restore, finetune, demo
+    add_commands(sub)
     return parser
 
 
