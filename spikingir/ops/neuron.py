@@ -14,6 +14,7 @@ import numbers
 import torch
 
 from . import backends
+from .registry import fused_forward, register_fused_op
 from .reference import neuron_reference
 from .surrogate import SURROGATES
 
@@ -59,30 +60,7 @@ def _backward_via(bwd_op):
     return backward
 
 
-def _register():
-    if not backends.HAS_CPP_OPS:
-        return
-    ops = torch.ops.spikingir
-    pairs = [("spikingir::neuron_fwd", "spikingir::neuron_bwd", ops.neuron_bwd)]
-    if backends.HAS_TRITON:
-        from spikingir.kernels.neuron import neuron_bwd_triton, neuron_fwd_triton
-        for key in ("CPU", "CUDA"):
-            torch.library.impl("spikingir::neuron_fwd_triton", key)(neuron_fwd_triton)
-            torch.library.impl("spikingir::neuron_bwd_triton", key)(neuron_bwd_triton)
-        pairs.append(("spikingir::neuron_fwd_triton", "spikingir::neuron_bwd_triton",
-                      ops.neuron_bwd_triton))
-    for fwd, bwd, bwd_op in pairs:
-        torch.library.register_fake(fwd)(_fake_fwd)
-        torch.library.register_fake(bwd)(_fake_bwd)
-        torch.library.register_autograd(fwd, _backward_via(bwd_op), setup_context=_setup_context)
-
-
-_register()
-
-
-def _fused_op(backend):
-    ops = torch.ops.spikingir
-    return ops.neuron_fwd_triton if backend == "triton" else ops.neuron_fwd
+register_fused_op("neuron", "neuron", _fake_fwd, _fake_bwd, _setup_context, _backward_via)
 
 
 # --------------------------------------------------------------------------
@@ -170,8 +148,9 @@ def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x_seq, theta_c, beta_c, v0))
     save_bytes = (2 if save_dtype == torch.bfloat16 else 4) if needs_grad else 0
-    y, v_final, _ = _fused_op(chosen)(x_seq.contiguous(), theta_c, beta_c, v0, alpha_c,
-                                      SURROGATES[surrogate], *flags, save_bytes)
+    y, v_final, _ = fused_forward("neuron", chosen)(x_seq.contiguous(), theta_c, beta_c, v0,
+                                                    alpha_c, SURROGATES[surrogate], *flags,
+                                                    save_bytes)
     return y, v_final
 
 

@@ -14,6 +14,7 @@ import numbers
 import torch
 
 from . import backends
+from .registry import fused_forward, register_fused_op
 from .reference import spike_conv2d_reference
 
 #: Kernel sizes the fused backends take (AOD-Net uses all four).
@@ -72,31 +73,7 @@ def _backward_via(bwd_op):
     return backward
 
 
-def _register():
-    if not backends.HAS_CPP_OPS:
-        return
-    ops = torch.ops.spikingir
-    pairs = [("spikingir::spike_conv2d_fwd", "spikingir::spike_conv2d_bwd",
-              ops.spike_conv2d_bwd)]
-    if backends.HAS_TRITON:
-        from spikingir.kernels.spike_conv import spike_conv2d_bwd_triton, spike_conv2d_fwd_triton
-        for key in ("CPU", "CUDA"):
-            torch.library.impl("spikingir::spike_conv2d_fwd_triton", key)(spike_conv2d_fwd_triton)
-            torch.library.impl("spikingir::spike_conv2d_bwd_triton", key)(spike_conv2d_bwd_triton)
-        pairs.append(("spikingir::spike_conv2d_fwd_triton", "spikingir::spike_conv2d_bwd_triton",
-                      ops.spike_conv2d_bwd_triton))
-    for fwd, bwd, bwd_op in pairs:
-        torch.library.register_fake(fwd)(_fake_fwd)
-        torch.library.register_fake(bwd)(_fake_bwd)
-        torch.library.register_autograd(fwd, _backward_via(bwd_op), setup_context=_setup_context)
-
-
-_register()
-
-
-def _fused_op(backend):
-    ops = torch.ops.spikingir
-    return ops.spike_conv2d_fwd_triton if backend == "triton" else ops.spike_conv2d_fwd
+register_fused_op("spike_conv2d", "spike_conv", _fake_fwd, _fake_bwd, _setup_context, _backward_via)
 
 
 # --------------------------------------------------------------------------
@@ -205,6 +182,6 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
     w = weight.float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     save = torch.is_grad_enabled() and w.requires_grad
-    out, _ = _fused_op(chosen)(s.contiguous(), w, b, stride, padding, DENSE_RATE[chosen],
+    out, _ = fused_forward("spike_conv2d", chosen)(s.contiguous(), w, b, stride, padding, DENSE_RATE[chosen],
                                bool(validate), save)
     return out if out_dtype == torch.float32 else out.to(out_dtype)

@@ -1,0 +1,44 @@
+"""Registration shared by the fused ops: fake kernels, autograd, and the Python
+implementations of the ``*_triton`` schemas (all schemas: csrc/ops.cpp).
+
+An op ``spikingir::<stem>_fwd`` / ``<stem>_bwd`` has a compiled CPU/CUDA kernel;
+its twin ``<stem>_fwd_triton`` / ``<stem>_bwd_triton`` is implemented by
+``spikingir.kernels.<module>.<stem>_{fwd,bwd}_triton`` for the CPU (Triton
+interpreter) and CUDA dispatch keys. Both get the same fake kernels and the same
+autograd formula, whose backward calls the matching backward op.
+"""
+import importlib
+
+import torch
+
+from . import backends
+
+
+def register_fused_op(stem, kernel_module, fake_fwd, fake_bwd, setup_context, backward_via):
+    """Registers ``spikingir::<stem>_fwd`` and its Triton twin (when triton imports).
+
+    ``backward_via(bwd_op)`` returns the autograd backward that calls ``bwd_op``.
+    """
+    if not backends.HAS_CPP_OPS:
+        return
+    ops = torch.ops.spikingir
+    pairs = [(f"spikingir::{stem}_fwd", f"spikingir::{stem}_bwd", getattr(ops, f"{stem}_bwd"))]
+    if backends.HAS_TRITON:
+        kernels = importlib.import_module(f"spikingir.kernels.{kernel_module}")
+        for key in ("CPU", "CUDA"):
+            for part in ("fwd", "bwd"):
+                torch.library.impl(f"spikingir::{stem}_{part}_triton", key)(
+                    getattr(kernels, f"{stem}_{part}_triton"))
+        pairs.append((f"spikingir::{stem}_fwd_triton", f"spikingir::{stem}_bwd_triton",
+                      getattr(ops, f"{stem}_bwd_triton")))
+    for fwd, bwd, bwd_op in pairs:
+        torch.library.register_fake(fwd)(fake_fwd)
+        torch.library.register_fake(bwd)(fake_bwd)
+        torch.library.register_autograd(fwd, backward_via(bwd_op), setup_context=setup_context)
+
+
+def fused_forward(stem, backend):
+    """The forward op that runs ``backend`` ("triton": the Triton twin; "cpp" and
+    "cuda": the compiled op, which the dispatcher sends to the tensor's device)."""
+    ops = torch.ops.spikingir
+    return getattr(ops, f"{stem}_fwd_triton" if backend == "triton" else f"{stem}_fwd")
