@@ -21,3 +21,10 @@ def dyadic(*shape, scale=16, spread=2.0, generator=None, dtype=torch.float32):
     and the reference cannot disagree on a spike by rounding."""
     x = torch.randn(*shape, generator=generator) * spread
     return (torch.round(x * scale) / scale).to(dtype)
+
+
+def ran_ops(fn):
+    """Names of the spikingir ops that ran during ``fn()`` (proof of the backend)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("spikingir::")}

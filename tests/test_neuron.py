@@ -9,7 +9,7 @@ from spikingir.ops import backends
 from spikingir.ops.reference import neuron_reference
 from spikingir.ops.surrogate import SURROGATES
 
-from helpers import assert_close, dyadic
+from helpers import assert_close, ran_ops, dyadic
 
 CPU_FUSED = [b for b in ("cpp", "triton") if b in ops.available_backends("cpu")]
 GPU = torch.cuda.is_available()
@@ -323,12 +323,6 @@ def test_torch_compile_fullgraph():
         assert_close(a, b, 1e-4, 1e-4, "compiled grad")
 
 
-def _ran_ops(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.key for e in prof.key_averages() if e.key.startswith("spikingir::")}
-
-
 @pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
 def test_chosen_backend_runs(backend):
     x = torch.randn(3, 5, requires_grad=True)
@@ -336,7 +330,7 @@ def test_chosen_backend_runs(backend):
     def fn():
         y, _ = ops.if_multistep(x, 1.0, backend=backend)
         y.sum().backward()
-    ran = _ran_ops(fn)
+    ran = ran_ops(fn)
     expected = {"torch": set(), "cpp": {"spikingir::neuron_fwd", "spikingir::neuron_bwd"},
                 "triton": {"spikingir::neuron_fwd_triton", "spikingir::neuron_bwd_triton"}}
     assert ran == expected[backend]
@@ -346,7 +340,7 @@ def test_auto_backend_choice():
     assert backends.choose("if_multistep", "cpu", torch.float64, "auto") == "torch"
     if "cpp" in CPU_FUSED:
         assert backends.choose("if_multistep", "cpu", torch.float32, "auto") == "cpp"
-        ran = _ran_ops(lambda: ops.if_multistep(torch.randn(2, 3), 1.0))
+        ran = ran_ops(lambda: ops.if_multistep(torch.randn(2, 3), 1.0))
         assert ran == {"spikingir::neuron_fwd"}
 
 

@@ -8,7 +8,7 @@ from spikingir.nn import SpikeConv2d
 from spikingir.ops import backends
 from spikingir.ops.reference import spike_conv2d_reference
 
-from helpers import assert_close
+from helpers import assert_close, ran_ops
 
 OP = "spike_conv2d"
 CPU_FUSED = [b for b in ("cpp", "triton") if b in ops.available_backends("cpu", op=OP)]
@@ -289,12 +289,6 @@ def test_torch_compile_fullgraph():
         assert_close(a, b, 1e-5, 1e-5, "compiled grad")
 
 
-def _ran_ops(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.key for e in prof.key_averages() if e.key.startswith("spikingir::")}
-
-
 @pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
 def test_chosen_backend_runs(backend):
     s = spikes(1, 2, 5, 5, rate=0.3)
@@ -306,14 +300,14 @@ def test_chosen_backend_runs(backend):
                 "cpp": {"spikingir::spike_conv2d_fwd", "spikingir::spike_conv2d_bwd"},
                 "triton": {"spikingir::spike_conv2d_fwd_triton",
                            "spikingir::spike_conv2d_bwd_triton"}}
-    assert _ran_ops(fn) == expected[backend]
+    assert ran_ops(fn) == expected[backend]
 
 
 def test_auto_backend_choice():
     assert backends.choose(OP, "cpu", torch.float64, "auto") == "torch"
     if "cpp" in CPU_FUSED:
         assert backends.choose(OP, "cpu", torch.float32, "auto") == "cpp"
-        ran = _ran_ops(lambda: ops.spike_conv2d(spikes(1, 2, 5, 5, rate=0.5),
+        ran = ran_ops(lambda: ops.spike_conv2d(spikes(1, 2, 5, 5, rate=0.5),
                                                 torch.randn(2, 2, 3, 3)))
         assert ran == {"spikingir::spike_conv2d_fwd"}
     out = ops.spike_conv2d(spikes(1, 2, 5, 5, rate=0.5, dtype=torch.float64),
