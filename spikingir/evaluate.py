@@ -103,6 +103,9 @@ def write_atomic(path, text_or_bytes):
     try:
         with os.fdopen(fd, mode) as f:
             f.write(text_or_bytes)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
