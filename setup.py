@@ -79,7 +79,8 @@ def extensions():
 setup(
     packages=find_packages(include=["spikingir", "spikingir.*"]) + ["spikingir.kernels"],
     package_dir={"spikingir.kernels": "kernels"},
-    package_data={"spikingir": ["weights/*.pt", "weights/*.json", "weights/*.md"]},
+    package_data={"spikingir": ["weights/*.pt", "weights/*.json", "weights/*.md"],
+                  "spikingir.weights": ["*.pt", "*.json", "*.md"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
 )

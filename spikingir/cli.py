@@ -131,7 +131,8 @@ def _add_train_ann(sub):
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     p.add_argument("--init", metavar="PATH", help="start from these weights instead of a random "
                    "initialisation: a train-ann checkpoint or a state dict of the training form "
-                   "(DnCNN with BN), e.g. another sigma's checkpoint")
+                   "(DnCNN with BN), e.g. another sigma's checkpoint; give another --seed than that run's "
+                   "to draw other patches")
     p.add_argument("--threads", type=_positive_int, help="torch.set_num_threads (CPU)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--val-crop", type=_positive_int, metavar="N",

@@ -686,7 +686,9 @@ def train_denoiser(sigma: float = 25, *, data=None, val_data=None, steps: int | 
     is also validated on the full images (``meta["val_full_psnr"]``/``["val_full_ssim"]``).
 
     ``init``: start from a checkpoint or BN-form state dict (e.g. another
-    sigma's run) instead of the random initialisation.
+    sigma's run) instead of the random initialisation. The patch order and the
+    noise depend on ``seed`` only, so give another seed than the run ``init``
+    comes from to see other patches.
 
     ``data`` / ``val_data`` default to ``../shared/data/train400`` and ``set12``.
     """
