@@ -212,7 +212,7 @@ def _cmd_finetune(args):
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
             "timesteps": args.timesteps, "device": args.device, "wall_s": round(time.time() - t0, 1),
-            "torch": torch.__version__}
+            "torch": str(torch.__version__)}
     if res.history:
         last = res.history[-1]
         meta.update({k: v for k, v in last.items() if isinstance(v, (int, float, str))})

@@ -155,7 +155,11 @@ def save_snn(snn, path, extra=None):
     from spikingir.evaluate import write_atomic
     import io
 
-    obj = {"config": snn_config(snn), "state_dict": snn.state_dict(), "meta": dict(extra or {})}
+    import json
+    # plain JSON types only (e.g. torch.__version__ is a str subclass that
+    # weights_only loading rejects)
+    meta = json.loads(json.dumps(dict(extra or {}), default=str))
+    obj = {"config": snn_config(snn), "state_dict": snn.state_dict(), "meta": meta}
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_atomic(path, buf.getvalue())

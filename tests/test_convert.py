@@ -139,7 +139,7 @@ def test_save_and_load_snn(tmp_path):
     snn = to_snn(ann, images(1), 3, per_channel=True, v0="half")
     with torch.no_grad():
         snn.neurons_[0].theta.mul_(1.1)
-    save_snn(snn, tmp_path / "snn.pt", {"note": "test"})
+    save_snn(snn, tmp_path / "snn.pt", {"note": "test", "torch": torch.__version__})
     back = load_snn(tmp_path / "snn.pt")
     x = images(1)[0]
     with torch.no_grad():
