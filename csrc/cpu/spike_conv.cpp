@@ -40,6 +40,7 @@
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
+#include "../spike_conv.h"
 #endif
 
 namespace spikingir {
@@ -51,27 +52,6 @@ namespace {
 #define SPK_CPU_CLONES
 #endif
 
-struct Geometry {
-  int64_t N, Cin, H, W, Wb, Cout, kh, kw, Ho, Wo, stride, pad;
-};
-
-Geometry geometry(int64_t N, int64_t Cin, int64_t H, int64_t W, const at::Tensor& weight,
-                  int64_t stride, int64_t pad) {
-  Geometry g;
-  g.N = N;
-  g.Cin = Cin;
-  g.H = H;
-  g.W = W;
-  g.Wb = (W + 7) / 8;
-  g.Cout = weight.size(0);
-  g.kh = weight.size(2);
-  g.kw = weight.size(3);
-  g.stride = stride;
-  g.pad = pad;
-  g.Ho = (H + 2 * pad - g.kh) / stride + 1;
-  g.Wo = (W + 2 * pad - g.kw) / stride + 1;
-  return g;
-}
 
 // Pass 1 over rows [r0, r1) of s viewed as [N * Cin * H, W]: writes the bits,
 // returns the spike count and sets `bad` when a value is neither 0 nor 1.

@@ -26,33 +26,13 @@
 #include <algorithm>
 
 #include "../dispatch.h"
+#include "../spike_conv.h"
 
 namespace spikingir {
 namespace {
 
 constexpr int kThreads = 256;
 
-struct Geometry {
-  int64_t N, Cin, H, W, Wb, Cout, kh, kw, Ho, Wo, stride, pad;
-};
-
-Geometry geometry(int64_t N, int64_t Cin, int64_t H, int64_t W, const at::Tensor& weight,
-                  int64_t stride, int64_t pad) {
-  Geometry g;
-  g.N = N;
-  g.Cin = Cin;
-  g.H = H;
-  g.W = W;
-  g.Wb = (W + 7) / 8;
-  g.Cout = weight.size(0);
-  g.kh = weight.size(2);
-  g.kw = weight.size(3);
-  g.stride = stride;
-  g.pad = pad;
-  g.Ho = (H + 2 * pad - g.kh) / stride + 1;
-  g.Wo = (W + 2 * pad - g.kw) / stride + 1;
-  return g;
-}
 
 __device__ __forceinline__ bool is_spike(float v) { return v != 0.0f; }
 __device__ __forceinline__ bool is_spike(c10::Half v) { return static_cast<float>(v) != 0.0f; }
