@@ -226,7 +226,7 @@ def _add_finetune(sub):
                        description="Converts the ANN (shipped or --ann-weights), then trains thresholds, "
                                    "beta, mapper and weights through the fused neuron ops (BPTT).")
     _add_model_args(p, snn_weights=False)
-    p.add_argument("--timesteps", type=_timesteps, default=4)
+    p.add_argument("--timesteps", type=_timesteps, default=10)
     p.add_argument("--steps", type=_timesteps, default=200)
     p.add_argument("--batch-size", type=_timesteps, default=8)
     p.add_argument("--lr-weights", type=float, default=2e-5)
@@ -277,7 +277,7 @@ def _add_demo(sub):
                        description="Converts the shipped DnCNN (sigma=25) and AOD-Net, evaluates ANN vs "
                                    "SNN on scikit-image's bundled photos, prints the tables, writes figures.")
     p.add_argument("--timesteps", type=_timesteps, nargs="+", default=[4, 10])
-    p.add_argument("--crop", type=_timesteps, default=192, help="denoising crops (N x N)")
+    p.add_argument("--crop", type=_timesteps, default=160, help="denoising crops (N x N)")
     p.add_argument("--out", default="spikingir-demo")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_demo))
