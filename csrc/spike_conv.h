@@ -2,6 +2,7 @@
 // (cuda/spike_conv.cu) kernels. Schemas: csrc/ops.cpp.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/conv_transpose2d.h>
 
 #include <cstdint>
 
@@ -29,6 +30,31 @@ inline Geometry geometry(int64_t N, int64_t Cin, int64_t H, int64_t W, const at:
   g.Ho = (H + 2 * pad - g.kh) / stride + 1;
   g.Wo = (W + 2 * pad - g.kw) / stride + 1;
   return g;
+}
+
+// Backward checks and dL/ds, the same on every device: grad_out must match the
+// geometry, the saved spikes are the 1-bit packing [N, Cin, H, ceil(W / 8)].
+inline void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& packed,
+                                  const Geometry& g, bool need_weight) {
+  TORCH_CHECK(grad_out.size(1) == g.Cout && grad_out.size(2) == g.Ho && grad_out.size(3) == g.Wo,
+              "spike_conv2d_bwd: grad_out has the wrong shape");
+  if (need_weight) {
+    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                    packed.dim() == 4 && packed.size(0) == g.N && packed.size(1) == g.Cin &&
+                    packed.size(2) == g.H && packed.size(3) == g.Wb,
+                "spike_conv2d_bwd: packed must be uint8 [N, Cin, height, ceil(width / 8)]");
+  }
+}
+
+// dL/ds is dense: the transposed convolution (oneDNN / cuDNN); output_padding
+// maps [Ho, Wo] back to exactly [H, W].
+inline at::Tensor grad_spikes_dense(const at::Tensor& grad_out, const at::Tensor& weight,
+                                    const Geometry& g) {
+  const int64_t oph = g.H - ((g.Ho - 1) * g.stride - 2 * g.pad + g.kh);
+  const int64_t opw = g.W - ((g.Wo - 1) * g.stride - 2 * g.pad + g.kw);
+  return at::conv_transpose2d(grad_out, weight, {}, {g.stride, g.stride}, {g.pad, g.pad},
+                              {oph, opw})
+      .contiguous();
 }
 
 }  // namespace spikingir

@@ -13,7 +13,6 @@
 //     fixed shared-memory tree): deterministic, no atomics.
 // Offsets are int64; launches go on the current stream.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/conv_transpose2d.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
@@ -183,22 +182,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cuda(
   (void)dense_rate;
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const Geometry g = geometry(grad_out.size(0), Cin, height, width, weight, stride, padding);
-  TORCH_CHECK(grad_out.size(1) == g.Cout && grad_out.size(2) == g.Ho && grad_out.size(3) == g.Wo,
-              "spike_conv2d_bwd: grad_out has the wrong shape");
+  check_backward_inputs(grad_out, packed, g, need_weight);
   const auto f32 = grad_out.options().dtype(at::kFloat);
   at::Tensor gs = at::empty({0}, f32), gw = at::empty({0}, f32), gb = at::empty({0}, f32);
-  if (need_s) {
-    const int64_t oph = height - ((g.Ho - 1) * stride - 2 * padding + g.kh);
-    const int64_t opw = width - ((g.Wo - 1) * stride - 2 * padding + g.kw);
-    gs = at::conv_transpose2d(grad_out, weight, {}, {stride, stride}, {padding, padding},
-                              {oph, opw})
-             .contiguous();
-  }
+  if (need_s) gs = grad_spikes_dense(grad_out, weight, g);
   if (need_weight) {
-    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                    packed.dim() == 4 && packed.size(0) == g.N && packed.size(1) == Cin &&
-                    packed.size(2) == height && packed.size(3) == g.Wb,
-                "spike_conv2d_bwd: packed must be uint8 [N, Cin, height, ceil(width / 8)]");
     gw = at::empty(weight.sizes(), f32);
     if (gw.numel() > 0) {
       grad_weight_kernel<<<static_cast<unsigned>(gw.numel()), kThreads, 0,
