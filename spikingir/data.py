@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "list_images", "load_image", "add_gaussian_noise", "DnCNNPatches",
+__all__ = ["IMAGE_EXTENSIONS", "center_crop", "list_images", "load_image", "add_gaussian_noise", "DnCNNPatches",
            "noisy", "NoiseCollate", "DehazePairs", "HAZE_BETAS", "HazeSample", "synthesize_haze",
            "depth_proxy", "motorcycle_haze"]
 
@@ -32,6 +32,17 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 # ----------------------------------------------------------------------------- image folders
+
+def center_crop(a: np.ndarray, size: int | None) -> np.ndarray:
+    """The central ``size x size`` window of an H x W [x C] image (each side
+    capped at the image's own size); ``None`` or 0: the whole image."""
+    if not size:
+        return a
+    h, w = a.shape[:2]
+    ch, cw = min(size, h), min(size, w)
+    i, j = (h - ch) // 2, (w - cw) // 2
+    return a[i:i + ch, j:j + cw]
+
 
 def list_images(directory) -> list[Path]:
     """Sorted image files (PNG, JPG/JPEG, BMP, TIF/TIFF, any case) directly in

@@ -8,7 +8,7 @@ stereo scene hazed through its real disparity-derived depth.
 import numpy as np
 import torch
 
-from spikingir.data import add_gaussian_noise, list_images, load_image
+from spikingir.data import add_gaussian_noise, center_crop, list_images, load_image
 from spikingir.evaluate import Sample
 from spikingir.models import AODNet, DnCNN, load_dncnn
 from spikingir.models.spiking import SpikingAODNet, SpikingDnCNN, make_neuron
@@ -24,16 +24,6 @@ def check_sigma(sigma):
     if sigma not in SIGMAS:
         raise ValueError(f"unknown sigma {sigma!r}: models exist for sigma in {SIGMAS}")
     return sigma
-
-
-def center_crop(a, size):
-    if size is None:
-        return a
-    h, w = a.shape[:2]
-    if size > min(h, w):
-        return a
-    top, left = (h - size) // 2, (w - size) // 2
-    return a[top:top + size, left:left + size]
 
 
 def _to_input(a):

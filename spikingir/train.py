@@ -531,15 +531,6 @@ def default_data_dir(name: str) -> Path | None:
     return None
 
 
-def _center_crop(a: np.ndarray, size: int | None) -> np.ndarray:
-    if not size:
-        return a
-    h, w = a.shape[:2]
-    ch, cw = min(size, h), min(size, w)
-    i, j = (h - ch) // 2, (w - cw) // 2
-    return a[i:i + ch, j:j + cw]
-
-
 def _predict(model, x: torch.Tensor, device) -> torch.Tensor:
     return model(x.to(device)).float().cpu()
 
@@ -551,7 +542,7 @@ def denoise_validator(images, sigma, crop: int | None = None, device="cpu", seed
     not clipped; output clipped and rounded to uint8. Images are read now, so a
     bad folder fails before training. The returned function also has ``.noisy``,
     the figures of the noisy inputs."""
-    from .data import add_gaussian_noise, list_images, load_image
+    from .data import add_gaussian_noise, center_crop, list_images, load_image
     from .metrics import psnr, ssim
 
     paths = list_images(images) if isinstance(images, (str, os.PathLike)) else list(images)
@@ -559,7 +550,7 @@ def denoise_validator(images, sigma, crop: int | None = None, device="cpu", seed
         raise ValueError("denoise_validator: no validation images")
     pairs = []
     for p in paths:
-        clean = _center_crop(load_image(p, gray=True), crop)
+        clean = center_crop(load_image(p, gray=True), crop)
         pairs.append((clean, add_gaussian_noise(clean, sigma, seed=seed)))
 
     def val_fn(model):
