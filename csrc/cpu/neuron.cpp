@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../dispatch.h"
+#include "../neuron.h"
 #include "../neuron_math.h"
 
 namespace spikingir {
@@ -32,14 +33,6 @@ constexpr int64_t kChunk = 1024;
 #define SPK_CPU_CLONES
 #endif
 
-struct Params {
-  const float* theta;
-  const float* beta;
-  const float* alpha;
-  int64_t C, inner;
-  float reuse_alpha;
-  bool reuse_step, scale_output, detach_reset;
-};
 
 // Gathers per-channel parameters of neurons [m0, m0 + n) into local arrays.
 SPK_HD void gather(const Params& p, int64_t m0, int64_t n, float* th, float* be, float* al) {
@@ -188,35 +181,12 @@ at::Tensor channel_sum(const at::Tensor& buf, int64_t C, int64_t inner) {
   return out;
 }
 
-void check_common(const at::Tensor& t, const at::Tensor& theta, const at::Tensor& beta,
-                  const at::Tensor& alpha, int64_t inner) {
-  TORCH_CHECK(t.device().is_cpu(), "spikingir neuron (cpu): expected CPU tensors");
-  TORCH_CHECK(t.dim() >= 1 && t.size(0) >= 1, "spikingir neuron: expected x of shape [T, ...], T >= 1");
-  TORCH_CHECK(t.is_contiguous(), "spikingir neuron: expected contiguous inputs");
-  for (const auto* q : {&theta, &beta, &alpha}) {
-    TORCH_CHECK(q->scalar_type() == at::kFloat && q->dim() == 1 && q->is_contiguous() &&
-                    q->device() == t.device(),
-                "spikingir neuron: theta/beta/alpha must be contiguous 1-d float32 on the input's device");
-  }
-  TORCH_CHECK(beta.numel() == theta.numel() && alpha.numel() == theta.numel(),
-              "spikingir neuron: theta, beta and alpha must have the same length C");
-  TORCH_CHECK(inner >= 1, "inner must be >= 1");
-}
-
-Params make_params(const at::Tensor& theta, const at::Tensor& beta, const at::Tensor& alpha,
-                   int64_t inner, double reuse_alpha, bool reuse_step, bool scale_output,
-                   bool detach_reset) {
-  return Params{theta.data_ptr<float>(), beta.data_ptr<float>(), alpha.data_ptr<float>(),
-                theta.numel(), inner,
-                static_cast<float>(reuse_alpha), reuse_step, scale_output, detach_reset};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> neuron_fwd_cpu(
     const at::Tensor& x, const at::Tensor& theta, const at::Tensor& beta,
     const std::optional<at::Tensor>& v0, const at::Tensor& alpha, int64_t surrogate,
     double reuse_alpha, bool reuse_step, bool scale_output, bool detach_reset, int64_t inner,
     int64_t save_bytes) {
-  check_common(x, theta, beta, alpha, inner);
+  check_common(x, theta, beta, alpha, inner, at::kCPU);
   TORCH_CHECK(save_bytes == 0 || save_bytes == 2 || save_bytes == 4,
               "neuron_fwd: save_bytes must be 0, 2 or 4");
   const int64_t T = x.size(0);
@@ -267,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neuron_bwd_cpu(
     const at::Tensor& theta, const at::Tensor& beta, const at::Tensor& alpha, int64_t surrogate,
     double reuse_alpha, bool reuse_step, bool scale_output, bool detach_reset, int64_t inner,
     bool need_theta_grad, bool need_beta_grad) {
-  check_common(grad_y, theta, beta, alpha, inner);
+  check_common(grad_y, theta, beta, alpha, inner, at::kCPU);
   TORCH_CHECK(saved.sizes() == grad_y.sizes() && saved.is_contiguous(),
               "neuron_bwd: saved must be contiguous and shaped like grad_y");
   const int64_t T = grad_y.size(0);
