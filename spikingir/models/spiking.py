@@ -17,6 +17,7 @@ firing rates and energy); ``stats`` then holds them for the last forward.
 import torch
 from torch import nn
 
+from spikingir import ops
 from spikingir.energy import conv_macs, conv_sops, mac_energy_mj, sop_energy_mj
 from spikingir.nn import IFNeuron, MPRNeuron, SeqToBatch
 from spikingir.nn.mapper import PixelMapper, spike_rate
@@ -137,6 +138,37 @@ class SpikingDnCNN(_SpikingNet):
         self.hidden = nn.ModuleList(SeqToBatch(c) for c in convs[1:-1])
         self.neurons_ = nn.ModuleList(neurons)
         self.mapper = PixelMapper(convs[-1])
+        self.spike_conv = False
+        self.spike_conv_backend = "auto"
+
+    def use_spike_conv(self, on=True, backend="auto"):
+        """Run the hidden convolutions with :func:`spikingir.ops.spike_conv2d` on
+        the binary spikes (neurons then emit ``s`` instead of ``theta * s`` and
+        each threshold is folded into the weights of the conv it feeds:
+        ``conv(theta s) = (w theta) * s + b``). Same outputs up to float32
+        rounding, same parameters and state dict. Returns ``self``."""
+        self.spike_conv = bool(on)
+        self.spike_conv_backend = backend
+        for neuron in self.neurons_[:len(self.hidden)]:
+            neuron.scale_output = not self.spike_conv
+        return self
+
+    def _conv_spikes(self, conv, s, neuron):
+        """``conv`` of the binary spikes ``s`` [steps, B, C, H, W] of ``neuron``:
+        IF steps carry ``theta`` per spike, the MPRN reuse step ``beta``."""
+        def folded(size):  # w[:, c] * size[c]
+            return conv.weight * (size.reshape(1, -1, 1, 1) if size.dim() == 1 else size)
+
+        def run(spikes, size):
+            return ops.spike_conv2d(spikes.flatten(0, 1), folded(size), conv.bias, conv.stride[0],
+                                    conv.padding[0], validate=False,
+                                    backend=self.spike_conv_backend).unflatten(0, spikes.shape[:2])
+
+        T = self.timesteps
+        y = run(s[:T], neuron.effective_theta())
+        if self.neuron_kind == "mprn":
+            y = torch.cat([y, run(s[T:], neuron.beta)])
+        return y
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.conv1.in_channels:
@@ -151,7 +183,8 @@ class SpikingDnCNN(_SpikingNet):
             nxt = self.hidden[i].module if i < len(self.hidden) else self.mapper.conv
             self._count(f"neuron{i + 1}", neuron, y, [(nxt, slice(None))])
             if i < len(self.hidden):
-                cur = self.hidden[i](y)
+                cur = (self._conv_spikes(self.hidden[i].module, y, neuron) if self.spike_conv
+                       else self.hidden[i](y))
         rate = self._rate(self.neurons_[-1], y)
         self._finish_stats(self.mapper.conv, tuple(rate.shape))
         return x - self.mapper(rate)

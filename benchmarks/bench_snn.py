@@ -1,0 +1,130 @@
+"""End to end: the shipped DnCNN SNN (sigma=25, MPRN, T=10 + reuse step) against
+its ANN on one noisy image, forward only (inference, no grad).
+
+    python benchmarks/bench_snn.py --device cuda                 # 1 x 1 x 321 x 481
+    python benchmarks/bench_snn.py --device cpu --shape 1 1 96 96
+
+Columns (ms of one forward; GPU: triton.testing.do_bench median; CPU: minimum
+of --repeats calls after one untimed call):
+- ``ANN fp32``: DnCNN with cuDNN fp32 (TF32 off); ``ANN tf32``; ``ANN bf16 cl``
+  (bf16 autocast, channels-last) on the GPU.
+- ``SNN dense``: the SNN as shipped: fused neurons, hidden convs by F.conv2d on
+  ``theta * s`` (fp32, TF32 off); the first conv runs once, not T times.
+- ``SNN spike <backend>``: the same SNN with ``use_spike_conv(backend=...)``:
+  hidden convs by ``spike_conv2d`` on the binary spikes, theta folded into the
+  weights.
+``ratio``: column ms / ANN fp32 ms. ``max diff``: max |out - SNN dense out|.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from spikingir import ops
+from spikingir.bench.neuron import environment, markdown_header
+from spikingir.data import add_gaussian_noise
+from spikingir.pipeline import load_snn
+from spikingir.weights import WEIGHTS_DIR, load_shipped_ann
+
+
+def _image(shape):
+    """A noisy (sigma 25, numpy seed 0) crop of scikit-image's camera, tiled to ``shape``."""
+    from skimage import data
+    cam = data.camera().astype(np.float32) / 255.0
+    B, _, H, W = shape
+    reps = (-(-H // cam.shape[0]), -(-W // cam.shape[1]))
+    img = np.tile(cam, reps)[:H, :W]
+    noisy = np.asarray(add_gaussian_noise(img, 25, seed=0), dtype=np.float32)
+    return torch.from_numpy(noisy)[None, None].expand(B, 1, H, W).contiguous()
+
+
+@contextlib.contextmanager
+def _tf32(on):
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _time(f, device, repeats):
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(f, return_mode="median")
+    f()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--shape", type=int, nargs=4, default=[1, 1, 321, 481],
+                   metavar=("B", "C", "H", "W"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--markdown-append", metavar="PATH")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dev = args.device
+    x = _image(args.shape).to(dev)
+    ann = load_shipped_ann("denoise", sigma=25).to(dev)
+    snn = load_snn(os.path.join(WEIGHTS_DIR, "snn_dncnn_s25.pt")).to(dev)
+    cols = {}
+    with torch.no_grad():
+        with _tf32(False):
+            cols["ANN fp32"] = lambda: ann(x)
+            ref = snn(x)
+            snn.record_stats()(x)
+            rate = snn.firing_rate()
+            snn.record_stats(False)
+        ms, diff = {}, {}
+        with _tf32(False):
+            ms["ANN fp32"] = _time(lambda: ann(x), dev, args.repeats)
+            ms["SNN dense"] = _time(lambda: snn(x), dev, args.repeats)
+        if dev == "cuda":
+            with _tf32(True):
+                ms["ANN tf32"] = _time(lambda: ann(x), dev, args.repeats)
+            cl = torch.channels_last
+            ann_cl, x_cl = ann.to(memory_format=cl), x.to(memory_format=cl)
+            with torch.autocast("cuda", torch.bfloat16):
+                ms["ANN bf16 cl"] = _time(lambda: ann_cl(x_cl), dev, args.repeats)
+        diff["SNN dense"] = 0.0
+        for be in ops.available_backends(dev, op="spike_conv2d"):
+            if be == "torch" or (be == "triton" and dev == "cpu"):
+                continue
+            snn.use_spike_conv(True, be)
+            with _tf32(False):
+                out = snn(x)
+                ms[f"SNN spike {be}"] = _time(lambda: snn(x), dev, args.repeats)
+            diff[f"SNN spike {be}"] = (out - ref).abs().max().item()
+        snn.use_spike_conv(False)
+    base = ms["ANN fp32"]
+    env = environment(dev, args.threads)
+    header = markdown_header(env)
+    lines = [f"DnCNN s25 SNN (shipped, T={snn.timesteps}, {snn.neuron_kind}) vs ANN, input "
+             f"{args.shape}, mean firing rate {100 * rate:.1f}%",
+             "", "| column | ms | ratio to ANN fp32 | max diff |", "|---|---|---|---|"]
+    for k, v in ms.items():
+        d = f"{diff[k]:.1e}" if k in diff else "-"
+        lines.append(f"| {k} | {v:.2f} | {v / base:.2f} | {d} |")
+    table = "\n".join(lines)
+    print(header)
+    print(table)
+    if args.markdown_append:
+        with open(args.markdown_append, "a") as f:
+            f.write(f"\n## SNN end to end (`benchmarks/bench_snn.py`) — {header}\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
