@@ -48,17 +48,22 @@ python -c "from spikingir import ops; print('backends on cuda: neuron', ops.avai
 pids=()
 if [ "$TRAIN_S" != 0 ] && [ -d ../shared/data/train400 ]; then
   step "start trainings in the background (${TRAIN_S} s each, beside the tests)"
-  # 1. Fine-tune the SNN of the official DnCNN-S sigma=25 weights at T=10 (issue 4 target).
-  python -m spikingir.cli finetune --task denoise --sigma 25 \
-    --ann-weights ../shared/weights/dncnn_s25_official.pt --timesteps 10 --steps 3000 \
-    --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint /tmp/ft.ckpt \
-    --out "$OUT/snn_dncnn_s25_official_ft.pt" > "$LOG/finetune.log" 2>&1 &
+  # 1. Fine-tune the SNN of the shipped DnCNN-S sigma=25 ANN at T=10, then evaluate it
+  #    on Set12 (full images) on the GPU.
+  ( python -m spikingir.cli finetune --task denoise --sigma 25 --timesteps 10 --steps 2000 \
+      --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint /tmp/ft.ckpt \
+      --out "$OUT/snn_dncnn_s25.pt" \
+    && python -m spikingir.cli evaluate --task denoise --sigma 25 --snn-weights "$OUT/snn_dncnn_s25.pt" \
+      --data ../shared/data/set12 --timesteps 4 5 10 --device cuda --json "$LOG/eval_snn_s25.json" \
+  ) > "$LOG/finetune.log" 2>&1 &
   pids+=($!)
-  # 2. Train DnCNN-S sigma=25 (bf16 autocast) to replace the CPU-trained shipped ANN.
-  python -m spikingir.cli train-ann --task denoise --sigma 25 --device cuda --amp --epochs 5 \
-    --workers 6 --time-limit "$TRAIN_S" --no-progress --log-every 200 --checkpoint /tmp/ann.ckpt \
-    --out "$OUT/dncnn_s25.pt" > "$LOG/train_ann.log" 2>&1 &
-  pids+=($!)
+  # 2, 3. Train DnCNN-S sigma=15 and 50 (bf16 autocast) to replace the CPU-trained ANNs.
+  for sg in 15 50; do
+    python -m spikingir.cli train-ann --task denoise --sigma $sg --device cuda --amp --epochs 3 \
+      --workers 4 --time-limit "$TRAIN_S" --no-progress --log-every 500 --checkpoint /tmp/ann$sg.ckpt \
+      --out "$OUT/dncnn_s$sg.pt" > "$LOG/train_ann_s$sg.log" 2>&1 &
+    pids+=($!)
+  done
 fi
 
 if [ "${TESTS:-1}" != 0 ]; then
@@ -76,16 +81,18 @@ fi
 if [ ${#pids[@]} -gt 0 ]; then
   step "wait for the trainings"
   for p in "${pids[@]}"; do wait "$p" || status=1; done
-  tr "\r" "\n" < "$LOG/finetune.log" | grep -v "^ *$" | tail -3; tail -6 "$LOG/train_ann.log"
+  tr "\r" "\n" < "$LOG/finetune.log" | grep -v "^ *$" | tail -9
+  tail -2 "$LOG/train_ann_s15.log" "$LOG/train_ann_s50.log"
 fi
 
 if [ "${BENCH:-1}" != 0 ]; then
   step "benchmarks (alone on the card)"
-  timeout 150 python benchmarks/bench_neuron.py --device cuda --T 10 --N 1000000 8000000 \
+  timeout 120 python benchmarks/bench_neuron.py --device cuda --T 10 --N 1000000 8000000 \
     --json "$OUT/bench_neuron_gpu.json" > "$LOG/bench_neuron_gpu.txt" 2>&1 || status=1
   timeout 120 python benchmarks/bench_spike_conv.py --device cuda --dncnn \
     > "$LOG/bench_spike_conv_gpu.txt" 2>&1 || status=1
-  timeout 90 python benchmarks/bench_snn.py --device cuda > "$LOG/bench_snn_gpu.txt" 2>&1 || status=1
+  snn=(); [ -f "$OUT/snn_dncnn_s25.pt" ] && snn=(--snn-weights "$OUT/snn_dncnn_s25.pt")
+  timeout 90 python benchmarks/bench_snn.py --device cuda "${snn[@]}" > "$LOG/bench_snn_gpu.txt" 2>&1 || status=1
   cat "$LOG/bench_spike_conv_gpu.txt" | tail -14
   cat "$LOG/bench_snn_gpu.txt" | tail -10
 fi

@@ -42,6 +42,16 @@ def _sigma_of(args):
     return check_sigma(args.sigma)
 
 
+def _device(name):
+    """The torch.device of --device ("cpu" or "cuda"), or a one-line error."""
+    import torch
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device: expected cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device cuda: no CUDA device is available (torch {torch.__version__})")
+    return torch.device(name)
+
+
 def _add_model_args(p, snn_weights=True):
     """--task, --sigma and the weights files, shared by evaluate/restore/finetune."""
     p.add_argument("--task", choices=["denoise", "dehaze"], required=True)
@@ -114,7 +124,8 @@ def _cmd_evaluate(args):
     snn, origin = _get_snn(args.task, sigma, ann, max(args.timesteps), args, args.ann_weights is not None)
     print(f"# {args.task}: {len(samples)} images; SNN: {origin}", flush=True)
     outputs = {} if args.figures else None
-    report = evaluate(args.task, ann, snn, samples, args.timesteps, sigma, outputs)
+    report = evaluate(args.task, ann, snn, samples, args.timesteps, sigma, outputs,
+                      device=_device(args.device))
     table = markdown_table(report)
     print(table)
     if args.json:
@@ -140,6 +151,7 @@ def _add_evaluate(sub):
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--figures", default=None, help="folder for side-by-side PNGs and PSNR-vs-T")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_evaluate))
 
@@ -206,7 +218,7 @@ def _cmd_finetune(args):
     t0 = time.time()
     res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,
                        steps=args.steps, batch_size=args.batch_size, lr_weights=args.lr_weights,
-                       lr_neurons=args.lr_neurons, device=args.device, seed=args.seed,
+                       lr_neurons=args.lr_neurons, device=_device(args.device), seed=args.seed,
                        checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
                        time_limit=args.time_limit)
     snn = snn.cpu()

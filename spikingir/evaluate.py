@@ -31,20 +31,25 @@ def _to_image(t):
 
 
 @torch.no_grad()
-def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None):
+def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None, device=None):
     """Evaluates ``ann`` and ``snn`` (a converted network whose ``timesteps``
     is set to each T in turn) on ``samples``. Returns the report dict written
     by ``--json``. If ``outputs`` is a dict, restored images are stored in it
-    as ``outputs[(name, "ann" | T)]``."""
+    as ``outputs[(name, "ann" | T)]``. ``device``: where both networks run
+    (they are moved there; default: where they are)."""
     if task not in ("denoise", "dehaze"):
         raise ValueError(f"task: expected 'denoise' or 'dehaze', got {task!r}")
     if not samples:
         raise ValueError("evaluate: no images")
+    if device is not None:
+        ann.to(device)
+        snn.to(device)
+    dev = next(ann.parameters()).device
     ann.eval()
     snn.eval()
     ann_rows = []
     for s in samples:
-        out = _to_image(ann(s.inputs))
+        out = _to_image(ann(s.inputs.to(dev)))
         if outputs is not None:
             outputs[(s.name, "ann")] = out
         ann_rows.append((psnr(s.clean, out), ssim(s.clean, out),
@@ -59,7 +64,7 @@ def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None):
             snn.timesteps = int(T)
             rows = []
             for s in samples:
-                out = _to_image(snn(s.inputs))
+                out = _to_image(snn(s.inputs.to(dev)))
                 if outputs is not None:
                     outputs[(s.name, int(T))] = out
                 rows.append((psnr(s.clean, out), ssim(s.clean, out), snn.energy_mj(),

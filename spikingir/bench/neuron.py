@@ -109,13 +109,21 @@ def _spikingjelly_column(device):
     node = neuron.IFNode(step_mode="m", v_threshold=THETA, v_reset=None, detach_reset=False,
                          surrogate_function=surrogate.Sigmoid(alpha=ALPHA))
     sj_backend = "torch"
-    if torch.device(device).type == "cuda" and "cupy" in node.supported_backends:
+    # SpikingJelly <= 0.0.0.0.14 has a fused CuPy kernel ("cupy" backend); 2.x
+    # dropped the attribute and runs a PyTorch loop.
+    if torch.device(device).type == "cuda" and "cupy" in getattr(node, "supported_backends", ()):
         try:
-            import cupy  # noqa: F401
+            node.backend = "cupy"
+            node.to(device)
+            node(torch.zeros(2, 64, device=device))  # compiles the CuPy kernel; may fail
+            node.reset()
             sj_backend = "cupy"
-        except Exception:
-            pass
-    node.backend = sj_backend
+        except Exception as exc:  # noqa: BLE001 - report and time the torch backend instead
+            print(f"[bench_neuron] SpikingJelly cupy backend failed ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''}); timing its torch backend")
+            node.reset()
+    if hasattr(node, "backend"):
+        node.backend = sj_backend
     node.to(device)
 
     def fn(x):

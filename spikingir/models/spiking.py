@@ -86,7 +86,7 @@ class _SpikingNet(nn.Module):
             n_spikes = int(counts.sum().item())
             sops = 0
             for conv, sl in targets:
-                full = torch.zeros(counts.shape[0], conv.in_channels, *counts.shape[2:])
+                full = counts.new_zeros(counts.shape[0], conv.in_channels, *counts.shape[2:])
                 full[:, sl] = counts
                 sops += conv_sops(conv, full)
             self.stats["sops"] += sops
