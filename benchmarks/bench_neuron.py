@@ -37,13 +37,13 @@ def main(argv=None):
     except ValueError as exc:
         p.error(str(exc))
     env = bn.environment(args.device, args.threads)
-    header = bn.markdown_header(env)
-    print(header)
-    print(bn.format_table(rows))
-    if args.json:
+    if args.json:  # first: the numbers survive a failure below
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)
+    header = bn.markdown_header(env)
+    print(header)
+    print(bn.format_table(rows))
     if args.markdown_append:
         section = bn.to_markdown(rows, "neuron — " + header)
         if args.note:

@@ -35,3 +35,20 @@ def test_bench_neuron_cli_bad_arguments(capsys):
         cli.main(["bench", "neuron", "--T", "0"])
     assert exc.value.code == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+def test_tables_of_gpu_rows():
+    """GPU rows come from triton's do_bench, which reports no repeat count
+    (reps None); both tables print them (a GPU run once crashed here)."""
+    from spikingir.bench import neuron as bn
+    rows = []
+    for name, ms in (("naive", 2.0), ("cuda", 0.5), ("spikingjelly", None)):
+        rows.append(dict(device="cuda:0", backend=name, mode="fwd", T=10, N=8_000_000, ms=ms,
+                         reps=None, speedup=None if ms is None else 2.0 / ms,
+                         gbps=None if ms is None else 640 / ms, floor_frac=None if ms is None else
+                         0.2133 / ms, maxdiff=0.0, note="" if ms else "failed: RuntimeError"))
+    table = bn.format_table(rows)
+    assert re.search(r"^cuda\s+0\.500\s+4\.00\s+1280\.0\s+42\.7\s+0e\+00\s+-$", table, re.M), table
+    assert re.search(r"^spikingjelly\s+-\s+-", table, re.M), table
+    md = bn.to_markdown(rows, "neuron — test")
+    assert "| forward | 10 | 8000000 | cuda | 0.500 | 4.00 | 1280.0 | 42.7 |" in md.replace(",", ""), md

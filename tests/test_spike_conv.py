@@ -313,6 +313,13 @@ def test_auto_backend_choice():
     out = ops.spike_conv2d(spikes(1, 2, 5, 5, rate=0.5, dtype=torch.float64),
                            torch.randn(2, 2, 3, 3, dtype=torch.float64))
     assert out.dtype == torch.float64
+    # On CUDA, auto runs cuDNN (measured faster than both kernels on an H100),
+    # whatever is installed; a named kernel still runs or says why not.
+    for dtype in (torch.float32, torch.bfloat16):
+        assert backends.choose(OP, "cuda", dtype, "auto") == "torch"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend='cuda' is not available"):
+            backends.choose(OP, "cuda", torch.float32, "cuda")
 
 
 # ---------------------------------------------------------------------------

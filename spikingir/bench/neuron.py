@@ -192,6 +192,7 @@ def _time_cuda(fn):
         import triton.testing
 
         # do_bench clears the L2 cache before each call and reports the median.
+        # do_bench does not say how many calls it timed: reps stays None ("-").
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")), None
     except ImportError:
         pass
@@ -443,7 +444,7 @@ def format_table(rows):
             line += f"{_fmt(r['gbps'], '.1f'):>8}"
             if gpu:
                 line += f"{_fmt(r['floor_frac'] and 100 * r['floor_frac'], '.1f'):>8}"
-            line += f"{_fmt(r['maxdiff'], '.0e'):>9}{r['reps']:>6}  {r['note']}"
+            line += f"{_fmt(r['maxdiff'], '.0e'):>9}{_fmt(r['reps'], 'd'):>6}  {r['note']}"
             out.append(line.rstrip())
         out.append("")
     legend = ("ms: median; speedup: naive ms / ms; GB/s: byte floor (fp32: 8 B per neuron-step "

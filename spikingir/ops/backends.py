@@ -48,6 +48,12 @@ OP_BACKENDS = {
     "mprn_multistep": ("cuda", "triton", "cpp", "torch"),
     "spike_conv2d": ("cuda", "triton", "cpp", "torch"),
 }
+#: (op, device type) where ``auto`` picks a backend other than the first available
+#: fused one, because measurements say so. spike_conv2d on CUDA: cuDNN (the
+#: ``torch`` backend) is faster than both fused kernels on an H100 (benchmarks/
+#: RESULTS.md, [80, 64, 128, 128] 64->64 3x3, fp32 TF32 off: cuDNN 2.6 ms, triton
+#: 3.6 ms, cuda 63 ms at 10 % firing), so auto runs it; name a backend to run a kernel.
+AUTO_OVERRIDE = {("spike_conv2d", "cuda"): "torch"}
 #: The compiled op whose CUDA kernel a ``cuda`` backend of each op needs.
 _CUDA_SCHEMA = {"spike_conv2d": "spikingir::spike_conv2d_fwd"}
 #: Input dtypes of the fused backends (the reference takes any float dtype).
@@ -109,7 +115,8 @@ def choose(op: str, device, dtype: torch.dtype, requested: str = "auto") -> str:
     """Returns the backend that runs ``op`` for inputs on ``device`` of ``dtype``.
 
     ``auto``: the fastest available fused backend (the interpreted Triton
-    backend is never picked automatically); the reference for float64, which
+    backend is never picked automatically), or the measured-faster backend of
+    ``AUTO_OVERRIDE``; the reference for float64, which
     no fused kernel takes; on a CUDA device with no fused backend, the reference
     with a warning. A named backend that cannot run raises an error saying why.
     """
@@ -120,6 +127,8 @@ def choose(op: str, device, dtype: torch.dtype, requested: str = "auto") -> str:
         if not fused_dtype:
             return "torch"
         dev = _device_type(device)
+        if (op, dev) in AUTO_OVERRIDE:
+            return AUTO_OVERRIDE[(op, dev)]
         for b in OP_BACKENDS[op]:
             if b == "triton" and dev != "cuda":
                 continue
