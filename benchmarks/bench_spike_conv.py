@@ -166,7 +166,7 @@ def fmt_table(rows, cols):
         base = r["ms"]["F.conv2d"]
         occ = "-" if r["occupancy"] is None else f"{r['occupancy']:.2f}"
         cells = [r["input"], f"{100 * r['rate']:.1f}%", occ]
-        cells += [f"{r['ms'][c]:.1f}" for c in cols]
+        cells += [f"{r['ms'][c]:.3g}" for c in cols]
         cells += [f"{base / r['ms'][c]:.2f}" for c in cols if c != "F.conv2d"]
         cells.append(f"{r['err']:.1e}")
         lines.append("| " + " | ".join(cells) + " |")
