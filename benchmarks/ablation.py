@@ -2,7 +2,7 @@
 per-layer vs per-channel thresholds, before/after fine-tuning, over T.
 
     python benchmarks/ablation.py --ann-weights ../shared/weights/dncnn_s25_official.pt \
-        [--finetuned SNN.pt] [--crop 96] [--limit 12] [--T 2 4 5 8 10 15] [--markdown-append PATH]
+        [--finetuned [LABEL=]SNN.pt ...] [--crop 96] [--limit 12] [--T 2 4 5 8 10 15] [--markdown-append PATH]
 
 Set12 center crops, noise by the DnCNN protocol (sigma 25); thresholds
 calibrated on 8 Train400 images. Prints PSNR and PSNR loss for each
@@ -29,7 +29,8 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ann-weights", default=os.path.join(SHARED, "weights", "dncnn_s25_official.pt"))
-    p.add_argument("--finetuned", default=None, help="a fine-tuned SNN of the same ANN (spikingir finetune)")
+    p.add_argument("--finetuned", nargs="+", default=[], metavar="[LABEL=]PATH",
+                   help="fine-tuned SNNs of the same ANN (spikingir finetune), each a row")
     p.add_argument("--data", default=os.path.join(SHARED, "data", "set12"))
     p.add_argument("--calib", default=os.path.join(SHARED, "data", "train400"))
     p.add_argument("--sigma", type=float, default=25)
@@ -64,10 +65,11 @@ def main(argv=None):
         snn = to_snn(ann, calib, max(args.T), **kw)
         rows.append((name, [_at(snn, T, mean_psnr) for T in args.T]))
         print(f"{name}: " + ", ".join(f"T={T} {v:.2f}" for T, v in zip(args.T, rows[-1][1])), flush=True)
-    if args.finetuned:
-        snn = load_snn(args.finetuned)
-        rows.append((f"fine-tuned ({os.path.basename(args.finetuned)}, T={snn.timesteps})",
-                     [_at(snn, T, mean_psnr) for T in args.T]))
+    for item in args.finetuned:
+        label, _, path = item.rpartition("=")
+        snn = load_snn(path)
+        rows.append((f"fine-tuned{': ' + label if label else ''} ({os.path.basename(path)}, "
+                     f"T={snn.timesteps})", [_at(snn, T, mean_psnr) for T in args.T]))
         print(f"{rows[-1][0]}: " + ", ".join(f"T={T} {v:.2f}" for T, v in zip(args.T, rows[-1][1])))
     table = [f"ANN PSNR {ann_psnr:.2f} dB ({os.path.basename(args.ann_weights)}, sigma {args.sigma:g}, "
              f"{len(samples)} Set12 center crops {args.crop}x{args.crop}); cells: SNN PSNR (loss)", "",

@@ -220,10 +220,11 @@ def _cmd_finetune(args):
                        steps=args.steps, batch_size=args.batch_size, lr_weights=args.lr_weights,
                        lr_neurons=args.lr_neurons, device=_device(args.device), seed=args.seed,
                        checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
-                       time_limit=args.time_limit)
+                       time_limit=args.time_limit, train_mapper=not args.freeze_mapper)
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
-            "timesteps": args.timesteps, "device": args.device, "wall_s": round(time.time() - t0, 1),
+            "timesteps": args.timesteps, "device": args.device,
+            "train_mapper": not args.freeze_mapper, "wall_s": round(time.time() - t0, 1),
             "torch": str(torch.__version__)}
     if res.history:
         last = res.history[-1]
@@ -252,6 +253,8 @@ def _add_finetune(sub):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--out", required=True, help="where to write the fine-tuned SNN")
+    p.add_argument("--freeze-mapper", action="store_true",
+                   help="keep the pixel mapper = the ANN's output conv (ablation)")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_finetune))
 

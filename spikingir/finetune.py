@@ -14,12 +14,13 @@ from spikingir.train import (DEFAULT_VAL_SCENES, _CachedCrops, _loader, default_
 def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, batch_size=8,
                  patch=40, lr_weights=2e-5, lr_neurons=1e-3, device="cpu", seed=0,
                  checkpoint=None, resume=True, val_crop=64, val_every=None, log_every=10,
-                 progress=True, time_limit=None, log=None):
+                 progress=True, time_limit=None, log=None, train_mapper=True):
     """Fine-tunes ``snn`` (from :func:`spikingir.convert.to_snn`) in place.
 
     Denoising: DnCNN patches of ``data`` (default ``../shared/data/train400``)
     with fresh Gaussian noise each batch, validated on ``val_data`` (Set12)
-    center crops. Dehazing: random crops of the training scenes of
+    center crops. ``train_mapper=False`` keeps the pixel mapper fixed (the
+    ANN's output conv). Dehazing: random crops of the training scenes of
     ``data`` (default ``../shared/data/sots_train``, scenes
     ``DEFAULT_VAL_SCENES`` held out for validation). Returns the FitResult.
     """
@@ -58,9 +59,10 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     loader = _loader(dataset, batch_size, True, 0, device=device)
     snn.train()
     config = {"task": task, "sigma": sigma, "timesteps": snn.timesteps, "neuron": snn.neuron_kind,
-              "lr_weights": lr_weights, "lr_neurons": lr_neurons, "batch_size": batch_size}
+              "lr_weights": lr_weights, "lr_neurons": lr_neurons, "batch_size": batch_size,
+              "train_mapper": train_mapper}
     res = fit(snn, loader, make_batch, val_fn, steps=steps,
-              param_groups=snn.param_groups(lr_weights, lr_neurons), schedule="cosine",
+              param_groups=snn.param_groups(lr_weights, lr_neurons, train_mapper), schedule="cosine",
               checkpoint=checkpoint, resume=resume, val_every=val_every or steps, seed=seed,
               device=device, log_every=log_every, progress=progress, config=config,
               time_limit=time_limit, log=log, desc=f"finetune {task} T={snn.timesteps}")

@@ -191,3 +191,67 @@ def test_finetuning_gradients_reach_every_parameter():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_frozen_mapper_stays_the_output_conv():
+    """train_mapper=False (finetune --freeze-mapper): the mapper is left out of the
+    optimiser and keeps the ANN's output conv; everything else still trains."""
+    ann = tiny_dncnn()
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(2, 1, 12, 12, generator=g)
+    noisy = clean + 0.1 * torch.randn(2, 1, 12, 12, generator=g)
+    snn = to_snn(ann, [noisy], 3, neuron="mprn", backend="cpp").train()
+    before = {k: v.clone() for k, v in snn.state_dict().items()}
+    groups = snn.param_groups(1e-2, 1e-2, train_mapper=False)
+    in_groups = {id(p) for grp in groups for p in grp["params"]}
+    assert not any(id(p) in in_groups for p in snn.mapper.parameters())
+    opt = torch.optim.Adam(groups)
+    for _ in range(3):
+        loss = torch.nn.functional.mse_loss(snn(noisy), clean)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = snn.state_dict()
+    for k in before:
+        if k.startswith("mapper."):
+            assert torch.equal(before[k], after[k]), k
+    assert torch.equal(after["mapper.conv.weight"], ann.convs()[-1].weight)
+    assert not torch.equal(before["hidden.0.module.weight"], after["hidden.0.module.weight"])
+    assert not torch.equal(before["neurons_.0.theta"], after["neurons_.0.theta"])
+
+
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_spike_conv_mode_matches_dense(neuron):
+    """use_spike_conv(): hidden convs on binary spikes with theta (IF steps) and
+    beta (reuse step) folded into the weights compute the same network; inputs
+    on dyadic grids keep every membrane potential exact, so no spike can flip
+    and outputs and gradients agree to float32 rounding."""
+    ann = tiny_dncnn()
+    with torch.no_grad():
+        for conv in ann.convs():  # weights and biases on a 1/16 grid: exact sums
+            conv.weight.copy_((conv.weight * 16).round() / 16)
+            if conv.bias is not None:
+                conv.bias.copy_((conv.bias * 16).round() / 16)
+    x = (torch.rand(2, 1, 9, 11, generator=torch.Generator().manual_seed(2)) * 16).round() / 16
+    snn = to_snn(ann, [x], 3, neuron=neuron, backend="cpp")
+    with torch.no_grad():
+        for n in snn.neurons():  # thresholds (and beta) powers of two: theta * s exact
+            n.theta.copy_(2.0 ** torch.round(torch.log2(n.theta)))
+            if hasattr(n, "beta"):
+                n.beta.copy_(n.theta * 0.5)
+    outs, grads = [], []
+    for on in (False, True):
+        snn.use_spike_conv(on, backend="cpp")
+        snn.zero_grad()
+        y = snn(x)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append({k: p.grad.clone() for k, p in snn.named_parameters()})
+    assert not any(n.scale_output for n in snn.neurons_[:-1])  # hidden ones emit s
+    snn.use_spike_conv(False)
+    assert all(n.scale_output for n in snn.neurons())  # switched back
+    snn.record_stats()(x)
+    assert 0 < snn.firing_rate() < 1  # the comparison saw spikes, not silence
+    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-5), k

@@ -117,11 +117,17 @@ class _SpikingNet(nn.Module):
     def neurons(self):
         return [m for m in self.modules() if isinstance(m, (IFNeuron, MPRNeuron))]
 
-    def param_groups(self, lr_weights, lr_neurons):
+    def param_groups(self, lr_weights, lr_neurons, train_mapper=True):
         """Optimiser groups for fine-tuning: conv weights (incl. the mapper) at
-        ``lr_weights``, thresholds and beta at ``lr_neurons``."""
+        ``lr_weights``, thresholds and beta at ``lr_neurons``. With
+        ``train_mapper=False`` the pixel mapper stays the ANN's output conv (its
+        parameters stop requiring grad): the "without mapper" ablation."""
+        for p in self.mapper.parameters():
+            p.requires_grad_(train_mapper)
         neuron_params = [p for n in self.neurons() for p in n.parameters()]
         ids = {id(p) for p in neuron_params}
+        if not train_mapper:
+            ids |= {id(p) for p in self.mapper.parameters()}
         weights = [p for p in self.parameters() if id(p) not in ids]
         return [{"params": weights, "lr": lr_weights}, {"params": neuron_params, "lr": lr_neurons}]
 
