@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# One script for a lent GPU (DESIGN.md section 6): build the CUDA extension, run
-# the GPU tests (+ compute-sanitizer memcheck) while two time-boxed GPU trainings
-# run beside them, then the GPU benchmarks alone on the card, a short table last.
+# One script for a lent GPU (DESIGN.md section 6): build the CUDA extension, run the
+# GPU benchmarks alone on the card (their JSON/text is written before anything is
+# printed), then the GPU tests + compute-sanitizer memcheck beside time-boxed GPU
+# trainings; a short table last.
 #
-#   bash benchmarks/gpu_check.sh          (everything also under $OUT when set)
+#   git rev-parse --short HEAD > .gpu_data/COMMIT     # here, before the call
+#   bash benchmarks/gpu_check.sh                       # there (results under $OUT)
 #
-# Data: the device gets the working tree, not ../shared. Copy what it needs into
-# the ignored folder .gpu_data/shared (data/train400, data/set12, weights/*official*)
-# and name .gpu_data in `carry`; the script links it to ../shared. Optional
+# Data: the device gets the working tree, not ../shared. Copy what it needs into the
+# ignored folder .gpu_data/shared (data/train400, data/set12, weights/*official*) and
+# name .gpu_data in `carry`; the script links it to ../shared. The device's .git can
+# be stale: .gpu_data/COMMIT names the commit the benchmark headers print. Optional
 # wheels (SpikingJelly for the neuron benchmark's peer column) travel in .whl.
 #
 # Knobs (environment): TRAIN_S (seconds per training job, default 150; 0 = none),
-# BENCH=0 (skip the benchmarks), TESTS=0 (skip the tests).
+# BENCH=0 (skip the benchmarks), TESTS=0 (skip the tests). The trainings' checkpoints
+# come back in $OUT, so a later session can continue them (--resume --checkpoint).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spikingir-gpu}
@@ -19,6 +23,7 @@ LOG=/tmp/spikingir-gpu-logs
 mkdir -p "$OUT" "$LOG"
 export PYTHONUNBUFFERED=1
 TRAIN_S=${TRAIN_S:-150}
+[ -f .gpu_data/COMMIT ] && export SPIKINGIR_COMMIT="$(cat .gpu_data/COMMIT)"
 status=0
 T0=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - T0 )) s] $*"; }
@@ -31,6 +36,7 @@ trap finish EXIT
 step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+echo "commit ${SPIKINGIR_COMMIT:-(from .git)}"
 if [ -d .gpu_data/shared ] && [ ! -e ../shared ]; then ln -s "$PWD/.gpu_data/shared" ../shared; fi
 ls ../shared/data 2>/dev/null || echo "no ../shared/data: trainings and the DnCNN spike maps are skipped"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -42,62 +48,55 @@ step "build (SPIKINGIR_FORCE_CUDA=1, sm_90)"
 SPIKINGIR_FORCE_CUDA=1 SPIKINGIR_CUDA_ARCHS="90" MAX_JOBS=16 \
   python -m pip install -q --no-build-isolation --no-deps -e . > "$LOG/build.log" 2>&1 \
   || { tail -40 "$LOG/build.log"; echo "BUILD FAILED"; exit 1; }
-grep -i "warning" "$LOG/build.log" | grep -v "^$" | head -5
 python -c "from spikingir import ops; print('backends on cuda: neuron', ops.available_backends('cuda'), 'spike_conv2d', ops.available_backends('cuda', op='spike_conv2d'))"
+
+if [ "${BENCH:-1}" != 0 ]; then
+  step "benchmarks (alone on the card)"
+  timeout 150 python benchmarks/bench_neuron.py --device cuda --T 10 --N 1000000 8000000 \
+    --json "$OUT/bench_neuron_gpu.json" > "$LOG/bench_neuron_gpu.txt" 2>&1 || status=1
+  tail -32 "$LOG/bench_neuron_gpu.txt"
+  timeout 120 python benchmarks/bench_spike_conv.py --device cuda --dncnn \
+    > "$LOG/bench_spike_conv_gpu.txt" 2>&1 || status=1
+  grep "^|" "$LOG/bench_spike_conv_gpu.txt" | tail -10
+  timeout 90 python benchmarks/bench_snn.py --device cuda > "$LOG/bench_snn_gpu.txt" 2>&1 || status=1
+  tail -9 "$LOG/bench_snn_gpu.txt"
+fi
 
 pids=()
 if [ "$TRAIN_S" != 0 ] && [ -d ../shared/data/train400 ]; then
   step "start trainings in the background (${TRAIN_S} s each, beside the tests)"
-  # 1. Fine-tune the SNN of the shipped DnCNN-S sigma=25 ANN at T=10, then evaluate it
-  #    on Set12 (full images) on the GPU.
-  ( python -m spikingir.cli finetune --task denoise --sigma 25 --timesteps 10 --steps 2000 \
-      --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint /tmp/ft.ckpt \
+  # Fine-tune the SNN of the shipped DnCNN-S sigma=25 ANN at T=10 (checkpoint comes
+  # back: carry it in .gpu_data/ckpt and add --resume to continue), then evaluate it
+  # on Set12 (full images) on the GPU.
+  ck=.gpu_data/ckpt/snn_s25.ckpt; [ -f "$ck" ] && cp "$ck" "$OUT/snn_s25.ckpt"
+  ( python -m spikingir.cli finetune --task denoise --sigma 25 --timesteps 10 --steps 20000 \
+      --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint "$OUT/snn_s25.ckpt" --resume \
       --out "$OUT/snn_dncnn_s25.pt" \
     && python -m spikingir.cli evaluate --task denoise --sigma 25 --snn-weights "$OUT/snn_dncnn_s25.pt" \
       --data ../shared/data/set12 --timesteps 4 5 10 --device cuda --json "$LOG/eval_snn_s25.json" \
   ) > "$LOG/finetune.log" 2>&1 &
   pids+=($!)
-  # 2, 3. Train DnCNN-S sigma=15 and 50 (bf16 autocast) to replace the CPU-trained ANNs.
-  for sg in 15 50; do
-    python -m spikingir.cli train-ann --task denoise --sigma $sg --device cuda --amp --epochs 3 \
-      --workers 4 --time-limit "$TRAIN_S" --no-progress --log-every 500 --checkpoint /tmp/ann$sg.ckpt \
-      --out "$OUT/dncnn_s$sg.pt" > "$LOG/train_ann_s$sg.log" 2>&1 &
-    pids+=($!)
-  done
 fi
 
 if [ "${TESTS:-1}" != 0 ]; then
   step "GPU tests"
-  timeout 300 python -m pytest -q -m gpu tests/ -p no:cacheprovider > "$LOG/gpu_tests.log" 2>&1 || status=1
-  tail -25 "$LOG/gpu_tests.log"
+  timeout 300 python -m pytest -q -m gpu tests/ -p no:cacheprovider -rs > "$LOG/gpu_tests.log" 2>&1 || status=1
+  tail -8 "$LOG/gpu_tests.log"
 
-  step "compute-sanitizer memcheck (CUDA neuron and spike_conv2d tests, small shapes)"
+  step "compute-sanitizer memcheck (CUDA and Triton neuron and spike_conv2d tests, small shapes)"
   timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python -m pytest -q -x -m gpu tests/test_neuron.py tests/test_spike_conv.py -p no:cacheprovider \
     -k "not int64 and (sigmoid or 3-1-1 or 7-2-3 or gradients)" > "$LOG/memcheck.log" 2>&1 || status=1
-  tail -6 "$LOG/memcheck.log"
+  tail -4 "$LOG/memcheck.log"
 fi
 
 if [ ${#pids[@]} -gt 0 ]; then
   step "wait for the trainings"
   for p in "${pids[@]}"; do wait "$p" || status=1; done
-  tr "\r" "\n" < "$LOG/finetune.log" | grep -v "^ *$" | tail -9
-  tail -2 "$LOG/train_ann_s15.log" "$LOG/train_ann_s50.log"
+  tr "\r" "\n" < "$LOG/finetune.log" | grep -v "^ *$" | grep -v "it/s" | tail -8
 fi
 
-if [ "${BENCH:-1}" != 0 ]; then
-  step "benchmarks (alone on the card)"
-  timeout 120 python benchmarks/bench_neuron.py --device cuda --T 10 --N 1000000 8000000 \
-    --json "$OUT/bench_neuron_gpu.json" > "$LOG/bench_neuron_gpu.txt" 2>&1 || status=1
-  timeout 120 python benchmarks/bench_spike_conv.py --device cuda --dncnn \
-    > "$LOG/bench_spike_conv_gpu.txt" 2>&1 || status=1
-  snn=(); [ -f "$OUT/snn_dncnn_s25.pt" ] && snn=(--snn-weights "$OUT/snn_dncnn_s25.pt")
-  timeout 90 python benchmarks/bench_snn.py --device cuda "${snn[@]}" > "$LOG/bench_snn_gpu.txt" 2>&1 || status=1
-  cat "$LOG/bench_spike_conv_gpu.txt" | tail -14
-  cat "$LOG/bench_snn_gpu.txt" | tail -10
-fi
-
-step "summary: neuron forward+backward (from bench_neuron_gpu.json)"
+step "summary: neuron (from bench_neuron_gpu.json)"
 [ -f "$OUT/bench_neuron_gpu.json" ] && python - "$OUT/bench_neuron_gpu.json" <<'PY' || true
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
@@ -107,6 +106,6 @@ for r in rows:
     print(f"{r['mode']:7} {r['T']:>3} {r['N']:>9} {r['backend']:12} {fmt(r['ms'], '9.3f')} "
           f"{fmt(r['speedup'], '8.2f')} {fmt(r['gbps'], '7.0f')} {fmt(r['floor_frac'], '6.2f')}")
 PY
-grep -E "passed|failed|error" "$LOG/gpu_tests.log" | tail -2
-grep -E "ERROR SUMMARY|passed|failed" "$LOG/memcheck.log" | tail -2
+grep -E "passed|failed|error" "$LOG/gpu_tests.log" 2>/dev/null | tail -1
+grep -E "ERROR SUMMARY" "$LOG/memcheck.log" 2>/dev/null | tail -1
 exit $status

@@ -393,11 +393,16 @@ def device_name(device):
 
 def environment(device, threads=None):
     """date, commit (``+dirty`` when the op code differs from it), device name,
-    torch version and thread count: what every results row is labelled with."""
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    # Only changes to code that runs in the benchmark make the numbers "dirty".
-    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "kernels",
-                 "spikingir/ops", "spikingir/bench", "setup.py")
+    torch version and thread count: what every results row is labelled with.
+    ``SPIKINGIR_COMMIT`` overrides the commit (a copy of the tree whose ``.git``
+    is stale, as on a lent GPU machine: benchmarks/gpu_check.sh sets it)."""
+    commit = os.environ.get("SPIKINGIR_COMMIT")
+    dirty = None
+    if not commit:
+        commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+        # Only changes to code that runs in the benchmark make the numbers "dirty".
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "kernels",
+                     "spikingir/ops", "spikingir/bench", "setup.py")
     if dirty:
         commit += "+dirty"
     return dict(
