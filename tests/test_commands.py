@@ -105,3 +105,19 @@ def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, capsys, argv, m
     assert re.search(match, lines[-1], re.I), lines[-1]
     assert not json_out.exists() and not (tmp_path / "x.png").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_keep_freed_memory_applies_on_glibc():
+    """The allocator setting the CLI makes: applied where glibc has mallopt, a
+    no-op (False) elsewhere; run in a child so this process keeps its allocator."""
+    import subprocess
+    import sys
+    code = ("from spikingir.allocator import keep_freed_memory; import torch; "
+            "ok = keep_freed_memory(); x = torch.ones(1 << 23); y = x + 1; "
+            "print(ok, float(y.sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    ok, total = out.stdout.split()
+    import ctypes.util
+    glibc = sys.platform.startswith("linux") and "libc.so.6" in (ctypes.util.find_library("c") or "")
+    assert ok == str(glibc)
+    assert float(total) == 2.0 * (1 << 23)  # allocations still work after it
