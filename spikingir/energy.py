@@ -144,11 +144,33 @@ def ann_energy_mj(model: nn.Module, input_shape, pj_per_mac: float = E_MAC_PJ, d
     return mac_energy_mj(ann_macs(model, input_shape, device), pj_per_mac)
 
 
-def snn_energy_mj(first_layer_macs, sops, pj_per_mac: float = E_MAC_PJ,
+def snn_energy_mj(snn_or_macs, image_or_sops, pj_per_mac: float = E_MAC_PJ,
                   pj_per_sop: float = E_SOP_PJ) -> float:
-    """Paper's SNN energy in mJ: MACs of the analog first layer (counted once)
-    plus ``sops`` synaptic operations (all T (+1) steps, mapper included)."""
-    return mac_energy_mj(first_layer_macs, pj_per_mac) + sop_energy_mj(sops, pj_per_sop)
+    """Paper's SNN energy in mJ: ``pj_per_mac x`` MACs of the analog first layer
+    (counted once) + ``pj_per_sop x`` synaptic operations (all T (+1) steps,
+    mapper included).
+
+    ``snn_energy_mj(snn, image)``: runs the converted SNN (``spikingir.convert.
+    to_snn`` / ``load_snn``) on ``image`` [B, C, H, W] without gradients and counts
+    the spikes it actually emits; the analog read-out of the recycled residual
+    potential counts as MACs. ``snn_energy_mj(first_layer_macs, sops)``: from
+    counts.
+    """
+    if isinstance(snn_or_macs, nn.Module):
+        snn = snn_or_macs
+        if not hasattr(snn, "record_stats"):
+            raise TypeError(f"snn_energy_mj: expected a converted SNN (SpikingDnCNN / "
+                            f"SpikingAODNet), got {type(snn).__name__}")
+        was = snn._record
+        try:
+            with torch.no_grad():
+                snn.record_stats(True)(image_or_sops)
+        finally:
+            snn.record_stats(was)
+        st = snn.stats
+        return mac_energy_mj(st["first_layer_macs"] + st["readout_macs"], pj_per_mac) + \
+            sop_energy_mj(st["sops"], pj_per_sop)
+    return mac_energy_mj(snn_or_macs, pj_per_mac) + sop_energy_mj(image_or_sops, pj_per_sop)
 
 
 def _pair(v):

@@ -108,3 +108,27 @@ def test_conv_sops_interior_spike_is_fanout():
     assert conv_sops(conv, s) == 54 + 6 * 4
     with pytest.raises(ValueError):
         conv_sops(conv, torch.zeros(1, 3, 9, 9))
+
+
+def test_snn_energy_of_a_converted_network():
+    """snn_energy_mj(snn, image) (the issue's form) runs the SNN, counts the
+    spikes it emits and equals the energy the evaluation reports; it leaves the
+    network's statistics switch as it was."""
+    from spikingir.convert import to_snn
+    from spikingir.models import DnCNN
+    torch.manual_seed(0)
+    ann = DnCNN(depth=4, channels=8, batchnorm=False).eval()
+    x = torch.rand(1, 1, 12, 10)
+    snn = to_snn(ann, [x], 4, neuron="mprn")
+    e = snn_energy_mj(snn, x)
+    assert not snn._record
+    with torch.no_grad():
+        snn.record_stats()(x)
+    st = snn.stats
+    assert st["sops"] > 0
+    assert e == pytest.approx(snn.energy_mj())
+    assert e == pytest.approx(snn_energy_mj(st["first_layer_macs"] + st["readout_macs"], st["sops"]))
+    # first-layer MACs: 1 -> 8 channels, 3x3, 12x10 pixels, counted once (not per step)
+    assert st["first_layer_macs"] == 8 * 9 * 12 * 10
+    with pytest.raises(TypeError, match="converted SNN"):
+        snn_energy_mj(ann, x)
