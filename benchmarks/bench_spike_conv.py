@@ -158,6 +158,34 @@ def dncnn_spike_maps(device, T=10, layers=(2, 9, 16)):
     return maps, convs
 
 
+SWEEP = [dict(), dict(block_k=64), dict(num_warps=8), dict(block_k=64, num_warps=8),
+         dict(block_k=64, num_stages=3), dict(block_k=64, num_warps=8, tile=(16, 16)),
+         dict(block_k=64, tile=(8, 8))]
+
+
+def triton_sweep(shape, w, b, g):
+    """ms of the Triton forward under launch configurations (random 10 % spikes,
+    sparse path; kernels/spike_conv.py DEFAULT_CONFIG is the first row)."""
+    import triton.testing
+    from spikingir.kernels.spike_conv import DEFAULT_CONFIG, spike_conv2d_fwd_triton
+    s = (torch.rand(*shape, generator=g) < 0.10).float().cuda()
+    ref = None
+    lines = ["", "", f"Triton launch configurations, random {shape} at 10 % (ms, do_bench median):",
+             "", "| config | ms | same result |", "|---|---|---|"]
+    for cfg in SWEEP:
+        full = dict(DEFAULT_CONFIG, **cfg)
+        try:
+            f = lambda: spike_conv2d_fwd_triton(s, w, b, 1, 1, 1.0, False, False, config=cfg)[0]  # noqa: E731
+            out = f()
+            ms = triton.testing.do_bench(f, return_mode="median")
+            ref = out if ref is None else ref
+            lines.append(f"| {full} | {ms:.3f} | {bool(torch.equal(out, ref))} |")
+        except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is a result too
+            lines.append(f"| {full} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | - |")
+        print(lines[-1], file=sys.stderr)
+    return "\n".join(lines)
+
+
 def fmt_table(rows, cols):
     head = ["input", "rate", "occupancy"] + [f"{c} ms" for c in cols] + \
         [f"{c} x" for c in cols if c != "F.conv2d"] + ["max err"]
@@ -182,6 +210,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dncnn", action="store_true", help="add real DnCNN spike maps")
+    p.add_argument("--triton-sweep", action="store_true",
+                   help="GPU: also time Triton launch configurations at 10%% firing")
     p.add_argument("--markdown-append", metavar="PATH")
     p.add_argument("--note", default="")
     args = p.parse_args(argv)
@@ -203,9 +233,15 @@ def main(argv=None):
             rows.append(bench_one(f"DnCNN conv{layer} {list(s.shape)}", s, conv.weight.detach(),
                                   conv.bias.detach(), dev, args.repeats))
             print(fmt_table(rows[-1:], list(rows[-1]["ms"])).splitlines()[-1], file=sys.stderr)
+    sweep = ""
+    if args.triton_sweep and dev == "cuda":
+        try:  # never lose the main table to the sweep
+            sweep = triton_sweep(shape, w, b, g)
+        except Exception as exc:  # noqa: BLE001
+            sweep = f"\n\nTriton sweep failed: {type(exc).__name__}: {exc}"
     env = environment(dev, args.threads)
     header = markdown_header(env)
-    table = fmt_table(rows, list(rows[0]["ms"]))
+    table = fmt_table(rows, list(rows[0]["ms"])) + sweep
     print(header)
     print(table)
     if args.markdown_append:

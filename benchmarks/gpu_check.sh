@@ -55,9 +55,9 @@ if [ "${BENCH:-1}" != 0 ]; then
   timeout 150 python benchmarks/bench_neuron.py --device cuda --T 10 --N 1000000 8000000 \
     --json "$OUT/bench_neuron_gpu.json" > "$LOG/bench_neuron_gpu.txt" 2>&1 || status=1
   tail -32 "$LOG/bench_neuron_gpu.txt"
-  timeout 120 python benchmarks/bench_spike_conv.py --device cuda --dncnn \
+  timeout 150 python benchmarks/bench_spike_conv.py --device cuda --dncnn --triton-sweep \
     > "$LOG/bench_spike_conv_gpu.txt" 2>&1 || status=1
-  grep "^|" "$LOG/bench_spike_conv_gpu.txt" | tail -10
+  grep "^|" "$LOG/bench_spike_conv_gpu.txt" | tail -20
   timeout 90 python benchmarks/bench_snn.py --device cuda > "$LOG/bench_snn_gpu.txt" 2>&1 || status=1
   tail -9 "$LOG/bench_snn_gpu.txt"
 fi

@@ -90,12 +90,6 @@ def _spike_conv2d_fwd_kernel(s_ptr, wq_ptr, scale_ptr, bias_ptr, occ_ptr, out_pt
     tl.store(out_ptr + o_off, out, mask=valid[:, None] & cmask[None, :])
 
 
-def _block_k(Cin):
-    # 32: an int8 tl.dot needs K >= 32 on the GPU (Triton 3.6 on an H100 refused
-    # K = 16 for Cin = 5); channels are zero-padded up to it.
-    return 32
-
-
 def _block_n(Cout):
     return max(16, min(64, triton.next_power_of_2(Cout)))
 
@@ -160,8 +154,19 @@ def occupancy_map(s8, kh, kw, stride, Ho, Wo, block_k, tile=(TILE_H, TILE_W)):
     return torch.stack(taps, dim=3).contiguous()
 
 
-def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, validate, save):
-    """Launcher with the contract of spikingir::spike_conv2d_fwd (csrc/ops.cpp)."""
+#: Launch configuration of the forward kernel. ``block_k`` >= 32: an int8 tl.dot
+#: needs K >= 32 on the GPU (Triton 3.6 on an H100 refused K = 16 for Cin = 5;
+#: channels are zero-padded up to a multiple of it);
+#: ``tile`` = (TILE_H, TILE_W) output pixels per program (their product is BLOCK_M).
+DEFAULT_CONFIG = dict(block_k=32, tile=(TILE_H, TILE_W), num_warps=4, num_stages=None)
+
+
+def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, validate, save, *,
+                            config=None):
+    """Launcher with the contract of spikingir::spike_conv2d_fwd (csrc/ops.cpp).
+    ``config`` overrides :data:`DEFAULT_CONFIG` (benchmarks/bench_spike_conv.py
+    --triton-sweep times alternatives; results are identical by construction)."""
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
     if validate and bool(((s != 0) & (s != 1)).any()):
         raise ValueError("s: expected a binary spike map (only 0 and 1), found other values; "
                          "pass validate=False to skip this check")
@@ -169,21 +174,26 @@ def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, valida
     Cout, _, kh, kw = weight.shape
     Ho = (H + 2 * padding - kh) // stride + 1
     Wo = (W + 2 * padding - kw) // stride + 1
-    BLOCK_K, BLOCK_N = _block_k(Cin), _block_n(Cout)
+    BLOCK_K, BLOCK_N = cfg["block_k"], _block_n(Cout)
+    tile_h, tile_w = cfg["tile"]
     s8 = padded_spikes(s, padding, BLOCK_K)
     planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N)
     out = torch.empty(N, Cout, Ho, Wo, dtype=torch.float32, device=s.device)
-    n_th, n_tw = triton.cdiv(Ho, TILE_H), triton.cdiv(Wo, TILE_W)
+    n_th, n_tw = triton.cdiv(Ho, tile_h), triton.cdiv(Wo, tile_w)
     G = s8.shape[3] // BLOCK_K
     rate = float(s8.count_nonzero()) / max(1, s.numel())
     skip = rate <= dense_rate
-    occ = occupancy_map(s8, kh, kw, stride, Ho, Wo, BLOCK_K) if skip else s8  # dummy when dense
+    occ = occupancy_map(s8, kh, kw, stride, Ho, Wo, BLOCK_K, (tile_h, tile_w)) if skip \
+        else s8  # dummy when dense
+    launch = dict(num_warps=cfg["num_warps"])
+    if cfg["num_stages"] is not None:
+        launch["num_stages"] = cfg["num_stages"]
     grid = (N * n_th * n_tw, planes.shape[4] // BLOCK_N)
     _spike_conv2d_fwd_kernel[grid](
         s8, planes, scale, bias, occ, out, s8.shape[1], s8.shape[2], s8.shape[3],
         planes.shape[4], Cout, Ho, Wo, n_th, n_tw, G, STRIDE=stride, KH=kh, KW=kw,
-        TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SKIP=skip,
-        HAS_BIAS=bias is not None, num_warps=4)
+        TILE_H=tile_h, TILE_W=tile_w, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SKIP=skip,
+        HAS_BIAS=bias is not None, **launch)
     packed = pack_bits(s) if save else torch.empty(0, dtype=torch.uint8, device=s.device)
     return out, packed
 

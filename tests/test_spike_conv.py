@@ -372,6 +372,23 @@ def test_triton_occupancy_map_matches_brute_force():
     assert 0 < occ.float().mean() < 1  # some blocks skipped, some not
 
 
+@pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
+@pytest.mark.parametrize("config", [dict(block_k=64), dict(tile=(16, 16)),
+                                    dict(block_k=64, tile=(4, 8), num_warps=8, num_stages=3)])
+def test_triton_launch_configs_agree(config):
+    """Launch configurations (the GPU tuning sweep) compute the same integers:
+    bitwise equal to the default config, sparse (skipping) and dense paths."""
+    from spikingir.kernels.spike_conv import spike_conv2d_fwd_triton
+    w, b = conv_params(7, 37, 3, seed=4)
+    for rate, dense_rate in ((0.05, 1.0), (0.3, 0.0)):
+        s = spikes(2, 37, 9, 13, rate=rate, seed=5)
+        ref, _ = spike_conv2d_fwd_triton(s, w, b, 1, 1, dense_rate, False, False)
+        out, _ = spike_conv2d_fwd_triton(s, w, b, 1, 1, dense_rate, False, False, config=config)
+        assert torch.equal(out, ref)
+        assert_close(out, F.conv2d(s.double(), w.double(), b.double(), padding=1).float(),
+                     1e-6, 1e-5)
+
+
 # ---------------------------------------------------------------------------
 # The module.
 # ---------------------------------------------------------------------------
