@@ -112,6 +112,11 @@ def _spikingjelly_column(device):
     # SpikingJelly <= 0.0.0.0.14 has a fused CuPy kernel ("cupy" backend); 2.x
     # dropped the attribute and runs a PyTorch loop.
     if torch.device(device).type == "cuda" and "cupy" in getattr(node, "supported_backends", ()):
+        import numpy as np
+        if not hasattr(np, "int"):
+            # SpikingJelly 0.0.0.0.14's CuPy launcher still names np.int (removed in
+            # numpy 1.24): on an H100 with numpy 2 its kernel failed with that alone.
+            np.int = int
         try:
             node.backend = "cupy"
             node.to(device)
