@@ -40,8 +40,6 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--markdown-append", default=None)
     args = p.parse_args(argv)
-    from spikingir.allocator import keep_freed_memory
-    keep_freed_memory()  # the SNN's large per-layer tensors reuse mapped pages
     if args.threads:
         torch.set_num_threads(args.threads)
     samples = denoise_samples(args.sigma, args.data, args.limit, args.crop)

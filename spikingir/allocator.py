@@ -6,14 +6,17 @@ allocation above its mmap threshold (at most 32 MB by default) with a fresh
 ``mmap`` and returns it with ``munmap`` when freed, so each new tensor is paid
 again in page faults on first touch. :func:`keep_freed_memory` raises the
 threshold and stops trimming, so freed blocks stay in the heap and are reused
-with their pages already mapped. Measured on the 2-core development VM (glibc
-2.36): ``y = x + 1; z = y * 2`` on an 11x64x128x128 tensor 78.0 -> 24.8 ms;
-``spikingir evaluate`` of the DnCNN SNN on one Set12 image at T=10, one thread,
-two other jobs on the machine: 35.2 -> 23.2 s wall (system time 8.8 -> 1.4 s),
-peak RSS 1.74 -> 2.04 GB (the cost: freed memory stays with the process).
+with their pages already mapped.
 
-The ``spikingir`` command calls it at start (``SPIKINGIR_KEEP_FREED_MEMORY=0``
-turns that off); a library import never changes the allocator.
+Measured on the 2-core development VM (glibc 2.36): ``y = x + 1; z = y * 2`` on
+an 11x64x128x128 tensor 78.0 -> 24.8 ms. ``spikingir evaluate`` of the DnCNN SNN
+at T=10, 2 threads, on two 512x512 Set12 images: 112.4 -> 70.8 s wall (system
+time 83.5 -> 21.6 s) -- but peak RSS 4.5 -> 8.9 GB: memory freed by large tensors
+of changing sizes stays with the process, fragmented (a full Set12 evaluation at
+T = 4, 5, 10 grew to 13 GB and was OOM-killed beside a second one). Hence opt-in:
+``SPIKINGIR_KEEP_FREED_MEMORY=1 spikingir ...`` or a call in your own script,
+where memory is plentiful or shapes are fixed (training batches). A library
+import never changes the allocator.
 """
 import ctypes
 import sys

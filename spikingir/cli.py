@@ -286,9 +286,9 @@ def _build_parser():
 def main(argv=None):
     """Entry point of the ``spikingir`` console script; returns the exit status."""
     args = _build_parser().parse_args(argv)
-    if os.environ.get("SPIKINGIR_KEEP_FREED_MEMORY", "1") != "0":
+    if os.environ.get("SPIKINGIR_KEEP_FREED_MEMORY", "0") == "1":
         from spikingir.allocator import keep_freed_memory
-        keep_freed_memory()  # see spikingir/allocator.py: fewer page faults on the CPU
+        keep_freed_memory()  # opt-in, see spikingir/allocator.py: faster, more memory
     return args.func(args)
 
 
