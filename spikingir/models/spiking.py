@@ -165,15 +165,19 @@ class SpikingDnCNN(_SpikingNet):
         def folded(size):  # w[:, c] * size[c]
             return conv.weight * (size.reshape(1, -1, 1, 1) if size.dim() == 1 else size)
 
-        def run(spikes, size):
-            return ops.spike_conv2d(spikes.flatten(0, 1), folded(size), conv.bias, conv.stride[0],
+        def run(spikes, size, bias):
+            return ops.spike_conv2d(spikes.flatten(0, 1), folded(size), bias, conv.stride[0],
                                     conv.padding[0], validate=False,
                                     backend=self.spike_conv_backend).unflatten(0, spikes.shape[:2])
 
-        T = self.timesteps
-        y = run(s[:T], neuron.effective_theta())
+        theta = neuron.effective_theta()
+        y = run(s, theta, conv.bias)  # every step as if its spikes had size theta
         if self.neuron_kind == "mprn":
-            y = torch.cat([y, run(s[T:], neuron.beta)])
+            # reuse step: spikes of size beta = theta + (beta - theta); adding the
+            # difference in place avoids concatenating two outputs (measured on
+            # the CPU: the torch.cat cost 9 % of the SNN's time)
+            T = self.timesteps
+            y[T:] += run(s[T:], neuron.beta - theta, None)
         return y
 
     def forward(self, x):
