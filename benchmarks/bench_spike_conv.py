@@ -241,6 +241,12 @@ def main(argv=None):
             sweep = f"\n\nTriton sweep failed: {type(exc).__name__}: {exc}"
     env = environment(dev, args.threads)
     header = markdown_header(env)
+    if dev == "cpu":
+        # Other processes skew the ratios (oneDNN slows down more than the event
+        # kernel on a busy 2-core machine: 2.7-3.7x under load vs 1.6-2.2x quiet).
+        load = os.getloadavg()[0]
+        busy = load > args.threads + 0.5
+        header += f", load average {load:.1f}" + (" — BUSY MACHINE: ratios unreliable" if busy else "")
     table = fmt_table(rows, list(rows[0]["ms"])) + sweep
     print(header)
     print(table)
