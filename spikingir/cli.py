@@ -65,13 +65,10 @@ def _add_bench_neuron(bench_sub):
 
 
 def _cmd_bench_neuron(args):
-    import torch
-
     from spikingir.bench import neuron as bn
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        args._parser.error("--device cuda: no CUDA device is available "
-                           f"(torch {torch.__version__})")
+    if cuda_missing(args.device):
+        args._parser.error(cuda_missing(args.device))
     Ts, Ns = args.T, args.N
     if args.quick:
         Ts = Ts or list(bn.QUICK_T)
@@ -150,6 +147,14 @@ def _add_train_ann(sub):
     p.set_defaults(func=_cmd_train_ann, _parser=p)
 
 
+def cuda_missing(device):
+    """The one-line error for ``--device cuda`` without a usable GPU, else None."""
+    import torch
+    if device == "cuda" and not torch.cuda.is_available():
+        return f"--device cuda: no CUDA device is available (torch {torch.__version__})"
+    return None
+
+
 class _BadInput(ValueError):
     pass
 
@@ -157,8 +162,6 @@ class _BadInput(ValueError):
 def _check_train_args(args):
     import os
     from pathlib import Path
-
-    import torch
 
     if args.task == "denoise":
         sigma = 25.0 if args.sigma is None else args.sigma
@@ -175,8 +178,8 @@ def _check_train_args(args):
             raise _BadInput("--val-crop applies to --task denoise only")
         if args.val_scenes and args.val_data:
             raise _BadInput("give either --val-scenes (held out of --data) or --val-data, not both")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise _BadInput(f"--device cuda: no CUDA device is available (torch {torch.__version__})")
+    if cuda_missing(args.device):
+        raise _BadInput(cuda_missing(args.device))
     if not args.lr > 0:
         raise _BadInput(f"--lr must be > 0, got {args.lr}")
     if args.workers < 0:

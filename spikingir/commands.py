@@ -42,14 +42,15 @@ def _sigma_of(args):
     return check_sigma(args.sigma)
 
 
-def _device(name):
-    """The torch.device of --device ("cpu" or "cuda"), or a one-line error."""
+def _device(args):
+    """--device as a torch.device (argparse allowed cpu or cuda), or a one-line
+    error when there is no GPU; called first, before any work."""
     import torch
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device: expected cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device cuda: no CUDA device is available (torch {torch.__version__})")
-    return torch.device(name)
+
+    from spikingir.cli import cuda_missing
+    if cuda_missing(args.device):
+        raise UserError(cuda_missing(args.device))
+    return torch.device(args.device)
 
 
 def _add_model_args(p, snn_weights=True):
@@ -114,6 +115,7 @@ def _cmd_evaluate(args):
     from spikingir.evaluate import evaluate, markdown_table, write_atomic, write_figures, write_json
     from spikingir.pipeline import dehaze_samples, denoise_samples, load_ann
 
+    device = _device(args)
     _set_threads(args)
     sigma = _sigma_of(args)
     if args.task == "denoise":
@@ -124,8 +126,7 @@ def _cmd_evaluate(args):
     snn, origin = _get_snn(args.task, sigma, ann, max(args.timesteps), args, args.ann_weights is not None)
     print(f"# {args.task}: {len(samples)} images; SNN: {origin}", flush=True)
     outputs = {} if args.figures else None
-    report = evaluate(args.task, ann, snn, samples, args.timesteps, sigma, outputs,
-                      device=_device(args.device))
+    report = evaluate(args.task, ann, snn, samples, args.timesteps, sigma, outputs, device=device)
     table = markdown_table(report)
     print(table)
     if args.json:
@@ -151,7 +152,7 @@ def _add_evaluate(sub):
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--figures", default=None, help="folder for side-by-side PNGs and PSNR-vs-T")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_evaluate))
 
@@ -208,6 +209,7 @@ def _cmd_finetune(args):
     from spikingir.finetune import finetune_snn
     from spikingir.pipeline import calibration_inputs, load_ann, save_snn
 
+    device = _device(args)
     _set_threads(args)
     sigma = _sigma_of(args)
     ann = load_ann(args.task, sigma, args.ann_weights)
@@ -218,7 +220,7 @@ def _cmd_finetune(args):
     t0 = time.time()
     res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,
                        steps=args.steps, batch_size=args.batch_size, lr_weights=args.lr_weights,
-                       lr_neurons=args.lr_neurons, device=_device(args.device), seed=args.seed,
+                       lr_neurons=args.lr_neurons, device=device, seed=args.seed,
                        checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
                        time_limit=args.time_limit, train_mapper=not args.freeze_mapper)
     snn = snn.cpu()
@@ -247,7 +249,7 @@ def _add_finetune(sub):
     p.add_argument("--data", default=None, help="training data (default ../shared/data/...)")
     p.add_argument("--val-data", default=None)
     p.add_argument("--val-crop", type=_timesteps, default=64)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="resumable training checkpoint")
     p.add_argument("--resume", action="store_true")

@@ -168,8 +168,8 @@ def snn_energy_mj(snn_or_macs, image_or_sops, pj_per_mac: float = E_MAC_PJ,
         finally:
             snn.record_stats(was)
         st = snn.stats
-        return mac_energy_mj(st["first_layer_macs"] + st["readout_macs"], pj_per_mac) + \
-            sop_energy_mj(st["sops"], pj_per_sop)
+        return snn_energy_mj(st["first_layer_macs"] + st["readout_macs"], st["sops"], pj_per_mac,
+                             pj_per_sop)
     return mac_energy_mj(snn_or_macs, pj_per_mac) + sop_energy_mj(image_or_sops, pj_per_sop)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from spikingir import ops
-from spikingir.energy import conv_macs, conv_sops, mac_energy_mj, sop_energy_mj
+from spikingir.energy import conv_macs, conv_sops, snn_energy_mj
 from spikingir.nn import IFNeuron, MPRNeuron, SeqToBatch
 from spikingir.nn.mapper import PixelMapper, spike_rate
 
@@ -105,7 +105,7 @@ class _SpikingNet(nn.Module):
         if self.stats is None:
             raise RuntimeError("energy_mj: run a forward after record_stats() first")
         st = self.stats
-        return mac_energy_mj(st["first_layer_macs"] + st["readout_macs"]) + sop_energy_mj(st["sops"])
+        return snn_energy_mj(st["first_layer_macs"] + st["readout_macs"], st["sops"])
 
     def firing_rate(self):
         """Mean firing rate (spikes per neuron per step, over T) of the last recorded forward."""

@@ -1,5 +1,4 @@
 """SpikeConv2d: nn.Conv2d on spike maps, a thin shell over spikingir.ops.spike_conv2d."""
-import torch
 from torch import nn
 
 from spikingir import ops
