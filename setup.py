@@ -63,17 +63,36 @@ def _max_jobs():
             pass
 
 
+def _openmp_flags():
+    """The OpenMP flag of the compiler torch's parallel backend expects (OpenMP on
+    Linux and Windows builds of torch); none where torch runs its native pool."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return []
+    if sys.platform.startswith("linux"):
+        return ["-fopenmp"]
+    if sys.platform == "win32":
+        return ["/openmp"]
+    return []  # macOS: Apple clang has no -fopenmp; kernels run on one thread
+
+
 def extensions():
     _max_jobs()
     sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fno-trapping-math lets gcc if-convert float compares, so the neuron loops vectorise.
     cxx = ["-O3", "-std=c++20", "-fno-trapping-math"]
+    # at::parallel_for is a header template: without the compiler's OpenMP flag
+    # (_OPENMP undefined) it silently runs every CPU kernel on one thread.
+    # Linked with -fopenmp, the extension shares the libgomp.so.1 torch loaded.
+    omp = _openmp_flags()
+    cxx += omp
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"] + _cuda_arch_flags()
         return [CUDAExtension("spikingir._C", sources,
-                              extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
-    return [CppExtension("spikingir._C", sources, extra_compile_args={"cxx": cxx})]
+                              extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                              extra_link_args=omp)]
+    return [CppExtension("spikingir._C", sources, extra_compile_args={"cxx": cxx},
+                         extra_link_args=omp)]
 
 
 setup(

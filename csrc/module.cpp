@@ -1,6 +1,8 @@
 // Python module shell for spikingir._C (setup.py builds it; CMake does not).
 // Importing it loads the shared library, which runs the TORCH_LIBRARY
-// registrations of ops.cpp and the per-device kernel files; nothing is exported.
+// registrations of ops.cpp and the per-device kernel files. One constant is
+// exported: `openmp`, 1 when the kernels were compiled with OpenMP, i.e. when
+// at::parallel_for (a header template) really runs on torch's threads.
 #include <Python.h>
 
 extern "C" {
@@ -8,6 +10,16 @@ PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "spikingir compiled ops (registered with torch.library)",
       -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* m = PyModule_Create(&module_def);
+#ifdef _OPENMP
+  const long openmp = 1;
+#else
+  const long openmp = 0;
+#endif
+  if (m != nullptr && PyModule_AddIntConstant(m, "openmp", openmp) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 }

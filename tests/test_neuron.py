@@ -496,3 +496,13 @@ def test_gpu_int64_offsets(backend):
     yt, _ = ops.if_multistep(xt, 0.75, backend="torch")
     (gxt,) = torch.autograd.grad(yt, xt, torch.ones_like(yt))
     assert_close(gx[:, tail], gxt, 1e-5, 1e-4, "grad_x tail")
+
+
+@pytest.mark.skipif(not backends.HAS_CPP_OPS, reason="the C++ extension is not built")
+@pytest.mark.skipif("parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch does not use OpenMP here")
+def test_cpp_kernels_are_compiled_with_openmp():
+    # at::parallel_for is a header template: built without the OpenMP flag it
+    # runs every CPU kernel (neuron and spike_conv2d) on one thread, silently.
+    from spikingir import _C
+    assert _C.openmp == 1
