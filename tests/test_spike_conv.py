@@ -106,6 +106,20 @@ def test_cpp_event_and_dense_paths(rate, dense_rate):
         assert packed.dtype == torch.uint8 and packed.shape == (3, 6, 10, 3)
 
 
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+@pytest.mark.parametrize("k,stride,padding", [(1, 1, 0), (1, 2, 0), (3, 2, 1), (3, 2, 0),
+                                              (5, 1, 2), (5, 2, 2), (7, 1, 3), (7, 2, 3),
+                                              (3, 1, 4), (7, 1, 0), (7, 2, 5)])
+def test_cpp_event_path_geometry(k, stride, padding):
+    """The event-driven path (dense_rate 2) at every kernel size, stride and padding:
+    output widths with and without a tail of the 8 x 8 transposes, Cout 19
+    (two full groups of 8 and a tail), a tap range that is empty for some kx."""
+    s = spikes(2, 6, 13, 21, rate=0.3, seed=k + 3 * stride + padding)
+    w, b = conv_params(19, 6, k)
+    out, _ = torch.ops.spikingir.spike_conv2d_fwd(s, w, b, stride, padding, 2.0, True, False)
+    check_conv(out, s, w, b, stride, padding)
+
+
 @pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_spikes(backend, dtype):
