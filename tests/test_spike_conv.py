@@ -65,8 +65,8 @@ def check_conv(out, s, w, b, stride, padding, name="out", fixed_point=False):
 @pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
 @pytest.mark.parametrize("rate", [0.0, 0.01, 0.1, 0.5, 1.0])
 def test_matches_reference_rates(backend, rate):
-    s = spikes(2, 7, 13, 11, rate=rate)
-    w, b = conv_params(5, 7, 3)
+    s = spikes(2, 19, 13, 11, rate=rate)  # cpp: 19 input channels take the event path
+    w, b = conv_params(5, 19, 3)
     out = ops.spike_conv2d(s, w, b, 1, 1, backend=backend)
     assert out.dtype == torch.float32
     check_conv(out, s, w, b, 1, 1, fixed_point=backend == "triton")
@@ -215,15 +215,18 @@ def test_gradients_subsets(backend, need):
 
 @pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
 @pytest.mark.parametrize("dense_rate", [-1.0, 2.0])
-def test_cpp_backward_both_paths(dense_rate):
-    s = spikes(2, 5, 12, 13, rate=0.3)
-    w, b = conv_params(6, 5, 3)
-    out, packed = torch.ops.spikingir.spike_conv2d_fwd(s, w, b, 2, 1, 2.0, True, True)
+@pytest.mark.parametrize("cout,stride,H", [(6, 2, 12), (70, 1, 19)])
+def test_cpp_backward_both_paths(dense_rate, cout, stride, H):
+    """oneDNN (-1) and the event-driven weight gradient (2): several bands of 8
+    output rows, Cout beyond one block of 64 and not a multiple of 8."""
+    s = spikes(2, 5, H, 13, rate=0.3)
+    w, b = conv_params(cout, 5, 3)
+    out, packed = torch.ops.spikingir.spike_conv2d_fwd(s, w, b, stride, 1, 2.0, True, True)
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-    gs, gw, gb = torch.ops.spikingir.spike_conv2d_bwd(go, packed, w, 12, 13, 2, 1, dense_rate,
-                                                      True, True, True)
+    gs, gw, gb = torch.ops.spikingir.spike_conv2d_bwd(go, packed, w, H, 13, stride, 1,
+                                                      dense_rate, True, True, True)
     sd, wd = s.double().requires_grad_(), w.double().requires_grad_()
-    F.conv2d(sd, wd, b.double(), 2, 1).backward(go.double())
+    F.conv2d(sd, wd, b.double(), stride, 1).backward(go.double())
     assert_close(gs, sd.grad, 1e-5, 1e-5, "grad_s")
     assert_close(gw, wd.grad, 1e-4, 1e-5, "grad_weight")
     assert_close(gb, go.double().sum((0, 2, 3)), 1e-4, 1e-5, "grad_bias")

@@ -3,24 +3,26 @@
 // Event-driven convolution of binary spike maps (DESIGN.md section 4):
 //   0. rate: the firing rate of every 8th input row picks the path; above
 //      `dense_rate` the dense oneDNN convolution is faster and runs instead
-//      (benchmarks/bench_spike_conv.py measures the crossover).
+//      (the caller sets it per layer shape from measured crossovers:
+//      spikingir/ops/spike_conv.py dense_rates; < 0 always dense, >= 1 never).
 //   1. pack: one pass over s writes 1 bit per spike along W ([N, Cin, H,
 //      ceil(W/8)] uint8, bit b of byte j = pixel 8 j + b: what backward keeps)
 //      and, by 8x8 bit transposes, the channel mask of every pixel (Cin bits);
 //      it also checks that s is binary.
-//   2. accumulate (the gather form of event-driven accumulation): one task per
-//      output row (n, oy); each output pixel keeps 64 output channels in AVX2
-//      registers and, for every spike (ci) under each tap (ky, kx), adds the
-//      weight column wt[ky kx][ci][:] (weights pre-transposed to [kh kw, Cin,
-//      Cout], contiguous over Cout). Adds only; work proportional to the number
-//      of spikes. The row is then written to the NCHW output.
-// Each output value is summed in a fixed order (ky, kx, ci) that does not
-// depend on the thread count: the result is bitwise reproducible.
+//   2. accumulate, tap by tap (see accumulate_rows): one task per output row
+//      (n, oy); for each tap (ky, kx) every output pixel adds, for every spike
+//      ci under that tap, the weight column wt[ky kx][ci][:] (weights
+//      pre-transposed to [kh kw, Cin, Cout], contiguous over Cout) to its
+//      accumulator. Adds only; work proportional to the number of spikes. The
+//      row is then written to the NCHW output by 8x8 transposes.
+// Each output value is summed in a fixed order (bias, ky, kx, ci) that does
+// not depend on the thread count: the result is bitwise reproducible.
 //
 // Backward: grad_s is dense (at::conv_transpose2d); grad_weight walks the
-// packed spikes: grad_w[ci][ky][kx][:] += grad_out_cl[n][oy][ox][:] per spike
-// and tap, one task per input channel (fixed order), float partial sums per
-// image folded into double; above dense_rate oneDNN's weight gradient runs.
+// packed spikes: grad_w[ci][ky][kx][:] = sum of grad_out_cl[n][oy][ox][:] over
+// the spikes under each tap, summed in registers over bands of output rows,
+// input channels split across threads (fixed order), float partial sums per
+// image folded into double; above its dense_rate oneDNN's weight gradient runs.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/conv2d.h>
@@ -45,11 +47,6 @@
 namespace spikingir {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define SPK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define SPK_CPU_CLONES
-#endif
 
 
 // Pass 1 over rows [r0, r1) of s viewed as [N * Cin * H, W]: writes the bits,
@@ -135,11 +132,6 @@ int64_t popcount_bytes(const uint8_t* bits, int64_t n) {
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) total += __builtin_popcount(bits[i]);
   return total;
-}
-
-// dst[0..n) += src[0..n): the arithmetic of the backward's event walk.
-inline void add_column(float* __restrict__ dst, const float* __restrict__ src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
 // Transposes an 8x8 bit matrix: bit j of byte i <-> bit i of byte j.
@@ -347,54 +339,118 @@ void accumulate_rows(const uint64_t* masks, const float* wt, const float* bias, 
   }
 }
 
+// grad_weight, event-driven: gw[ci][ky][kx][co] = sum over spikes (n, ci, iy,
+// ix) of grad_out[n][co][oy][ox] with oy = (iy + pad - ky) / stride (and ox
+// alike) when that divides and lies in range. go_cl is grad_out channels-last
+// and zero-padded: [N, Ho, Wo, Cout_p]. For one (ci, tap, image) the spike walk
+// lists the go_cl pixels to add (`pixel_list`); then, 8 NV output channels at a
+// time, their sum stays in NV vector registers (8 loads and adds per spike, no
+// stores), then added to the image's float partial sum, which is folded into a
+// double total. The order
+// (n, iy, ix) is fixed: bitwise reproducible.
+int64_t pixel_list(const uint8_t* bits, const Geometry& g, int64_t n, int64_t ci, int64_t ky,
+                   int64_t kx, int64_t oy0, int64_t oy1, int64_t* pix) {
+  int64_t count = 0;
+  for (int64_t oy = oy0; oy < oy1; ++oy) {
+    const int64_t iy = oy * g.stride - g.pad + ky;
+    if (iy < 0 || iy >= g.H) continue;
+    const uint8_t* row = bits + ((n * g.Cin + ci) * g.H + iy) * g.Wb;
+    for (int64_t j = 0; j < g.Wb; ++j) {
+      uint32_t byte = row[j];
+      while (byte) {
+        const int64_t tx = 8 * j + __builtin_ctz(byte) + g.pad - kx;
+        byte &= byte - 1;
+        if (tx < 0 || tx % g.stride) continue;
+        const int64_t ox = tx / g.stride;
+        if (ox < g.Wo) pix[count++] = (n * g.Ho + oy) * g.Wo + ox;
+      }
+    }
+  }
+  return count;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// total[0 : 8 NV] += sum_i go[pix[i] * Cout_p : + 8 NV] (float sum, then double).
+template <int NV>
+__attribute__((target("avx2"))) void sum_pixels_avx2(const float* __restrict__ go,
+                                                     int64_t Cout_p, const int64_t* pix,
+                                                     int64_t count, float* part) {
+  __m256 acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < count; ++i) {
+    const float* src = go + pix[i] * Cout_p;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = _mm256_add_ps(acc[v], _mm256_loadu_ps(src + 8 * v));
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    _mm256_storeu_ps(part + 8 * v, _mm256_add_ps(_mm256_loadu_ps(part + 8 * v), acc[v]));
+  }
+}
+#endif
+
+void sum_pixels_generic(const float* go, int64_t Cout_p, const int64_t* pix, int64_t count,
+                        int64_t width, float* part) {
+  float acc[64] = {};
+  for (int64_t i = 0; i < count; ++i) {
+    const float* src = go + pix[i] * Cout_p;
+    for (int64_t c = 0; c < width; ++c) acc[c] += src[c];
+  }
+  for (int64_t c = 0; c < width; ++c) part[c] += acc[c];
+}
+
 // grad_weight of input channels [c0, c1): gw is [Cin, kh, kw, Cout] float32.
-template <int64_t st>
-SPK_CPU_CLONES void grad_weight_channels(const uint8_t* __restrict__ bits,
-                                         const float* __restrict__ go_cl, float* __restrict__ gw,
-                                         const Geometry& g, int64_t c0, int64_t c1) {
-  const int64_t Cout = g.Cout, pad = g.pad;
-  const int64_t taps = g.kh * g.kw * Cout;
-  std::vector<float> part(taps);
-  std::vector<double> total(taps);
-  for (int64_t ci = c0; ci < c1; ++ci) {
-    std::fill(total.begin(), total.end(), 0.0);
-    for (int64_t n = 0; n < g.N; ++n) {
-      std::fill(part.begin(), part.end(), 0.0f);
-      bool any = false;
-      for (int64_t iy = 0; iy < g.H; ++iy) {
-        const uint8_t* row = bits + ((n * g.Cin + ci) * g.H + iy) * g.Wb;
-        for (int64_t j = 0; j < g.Wb; ++j) {
-          uint32_t byte = row[j];
-          while (byte) {
-            const int64_t ix = 8 * j + __builtin_ctz(byte);
-            byte &= byte - 1;
-            any = true;
-            for (int64_t ky = 0; ky < g.kh; ++ky) {
-              const int64_t ty = iy + pad - ky;
-              if (ty < 0) break;
-              if (ty % st) continue;
-              const int64_t oy = ty / st;
-              if (oy >= g.Ho) continue;
-              const float* grow = go_cl + (n * g.Ho + oy) * g.Wo * Cout;
-              float* pk = part.data() + ky * g.kw * Cout;
-              for (int64_t kx = 0; kx < g.kw; ++kx) {
-                const int64_t tx = ix + pad - kx;
-                if (tx < 0) break;
-                if (tx % st) continue;
-                const int64_t ox = tx / st;
-                if (ox >= g.Wo) continue;
-                add_column(pk + kx * Cout, grow + ox * Cout, Cout);
+// Bands of kBand output rows: a band of go_cl (8 rows x 96 pixels x 64
+// channels = 196 KB) stays in L2 while every (ci, tap) of the range sums its
+// spikes over it. Per (ci, tap, channel) the order is fixed: images, bands,
+// spikes in raster order (float per image, double across images).
+constexpr int64_t kBand = 8;
+void grad_weight_channels(const uint8_t* bits, const float* go_cl, float* gw, const Geometry& g,
+                          int64_t Cout_p, bool avx2, int64_t c0, int64_t c1) {
+  const int64_t taps = g.kh * g.kw, nc = c1 - c0;
+  std::vector<double> total(nc * taps * Cout_p, 0.0);
+  std::vector<float> part(nc * taps * Cout_p);
+  std::vector<int64_t> pix(kBand * g.W);
+  for (int64_t n = 0; n < g.N; ++n) {
+    std::fill(part.begin(), part.end(), 0.0f);
+    for (int64_t oy0 = 0; oy0 < g.Ho; oy0 += kBand) {
+      const int64_t oy1 = std::min(g.Ho, oy0 + kBand);
+      for (int64_t ci = c0; ci < c1; ++ci) {
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t count = pixel_list(bits, g, n, ci, t / g.kw, t % g.kw, oy0, oy1,
+                                           pix.data());
+          if (count == 0) continue;
+          float* acc = part.data() + ((ci - c0) * taps + t) * Cout_p;
+          for (int64_t o0 = 0; o0 < Cout_p; o0 += 64) {
+            const int64_t width = std::min<int64_t>(64, Cout_p - o0);
+#ifdef SPK_HAVE_AVX2_GATHER
+            if (avx2) {
+              switch (width / 8) {
+#define SPK_CASE(NV)                                                                 \
+  case NV:                                                                           \
+    sum_pixels_avx2<NV>(go_cl + o0, Cout_p, pix.data(), count, acc + o0); \
+    break;
+                SPK_CASE(1) SPK_CASE(2) SPK_CASE(3) SPK_CASE(4) SPK_CASE(5) SPK_CASE(6)
+                SPK_CASE(7) SPK_CASE(8)
+#undef SPK_CASE
               }
+              continue;
             }
+#endif
+            sum_pixels_generic(go_cl + o0, Cout_p, pix.data(), count, width, acc + o0);
           }
         }
       }
-      if (any) {
-        for (int64_t i = 0; i < taps; ++i) total[i] += part[i];
-      }
     }
-    float* dst = gw + ci * taps;
-    for (int64_t i = 0; i < taps; ++i) dst[i] = static_cast<float>(total[i]);
+    for (size_t i = 0; i < total.size(); ++i) total[i] += part[i];
+  }
+  for (int64_t ci = c0; ci < c1; ++ci) {
+    for (int64_t t = 0; t < taps; ++t) {
+      const double* src = total.data() + ((ci - c0) * taps + t) * Cout_p;
+      float* dst = gw + (ci * taps + t) * g.Cout;
+      for (int64_t co = 0; co < g.Cout; ++co) dst[co] = static_cast<float>(src[co]);
+    }
   }
 }
 
@@ -451,27 +507,32 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
       "to skip this check";
   // The path is chosen from the firing rate of every 8th input row (1/8 of a
   // pass over s), so that above dense_rate nothing else reads s before oneDNN.
-  const int64_t H8 = (g.H + 7) / 8;
-  std::vector<int64_t> sample(g.N * H8, 0);
-  SPK_DISPATCH_FLOATS(s.scalar_type(), "spike_conv2d_rate", [&] {
-    const scalar_t* sp = s.data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * H8, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<uint8_t> scratch(g.Wb);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / H8, iy = 8 * (r % H8);
-        bool ignored = false;
-        for (int64_t ci = 0; ci < g.Cin; ++ci) {
-          sample[r] += pack_rows_best(sp + ((n * g.Cin + ci) * g.H + iy) * g.W, scratch.data(),
-                                      g.W, g.Wb, 0, 1, ignored, avx2_pack);
+  // dense_rate < 0: always dense, >= 1: always event-driven (no sample taken).
+  bool dense = dense_rate < 0.0;
+  if (dense_rate >= 0.0 && dense_rate < 1.0) {
+    const int64_t H8 = (g.H + 7) / 8;
+    std::vector<int64_t> sample(g.N * H8, 0);
+    SPK_DISPATCH_FLOATS(s.scalar_type(), "spike_conv2d_rate", [&] {
+      const scalar_t* sp = s.data_ptr<scalar_t>();
+      at::parallel_for(0, g.N * H8, 1, [&](int64_t r0, int64_t r1) {
+        std::vector<uint8_t> scratch(g.Wb);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t n = r / H8, iy = 8 * (r % H8);
+          bool ignored = false;
+          for (int64_t ci = 0; ci < g.Cin; ++ci) {
+            sample[r] += pack_rows_best(sp + ((n * g.Cin + ci) * g.H + iy) * g.W,
+                                        scratch.data(), g.W, g.Wb, 0, 1, ignored, avx2_pack);
+          }
         }
-      }
+      });
     });
-  });
-  int64_t sampled = 0;
-  for (int64_t c : sample) sampled += c;
-  const double rate = static_cast<double>(sampled) / std::max<int64_t>(1, g.N * H8 * g.Cin * g.W);
+    int64_t sampled = 0;
+    for (int64_t c : sample) sampled += c;
+    dense = static_cast<double>(sampled) / std::max<int64_t>(1, g.N * H8 * g.Cin * g.W) >
+            dense_rate;
+  }
   at::Tensor out;
-  if (rate > dense_rate) {
+  if (dense) {
     if (validate || save) {  // one packing pass: the saved bits and/or the check
       const int64_t rows = g.N * g.Cin * g.H;
       std::vector<char> bads(rows, 0);
@@ -557,23 +618,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cpu(
   if (need_weight) {
     const uint8_t* bits = packed.data_ptr<uint8_t>();
     const int64_t numel = g.N * Cin * height * width;
-    const double rate = numel ? static_cast<double>(popcount_bytes(bits, packed.numel())) / numel : 0.0;
-    if (rate > dense_rate) {
+    bool dense = dense_rate < 0.0;
+    if (dense_rate >= 0.0 && dense_rate < 1.0) {
+      dense = numel && static_cast<double>(popcount_bytes(bits, packed.numel())) / numel > dense_rate;
+    }
+    if (dense) {
       gw = std::get<1>(at::convolution_backward(grad_out, unpack(packed, g), weight, std::nullopt,
                                                 {stride, stride}, {padding, padding}, {1, 1},
                                                 false, {0, 0}, 1, {false, true, false}))
                .contiguous();
     } else {
-      const at::Tensor go_cl = grad_out.permute({0, 2, 3, 1}).contiguous();  // [N, Ho, Wo, Cout]
+      // grad_out channels-last, channels zero-padded to a multiple of 8: [N, Ho, Wo, Cout_p]
+      const int64_t Cout_p = (g.Cout + 7) / 8 * 8;
+      auto go_cl = at::empty({g.N, g.Ho, g.Wo, Cout_p}, f32);
+      go_cl.narrow(3, 0, g.Cout).copy_(grad_out.permute({0, 2, 3, 1}));
+      if (Cout_p > g.Cout) go_cl.narrow(3, g.Cout, Cout_p - g.Cout).zero_();
       auto gwt = at::empty({Cin, g.kh, g.kw, g.Cout}, f32);
       const float* gop = go_cl.data_ptr<float>();
       float* gwp = gwt.data_ptr<float>();
+#ifdef SPK_HAVE_AVX2_GATHER
+      const bool avx2 = __builtin_cpu_supports("avx2");
+#else
+      const bool avx2 = false;
+#endif
       at::parallel_for(0, Cin, 1, [&](int64_t c0, int64_t c1) {
-        if (g.stride == 1) {
-          grad_weight_channels<1>(bits, gop, gwp, g, c0, c1);
-        } else {
-          grad_weight_channels<2>(bits, gop, gwp, g, c0, c1);
-        }
+        grad_weight_channels(bits, gop, gwp, g, Cout_p, avx2, c0, c1);
       });
       gw = gwt.permute({3, 0, 1, 2}).contiguous();
     }

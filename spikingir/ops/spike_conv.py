@@ -20,14 +20,40 @@ from .reference import spike_conv2d_reference
 #: Kernel sizes the fused backends take (AOD-Net uses all four).
 KERNEL_SIZES = (1, 3, 5, 7)
 STRIDES = (1, 2)
-#: Firing rate above which each backend runs its dense path. cpp: the measured
-#: crossover of event-driven accumulation and oneDNN on a quiet machine
-#: (benchmarks/bench_spike_conv.py, 2 threads, 64->64 3x3 on [16, 64, 96, 96]:
-#: events 1.14x faster at 20 % firing, 0.91x at 30 %; on [11, 64, 160, 160]
-#: 1.10x at 20 %, 0.86x at 30 %). triton / cuda: the
-#: block-occupancy map is not built above this rate (random spikes at 20%
-#: leave almost no empty block; the result is the same either way).
-DENSE_RATE = {"cpp": 0.25, "triton": 0.20, "cuda": 2.0}
+#: Firing rate above which the triton / cuda kernels do not build the
+#: block-occupancy map (random spikes at 20 % leave almost no empty block; the
+#: result is the same either way). cpp: see :func:`dense_rates`.
+DENSE_RATE = {"triton": 0.20, "cuda": 2.0}
+
+
+def dense_rates(backend, cin, cout):
+    """Firing rates ``(forward, backward)`` above which ``backend`` runs its dense
+    path for a ``cin -> cout`` layer (< 0: always dense, >= 1: never).
+
+    cpp: the crossovers of the event-driven kernels and oneDNN measured on 2
+    threads (AMD EPYC, AVX2, benchmarks/RESULTS.md "spike_conv2d crossovers"),
+    with some margin: the forward wins up to 80-95 % firing for 16..64 -> 16..64
+    channel layers, to ~60 % with fewer than 32 output channels (one or two
+    vectors of work per spike, the walk dominates) or more than 64 input
+    channels (the weights of a tap leave L1), to ~25 % with 8-15 input channels,
+    and never with fewer than 8 (AOD-Net's 3- and 6-channel layers). The
+    weight gradient wins up to 20-30 % firing.
+    """
+    if backend != "cpp":
+        rate = DENSE_RATE[backend]
+        return rate, rate
+    if cin < 8:
+        forward = -1.0
+    elif cin < 16:
+        forward = 0.25
+    elif cout < 32:
+        forward = 0.5
+    elif cin > 64:
+        forward = 0.45
+    else:
+        forward = 0.75
+    return forward, 0.25
+
 
 # --------------------------------------------------------------------------
 # Registration: fake kernels, autograd, the Triton implementations.
@@ -59,6 +85,8 @@ def _fake_bwd(grad_out, packed, weight, height, width, stride, padding, dense_ra
 def _setup_context(ctx, inputs, output):
     s, weight, bias, stride, padding, dense_rate, validate, save = inputs
     ctx.save_for_backward(output[1], weight)
+    if s.device.type == "cpu":  # the C++ kernels (the interpreted Triton ones: same result)
+        dense_rate = dense_rates("cpp", weight.shape[1], weight.shape[0])[1]
     ctx.config = (s.shape[2], s.shape[3], stride, padding, dense_rate)
     ctx.has_bias = bias is not None
 
@@ -183,6 +211,7 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
     w = weight.float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     save = torch.is_grad_enabled() and w.requires_grad
-    out, _ = fused_forward("spike_conv2d", chosen)(s.contiguous(), w, b, stride, padding, DENSE_RATE[chosen],
-                               bool(validate), save)
+    dense_rate = dense_rates(chosen, w.shape[1], w.shape[0])[0]
+    out, _ = fused_forward("spike_conv2d", chosen)(s.contiguous(), w, b, stride, padding,
+                                                   dense_rate, bool(validate), save)
     return out if out_dtype == torch.float32 else out.to(out_dtype)
