@@ -4,11 +4,21 @@ One ``_cmd_<name>(args)`` per command, registered in :func:`_build_parser`;
 to add one (train-ann, evaluate, restore, demo, ...), add its subparser there
 with ``set_defaults(func=_cmd_<name>)``. A command returns the exit status.
 Bad arguments exit with status 2 and one line on stderr (argparse).
+
+Torch's CPU allocator is asked for transparent huge pages on allocations of
+2 MB and more (``THP_MEM_ALLOC_ENABLE=1``, unless the variable is set already),
+before torch is imported: an SNN on the CPU allocates a fresh ``T x`` activation
+tensor per layer and otherwise pays most of it in 4 KB page faults (measured on
+the 2-core VM, DnCNN SNN T=10 on 160x160 with cpp spike_conv2d: 1734 -> 1057 ms;
+benchmarks/RESULTS.md). Memory use is unchanged apart from 2 MB alignment.
+``THP_MEM_ALLOC_ENABLE=0 spikingir ...`` turns it off.
 """
 import argparse
 import json
 import os
 import sys
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before any torch import: read once
 
 
 def _positive_int(text):

@@ -1,5 +1,6 @@
 """The restoration commands of the CLI: outputs, and one-line errors with exit status 2."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -121,3 +122,19 @@ def test_keep_freed_memory_applies_on_glibc():
     glibc = sys.platform.startswith("linux") and "libc.so.6" in (ctypes.util.find_library("c") or "")
     assert ok == str(glibc)
     assert float(total) == 2.0 * (1 << 23)  # allocations still work after it
+
+
+def test_cli_sets_huge_pages_before_torch_loads():
+    """THP_MEM_ALLOC_ENABLE is read once, at torch's first allocation: the CLI
+    module must set it (keeping a user's own value) with torch not yet imported."""
+    import subprocess
+    import sys
+    code = ("import os, sys; import spikingir.cli; "
+            "print('torch' in sys.modules, os.environ['THP_MEM_ALLOC_ENABLE'])")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    assert out.stdout.split() == ["False", "1"]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**env, "THP_MEM_ALLOC_ENABLE": "0"})
+    assert out.stdout.split() == ["False", "0"]
