@@ -33,6 +33,11 @@ def _timesteps(text):
     return _positive_int(text)
 
 
+def _nonneg_float(text):
+    from spikingir.cli import _nonneg_float as parse
+    return parse(text)
+
+
 def _sigma_of(args):
     from spikingir.pipeline import check_sigma
     if args.task != "denoise":
@@ -207,26 +212,33 @@ def _cmd_finetune(args):
     import torch
 
     from spikingir.finetune import finetune_snn
-    from spikingir.pipeline import calibration_inputs, load_ann, save_snn
+    from spikingir.pipeline import calibration_inputs, load_ann, load_snn, save_snn
 
     device = _device(args)
     _set_threads(args)
     sigma = _sigma_of(args)
-    ann = load_ann(args.task, sigma, args.ann_weights)
-    from spikingir.train import default_data_dir
-    calib_dir = args.data or default_data_dir("train400" if args.task == "denoise" else "sots_train")
-    calib = calibration_inputs(args.task, sigma, data=calib_dir)
-    snn = _convert(ann, calib, args.timesteps, args)
+    if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
+        snn = load_snn(args.snn_weights, backend=args.backend)
+        snn.timesteps = args.timesteps
+    else:
+        ann = load_ann(args.task, sigma, args.ann_weights)
+        from spikingir.train import default_data_dir
+        calib_dir = args.data or default_data_dir("train400" if args.task == "denoise"
+                                                  else "sots_train")
+        calib = calibration_inputs(args.task, sigma, data=calib_dir)
+        snn = _convert(ann, calib, args.timesteps, args)
     t0 = time.time()
     res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,
                        steps=args.steps, batch_size=args.batch_size, lr_weights=args.lr_weights,
                        lr_neurons=args.lr_neurons, device=device, seed=args.seed,
                        checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
-                       time_limit=args.time_limit, train_mapper=not args.freeze_mapper)
+                       time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
+                       energy_weight=args.energy_weight)
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
             "timesteps": args.timesteps, "device": args.device,
-            "train_mapper": not args.freeze_mapper, "wall_s": round(time.time() - t0, 1),
+            "train_mapper": not args.freeze_mapper, "energy_weight": args.energy_weight,
+            "init": str(args.snn_weights or "conversion"), "wall_s": round(time.time() - t0, 1),
             "torch": str(torch.__version__)}
     if res.history:
         last = res.history[-1]
@@ -241,6 +253,9 @@ def _add_finetune(sub):
                        description="Converts the ANN (shipped or --ann-weights), then trains thresholds, "
                                    "beta, mapper and weights through the fused neuron ops (BPTT).")
     _add_model_args(p, snn_weights=False)
+    p.add_argument("--snn-weights", default=None,
+                   help="start from this fine-tuned SNN (from `spikingir finetune`) instead of "
+                        "converting the ANN; the conversion options are then ignored")
     p.add_argument("--timesteps", type=_timesteps, default=10)
     p.add_argument("--steps", type=_timesteps, default=200)
     p.add_argument("--batch-size", type=_timesteps, default=8)
@@ -257,6 +272,9 @@ def _add_finetune(sub):
     p.add_argument("--out", required=True, help="where to write the fine-tuned SNN")
     p.add_argument("--freeze-mapper", action="store_true",
                    help="keep the pixel mapper = the ANN's output conv (ablation)")
+    p.add_argument("--energy-weight", type=_nonneg_float, default=0.0,
+                   help="add this x the estimated SOP part of the SNN/ANN energy ratio to the MSE "
+                        "loss: trades PSNR for fewer spikes (default 0: off)")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_finetune))
 

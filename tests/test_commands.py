@@ -138,3 +138,27 @@ def test_cli_sets_huge_pages_before_torch_loads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**env, "THP_MEM_ALLOC_ENABLE": "0"})
     assert out.stdout.split() == ["False", "0"]
+
+
+def test_finetune_continues_an_snn_with_an_energy_term(files, tmp_path, capsys):
+    """finetune --snn-weights starts from a saved SNN (no conversion), and
+    --energy-weight adds the energy term; both are recorded in the output."""
+    from spikingir.pipeline import load_snn
+    from spikingir.weights import WEIGHTS_DIR
+    data = tmp_path / "train"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(data / f"t{i}.png")
+    out = tmp_path / "snn.pt"
+    code, stdout, err = run(["finetune", "--task", "denoise", "--sigma", "25",
+                             "--snn-weights", str(WEIGHTS_DIR / "snn_dncnn_s25.pt"),
+                             "--timesteps", "2", "--steps", "2", "--batch-size", "2",
+                             "--data", str(data), "--val-data", str(data), "--val-crop", "32",
+                             "--energy-weight", "0.01", "--out", str(out)], capsys)
+    assert code == 0, err
+    meta = torch.load(out, weights_only=True)["meta"]
+    assert meta["energy_weight"] == 0.01 and meta["init"].endswith("snn_dncnn_s25.pt")
+    assert meta["steps"] == 2
+    snn = load_snn(out)
+    assert snn.energy_ratio is None and snn.timesteps == 2
