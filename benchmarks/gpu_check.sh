@@ -14,6 +14,7 @@
 # wheels (SpikingJelly for the neuron benchmark's peer column) travel in .whl.
 #
 # Knobs (environment): TRAIN_S (seconds per training job, default 150; 0 = none),
+# ENERGY_W (finetune --energy-weight of the SNN fine-tuning, default 0),
 # BENCH=0 (skip the benchmarks), TESTS=0 (skip the tests). The trainings' checkpoints
 # come back in $OUT, so a later session can continue them (--resume --checkpoint).
 set -uo pipefail
@@ -71,6 +72,7 @@ if [ "$TRAIN_S" != 0 ] && [ -d ../shared/data/train400 ]; then
   ck=.gpu_data/ckpt/snn_s25.ckpt; [ -f "$ck" ] && cp "$ck" "$OUT/snn_s25.ckpt"
   ( python -m spikingir.cli finetune --task denoise --sigma 25 --timesteps 10 --steps 20000 \
       --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint "$OUT/snn_s25.ckpt" --resume \
+      --energy-weight "${ENERGY_W:-0}" \
       --out "$OUT/snn_dncnn_s25.pt" \
     && python -m spikingir.cli evaluate --task denoise --sigma 25 --snn-weights "$OUT/snn_dncnn_s25.pt" \
       --data ../shared/data/set12 --timesteps 4 5 10 --device cuda --json "$LOG/eval_snn_s25.json" \
