@@ -176,6 +176,23 @@ int64_t masks_row(const scalar_t* s, uint8_t* rows, int64_t row_stride, uint64_t
   return count;
 }
 
+// f(std::integral_constant<int, NV>{}) for NV = width / 8 in 1..8: the number of
+// 8-float vectors a kernel keeps in registers is a template argument.
+template <typename F>
+void with_vectors(int64_t width, const F& f) {
+  switch (width / 8) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: TORCH_CHECK(false, "spike_conv2d (cpu): bad channel block width ", width);
+  }
+}
+
 // Forward pass 2 (event-driven sum, tap by tap): output row (n, oy) lives in
 // a [Wo, Cout_p] scratch row that starts at the bias. For each tap (ky, kx) the
 // weight slice wt[tap][:, c0 : c0 + 8 NV] (weights pre-transposed to
@@ -309,15 +326,10 @@ void accumulate_rows(const uint64_t* masks, const float* wt, const float* bias, 
           const int64_t width = std::min<int64_t>(64, Cout_p - c0);
 #ifdef SPK_HAVE_AVX2_GATHER
           if (avx2) {
-            switch (width / 8) {
-#define SPK_CASE(NV)                                                                       \
-  case NV:                                                                                 \
-    tap_row_avx2<NV>(mrow, wtap + c0, row + c0, g, Cw, Cout_p, kx, lo, hi); \
-    break;
-              SPK_CASE(1) SPK_CASE(2) SPK_CASE(3) SPK_CASE(4) SPK_CASE(5) SPK_CASE(6)
-              SPK_CASE(7) SPK_CASE(8)
-#undef SPK_CASE
-            }
+            with_vectors(width, [&](auto nv) {
+              tap_row_avx2<decltype(nv)::value>(mrow, wtap + c0, row + c0, g, Cw, Cout_p, kx,
+                                                lo, hi);
+            });
             continue;
           }
 #endif
@@ -426,15 +438,10 @@ void grad_weight_channels(const uint8_t* bits, const float* go_cl, float* gw, co
             const int64_t width = std::min<int64_t>(64, Cout_p - o0);
 #ifdef SPK_HAVE_AVX2_GATHER
             if (avx2) {
-              switch (width / 8) {
-#define SPK_CASE(NV)                                                                 \
-  case NV:                                                                           \
-    sum_pixels_avx2<NV>(go_cl + o0, Cout_p, pix.data(), count, acc + o0); \
-    break;
-                SPK_CASE(1) SPK_CASE(2) SPK_CASE(3) SPK_CASE(4) SPK_CASE(5) SPK_CASE(6)
-                SPK_CASE(7) SPK_CASE(8)
-#undef SPK_CASE
-              }
+              with_vectors(width, [&](auto nv) {
+                sum_pixels_avx2<decltype(nv)::value>(go_cl + o0, Cout_p, pix.data(), count,
+                                                     acc + o0);
+              });
               continue;
             }
 #endif
