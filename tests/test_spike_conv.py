@@ -536,3 +536,21 @@ def test_gpu_gradients(backend):
 def test_gpu_validates(backend):
     with pytest.raises(ValueError, match="binary"):
         ops.spike_conv2d(S.cuda() * 0.5, W.cuda(), backend=backend)
+
+
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+def test_cpp_path_follows_the_layer_shape():
+    """dense_rates: oneDNN for few input channels (AOD-Net's 3 -> 3 layers, where it
+    wins at every rate), the event-driven kernel for a 32 -> 32 layer at 10 %."""
+    def ran_dense(cin, cout, rate):
+        s = spikes(2, cin, 12, 12, rate=rate, seed=cin)
+        w, b = conv_params(cout, cin, 3)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = ops.spike_conv2d(s, w, b, 1, 1, backend="cpp")
+        check_conv(out, s, w, b, 1, 1)
+        return any(e.key == "aten::conv2d" for e in prof.key_averages())
+
+    assert ops.spike_conv.dense_rates("cpp", 3, 3)[0] < 0
+    assert ran_dense(3, 3, 0.1)
+    assert not ran_dense(32, 32, 0.1)
+    assert ran_dense(32, 32, 0.9)  # above the crossover
