@@ -107,6 +107,23 @@ def test_cpp_event_and_dense_paths(rate, dense_rate):
 
 
 @pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+@pytest.mark.parametrize("dense_rate", [-1.0, 2.0])
+def test_cpp_more_than_64_input_channels(dense_rate):
+    """Cin = 130: three 64-bit channel-mask words per pixel (event path) and the
+    weight gradient over them; both paths against float64."""
+    s = spikes(2, 130, 7, 9, rate=0.1, seed=9)
+    w, b = conv_params(12, 130, 3)
+    out, packed = torch.ops.spikingir.spike_conv2d_fwd(s, w, b, 1, 1, dense_rate, True, True)
+    check_conv(out, s, w, b, 1, 1)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    _, gw, _ = torch.ops.spikingir.spike_conv2d_bwd(go, packed, w, 7, 9, 1, 1, dense_rate,
+                                                    False, True, False)
+    wd = w.double().requires_grad_()
+    F.conv2d(s.double(), wd, b.double(), 1, 1).backward(go.double())
+    assert_close(gw, wd.grad, 1e-4, 1e-5, "grad_weight")
+
+
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
 @pytest.mark.parametrize("k,stride,padding", [(1, 1, 0), (1, 2, 0), (3, 2, 1), (3, 2, 0),
                                               (5, 1, 2), (5, 2, 2), (7, 1, 3), (7, 2, 3),
                                               (3, 1, 4), (7, 1, 0), (7, 2, 5)])
