@@ -31,13 +31,13 @@ def dense_rates(backend, cin, cout):
     path for a ``cin -> cout`` layer (< 0: always dense, >= 1: never).
 
     cpp: the crossovers of the event-driven kernels and oneDNN measured on 2
-    threads (AMD EPYC, AVX2, benchmarks/RESULTS.md "spike_conv2d crossovers"),
-    with some margin: the forward wins up to 80-95 % firing for 16..64 -> 16..64
-    channel layers, to ~60 % with fewer than 32 output channels (one or two
-    vectors of work per spike, the walk dominates) or more than 64 input
-    channels (the weights of a tap leave L1), to ~25 % with 8-15 input channels,
-    and never with fewer than 8 (AOD-Net's 3- and 6-channel layers). The
-    weight gradient wins up to 20-30 % firing.
+    threads (AMD EPYC, AVX2; benchmarks/RESULTS.md, "Crossovers of the
+    event-driven kernels and oneDNN"), with some margin: the forward wins up to
+    80-95 % firing on 16..64 -> 32..64 channel layers, to ~60 % with fewer than
+    32 output channels (one or two vectors of work per spike: the walk
+    dominates) or more than 64 input channels (a tap's weights leave L1), to
+    ~25 % with 8-15 input channels, and never with fewer than 8 (AOD-Net's 3-
+    and 6-channel layers). The weight gradient wins up to 20-30 % firing.
     """
     if backend != "cpp":
         rate = DENSE_RATE[backend]
