@@ -288,6 +288,15 @@ __attribute__((target("avx2"))) void store_row_avx2(const float* row, float* o,
 #define SPK_HAVE_AVX2_GATHER 1
 #endif
 
+// Whether the AVX2 accumulation kernels are built and this CPU runs them.
+inline bool use_avx2_kernels() {
+#ifdef SPK_HAVE_AVX2_GATHER
+  return __builtin_cpu_supports("avx2");
+#else
+  return false;
+#endif
+}
+
 // The same without vector intrinsics (any CPU): `width` output channels.
 void tap_row_generic(const uint64_t* __restrict__ mrow, const float* __restrict__ wtap,
                      float* __restrict__ row, const Geometry& g, int64_t Cw, int64_t Cout_p,
@@ -595,11 +604,7 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
     const float* wtp = wt.data_ptr<float>();
     const float* bpp = bias_p.data_ptr<float>();
     float* op = out.data_ptr<float>();
-#ifdef SPK_HAVE_AVX2_GATHER
-    const bool avx2 = __builtin_cpu_supports("avx2");
-#else
-    const bool avx2 = false;
-#endif
+    const bool avx2 = use_avx2_kernels();
     at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {
       std::vector<float> row(g.Wo * Cout_p);
       accumulate_rows(mp, wtp, bpp, op, row.data(), g, Cw, Cout_p, avx2, r0, r1);
@@ -643,11 +648,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cpu(
       auto gwt = at::empty({Cin, g.kh, g.kw, g.Cout}, f32);
       const float* gop = go_cl.data_ptr<float>();
       float* gwp = gwt.data_ptr<float>();
-#ifdef SPK_HAVE_AVX2_GATHER
-      const bool avx2 = __builtin_cpu_supports("avx2");
-#else
-      const bool avx2 = false;
-#endif
+      const bool avx2 = use_avx2_kernels();
       at::parallel_for(0, Cin, 1, [&](int64_t c0, int64_t c1) {
         grad_weight_channels(bits, gop, gwp, g, Cout_p, avx2, c0, c1);
       });

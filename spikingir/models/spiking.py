@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from spikingir import ops
-from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, conv_fanout, conv_macs, conv_sops,
+from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, ann_macs, conv_fanout, conv_macs, conv_sops,
                               snn_energy_mj)
 from spikingir.nn import IFNeuron, MPRNeuron, SeqToBatch
 from spikingir.nn.mapper import PixelMapper, spike_rate
@@ -39,6 +39,11 @@ def make_neuron(kind, theta, *, num_channels=None, v_init="zero", backend="auto"
     if kind == "mprn":
         return MPRNeuron(theta, reuse_alpha=reuse_alpha, **kw)
     raise ValueError(f"neuron: expected 'if' or 'mprn', got {kind!r}")
+
+
+def _per_channel(size):
+    """A scalar, or a [C] per-channel value shaped [C, 1, 1] to broadcast over [.., C, H, W]."""
+    return size.reshape(-1, 1, 1) if size.dim() == 1 else size
 
 
 class _SpikingNet(nn.Module):
@@ -78,14 +83,10 @@ class _SpikingNet(nn.Module):
         the neuron scales its output, else ``s``."""
         if not neuron.scale_output:
             return y.sum(0)
-
-        def per_channel(size):
-            return size.reshape(-1, 1, 1) if size.dim() == 1 else size
-
-        theta = per_channel(neuron.effective_theta())
+        theta = _per_channel(neuron.effective_theta())
         counts = (y[:self.timesteps] / theta).sum(0)
         if y.shape[0] > self.timesteps:  # MPRN reuse step: spikes of size beta
-            beta = per_channel(neuron.beta)
+            beta = _per_channel(neuron.beta)
             safe = torch.where(beta != 0, beta, torch.ones_like(beta))
             counts = counts + torch.where(beta != 0, y[self.timesteps] / safe, 0.0)
         return counts
@@ -94,20 +95,13 @@ class _SpikingNet(nn.Module):
         """MACs of the ANN on ``x``: every conv once, at full density (each conv
         of DnCNN and AOD-Net sees the image's height and width)."""
         B, _, H, W = x.shape
-        total = 0
-        for c in self.modules():
-            if isinstance(c, nn.Conv2d):
-                (kh, kw), (sh, sw), (ph, pw) = c.kernel_size, c.stride, c.padding
-                out = B * c.out_channels * ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1)
-                total += out * (c.in_channels // c.groups) * kh * kw
-        return total
+        return sum(ann_macs(c, (B, c.in_channels, H, W)) for c in self.modules()
+                   if isinstance(c, nn.Conv2d))
 
     def _v0(self, neuron, like):
         if neuron.v_init != "half":
             return None
-        th = neuron.effective_theta()
-        th = th.reshape((-1, 1, 1)) if th.dim() == 1 else th
-        return (th / 2).expand(like.shape)
+        return (_per_channel(neuron.effective_theta()) / 2).expand(like.shape)
 
     def _rate(self, neuron, y):
         return spike_rate(y, neuron.v_final, self._v0(neuron, neuron.v_final), self.timesteps,
