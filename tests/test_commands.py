@@ -43,6 +43,10 @@ def files(tmp_path_factory):
     (haze / "gt").mkdir()
     Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(haze / "hazy" / "7_1.png")
     Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(haze / "gt" / "8.png")
+    train = d / "gray48"  # large enough for 40x40 training patches
+    train.mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(train / f"t{i}.png")
     return d
 
 
@@ -149,11 +153,7 @@ def test_finetune_continues_an_snn_with_an_energy_term(files, tmp_path, capsys):
     --energy-weight adds the energy term; both are recorded in the output."""
     from spikingir.pipeline import load_snn
     from spikingir.weights import WEIGHTS_DIR
-    data = tmp_path / "train"
-    data.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(data / f"t{i}.png")
+    data = files / "gray48"
     out = tmp_path / "snn.pt"
     code, stdout, err = run(["finetune", "--task", "denoise", "--sigma", "25",
                              "--snn-weights", str(WEIGHTS_DIR / "snn_dncnn_s25.pt"),
