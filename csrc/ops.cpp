@@ -39,6 +39,22 @@ TORCH_LIBRARY(spikingir, m) {
       "Tensor beta, Tensor alpha, int surrogate, float reuse_alpha, bool reuse_step, "
       "bool scale_output, bool detach_reset, int inner, bool need_theta_grad, "
       "bool need_beta_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Inference-only forward of the same neuron that emits its binary spikes as
+  // channel masks, the input spikingir::spike_conv2d_fwd_masks takes (no float
+  // spike tensor is written; nothing is kept for backward; no autograd).
+  //   x      [T, N, C, P...] float32/float16/bfloat16, contiguous (P...: spatial)
+  //   theta  [C] or [1] float32 (beta, the reuse step's spike size, does not
+  //          change which neurons fire: it is applied by the consumer)
+  //   v0     optional [N, C, P...] float32
+  // Returns (masks int64 [T, N, P..., ceil(C / 64)]: bit c % 64 of word c / 64
+  // is the spike of channel c at that step and pixel; v_final float32 [N, C, P...]).
+  // The spikes are exactly those of neuron_fwd with the same arguments.
+  m.def(
+      "neuron_fwd_masks(Tensor x, Tensor theta, Tensor? v0, float reuse_alpha, "
+      "bool reuse_step) -> (Tensor, Tensor)");
+  m.def(
+      "neuron_fwd_masks_triton(Tensor x, Tensor theta, Tensor? v0, float reuse_alpha, "
+      "bool reuse_step) -> (Tensor, Tensor)");
   // Convolution of binary spike maps (DESIGN.md section 4), groups = 1, no dilation.
   //   s        [N, Cin, H, W] float32/float16/bfloat16, contiguous, values 0 or 1
   //            (checked when validate is true)
@@ -59,6 +75,19 @@ TORCH_LIBRARY(spikingir, m) {
       "spike_conv2d_bwd(Tensor grad_out, Tensor packed, Tensor weight, int height, int width, "
       "int stride, int padding, float dense_rate, bool need_s, bool need_weight, "
       "bool need_bias) -> (Tensor, Tensor, Tensor)");
+  // Inference-only spike_conv2d_fwd of spikes given as channel masks (the
+  // output of neuron_fwd_masks, steps merged into N):
+  //   masks    int64 [N, H, W, ceil(channels / 64)], bit c % 64 of word c / 64 =
+  //            spike of input channel c at (n, y, x); bits >= channels are 0
+  //   channels Cin (== weight.size(1))
+  // Returns out float32 [N, Cout, Ho, Wo], equal to spike_conv2d_fwd on the
+  // same spikes (the CPU kernel: bitwise equal).
+  m.def(
+      "spike_conv2d_fwd_masks(Tensor masks, int channels, Tensor weight, Tensor? bias, "
+      "int stride, int padding, float dense_rate) -> Tensor");
+  m.def(
+      "spike_conv2d_fwd_masks_triton(Tensor masks, int channels, Tensor weight, Tensor? bias, "
+      "int stride, int padding, float dense_rate) -> Tensor");
   // The same two ops implemented by the Triton kernels in kernels/spike_conv.py.
   m.def(
       "spike_conv2d_fwd_triton(Tensor s, Tensor weight, Tensor? bias, int stride, int padding, "

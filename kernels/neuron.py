@@ -203,3 +203,69 @@ def neuron_bwd_triton(grad_y, grad_v, saved, theta, beta, alpha, surrogate, reus
         return buf.view(-1, C, inner).sum((0, 2)) if buf is not None else torch.zeros(C, **f32)
 
     return gx, gv0, reduce(gth), reduce(gbe)
+
+
+@triton.jit
+def _neuron_fwd_masks_kernel(x_ptr, v0_ptr, masks_ptr, vT_ptr, theta_ptr, T_if, C, P, Cw,
+                             n_pb, step, mstep, reuse_alpha, PER_CHANNEL: tl.constexpr,
+                             HAS_V0: tl.constexpr, REUSE: tl.constexpr, BLOCK_P: tl.constexpr):
+    # One program: 64 channels (mask word `word`) x BLOCK_P pixels of image n,
+    # through all steps. The step arithmetic is that of _neuron_fwd_kernel, so
+    # the spikes are bitwise the same; each step stores one int64 per pixel:
+    # the OR (here: the sum of distinct powers of two) of its channels' bits.
+    pid = tl.program_id(0)
+    word = tl.program_id(1)
+    n = pid // n_pb
+    c = word * 64 + tl.arange(0, 64)
+    p = (pid % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cmask = c < C
+    pmask = p < P
+    mask = cmask[:, None] & pmask[None, :]
+    if PER_CHANNEL:
+        th = tl.load(theta_ptr + c, mask=cmask, other=1.0)
+    else:
+        th = tl.load(theta_ptr + c * 0)
+    th = th[:, None]
+    bit = tl.full([64], 1, tl.int64) << (c % 64).to(tl.int64)
+    offs = (n.to(tl.int64) * C + c[:, None]) * P + p[None, :]  # neuron within a step
+    if HAS_V0:
+        v = tl.load(v0_ptr + offs, mask=mask, other=0.0)
+    else:
+        v = tl.zeros([64, BLOCK_P], dtype=tl.float32)
+    # step, mstep: elements per step of x (N C P) and of the masks (N P Cw)
+    xp = x_ptr + offs
+    mp = masks_ptr + (n.to(tl.int64) * P + p) * Cw + word
+    for _ in range(T_if):
+        h = v + tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+        u = h - th
+        fired = (u >= 0.0) & mask
+        v = h - th * tl.where(fired, 1.0, 0.0)
+        tl.store(mp, tl.sum(tl.where(fired, bit[:, None], 0), axis=0), mask=pmask)
+        xp += step
+        mp += mstep
+    if REUSE:
+        h = v + tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+        u = h - reuse_alpha * th
+        fired = (u >= 0.0) & mask
+        v = h - th * tl.where(fired, 1.0, 0.0)
+        tl.store(mp, tl.sum(tl.where(fired, bit[:, None], 0), axis=0), mask=pmask)
+    tl.store(vT_ptr + offs, v, mask=mask)
+
+
+def neuron_fwd_masks_triton(x, theta, v0, reuse_alpha, reuse_step):
+    """Launcher with the contract of spikingir::neuron_fwd_masks (csrc/ops.cpp)."""
+    T, N, C = x.shape[:3]
+    P = x[0, 0, 0].numel()
+    Cw = triton.cdiv(C, 64)
+    masks = torch.empty((T, N) + tuple(x.shape[3:]) + (Cw,), dtype=torch.int64, device=x.device)
+    vT = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)
+    if N * P > 0:
+        # The interpreter's cost grows with the number of programs: few, large ones there.
+        BLOCK_P = min(1 << 12, max(64, triton.next_power_of_2(P))) if _INTERPRET else 64
+        n_pb = triton.cdiv(P, BLOCK_P)
+        _neuron_fwd_masks_kernel[(N * n_pb, Cw)](
+            x, v0, masks, vT, theta, T - int(reuse_step), C, P, Cw, n_pb, N * C * P, N * P * Cw,
+            float(reuse_alpha),
+            PER_CHANNEL=theta.numel() > 1, HAS_V0=v0 is not None, REUSE=bool(reuse_step),
+            BLOCK_P=BLOCK_P, num_warps=4)
+    return masks, vT

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from spikingir.ops.masks import popcount
+
 #: Bits of the per-output-channel fixed point (|q| <= 2^FRAC_BITS).
 FRAC_BITS = 23
 #: Largest |q| three balanced int8 digits hold.
@@ -39,11 +41,14 @@ TILE_H, TILE_W = 8, 16
 
 @triton.jit
 def _spike_conv2d_fwd_kernel(s_ptr, wq_ptr, scale_ptr, bias_ptr, occ_ptr, out_ptr,
-                             Hp, Wp, Cin_p, Cout_p, Cout, Ho, Wo, n_th, n_tw, G,
+                             Hp, Wp, Cin_p, Cout_p, Cout, Ho, Wo, n_th, n_tw, G, H, W, Cw, PAD,
                              STRIDE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                              TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             SKIP: tl.constexpr, HAS_BIAS: tl.constexpr):
+                             SKIP: tl.constexpr, HAS_BIAS: tl.constexpr, MASKS: tl.constexpr):
+    # MASKS: s_ptr holds channel masks int64 [N, H, W, Cw] (unpadded; Hp, Wp
+    # unused): the int8 spike tile of a K-block is unpacked in registers
+    # from one word per output pixel (BLOCK_K divides 64).
     BLOCK_M: tl.constexpr = TILE_H * TILE_W
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -67,7 +72,13 @@ def _spike_conv2d_fwd_kernel(s_ptr, wq_ptr, scale_ptr, bias_ptr, occ_ptr, out_pt
     for tap in range(KH * KW):
         ky = tap // KW
         kx = tap % KW
-        a_row = (pix + ky * Wp + kx) * Cin_p
+        if MASKS:
+            iy = oy * STRIDE + ky - PAD
+            ix = ox * STRIDE + kx - PAD
+            inside = valid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            m_row = ((n.to(tl.int64) * H + iy) * W + ix) * Cw
+        else:
+            a_row = (pix + ky * Wp + kx) * Cin_p
         for g in range(G):
             if SKIP:
                 occupied = tl.load(occ_base + tap * G + g) != 0
@@ -75,8 +86,12 @@ def _spike_conv2d_fwd_kernel(s_ptr, wq_ptr, scale_ptr, bias_ptr, occ_ptr, out_pt
                 occupied = True
             if occupied:
                 c0 = g * BLOCK_K
-                a = tl.load(s_ptr + a_row[:, None] + (c0 + k)[None, :], mask=valid[:, None],
-                            other=0)
+                if MASKS:
+                    word = tl.load(s_ptr + m_row + c0 // 64, mask=inside, other=0)
+                    a = ((word[:, None] >> ((c0 % 64) + k)[None, :].to(tl.int64)) & 1).to(tl.int8)
+                else:
+                    a = tl.load(s_ptr + a_row[:, None] + (c0 + k)[None, :], mask=valid[:, None],
+                                other=0)
                 w_off = (tap * Cin_p + c0 + k)[:, None] * Cout_p + co[None, :]
                 acc0 += tl.dot(a, tl.load(wq_ptr + w_off))
                 acc1 += tl.dot(a, tl.load(wq_ptr + plane + w_off))
@@ -140,10 +155,24 @@ def occupancy_map(s8, kh, kw, stride, Ho, Wo, block_k, tile=(TILE_H, TILE_W)):
     int8 [N, n_th, n_tw, kh * kw, G], 1 where output tile (n_th, n_tw) reads a
     spike through tap (ky, kx) from channel group g (BLOCK_K channels)."""
     N, Hp, Wp, Cin_p = s8.shape
-    G = Cin_p // block_k
+    group_any = s8.view(N, Hp, Wp, Cin_p // block_k, block_k).amax(-1)  # [N, Hp, Wp, G]
+    return _tile_occupancy(group_any, kh, kw, stride, Ho, Wo, tile)
+
+
+def mask_groups(bits, Cin_p, block_k):
+    """Channel masks int64 [N, H, W, Cw] -> int8 [N, H, W, G]: 1 where a group
+    of block_k channels (block_k divides 64) holds a spike."""
+    g = torch.arange(Cin_p // block_k, device=bits.device)
+    words = bits[..., (g * block_k) // 64] >> ((g * block_k) % 64)  # arithmetic shift: the
+    low = -1 if block_k == 64 else (1 << block_k) - 1  # mask drops the sign copies
+    return ((words & low) != 0).to(torch.int8)
+
+
+def _tile_occupancy(group_any, kh, kw, stride, Ho, Wo, tile):
+    """[N, Hp, Wp, G] per-pixel group occupancy (padded) -> [N, n_th, n_tw, kh kw, G]."""
+    N, _, _, G = group_any.shape
     th, tw = tile
     n_th, n_tw = triton.cdiv(Ho, th), triton.cdiv(Wo, tw)
-    group_any = s8.view(N, Hp, Wp, G, block_k).amax(-1)  # [N, Hp, Wp, G]
     taps = []
     for ky in range(kh):
         for kx in range(kw):
@@ -191,11 +220,50 @@ def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, valida
     grid = (N * n_th * n_tw, planes.shape[4] // BLOCK_N)
     _spike_conv2d_fwd_kernel[grid](
         s8, planes, scale, bias, occ, out, s8.shape[1], s8.shape[2], s8.shape[3],
-        planes.shape[4], Cout, Ho, Wo, n_th, n_tw, G, STRIDE=stride, KH=kh, KW=kw,
-        TILE_H=tile_h, TILE_W=tile_w, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SKIP=skip,
-        HAS_BIAS=bias is not None, **launch)
+        planes.shape[4], Cout, Ho, Wo, n_th, n_tw, G, H, W, 1, padding, STRIDE=stride, KH=kh,
+        KW=kw, TILE_H=tile_h, TILE_W=tile_w, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SKIP=skip,
+        HAS_BIAS=bias is not None, MASKS=False, **launch)
     packed = pack_bits(s) if save else torch.empty(0, dtype=torch.uint8, device=s.device)
     return out, packed
+
+
+def spike_conv2d_fwd_masks_triton(masks, channels, weight, bias, stride, padding, dense_rate, *,
+                                  config=None):
+    """Launcher with the contract of spikingir::spike_conv2d_fwd_masks (csrc/ops.cpp):
+    the kernel of :func:`spike_conv2d_fwd_triton` reading the channel masks
+    directly (no int8 copy of the spikes); same result bit for bit."""
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    N, H, W, Cw = masks.shape
+    Cout, _, kh, kw = weight.shape
+    Ho = (H + 2 * padding - kh) // stride + 1
+    Wo = (W + 2 * padding - kw) // stride + 1
+    BLOCK_K, BLOCK_N = cfg["block_k"], _block_n(Cout)
+    if 64 % BLOCK_K:
+        raise ValueError(f"block_k must divide 64 to read channel masks, got {BLOCK_K}")
+    tile_h, tile_w = cfg["tile"]
+    planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N)
+    Cin_p = planes.shape[3]
+    out = torch.empty(N, Cout, Ho, Wo, dtype=torch.float32, device=masks.device)
+    n_th, n_tw = triton.cdiv(Ho, tile_h), triton.cdiv(Wo, tile_w)
+    G = Cin_p // BLOCK_K
+    rate = float(popcount(masks).sum()) / max(1, N * H * W * channels)
+    skip = rate <= dense_rate
+    if skip:
+        groups = torch.nn.functional.pad(mask_groups(masks, Cin_p, BLOCK_K),
+                                         (0, 0, padding, padding, padding, padding))
+        occ = _tile_occupancy(groups, kh, kw, stride, Ho, Wo, (tile_h, tile_w))
+    else:
+        occ = masks  # dummy
+    launch = dict(num_warps=cfg["num_warps"])
+    if cfg["num_stages"] is not None:
+        launch["num_stages"] = cfg["num_stages"]
+    grid = (N * n_th * n_tw, planes.shape[4] // BLOCK_N)
+    _spike_conv2d_fwd_kernel[grid](
+        masks, planes, scale, bias, occ, out, 1, 1, Cin_p, planes.shape[4], Cout, Ho, Wo, n_th,
+        n_tw, G, H, W, Cw, padding, STRIDE=stride, KH=kh, KW=kw, TILE_H=tile_h, TILE_W=tile_w,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SKIP=skip, HAS_BIAS=bias is not None, MASKS=True,
+        **launch)
+    return out
 
 
 def pack_bits(s):

@@ -275,11 +275,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neuron_bwd_cpu(
   return {gx, gv0, g_theta, g_beta};
 }
 
+// neuron_fwd_masks: one task per (image n, tile of kMaskTile pixels) walks all
+// T steps over every channel. The potentials of the tile (C x kMaskTile floats)
+// stay in a local buffer; each step's spikes are ORed into the tile's channel
+// words (bit c % 64 of word c / 64), written once per step: 1/32 of the bytes
+// of a float32 spike tensor. The arithmetic is that of fwd_range, so the
+// spikes are bitwise those of neuron_fwd.
+constexpr int64_t kMaskTile = 64;
+
+struct MaskShape {
+  int64_t T, N, C, P, Cw;  // x [T, N, C, P], masks [T, N, P, Cw]
+};
+
+template <typename scalar_t>
+SPK_CPU_CLONES void fwd_masks_tile(const scalar_t* __restrict__ x, const float* v0,
+                                   uint64_t* __restrict__ masks, float* __restrict__ vT,
+                                   const float* theta, bool per_channel, float reuse_alpha,
+                                   bool reuse_step, const MaskShape& d, int64_t n, int64_t p0,
+                                   int64_t np, float* __restrict__ v,
+                                   uint64_t* __restrict__ words) {
+  const int64_t T_if = reuse_step ? d.T - 1 : d.T;
+  for (int64_t c = 0; c < d.C; ++c) {
+    const int64_t off = (n * d.C + c) * d.P + p0;
+    for (int64_t i = 0; i < np; ++i) v[c * kMaskTile + i] = v0 ? v0[off + i] : 0.0f;
+  }
+  for (int64_t t = 0; t < d.T; ++t) {
+    const float thr_scale = t >= T_if ? reuse_alpha : 1.0f;
+    std::fill(words, words + np * d.Cw, uint64_t{0});
+    for (int64_t c = 0; c < d.C; ++c) {
+      const float th = theta[per_channel ? c : 0];
+      const scalar_t* __restrict__ xt = x + ((t * d.N + n) * d.C + c) * d.P + p0;
+      float* __restrict__ vc = v + c * kMaskTile;
+      uint64_t* __restrict__ wc = words + c / 64;
+      const int bit = static_cast<int>(c % 64);
+      for (int64_t i = 0; i < np; ++i) {
+        // h = v + x; u = h - thr; s = H(u); v = h - theta s (as fwd_range)
+        const float h = vc[i] + static_cast<float>(xt[i]);
+        const float u = h - thr_scale * th;
+        const float s = u >= 0.0f ? 1.0f : 0.0f;
+        vc[i] = h - th * s;
+        wc[i * d.Cw] |= static_cast<uint64_t>(u >= 0.0f) << bit;
+      }
+    }
+    std::copy(words, words + np * d.Cw, masks + ((t * d.N + n) * d.P + p0) * d.Cw);
+  }
+  for (int64_t c = 0; c < d.C; ++c) {
+    std::copy(v + c * kMaskTile, v + c * kMaskTile + np, vT + (n * d.C + c) * d.P + p0);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> neuron_fwd_masks_cpu(const at::Tensor& x,
+                                                        const at::Tensor& theta,
+                                                        const std::optional<at::Tensor>& v0,
+                                                        double reuse_alpha, bool reuse_step) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 3 && x.is_contiguous() && x.size(0) >= 1,
+              "neuron_fwd_masks (cpu): x must be a contiguous CPU tensor [T, N, C, ...], T >= 1");
+  TORCH_CHECK(!reuse_step || x.size(0) >= 2,
+              "neuron_fwd_masks: the MPRN reuse step needs T + 1 >= 2 steps");
+  const int64_t C = x.size(2);
+  TORCH_CHECK(theta.device().is_cpu() && theta.scalar_type() == at::kFloat && theta.dim() == 1 &&
+                  theta.is_contiguous() && (theta.numel() == 1 || theta.numel() == C),
+              "neuron_fwd_masks (cpu): theta must be contiguous float32 [C] or [1]");
+  MaskShape d{x.size(0), x.size(1), C, 1, (C + 63) / 64};
+  for (int64_t i = 3; i < x.dim(); ++i) d.P *= x.size(i);
+  const float* v0p = nullptr;
+  if (v0.has_value()) {
+    TORCH_CHECK(v0->device().is_cpu() && v0->scalar_type() == at::kFloat && v0->is_contiguous() &&
+                    v0->numel() == d.N * C * d.P,
+                "neuron_fwd_masks: v0 must be contiguous float32 with one value per neuron");
+    v0p = v0->data_ptr<float>();
+  }
+  std::vector<int64_t> mshape{d.T, d.N};
+  for (int64_t i = 3; i < x.dim(); ++i) mshape.push_back(x.size(i));
+  mshape.push_back(d.Cw);
+  auto masks = at::empty(mshape, x.options().dtype(at::kLong));
+  auto vT = at::empty(x.sizes().slice(1), x.options().dtype(at::kFloat));
+  uint64_t* mp = reinterpret_cast<uint64_t*>(masks.data_ptr<int64_t>());
+  float* vTp = vT.data_ptr<float>();
+  const float* th = theta.data_ptr<float>();
+  const bool per_channel = theta.numel() > 1;
+  const int64_t tiles = (d.P + kMaskTile - 1) / kMaskTile;
+  SPK_DISPATCH_FLOATS(x.scalar_type(), "neuron_fwd_masks_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, d.N * tiles, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<float> v(C * kMaskTile);
+      std::vector<uint64_t> words(kMaskTile * d.Cw);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / tiles, p0 = (r % tiles) * kMaskTile;
+        fwd_masks_tile(xp, v0p, mp, vTp, th, per_channel, static_cast<float>(reuse_alpha),
+                       reuse_step, d, n, p0, std::min(kMaskTile, d.P - p0), v.data(),
+                       words.data());
+      }
+    });
+  });
+  return {masks, vT};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(spikingir, CPU, m) {
   m.impl("neuron_fwd", &neuron_fwd_cpu);
   m.impl("neuron_bwd", &neuron_bwd_cpu);
+  m.impl("neuron_fwd_masks", &neuron_fwd_masks_cpu);
 }
 
 }  // namespace spikingir

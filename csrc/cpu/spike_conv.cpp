@@ -33,15 +33,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cstring>
+#include <functional>
+#include <type_traits>
 #include <vector>
 
 #include "../dispatch.h"
+#include "../spike_conv.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
-#include "../spike_conv.h"
 #endif
 
 namespace spikingir {
@@ -492,6 +493,35 @@ void check_weight(const at::Tensor& weight, int64_t Cin, int64_t stride, int64_t
               "spike_conv2d (cpu): stride must be 1 or 2 and padding >= 0");
 }
 
+// Forward pass 2 over channel masks [N, H, W, Cw] (see accumulate_rows).
+at::Tensor event_conv(const uint64_t* mp, int64_t Cw, const Geometry& g, const at::Tensor& weight,
+                      const float* bp) {
+  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, weight.options());
+  // [Cout, Cin, kh, kw] -> [kh kw, Cin, Cout_p], Cout zero-padded to a multiple of 8.
+  const int64_t Cout_p = (g.Cout + 7) / 8 * 8;
+  auto wt = at::zeros({g.kh * g.kw, g.Cin, Cout_p}, weight.options());
+  wt.narrow(2, 0, g.Cout).copy_(weight.permute({2, 3, 1, 0}).reshape({g.kh * g.kw, g.Cin, g.Cout}));
+  auto bias_p = at::zeros({Cout_p}, weight.options());
+  if (bp) std::copy(bp, bp + g.Cout, bias_p.data_ptr<float>());
+  const float* wtp = wt.data_ptr<float>();
+  const float* bpp = bias_p.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool avx2 = use_avx2_kernels();
+  at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(g.Wo * Cout_p);
+    accumulate_rows(mp, wtp, bpp, op, row.data(), g, Cw, Cout_p, avx2, r0, r1);
+  });
+  return out;
+}
+
+const float* check_bias(const std::optional<at::Tensor>& bias, const Geometry& g) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 &&
+                  bias->numel() == g.Cout && bias->device().is_cpu(),
+              "spike_conv2d (cpu): bias must be a contiguous float32 CPU tensor [Cout]");
+  return bias->data_ptr<float>();
+}
+
 std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
                                                        const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& bias,
@@ -503,13 +533,7 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
   check_weight(weight, s.size(1), stride, padding);
   const Geometry g = geometry(s.size(0), s.size(1), s.size(2), s.size(3), weight, stride, padding);
   TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "spike_conv2d: kernel larger than the padded input");
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 &&
-                    bias->numel() == g.Cout && bias->device().is_cpu(),
-                "spike_conv2d (cpu): bias must be a contiguous float32 CPU tensor [Cout]");
-    bp = bias->data_ptr<float>();
-  }
+  const float* bp = check_bias(bias, g);
   const auto u8 = s.options().dtype(at::kByte);
 #ifdef SPK_HAVE_AVX2_PACK
   const bool avx2_pack = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
@@ -593,25 +617,69 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
   });
   const bool nonbinary = std::any_of(bads.begin(), bads.end(), [](char c) { return c != 0; });
   TORCH_CHECK_VALUE(!validate || !nonbinary, binary_msg);
-  {
-    out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, s.options().dtype(at::kFloat));
-    // [Cout, Cin, kh, kw] -> [kh kw, Cin, Cout_p], Cout zero-padded to a multiple of 8.
-    const int64_t Cout_p = (g.Cout + 7) / 8 * 8;
-    auto wt = at::zeros({g.kh * g.kw, g.Cin, Cout_p}, weight.options());
-    wt.narrow(2, 0, g.Cout).copy_(weight.permute({2, 3, 1, 0}).reshape({g.kh * g.kw, g.Cin, g.Cout}));
-    auto bias_p = at::zeros({Cout_p}, weight.options());
-    if (bp) bias_p.narrow(0, 0, g.Cout).copy_(*bias);
-    const float* wtp = wt.data_ptr<float>();
-    const float* bpp = bias_p.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    const bool avx2 = use_avx2_kernels();
-    at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<float> row(g.Wo * Cout_p);
-      accumulate_rows(mp, wtp, bpp, op, row.data(), g, Cw, Cout_p, avx2, r0, r1);
-    });
-  }
-  return {out, packed};
+  return {event_conv(mp, Cw, g, weight, bp), packed};
 }
+
+// Inference from channel masks (spikingir::spike_conv2d_fwd_masks, the output
+// of neuron_fwd_masks): pass 1 of the forward is not needed. The rate is the
+// popcount of the masks (1/32 of the bytes of float spikes); the dense path
+// unpacks them to float32 for oneDNN.
+at::Tensor spike_conv2d_fwd_masks_cpu(const at::Tensor& masks, int64_t channels,
+                                      const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, int64_t stride,
+                                      int64_t padding, double dense_rate) {
+  const int64_t Cw = (channels + 63) / 64;
+  TORCH_CHECK(masks.device().is_cpu() && masks.scalar_type() == at::kLong && masks.dim() == 4 &&
+                  masks.is_contiguous() && masks.size(3) == Cw && channels >= 1,
+              "spike_conv2d_fwd_masks (cpu): masks must be a contiguous int64 CPU tensor "
+              "[N, H, W, ceil(channels / 64)]");
+  check_weight(weight, channels, stride, padding);
+  const Geometry g = geometry(masks.size(0), channels, masks.size(1), masks.size(2), weight,
+                              stride, padding);
+  TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "spike_conv2d: kernel larger than the padded input");
+  const float* bp = check_bias(bias, g);
+  const uint64_t* mp = reinterpret_cast<const uint64_t*>(masks.data_ptr<int64_t>());
+  if (channels % 64) {  // a bit past the last channel would index past the weights
+    const uint64_t high = ~uint64_t{0} << (channels % 64);
+    const int64_t pixels = g.N * g.H * g.W;
+    const bool stray = at::parallel_reduce(
+        0, pixels, 4096, false,
+        [&](int64_t p0, int64_t p1, bool acc) {
+          for (int64_t p = p0; p < p1; ++p) acc |= (mp[p * Cw + Cw - 1] & high) != 0;
+          return acc;
+        },
+        std::logical_or<bool>());
+    TORCH_CHECK_VALUE(!stray, "spike_conv2d: masks has bits set for channels >= ", channels);
+  }
+  bool dense = dense_rate < 0.0;
+  if (dense_rate >= 0.0 && dense_rate < 1.0) {
+    const int64_t words = masks.numel(), neurons = g.N * g.H * g.W * channels;
+    const int64_t spikes = at::parallel_reduce(
+        0, words, 4096, int64_t{0},
+        [&](int64_t w0, int64_t w1, int64_t acc) {
+          for (int64_t w = w0; w < w1; ++w) acc += __builtin_popcountll(mp[w]);
+          return acc;
+        },
+        std::plus<int64_t>());
+    dense = neurons && static_cast<double>(spikes) / neurons > dense_rate;
+  }
+  if (!dense) return event_conv(mp, Cw, g, weight, bp);
+  auto s = at::empty({g.N, channels, g.H, g.W}, masks.options().dtype(at::kFloat));
+  float* sp = s.data_ptr<float>();
+  const int64_t plane = g.H * g.W;
+  at::parallel_for(0, g.N * g.H, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.H, iy = r % g.H;
+      for (int64_t ci = 0; ci < channels; ++ci) {
+        float* o = sp + (n * channels + ci) * plane + iy * g.W;
+        const uint64_t* m = mp + r * g.W * Cw + ci / 64;
+        for (int64_t ix = 0; ix < g.W; ++ix) o[ix] = static_cast<float>((m[ix * Cw] >> (ci % 64)) & 1);
+      }
+    }
+  });
+  return at::conv2d(s, weight, bias, {stride, stride}, {padding, padding}).contiguous();
+}
+
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& weight,
@@ -664,6 +732,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cpu(
 TORCH_LIBRARY_IMPL(spikingir, CPU, m) {
   m.impl("spike_conv2d_fwd", &spike_conv2d_fwd_cpu);
   m.impl("spike_conv2d_bwd", &spike_conv2d_bwd_cpu);
+  m.impl("spike_conv2d_fwd_masks", &spike_conv2d_fwd_masks_cpu);
 }
 
 }  // namespace spikingir

@@ -14,7 +14,8 @@ import numbers
 import torch
 
 from . import backends
-from .registry import fused_forward, register_fused_op
+from .masks import SpikeMasks
+from .registry import fused_forward, fused_op, register_fused_op, register_inference_op
 from .reference import neuron_reference
 from .surrogate import SURROGATES
 
@@ -61,6 +62,15 @@ def _backward_via(bwd_op):
 
 
 register_fused_op("neuron", "neuron", _fake_fwd, _fake_bwd, _setup_context, _backward_via)
+
+
+def _fake_fwd_masks(x, theta, v0, reuse_alpha, reuse_step):
+    T, N, C = x.shape[:3]
+    masks = x.new_empty((T, N, *x.shape[3:], (C + 63) // 64), dtype=torch.int64)
+    return masks, x.new_empty(x.shape[1:], dtype=torch.float32)
+
+
+register_inference_op("neuron_fwd_masks", "neuron", _fake_fwd_masks)
 
 
 # --------------------------------------------------------------------------
@@ -111,8 +121,13 @@ def _param(name, value, x_seq, positive, can_check_values):
 
 
 def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate,
-            detach_reset, scale_output, save_dtype, backend, op):
+            detach_reset, scale_output, save_dtype, backend, op, emit):
     _check_x(x_seq, 2 if reuse_step else 1)
+    if emit not in ("values", "masks"):
+        raise ValueError(f"emit: expected 'values' or 'masks', got {emit!r}")
+    if emit == "masks" and x_seq.dim() != 5:
+        raise ValueError(f"x_seq: emit='masks' takes [T, N, C, H, W] (the input of a "
+                         f"convolution), got shape {tuple(x_seq.shape)}")
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate: expected one of {sorted(SURROGATES)}, got {surrogate!r}")
     if reuse_step and not (isinstance(reuse_alpha, numbers.Real)
@@ -140,6 +155,8 @@ def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate
     inner = math.prod(x_seq.shape[3:]) if per_channel else 1
     theta_c, beta_c, alpha_c = (p.expand(C) for p in (theta, beta, alpha))
     flags = (float(reuse_alpha), reuse_step, scale_output, detach_reset, inner)
+    if emit == "masks":
+        return _neuron_masks(x_seq, theta_c, beta_c, v0, alpha_c, surrogate, flags, chosen)
     if chosen == "torch":
         return neuron_reference(x_seq, theta_c, beta_c, v0, alpha_c, surrogate, *flags)
     theta_c, beta_c, alpha_c = (p.float().contiguous() for p in (theta_c, beta_c, alpha_c))
@@ -154,8 +171,27 @@ def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate
     return y, v_final
 
 
+def _neuron_masks(x_seq, theta_c, beta_c, v0, alpha_c, surrogate, flags, chosen):
+    """The spikes as :class:`SpikeMasks` and v_final (emit="masks"): inference only."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x_seq, theta_c, v0)):
+        raise ValueError("emit='masks' is for inference: the masks carry no gradient; run "
+                         "under torch.no_grad() (or torch.inference_mode()), or use "
+                         "emit='values' to train")
+    reuse_alpha, reuse_step = flags[0], flags[1]
+    C = x_seq.shape[2]
+    if chosen == "torch":
+        s, v_final = neuron_reference(x_seq, theta_c, beta_c, v0, alpha_c, surrogate,
+                                      reuse_alpha, reuse_step, False, False, flags[4])
+        return SpikeMasks.from_dense(s), v_final
+    v0 = None if v0 is None else v0.float().contiguous()
+    bits, v_final = fused_op("neuron_fwd_masks", chosen)(
+        x_seq.contiguous(), theta_c.float().contiguous(), v0, reuse_alpha, reuse_step)
+    return SpikeMasks(bits, C), v_final
+
+
 def if_multistep(x_seq, theta, *, v0=None, surrogate="sigmoid", alpha=4.0, detach_reset=False,
-                 scale_output=True, save_dtype=torch.float32, backend="auto"):
+                 scale_output=True, save_dtype=torch.float32, backend="auto", emit="values"):
     """Integrate-and-fire neuron with soft reset over T steps, fused.
 
     Args:
@@ -175,22 +211,27 @@ def if_multistep(x_seq, theta, *, v0=None, surrogate="sigmoid", alpha=4.0, detac
             of mantissa, spikes are recomputed exactly).
         backend: ``"auto" | "torch" | "cpp" | "cuda" | "triton"`` (see
             :mod:`spikingir.ops.backends`).
+        emit: ``"values"`` (``y_seq`` as below) or ``"masks"``: the binary
+            spikes as :class:`~spikingir.ops.SpikeMasks` (1 bit per spike,
+            channels last), what :func:`spikingir.ops.spike_conv2d` reads
+            fastest; inference only (a ``ValueError`` when a gradient could
+            flow), ``x_seq`` must be ``[T, N, C, H, W]``.
 
     Returns:
-        ``(y_seq, v_final)``: ``y_seq`` like ``x_seq``, ``v_final`` float32
-        shaped like one step.
+        ``(y_seq, v_final)``: ``y_seq`` like ``x_seq`` (or ``SpikeMasks`` of
+        shape ``[T, N, C, H, W]``), ``v_final`` float32 shaped like one step.
 
     A NaN input makes that neuron's potential NaN from then on: it never fires
     again (``NaN >= theta`` is false) and its ``v_final`` is NaN.
     """
     return _neuron(x_seq, theta, None, alpha, reuse_step=False, reuse_alpha=0.75, v0=v0,
                    surrogate=surrogate, detach_reset=detach_reset, scale_output=scale_output,
-                   save_dtype=save_dtype, backend=backend, op="if_multistep")
+                   save_dtype=save_dtype, backend=backend, op="if_multistep", emit=emit)
 
 
 def mprn_multistep(x_seq, theta, beta, *, reuse_alpha=0.75, v0=None, surrogate="sigmoid",
                    alpha=4.0, detach_reset=False, scale_output=True, save_dtype=torch.float32,
-                   backend="auto"):
+                   backend="auto", emit="values"):
     """Membrane Potential Reuse Neuron: T IF steps, then one reuse step.
 
     ``x_seq`` has T + 1 steps: the first T are IF steps (as
@@ -198,8 +239,10 @@ def mprn_multistep(x_seq, theta, beta, *, reuse_alpha=0.75, v0=None, surrogate="
     size ``beta`` when ``h >= reuse_alpha * theta`` and leaves
     ``v_final = h - theta * s``. ``beta`` is a float, 0-d or ``[C]`` tensor,
     differentiable; ``reuse_alpha`` is in (0.5, 1]. Other arguments and the
-    return value as :func:`if_multistep`; ``y_seq`` has T + 1 steps.
+    return value as :func:`if_multistep`; ``y_seq`` has T + 1 steps. With
+    ``emit="masks"`` the spikes of every step are binary (the reuse step's size
+    ``beta`` is for the consumer to apply).
     """
     return _neuron(x_seq, theta, beta, alpha, reuse_step=True, reuse_alpha=reuse_alpha, v0=v0,
                    surrogate=surrogate, detach_reset=detach_reset, scale_output=scale_output,
-                   save_dtype=save_dtype, backend=backend, op="mprn_multistep")
+                   save_dtype=save_dtype, backend=backend, op="mprn_multistep", emit=emit)

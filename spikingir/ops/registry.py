@@ -37,8 +37,28 @@ def register_fused_op(stem, kernel_module, fake_fwd, fake_bwd, setup_context, ba
         torch.library.register_autograd(fwd, backward_via(bwd_op), setup_context=setup_context)
 
 
+def register_inference_op(name, kernel_module, fake):
+    """Registers ``spikingir::<name>`` and its Triton twin ``<name>_triton``: fake
+    kernels and the Triton implementation, no autograd (inference-only ops, e.g.
+    ``neuron_fwd_masks``: their outputs carry no gradient)."""
+    if not backends.HAS_CPP_OPS:
+        return
+    names = [f"spikingir::{name}"]
+    if backends.HAS_TRITON:
+        kernels = importlib.import_module(f"spikingir.kernels.{kernel_module}")
+        for key in ("CPU", "CUDA"):
+            torch.library.impl(f"spikingir::{name}_triton", key)(getattr(kernels, f"{name}_triton"))
+        names.append(f"spikingir::{name}_triton")
+    for qualname in names:
+        torch.library.register_fake(qualname)(fake)
+
+
+def fused_op(name, backend):
+    """The op ``spikingir::<name>`` that runs ``backend`` (its Triton twin for "triton")."""
+    return getattr(torch.ops.spikingir, f"{name}_triton" if backend == "triton" else name)
+
+
 def fused_forward(stem, backend):
     """The forward op that runs ``backend`` ("triton": the Triton twin; "cpp" and
     "cuda": the compiled op, which the dispatcher sends to the tensor's device)."""
-    ops = torch.ops.spikingir
-    return getattr(ops, f"{stem}_fwd_triton" if backend == "triton" else f"{stem}_fwd")
+    return fused_op(f"{stem}_fwd", backend)

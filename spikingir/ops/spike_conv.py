@@ -14,7 +14,8 @@ import numbers
 import torch
 
 from . import backends
-from .registry import fused_forward, register_fused_op
+from .masks import SpikeMasks
+from .registry import fused_forward, fused_op, register_fused_op, register_inference_op
 from .reference import spike_conv2d_reference
 
 #: Kernel sizes the fused backends take (AOD-Net uses all four).
@@ -105,6 +106,15 @@ def _backward_via(bwd_op):
 register_fused_op("spike_conv2d", "spike_conv", _fake_fwd, _fake_bwd, _setup_context, _backward_via)
 
 
+def _fake_fwd_masks(masks, channels, weight, bias, stride, padding, dense_rate):
+    N, H, W = masks.shape[:3]
+    Ho, Wo = _out_hw(H, W, weight.shape[2], weight.shape[3], stride, padding)
+    return masks.new_empty((N, weight.shape[0], Ho, Wo), dtype=torch.float32)
+
+
+register_inference_op("spike_conv2d_fwd_masks", "spike_conv", _fake_fwd_masks)
+
+
 # --------------------------------------------------------------------------
 # Input checks (once, at the op boundary).
 # --------------------------------------------------------------------------
@@ -125,12 +135,16 @@ def _int_arg(name, value, allowed=None, minimum=None):
 
 
 def _check(s, weight, bias, stride, padding):
-    if not isinstance(s, torch.Tensor):
-        raise TypeError(f"s: expected a torch.Tensor, got {type(s).__name__}")
-    if s.dtype not in backends.FUSED_DTYPES + (torch.float64,):
+    if isinstance(s, SpikeMasks):
+        if len(s.shape) != 4:
+            raise ValueError(f"s: expected SpikeMasks of shape [N, Cin, H, W] (merge the steps "
+                             f"into the batch: masks.flatten(0, 1)), got shape {tuple(s.shape)}")
+    elif not isinstance(s, torch.Tensor):
+        raise TypeError(f"s: expected a torch.Tensor or SpikeMasks, got {type(s).__name__}")
+    elif s.dtype not in backends.FUSED_DTYPES + (torch.float64,):
         raise TypeError(f"s: expected float32, float16 or bfloat16 spikes (float64 for the "
                         f"reference), got {s.dtype}")
-    if s.dim() != 4:
+    elif s.dim() != 4:
         raise ValueError(f"s: expected shape [N, Cin, H, W], got shape {tuple(s.shape)}")
     if s.shape[0] == 0:
         raise ValueError(f"s: empty batch (N = 0), shape {tuple(s.shape)}")
@@ -181,12 +195,15 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
     Args:
         s: spikes ``[N, Cin, H, W]``, float32 / float16 / bfloat16 holding only
             0 and 1 (float64 runs the reference). Differentiable (grad_s is the
-            dense transposed convolution).
+            dense transposed convolution). Or :class:`~spikingir.ops.SpikeMasks`
+            of that shape (what the neurons emit with ``emit="masks"``): no
+            float spike tensor is read; inference only (no gradient).
         weight: ``[Cout, Cin, kh, kw]``, kh and kw in {1, 3, 5, 7}; groups = 1.
         bias: ``[Cout]`` or None.
         stride: 1 or 2. padding: zero padding, an int >= 0.
-        validate: check that ``s`` is binary (``ValueError`` if not). Spiking
-            layers that produce the spikes pass False.
+        validate: check that ``s`` is binary (SpikeMasks: that no bit is set
+            past the last channel); ``ValueError`` if not. Spiking layers that
+            produce the spikes pass False.
         backend: ``"auto" | "torch" | "cpp" | "cuda" | "triton"`` (see
             :mod:`spikingir.ops.backends`).
 
@@ -198,6 +215,8 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
         the spikes are kept bit-packed (1 bit per spike).
     """
     stride, padding = _check(s, weight, bias, stride, padding)
+    if isinstance(s, SpikeMasks):
+        return _spike_conv2d_masks(s, weight, bias, stride, padding, validate, backend)
     if backend not in ("auto", "torch") and s.dtype not in backends.FUSED_DTYPES:
         raise TypeError(f"s: backend {backend!r} takes float32, float16 or bfloat16 spikes, "
                         f"got {s.dtype}; use backend='torch' for {s.dtype}")
@@ -214,4 +233,27 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
     dense_rate = dense_rates(chosen, w.shape[1], w.shape[0])[0]
     out, _ = fused_forward("spike_conv2d", chosen)(s.contiguous(), w, b, stride, padding,
                                                    dense_rate, bool(validate), save)
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
+def _spike_conv2d_masks(masks, weight, bias, stride, padding, validate, backend):
+    """spike_conv2d of SpikeMasks [N, Cin, H, W] (inputs checked by the caller)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias)):
+        raise ValueError("s: SpikeMasks input is for inference (it carries no gradient); run "
+                         "under torch.no_grad(), or pass the spikes as a float tensor to train")
+    C = masks.channels
+    if validate and C % 64 and not torch.compiler.is_compiling():
+        stray = masks.bits[..., -1] >> (C % 64)  # bits of channels >= C in the last word
+        if bool((stray != 0).any()):
+            raise ValueError(f"s: SpikeMasks has bits set for channels >= {C} (only the first "
+                             f"{C} bits of the masks may be set)")
+    out_dtype = torch.promote_types(torch.float32, weight.dtype)
+    chosen = backends.choose("spike_conv2d", masks.device, torch.float32, backend)
+    if chosen == "torch":
+        return spike_conv2d_reference(masks.to_dense(weight.dtype), weight, bias, stride, padding)
+    w = weight.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    dense_rate = dense_rates(chosen, w.shape[1], w.shape[0])[0]
+    out = fused_op("spike_conv2d_fwd_masks", chosen)(masks.bits.contiguous(), C, w, b, stride,
+                                                     padding, dense_rate)
     return out if out_dtype == torch.float32 else out.to(out_dtype)

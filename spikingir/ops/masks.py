@@ -1,0 +1,107 @@
+"""Binary spikes as channel bit masks: the format the fused neurons emit for
+inference (``emit="masks"``) and ``spike_conv2d`` consumes, so no float spike
+tensor is written or read between a spiking layer and the next convolution.
+
+Layout (csrc/ops.cpp, ``neuron_fwd_masks``): spikes ``[*lead, C, H, W]`` are
+stored as int64 ``[*lead, H, W, ceil(C / 64)]``; bit ``c % 64`` of word
+``c // 64`` is the spike of channel ``c`` at that pixel, bits past the last
+channel are 0. 32x fewer bytes than float32 spikes; channels-last, so the
+spikes under one kernel tap are one word per pixel.
+"""
+import torch
+
+_BYTE_COUNTS = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def popcount(words):
+    """Set bits of each int64 of ``words`` (int64 tensor, same shape): a
+    256-entry table over its 8 bytes."""
+    b = words.contiguous().view(torch.uint8).view(*words.shape, 8)
+    return _BYTE_COUNTS.to(words.device)[b.long()].sum(-1)
+
+
+class SpikeMasks:
+    """Binary spikes ``[*lead, C, H, W]`` held as channel bit masks ``bits``
+    (int64 ``[*lead, H, W, ceil(C / 64)]``, see the module docstring).
+
+    Produced by ``if_multistep`` / ``mprn_multistep`` with ``emit="masks"``
+    (``lead`` = ``(T, N)``) or by :meth:`from_dense`; consumed by
+    :func:`spikingir.ops.spike_conv2d` (``lead`` = ``(N,)``: merge the steps
+    into the batch with ``masks.flatten(0, 1)``). Inference only: masks carry
+    no gradient.
+    """
+
+    __slots__ = ("bits", "channels")
+
+    def __init__(self, bits, channels):
+        if not isinstance(bits, torch.Tensor) or bits.dtype != torch.int64:
+            raise TypeError(f"bits: expected an int64 tensor, got "
+                            f"{getattr(bits, 'dtype', type(bits).__name__)}")
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels: expected an int >= 1, got {channels!r}")
+        if bits.dim() < 4 or bits.shape[-1] != (channels + 63) // 64:
+            raise ValueError(f"bits: expected shape [*lead, H, W, {(channels + 63) // 64}] "
+                             f"(ceil({channels} / 64) words per pixel, at least one lead "
+                             f"dimension), got {tuple(bits.shape)}")
+        self.bits = bits
+        self.channels = channels
+
+    @property
+    def shape(self):
+        """Shape of the dense spikes: ``(*lead, C, H, W)``."""
+        *lead, H, W, _ = self.bits.shape
+        return torch.Size((*lead, self.channels, H, W))
+
+    @property
+    def device(self):
+        return self.bits.device
+
+    def __getitem__(self, index):
+        """Index the lead dimensions (e.g. ``masks[T:]``: the steps from T on)."""
+        bits = self.bits[index]
+        if bits.dim() != self.bits.dim():
+            raise IndexError("SpikeMasks: index the lead dimensions with slices only "
+                             "(a result must keep [*lead, H, W, words])")
+        return SpikeMasks(bits, self.channels)
+
+    def flatten(self, start, end):
+        """Merge lead dimensions ``start..end`` (inclusive), like ``Tensor.flatten``."""
+        lead = self.bits.dim() - 3
+        start, end = (d + lead if d < 0 else d for d in (start, end))
+        if not 0 <= start <= end < lead:
+            raise IndexError(f"SpikeMasks.flatten: dimensions {start}..{end} are not lead "
+                             f"dimensions (there are {lead})")
+        return SpikeMasks(self.bits.flatten(start, end), self.channels)
+
+    def count(self):
+        """Number of spikes (an int)."""
+        return int(popcount(self.bits).sum())
+
+    def firing_rate(self):
+        """Spikes per neuron (over every lead index and pixel)."""
+        return self.count() / max(1, self.shape.numel())
+
+    def to_dense(self, dtype=torch.float32):
+        """The spikes as a ``[*lead, C, H, W]`` tensor of 0 and 1."""
+        shifts = torch.arange(64, device=self.bits.device)
+        bits = (self.bits.unsqueeze(-1) >> shifts) & 1  # [*lead, H, W, words, 64]
+        dense = bits.flatten(-2)[..., :self.channels]  # [*lead, H, W, C]
+        return dense.movedim(-1, -3).to(dtype)
+
+    @classmethod
+    def from_dense(cls, s):
+        """Packs spikes ``[*lead, C, H, W]`` (any nonzero value is a spike)."""
+        if not isinstance(s, torch.Tensor) or s.dim() < 4:
+            raise ValueError(f"s: expected a tensor [*lead, C, H, W], got "
+                             f"{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)}")
+        C = s.shape[-3]
+        words = (C + 63) // 64
+        fired = (s != 0).movedim(-3, -1).to(torch.int64)  # [*lead, H, W, C]
+        fired = torch.nn.functional.pad(fired, (0, 64 * words - C))
+        fired = fired.unflatten(-1, (words, 64))
+        shifts = torch.arange(64, device=s.device)
+        # distinct powers of two: the sum is the OR (bit 63 wraps to the sign, as int64 does)
+        return cls((fired << shifts).sum(-1), C)
+
+    def __repr__(self):
+        return f"SpikeMasks(shape={tuple(self.shape)}, device={self.device})"
