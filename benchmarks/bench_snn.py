@@ -10,9 +10,11 @@ of --repeats calls after one untimed call):
   (bf16 autocast, channels-last) on the GPU.
 - ``SNN dense``: the SNN as shipped: fused neurons, hidden convs by F.conv2d on
   ``theta * s`` (fp32, TF32 off); the first conv runs once, not T times.
-- ``SNN spike <backend>``: the same SNN with ``use_spike_conv(backend=...)``:
-  hidden convs by ``spike_conv2d`` on the binary spikes, theta folded into the
-  weights.
+- ``SNN spike <backend>``: the same SNN with ``use_spike_conv(backend=...,
+  masks=False)``: hidden convs by ``spike_conv2d`` on the binary float spikes,
+  theta folded into the weights.
+- ``SNN spike <backend> masks``: the same, the neurons handing the spikes to
+  ``spike_conv2d`` as channel bit masks (``emit="masks"``, the default).
 ``ratio``: column ms / ANN fp32 ms. ``PSNR``: of the output against the clean
 image (dB). The spike-conv columns are not bitwise equal to ``SNN dense``: a
 float32 rounding difference in one conv can flip one spike, and the flip spreads
@@ -116,11 +118,13 @@ def main(argv=None):
         for be in ops.available_backends(dev, op="spike_conv2d"):
             if be == "torch" or (be == "triton" and dev == "cpu"):
                 continue
-            snn.use_spike_conv(True, be)
-            with _tf32(False):
-                out = snn(x)
-                ms[f"SNN spike {be}"] = _time(lambda: snn(x), dev, args.repeats)
-            quality[f"SNN spike {be}"] = score(out)
+            for masks in (False, True):
+                name = f"SNN spike {be}" + (" masks" if masks else "")
+                snn.use_spike_conv(True, be, masks=masks)
+                with _tf32(False):
+                    out = snn(x)
+                    ms[name] = _time(lambda: snn(x), dev, args.repeats)
+                quality[name] = score(out)
         snn.use_spike_conv(False)
     base = ms["ANN fp32"]
     env = environment(dev, args.threads)

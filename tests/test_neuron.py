@@ -506,3 +506,90 @@ def test_cpp_kernels_are_compiled_with_openmp():
     # runs every CPU kernel (neuron and spike_conv2d) on one thread, silently.
     from spikingir import _C
     assert _C.openmp == 1
+
+
+# ---------------------------------------------------------------------------
+# emit="masks": the spikes as channel bit masks (inference only).
+# ---------------------------------------------------------------------------
+
+def _masks_vs_values(op, backend, x, theta, beta=None, **kw):
+    """emit="masks" gives the spikes of emit="values" (scale_output=False) bit for
+    bit, and the same v_final; the reference backend's values for "torch"."""
+    with torch.no_grad():
+        y, v = run(op, backend, x, theta, beta, scale_output=False, **kw)
+        m, vm = run(op, backend, x, theta, beta, emit="masks", **kw)
+    assert isinstance(m, ops.SpikeMasks) and m.shape == x.shape
+    assert m.bits.shape == (*x.shape[:2], *x.shape[3:], (x.shape[2] + 63) // 64)
+    assert torch.equal(m.to_dense(y.dtype), y), "masks differ from the values path"
+    assert torch.equal(vm, v.float())
+    return m
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+@pytest.mark.parametrize("op", ["if", "mprn"])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 3, 5), (4, 1, 5, 7, 9), (3, 2, 64, 5, 6),
+                                   (2, 1, 70, 3, 11), (3, 1, 130, 2, 3)])
+def test_masks_match_values(backend, op, shape):
+    if op == "mprn" and shape[0] == 1:
+        shape = (2,) + shape[1:]
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g) * 0.8 + 0.7
+    C = shape[2]
+    theta = torch.rand(C, generator=g) + 0.4
+    beta = torch.rand(C, generator=g) + 0.2
+    v0 = torch.randn(shape[1:], generator=g) * 0.3
+    m = _masks_vs_values(op, backend, x, theta, beta, v0=v0)
+    assert 0 < m.count() < x.numel()
+    _masks_vs_values(op, backend, x, 0.7, 0.5 if op == "mprn" else None)  # scalar parameters
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_masks_noncontiguous_and_half(backend):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 5, 3, 9, 7, generator=g) + 0.4).transpose(0, 1)  # [5, 2, 3, 9, 7]
+    assert not x.is_contiguous()
+    _masks_vs_values("mprn", backend, x, torch.tensor([0.5, 0.9, 1.3]), 0.4)
+    _masks_vs_values("if", backend, x.to(torch.float16), 0.6)
+
+
+def test_masks_bad_input():
+    x = torch.randn(3, 2, 4, 5, 5)
+    with pytest.raises(ValueError, match="emit: expected 'values' or 'masks'"):
+        ops.if_multistep(x, 1.0, emit="bits")
+    with pytest.raises(ValueError, match=r"emit='masks' takes \[T, N, C, H, W\]"):
+        ops.if_multistep(x[:, 0], 1.0, emit="masks")
+    with pytest.raises(ValueError, match="emit='masks' is for inference"):
+        ops.if_multistep(x.requires_grad_(), 1.0, emit="masks")
+    theta = torch.ones(4, requires_grad=True)
+    with pytest.raises(ValueError, match="no_grad"):
+        ops.mprn_multistep(x.detach(), theta, 1.0, emit="masks")
+    with torch.no_grad():  # fine without autograd
+        ops.mprn_multistep(x.detach(), theta, 1.0, emit="masks")
+
+
+def _mask_op_samples():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 70, 3, 5, generator=g)
+    th = torch.rand(70, generator=g) + 0.3
+    v0 = torch.randn(2, 70, 3, 5, generator=g)
+    return [(x, th, None, 0.75, False), (x, th, v0, 0.75, True), (x, th[:1], None, 0.9, True)]
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_opcheck_masks(backend):
+    name = "neuron_fwd_masks" + ("_triton" if backend == "triton" else "")
+    for args in _mask_op_samples():
+        torch.library.opcheck(getattr(torch.ops.spikingir, name).default, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_FUSED, reason="needs a CUDA GPU and a GPU backend")
+@pytest.mark.parametrize("backend", GPU_FUSED)
+@pytest.mark.parametrize("op", ["if", "mprn"])
+def test_gpu_masks_match_values(backend, op):
+    g = torch.Generator().manual_seed(5)
+    for C in (3, 64, 70):
+        x = (torch.randn(4, 2, C, 17, 13, generator=g) + 0.3).cuda()
+        theta = (torch.rand(C, generator=g) + 0.4).cuda()
+        _masks_vs_values(op, backend, x, theta, 0.5 if op == "mprn" else None,
+                         v0=torch.zeros(x.shape[1:], device="cuda"))

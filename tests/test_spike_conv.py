@@ -571,3 +571,109 @@ def test_cpp_path_follows_the_layer_shape():
     assert ran_dense(3, 3, 0.1)
     assert not ran_dense(32, 32, 0.1)
     assert ran_dense(32, 32, 0.9)  # above the crossover
+
+
+# ---------------------------------------------------------------------------
+# SpikeMasks input (the neurons' emit="masks"): inference only.
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+@pytest.mark.parametrize("cin,rate", [(5, 0.3), (64, 0.1), (70, 0.0), (70, 1.0), (130, 0.2)])
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (1, 2, 0), (5, 2, 1)])
+def test_masks_input_matches_float_input(backend, cin, rate, k, stride, padding):
+    """Equal to the float-spike path bit for bit (same kernel, same order) and
+    to float64 F.conv2d to float32 rounding."""
+    s = spikes(2, cin, 9, 10, rate=rate, seed=cin)
+    w, b = conv_params(11, cin, k)
+    m = ops.SpikeMasks.from_dense(s)
+    with torch.no_grad():
+        out = ops.spike_conv2d(m, w, b, stride, padding, backend=backend)
+        ref = ops.spike_conv2d(s, w, b, stride, padding, backend=backend)
+    check_conv(out, s, w, b, stride, padding, fixed_point=backend == "triton")
+    if backend != "torch":
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+@pytest.mark.parametrize("dense_rate", [-1.0, 0.2, 2.0])
+def test_cpp_masks_event_and_dense_paths(dense_rate):
+    s = spikes(3, 70, 8, 9, rate=0.3)
+    w, b = conv_params(9, 70, 3)
+    m = ops.SpikeMasks.from_dense(s)
+    out = torch.ops.spikingir.spike_conv2d_fwd_masks(m.bits, 70, w, b, 1, 1, dense_rate)
+    check_conv(out, s, w, b, 1, 1)
+    # the same rate sample as the float op: the same path, the same bits
+    ref, _ = torch.ops.spikingir.spike_conv2d_fwd(s, w, b, 1, 1, dense_rate, False, False)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+def test_neuron_masks_feed_the_conv():
+    """The chain the SNN runs: mprn_multistep(emit="masks") -> spike_conv2d."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 2, 16, 7, 8, generator=g) + 0.5
+    w, b = conv_params(8, 16, 3)
+    with torch.no_grad():
+        m, _ = ops.mprn_multistep(x, 0.8, 0.6, emit="masks", backend="cpp")
+        s, _ = ops.mprn_multistep(x, 0.8, 0.6, scale_output=False, backend="cpp")
+        out = ops.spike_conv2d(m.flatten(0, 1), w, b, 1, 1, validate=False, backend="cpp")
+        ref = ops.spike_conv2d(s.flatten(0, 1), w, b, 1, 1, validate=False, backend="cpp")
+    assert torch.equal(out, ref)
+
+
+M = ops.SpikeMasks.from_dense(S)
+
+
+def _stray_bit_masks():
+    bits = M.bits.clone()
+    bits[0, 1, 1, 0] |= 1 << 5  # channel 5 of a 3-channel map
+    return ops.SpikeMasks(bits, 3)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda b: ops.spike_conv2d(ops.SpikeMasks.from_dense(S[None]), W, backend=b), ValueError,
+     r"flatten\(0, 1\)"),
+    (lambda b: ops.spike_conv2d(M, W[:, :2], backend=b), ValueError, "channel mismatch"),
+    (lambda b: ops.spike_conv2d(M, W.clone().requires_grad_(), backend=b), ValueError,
+     "for inference"),
+    (lambda b: ops.spike_conv2d(_stray_bit_masks(), W, backend=b), ValueError, "channels >= 3"),
+    (lambda b: ops.spike_conv2d(M, W.to("meta"), backend=b), ValueError, "on cpu"),
+    (lambda b: ops.spike_conv2d(M, W, stride=3, backend=b), ValueError, "stride"),
+])
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_masks_bad_input(call, exc, match, backend):
+    with pytest.raises(exc, match=match):
+        call(backend)
+
+
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+def test_cpp_masks_op_refuses_stray_bits():
+    """Memory safety does not depend on validate: the C++ op checks the bits past
+    the last channel itself (they would index past the weights)."""
+    with pytest.raises(ValueError, match="channels >= 3"):
+        torch.ops.spikingir.spike_conv2d_fwd_masks(_stray_bit_masks().bits, 3, W, None, 1, 1, 2.0)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_opcheck_masks(backend):
+    name = "spike_conv2d_fwd_masks" + ("_triton" if backend == "triton" else "")
+    w, b = conv_params(3, 70, 3)
+    for rate, stride, bias, dense_rate in ((0.2, 1, True, 0.3), (0.6, 2, False, 2.0)):
+        m = ops.SpikeMasks.from_dense(spikes(2, 70, 7, 9, rate=rate))
+        torch.library.opcheck(getattr(torch.ops.spikingir, name).default,
+                              (m.bits, 70, w, b if bias else None, stride, 1, dense_rate))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_FUSED, reason="needs a CUDA GPU and a GPU backend")
+@pytest.mark.parametrize("backend", GPU_FUSED)
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (7, 2, 3)])
+def test_gpu_masks_input(backend, k, stride, padding):
+    s = spikes(2, 70, 23, 19, rate=0.1, device="cuda")
+    w, b = conv_params(33, 70, k, device="cuda")
+    with torch.no_grad():
+        out = ops.spike_conv2d(ops.SpikeMasks.from_dense(s), w, b, stride, padding,
+                               backend=backend)
+        ref = ops.spike_conv2d(s, w, b, stride, padding, backend=backend)
+    check_conv(out, s, w, b, stride, padding, fixed_point=backend == "triton")
+    assert torch.equal(out, ref)

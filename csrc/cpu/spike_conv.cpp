@@ -621,9 +621,9 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
 }
 
 // Inference from channel masks (spikingir::spike_conv2d_fwd_masks, the output
-// of neuron_fwd_masks): pass 1 of the forward is not needed. The rate is the
-// popcount of the masks (1/32 of the bytes of float spikes); the dense path
-// unpacks them to float32 for oneDNN.
+// of neuron_fwd_masks): pass 1 of the forward is not needed. The rate is a
+// popcount of the sampled rows (1/32 of the bytes of float spikes); the dense
+// path unpacks the masks to float32 for oneDNN.
 at::Tensor spike_conv2d_fwd_masks_cpu(const at::Tensor& masks, int64_t channels,
                                       const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, int64_t stride,
@@ -651,17 +651,24 @@ at::Tensor spike_conv2d_fwd_masks_cpu(const at::Tensor& masks, int64_t channels,
         std::logical_or<bool>());
     TORCH_CHECK_VALUE(!stray, "spike_conv2d: masks has bits set for channels >= ", channels);
   }
+  // The path from the firing rate of every 8th input row, as spike_conv2d_fwd
+  // samples it: the same spikes take the same path, so the result is bitwise
+  // that of the float input.
   bool dense = dense_rate < 0.0;
   if (dense_rate >= 0.0 && dense_rate < 1.0) {
-    const int64_t words = masks.numel(), neurons = g.N * g.H * g.W * channels;
-    const int64_t spikes = at::parallel_reduce(
-        0, words, 4096, int64_t{0},
-        [&](int64_t w0, int64_t w1, int64_t acc) {
-          for (int64_t w = w0; w < w1; ++w) acc += __builtin_popcountll(mp[w]);
+    const int64_t H8 = (g.H + 7) / 8, row_words = g.W * Cw;
+    const int64_t sampled = at::parallel_reduce(
+        0, g.N * H8, 1, int64_t{0},
+        [&](int64_t r0, int64_t r1, int64_t acc) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const uint64_t* row = mp + ((r / H8) * g.H + 8 * (r % H8)) * row_words;
+            for (int64_t w = 0; w < row_words; ++w) acc += __builtin_popcountll(row[w]);
+          }
           return acc;
         },
         std::plus<int64_t>());
-    dense = neurons && static_cast<double>(spikes) / neurons > dense_rate;
+    dense = static_cast<double>(sampled) / std::max<int64_t>(1, g.N * H8 * g.Cin * g.W) >
+            dense_rate;
   }
   if (!dense) return event_conv(mp, Cw, g, weight, bp);
   auto s = at::empty({g.N, channels, g.H, g.W}, masks.options().dtype(at::kFloat));

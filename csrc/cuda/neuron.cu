@@ -16,6 +16,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "../dispatch.h"
 #include "../neuron.h"
 #include "../neuron_math.h"
@@ -219,11 +221,105 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neuron_bwd_cuda(
   return {gx, gv0, g_theta, g_beta};
 }
 
+// neuron_fwd_masks: one thread per (image n, mask word, pixel p) walks all T
+// steps over the word's 64 channels; their potentials stay in registers (the
+// channel loop is unrolled). Neighbouring threads take neighbouring pixels, so
+// each (step, channel) read of x is coalesced; each step writes one int64.
+// The arithmetic is that of neuron_fwd_kernel: the same spikes bit for bit.
+template <typename scalar_t>
+__global__ void neuron_fwd_masks_kernel(const scalar_t* __restrict__ x,
+                                        const float* __restrict__ v0,
+                                        unsigned long long* __restrict__ masks,
+                                        float* __restrict__ vT, const float* __restrict__ theta,
+                                        bool per_channel, float reuse_alpha, bool reuse_step,
+                                        int64_t T, int64_t N, int64_t C, int64_t P, int64_t Cw) {
+  const int64_t total = N * Cw * P;
+  const int64_t T_if = reuse_step ? T - 1 : T;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t p = i % P;
+    const int64_t word = (i / P) % Cw;
+    const int64_t n = i / (P * Cw);
+    const int64_t c0 = 64 * word;
+    float v[64];
+#pragma unroll
+    for (int j = 0; j < 64; ++j) {
+      v[j] = (v0 && c0 + j < C) ? v0[(n * C + c0 + j) * P + p] : 0.0f;
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const float thr_scale = t >= T_if ? reuse_alpha : 1.0f;
+      unsigned long long bits = 0;
+#pragma unroll
+      for (int j = 0; j < 64; ++j) {
+        if (c0 + j < C) {
+          const float th = __ldg(theta + (per_channel ? c0 + j : 0));
+          // h = v + x; u = h - thr; s = H(u); v = h - theta s (soft reset).
+          const float h = v[j] + to_f(x[((t * N + n) * C + c0 + j) * P + p]);
+          const float u = h - thr_scale * th;
+          const float s = u >= 0.0f ? 1.0f : 0.0f;
+          v[j] = h - th * s;
+          bits |= static_cast<unsigned long long>(u >= 0.0f) << j;
+        }
+      }
+      masks[((t * N + n) * P + p) * Cw + word] = bits;
+    }
+#pragma unroll
+    for (int j = 0; j < 64; ++j) {
+      if (c0 + j < C) vT[(n * C + c0 + j) * P + p] = v[j];
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> neuron_fwd_masks_cuda(const at::Tensor& x,
+                                                         const at::Tensor& theta,
+                                                         const std::optional<at::Tensor>& v0,
+                                                         double reuse_alpha, bool reuse_step) {
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 3 && x.is_contiguous() && x.size(0) >= 1,
+              "neuron_fwd_masks (cuda): x must be a contiguous CUDA tensor [T, N, C, ...], T >= 1");
+  TORCH_CHECK(!reuse_step || x.size(0) >= 2,
+              "neuron_fwd_masks: the MPRN reuse step needs T + 1 >= 2 steps");
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2);
+  TORCH_CHECK(theta.device() == x.device() && theta.scalar_type() == at::kFloat &&
+                  theta.dim() == 1 && theta.is_contiguous() &&
+                  (theta.numel() == 1 || theta.numel() == C),
+              "neuron_fwd_masks (cuda): theta must be contiguous float32 [C] or [1] on x's device");
+  const c10::cuda::CUDAGuard guard(x.device());
+  int64_t P = 1;
+  for (int64_t d = 3; d < x.dim(); ++d) P *= x.size(d);
+  const int64_t Cw = (C + 63) / 64;
+  const float* v0p = nullptr;
+  if (v0.has_value()) {
+    TORCH_CHECK(v0->device() == x.device() && v0->scalar_type() == at::kFloat &&
+                    v0->is_contiguous() && v0->numel() == N * C * P,
+                "neuron_fwd_masks: v0 must be contiguous float32 with one value per neuron");
+    v0p = v0->data_ptr<float>();
+  }
+  std::vector<int64_t> mshape{T, N};
+  for (int64_t d = 3; d < x.dim(); ++d) mshape.push_back(x.size(d));
+  mshape.push_back(Cw);
+  auto masks = at::empty(mshape, x.options().dtype(at::kLong));
+  auto vT = at::empty(x.sizes().slice(1), x.options().dtype(at::kFloat));
+  const int64_t threads = N * Cw * P;
+  if (threads > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    SPK_DISPATCH_FLOATS(x.scalar_type(), "neuron_fwd_masks_cuda", [&] {
+      neuron_fwd_masks_kernel<scalar_t><<<num_blocks(threads), kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), v0p,
+          reinterpret_cast<unsigned long long*>(masks.data_ptr<int64_t>()),
+          vT.data_ptr<float>(), theta.data_ptr<float>(), theta.numel() > 1,
+          static_cast<float>(reuse_alpha), reuse_step, T, N, C, P, Cw);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {masks, vT};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(spikingir, CUDA, m) {
   m.impl("neuron_fwd", &neuron_fwd_cuda);
   m.impl("neuron_bwd", &neuron_bwd_cuda);
+  m.impl("neuron_fwd_masks", &neuron_fwd_masks_cuda);
 }
 
 }  // namespace spikingir

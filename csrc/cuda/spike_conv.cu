@@ -71,6 +71,38 @@ __global__ void spike_conv2d_fwd_kernel(const scalar_t* __restrict__ s,
   }
 }
 
+// The forward kernel reading channel masks [N, H, W, Cw] (spike_conv2d_fwd_masks):
+// the same walk and summation order (ci, ky, kx) as spike_conv2d_fwd_kernel,
+// so the same result bit for bit; bits past Cin are never read.
+__global__ void spike_conv2d_fwd_masks_kernel(const unsigned long long* __restrict__ masks,
+                                              const float* __restrict__ w,
+                                              const float* __restrict__ bias,
+                                              float* __restrict__ out, Geometry g, int64_t Cw) {
+  const int64_t total = g.N * g.Cout * g.Ho * g.Wo;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t ox = i % g.Wo;
+    const int64_t oy = (i / g.Wo) % g.Ho;
+    const int64_t co = (i / (g.Wo * g.Ho)) % g.Cout;
+    const int64_t n = i / (g.Wo * g.Ho * g.Cout);
+    float acc = bias ? __ldg(bias + co) : 0.0f;
+    for (int64_t ci = 0; ci < g.Cin; ++ci) {
+      const float* wc = w + (co * g.Cin + ci) * g.kh * g.kw;
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const int64_t iy = oy * g.stride + ky - g.pad;
+        if (iy < 0 || iy >= g.H) continue;
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          const int64_t ix = ox * g.stride + kx - g.pad;
+          if (ix < 0 || ix >= g.W) continue;
+          const unsigned long long word = __ldg(masks + ((n * g.H + iy) * g.W + ix) * Cw + ci / 64);
+          if ((word >> (ci % 64)) & 1ull) acc += __ldg(wc + ky * g.kw + kx);
+        }
+      }
+    }
+    out[i] = acc;
+  }
+}
+
 template <typename scalar_t>
 __global__ void pack_kernel(const scalar_t* __restrict__ s, uint8_t* __restrict__ bits,
                             int64_t rows, int64_t W, int64_t Wb) {
@@ -170,6 +202,39 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cuda(const at::Tensor& s,
   return {out, packed};
 }
 
+at::Tensor spike_conv2d_fwd_masks_cuda(const at::Tensor& masks, int64_t channels,
+                                       const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, int64_t stride,
+                                       int64_t padding, double dense_rate) {
+  const int64_t Cw = (channels + 63) / 64;
+  TORCH_CHECK(masks.is_cuda() && masks.scalar_type() == at::kLong && masks.dim() == 4 &&
+                  masks.is_contiguous() && masks.size(3) == Cw && channels >= 1,
+              "spike_conv2d_fwd_masks (cuda): masks must be a contiguous int64 CUDA tensor "
+              "[N, H, W, ceil(channels / 64)]");
+  check_weight(weight, masks, channels, stride, padding);
+  (void)dense_rate;  // a single (event-skipping) path
+  const c10::cuda::CUDAGuard guard(masks.device());
+  const Geometry g = geometry(masks.size(0), channels, masks.size(1), masks.size(2), weight,
+                              stride, padding);
+  TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "spike_conv2d: kernel larger than the padded input");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                    bias->numel() == g.Cout && bias->device() == masks.device(),
+                "spike_conv2d (cuda): bias must be a contiguous float32 [Cout] on the masks' device");
+    bp = bias->data_ptr<float>();
+  }
+  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, masks.options().dtype(at::kFloat));
+  if (out.numel() > 0) {
+    spike_conv2d_fwd_masks_kernel<<<blocks_for(out.numel()), kThreads, 0,
+                                    c10::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const unsigned long long*>(masks.data_ptr<int64_t>()),
+        weight.data_ptr<float>(), bp, out.data_ptr<float>(), g, Cw);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& weight,
     int64_t height, int64_t width, int64_t stride, int64_t padding, double dense_rate,
@@ -204,6 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cuda(
 TORCH_LIBRARY_IMPL(spikingir, CUDA, m) {
   m.impl("spike_conv2d_fwd", &spike_conv2d_fwd_cuda);
   m.impl("spike_conv2d_bwd", &spike_conv2d_bwd_cuda);
+  m.impl("spike_conv2d_fwd_masks", &spike_conv2d_fwd_masks_cuda);
 }
 
 }  // namespace spikingir

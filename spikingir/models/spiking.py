@@ -126,7 +126,7 @@ class _SpikingNet(nn.Module):
         if not self._record:
             return
         with torch.no_grad():
-            s = (y != 0).to(torch.float32)
+            s = y.to_dense() if isinstance(y, ops.SpikeMasks) else (y != 0).to(torch.float32)
             counts = s.sum(0)  # spikes per neuron over all steps
             n_spikes = int(counts.sum().item())
             sops = 0
@@ -191,22 +191,28 @@ class SpikingDnCNN(_SpikingNet):
         self.mapper = PixelMapper(convs[-1])
         self.spike_conv = False
         self.spike_conv_backend = "auto"
+        self.spike_masks = True
 
-    def use_spike_conv(self, on=True, backend="auto"):
+    def use_spike_conv(self, on=True, backend="auto", masks=True):
         """Run the hidden convolutions with :func:`spikingir.ops.spike_conv2d` on
         the binary spikes (neurons then emit ``s`` instead of ``theta * s`` and
         each threshold is folded into the weights of the conv it feeds:
         ``conv(theta s) = (w theta) * s + b``). Same outputs up to float32
-        rounding, same parameters and state dict. Returns ``self``."""
+        rounding, same parameters and state dict. With ``masks`` and without
+        autograd (inference) the neurons hand the spikes over as channel bit
+        masks (:class:`~spikingir.ops.SpikeMasks`; the same result), else as
+        float tensors. Returns ``self``."""
         self.spike_conv = bool(on)
+        self.spike_masks = bool(masks)
         self.spike_conv_backend = backend
         for neuron in self.neurons_[:len(self.hidden)]:
             neuron.scale_output = not self.spike_conv
         return self
 
     def _conv_spikes(self, conv, s, neuron):
-        """``conv`` of the binary spikes ``s`` [steps, B, C, H, W] of ``neuron``:
-        IF steps carry ``theta`` per spike, the MPRN reuse step ``beta``."""
+        """``conv`` of the binary spikes ``s`` [steps, B, C, H, W] (a tensor or
+        SpikeMasks) of ``neuron``: IF steps carry ``theta`` per spike, the MPRN
+        reuse step ``beta``."""
         def folded(size):  # w[:, c] * size[c]
             return conv.weight * (size.reshape(1, -1, 1, 1) if size.dim() == 1 else size)
 
@@ -232,9 +238,13 @@ class SpikingDnCNN(_SpikingNet):
         self._start_stats(x, self.conv1)
         current = self.conv1(x)
         cur = current.unsqueeze(0).expand(self.steps, *current.shape)
+        # Inference with spike_conv2d: the hidden neurons emit channel masks
+        # (1 bit per spike) that spike_conv2d reads directly (no float spikes).
+        masks = (self.spike_conv and self.spike_masks and not torch.is_grad_enabled()
+                 and not self._track_energy)
         y = None
         for i, neuron in enumerate(self.neurons_):
-            y = neuron(cur)
+            y = neuron(cur, emit="masks" if masks and i < len(self.hidden) else "values")
             nxt = self.hidden[i].module if i < len(self.hidden) else self.mapper.conv
             self._count(f"neuron{i + 1}", neuron, y, [(nxt, slice(None))])
             if i < len(self.hidden):

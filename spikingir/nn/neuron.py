@@ -104,8 +104,11 @@ class IFNeuron(_MultiStepNeuron):
     """Integrate-and-fire neuron with soft reset: ``[T, B, ...]`` in, spikes
     (``theta * s``, or ``s`` with ``scale_output=False``) out."""
 
-    def forward(self, x_seq):
-        y, self.v_final = ops.if_multistep(x_seq, self.effective_theta(), **self._kwargs(x_seq))
+    def forward(self, x_seq, emit="values"):
+        """``emit="masks"``: the spikes as :class:`~spikingir.ops.SpikeMasks`
+        (inference only; see :func:`spikingir.ops.if_multistep`)."""
+        y, self.v_final = ops.if_multistep(x_seq, self.effective_theta(), emit=emit,
+                                           **self._kwargs(x_seq))
         return y
 
 
@@ -125,9 +128,12 @@ class MPRNeuron(_MultiStepNeuron):
         self._add_param("beta", self.theta.detach() if beta is None else beta)
         self.reuse_alpha = reuse_alpha
 
-    def forward(self, x_seq):
+    def forward(self, x_seq, emit="values"):
+        """``emit="masks"``: the spikes as :class:`~spikingir.ops.SpikeMasks`
+        (inference only; see :func:`spikingir.ops.mprn_multistep`)."""
         y, self.v_final = ops.mprn_multistep(x_seq, self.effective_theta(), self.beta,
-                                             reuse_alpha=self.reuse_alpha, **self._kwargs(x_seq))
+                                             reuse_alpha=self.reuse_alpha, emit=emit,
+                                             **self._kwargs(x_seq))
         return y
 
     def extra_repr(self):

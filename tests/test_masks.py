@@ -1,0 +1,61 @@
+"""SpikeMasks: the channel-bit-mask format of binary spikes."""
+import pytest
+import torch
+
+from spikingir.ops import SpikeMasks
+from spikingir.ops.masks import popcount
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 64, 5, 7), (3, 130, 2, 9)])
+def test_round_trip_and_layout(shape):
+    g = torch.Generator().manual_seed(0)
+    s = (torch.rand(shape, generator=g) < 0.3).float()
+    m = SpikeMasks.from_dense(s)
+    C = shape[-3]
+    assert m.shape == s.shape and m.channels == C
+    assert m.bits.dtype == torch.int64
+    assert m.bits.shape == (*shape[:-3], *shape[-2:], (C + 63) // 64)
+    assert torch.equal(m.to_dense(), s)
+    assert m.count() == int(s.sum())
+    assert m.firing_rate() == pytest.approx(float(s.mean()))
+    # bit c % 64 of word c // 64 is channel c
+    idx = s.nonzero()[0].tolist() if s.any() else None
+    if idx is not None:
+        *lead, c, y, x = idx
+        assert (int(m.bits[(*lead, y, x, c // 64)]) >> (c % 64)) & 1 == 1
+
+
+def test_channel_63_is_the_sign_bit():
+    s = torch.zeros(1, 64, 1, 1)
+    s[0, 63] = 1
+    m = SpikeMasks.from_dense(s)
+    assert int(m.bits.flatten()[0]) == -(2 ** 63)
+    assert torch.equal(m.to_dense(), s) and m.count() == 1
+
+
+def test_popcount():
+    words = torch.tensor([0, 1, -1, 2 ** 62, -(2 ** 63), 0x0F0F], dtype=torch.int64)
+    assert popcount(words).tolist() == [0, 1, 64, 1, 1, 8]
+
+
+def test_index_and_flatten():
+    s = (torch.rand(4, 2, 3, 5, 6) < 0.5).float()
+    m = SpikeMasks.from_dense(s)
+    assert torch.equal(m[2:].to_dense(), s[2:])
+    assert torch.equal(m.flatten(0, 1).to_dense(), s.flatten(0, 1))
+    assert m.flatten(0, 1).shape == (8, 3, 5, 6)
+    with pytest.raises(IndexError, match="lead dimensions"):
+        m.flatten(1, 2)
+    with pytest.raises(IndexError, match="slices only"):
+        m[0]
+
+
+@pytest.mark.parametrize("bits,channels,exc,match", [
+    (torch.zeros(1, 2, 2, 1, dtype=torch.int32), 3, TypeError, "int64"),
+    (torch.zeros(1, 2, 2, 1, dtype=torch.int64), 0, ValueError, "channels"),
+    (torch.zeros(1, 2, 2, 1, dtype=torch.int64), 65, ValueError, r"ceil\(65 / 64\)"),
+    (torch.zeros(2, 2, 1, dtype=torch.int64), 3, ValueError, "lead"),
+])
+def test_bad_construction(bits, channels, exc, match):
+    with pytest.raises(exc, match=match):
+        SpikeMasks(bits, channels)
