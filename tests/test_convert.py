@@ -260,21 +260,26 @@ def test_spike_conv_mode_matches_dense(neuron):
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_spike_conv_inference_hands_over_masks(neuron):
     """Without autograd the hidden neurons emit SpikeMasks into spike_conv2d:
-    the same output bit for bit as float spikes (cpp), the same statistics."""
+    the same output bit for bit as float spikes (cpp). Counting spikes
+    (record_stats) and training run on float spikes."""
     ann = tiny_dncnn()
     x = torch.rand(2, 1, 9, 11, generator=torch.Generator().manual_seed(3))
     snn = to_snn(ann, [x], 4, neuron=neuron, backend="cpp")
-    outs, stats = [], []
-    for masks in (False, True):
+
+    def run(masks, record):
         snn.use_spike_conv(True, backend="cpp", masks=masks)
         with torch.no_grad(), torch.profiler.profile() as prof:
-            outs.append(snn.record_stats()(x))
-        stats.append(snn.stats)
+            out = snn.record_stats(record)(x)
         names = {e.key for e in prof.key_averages()}
-        assert ("spikingir::spike_conv2d_fwd_masks" in names) == masks
-        assert ("spikingir::neuron_fwd_masks" in names) == masks
-    assert torch.equal(outs[0], outs[1])
-    assert stats[0] == stats[1] and 0 < snn.firing_rate() < 1
+        handed_over = masks and not record
+        assert ("spikingir::spike_conv2d_fwd_masks" in names) == handed_over
+        assert ("spikingir::neuron_fwd_masks" in names) == handed_over
+        return out
+
+    ref = run(False, False)
+    assert torch.equal(run(True, False), ref)
+    assert torch.equal(run(True, True), ref)
+    assert 0 < snn.firing_rate() < 1
     snn.record_stats(False)
     y = snn(x)  # with autograd: float spikes, differentiable
     y.sum().backward()
