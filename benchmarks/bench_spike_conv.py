@@ -13,7 +13,9 @@ F.conv2d fp32 ms / backend ms. ``occupancy``: fraction of (output tile 8x16,
 tap, 32-channel group) K-blocks of the Triton kernel that hold a spike (the
 blocks that kernel cannot skip). GPU runs add cuDNN fp32 (TF32 off), TF32 and
 bf16 channels-last columns. ``max err``: the largest |backend - float64 conv|
-over the row, relative to max |float64 conv|.
+over the row, relative to max |float64 conv|. ``<backend> masks``: the same
+spikes given as ``SpikeMasks`` (1 bit per spike, channels last: what the
+neurons emit with ``emit="masks"``; packed outside the timing).
 
 Real spike maps (``--dncnn``): the official DnCNN-S sigma=25 weights
 (../shared/weights/dncnn_s25_official.pt) in a plain nn.Sequential of 17 convs,
@@ -75,6 +77,8 @@ def columns(device):
                                                                 backend=be))(be)
         if be == "cpp":
             cols["cpp+validate"] = lambda s, w, b: ops.spike_conv2d(s, w, b, 1, 1, backend="cpp")
+        # the same spikes as channel masks (what the neurons hand over with emit="masks")
+        cols[f"{be} masks"] = cols[be]
     return cols
 
 
@@ -100,7 +104,8 @@ def time_cuda(cols, inputs):
 
 def bench_one(name, s, w, b, device, repeats):
     cols = columns(device)
-    inputs = {k: (s, w, b) for k in cols}
+    masks = ops.SpikeMasks.from_dense(s)
+    inputs = {k: (masks if k.endswith(" masks") else s, w, b) for k in cols}
     if "cudnn bf16 cl" in inputs:
         cl = torch.channels_last
         inputs["cudnn bf16 cl"] = (s.bfloat16().to(memory_format=cl), w.bfloat16().to(
@@ -112,7 +117,7 @@ def bench_one(name, s, w, b, device, repeats):
     for k in cols:
         if k in ("F.conv2d", "cudnn tf32", "cudnn bf16 cl"):
             continue
-        err = max(err, (cols[k](s, w, b).double() - ref).abs().max().item() / scale)
+        err = max(err, (cols[k](*inputs[k]).double() - ref).abs().max().item() / scale)
     return dict(input=name, rate=s.float().mean().item(), occupancy=block_occupancy(s), ms=ms,
                 err=err)
 

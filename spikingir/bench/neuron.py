@@ -9,6 +9,9 @@ naive          the per-step PyTorch loop a user writes (:func:`naive_if`),
 compile        ``torch.compile`` of that loop (a note instead when it fails)
 torch          spikingir's reference backend (``if_multistep(backend="torch")``)
 cpp/cuda/...   every fused backend in ``available_backends(device)``
+<b> masks      the same backend with ``emit="masks"`` (forward only): x seen as
+               ``[T, 1, C, 1, N / C]``, the spikes written as channel bit
+               masks (1 bit per spike instead of a float32 y)
 spikingjelly   SpikingJelly's multistep ``IFNode`` (cupy backend on CUDA when
                available, else torch), only when spikingjelly is importable
 =============  ===============================================================
@@ -40,7 +43,7 @@ import time
 
 import torch
 
-from spikingir.ops import backends, if_multistep
+from spikingir.ops import SpikeMasks, backends, if_multistep
 
 MODES = ("fwd", "fwdbwd")
 MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward+backward"}
@@ -154,10 +157,20 @@ def columns(device, skip=()):
             continue
         cols.append((b, (lambda bb: lambda x: if_multistep(x, THETA, alpha=ALPHA,
                                                            backend=bb))(b), ""))
+        cols.append((f"{b} masks", (lambda bb: lambda x: if_multistep(
+            _as_conv_input(x), THETA, backend=bb, emit="masks"))(b), ""))
     if "spikingjelly" not in skip and _has_spikingjelly():
         fn, sj_backend = _spikingjelly_column(device)
         cols.append(("spikingjelly", fn, f"IFNode backend={sj_backend}"))
     return [c for c in cols if c[0] not in skip]
+
+
+def _as_conv_input(x):
+    """[T, N] -> [T, 1, C, 1, N / C] (C = 64, 32 or 1: the first that divides N):
+    the neurons seen as C channels of one image, the shape emit="masks" takes."""
+    T, N = x.shape
+    C = next(c for c in (64, 32, 1) if N % c == 0)
+    return x.view(T, 1, C, 1, N // C)
 
 
 def _compiled():
@@ -318,6 +331,9 @@ def _run_cell(dev, mode, T, N, cols, on_gpu, min_time):
         row = dict(device=str(dev), backend=name, mode=mode, T=T, N=N, ms=None, reps=0,
                    speedup=None, gbps=None, floor_frac=None, maxdiff=None, note=note)
         rows.append(row)
+        if backward and name.endswith(" masks"):
+            row["note"] = "inference only (emit='masks')"
+            continue
         if fn is None:
             continue
         if fn == "compile":
@@ -334,8 +350,9 @@ def _run_cell(dev, mode, T, N, cols, on_gpu, min_time):
 
         try:
             t0 = time.perf_counter()
-            y = step().detach()  # first call: compiles, checks, warms up
+            y = step()  # first call: compiles, checks, warms up
             first_s = time.perf_counter() - t0
+            y = y.to_dense().reshape(T, N) if isinstance(y, SpikeMasks) else y.detach()
         except Exception as exc:  # compile without a C compiler, a missing cupy, ...
             row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
             if name == "naive":

@@ -41,7 +41,7 @@ def _fake_bwd(grad_y, grad_v, saved, theta, beta, alpha, surrogate, reuse_alpha,
             theta.new_empty(C), theta.new_empty(C))
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, triton=False):
     (x, theta, beta, v0, alpha, surrogate, reuse_alpha, reuse_step, scale_output,
      detach_reset, inner, save_bytes) = inputs
     ctx.save_for_backward(output[2], theta, beta, alpha)

@@ -7,6 +7,7 @@ its twin ``<stem>_fwd_triton`` / ``<stem>_bwd_triton`` is implemented by
 interpreter) and CUDA dispatch keys. Both get the same fake kernels and the same
 autograd formula, whose backward calls the matching backward op.
 """
+import functools
 import importlib
 
 import torch
@@ -17,12 +18,15 @@ from . import backends
 def register_fused_op(stem, kernel_module, fake_fwd, fake_bwd, setup_context, backward_via):
     """Registers ``spikingir::<stem>_fwd`` and its Triton twin (when triton imports).
 
-    ``backward_via(bwd_op)`` returns the autograd backward that calls ``bwd_op``.
+    ``backward_via(bwd_op)`` returns the autograd backward that calls ``bwd_op``;
+    ``setup_context(ctx, inputs, output, triton=False)`` is called with
+    ``triton=True`` for the twin.
     """
     if not backends.HAS_CPP_OPS:
         return
     ops = torch.ops.spikingir
-    pairs = [(f"spikingir::{stem}_fwd", f"spikingir::{stem}_bwd", getattr(ops, f"{stem}_bwd"))]
+    pairs = [(f"spikingir::{stem}_fwd", f"spikingir::{stem}_bwd", getattr(ops, f"{stem}_bwd"),
+              setup_context)]
     if backends.HAS_TRITON:
         kernels = importlib.import_module(f"spikingir.kernels.{kernel_module}")
         for key in ("CPU", "CUDA"):
@@ -30,11 +34,12 @@ def register_fused_op(stem, kernel_module, fake_fwd, fake_bwd, setup_context, ba
                 torch.library.impl(f"spikingir::{stem}_{part}_triton", key)(
                     getattr(kernels, f"{stem}_{part}_triton"))
         pairs.append((f"spikingir::{stem}_fwd_triton", f"spikingir::{stem}_bwd_triton",
-                      getattr(ops, f"{stem}_bwd_triton")))
-    for fwd, bwd, bwd_op in pairs:
+                      getattr(ops, f"{stem}_bwd_triton"),
+                      functools.partial(setup_context, triton=True)))
+    for fwd, bwd, bwd_op, setup in pairs:
         torch.library.register_fake(fwd)(fake_fwd)
         torch.library.register_fake(bwd)(fake_bwd)
-        torch.library.register_autograd(fwd, backward_via(bwd_op), setup_context=setup_context)
+        torch.library.register_autograd(fwd, backward_via(bwd_op), setup_context=setup)
 
 
 def register_inference_op(name, kernel_module, fake):

@@ -83,11 +83,13 @@ def _fake_bwd(grad_out, packed, weight, height, width, stride, padding, dense_ra
     return gs, gw, gb
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, triton=False):
     s, weight, bias, stride, padding, dense_rate, validate, save = inputs
     ctx.save_for_backward(output[1], weight)
-    if s.device.type == "cpu":  # the C++ kernels (the interpreted Triton ones: same result)
-        dense_rate = dense_rates("cpp", weight.shape[1], weight.shape[0])[1]
+    # The backward's own threshold, for the backend that ran the forward (the
+    # schema carries the forward's): the Triton twin, else the device's kernel.
+    backend = "triton" if triton else ("cpp" if s.device.type == "cpu" else "cuda")
+    dense_rate = dense_rates(backend, weight.shape[1], weight.shape[0])[1]
     ctx.config = (s.shape[2], s.shape[3], stride, padding, dense_rate)
     ctx.has_bias = bias is not None
 
