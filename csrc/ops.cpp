@@ -42,7 +42,9 @@ TORCH_LIBRARY(spikingir, m) {
   // Inference-only forward of the same neuron that emits its binary spikes as
   // channel masks, the input spikingir::spike_conv2d_fwd_masks takes (no float
   // spike tensor is written; nothing is kept for backward; no autograd).
-  //   x      [T, N, C, P...] float32/float16/bfloat16, contiguous (P...: spatial)
+  //   x      [T, N, C, P...] float32/float16/bfloat16, contiguous (P...: spatial),
+  //          or [1, N, C, P...]: the same input current at every step
+  //   steps  T (the number of steps simulated; x.size(0) is T or 1)
   //   theta  [C] or [1] float32 (beta, the reuse step's spike size, does not
   //          change which neurons fire: it is applied by the consumer)
   //   v0     optional [N, C, P...] float32
@@ -51,10 +53,10 @@ TORCH_LIBRARY(spikingir, m) {
   // The spikes are exactly those of neuron_fwd with the same arguments.
   m.def(
       "neuron_fwd_masks(Tensor x, Tensor theta, Tensor? v0, float reuse_alpha, "
-      "bool reuse_step) -> (Tensor, Tensor)");
+      "bool reuse_step, int steps) -> (Tensor, Tensor)");
   m.def(
       "neuron_fwd_masks_triton(Tensor x, Tensor theta, Tensor? v0, float reuse_alpha, "
-      "bool reuse_step) -> (Tensor, Tensor)");
+      "bool reuse_step, int steps) -> (Tensor, Tensor)");
   // Convolution of binary spike maps (DESIGN.md section 4), groups = 1, no dilation.
   //   s        [N, Cin, H, W] float32/float16/bfloat16, contiguous, values 0 or 1
   //            (checked when validate is true)

@@ -232,7 +232,8 @@ def _neuron_fwd_masks_kernel(x_ptr, v0_ptr, masks_ptr, vT_ptr, theta_ptr, T_if, 
         v = tl.load(v0_ptr + offs, mask=mask, other=0.0)
     else:
         v = tl.zeros([64, BLOCK_P], dtype=tl.float32)
-    # step, mstep: elements per step of x (N C P) and of the masks (N P Cw)
+    # step, mstep: elements per step of x (N C P; 0: one input for every step)
+    # and of the masks (N P Cw)
     xp = x_ptr + offs
     mp = masks_ptr + (n.to(tl.int64) * P + p) * Cw + word
     for _ in range(T_if):
@@ -252,9 +253,10 @@ def _neuron_fwd_masks_kernel(x_ptr, v0_ptr, masks_ptr, vT_ptr, theta_ptr, T_if, 
     tl.store(vT_ptr + offs, v, mask=mask)
 
 
-def neuron_fwd_masks_triton(x, theta, v0, reuse_alpha, reuse_step):
+def neuron_fwd_masks_triton(x, theta, v0, reuse_alpha, reuse_step, steps):
     """Launcher with the contract of spikingir::neuron_fwd_masks (csrc/ops.cpp)."""
-    T, N, C = x.shape[:3]
+    T = steps
+    N, C = x.shape[1:3]
     P = x[0, 0, 0].numel()
     Cw = triton.cdiv(C, 64)
     masks = torch.empty((T, N) + tuple(x.shape[3:]) + (Cw,), dtype=torch.int64, device=x.device)
@@ -264,7 +266,8 @@ def neuron_fwd_masks_triton(x, theta, v0, reuse_alpha, reuse_step):
         BLOCK_P = min(1 << 12, max(64, triton.next_power_of_2(P))) if _INTERPRET else 64
         n_pb = triton.cdiv(P, BLOCK_P)
         _neuron_fwd_masks_kernel[(N * n_pb, Cw)](
-            x, v0, masks, vT, theta, T - int(reuse_step), C, P, Cw, n_pb, N * C * P, N * P * Cw,
+            x, v0, masks, vT, theta, T - int(reuse_step), C, P, Cw, n_pb,
+            0 if x.shape[0] == 1 else N * C * P, N * P * Cw,
             float(reuse_alpha),
             PER_CHANNEL=theta.numel() > 1, HAS_V0=v0 is not None, REUSE=bool(reuse_step),
             BLOCK_P=BLOCK_P, num_warps=4)

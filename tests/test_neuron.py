@@ -552,6 +552,22 @@ def test_masks_noncontiguous_and_half(backend):
     _masks_vs_values("if", backend, x.to(torch.float16), 0.6)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_masks_of_an_input_constant_over_time(backend):
+    """x expanded over the steps (stride 0, a first layer's image current) is read
+    from one copy: the same spikes as the materialised input."""
+    g = torch.Generator().manual_seed(4)
+    x1 = torch.randn(1, 2, 70, 5, 6, generator=g) * 0.5 + 0.4
+    theta = torch.rand(70, generator=g) + 0.3
+    with torch.no_grad():
+        m, v = ops.mprn_multistep(x1.expand(6, -1, -1, -1, -1), theta, 0.5, emit="masks",
+                                  backend=backend)
+        ref, vr = ops.mprn_multistep(x1.expand(6, -1, -1, -1, -1).contiguous(), theta, 0.5,
+                                     scale_output=False, backend=backend)
+    assert torch.equal(m.to_dense(), ref) and torch.equal(v, vr)
+    assert len(m.shape) == 5 and m.shape[0] == 6
+
+
 def test_masks_bad_input():
     x = torch.randn(3, 2, 4, 5, 5)
     with pytest.raises(ValueError, match="emit: expected 'values' or 'masks'"):
@@ -572,7 +588,8 @@ def _mask_op_samples():
     x = torch.randn(3, 2, 70, 3, 5, generator=g)
     th = torch.rand(70, generator=g) + 0.3
     v0 = torch.randn(2, 70, 3, 5, generator=g)
-    return [(x, th, None, 0.75, False), (x, th, v0, 0.75, True), (x, th[:1], None, 0.9, True)]
+    return [(x, th, None, 0.75, False, 3), (x, th, v0, 0.75, True, 3),
+            (x, th[:1], None, 0.9, True, 3), (x[:1], th, v0, 0.75, True, 4)]
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)

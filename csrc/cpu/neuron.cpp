@@ -284,7 +284,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neuron_bwd_cpu(
 constexpr int64_t kMaskTile = 64;
 
 struct MaskShape {
-  int64_t T, N, C, P, Cw;  // x [T, N, C, P], masks [T, N, P, Cw]
+  int64_t T, N, C, P, Cw;  // x [T, N, C, P] (or [1, ...]), masks [T, N, P, Cw]
+  int64_t x_step;          // elements between steps of x: N C P, or 0 (one input for all)
 };
 
 template <typename scalar_t>
@@ -304,7 +305,7 @@ SPK_CPU_CLONES void fwd_masks_tile(const scalar_t* __restrict__ x, const float* 
     std::fill(words, words + np * d.Cw, uint64_t{0});
     for (int64_t c = 0; c < d.C; ++c) {
       const float th = theta[per_channel ? c : 0];
-      const scalar_t* __restrict__ xt = x + ((t * d.N + n) * d.C + c) * d.P + p0;
+      const scalar_t* __restrict__ xt = x + t * d.x_step + (n * d.C + c) * d.P + p0;
       float* __restrict__ vc = v + c * kMaskTile;
       uint64_t* __restrict__ wc = words + c / 64;
       const int bit = static_cast<int>(c % 64);
@@ -327,17 +328,21 @@ SPK_CPU_CLONES void fwd_masks_tile(const scalar_t* __restrict__ x, const float* 
 std::tuple<at::Tensor, at::Tensor> neuron_fwd_masks_cpu(const at::Tensor& x,
                                                         const at::Tensor& theta,
                                                         const std::optional<at::Tensor>& v0,
-                                                        double reuse_alpha, bool reuse_step) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 3 && x.is_contiguous() && x.size(0) >= 1,
-              "neuron_fwd_masks (cpu): x must be a contiguous CPU tensor [T, N, C, ...], T >= 1");
-  TORCH_CHECK(!reuse_step || x.size(0) >= 2,
+                                                        double reuse_alpha, bool reuse_step,
+                                                        int64_t steps) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 3 && x.is_contiguous() && steps >= 1 &&
+                  (x.size(0) == steps || x.size(0) == 1),
+              "neuron_fwd_masks (cpu): x must be a contiguous CPU tensor [steps or 1, N, C, ...], "
+              "steps >= 1");
+  TORCH_CHECK(!reuse_step || steps >= 2,
               "neuron_fwd_masks: the MPRN reuse step needs T + 1 >= 2 steps");
   const int64_t C = x.size(2);
   TORCH_CHECK(theta.device().is_cpu() && theta.scalar_type() == at::kFloat && theta.dim() == 1 &&
                   theta.is_contiguous() && (theta.numel() == 1 || theta.numel() == C),
               "neuron_fwd_masks (cpu): theta must be contiguous float32 [C] or [1]");
-  MaskShape d{x.size(0), x.size(1), C, 1, (C + 63) / 64};
+  MaskShape d{steps, x.size(1), C, 1, (C + 63) / 64, 0};
   for (int64_t i = 3; i < x.dim(); ++i) d.P *= x.size(i);
+  d.x_step = x.size(0) == 1 ? 0 : d.N * C * d.P;
   const float* v0p = nullptr;
   if (v0.has_value()) {
     TORCH_CHECK(v0->device().is_cpu() && v0->scalar_type() == at::kFloat && v0->is_contiguous() &&

@@ -226,13 +226,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neuron_bwd_cuda(
 // channel loop is unrolled). Neighbouring threads take neighbouring pixels, so
 // each (step, channel) read of x is coalesced; each step writes one int64.
 // The arithmetic is that of neuron_fwd_kernel: the same spikes bit for bit.
+// x_step = 0: one input current for every step.
 template <typename scalar_t>
 __global__ void neuron_fwd_masks_kernel(const scalar_t* __restrict__ x,
                                         const float* __restrict__ v0,
                                         unsigned long long* __restrict__ masks,
                                         float* __restrict__ vT, const float* __restrict__ theta,
                                         bool per_channel, float reuse_alpha, bool reuse_step,
-                                        int64_t T, int64_t N, int64_t C, int64_t P, int64_t Cw) {
+                                        int64_t T, int64_t N, int64_t C, int64_t P, int64_t Cw,
+                                        int64_t x_step) {
   const int64_t total = N * Cw * P;
   const int64_t T_if = reuse_step ? T - 1 : T;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
@@ -254,7 +256,7 @@ __global__ void neuron_fwd_masks_kernel(const scalar_t* __restrict__ x,
         if (c0 + j < C) {
           const float th = __ldg(theta + (per_channel ? c0 + j : 0));
           // h = v + x; u = h - thr; s = H(u); v = h - theta s (soft reset).
-          const float h = v[j] + to_f(x[((t * N + n) * C + c0 + j) * P + p]);
+          const float h = v[j] + to_f(x[t * x_step + (n * C + c0 + j) * P + p]);
           const float u = h - thr_scale * th;
           const float s = u >= 0.0f ? 1.0f : 0.0f;
           v[j] = h - th * s;
@@ -273,12 +275,15 @@ __global__ void neuron_fwd_masks_kernel(const scalar_t* __restrict__ x,
 std::tuple<at::Tensor, at::Tensor> neuron_fwd_masks_cuda(const at::Tensor& x,
                                                          const at::Tensor& theta,
                                                          const std::optional<at::Tensor>& v0,
-                                                         double reuse_alpha, bool reuse_step) {
-  TORCH_CHECK(x.is_cuda() && x.dim() >= 3 && x.is_contiguous() && x.size(0) >= 1,
-              "neuron_fwd_masks (cuda): x must be a contiguous CUDA tensor [T, N, C, ...], T >= 1");
-  TORCH_CHECK(!reuse_step || x.size(0) >= 2,
+                                                         double reuse_alpha, bool reuse_step,
+                                                         int64_t steps) {
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 3 && x.is_contiguous() && steps >= 1 &&
+                  (x.size(0) == steps || x.size(0) == 1),
+              "neuron_fwd_masks (cuda): x must be a contiguous CUDA tensor [steps or 1, N, C, ...], "
+              "steps >= 1");
+  TORCH_CHECK(!reuse_step || steps >= 2,
               "neuron_fwd_masks: the MPRN reuse step needs T + 1 >= 2 steps");
-  const int64_t T = x.size(0), N = x.size(1), C = x.size(2);
+  const int64_t T = steps, N = x.size(1), C = x.size(2);
   TORCH_CHECK(theta.device() == x.device() && theta.scalar_type() == at::kFloat &&
                   theta.dim() == 1 && theta.is_contiguous() &&
                   (theta.numel() == 1 || theta.numel() == C),
@@ -307,7 +312,8 @@ std::tuple<at::Tensor, at::Tensor> neuron_fwd_masks_cuda(const at::Tensor& x,
           x.data_ptr<scalar_t>(), v0p,
           reinterpret_cast<unsigned long long*>(masks.data_ptr<int64_t>()),
           vT.data_ptr<float>(), theta.data_ptr<float>(), theta.numel() > 1,
-          static_cast<float>(reuse_alpha), reuse_step, T, N, C, P, Cw);
+          static_cast<float>(reuse_alpha), reuse_step, T, N, C, P, Cw,
+          x.size(0) == 1 ? 0 : N * C * P);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

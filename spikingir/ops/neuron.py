@@ -64,9 +64,9 @@ def _backward_via(bwd_op):
 register_fused_op("neuron", "neuron", _fake_fwd, _fake_bwd, _setup_context, _backward_via)
 
 
-def _fake_fwd_masks(x, theta, v0, reuse_alpha, reuse_step):
-    T, N, C = x.shape[:3]
-    masks = x.new_empty((T, N, *x.shape[3:], (C + 63) // 64), dtype=torch.int64)
+def _fake_fwd_masks(x, theta, v0, reuse_alpha, reuse_step, steps):
+    N, C = x.shape[1:3]
+    masks = x.new_empty((steps, N, *x.shape[3:], (C + 63) // 64), dtype=torch.int64)
     return masks, x.new_empty(x.shape[1:], dtype=torch.float32)
 
 
@@ -185,8 +185,12 @@ def _neuron_masks(x_seq, theta_c, beta_c, v0, alpha_c, surrogate, flags, chosen)
                                       reuse_alpha, reuse_step, False, False, flags[4])
         return SpikeMasks.from_dense(s), v_final
     v0 = None if v0 is None else v0.float().contiguous()
+    steps = x_seq.shape[0]
+    # An input expanded over time (the same current every step, e.g. a first
+    # layer's image current) is read from one copy instead of T.
+    x_in = x_seq[:1] if steps > 1 and x_seq.stride(0) == 0 else x_seq
     bits, v_final = fused_op("neuron_fwd_masks", chosen)(
-        x_seq.contiguous(), theta_c.float().contiguous(), v0, reuse_alpha, reuse_step)
+        x_in.contiguous(), theta_c.float().contiguous(), v0, reuse_alpha, reuse_step, steps)
     return SpikeMasks(bits, C), v_final
 
 
