@@ -443,6 +443,19 @@ def test_module_is_a_conv2d_drop_in():
     assert s2(x).shape == (3, 2, 6, 4, 5) and s2.bias is None
 
 
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_module_takes_neuron_masks(backend):
+    from spikingir.nn import MPRNeuron
+    neuron = MPRNeuron(0.7, num_channels=4, backend=backend, scale_output=False)
+    sconv = SpikeConv2d(4, 6, 3, padding=1, validate=False, backend=backend)
+    x = torch.rand(4, 2, 4, 7, 9, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = sconv(neuron(x))
+        ym = sconv(neuron(x, emit="masks"))
+    assert ym.shape == (4, 2, 6, 7, 9)
+    assert torch.equal(ym, y) if backend != "torch" else torch.allclose(ym, y, atol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(kernel_size=4), "kernel_size"), (dict(kernel_size=3, stride=3), "stride"),
     (dict(kernel_size=3, stride=(1, 2)), "stride"), (dict(kernel_size=3, padding="same"), "padding"),

@@ -7,7 +7,8 @@ from spikingir.ops.spike_conv import KERNEL_SIZES, STRIDES
 
 class SpikeConv2d(nn.Conv2d):
     """Drop-in for ``nn.Conv2d`` in an SNN: takes spikes ``[T, B, C, H, W]`` (or
-    ``[N, C, H, W]``) and convolves every step with :func:`spikingir.ops.spike_conv2d`.
+    ``[N, C, H, W]``), as a tensor or as :class:`~spikingir.ops.SpikeMasks`, and
+    convolves every step with :func:`spikingir.ops.spike_conv2d`.
 
     Parameters and state dict are those of ``nn.Conv2d`` (``weight``, ``bias``),
     so a trained ANN's convolution loads as is. Kernel sizes 1, 3, 5, 7; stride
@@ -33,13 +34,16 @@ class SpikeConv2d(nn.Conv2d):
         self.backend = backend
 
     def forward(self, x):
-        if x.dim() not in (4, 5):
+        """``x``: a tensor or :class:`~spikingir.ops.SpikeMasks` (what a neuron
+        emits with ``emit="masks"``; inference only)."""
+        dims = len(x.shape)
+        if dims not in (4, 5):
             raise ValueError(f"x: expected spikes [T, B, C, H, W] or [N, C, H, W], got shape "
                              f"{tuple(x.shape)}")
-        flat = x.flatten(0, 1) if x.dim() == 5 else x
+        flat = x.flatten(0, 1) if dims == 5 else x
         y = ops.spike_conv2d(flat, self.weight, self.bias, self.stride[0], self.padding[0],
                              validate=self.validate, backend=self.backend)
-        return y.unflatten(0, x.shape[:2]) if x.dim() == 5 else y
+        return y.unflatten(0, x.shape[:2]) if dims == 5 else y
 
     def extra_repr(self):
         return super().extra_repr() + f", backend={self.backend!r}"
