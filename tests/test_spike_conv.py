@@ -552,6 +552,23 @@ def test_gpu_matches_reference(backend, rate, k, stride, padding):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif("cuda" not in GPU_FUSED or "cpp" not in CPU_FUSED,
+                    reason="needs the cuda and cpp backends")
+@pytest.mark.parametrize("rate", [0.05, 0.5])
+def test_gpu_cuda_equals_cpp_bitwise(rate):
+    """For Cin <= 64 the CUDA event kernel sums in the CPU kernel's order (bias,
+    ky, kx, ci): the two devices agree bit for bit."""
+    s = spikes(3, 64, 21, 35, rate=rate)
+    w, b = conv_params(70, 64, 3)
+    cpu = ops.spike_conv2d(s, w, b, 1, 1, backend="cpp")
+    dense_rate = ops.spike_conv.dense_rates("cpp", 64, 70)[0]
+    if rate > dense_rate:  # the cpp op took oneDNN: compare with its event path instead
+        cpu, _ = torch.ops.spikingir.spike_conv2d_fwd(s, w, b, 1, 1, 2.0, False, False)
+    gpu = ops.spike_conv2d(s.cuda(), w.cuda(), b.cuda(), 1, 1, backend="cuda")
+    assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not GPU_FUSED, reason="needs a CUDA GPU and a GPU backend")
 @pytest.mark.parametrize("backend", GPU_FUSED)
 def test_gpu_gradients(backend):

@@ -1,12 +1,24 @@
-// CUDA kernels of spikingir::spike_conv2d_fwd / spike_conv2d_bwd (schemas: csrc/ops.cpp).
+// CUDA kernels of spikingir::spike_conv2d_fwd / spike_conv2d_fwd_masks /
+// spike_conv2d_bwd (schemas: csrc/ops.cpp).
 //
-// A first, simple and exact version (the fast GPU path is the Triton implicit
-// GEMM in kernels/spike_conv.py; tensor cores / 2:4 sparse MMA are not done here):
-//   forward: one thread per output value (n, co, oy, ox) walks (ci, ky, kx) in a
-//     fixed order and adds w[co, ci, ky, kx] where the spike is set: adds only,
-//     float32, deterministic. The spikes for backward are packed 1 bit per spike
-//     ([N, Cin, H, ceil(W/8)] uint8, bit b of byte j = pixel 8 j + b) by a
-//     second kernel, one thread per byte.
+//   forward, event-driven and exact in float32 (CUDA cores; the tensor-core path is
+//   the Triton implicit GEMM in kernels/spike_conv.py):
+//     0. float spikes -> channel masks [N, H, W, ceil(Cin/64)] (bit c % 64 of word
+//        c / 64; masks_kernel, one thread per pixel and word). spike_conv2d_fwd_masks
+//        starts here with the neurons' masks.
+//     1. event_conv_kernel: one block per tile of 8 x 16 output pixels and 64
+//        output channels; warp w owns tile row w, lane l output channels l and
+//        l + 32 (16 x 2 accumulators in registers). Per 64-channel word and tap,
+//        the tap's weights [64 ci][64 co] and the tile's input masks sit in
+//        shared memory; each warp walks the set bits of its pixels' words (the
+//        same word for every lane: no divergence) and adds the weight row
+//        w[tap][ci][l] (a conflict-free shared load). Adds only, work
+//        proportional to the spikes. Order per output value: bias, then (word,
+//        tap, ci) ascending: fixed, so bitwise reproducible; for Cin <= 64 it is
+//        the CPU kernel's order (bias, ky, kx, ci), so the two agree bit for bit.
+//        The tile is written through shared memory (coalesced rows).
+//     The spikes for backward are packed 1 bit per spike ([N, Cin, H, ceil(W/8)]
+//     uint8, bit b of byte j = pixel 8 j + b) by pack_kernel, one thread per byte.
 //   backward: grad_s is the dense transposed convolution (cuDNN); grad_weight:
 //     one block per weight (co, ci, ky, kx) sums grad_out over the output pixels
 //     whose input spike is set, in a fixed order (per-thread strided sums, then a
@@ -15,6 +27,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -41,65 +54,106 @@ int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 32));
 }
 
+// Float spikes [N, Cin, HW] -> channel masks [N, HW, Cw]: one thread per (n,
+// word, pixel); neighbouring threads read neighbouring pixels (coalesced).
 template <typename scalar_t>
-__global__ void spike_conv2d_fwd_kernel(const scalar_t* __restrict__ s,
-                                        const float* __restrict__ w,
-                                        const float* __restrict__ bias, float* __restrict__ out,
-                                        Geometry g) {
-  const int64_t total = g.N * g.Cout * g.Ho * g.Wo;
+__global__ void masks_kernel(const scalar_t* __restrict__ s, unsigned long long* __restrict__ masks,
+                             int64_t N, int64_t Cin, int64_t HW, int64_t Cw) {
+  const int64_t total = N * Cw * HW;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t ox = i % g.Wo;
-    const int64_t oy = (i / g.Wo) % g.Ho;
-    const int64_t co = (i / (g.Wo * g.Ho)) % g.Cout;
-    const int64_t n = i / (g.Wo * g.Ho * g.Cout);
-    float acc = bias ? __ldg(bias + co) : 0.0f;
-    for (int64_t ci = 0; ci < g.Cin; ++ci) {
-      const scalar_t* sc = s + (n * g.Cin + ci) * g.H * g.W;
-      const float* wc = w + (co * g.Cin + ci) * g.kh * g.kw;
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t iy = oy * g.stride + ky - g.pad;
-        if (iy < 0 || iy >= g.H) continue;
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          const int64_t ix = ox * g.stride + kx - g.pad;
-          if (ix < 0 || ix >= g.W) continue;
-          if (is_spike(sc[iy * g.W + ix])) acc += __ldg(wc + ky * g.kw + kx);
-        }
-      }
+    const int64_t pix = i % HW;
+    const int64_t k = (i / HW) % Cw;
+    const int64_t n = i / (HW * Cw);
+    unsigned long long bits = 0;
+    for (int j = 0; j < 64; ++j) {
+      const int64_t c = 64 * k + j;
+      if (c < Cin && is_spike(s[(n * Cin + c) * HW + pix])) bits |= 1ull << j;
     }
-    out[i] = acc;
+    masks[(n * HW + pix) * Cw + k] = bits;
   }
 }
 
-// The forward kernel reading channel masks [N, H, W, Cw] (spike_conv2d_fwd_masks):
-// the same walk and summation order (ci, ky, kx) as spike_conv2d_fwd_kernel,
-// so the same result bit for bit; bits past Cin are never read.
-__global__ void spike_conv2d_fwd_masks_kernel(const unsigned long long* __restrict__ masks,
-                                              const float* __restrict__ w,
-                                              const float* __restrict__ bias,
-                                              float* __restrict__ out, Geometry g, int64_t Cw) {
-  const int64_t total = g.N * g.Cout * g.Ho * g.Wo;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t ox = i % g.Wo;
-    const int64_t oy = (i / g.Wo) % g.Ho;
-    const int64_t co = (i / (g.Wo * g.Ho)) % g.Cout;
-    const int64_t n = i / (g.Wo * g.Ho * g.Cout);
-    float acc = bias ? __ldg(bias + co) : 0.0f;
-    for (int64_t ci = 0; ci < g.Cin; ++ci) {
-      const float* wc = w + (co * g.Cin + ci) * g.kh * g.kw;
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t iy = oy * g.stride + ky - g.pad;
-        if (iy < 0 || iy >= g.H) continue;
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          const int64_t ix = ox * g.stride + kx - g.pad;
-          if (ix < 0 || ix >= g.W) continue;
-          const unsigned long long word = __ldg(masks + ((n * g.H + iy) * g.W + ix) * Cw + ci / 64);
-          if ((word >> (ci % 64)) & 1ull) acc += __ldg(wc + ky * g.kw + kx);
+constexpr int kTileH = 8;   // output rows per block: one per warp
+constexpr int kTileW = 16;  // output columns per block: accumulators per thread
+constexpr int kEventThreads = 32 * kTileH;
+// The largest input footprint of a tile: stride 2, 7 x 7 kernel.
+constexpr int kMaxFoot = ((kTileH - 1) * 2 + 7) * ((kTileW - 1) * 2 + 7);
+constexpr int kStageStride = kTileH * kTileW + 1;  // +1: conflict-free transposed writes
+constexpr int kSmemBytes = 64 * kStageStride * 4 > 64 * 64 * 4 + kMaxFoot * 8
+                               ? 64 * kStageStride * 4
+                               : 64 * 64 * 4 + kMaxFoot * 8;
+
+// wt: weights [kh kw, Cin, Cout_p] (Cout zero-padded to a multiple of 64),
+// bias_p [Cout_p]; grid (N * n_th * n_tw, Cout_p / 64).
+__global__ void __launch_bounds__(kEventThreads)
+    event_conv_kernel(const unsigned long long* __restrict__ masks, const float* __restrict__ wt,
+                      const float* __restrict__ bias_p, float* __restrict__ out, Geometry g,
+                      int64_t Cw, int64_t Cout_p, int64_t n_th, int64_t n_tw) {
+  __shared__ __align__(16) unsigned char smem[kSmemBytes];
+  float* w_s = reinterpret_cast<float*>(smem);  // [64 ci][64 co] of one tap and word
+  unsigned long long* m_s = reinterpret_cast<unsigned long long*>(smem + 64 * 64 * 4);
+  const int64_t tile = blockIdx.x;
+  const int64_t n = tile / (n_th * n_tw);
+  const int64_t ty0 = (tile / n_tw) % n_th * kTileH;
+  const int64_t tx0 = tile % n_tw * kTileW;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * 64;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int FH = (kTileH - 1) * static_cast<int>(g.stride) + static_cast<int>(g.kh);
+  const int FW = (kTileW - 1) * static_cast<int>(g.stride) + static_cast<int>(g.kw);
+  const int64_t iy0 = ty0 * g.stride - g.pad, ix0 = tx0 * g.stride - g.pad;
+  float acc[kTileW][2];
+  const float b0 = bias_p[c0 + lane], b1 = bias_p[c0 + lane + 32];
+#pragma unroll
+  for (int p = 0; p < kTileW; ++p) {
+    acc[p][0] = b0;
+    acc[p][1] = b1;
+  }
+  for (int64_t k = 0; k < Cw; ++k) {
+    __syncthreads();  // the previous word's readers are done with m_s
+    for (int i = threadIdx.x; i < FH * FW; i += blockDim.x) {
+      const int64_t iy = iy0 + i / FW, ix = ix0 + i % FW;
+      m_s[i] = (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W)
+                   ? masks[((n * g.H + iy) * g.W + ix) * Cw + k]
+                   : 0ull;
+    }
+    for (int tap = 0; tap < g.kh * g.kw; ++tap) {
+      __syncthreads();  // the previous tap's readers are done with w_s
+      for (int i = threadIdx.x; i < 64 * 64; i += blockDim.x) {
+        const int64_t ci = 64 * k + i / 64;
+        // rows past Cin stay 0: a stray mask bit there adds nothing
+        w_s[i] = ci < g.Cin ? wt[(tap * g.Cin + ci) * Cout_p + c0 + i % 64] : 0.0f;
+      }
+      __syncthreads();
+      const int ky = tap / static_cast<int>(g.kw), kx = tap % static_cast<int>(g.kw);
+      const unsigned long long* mrow = m_s + (warp * static_cast<int>(g.stride) + ky) * FW + kx;
+#pragma unroll
+      for (int p = 0; p < kTileW; ++p) {
+        unsigned long long bits = mrow[p * static_cast<int>(g.stride)];
+        while (bits) {  // the same word in every lane: no divergence
+          const int ci = __ffsll(static_cast<long long>(bits)) - 1;
+          bits &= bits - 1;
+          acc[p][0] += w_s[ci * 64 + lane];
+          acc[p][1] += w_s[ci * 64 + lane + 32];
         }
       }
     }
-    out[i] = acc;
+  }
+  __syncthreads();
+  float* o_s = reinterpret_cast<float*>(smem);  // [64 co][kTileH kTileW pixels]
+#pragma unroll
+  for (int p = 0; p < kTileW; ++p) {
+    o_s[lane * kStageStride + warp * kTileW + p] = acc[p][0];
+    o_s[(lane + 32) * kStageStride + warp * kTileW + p] = acc[p][1];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 64 * kTileH * kTileW; i += blockDim.x) {
+    const int co_l = i / (kTileH * kTileW), pix = i % (kTileH * kTileW);
+    const int64_t co = c0 + co_l, oy = ty0 + pix / kTileW, ox = tx0 + pix % kTileW;
+    if (co < g.Cout && oy < g.Ho && ox < g.Wo) {
+      out[((n * g.Cout + co) * g.Ho + oy) * g.Wo + ox] = o_s[co_l * kStageStride + pix];
+    }
   }
 }
 
@@ -161,6 +215,38 @@ void check_weight(const at::Tensor& weight, const at::Tensor& like, int64_t Cin,
   TORCH_CHECK(stride >= 1 && pad >= 0, "spike_conv2d: stride must be >= 1 and padding >= 0");
 }
 
+const float* check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& like,
+                        const Geometry& g) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                  bias->numel() == g.Cout && bias->device() == like.device(),
+              "spike_conv2d (cuda): bias must be a contiguous float32 [Cout] on the input's device");
+  return bias->data_ptr<float>();
+}
+
+// Forward step 1 over channel masks [N, H, W, Cw] (see event_conv_kernel).
+at::Tensor event_conv(const unsigned long long* masks, int64_t Cw, const Geometry& g,
+                      const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, weight.options());
+  if (out.numel() == 0) return out;
+  // [Cout, Cin, kh, kw] -> [kh kw, Cin, Cout_p], Cout zero-padded to a multiple of 64.
+  const int64_t Cout_p = (g.Cout + 63) / 64 * 64;
+  auto wt = at::zeros({g.kh * g.kw, g.Cin, Cout_p}, weight.options());
+  wt.narrow(2, 0, g.Cout).copy_(weight.permute({2, 3, 1, 0}).reshape({g.kh * g.kw, g.Cin, g.Cout}));
+  auto bias_p = at::zeros({Cout_p}, weight.options());
+  if (bias.has_value()) bias_p.narrow(0, 0, g.Cout).copy_(*bias);
+  const int64_t n_th = (g.Ho + kTileH - 1) / kTileH, n_tw = (g.Wo + kTileW - 1) / kTileW;
+  const int64_t tiles = g.N * n_th * n_tw;
+  TORCH_CHECK(tiles < (int64_t(1) << 31) && Cout_p / 64 <= 65535,
+              "spike_conv2d (cuda): input too large for one launch (", tiles, " tiles)");
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(Cout_p / 64));
+  event_conv_kernel<<<grid, kEventThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      masks, wt.data_ptr<float>(), bias_p.data_ptr<float>(), out.data_ptr<float>(), g, Cw, Cout_p,
+      n_th, n_tw);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cuda(const at::Tensor& s,
                                                         const at::Tensor& weight,
                                                         const std::optional<at::Tensor>& bias,
@@ -170,27 +256,23 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cuda(const at::Tensor& s,
   TORCH_CHECK(s.is_cuda() && s.dim() == 4 && s.is_contiguous(),
               "spike_conv2d (cuda): s must be a contiguous 4-d CUDA tensor [N, Cin, H, W]");
   check_weight(weight, s, s.size(1), stride, padding);
-  (void)dense_rate;  // this kernel has a single (event-skipping) path
+  (void)dense_rate;  // a single (event-driven) path
   (void)validate;    // checked by the caller (spikingir.ops.spike_conv2d) on CUDA
   const c10::cuda::CUDAGuard guard(s.device());
   const Geometry g = geometry(s.size(0), s.size(1), s.size(2), s.size(3), weight, stride, padding);
   TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "spike_conv2d: kernel larger than the padded input");
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                    bias->numel() == g.Cout && bias->device() == s.device(),
-                "spike_conv2d (cuda): bias must be a contiguous float32 [Cout] on the spikes' device");
-    bp = bias->data_ptr<float>();
-  }
-  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, s.options().dtype(at::kFloat));
+  check_bias(bias, s, g);
+  const int64_t Cw = (g.Cin + 63) / 64;
+  auto masks = at::empty({g.N, g.H, g.W, Cw}, s.options().dtype(at::kLong));
   const auto u8 = s.options().dtype(at::kByte);
   auto packed = save ? at::empty({g.N, g.Cin, g.H, g.Wb}, u8) : at::empty({0}, u8);
+  auto* mp = reinterpret_cast<unsigned long long*>(masks.data_ptr<int64_t>());
   auto stream = c10::cuda::getCurrentCUDAStream();
   SPK_DISPATCH_FLOATS(s.scalar_type(), "spike_conv2d_fwd_cuda", [&] {
     const scalar_t* sp = s.data_ptr<scalar_t>();
-    if (out.numel() > 0) {
-      spike_conv2d_fwd_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
-          sp, weight.data_ptr<float>(), bp, out.data_ptr<float>(), g);
+    if (masks.numel() > 0) {
+      masks_kernel<scalar_t><<<blocks_for(masks.numel()), kThreads, 0, stream>>>(
+          sp, mp, g.N, g.Cin, g.H * g.W, Cw);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (save && packed.numel() > 0) {
@@ -199,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cuda(const at::Tensor& s,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {out, packed};
+  return {event_conv(mp, Cw, g, weight.contiguous(), bias), packed};
 }
 
 at::Tensor spike_conv2d_fwd_masks_cuda(const at::Tensor& masks, int64_t channels,
@@ -212,27 +294,14 @@ at::Tensor spike_conv2d_fwd_masks_cuda(const at::Tensor& masks, int64_t channels
               "spike_conv2d_fwd_masks (cuda): masks must be a contiguous int64 CUDA tensor "
               "[N, H, W, ceil(channels / 64)]");
   check_weight(weight, masks, channels, stride, padding);
-  (void)dense_rate;  // a single (event-skipping) path
+  (void)dense_rate;  // a single (event-driven) path
   const c10::cuda::CUDAGuard guard(masks.device());
   const Geometry g = geometry(masks.size(0), channels, masks.size(1), masks.size(2), weight,
                               stride, padding);
   TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "spike_conv2d: kernel larger than the padded input");
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                    bias->numel() == g.Cout && bias->device() == masks.device(),
-                "spike_conv2d (cuda): bias must be a contiguous float32 [Cout] on the masks' device");
-    bp = bias->data_ptr<float>();
-  }
-  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, masks.options().dtype(at::kFloat));
-  if (out.numel() > 0) {
-    spike_conv2d_fwd_masks_kernel<<<blocks_for(out.numel()), kThreads, 0,
-                                    c10::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const unsigned long long*>(masks.data_ptr<int64_t>()),
-        weight.data_ptr<float>(), bp, out.data_ptr<float>(), g, Cw);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return out;
+  check_bias(bias, masks, g);
+  return event_conv(reinterpret_cast<const unsigned long long*>(masks.data_ptr<int64_t>()), Cw, g,
+                    weight, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cuda(

@@ -52,7 +52,9 @@ OP_BACKENDS = {
 #: fused one, because measurements say so. spike_conv2d on CUDA: cuDNN (the
 #: ``torch`` backend) is faster than both fused kernels on an H100 (benchmarks/
 #: RESULTS.md, [80, 64, 128, 128] 64->64 3x3, fp32 TF32 off: cuDNN 2.6 ms, triton
-#: 3.6 ms, cuda 63 ms at 10 % firing), so auto runs it; name a backend to run a kernel.
+#: 3.6 ms, cuda 63 ms at 10 % firing: the first cuda kernel, one thread per output;
+#: its event-driven successor is not measured on a GPU yet), so auto runs it; name
+#: a backend to run a kernel.
 AUTO_OVERRIDE = {("spike_conv2d", "cuda"): "torch"}
 #: The compiled op whose CUDA kernel a ``cuda`` backend of each op needs.
 _CUDA_SCHEMA = {"spike_conv2d": "spikingir::spike_conv2d_fwd"}
