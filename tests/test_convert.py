@@ -278,6 +278,10 @@ def test_spike_conv_inference_hands_over_masks(neuron):
 
     ref = run(False, False)
     assert torch.equal(run(True, False), ref)
+    snn.use_spike_conv(True, backend="torch")  # the reference conv: float spikes
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        snn(x)
+    assert "spikingir::neuron_fwd_masks" not in {e.key for e in prof.key_averages()}
     assert torch.equal(run(True, True), ref)
     assert 0 < snn.firing_rate() < 1
     snn.record_stats(False)

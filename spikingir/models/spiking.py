@@ -198,10 +198,11 @@ class SpikingDnCNN(_SpikingNet):
         the binary spikes (neurons then emit ``s`` instead of ``theta * s`` and
         each threshold is folded into the weights of the conv it feeds:
         ``conv(theta s) = (w theta) * s + b``). Same outputs up to float32
-        rounding, same parameters and state dict. With ``masks`` and without
-        autograd (inference) the neurons hand the spikes over as channel bit
-        masks (:class:`~spikingir.ops.SpikeMasks`; the same result), else as
-        float tensors. Returns ``self``."""
+        rounding, same parameters and state dict. With ``masks``, without
+        autograd (inference) and a fused spike_conv2d backend (not the
+        reference, which ``auto`` picks on a GPU), the neurons hand the spikes
+        over as channel bit masks (:class:`~spikingir.ops.SpikeMasks`; the same
+        result), else as float tensors. Returns ``self``."""
         self.spike_conv = bool(on)
         self.spike_masks = bool(masks)
         self.spike_conv_backend = backend
@@ -242,8 +243,12 @@ class SpikingDnCNN(_SpikingNet):
         # (1 bit per spike) that spike_conv2d reads directly (no float spikes).
         # Not while counting spikes per neuron (record_stats): unpacking the
         # masks for the counts costs 3x more than the float spikes' (y != 0).
+        # Only for a fused spike_conv2d: the reference (cuDNN / oneDNN) would
+        # unpack them again.
         masks = (self.spike_conv and self.spike_masks and not torch.is_grad_enabled()
-                 and not self._track_energy and not self._record)
+                 and not self._track_energy and not self._record
+                 and ops.backends.choose("spike_conv2d", x.device, torch.float32,
+                                         self.spike_conv_backend) != "torch")
         y = None
         for i, neuron in enumerate(self.neurons_):
             y = neuron(cur, emit="masks" if masks and i < len(self.hidden) else "values")
