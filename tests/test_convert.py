@@ -260,30 +260,27 @@ def test_spike_conv_mode_matches_dense(neuron):
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_spike_conv_inference_hands_over_masks(neuron):
     """Without autograd the hidden neurons emit SpikeMasks into spike_conv2d:
-    the same output bit for bit as float spikes (cpp). Counting spikes
-    (record_stats) and training run on float spikes."""
+    the same output bit for bit as float spikes (cpp), the same spike counts
+    (record_stats). Training and the reference conv run on float spikes."""
     ann = tiny_dncnn()
     x = torch.rand(2, 1, 9, 11, generator=torch.Generator().manual_seed(3))
     snn = to_snn(ann, [x], 4, neuron=neuron, backend="cpp")
 
-    def run(masks, record):
-        snn.use_spike_conv(True, backend="cpp", masks=masks)
+    def run(masks, record, backend="cpp"):
+        snn.use_spike_conv(True, backend=backend, masks=masks)
         with torch.no_grad(), torch.profiler.profile() as prof:
             out = snn.record_stats(record)(x)
         names = {e.key for e in prof.key_averages()}
-        handed_over = masks and not record
+        handed_over = masks and backend != "torch"
         assert ("spikingir::spike_conv2d_fwd_masks" in names) == handed_over
         assert ("spikingir::neuron_fwd_masks" in names) == handed_over
-        return out
+        return out, snn.stats
 
-    ref = run(False, False)
-    assert torch.equal(run(True, False), ref)
-    snn.use_spike_conv(True, backend="torch")  # the reference conv: float spikes
-    with torch.no_grad(), torch.profiler.profile() as prof:
-        snn(x)
-    assert "spikingir::neuron_fwd_masks" not in {e.key for e in prof.key_averages()}
-    assert torch.equal(run(True, True), ref)
-    assert 0 < snn.firing_rate() < 1
+    ref, ref_stats = run(False, True)
+    assert torch.equal(run(True, False)[0], ref)
+    out, stats = run(True, True)
+    assert torch.equal(out, ref) and stats == ref_stats and 0 < snn.firing_rate() < 1
+    run(True, False, backend="torch")  # the reference conv: float spikes
     snn.record_stats(False)
     y = snn(x)  # with autograd: float spikes, differentiable
     y.sum().backward()

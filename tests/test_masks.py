@@ -59,3 +59,19 @@ def test_index_and_flatten():
 def test_bad_construction(bits, channels, exc, match):
     with pytest.raises(exc, match=match):
         SpikeMasks(bits, channels)
+
+
+@pytest.mark.parametrize("shape,dim", [((11, 2, 64, 5, 7), 0), ((3, 4, 130, 2, 9), 1),
+                                       ((300, 1, 3, 2, 2), 0), ((2, 5, 1, 3, 3), -1)])
+def test_counts_per_neuron(shape, dim):
+    """Spikes per neuron over a lead dimension (the steps): byte-lane sums, chunked
+    by 255 so no lane overflows (300 steps at 90 % firing)."""
+    s = (torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.9).float()
+    counts = SpikeMasks.from_dense(s).counts(dim)
+    assert counts.dtype == torch.float32
+    assert torch.equal(counts, s.sum(dim % (len(shape) - 3)))
+
+
+def test_counts_bad_dim():
+    with pytest.raises(IndexError, match="not a lead dimension"):
+        SpikeMasks.from_dense(torch.zeros(2, 3, 4, 4)).counts(1)

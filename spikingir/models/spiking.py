@@ -126,8 +126,10 @@ class _SpikingNet(nn.Module):
         if not self._record:
             return
         with torch.no_grad():
-            s = (y != 0).to(torch.float32)
-            counts = s.sum(0)  # spikes per neuron over all steps
+            if isinstance(y, ops.SpikeMasks):  # spikes per neuron over all steps
+                counts = y.counts(0)
+            else:
+                counts = (y != 0).to(torch.float32).sum(0)
             n_spikes = int(counts.sum().item())
             sops = 0
             for conv, sl in targets:
@@ -240,13 +242,11 @@ class SpikingDnCNN(_SpikingNet):
         current = self.conv1(x)
         cur = current.unsqueeze(0).expand(self.steps, *current.shape)
         # Inference with spike_conv2d: the hidden neurons emit channel masks
-        # (1 bit per spike) that spike_conv2d reads directly (no float spikes).
-        # Not while counting spikes per neuron (record_stats): unpacking the
-        # masks for the counts costs 3x more than the float spikes' (y != 0).
-        # Only for a fused spike_conv2d: the reference (cuDNN / oneDNN) would
+        # (1 bit per spike) that spike_conv2d reads directly (no float spikes);
+        # only for a fused spike_conv2d: the reference (cuDNN / oneDNN) would
         # unpack them again.
         masks = (self.spike_conv and self.spike_masks and not torch.is_grad_enabled()
-                 and not self._track_energy and not self._record
+                 and not self._track_energy
                  and ops.backends.choose("spike_conv2d", x.device, torch.float32,
                                          self.spike_conv_backend) != "torch")
         y = None

@@ -11,6 +11,17 @@ spikes under one kernel tap are one word per pixel.
 import torch
 
 _BYTE_COUNTS = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+#: Entry i: the 8 bits of byte i spread over the 8 bytes of an int64 (bit b in byte b).
+_BYTE_LANES = torch.tensor([sum(((i >> b) & 1) << (8 * b) for b in range(8)) for i in range(256)],
+                           dtype=torch.int64)
+
+
+def _lanes(words):
+    """int64 words [..., K] -> int64 [..., 8 K] whose bytes, read as uint8
+    [..., 64 K], are the bits (bit j of word k at 64 k + j): one table lookup per
+    byte of the (little-endian) words. Sums of up to 255 of these add per byte
+    without carries: spike counts without unpacking every step."""
+    return _BYTE_LANES.to(words.device)[words.contiguous().view(torch.uint8).long()]
 
 
 def popcount(words):
@@ -83,10 +94,22 @@ class SpikeMasks:
 
     def to_dense(self, dtype=torch.float32):
         """The spikes as a ``[*lead, C, H, W]`` tensor of 0 and 1."""
-        shifts = torch.arange(64, device=self.bits.device)
-        bits = (self.bits.unsqueeze(-1) >> shifts) & 1  # [*lead, H, W, words, 64]
-        dense = bits.flatten(-2)[..., :self.channels]  # [*lead, H, W, C]
+        dense = _lanes(self.bits).view(torch.uint8)[..., :self.channels]  # [*lead, H, W, C]
         return dense.movedim(-1, -3).to(dtype)
+
+    def counts(self, dim=0):
+        """Spikes per neuron summed over lead dimension ``dim`` (e.g. the steps;
+        negative: counted from the last lead dimension): float32 ``[*lead
+        without dim, C, H, W]``."""
+        lead = self.bits.dim() - 3
+        if not -lead <= dim < lead:
+            raise IndexError(f"SpikeMasks.counts: dim {dim} is not a lead dimension "
+                             f"(there are {lead})")
+        dim %= lead  # -1: the last lead dimension
+        lanes = _lanes(self.bits)
+        total = sum(part.sum(dim).view(torch.uint8).float()  # <= 255 per byte lane
+                    for part in lanes.split(255, dim))
+        return total[..., :self.channels].movedim(-1, -3)
 
     @classmethod
     def from_dense(cls, s):
