@@ -90,6 +90,14 @@ TORCH_LIBRARY(spikingir, m) {
   m.def(
       "spike_conv2d_fwd_masks_triton(Tensor masks, int channels, Tensor weight, Tensor? bias, "
       "int stride, int padding, float dense_rate) -> Tensor");
+  // The same, written into `out` (contiguous float32 [N, Cout, Ho, Wo], e.g. a
+  // slice of a larger output: two weight sets, one output, no copy).
+  m.def(
+      "spike_conv2d_fwd_masks_out(Tensor masks, int channels, Tensor weight, Tensor? bias, "
+      "int stride, int padding, float dense_rate, Tensor(a!) out) -> ()");
+  m.def(
+      "spike_conv2d_fwd_masks_out_triton(Tensor masks, int channels, Tensor weight, "
+      "Tensor? bias, int stride, int padding, float dense_rate, Tensor(a!) out) -> ()");
   // The same two ops implemented by the Triton kernels in kernels/spike_conv.py.
   m.def(
       "spike_conv2d_fwd_triton(Tensor s, Tensor weight, Tensor? bias, int stride, int padding, "

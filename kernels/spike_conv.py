@@ -227,11 +227,19 @@ def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, valida
     return out, packed
 
 
+def spike_conv2d_fwd_masks_out_triton(masks, channels, weight, bias, stride, padding, dense_rate,
+                                      out):
+    """Launcher with the contract of spikingir::spike_conv2d_fwd_masks_out (csrc/ops.cpp)."""
+    spike_conv2d_fwd_masks_triton(masks, channels, weight, bias, stride, padding, dense_rate,
+                                  out=out)
+
+
 def spike_conv2d_fwd_masks_triton(masks, channels, weight, bias, stride, padding, dense_rate, *,
-                                  config=None):
+                                  config=None, out=None):
     """Launcher with the contract of spikingir::spike_conv2d_fwd_masks (csrc/ops.cpp):
     the kernel of :func:`spike_conv2d_fwd_triton` reading the channel masks
-    directly (no int8 copy of the spikes); same result bit for bit."""
+    directly (no int8 copy of the spikes); same result bit for bit. ``out``: a
+    contiguous float32 [N, Cout, Ho, Wo] to write into."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     N, H, W, Cw = masks.shape
     Cout, _, kh, kw = weight.shape
@@ -243,7 +251,12 @@ def spike_conv2d_fwd_masks_triton(masks, channels, weight, bias, stride, padding
     tile_h, tile_w = cfg["tile"]
     planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N)
     Cin_p = planes.shape[3]
-    out = torch.empty(N, Cout, Ho, Wo, dtype=torch.float32, device=masks.device)
+    if out is None:
+        out = torch.empty(N, Cout, Ho, Wo, dtype=torch.float32, device=masks.device)
+    elif (out.shape != (N, Cout, Ho, Wo) or out.dtype != torch.float32
+          or not out.is_contiguous() or out.device != masks.device):
+        raise ValueError(f"out: expected a contiguous float32 tensor {(N, Cout, Ho, Wo)} on "
+                         f"{masks.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     n_th, n_tw = triton.cdiv(Ho, tile_h), triton.cdiv(Wo, tile_w)
     G = Cin_p // BLOCK_K
     rate = float(popcount(masks).sum()) / max(1, N * H * W * channels)

@@ -705,5 +705,51 @@ def test_gpu_masks_input(backend, k, stride, padding):
         out = ops.spike_conv2d(ops.SpikeMasks.from_dense(s), w, b, stride, padding,
                                backend=backend)
         ref = ops.spike_conv2d(s, w, b, stride, padding, backend=backend)
+        into = torch.full((4, *out.shape[1:]), -1.0, device="cuda")
+        ops.spike_conv2d(ops.SpikeMasks.from_dense(s), w, b, stride, padding, backend=backend,
+                         out=into[1:3])
     check_conv(out, s, w, b, stride, padding, fixed_point=backend == "triton")
     assert torch.equal(out, ref)
+    assert torch.equal(into[1:3], out) and bool((into[0] == -1).all())
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_masks_input_into_out(backend):
+    """out=: written into a slice of a larger tensor, the rest untouched, the
+    same values as a fresh result."""
+    s = spikes(4, 70, 9, 10, rate=0.2)
+    w, b = conv_params(6, 70, 3)
+    m = ops.SpikeMasks.from_dense(s)
+    big = torch.full((7, 6, 5, 5), -7.0)
+    with torch.no_grad():
+        got = ops.spike_conv2d(m, w, b, 2, 1, backend=backend, out=big[2:6])
+        ref = ops.spike_conv2d(m, w, b, 2, 1, backend=backend)
+    assert got.data_ptr() == big[2:6].data_ptr()
+    assert torch.equal(big[2:6], ref)
+    assert bool((big[:2] == -7).all()) and bool((big[6:] == -7).all())
+
+
+@pytest.mark.parametrize("out,exc,match", [
+    (torch.zeros(2, 4, 6, 5), ValueError, r"shape \(2, 4, 6, 6\)"),
+    (torch.zeros(2, 4, 6, 6, dtype=torch.float64), ValueError, "float32"),
+    (torch.zeros(2, 4, 6, 12)[..., ::2], ValueError, "not contiguous"),
+    ([0.0], TypeError, "out: expected None or a torch.Tensor"),
+])
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_masks_bad_out(out, exc, match, backend):
+    with torch.no_grad(), pytest.raises(exc, match=match):
+        ops.spike_conv2d(M, W, padding=1, backend=backend, out=out)
+
+
+def test_out_needs_masks_input():
+    with pytest.raises(TypeError, match="SpikeMasks input"):
+        ops.spike_conv2d(S, W, padding=1, out=torch.zeros(2, 4, 6, 6))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_opcheck_masks_out(backend):
+    name = "spike_conv2d_fwd_masks_out" + ("_triton" if backend == "triton" else "")
+    w, b = conv_params(3, 70, 3)
+    m = ops.SpikeMasks.from_dense(spikes(2, 70, 7, 9, rate=0.3))
+    torch.library.opcheck(getattr(torch.ops.spikingir, name).default,
+                          (m.bits, 70, w, b, 1, 1, 0.5, torch.empty(2, 3, 7, 9)))

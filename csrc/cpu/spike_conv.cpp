@@ -493,10 +493,10 @@ void check_weight(const at::Tensor& weight, int64_t Cin, int64_t stride, int64_t
               "spike_conv2d (cpu): stride must be 1 or 2 and padding >= 0");
 }
 
-// Forward pass 2 over channel masks [N, H, W, Cw] (see accumulate_rows).
+// Forward pass 2 over channel masks [N, H, W, Cw] (see accumulate_rows), into
+// `out` (contiguous float32 [N, Cout, Ho, Wo]).
 at::Tensor event_conv(const uint64_t* mp, int64_t Cw, const Geometry& g, const at::Tensor& weight,
-                      const float* bp) {
-  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, weight.options());
+                      const float* bp, at::Tensor out) {
   // [Cout, Cin, kh, kw] -> [kh kw, Cin, Cout_p], Cout zero-padded to a multiple of 8.
   const int64_t Cout_p = (g.Cout + 7) / 8 * 8;
   auto wt = at::zeros({g.kh * g.kw, g.Cin, Cout_p}, weight.options());
@@ -617,17 +617,19 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
   });
   const bool nonbinary = std::any_of(bads.begin(), bads.end(), [](char c) { return c != 0; });
   TORCH_CHECK_VALUE(!validate || !nonbinary, binary_msg);
-  return {event_conv(mp, Cw, g, weight, bp), packed};
+  return {event_conv(mp, Cw, g, weight, bp,
+                     at::empty({g.N, g.Cout, g.Ho, g.Wo}, s.options().dtype(at::kFloat))),
+          packed};
 }
 
 // Inference from channel masks (spikingir::spike_conv2d_fwd_masks, the output
 // of neuron_fwd_masks): pass 1 of the forward is not needed. The rate is a
 // popcount of the sampled rows (1/32 of the bytes of float spikes); the dense
 // path unpacks the masks to float32 for oneDNN.
-at::Tensor spike_conv2d_fwd_masks_cpu(const at::Tensor& masks, int64_t channels,
-                                      const at::Tensor& weight,
-                                      const std::optional<at::Tensor>& bias, int64_t stride,
-                                      int64_t padding, double dense_rate) {
+// `out`: where to write (spike_conv2d_fwd_masks_out), or undefined (a new tensor).
+at::Tensor masks_conv(const at::Tensor& masks, int64_t channels, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
+                      double dense_rate, at::Tensor out) {
   const int64_t Cw = (channels + 63) / 64;
   TORCH_CHECK(masks.device().is_cpu() && masks.scalar_type() == at::kLong && masks.dim() == 4 &&
                   masks.is_contiguous() && masks.size(3) == Cw && channels >= 1,
@@ -638,6 +640,14 @@ at::Tensor spike_conv2d_fwd_masks_cpu(const at::Tensor& masks, int64_t channels,
                               stride, padding);
   TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "spike_conv2d: kernel larger than the padded input");
   const float* bp = check_bias(bias, g);
+  if (out.defined()) {
+    TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                    out.sizes() == at::IntArrayRef({g.N, g.Cout, g.Ho, g.Wo}),
+                "spike_conv2d (cpu): out must be a contiguous float32 CPU tensor [", g.N, ", ",
+                g.Cout, ", ", g.Ho, ", ", g.Wo, "]");
+  } else {
+    out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, masks.options().dtype(at::kFloat));
+  }
   const uint64_t* mp = reinterpret_cast<const uint64_t*>(masks.data_ptr<int64_t>());
   if (channels % 64) {  // a bit past the last channel would index past the weights
     const uint64_t high = ~uint64_t{0} << (channels % 64);
@@ -670,7 +680,7 @@ at::Tensor spike_conv2d_fwd_masks_cpu(const at::Tensor& masks, int64_t channels,
     dense = static_cast<double>(sampled) / std::max<int64_t>(1, g.N * H8 * g.Cin * g.W) >
             dense_rate;
   }
-  if (!dense) return event_conv(mp, Cw, g, weight, bp);
+  if (!dense) return event_conv(mp, Cw, g, weight, bp, out);
   auto s = at::empty({g.N, channels, g.H, g.W}, masks.options().dtype(at::kFloat));
   float* sp = s.data_ptr<float>();
   const int64_t plane = g.H * g.W;
@@ -684,7 +694,21 @@ at::Tensor spike_conv2d_fwd_masks_cpu(const at::Tensor& masks, int64_t channels,
       }
     }
   });
-  return at::conv2d(s, weight, bias, {stride, stride}, {padding, padding}).contiguous();
+  return out.copy_(at::conv2d(s, weight, bias, {stride, stride}, {padding, padding}));
+}
+
+at::Tensor spike_conv2d_fwd_masks_cpu(const at::Tensor& masks, int64_t channels,
+                                      const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, int64_t stride,
+                                      int64_t padding, double dense_rate) {
+  return masks_conv(masks, channels, weight, bias, stride, padding, dense_rate, at::Tensor());
+}
+
+void spike_conv2d_fwd_masks_out_cpu(const at::Tensor& masks, int64_t channels,
+                                    const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, int64_t stride,
+                                    int64_t padding, double dense_rate, at::Tensor& out) {
+  masks_conv(masks, channels, weight, bias, stride, padding, dense_rate, out);
 }
 
 
@@ -740,6 +764,7 @@ TORCH_LIBRARY_IMPL(spikingir, CPU, m) {
   m.impl("spike_conv2d_fwd", &spike_conv2d_fwd_cpu);
   m.impl("spike_conv2d_bwd", &spike_conv2d_bwd_cpu);
   m.impl("spike_conv2d_fwd_masks", &spike_conv2d_fwd_masks_cpu);
+  m.impl("spike_conv2d_fwd_masks_out", &spike_conv2d_fwd_masks_out_cpu);
 }
 
 }  // namespace spikingir

@@ -224,10 +224,11 @@ const float* check_bias(const std::optional<at::Tensor>& bias, const at::Tensor&
   return bias->data_ptr<float>();
 }
 
-// Forward step 1 over channel masks [N, H, W, Cw] (see event_conv_kernel).
+// Forward step 1 over channel masks [N, H, W, Cw] (see event_conv_kernel), into
+// `out` (contiguous float32 [N, Cout, Ho, Wo]).
 at::Tensor event_conv(const unsigned long long* masks, int64_t Cw, const Geometry& g,
-                      const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, weight.options());
+                      const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      at::Tensor out) {
   if (out.numel() == 0) return out;
   // [Cout, Cin, kh, kw] -> [kh kw, Cin, Cout_p], Cout zero-padded to a multiple of 64.
   const int64_t Cout_p = (g.Cout + 63) / 64 * 64;
@@ -281,13 +282,15 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cuda(const at::Tensor& s,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {event_conv(mp, Cw, g, weight.contiguous(), bias), packed};
+  return {event_conv(mp, Cw, g, weight, bias,
+                     at::empty({g.N, g.Cout, g.Ho, g.Wo}, s.options().dtype(at::kFloat))),
+          packed};
 }
 
-at::Tensor spike_conv2d_fwd_masks_cuda(const at::Tensor& masks, int64_t channels,
-                                       const at::Tensor& weight,
-                                       const std::optional<at::Tensor>& bias, int64_t stride,
-                                       int64_t padding, double dense_rate) {
+// `out`: where to write (spike_conv2d_fwd_masks_out), or undefined (a new tensor).
+at::Tensor masks_conv(const at::Tensor& masks, int64_t channels, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
+                      double dense_rate, at::Tensor out) {
   const int64_t Cw = (channels + 63) / 64;
   TORCH_CHECK(masks.is_cuda() && masks.scalar_type() == at::kLong && masks.dim() == 4 &&
                   masks.is_contiguous() && masks.size(3) == Cw && channels >= 1,
@@ -300,8 +303,30 @@ at::Tensor spike_conv2d_fwd_masks_cuda(const at::Tensor& masks, int64_t channels
                               stride, padding);
   TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "spike_conv2d: kernel larger than the padded input");
   check_bias(bias, masks, g);
+  if (out.defined()) {
+    TORCH_CHECK(out.device() == masks.device() && out.scalar_type() == at::kFloat &&
+                    out.is_contiguous() && out.sizes() == at::IntArrayRef({g.N, g.Cout, g.Ho, g.Wo}),
+                "spike_conv2d (cuda): out must be a contiguous float32 tensor [", g.N, ", ", g.Cout,
+                ", ", g.Ho, ", ", g.Wo, "] on the masks' device");
+  } else {
+    out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, masks.options().dtype(at::kFloat));
+  }
   return event_conv(reinterpret_cast<const unsigned long long*>(masks.data_ptr<int64_t>()), Cw, g,
-                    weight, bias);
+                    weight, bias, out);
+}
+
+at::Tensor spike_conv2d_fwd_masks_cuda(const at::Tensor& masks, int64_t channels,
+                                       const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, int64_t stride,
+                                       int64_t padding, double dense_rate) {
+  return masks_conv(masks, channels, weight, bias, stride, padding, dense_rate, at::Tensor());
+}
+
+void spike_conv2d_fwd_masks_out_cuda(const at::Tensor& masks, int64_t channels,
+                                     const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, int64_t stride,
+                                     int64_t padding, double dense_rate, at::Tensor& out) {
+  masks_conv(masks, channels, weight, bias, stride, padding, dense_rate, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cuda(
@@ -339,6 +364,7 @@ TORCH_LIBRARY_IMPL(spikingir, CUDA, m) {
   m.impl("spike_conv2d_fwd", &spike_conv2d_fwd_cuda);
   m.impl("spike_conv2d_bwd", &spike_conv2d_bwd_cuda);
   m.impl("spike_conv2d_fwd_masks", &spike_conv2d_fwd_masks_cuda);
+  m.impl("spike_conv2d_fwd_masks_out", &spike_conv2d_fwd_masks_out_cuda);
 }
 
 }  // namespace spikingir

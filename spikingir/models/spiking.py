@@ -225,6 +225,19 @@ class SpikingDnCNN(_SpikingNet):
                                     backend=self.spike_conv_backend).unflatten(0, spikes.shape[:2])
 
         theta = neuron.effective_theta()
+        if self.neuron_kind == "mprn" and isinstance(s, ops.SpikeMasks):
+            # two weight sets written into one output: the IF steps (theta) and
+            # the reuse step (beta); no correction pass, no concatenation
+            T, B = self.timesteps, s.shape[1]
+            H, W = s.shape[3:]
+            (kh, kw), (st, _), (pad, _) = conv.kernel_size, conv.stride, conv.padding
+            y = torch.empty(s.shape[0] * B, conv.out_channels, (H + 2 * pad - kh) // st + 1,
+                            (W + 2 * pad - kw) // st + 1, device=conv.weight.device)
+            for spikes, size, out in ((s[:T], theta, y[:T * B]),
+                                      (s[T:], neuron.beta, y[T * B:])):
+                ops.spike_conv2d(spikes.flatten(0, 1), folded(size), conv.bias, st, pad,
+                                 validate=False, backend=self.spike_conv_backend, out=out)
+            return y.unflatten(0, (s.shape[0], B))
         y = run(s, theta, conv.bias)  # every step as if its spikes had size theta
         if self.neuron_kind == "mprn":
             # reuse step: spikes of size beta = theta + (beta - theta); adding the

@@ -115,6 +115,8 @@ def _fake_fwd_masks(masks, channels, weight, bias, stride, padding, dense_rate):
 
 
 register_inference_op("spike_conv2d_fwd_masks", "spike_conv", _fake_fwd_masks)
+register_inference_op("spike_conv2d_fwd_masks_out", "spike_conv",
+                      lambda masks, channels, weight, bias, stride, padding, dense_rate, out: None)
 
 
 # --------------------------------------------------------------------------
@@ -191,7 +193,8 @@ def check_binary(s):
                          f"at index {idx}; pass validate=False to skip this check")
 
 
-def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, backend="auto"):
+def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, backend="auto",
+                 out=None):
     """``F.conv2d(s, weight, bias, stride, padding)`` for a binary spike map ``s``.
 
     Args:
@@ -208,6 +211,9 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
             produce the spikes pass False.
         backend: ``"auto" | "torch" | "cpp" | "cuda" | "triton"`` (see
             :mod:`spikingir.ops.backends`).
+        out: SpikeMasks input only: a contiguous float32 ``[N, Cout, Ho, Wo]``
+            tensor (e.g. a slice of a larger one) to write the result into,
+            which is returned.
 
     Returns:
         ``[N, Cout, Ho, Wo]`` in the promoted dtype of ``s`` and ``weight``.
@@ -218,7 +224,9 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
     """
     stride, padding = _check(s, weight, bias, stride, padding)
     if isinstance(s, SpikeMasks):
-        return _spike_conv2d_masks(s, weight, bias, stride, padding, validate, backend)
+        return _spike_conv2d_masks(s, weight, bias, stride, padding, validate, backend, out)
+    if out is not None:
+        raise TypeError("out: supported for SpikeMasks input (inference) only")
     if backend not in ("auto", "torch") and s.dtype not in backends.FUSED_DTYPES:
         raise TypeError(f"s: backend {backend!r} takes float32, float16 or bfloat16 spikes, "
                         f"got {s.dtype}; use backend='torch' for {s.dtype}")
@@ -238,8 +246,22 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
-def _spike_conv2d_masks(masks, weight, bias, stride, padding, validate, backend):
+def _check_out(out, masks, weight, stride, padding):
+    N, _, H, W = masks.shape
+    shape = (N, weight.shape[0], *_out_hw(H, W, weight.shape[2], weight.shape[3], stride, padding))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected None or a torch.Tensor, got {type(out).__name__}")
+    if (out.dtype != torch.float32 or tuple(out.shape) != shape or not out.is_contiguous()
+            or out.device != masks.device):
+        raise ValueError(f"out: expected a contiguous float32 tensor of shape {shape} on "
+                         f"{masks.device}, got {out.dtype} {tuple(out.shape)} on {out.device}"
+                         f"{'' if out.is_contiguous() else ' (not contiguous)'}")
+
+
+def _spike_conv2d_masks(masks, weight, bias, stride, padding, validate, backend, out):
     """spike_conv2d of SpikeMasks [N, Cin, H, W] (inputs checked by the caller)."""
+    if out is not None:
+        _check_out(out, masks, weight, stride, padding)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias)):
         raise ValueError("s: SpikeMasks input is for inference (it carries no gradient); run "
                          "under torch.no_grad(), or pass the spikes as a float tensor to train")
@@ -252,10 +274,14 @@ def _spike_conv2d_masks(masks, weight, bias, stride, padding, validate, backend)
     out_dtype = torch.promote_types(torch.float32, weight.dtype)
     chosen = backends.choose("spike_conv2d", masks.device, torch.float32, backend)
     if chosen == "torch":
-        return spike_conv2d_reference(masks.to_dense(weight.dtype), weight, bias, stride, padding)
+        y = spike_conv2d_reference(masks.to_dense(weight.dtype), weight, bias, stride, padding)
+        return y if out is None else out.copy_(y)
     w = weight.float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     dense_rate = dense_rates(chosen, w.shape[1], w.shape[0])[0]
-    out = fused_op("spike_conv2d_fwd_masks", chosen)(masks.bits.contiguous(), C, w, b, stride,
-                                                     padding, dense_rate)
-    return out if out_dtype == torch.float32 else out.to(out_dtype)
+    args = (masks.bits.contiguous(), C, w, b, stride, padding, dense_rate)
+    if out is not None:
+        fused_op("spike_conv2d_fwd_masks_out", chosen)(*args, out)
+        return out
+    y = fused_op("spike_conv2d_fwd_masks", chosen)(*args)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
