@@ -6,6 +6,7 @@ fused neuron ops (their backward is the fused surrogate-gradient kernel), on the
 training data of the ANN. Two learning rates (measured on an H100 in DESIGN.md:
 Adam, 2e-5 for weights and 1e-3 for thresholds/beta).
 """
+import torch
 
 from spikingir.train import (DEFAULT_VAL_SCENES, _CachedCrops, _loader, default_data_dir,
                              denoise_validator, dehaze_validator, fit)
@@ -67,6 +68,11 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
               "lr_weights": lr_weights, "lr_neurons": lr_neurons, "batch_size": batch_size,
               "train_mapper": train_mapper, "energy_weight": energy_weight}
     loss_fn = None
+    if torch.device(device).type == "cpu":
+        # oneDNN runs these small-patch convolutions ~2x faster channels-last, and the
+        # fused neurons take channels-last input as it is (no copies): a DnCNN T=10
+        # step of batch 8 took 5.2 -> 3.9 s on 2 cores (benchmarks/RESULTS.md).
+        snn.to(memory_format=torch.channels_last)
     if energy_weight > 0:
         snn.track_energy(True)
 
@@ -81,5 +87,6 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
                   desc=f"finetune {task} T={snn.timesteps}")
     finally:
         snn.track_energy(False)
+        snn.to(memory_format=torch.contiguous_format)
     snn.eval()
     return res

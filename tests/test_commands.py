@@ -166,3 +166,5 @@ def test_finetune_continues_an_snn_with_an_energy_term(files, tmp_path, capsys):
     assert meta["steps"] == 2
     snn = load_snn(out)
     assert snn.energy_ratio is None and snn.timesteps == 2
+    # trained channels-last on the CPU, saved in the default layout
+    assert all(t.is_contiguous() for t in torch.load(out, weights_only=True)["state_dict"].values())

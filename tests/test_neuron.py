@@ -610,3 +610,52 @@ def test_gpu_masks_match_values(backend, op):
         theta = (torch.rand(C, generator=g) + 0.4).cuda()
         _masks_vs_values(op, backend, x, theta, 0.5 if op == "mprn" else None,
                          v0=torch.zeros(x.shape[1:], device="cuda"))
+
+
+# ---------------------------------------------------------------------------
+# Channels-last inputs (what a channels-last convolution returns).
+# ---------------------------------------------------------------------------
+
+def _channels_last(t):
+    """The same values with the channel axis (dim -3) innermost in memory."""
+    perm = (*range(t.dim() - 3), t.dim() - 2, t.dim() - 1, t.dim() - 3)
+    inv = tuple(perm.index(d) for d in range(t.dim()))
+    return t.permute(perm).contiguous().permute(inv)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+@pytest.mark.parametrize("op", ["if", "mprn"])
+def test_channels_last_input(backend, op):
+    """Same outputs and gradients as the contiguous input; the fused kernels run on
+    the channels-last memory as it is (y comes back channels last: no copy)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 2, 6, 5, 7, generator=g) + 0.3
+    theta = (torch.rand(6, generator=g) + 0.5).requires_grad_()
+    beta = (torch.rand(6, generator=g) + 0.2).requires_grad_() if op == "mprn" else None
+    v0 = torch.randn(2, 6, 5, 7, generator=g) * 0.2
+    xc = _channels_last(x)
+    assert not xc.is_contiguous() and torch.equal(xc, x)
+    results = []
+    for inp, v in ((x, v0), (xc, _channels_last(v0))):
+        xr = inp.detach().clone().requires_grad_() if inp is x else inp.requires_grad_()
+        y, vf = run(op, backend, xr, theta, beta, v0=v)
+        params = [xr, theta] + ([beta] if beta is not None else [])
+        grads = torch.autograd.grad(loss_of(y, vf, torch.Generator().manual_seed(1)), params)
+        results.append((y, vf, grads))
+    (y, vf, grads), (yc, vfc, gradsc) = results
+    assert torch.equal(yc, y) and torch.equal(vfc, vf)
+    for a, b in zip(grads, gradsc):
+        assert_close(b, a, 1e-5, 1e-5, "grad")
+    if backend != "torch":
+        assert yc.permute(0, 1, 3, 4, 2).is_contiguous()  # channels last, as it came
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_channels_last_expanded_over_time(backend):
+    """A first layer's current: one channels-last step expanded over T."""
+    x1 = _channels_last(torch.randn(1, 2, 6, 5, 7, generator=torch.Generator().manual_seed(2)))
+    theta = torch.rand(6, generator=torch.Generator().manual_seed(3)) + 0.3
+    y, v = ops.mprn_multistep(x1.expand(5, -1, -1, -1, -1), theta, 0.4, backend=backend)
+    ref, vr = ops.mprn_multistep(x1.expand(5, -1, -1, -1, -1).contiguous(), theta, 0.4,
+                                 backend=backend)
+    assert torch.equal(y, ref) and torch.equal(v, vr)

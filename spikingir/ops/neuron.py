@@ -160,6 +160,17 @@ def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate
     if chosen == "torch":
         return neuron_reference(x_seq, theta_c, beta_c, v0, alpha_c, surrogate, *flags)
     theta_c, beta_c, alpha_c = (p.float().contiguous() for p in (theta_c, beta_c, alpha_c))
+    # Channels-last input ([T, N, C, *spatial] with C innermost in memory, what a
+    # channels-last convolution returns): the kernels run on the permuted view
+    # [T, N, *spatial, C], contiguous as it is, where the channel of neuron m is
+    # m % C (inner = 1); the outputs are permuted back (views). No copies, and the
+    # next channels-last convolution reads y as it is.
+    perm = _channels_last_perm(x_seq)
+    if perm is not None:
+        inv = tuple(perm.index(d) for d in range(len(perm)))
+        x_seq = x_seq.permute(perm)
+        v0 = None if v0 is None else v0.permute([d - 1 for d in perm[1:]])
+        flags = flags[:-1] + (1,)
     v0 = None if v0 is None else v0.float().contiguous()
     # Keep u for backward only when a gradient can flow (inference saves 4 B/neuron-step).
     needs_grad = torch.is_grad_enabled() and any(
@@ -168,7 +179,20 @@ def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate
     y, v_final, _ = fused_forward("neuron", chosen)(x_seq.contiguous(), theta_c, beta_c, v0,
                                                     alpha_c, SURROGATES[surrogate], *flags,
                                                     save_bytes)
+    if perm is not None:
+        y = y.permute(inv)
+        v_final = v_final.permute([d - 1 for d in inv[1:]])
     return y, v_final
+
+
+def _channels_last_perm(x):
+    """The permutation [T, N, C, *spatial] -> [T, N, *spatial, C] when each step of
+    ``x`` is channels last (and ``x`` is not contiguous as it is), else None. A
+    step expanded over time (stride 0) qualifies: it is copied in that order."""
+    if x.dim() < 4 or x.is_contiguous() or x.shape[2] == 1:
+        return None
+    perm = (0, 1, *range(3, x.dim()), 2)
+    return perm if x.permute(perm)[0].is_contiguous() else None
 
 
 def _neuron_masks(x_seq, theta_c, beta_c, v0, alpha_c, surrogate, flags, chosen):
