@@ -3,6 +3,7 @@ its ANN on one noisy image, forward only (inference, no grad).
 
     python benchmarks/bench_snn.py --device cuda                 # 1 x 1 x 321 x 481
     python benchmarks/bench_snn.py --device cpu --shape 1 1 96 96
+    python benchmarks/bench_snn.py --train --device cuda --shape 32 1 40 40   # a training step
 
 Columns (ms of one forward; GPU: triton.testing.do_bench median; CPU: minimum
 of --repeats calls after one untimed call):
@@ -74,6 +75,41 @@ def _time(f, device, repeats):
     return best
 
 
+def train_step_table(args):
+    """``--train``: ms of one fine-tuning step of the SNN (``--shape`` B x 1 x H x W
+    noisy patches, MSE to the clean ones, backward through the fused neurons,
+    Adam), with the network in NCHW and in channels-last memory (``spikingir
+    finetune`` trains channels-last on the CPU). fp32 (TF32 off on a GPU)."""
+    dev = args.device
+    x, _ = _image(args.shape)
+    x = x.to(dev)
+    target = x.clamp(0, 1)
+    rows = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        snn = load_snn(args.snn_weights).to(dev).to(memory_format=layout).train()
+        opt = torch.optim.Adam(snn.parameters(), 1e-6)
+
+        def step():
+            loss = torch.nn.functional.mse_loss(snn(x), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with _tf32(False):
+            rows.append((str(layout).split(".")[-1], _time(step, dev, args.repeats)))
+    env = environment(dev, args.threads)
+    lines = [f"Fine-tuning step of the SNN ({args.snn_weights.split('/')[-1]}), input "
+             f"{args.shape}, Adam, fp32", "", "| layout | ms | x NCHW |", "|---|---|---|"]
+    lines += [f"| {name} | {ms:.1f} | {rows[0][1] / ms:.2f} |" for name, ms in rows]
+    header = markdown_header(env)
+    print(header)
+    print("\n".join(lines))
+    if args.markdown_append:
+        with open(args.markdown_append, "a") as f:
+            f.write(f"\n## SNN fine-tuning step (`benchmarks/bench_snn.py --train`) — {header}\n\n"
+                    + "\n".join(lines) + "\n")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -83,10 +119,14 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--snn-weights", default=os.path.join(WEIGHTS_DIR, "snn_dncnn_s25.pt"),
                    help="SNN from `spikingir finetune` (default: the shipped DnCNN s25 SNN)")
+    p.add_argument("--train", action="store_true",
+                   help="time a fine-tuning step instead (see train_step_table)")
     p.add_argument("--markdown-append", metavar="PATH")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = args.device
+    if args.train:
+        return train_step_table(args)
     x, clean = _image(args.shape)
     x = x.to(dev)
     ann = load_shipped_ann("denoise", sigma=25).to(dev)

@@ -61,6 +61,10 @@ if [ "${BENCH:-1}" != 0 ]; then
   grep "^|" "$LOG/bench_spike_conv_gpu.txt" | tail -20
   timeout 120 python benchmarks/bench_snn.py --device cuda > "$LOG/bench_snn_gpu.txt" 2>&1 || status=1
   tail -9 "$LOG/bench_snn_gpu.txt"
+  # a fine-tuning step, NCHW against channels-last (finetune trains channels-last on the CPU only)
+  timeout 90 python benchmarks/bench_snn.py --device cuda --train --shape 32 1 40 40 \
+    > "$LOG/bench_train_gpu.txt" 2>&1 || status=1
+  tail -4 "$LOG/bench_train_gpu.txt"
 fi
 
 pids=()

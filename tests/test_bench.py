@@ -23,7 +23,7 @@ def test_bench_neuron_cli_tiny(capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "T=2  N=1,000" in out
-    for backend in ("naive", "torch", "cpp"):
+    for backend in ("naive", "torch", "cpp", "cpp masks"):  # the first (forward) block
         ms, speedup, gbps, maxdiff, reps = _row(out, backend)
         assert all(math.isfinite(v) for v in (ms, speedup, gbps, maxdiff)), out
         assert ms > 0 and reps >= 3
