@@ -129,7 +129,7 @@ class _SpikingNet(nn.Module):
             if isinstance(y, ops.SpikeMasks):  # spikes per neuron over all steps
                 counts = y.counts(0)
             else:
-                counts = (y != 0).to(torch.float32).sum(0)
+                counts = (y != 0).sum(0, dtype=torch.float32)
             n_spikes = int(counts.sum().item())
             sops = 0
             for conv, sl in targets:

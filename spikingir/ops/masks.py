@@ -11,17 +11,23 @@ spikes under one kernel tap are one word per pixel.
 import torch
 
 _BYTE_COUNTS = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-#: Entry i: the 8 bits of byte i spread over the 8 bytes of an int64 (bit b in byte b).
-_BYTE_LANES = torch.tensor([sum(((i >> b) & 1) << (8 * b) for b in range(8)) for i in range(256)],
-                           dtype=torch.int64)
+#: Bit 0 of every byte of an int64.
+_BYTE_LOW_BITS = 0x0101010101010101
 
 
-def _lanes(words):
-    """int64 words [..., K] -> int64 [..., 8 K] whose bytes, read as uint8
-    [..., 64 K], are the bits (bit j of word k at 64 k + j): one table lookup per
-    byte of the (little-endian) words. Sums of up to 255 of these add per byte
-    without carries: spike counts without unpacking every step."""
-    return _BYTE_LANES.to(words.device)[words.contiguous().view(torch.uint8).long()]
+def _bit_planes(words):
+    """int64 words [..., K] -> 8 int64 planes: byte q of plane j's word k is bit
+    8 q + j of word k (channel 64 k + 8 q + j), 0 or 1. Two elementwise ops per
+    plane: ``>>`` is arithmetic, but the sign copies land in bits >= 57, which
+    the mask clears. Sums of up to 255 planes add per byte without carries."""
+    words = words.contiguous()
+    return [(words >> j) & _BYTE_LOW_BITS for j in range(8)]
+
+
+def _interleave(planes):
+    """8 uint8 planes [..., 8 K] (bit j of byte 8 k + q in plane j) -> [..., 64 K]
+    in channel order 64 k + 8 q + j (the words' bytes are little-endian)."""
+    return torch.stack(planes, -1).flatten(-2)
 
 
 def popcount(words):
@@ -94,7 +100,8 @@ class SpikeMasks:
 
     def to_dense(self, dtype=torch.float32):
         """The spikes as a ``[*lead, C, H, W]`` tensor of 0 and 1."""
-        dense = _lanes(self.bits).view(torch.uint8)[..., :self.channels]  # [*lead, H, W, C]
+        planes = [p.view(torch.uint8) for p in _bit_planes(self.bits)]
+        dense = _interleave(planes)[..., :self.channels]  # [*lead, H, W, C]
         return dense.movedim(-1, -3).to(dtype)
 
     def counts(self, dim=0):
@@ -106,10 +113,10 @@ class SpikeMasks:
             raise IndexError(f"SpikeMasks.counts: dim {dim} is not a lead dimension "
                              f"(there are {lead})")
         dim %= lead  # -1: the last lead dimension
-        lanes = _lanes(self.bits)
-        total = sum(part.sum(dim).view(torch.uint8).float()  # <= 255 per byte lane
-                    for part in lanes.split(255, dim))
-        return total[..., :self.channels].movedim(-1, -3)
+        planes = [sum(part.sum(dim).view(torch.uint8).float()  # <= 255 per byte lane
+                      for part in plane.split(255, dim))
+                  for plane in _bit_planes(self.bits)]
+        return _interleave(planes)[..., :self.channels].movedim(-1, -3)
 
     @classmethod
     def from_dense(cls, s):
