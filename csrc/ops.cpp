@@ -47,7 +47,7 @@ TORCH_LIBRARY(spikingir, m) {
   //   steps  T (the number of steps simulated; x.size(0) is T or 1)
   //   theta  [C] or [1] float32 (beta, the reuse step's spike size, does not
   //          change which neurons fire: it is applied by the consumer)
-  //   v0     optional [N, C, P...] float32
+  //   v0     optional [N, C, P...] float32, or [C]: one initial potential per channel
   // Returns (masks int64 [T, N, P..., ceil(C / 64)]: bit c % 64 of word c / 64
   // is the spike of channel c at that step and pixel; v_final float32 [N, C, P...]).
   // The spikes are exactly those of neuron_fwd with the same arguments.

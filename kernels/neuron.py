@@ -208,7 +208,8 @@ def neuron_bwd_triton(grad_y, grad_v, saved, theta, beta, alpha, surrogate, reus
 @triton.jit
 def _neuron_fwd_masks_kernel(x_ptr, v0_ptr, masks_ptr, vT_ptr, theta_ptr, T_if, C, P, Cw,
                              n_pb, step, mstep, reuse_alpha, PER_CHANNEL: tl.constexpr,
-                             HAS_V0: tl.constexpr, REUSE: tl.constexpr, BLOCK_P: tl.constexpr):
+                             HAS_V0: tl.constexpr, V0_PER_CHANNEL: tl.constexpr,
+                             REUSE: tl.constexpr, BLOCK_P: tl.constexpr):
     # One program: 64 channels (mask word `word`) x BLOCK_P pixels of image n,
     # through all steps. The step arithmetic is that of _neuron_fwd_kernel, so
     # the spikes are bitwise the same; each step stores one int64 per pixel:
@@ -229,7 +230,11 @@ def _neuron_fwd_masks_kernel(x_ptr, v0_ptr, masks_ptr, vT_ptr, theta_ptr, T_if, 
     bit = tl.full([64], 1, tl.int64) << (c % 64).to(tl.int64)
     offs = (n.to(tl.int64) * C + c[:, None]) * P + p[None, :]  # neuron within a step
     if HAS_V0:
-        v = tl.load(v0_ptr + offs, mask=mask, other=0.0)
+        if V0_PER_CHANNEL:
+            v = tl.zeros([64, BLOCK_P], dtype=tl.float32) + tl.load(
+                v0_ptr + c, mask=cmask, other=0.0)[:, None]
+        else:
+            v = tl.load(v0_ptr + offs, mask=mask, other=0.0)
     else:
         v = tl.zeros([64, BLOCK_P], dtype=tl.float32)
     # step, mstep: elements per step of x (N C P; 0: one input for every step)
@@ -269,6 +274,8 @@ def neuron_fwd_masks_triton(x, theta, v0, reuse_alpha, reuse_step, steps):
             x, v0, masks, vT, theta, T - int(reuse_step), C, P, Cw, n_pb,
             0 if x.shape[0] == 1 else N * C * P, N * P * Cw,
             float(reuse_alpha),
-            PER_CHANNEL=theta.numel() > 1, HAS_V0=v0 is not None, REUSE=bool(reuse_step),
+            PER_CHANNEL=theta.numel() > 1, HAS_V0=v0 is not None,
+            V0_PER_CHANNEL=v0 is not None and v0.dim() == 1 and v0.numel() == C,
+            REUSE=bool(reuse_step),
             BLOCK_P=BLOCK_P, num_warps=4)
     return masks, vT

@@ -568,6 +568,21 @@ def test_masks_of_an_input_constant_over_time(backend):
     assert len(m.shape) == 5 and m.shape[0] == 6
 
 
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_masks_with_a_per_channel_v0(backend):
+    """v0 expanded from one value per channel (v_init="half") is read per channel,
+    not materialised: the same spikes and v_final as the materialised v0."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 2, 70, 5, 6, generator=g) * 0.5 + 0.4
+    theta = torch.rand(70, generator=g) + 0.3
+    v0 = (theta / 2).reshape(-1, 1, 1).expand(x.shape[1:])
+    with torch.no_grad():
+        m, v = ops.mprn_multistep(x, theta, 0.5, v0=v0, emit="masks", backend=backend)
+        mr, vr = ops.mprn_multistep(x, theta, 0.5, v0=v0.contiguous(), emit="masks",
+                                    backend=backend)
+    assert torch.equal(m.bits, mr.bits) and torch.equal(v, vr)
+
+
 def test_masks_bad_input():
     x = torch.randn(3, 2, 4, 5, 5)
     with pytest.raises(ValueError, match="emit: expected 'values' or 'masks'"):
@@ -589,7 +604,8 @@ def _mask_op_samples():
     th = torch.rand(70, generator=g) + 0.3
     v0 = torch.randn(2, 70, 3, 5, generator=g)
     return [(x, th, None, 0.75, False, 3), (x, th, v0, 0.75, True, 3),
-            (x, th[:1], None, 0.9, True, 3), (x[:1], th, v0, 0.75, True, 4)]
+            (x, th[:1], None, 0.9, True, 3), (x[:1], th, v0, 0.75, True, 4),
+            (x, th, th / 2, 0.75, True, 3)]
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)

@@ -291,14 +291,17 @@ struct MaskShape {
 template <typename scalar_t>
 SPK_CPU_CLONES void fwd_masks_tile(const scalar_t* __restrict__ x, const float* v0,
                                    uint64_t* __restrict__ masks, float* __restrict__ vT,
-                                   const float* theta, bool per_channel, float reuse_alpha,
+                                   bool v0_per_channel, const float* theta,
+                                   bool per_channel, float reuse_alpha,
                                    bool reuse_step, const MaskShape& d, int64_t n, int64_t p0,
                                    int64_t np, float* __restrict__ v,
                                    uint64_t* __restrict__ words) {
   const int64_t T_if = reuse_step ? d.T - 1 : d.T;
   for (int64_t c = 0; c < d.C; ++c) {
     const int64_t off = (n * d.C + c) * d.P + p0;
-    for (int64_t i = 0; i < np; ++i) v[c * kMaskTile + i] = v0 ? v0[off + i] : 0.0f;
+    for (int64_t i = 0; i < np; ++i) {
+      v[c * kMaskTile + i] = v0 ? (v0_per_channel ? v0[c] : v0[off + i]) : 0.0f;
+    }
   }
   for (int64_t t = 0; t < d.T; ++t) {
     const float thr_scale = t >= T_if ? reuse_alpha : 1.0f;
@@ -346,10 +349,12 @@ std::tuple<at::Tensor, at::Tensor> neuron_fwd_masks_cpu(const at::Tensor& x,
   const float* v0p = nullptr;
   if (v0.has_value()) {
     TORCH_CHECK(v0->device().is_cpu() && v0->scalar_type() == at::kFloat && v0->is_contiguous() &&
-                    v0->numel() == d.N * C * d.P,
-                "neuron_fwd_masks: v0 must be contiguous float32 with one value per neuron");
+                    (v0->numel() == d.N * C * d.P || (v0->dim() == 1 && v0->numel() == C)),
+                "neuron_fwd_masks: v0 must be contiguous float32 with one value per neuron or "
+                "per channel");
     v0p = v0->data_ptr<float>();
   }
+  const bool v0_per_channel = v0.has_value() && v0->dim() == 1 && v0->numel() == C;
   std::vector<int64_t> mshape{d.T, d.N};
   for (int64_t i = 3; i < x.dim(); ++i) mshape.push_back(x.size(i));
   mshape.push_back(d.Cw);
@@ -367,7 +372,8 @@ std::tuple<at::Tensor, at::Tensor> neuron_fwd_masks_cpu(const at::Tensor& x,
       std::vector<uint64_t> words(kMaskTile * d.Cw);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / tiles, p0 = (r % tiles) * kMaskTile;
-        fwd_masks_tile(xp, v0p, mp, vTp, th, per_channel, static_cast<float>(reuse_alpha),
+        fwd_masks_tile(xp, v0p, mp, vTp, v0_per_channel, th, per_channel,
+                       static_cast<float>(reuse_alpha),
                        reuse_step, d, n, p0, std::min(kMaskTile, d.P - p0), v.data(),
                        words.data());
       }

@@ -232,7 +232,8 @@ __global__ void neuron_fwd_masks_kernel(const scalar_t* __restrict__ x,
                                         const float* __restrict__ v0,
                                         unsigned long long* __restrict__ masks,
                                         float* __restrict__ vT, const float* __restrict__ theta,
-                                        bool per_channel, float reuse_alpha, bool reuse_step,
+                                        bool v0_per_channel, bool per_channel, float reuse_alpha,
+                                        bool reuse_step,
                                         int64_t T, int64_t N, int64_t C, int64_t P, int64_t Cw,
                                         int64_t x_step) {
   const int64_t total = N * Cw * P;
@@ -246,7 +247,7 @@ __global__ void neuron_fwd_masks_kernel(const scalar_t* __restrict__ x,
     float v[64];
 #pragma unroll
     for (int j = 0; j < 64; ++j) {
-      v[j] = (v0 && c0 + j < C) ? v0[(n * C + c0 + j) * P + p] : 0.0f;
+      v[j] = (v0 && c0 + j < C) ? v0[v0_per_channel ? c0 + j : (n * C + c0 + j) * P + p] : 0.0f;
     }
     for (int64_t t = 0; t < T; ++t) {
       const float thr_scale = t >= T_if ? reuse_alpha : 1.0f;
@@ -295,10 +296,13 @@ std::tuple<at::Tensor, at::Tensor> neuron_fwd_masks_cuda(const at::Tensor& x,
   const float* v0p = nullptr;
   if (v0.has_value()) {
     TORCH_CHECK(v0->device() == x.device() && v0->scalar_type() == at::kFloat &&
-                    v0->is_contiguous() && v0->numel() == N * C * P,
-                "neuron_fwd_masks: v0 must be contiguous float32 with one value per neuron");
+                    v0->is_contiguous() &&
+                    (v0->numel() == N * C * P || (v0->dim() == 1 && v0->numel() == C)),
+                "neuron_fwd_masks: v0 must be contiguous float32 with one value per neuron or "
+                "per channel");
     v0p = v0->data_ptr<float>();
   }
+  const bool v0_per_channel = v0.has_value() && v0->dim() == 1 && v0->numel() == C;
   std::vector<int64_t> mshape{T, N};
   for (int64_t d = 3; d < x.dim(); ++d) mshape.push_back(x.size(d));
   mshape.push_back(Cw);
@@ -311,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> neuron_fwd_masks_cuda(const at::Tensor& x,
       neuron_fwd_masks_kernel<scalar_t><<<num_blocks(threads), kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), v0p,
           reinterpret_cast<unsigned long long*>(masks.data_ptr<int64_t>()),
-          vT.data_ptr<float>(), theta.data_ptr<float>(), theta.numel() > 1,
+          vT.data_ptr<float>(), theta.data_ptr<float>(), v0_per_channel, theta.numel() > 1,
           static_cast<float>(reuse_alpha), reuse_step, T, N, C, P, Cw,
           x.size(0) == 1 ? 0 : N * C * P);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

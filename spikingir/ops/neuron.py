@@ -208,6 +208,9 @@ def _neuron_masks(x_seq, theta_c, beta_c, v0, alpha_c, surrogate, flags, chosen)
         s, v_final = neuron_reference(x_seq, theta_c, beta_c, v0, alpha_c, surrogate,
                                       reuse_alpha, reuse_step, False, False, flags[4])
         return SpikeMasks.from_dense(s), v_final
+    if v0 is not None and v0.dim() >= 3 and v0.stride(0) == 0 and all(
+            st == 0 for st in v0.stride()[2:]):
+        v0 = v0[(0, slice(None)) + (0,) * (v0.dim() - 2)]  # one value per channel: [C]
     v0 = None if v0 is None else v0.float().contiguous()
     steps = x_seq.shape[0]
     # An input expanded over time (the same current every step, e.g. a first
