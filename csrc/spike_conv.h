@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/conv_transpose2d.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceType.h>
 
 #include <cstdint>
 
@@ -44,6 +46,32 @@ inline void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& 
                     packed.size(2) == g.H && packed.size(3) == g.Wb,
                 "spike_conv2d_bwd: packed must be uint8 [N, Cin, height, ceil(width / 8)]");
   }
+}
+
+// spike_conv2d_fwd_masks(_out), every device: checks the channel masks [N, H, W,
+// ceil(channels / 64)] int64 on `device`, returns the geometry; `out` is checked
+// (contiguous float32 [N, Cout, Ho, Wo] beside the masks) or, when undefined,
+// allocated.
+inline Geometry masks_geometry(const at::Tensor& masks, int64_t channels, const at::Tensor& weight,
+                               int64_t stride, int64_t pad, c10::DeviceType device,
+                               at::Tensor& out) {
+  TORCH_CHECK(masks.device().type() == device && masks.scalar_type() == at::kLong &&
+                  masks.dim() == 4 && masks.is_contiguous() && channels >= 1 &&
+                  masks.size(3) == (channels + 63) / 64,
+              "spike_conv2d_fwd_masks (", c10::DeviceTypeName(device, true),
+              "): masks must be a contiguous int64 tensor [N, H, W, ceil(channels / 64)]");
+  const Geometry g = geometry(masks.size(0), channels, masks.size(1), masks.size(2), weight,
+                              stride, pad);
+  TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "spike_conv2d: kernel larger than the padded input");
+  if (out.defined()) {
+    TORCH_CHECK(out.device() == masks.device() && out.scalar_type() == at::kFloat &&
+                    out.is_contiguous() && out.sizes() == at::IntArrayRef({g.N, g.Cout, g.Ho, g.Wo}),
+                "spike_conv2d: out must be a contiguous float32 tensor [", g.N, ", ", g.Cout, ", ",
+                g.Ho, ", ", g.Wo, "] on the masks' device");
+  } else {
+    out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, masks.options().dtype(at::kFloat));
+  }
+  return g;
 }
 
 // dL/ds is dense: the transposed convolution (oneDNN / cuDNN); output_padding

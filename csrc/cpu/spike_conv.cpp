@@ -630,24 +630,10 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
 at::Tensor masks_conv(const at::Tensor& masks, int64_t channels, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
                       double dense_rate, at::Tensor out) {
-  const int64_t Cw = (channels + 63) / 64;
-  TORCH_CHECK(masks.device().is_cpu() && masks.scalar_type() == at::kLong && masks.dim() == 4 &&
-                  masks.is_contiguous() && masks.size(3) == Cw && channels >= 1,
-              "spike_conv2d_fwd_masks (cpu): masks must be a contiguous int64 CPU tensor "
-              "[N, H, W, ceil(channels / 64)]");
   check_weight(weight, channels, stride, padding);
-  const Geometry g = geometry(masks.size(0), channels, masks.size(1), masks.size(2), weight,
-                              stride, padding);
-  TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "spike_conv2d: kernel larger than the padded input");
+  const Geometry g = masks_geometry(masks, channels, weight, stride, padding, at::kCPU, out);
+  const int64_t Cw = masks.size(3);
   const float* bp = check_bias(bias, g);
-  if (out.defined()) {
-    TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
-                    out.sizes() == at::IntArrayRef({g.N, g.Cout, g.Ho, g.Wo}),
-                "spike_conv2d (cpu): out must be a contiguous float32 CPU tensor [", g.N, ", ",
-                g.Cout, ", ", g.Ho, ", ", g.Wo, "]");
-  } else {
-    out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, masks.options().dtype(at::kFloat));
-  }
   const uint64_t* mp = reinterpret_cast<const uint64_t*>(masks.data_ptr<int64_t>());
   if (channels % 64) {  // a bit past the last channel would index past the weights
     const uint64_t high = ~uint64_t{0} << (channels % 64);

@@ -291,28 +291,13 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cuda(const at::Tensor& s,
 at::Tensor masks_conv(const at::Tensor& masks, int64_t channels, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
                       double dense_rate, at::Tensor out) {
-  const int64_t Cw = (channels + 63) / 64;
-  TORCH_CHECK(masks.is_cuda() && masks.scalar_type() == at::kLong && masks.dim() == 4 &&
-                  masks.is_contiguous() && masks.size(3) == Cw && channels >= 1,
-              "spike_conv2d_fwd_masks (cuda): masks must be a contiguous int64 CUDA tensor "
-              "[N, H, W, ceil(channels / 64)]");
   check_weight(weight, masks, channels, stride, padding);
   (void)dense_rate;  // a single (event-driven) path
   const c10::cuda::CUDAGuard guard(masks.device());
-  const Geometry g = geometry(masks.size(0), channels, masks.size(1), masks.size(2), weight,
-                              stride, padding);
-  TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "spike_conv2d: kernel larger than the padded input");
+  const Geometry g = masks_geometry(masks, channels, weight, stride, padding, at::kCUDA, out);
   check_bias(bias, masks, g);
-  if (out.defined()) {
-    TORCH_CHECK(out.device() == masks.device() && out.scalar_type() == at::kFloat &&
-                    out.is_contiguous() && out.sizes() == at::IntArrayRef({g.N, g.Cout, g.Ho, g.Wo}),
-                "spike_conv2d (cuda): out must be a contiguous float32 tensor [", g.N, ", ", g.Cout,
-                ", ", g.Ho, ", ", g.Wo, "] on the masks' device");
-  } else {
-    out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, masks.options().dtype(at::kFloat));
-  }
-  return event_conv(reinterpret_cast<const unsigned long long*>(masks.data_ptr<int64_t>()), Cw, g,
-                    weight, bias, out);
+  return event_conv(reinterpret_cast<const unsigned long long*>(masks.data_ptr<int64_t>()),
+                    masks.size(3), g, weight, bias, out);
 }
 
 at::Tensor spike_conv2d_fwd_masks_cuda(const at::Tensor& masks, int64_t channels,
