@@ -753,3 +753,22 @@ def test_opcheck_masks_out(backend):
     m = ops.SpikeMasks.from_dense(spikes(2, 70, 7, 9, rate=0.3))
     torch.library.opcheck(getattr(torch.ops.spikingir, name).default,
                           (m.bits, 70, w, b, 1, 1, 0.5, torch.empty(2, 3, 7, 9)))
+
+
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+def test_masks_chain_compiles_fullgraph():
+    """emit="masks" -> SpikeMasks -> spike_conv2d(out=...) traces as one graph."""
+    w, _ = conv_params(8, 16, 3)
+
+    def f(x):
+        m, _ = ops.mprn_multistep(x, 0.8, 0.6, emit="masks", backend="cpp")
+        y = torch.empty(8, 8, 7, 8)
+        ops.spike_conv2d(m[:3].flatten(0, 1), w, None, 1, 1, validate=False, backend="cpp",
+                         out=y[:6])
+        ops.spike_conv2d(m[3:].flatten(0, 1), w * 0.5, None, 1, 1, validate=False,
+                         backend="cpp", out=y[6:])
+        return y
+
+    x = torch.randn(4, 2, 16, 7, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
