@@ -27,9 +27,10 @@ STRIDES = (1, 2)
 DENSE_RATE = {"triton": 0.20, "cuda": 2.0}
 
 
-def dense_rates(backend, cin, cout):
+def dense_rates(backend, cin, cout, masks=False):
     """Firing rates ``(forward, backward)`` above which ``backend`` runs its dense
-    path for a ``cin -> cout`` layer (< 0: always dense, >= 1: never).
+    path for a ``cin -> cout`` layer (< 0: always dense, >= 1: never); ``masks``:
+    for spikes given as SpikeMasks.
 
     cpp: the crossovers of the event-driven kernels and oneDNN measured on 2
     threads (AMD EPYC, AVX2; benchmarks/RESULTS.md, "Crossovers of the
@@ -39,10 +40,16 @@ def dense_rates(backend, cin, cout):
     dominates) or more than 64 input channels (a tap's weights leave L1), to
     ~25 % with 8-15 input channels, and never with fewer than 8 (AOD-Net's 3-
     and 6-channel layers). The weight gradient wins up to 20-30 % firing.
+    From masks the event path has no packing pass and the dense one must unpack
+    them first: the event path won at every rate measured (20-95 %) on 12 -> 64,
+    64 -> 16, 64 -> 64 and 128 -> 64 layers, and lost on 4 -> 16 (benchmarks/
+    RESULTS.md, "dense paths from masks").
     """
     if backend != "cpp":
         rate = DENSE_RATE[backend]
         return rate, rate
+    if masks:
+        return (-1.0 if cin < 8 else 2.0), 0.25
     if cin < 8:
         forward = -1.0
     elif cin < 16:
@@ -278,7 +285,7 @@ def _spike_conv2d_masks(masks, weight, bias, stride, padding, validate, backend,
         return y if out is None else out.copy_(y)
     w = weight.float().contiguous()
     b = None if bias is None else bias.float().contiguous()
-    dense_rate = dense_rates(chosen, w.shape[1], w.shape[0])[0]
+    dense_rate = dense_rates(chosen, w.shape[1], w.shape[0], masks=True)[0]
     args = (masks.bits.contiguous(), C, w, b, stride, padding, dense_rate)
     if out is not None:
         fused_op("spike_conv2d_fwd_masks_out", chosen)(*args, out)
