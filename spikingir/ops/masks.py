@@ -10,7 +10,6 @@ spikes under one kernel tap are one word per pixel.
 """
 import torch
 
-_BYTE_COUNTS = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 #: Bit 0 of every byte of an int64.
 _BYTE_LOW_BITS = 0x0101010101010101
 
@@ -31,10 +30,10 @@ def _interleave(planes):
 
 
 def popcount(words):
-    """Set bits of each int64 of ``words`` (int64 tensor, same shape): a
-    256-entry table over its 8 bytes."""
-    b = words.contiguous().view(torch.uint8).view(*words.shape, 8)
-    return _BYTE_COUNTS.to(words.device)[b.long()].sum(-1)
+    """Set bits of each int64 of ``words`` (int64 tensor, same shape): the bit
+    planes summed (<= 8 per byte), then the 8 bytes of each word."""
+    lanes = sum(_bit_planes(words))
+    return lanes.view(torch.uint8).view(*words.shape, 8).sum(-1, dtype=torch.int64)
 
 
 class SpikeMasks:
