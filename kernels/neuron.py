@@ -9,6 +9,10 @@ One program handles BLOCK neurons through all T steps; the membrane potential
 stays in registers, each step reads x once and writes y and the saved
 u = h - threshold once. Pointers advance by M per step, so addresses are 64-bit
 even when T * M passes 2^31.
+
+``neuron_fwd_masks_triton`` (inference, ``emit="masks"``): one program takes 64
+channels x BLOCK_P pixels through all steps and writes each step's spikes as one
+int64 channel mask per pixel (spikingir/ops/masks.py).
 """
 import os
 

@@ -22,6 +22,12 @@ spikes, no im2col) says which blocks hold a spike, and empty blocks are skipped.
 Above a firing rate ``dense_rate`` the map is not built and every block runs
 (same result: a skipped block adds exactly zero).
 
+Channel masks (``spike_conv2d_fwd_masks``, the neurons' ``emit="masks"``): the same
+kernel with MASKS set reads one int64 word per output pixel and tap and unpacks the
+K-block's 32 or 64 channel bits into the int8 tile in registers (no int8 copy of
+the spikes); the occupancy map comes from the masks (``mask_groups``). Bitwise the
+result of the float-input launcher.
+
 Backward (for now): grad_s is the dense transposed convolution, grad_weight the
 dense weight gradient of the unpacked spikes (torch ops); the event-driven
 grad_weight is in the cpp backend.
