@@ -205,30 +205,13 @@ def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, valida
     if validate and bool(((s != 0) & (s != 1)).any()):
         raise ValueError("s: expected a binary spike map (only 0 and 1), found other values; "
                          "pass validate=False to skip this check")
-    N, Cin, H, W = s.shape
-    Cout, _, kh, kw = weight.shape
-    Ho = (H + 2 * padding - kh) // stride + 1
-    Wo = (W + 2 * padding - kw) // stride + 1
-    BLOCK_K, BLOCK_N = cfg["block_k"], _block_n(Cout)
-    tile_h, tile_w = cfg["tile"]
-    s8 = padded_spikes(s, padding, BLOCK_K)
-    planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N)
-    out = torch.empty(N, Cout, Ho, Wo, dtype=torch.float32, device=s.device)
-    n_th, n_tw = triton.cdiv(Ho, tile_h), triton.cdiv(Wo, tile_w)
-    G = s8.shape[3] // BLOCK_K
-    rate = float(s8.count_nonzero()) / max(1, s.numel())
-    skip = rate <= dense_rate
-    occ = occupancy_map(s8, kh, kw, stride, Ho, Wo, BLOCK_K, (tile_h, tile_w)) if skip \
-        else s8  # dummy when dense
-    launch = dict(num_warps=cfg["num_warps"])
-    if cfg["num_stages"] is not None:
-        launch["num_stages"] = cfg["num_stages"]
-    grid = (N * n_th * n_tw, planes.shape[4] // BLOCK_N)
-    _spike_conv2d_fwd_kernel[grid](
-        s8, planes, scale, bias, occ, out, s8.shape[1], s8.shape[2], s8.shape[3],
-        planes.shape[4], Cout, Ho, Wo, n_th, n_tw, G, H, W, 1, padding, STRIDE=stride, KH=kh,
-        KW=kw, TILE_H=tile_h, TILE_W=tile_w, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SKIP=skip,
-        HAS_BIAS=bias is not None, MASKS=False, **launch)
+    N, _, H, W = s.shape
+    block_k = cfg["block_k"]
+    s8 = padded_spikes(s, padding, block_k)
+    Hp, Wp, Cin_p = s8.shape[1:]
+    out = _launch(s8, False, N, H, W, weight, bias, stride, padding, dense_rate,
+                  float(s8.count_nonzero()) / max(1, s.numel()),
+                  lambda: s8.view(N, Hp, Wp, Cin_p // block_k, block_k).amax(-1), None, cfg)
     packed = pack_bits(s) if save else torch.empty(0, dtype=torch.uint8, device=s.device)
     return out, packed
 
@@ -247,41 +230,54 @@ def spike_conv2d_fwd_masks_triton(masks, channels, weight, bias, stride, padding
     directly (no int8 copy of the spikes); same result bit for bit. ``out``: a
     contiguous float32 [N, Cout, Ho, Wo] to write into."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
-    N, H, W, Cw = masks.shape
+    N, H, W, _ = masks.shape
+    block_k = cfg["block_k"]
+    if 64 % block_k:
+        raise ValueError(f"block_k must divide 64 to read channel masks, got {block_k}")
+    Cin_p = triton.cdiv(channels, block_k) * block_k
+    pad = (0, 0, padding, padding, padding, padding)
+    return _launch(masks, True, N, H, W, weight, bias, stride, padding, dense_rate,
+                   float(popcount(masks).sum()) / max(1, N * H * W * channels),
+                   lambda: torch.nn.functional.pad(mask_groups(masks, Cin_p, block_k), pad),
+                   out, cfg)
+
+
+def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate, groups, out,
+            cfg):
+    """The part both launchers share: weight planes, output, occupancy map, launch.
+
+    ``src``: the zero-padded int8 spikes [N, Hp, Wp, Cin_p], or (``masks``) the
+    channel masks [N, H, W, Cw]. ``groups()``: the per-pixel channel-group
+    occupancy [N, Hp, Wp, G] of the padded input, built only when ``rate`` is at
+    most ``dense_rate`` (the map pays off). ``out``: None or the tensor to write."""
     Cout, _, kh, kw = weight.shape
     Ho = (H + 2 * padding - kh) // stride + 1
     Wo = (W + 2 * padding - kw) // stride + 1
     BLOCK_K, BLOCK_N = cfg["block_k"], _block_n(Cout)
-    if 64 % BLOCK_K:
-        raise ValueError(f"block_k must divide 64 to read channel masks, got {BLOCK_K}")
     tile_h, tile_w = cfg["tile"]
     planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N)
     Cin_p = planes.shape[3]
     if out is None:
-        out = torch.empty(N, Cout, Ho, Wo, dtype=torch.float32, device=masks.device)
+        out = torch.empty(N, Cout, Ho, Wo, dtype=torch.float32, device=src.device)
     elif (out.shape != (N, Cout, Ho, Wo) or out.dtype != torch.float32
-          or not out.is_contiguous() or out.device != masks.device):
+          or not out.is_contiguous() or out.device != src.device):
         raise ValueError(f"out: expected a contiguous float32 tensor {(N, Cout, Ho, Wo)} on "
-                         f"{masks.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+                         f"{src.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     n_th, n_tw = triton.cdiv(Ho, tile_h), triton.cdiv(Wo, tile_w)
-    G = Cin_p // BLOCK_K
-    rate = float(popcount(masks).sum()) / max(1, N * H * W * channels)
     skip = rate <= dense_rate
-    if skip:
-        groups = torch.nn.functional.pad(mask_groups(masks, Cin_p, BLOCK_K),
-                                         (0, 0, padding, padding, padding, padding))
-        occ = _tile_occupancy(groups, kh, kw, stride, Ho, Wo, (tile_h, tile_w))
-    else:
-        occ = masks  # dummy
+    occ = _tile_occupancy(groups(), kh, kw, stride, Ho, Wo, (tile_h, tile_w)) if skip \
+        else src  # dummy when dense
     launch = dict(num_warps=cfg["num_warps"])
     if cfg["num_stages"] is not None:
         launch["num_stages"] = cfg["num_stages"]
+    # the padded int8 layout's Hp, Wp, or (masks) the words per pixel Cw
+    Hp, Wp, Cw = (1, 1, src.shape[3]) if masks else (src.shape[1], src.shape[2], 1)
     grid = (N * n_th * n_tw, planes.shape[4] // BLOCK_N)
     _spike_conv2d_fwd_kernel[grid](
-        masks, planes, scale, bias, occ, out, 1, 1, Cin_p, planes.shape[4], Cout, Ho, Wo, n_th,
-        n_tw, G, H, W, Cw, padding, STRIDE=stride, KH=kh, KW=kw, TILE_H=tile_h, TILE_W=tile_w,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SKIP=skip, HAS_BIAS=bias is not None, MASKS=True,
-        **launch)
+        src, planes, scale, bias, occ, out, Hp, Wp, Cin_p, planes.shape[4], Cout, Ho, Wo, n_th,
+        n_tw, Cin_p // BLOCK_K, H, W, Cw, padding, STRIDE=stride, KH=kh, KW=kw, TILE_H=tile_h,
+        TILE_W=tile_w, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SKIP=skip, HAS_BIAS=bias is not None,
+        MASKS=masks, **launch)
     return out
 
 
