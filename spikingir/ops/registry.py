@@ -28,11 +28,8 @@ def register_fused_op(stem, kernel_module, fake_fwd, fake_bwd, setup_context, ba
     pairs = [(f"spikingir::{stem}_fwd", f"spikingir::{stem}_bwd", getattr(ops, f"{stem}_bwd"),
               setup_context)]
     if backends.HAS_TRITON:
-        kernels = importlib.import_module(f"spikingir.kernels.{kernel_module}")
-        for key in ("CPU", "CUDA"):
-            for part in ("fwd", "bwd"):
-                torch.library.impl(f"spikingir::{stem}_{part}_triton", key)(
-                    getattr(kernels, f"{stem}_{part}_triton"))
+        for part in ("fwd", "bwd"):
+            _register_triton(f"{stem}_{part}", kernel_module)
         pairs.append((f"spikingir::{stem}_fwd_triton", f"spikingir::{stem}_bwd_triton",
                       getattr(ops, f"{stem}_bwd_triton"),
                       functools.partial(setup_context, triton=True)))
@@ -50,12 +47,18 @@ def register_inference_op(name, kernel_module, fake):
         return
     names = [f"spikingir::{name}"]
     if backends.HAS_TRITON:
-        kernels = importlib.import_module(f"spikingir.kernels.{kernel_module}")
-        for key in ("CPU", "CUDA"):
-            torch.library.impl(f"spikingir::{name}_triton", key)(getattr(kernels, f"{name}_triton"))
+        _register_triton(name, kernel_module)
         names.append(f"spikingir::{name}_triton")
     for qualname in names:
         torch.library.register_fake(qualname)(fake)
+
+
+def _register_triton(name, kernel_module):
+    """``spikingir::<name>_triton`` on the CPU (interpreter) and CUDA keys:
+    ``spikingir.kernels.<kernel_module>.<name>_triton``."""
+    kernels = importlib.import_module(f"spikingir.kernels.{kernel_module}")
+    for key in ("CPU", "CUDA"):
+        torch.library.impl(f"spikingir::{name}_triton", key)(getattr(kernels, f"{name}_triton"))
 
 
 def fused_op(name, backend):
