@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from spikingir import ops
+from spikingir.ops.spike_conv import conv_out_hw
 from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, ann_macs, conv_fanout, conv_macs, conv_sops,
                               snn_energy_mj)
 from spikingir.nn import IFNeuron, MPRNeuron, SeqToBatch
@@ -217,7 +218,7 @@ class SpikingDnCNN(_SpikingNet):
         SpikeMasks) of ``neuron``: IF steps carry ``theta`` per spike, the MPRN
         reuse step ``beta``."""
         def folded(size):  # w[:, c] * size[c]
-            return conv.weight * (size.reshape(1, -1, 1, 1) if size.dim() == 1 else size)
+            return conv.weight * _per_channel(size)
 
         def run(spikes, size, bias):
             return ops.spike_conv2d(spikes.flatten(0, 1), folded(size), bias, conv.stride[0],
@@ -229,10 +230,10 @@ class SpikingDnCNN(_SpikingNet):
             # two weight sets written into one output: the IF steps (theta) and
             # the reuse step (beta); no correction pass, no concatenation
             T, B = self.timesteps, s.shape[1]
-            H, W = s.shape[3:]
-            (kh, kw), (st, _), (pad, _) = conv.kernel_size, conv.stride, conv.padding
-            y = torch.empty(s.shape[0] * B, conv.out_channels, (H + 2 * pad - kh) // st + 1,
-                            (W + 2 * pad - kw) // st + 1, device=conv.weight.device)
+            st, pad = conv.stride[0], conv.padding[0]
+            y = torch.empty(s.shape[0] * B, conv.out_channels,
+                            *conv_out_hw(*s.shape[3:], *conv.kernel_size, st, pad),
+                            device=conv.weight.device)
             for spikes, size, out in ((s[:T], theta, y[:T * B]),
                                       (s[T:], neuron.beta, y[T * B:])):
                 ops.spike_conv2d(spikes.flatten(0, 1), folded(size), conv.bias, st, pad,

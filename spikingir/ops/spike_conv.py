@@ -68,13 +68,14 @@ def dense_rates(backend, cin, cout, masks=False):
 # --------------------------------------------------------------------------
 
 
-def _out_hw(H, W, kh, kw, stride, padding):
+def conv_out_hw(H, W, kh, kw, stride, padding):
+    """Output (Ho, Wo) of a kh x kw convolution with this stride and zero padding."""
     return (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
 
 
 def _fake_fwd(s, weight, bias, stride, padding, dense_rate, validate, save):
     N, Cin, H, W = s.shape
-    Ho, Wo = _out_hw(H, W, weight.shape[2], weight.shape[3], stride, padding)
+    Ho, Wo = conv_out_hw(H, W, weight.shape[2], weight.shape[3], stride, padding)
     out = s.new_empty((N, weight.shape[0], Ho, Wo), dtype=torch.float32)
     packed = s.new_empty((N, Cin, H, (W + 7) // 8) if save else (0,), dtype=torch.uint8)
     return out, packed
@@ -117,7 +118,7 @@ register_fused_op("spike_conv2d", "spike_conv", _fake_fwd, _fake_bwd, _setup_con
 
 def _fake_fwd_masks(masks, channels, weight, bias, stride, padding, dense_rate):
     N, H, W = masks.shape[:3]
-    Ho, Wo = _out_hw(H, W, weight.shape[2], weight.shape[3], stride, padding)
+    Ho, Wo = conv_out_hw(H, W, weight.shape[2], weight.shape[3], stride, padding)
     return masks.new_empty((N, weight.shape[0], Ho, Wo), dtype=torch.float32)
 
 
@@ -255,7 +256,8 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
 
 def _check_out(out, masks, weight, stride, padding):
     N, _, H, W = masks.shape
-    shape = (N, weight.shape[0], *_out_hw(H, W, weight.shape[2], weight.shape[3], stride, padding))
+    shape = (N, weight.shape[0],
+             *conv_out_hw(H, W, weight.shape[2], weight.shape[3], stride, padding))
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out: expected None or a torch.Tensor, got {type(out).__name__}")
     if (out.dtype != torch.float32 or tuple(out.shape) != shape or not out.is_contiguous()
