@@ -522,6 +522,23 @@ const float* check_bias(const std::optional<at::Tensor>& bias, const Geometry& g
   return bias->data_ptr<float>();
 }
 
+// The dense/event switch of every op here: dense_rate < 0 always dense, >= 1
+// never (no rate taken), else dense when firing_rate() > dense_rate.
+template <typename F>
+bool dense_path(double dense_rate, const F& firing_rate) {
+  if (dense_rate < 0.0) return true;
+  if (dense_rate >= 1.0) return false;
+  return firing_rate() > dense_rate;
+}
+
+// The forward's firing-rate sample: input rows 0, 8, 16, ... of every image
+// (1/8 of a pass over the spikes); `sampled` spikes in them.
+inline int64_t sampled_rows(const Geometry& g) { return (g.H + 7) / 8; }
+inline double sampled_rate(int64_t sampled, const Geometry& g) {
+  return static_cast<double>(sampled) /
+         std::max<int64_t>(1, g.N * sampled_rows(g) * g.Cin * g.W);
+}
+
 std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
                                                        const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& bias,
@@ -545,12 +562,10 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
   const char* binary_msg =
       "s: expected a binary spike map (only 0 and 1), found other values; pass validate=False "
       "to skip this check";
-  // The path is chosen from the firing rate of every 8th input row (1/8 of a
-  // pass over s), so that above dense_rate nothing else reads s before oneDNN.
-  // dense_rate < 0: always dense, >= 1: always event-driven (no sample taken).
-  bool dense = dense_rate < 0.0;
-  if (dense_rate >= 0.0 && dense_rate < 1.0) {
-    const int64_t H8 = (g.H + 7) / 8;
+  // The path is chosen from the firing rate of every 8th input row, so that
+  // above dense_rate nothing else reads s before oneDNN.
+  const bool dense = dense_path(dense_rate, [&] {
+    const int64_t H8 = sampled_rows(g);
     std::vector<int64_t> sample(g.N * H8, 0);
     SPK_DISPATCH_FLOATS(s.scalar_type(), "spike_conv2d_rate", [&] {
       const scalar_t* sp = s.data_ptr<scalar_t>();
@@ -568,9 +583,8 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
     });
     int64_t sampled = 0;
     for (int64_t c : sample) sampled += c;
-    dense = static_cast<double>(sampled) / std::max<int64_t>(1, g.N * H8 * g.Cin * g.W) >
-            dense_rate;
-  }
+    return sampled_rate(sampled, g);
+  });
   at::Tensor out;
   if (dense) {
     if (validate || save) {  // one packing pass: the saved bits and/or the check
@@ -650,9 +664,8 @@ at::Tensor masks_conv(const at::Tensor& masks, int64_t channels, const at::Tenso
   // The path from the firing rate of every 8th input row, as spike_conv2d_fwd
   // samples it: the same spikes take the same path, so the result is bitwise
   // that of the float input.
-  bool dense = dense_rate < 0.0;
-  if (dense_rate >= 0.0 && dense_rate < 1.0) {
-    const int64_t H8 = (g.H + 7) / 8, row_words = g.W * Cw;
+  const bool dense = dense_path(dense_rate, [&] {
+    const int64_t H8 = sampled_rows(g), row_words = g.W * Cw;
     const int64_t sampled = at::parallel_reduce(
         0, g.N * H8, 1, int64_t{0},
         [&](int64_t r0, int64_t r1, int64_t acc) {
@@ -663,9 +676,8 @@ at::Tensor masks_conv(const at::Tensor& masks, int64_t channels, const at::Tenso
           return acc;
         },
         std::plus<int64_t>());
-    dense = static_cast<double>(sampled) / std::max<int64_t>(1, g.N * H8 * g.Cin * g.W) >
-            dense_rate;
-  }
+    return sampled_rate(sampled, g);
+  });
   if (!dense) return event_conv(mp, Cw, g, weight, bp, out);
   auto s = at::empty({g.N, channels, g.H, g.W}, masks.options().dtype(at::kFloat));
   float* sp = s.data_ptr<float>();
@@ -715,10 +727,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cpu(
   if (need_weight) {
     const uint8_t* bits = packed.data_ptr<uint8_t>();
     const int64_t numel = g.N * Cin * height * width;
-    bool dense = dense_rate < 0.0;
-    if (dense_rate >= 0.0 && dense_rate < 1.0) {
-      dense = numel && static_cast<double>(popcount_bytes(bits, packed.numel())) / numel > dense_rate;
-    }
+    const bool dense = dense_path(dense_rate, [&] {
+      return numel ? static_cast<double>(popcount_bytes(bits, packed.numel())) / numel : 0.0;
+    });
     if (dense) {
       gw = std::get<1>(at::convolution_backward(grad_out, unpack(packed, g), weight, std::nullopt,
                                                 {stride, stride}, {padding, padding}, {1, 1},
