@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One script for a lent GPU (DESIGN.md section 6): build the CUDA extension, run the
+# GPU tests + compute-sanitizer memcheck beside a time-boxed GPU fine-tuning, then the
 # GPU benchmarks alone on the card (their JSON/text is written before anything is
-# printed), then the GPU tests + compute-sanitizer memcheck beside time-boxed GPU
-# trainings; a short table last.
+# printed); a short table last.
 #
 #   git rev-parse --short HEAD > .gpu_data/COMMIT     # here, before the call
 #   bash benchmarks/gpu_check.sh                       # there (results under $OUT)
@@ -13,10 +13,14 @@
 # be stale: .gpu_data/COMMIT names the commit the benchmark headers print. Optional
 # wheels (SpikingJelly for the neuron benchmark's peer column) travel in .whl.
 #
-# Knobs (environment): TRAIN_S (seconds per training job, default 150; 0 = none),
-# ENERGY_W (finetune --energy-weight of the SNN fine-tuning, default 0),
-# BENCH=0 (skip the benchmarks), TESTS=0 (skip the tests). The trainings' checkpoints
-# come back in $OUT, so a later session can continue them (--resume --checkpoint).
+# Knobs (environment): TRAIN_S (seconds of SNN fine-tuning, default 150; 0 = none),
+# ENERGY_W (its --energy-weight, default 0), SNN0 (the SNN it starts from, default the
+# shipped s25 one), SEED; TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time
+# limits); BENCH (which benchmarks, default "conv snn neuron train"; "" = none), SWEEP=1
+# (add the Triton block sweep); BUILD=0 (a warm machine that built already). The
+# training's checkpoint comes back in $OUT, so a later session can continue it.
+# Within a 15-minute lease, two calls: the first with BENCH=conv, the second at once
+# on the warm machine with BUILD=0 TESTS=0 TRAIN_S=0 BENCH="snn neuron train".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spikingir-gpu}
@@ -46,61 +50,78 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 step "build (SPIKINGIR_FORCE_CUDA=1, sm_90)"
-SPIKINGIR_FORCE_CUDA=1 SPIKINGIR_CUDA_ARCHS="90" MAX_JOBS=16 \
-  python -m pip install -q --no-build-isolation --no-deps -e . > "$LOG/build.log" 2>&1 \
-  || { tail -40 "$LOG/build.log"; echo "BUILD FAILED"; exit 1; }
-python -c "from spikingir import ops; print('backends on cuda: neuron', ops.available_backends('cuda'), 'spike_conv2d', ops.available_backends('cuda', op='spike_conv2d'))"
-
-if [ "${BENCH:-1}" != 0 ]; then
-  step "benchmarks (alone on the card)"
-  timeout 150 python benchmarks/bench_neuron.py --device cuda --T 10 --N 1000000 8000000 \
-    --json "$OUT/bench_neuron_gpu.json" > "$LOG/bench_neuron_gpu.txt" 2>&1 || status=1
-  tail -32 "$LOG/bench_neuron_gpu.txt"
-  timeout 200 python benchmarks/bench_spike_conv.py --device cuda --dncnn --triton-sweep \
-    > "$LOG/bench_spike_conv_gpu.txt" 2>&1 || status=1
-  grep "^|" "$LOG/bench_spike_conv_gpu.txt" | tail -20
-  timeout 120 python benchmarks/bench_snn.py --device cuda > "$LOG/bench_snn_gpu.txt" 2>&1 || status=1
-  tail -9 "$LOG/bench_snn_gpu.txt"
-  # a fine-tuning step, NCHW against channels-last (finetune trains channels-last on the CPU only)
-  timeout 90 python benchmarks/bench_snn.py --device cuda --train --shape 32 1 40 40 \
-    > "$LOG/bench_train_gpu.txt" 2>&1 || status=1
-  tail -4 "$LOG/bench_train_gpu.txt"
+if [ "${BUILD:-1}" != 0 ]; then
+  SPIKINGIR_FORCE_CUDA=1 SPIKINGIR_CUDA_ARCHS="90" MAX_JOBS=16 \
+    python -m pip install -q --no-build-isolation --no-deps -e . > "$LOG/build.log" 2>&1 \
+    || { tail -40 "$LOG/build.log"; echo "BUILD FAILED"; exit 1; }
 fi
+python -c "from spikingir import ops; print('backends on cuda: neuron', ops.available_backends('cuda'), 'spike_conv2d', ops.available_backends('cuda', op='spike_conv2d'))"
 
 pids=()
 if [ "$TRAIN_S" != 0 ] && [ -d ../shared/data/train400 ]; then
-  step "start trainings in the background (${TRAIN_S} s each, beside the tests)"
-  # Fine-tune the SNN of the shipped DnCNN-S sigma=25 ANN at T=10 (checkpoint comes
-  # back: carry it in .gpu_data/ckpt and add --resume to continue), then evaluate it
-  # on Set12 (full images) on the GPU.
+  step "start the training in the background (${TRAIN_S} s, beside the tests)"
+  # Continue fine-tuning the shipped DnCNN s25 SNN at T=10 (SNN0, default the shipped
+  # one; its checkpoint comes back: carry it in .gpu_data/ckpt and it resumes), then
+  # evaluate it on Set12 (full images) on the GPU.
   ck=.gpu_data/ckpt/snn_s25.ckpt; [ -f "$ck" ] && cp "$ck" "$OUT/snn_s25.ckpt"
   ( python -m spikingir.cli finetune --task denoise --sigma 25 --timesteps 10 --steps 20000 \
+      --snn-weights "${SNN0:-spikingir/weights/snn_dncnn_s25.pt}" --seed "${SEED:-3}" \
       --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint "$OUT/snn_s25.ckpt" --resume \
       --energy-weight "${ENERGY_W:-0}" \
       --out "$OUT/snn_dncnn_s25.pt" \
     && python -m spikingir.cli evaluate --task denoise --sigma 25 --snn-weights "$OUT/snn_dncnn_s25.pt" \
-      --data ../shared/data/set12 --timesteps 4 5 10 --device cuda --json "$LOG/eval_snn_s25.json" \
+      --data ../shared/data/set12 --timesteps 4 5 10 --device cuda --json "$OUT/eval_snn_s25.json" \
   ) > "$LOG/finetune.log" 2>&1 &
   pids+=($!)
 fi
 
 if [ "${TESTS:-1}" != 0 ]; then
   step "GPU tests"
-  timeout 300 python -m pytest -q -m gpu tests/ -p no:cacheprovider -rs > "$LOG/gpu_tests.log" 2>&1 || status=1
-  tail -8 "$LOG/gpu_tests.log"
+  timeout "${TESTS_S:-240}" python -m pytest -q -m gpu tests/ -p no:cacheprovider -rs --durations=5 \
+    > "$LOG/gpu_tests.log" 2>&1 || status=1
+  tail -14 "$LOG/gpu_tests.log"
 
   step "compute-sanitizer memcheck (CUDA and Triton neuron and spike_conv2d tests, small shapes)"
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  timeout "${MEMCHECK_S:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 \
     python -m pytest -q -x -m gpu tests/test_neuron.py tests/test_spike_conv.py -p no:cacheprovider \
-    -k "not int64 and (sigmoid or 3-1-1 or 7-2-3 or gradients or masks)" > "$LOG/memcheck.log" 2>&1 || status=1
+    -k "not int64 and (sigmoid or 3-1-1 or 7-2-3 or gradients or masks or bitwise)" > "$LOG/memcheck.log" 2>&1 || status=1
   tail -4 "$LOG/memcheck.log"
 fi
 
 if [ ${#pids[@]} -gt 0 ]; then
-  step "wait for the trainings"
+  step "wait for the training"
   for p in "${pids[@]}"; do wait "$p" || status=1; done
   tr "\r" "\n" < "$LOG/finetune.log" | grep -v "^ *$" | grep -v "it/s" | tail -8
 fi
+
+# Benchmarks run alone on the card, after the tests and the training. BENCH lists
+# them (default all; "" = none): conv, snn, neuron, train.
+for b in ${BENCH-conv snn neuron train}; do
+  case $b in
+  conv)
+    step "bench_spike_conv"
+    timeout 200 python benchmarks/bench_spike_conv.py --device cuda --dncnn ${SWEEP:+--triton-sweep} \
+      > "$LOG/bench_spike_conv_gpu.txt" 2>&1 || status=1
+    cp "$LOG/bench_spike_conv_gpu.txt" "$OUT/"
+    grep "^|" "$LOG/bench_spike_conv_gpu.txt" | tail -20 ;;
+  snn)
+    step "bench_snn"
+    timeout 120 python benchmarks/bench_snn.py --device cuda > "$LOG/bench_snn_gpu.txt" 2>&1 || status=1
+    cp "$LOG/bench_snn_gpu.txt" "$OUT/"
+    tail -10 "$LOG/bench_snn_gpu.txt" ;;
+  neuron)
+    step "bench_neuron"
+    timeout 150 python benchmarks/bench_neuron.py --device cuda --T 10 --N 1000000 8000000 \
+      --json "$OUT/bench_neuron_gpu.json" > "$LOG/bench_neuron_gpu.txt" 2>&1 || status=1
+    tail -32 "$LOG/bench_neuron_gpu.txt" ;;
+  train)
+    # a fine-tuning step, NCHW against channels-last (finetune trains channels-last on the CPU only)
+    step "bench_snn --train"
+    timeout 90 python benchmarks/bench_snn.py --device cuda --train --shape 32 1 40 40 \
+      > "$LOG/bench_train_gpu.txt" 2>&1 || status=1
+    tail -4 "$LOG/bench_train_gpu.txt" ;;
+  esac
+done
 
 step "summary: neuron (from bench_neuron_gpu.json)"
 [ -f "$OUT/bench_neuron_gpu.json" ] && python - "$OUT/bench_neuron_gpu.json" <<'PY' || true

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from spikingir import ops
 from spikingir.convert import calibrate, to_snn
 from spikingir.energy import E_MAC_PJ, E_SOP_PJ, conv_fanout, conv_macs
 from spikingir.evaluate import Sample, evaluate
@@ -322,3 +323,29 @@ def test_energy_ratio_estimate_matches_counted_sops(arch, neuron):
     snn.track_energy(False)
     snn(x)
     assert snn.energy_ratio is None
+
+
+_GPU_BACKENDS = ([b for b in ("cuda", "triton") if b in ops.available_backends("cuda", op="spike_conv2d")]
+                 if torch.cuda.is_available() else [])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _GPU_BACKENDS, reason="needs a CUDA GPU and a GPU backend")
+@pytest.mark.parametrize("backend", _GPU_BACKENDS)
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_gpu_spike_conv_snn_matches_cpu(backend, neuron):
+    """The whole SNN on the GPU (fused neurons emitting masks into the fused
+    spike_conv2d, the MPRN reuse step through out=) gives the CPU dense SNN's
+    output: on dyadic grids every sum is exact, so bit for bit."""
+    snn, x = dyadic_snn(neuron, 4, seed=4)
+    with torch.no_grad():
+        ref = snn(x)
+    snn.cuda()
+    for n in snn.neurons():
+        n.backend = backend
+    outs = []
+    for masks in (True, False):
+        snn.use_spike_conv(True, backend=backend, masks=masks)
+        with torch.no_grad():
+            outs.append(snn(x.cuda()).cpu())
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], ref)
