@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from spikingir import ops
+from spikingir.nn import IFNeuron, MPRNeuron
 from spikingir.ops import backends
 from spikingir.ops.reference import neuron_reference
 from spikingir.ops.surrogate import SURROGATES
@@ -626,6 +627,60 @@ def test_gpu_masks_match_values(backend, op):
         theta = (torch.rand(C, generator=g) + 0.4).cuda()
         _masks_vs_values(op, backend, x, theta, 0.5 if op == "mprn" else None,
                          v0=torch.zeros(x.shape[1:], device="cuda"))
+
+
+def test_validate_false_skips_value_checks():
+    """validate=False: the caller vouches for the parameter values (the modules
+    check their own parameters); shapes and types are still checked."""
+    x = torch.randn(4, 2, 3)
+    bad = torch.tensor([1.0, float("nan"), 1.0])
+    with pytest.raises(ValueError, match="theta: expected finite positive"):
+        ops.if_multistep(x, bad)
+    ops.if_multistep(x, bad, validate=False)
+    with pytest.raises(ValueError, match="theta: expected a float, a 0-d tensor"):
+        ops.if_multistep(x, torch.ones(5), validate=False)
+
+
+@pytest.mark.parametrize("cls", [IFNeuron, MPRNeuron])
+def test_module_checks_its_parameters(cls):
+    """The modules check theta, beta and theta_floor themselves (the op gets the
+    derived max(theta, theta_floor)): a non-finite value after an update is a
+    clear error, whichever parameter it is in."""
+    x = torch.randn(4, 2, 3, 5)
+    for name in ("theta", "theta_floor") + (("beta",) if cls is MPRNeuron else ()):
+        n = cls(1.0, num_channels=3)
+        n(x)
+        with torch.no_grad():
+            getattr(n, name)[1] = float("inf") if name != "theta_floor" else 0.0
+        with pytest.raises(ValueError, match=name):
+            n(x)
+    with pytest.raises(ValueError, match="alpha: expected a finite positive"):
+        cls(1.0, alpha=-2.0)(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_FUSED, reason="needs a CUDA GPU and a GPU backend")
+@pytest.mark.parametrize("backend", GPU_FUSED)
+@pytest.mark.parametrize("emit", ["values", "masks"])
+def test_gpu_no_sync_per_call(backend, emit):
+    """A GPU parameter tensor's values are checked when first seen and after each
+    in-place change, not on every call: later calls never synchronise the host with
+    the GPU (torch's sync debug mode raises if one does); scalars are filled on the
+    device."""
+    x = torch.randn(4, 2, 3, 5, 6, device="cuda")
+    theta = torch.rand(3, device="cuda") + 0.5
+    beta = torch.rand(3, device="cuda") + 0.2
+    with torch.no_grad():
+        ops.mprn_multistep(x, theta, beta, backend=backend, emit=emit)  # first sight: checked
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ops.mprn_multistep(x, theta, beta, backend=backend, emit=emit)
+            ops.if_multistep(x, 0.75, backend=backend, emit=emit)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        theta.fill_(-1.0)  # an in-place change: checked again
+        with pytest.raises(ValueError, match="theta: expected finite positive"):
+            ops.mprn_multistep(x, theta, beta, backend=backend, emit=emit)
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 // CUDA kernels of spikingir::neuron_fwd / neuron_bwd (schemas: csrc/ops.cpp).
 //
-// One thread per neuron walks all T steps: the membrane potential stays in a
-// register and each step reads x (and writes y, u) once, so the kernel moves the
+// One thread per neuron walks all T steps (kChunk at a time, loads first): the
+// membrane potential stays in a register and each step reads x (and writes y, u) once, so the kernel moves the
 // byte floor of the op (fp32: 12 B per neuron-step forward incl. the saved u,
 // 12 B backward). Offsets are int64 (t * M + m can pass 2^31). Launches go on
 // the current stream.
@@ -32,6 +32,13 @@ __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(c10::Half v) { return static_cast<float>(v); }
 __device__ __forceinline__ float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
 
+// Steps are taken kChunk at a time: the chunk's loads are issued before any of its
+// arithmetic, so each thread keeps kChunk loads in flight instead of one (with one,
+// 2048 threads x 4 B per SM is too little to cover HBM latency: the first H100
+// run measured half the byte floor, where torch.compile's unrolled loop reached
+// 91 %). The arithmetic and its order are unchanged.
+constexpr int kChunk = 8;
+
 template <typename scalar_t, typename save_t>
 __global__ void neuron_fwd_kernel(const scalar_t* __restrict__ x, const float* __restrict__ v0,
                                   scalar_t* __restrict__ y, float* __restrict__ vT,
@@ -42,18 +49,28 @@ __global__ void neuron_fwd_kernel(const scalar_t* __restrict__ x, const float* _
     const int64_t c = (m / p.inner) % p.C;
     const float th = __ldg(p.theta + c);
     float v = v0 ? v0[m] : 0.0f;
-    int64_t off = m;
-    for (int64_t t = 0; t < T; ++t, off += M) {
-      const bool reuse = t >= T_if;
-      const float thr = reuse ? p.reuse_alpha * th : th;
-      const float k = reuse ? __ldg(p.beta + c) : th;
-      // h = v + x; u = h - thr; s = H(u); v = h - theta s (soft reset).
-      const float h = v + to_f(x[off]);
-      const float u = h - thr;
-      const float s = u >= 0.0f ? 1.0f : 0.0f;
-      v = h - th * s;
-      y[off] = static_cast<scalar_t>(p.scale_output ? k * s : s);
-      store_saved(saved, off, u);
+    for (int64_t t0 = 0; t0 < T; t0 += kChunk) {
+      float xs[kChunk];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        xs[i] = t0 + i < T ? to_f(x[(t0 + i) * M + m]) : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        const int64_t t = t0 + i;
+        if (t >= T) break;
+        const int64_t off = t * M + m;
+        const bool reuse = t >= T_if;
+        const float thr = reuse ? p.reuse_alpha * th : th;
+        const float k = reuse ? __ldg(p.beta + c) : th;
+        // h = v + x; u = h - thr; s = H(u); v = h - theta s (soft reset).
+        const float h = v + xs[i];
+        const float u = h - thr;
+        const float s = u >= 0.0f ? 1.0f : 0.0f;
+        v = h - th * s;
+        y[off] = static_cast<scalar_t>(p.scale_output ? k * s : s);
+        store_saved(saved, off, u);
+      }
     }
     vT[m] = v;
   }
@@ -72,20 +89,32 @@ __global__ void neuron_bwd_kernel(const scalar_t* __restrict__ gy, const float* 
     const float a = __ldg(p.alpha + c);
     float gv = gvT ? gvT[m] : 0.0f;
     float gth = 0.0f, gbe = 0.0f;
-    int64_t off = (T - 1) * M + m;
-    for (int64_t t = T - 1; t >= 0; --t, off -= M) {
-      const bool reuse = t >= T_if;
-      const float u = to_f(saved[off]);
-      const float s = u >= 0.0f ? 1.0f : 0.0f;
-      const float sg = surrogate_grad<kSurrogate>(u, a);
-      float gh, g_theta, g_k;
-      step_backward(to_f(gy[off]), gv, s, sg, th, reuse ? __ldg(p.beta + c) : th,
-                    reuse ? p.reuse_alpha : 1.0f, p.scale_output, p.detach_reset, gh, g_theta,
-                    g_k);
-      gx[off] = static_cast<scalar_t>(gh);
-      gv = gh;
-      gth += g_theta;
-      if (reuse) gbe += g_k; else gth += g_k;
+    // Back in time, kChunk steps at a time, their loads first (see kChunk).
+    for (int64_t t1 = T - 1; t1 >= 0; t1 -= kChunk) {
+      float gys[kChunk], us[kChunk];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        const int64_t off = (t1 - i) * M + m;
+        gys[i] = t1 - i >= 0 ? to_f(gy[off]) : 0.0f;
+        us[i] = t1 - i >= 0 ? to_f(saved[off]) : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        const int64_t t = t1 - i;
+        if (t < 0) break;
+        const bool reuse = t >= T_if;
+        const float u = us[i];
+        const float s = u >= 0.0f ? 1.0f : 0.0f;
+        const float sg = surrogate_grad<kSurrogate>(u, a);
+        float gh, g_theta, g_k;
+        step_backward(gys[i], gv, s, sg, th, reuse ? __ldg(p.beta + c) : th,
+                      reuse ? p.reuse_alpha : 1.0f, p.scale_output, p.detach_reset, gh, g_theta,
+                      g_k);
+        gx[t * M + m] = static_cast<scalar_t>(gh);
+        gv = gh;
+        gth += g_theta;
+        if (reuse) gbe += g_k; else gth += g_k;
+      }
     }
     gv0[m] = gv;
     if (gtheta_buf) gtheta_buf[m] = gth;

@@ -1,8 +1,12 @@
 """Multi-step spiking neuron modules: thin shells over spikingir.ops."""
+import math
+import numbers
+
 import torch
 from torch import nn
 
 from spikingir import ops
+from spikingir.ops.neuron import check_values
 
 
 class _MultiStepNeuron(nn.Module):
@@ -87,11 +91,28 @@ class _MultiStepNeuron(nn.Module):
         alpha = self.alpha / self.effective_theta().detach() if self.scale_free_surrogate else self.alpha
         return v0, alpha
 
+    def _check_params(self):
+        # The ops get tensors derived from the parameters (max(theta, theta_floor),
+        # alpha / theta, theta / 2), new every call, so checking them in the op
+        # would synchronise a GPU every call; the sources are checked here instead,
+        # once per in-place change (ops.neuron.check_values), and the ops are
+        # called with validate=False. theta_floor > 0 keeps the thresholds positive.
+        if isinstance(self.alpha, torch.Tensor):
+            check_values("alpha", self.alpha, positive=True)
+        elif not (isinstance(self.alpha, numbers.Real) and math.isfinite(self.alpha)
+                  and self.alpha > 0):
+            raise ValueError(f"alpha: expected a finite positive value, got {self.alpha!r}")
+        check_values("theta_floor", self.theta_floor, positive=True)
+        check_values("theta", self.theta, positive=False)
+        if hasattr(self, "beta"):
+            check_values("beta", self.beta, positive=False)
+
     def _kwargs(self, x_seq):
+        self._check_params()
         v0, alpha = self._step_params(x_seq)
         return dict(v0=v0, surrogate=self.surrogate, alpha=alpha, detach_reset=self.detach_reset,
                     scale_output=self.scale_output, save_dtype=self.save_dtype,
-                    backend=self.backend)
+                    backend=self.backend, validate=False)
 
     def extra_repr(self):
         shape = "scalar" if self.num_channels is None else f"C={self.num_channels}"

@@ -100,7 +100,9 @@ def _param(name, value, x_seq, positive, can_check_values):
             raise ValueError(f"{name}: expected a finite{' positive' if positive else ''} "
                              f"value, got {value}")
         dtype = torch.float64 if x_seq.dtype == torch.float64 else torch.float32
-        return torch.tensor(value, dtype=dtype, device=x_seq.device)
+        # torch.full fills on the device (torch.tensor(value, device="cuda") would copy
+        # from the host and synchronise).
+        return torch.full((), value, dtype=dtype, device=x_seq.device)
     if not value.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
     if value.device != x_seq.device:
@@ -113,15 +115,49 @@ def _param(name, value, x_seq, positive, can_check_values):
         raise ValueError(f"{name}: expected a float, a 0-d tensor or {expect}, "
                          f"got shape {tuple(value.shape)}")
     if can_check_values:
-        bad = ~torch.isfinite(value) | (value <= 0) if positive else ~torch.isfinite(value)
-        if bool(bad.any()):
-            raise ValueError(f"{name}: expected finite{' positive' if positive else ''} "
-                             f"values, got {value.detach().flatten()[:8].tolist()}")
+        check_values(name, value, positive)
     return value.reshape(()) if value.numel() == 1 else value
 
 
+def check_values(name, value, positive):
+    """Raise a ValueError unless every value of the tensor ``value`` is finite
+    (and > 0 if ``positive``). A tensor off the CPU is checked when first seen
+    and after each in-place change only (see below)."""
+    if torch.compiler.is_compiling() or _checked_before(value, positive):
+        return
+    bad = ~torch.isfinite(value) | (value <= 0) if positive else ~torch.isfinite(value)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: expected finite{' positive' if positive else ''} "
+                         f"values, got {value.detach().flatten()[:8].tolist()}")
+    _mark_checked(value, positive)
+
+
+# Reading a check's verdict back from a GPU synchronises with it (bool(bad.any())),
+# three times per neuron layer (theta, beta, alpha): the host then waits for the queue
+# to drain before every layer. A GPU parameter tensor is therefore checked when first
+# seen and again after each in-place change (its version counter moves: optimizer
+# steps, copy_, fill_), not on every call. Tensors on the CPU are checked every call
+# (no synchronisation to save). Writes through `.data` bypass the version counter.
+_CHECKED = "_spikingir_checked"
+
+
+def _checked_before(value, positive):
+    if value.device.type == "cpu":
+        return False
+    seen = getattr(value, _CHECKED, None)
+    return seen is not None and seen[0] == value._version and (seen[1] or not positive)
+
+
+def _mark_checked(value, positive):
+    if value.device.type != "cpu":
+        try:
+            setattr(value, _CHECKED, (value._version, positive))
+        except (AttributeError, RuntimeError):  # tensors that take no attributes: check each call
+            pass
+
+
 def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate,
-            detach_reset, scale_output, save_dtype, backend, op, emit):
+            detach_reset, scale_output, save_dtype, backend, op, emit, validate=True):
     _check_x(x_seq, 2 if reuse_step else 1)
     if emit not in ("values", "masks"):
         raise ValueError(f"emit: expected 'values' or 'masks', got {emit!r}")
@@ -135,7 +171,7 @@ def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate
         raise ValueError(f"reuse_alpha: expected a float in (0.5, 1], got {reuse_alpha!r}")
     if save_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"save_dtype: expected torch.float32 or torch.bfloat16, got {save_dtype}")
-    check_values = not torch.compiler.is_compiling()
+    check_values = validate and not torch.compiler.is_compiling()
     theta = _param("theta", theta, x_seq, True, check_values)
     beta = theta if beta is None else _param("beta", beta, x_seq, False, check_values)
     alpha = _param("alpha", alpha, x_seq, True, check_values).detach()
@@ -222,7 +258,8 @@ def _neuron_masks(x_seq, theta_c, beta_c, v0, alpha_c, surrogate, flags, chosen)
 
 
 def if_multistep(x_seq, theta, *, v0=None, surrogate="sigmoid", alpha=4.0, detach_reset=False,
-                 scale_output=True, save_dtype=torch.float32, backend="auto", emit="values"):
+                 scale_output=True, save_dtype=torch.float32, backend="auto", emit="values",
+                 validate=True):
     """Integrate-and-fire neuron with soft reset over T steps, fused.
 
     Args:
@@ -247,6 +284,13 @@ def if_multistep(x_seq, theta, *, v0=None, surrogate="sigmoid", alpha=4.0, detac
             channels last), what :func:`spikingir.ops.spike_conv2d` reads
             fastest; inference only (a ``ValueError`` when a gradient could
             flow), ``x_seq`` must be ``[T, N, C, H, W]``.
+        validate: check the values of tensor parameters (finite; theta and
+            alpha > 0). On a GPU reading the verdict back synchronises, so a
+            tensor is checked when first seen and after each in-place change
+            (its version counter), not on every call; ``False`` skips the
+            check (the neuron modules check their own parameters that way and
+            pass tensors derived from them). Shapes, dtypes and devices are
+            always checked.
 
     Returns:
         ``(y_seq, v_final)``: ``y_seq`` like ``x_seq`` (or ``SpikeMasks`` of
@@ -257,12 +301,13 @@ def if_multistep(x_seq, theta, *, v0=None, surrogate="sigmoid", alpha=4.0, detac
     """
     return _neuron(x_seq, theta, None, alpha, reuse_step=False, reuse_alpha=0.75, v0=v0,
                    surrogate=surrogate, detach_reset=detach_reset, scale_output=scale_output,
-                   save_dtype=save_dtype, backend=backend, op="if_multistep", emit=emit)
+                   save_dtype=save_dtype, backend=backend, op="if_multistep", emit=emit,
+                   validate=validate)
 
 
 def mprn_multistep(x_seq, theta, beta, *, reuse_alpha=0.75, v0=None, surrogate="sigmoid",
                    alpha=4.0, detach_reset=False, scale_output=True, save_dtype=torch.float32,
-                   backend="auto", emit="values"):
+                   backend="auto", emit="values", validate=True):
     """Membrane Potential Reuse Neuron: T IF steps, then one reuse step.
 
     ``x_seq`` has T + 1 steps: the first T are IF steps (as
@@ -276,4 +321,5 @@ def mprn_multistep(x_seq, theta, beta, *, reuse_alpha=0.75, v0=None, surrogate="
     """
     return _neuron(x_seq, theta, beta, alpha, reuse_step=True, reuse_alpha=reuse_alpha, v0=v0,
                    surrogate=surrogate, detach_reset=detach_reset, scale_output=scale_output,
-                   save_dtype=save_dtype, backend=backend, op="mprn_multistep", emit=emit)
+                   save_dtype=save_dtype, backend=backend, op="mprn_multistep", emit=emit,
+                   validate=validate)
