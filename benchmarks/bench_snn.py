@@ -16,6 +16,9 @@ of --repeats calls after one untimed call):
   theta folded into the weights.
 - ``SNN spike <backend> masks``: the same, the neurons handing the spikes to
   ``spike_conv2d`` as channel bit masks (``emit="masks"``, the default).
+- ``SNN dense bf16 cl`` (GPU): the shipped SNN under ``torch.autocast(bfloat16)``
+  with channels-last weights and input: not exact (weights and currents rounded
+  to bf16), the fast setting for inference; PSNR says what it costs.
 ``ratio``: column ms / ANN fp32 ms. ``PSNR``: of the output against the clean
 image (dB). The spike-conv columns are not bitwise equal to ``SNN dense``: a
 float32 rounding difference in one conv can flip one spike, and the flip spreads
@@ -166,6 +169,14 @@ def main(argv=None):
                     ms[name] = _time(lambda: snn(x), dev, args.repeats)
                 quality[name] = score(out)
         snn.use_spike_conv(False)
+        if dev == "cuda":
+            # mixed precision: the SNN as shipped under bf16 autocast, channels-last
+            # (spikes are exact in bf16, weights and currents are rounded)
+            snn_cl = snn.to(memory_format=cl)
+            with torch.autocast("cuda", torch.bfloat16):
+                out = snn_cl(x_cl)
+                ms["SNN dense bf16 cl"] = _time(lambda: snn_cl(x_cl), dev, args.repeats)
+            quality["SNN dense bf16 cl"] = score(out)
     base = ms["ANN fp32"]
     env = environment(dev, args.threads)
     header = markdown_header(env)

@@ -267,6 +267,21 @@ def test_spike_conv_mode_matches_dense(neuron):
 
 
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_snn_runs_under_bf16_autocast(neuron):
+    """Mixed precision (the fast GPU setting, here on the CPU): convs in bf16, the
+    fused neurons take bf16 currents (potentials stay float32), channels-last
+    weights; the image comes back float32 and close to the fp32 SNN's."""
+    snn, x = dyadic_snn(neuron, 4, seed=6)
+    with torch.no_grad():
+        ref = snn(x)
+        snn_cl = snn.to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = snn_cl(x.to(memory_format=torch.channels_last))
+    assert y.dtype == torch.float32 and bool(torch.isfinite(y).all())
+    assert float((y - ref).abs().mean()) < 0.05 * float(ref.abs().mean())
+
+
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_spike_conv_inference_hands_over_masks(neuron):
     """Without autograd the hidden neurons emit SpikeMasks into spike_conv2d:
     the same output as float spikes, the same spike counts (record_stats); on
