@@ -86,6 +86,14 @@ if [ "${TESTS:-1}" != 0 ]; then
     python -m pytest -q -x -m gpu tests/test_neuron.py tests/test_spike_conv.py -p no:cacheprovider \
     -k "not int64 and (sigmoid or 3-1-1 or 7-2-3 or gradients or masks or bitwise)" > "$LOG/memcheck.log" 2>&1 || status=1
   tail -4 "$LOG/memcheck.log"
+
+  step "compute-sanitizer racecheck + synccheck (CUDA spike_conv2d: shared memory, cp.async, barriers)"
+  for tool in racecheck synccheck; do
+    timeout "${RACECHECK_S:-90}" compute-sanitizer --tool $tool --error-exitcode 9 \
+      python -m pytest -q -x -m gpu tests/test_spike_conv.py -p no:cacheprovider \
+      -k "cuda and (3-1-1-1.0 or 7-2-3-0.1 or bitwise or masks_input)" > "$LOG/$tool.log" 2>&1 || status=1
+    tail -3 "$LOG/$tool.log"
+  done
 fi
 
 if [ ${#pids[@]} -gt 0 ]; then
@@ -134,5 +142,7 @@ for r in rows:
           f"{fmt(r['speedup'], '8.2f')} {fmt(r['gbps'], '7.0f')} {fmt(r['floor_frac'], '6.2f')}")
 PY
 grep -E "passed|failed|error" "$LOG/gpu_tests.log" 2>/dev/null | tail -1
-grep -E "ERROR SUMMARY" "$LOG/memcheck.log" 2>/dev/null | tail -1
+for tool in memcheck racecheck synccheck; do
+  echo "$tool: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOG/$tool.log" 2>/dev/null | tail -1)"
+done
 exit $status

@@ -9,10 +9,11 @@
 //     1. event_conv_kernel: one block per tile of 8 x 16 output pixels and 64
 //        output channels; warp w owns tile row w, lane l output channels l and
 //        l + 32 (16 x 2 accumulators in registers). Per 64-channel word and tap,
-//        the tap's weights [64 ci][64 co] and the tile's input masks sit in
-//        shared memory; each warp walks the set bits of its pixels' words (the
-//        same word for every lane: no divergence) and adds the weight row
-//        w[tap][ci][l] (a conflict-free shared load). Adds only, work
+//        the tap's weights [64 ci][64 co] (double-buffered: the next tap's are
+//        copied with cp.async during this one) and the tile's input masks sit in
+//        shared memory; per pixel the warp lists the word's set channels (the
+//        same word for every lane: no divergence) and adds the weight rows
+//        w[tap][ci][l] (conflict-free shared loads). Adds only, work
 //        proportional to the spikes. Order per output value: bias, then (word,
 //        tap, ci) ascending: fixed, so bitwise reproducible; for Cin <= 64 it is
 //        the CPU kernel's order (bias, ky, kx, ci), so the two agree bit for bit.
@@ -80,19 +81,58 @@ constexpr int kEventThreads = 32 * kTileH;
 // The largest input footprint of a tile: stride 2, 7 x 7 kernel.
 constexpr int kMaxFoot = ((kTileH - 1) * 2 + 7) * ((kTileW - 1) * 2 + 7);
 constexpr int kStageStride = kTileH * kTileW + 1;  // +1: conflict-free transposed writes
-constexpr int kSmemBytes = 64 * kStageStride * 4 > 64 * 64 * 4 + kMaxFoot * 8
-                               ? 64 * kStageStride * 4
-                               : 64 * 64 * 4 + kMaxFoot * 8;
+constexpr int kWStage = 64 * 64;                    // floats of one weight stage [64 ci][64 co]
+// Main loop: two weight stages (double buffer), the tile's masks, one 64-entry
+// list of set channels per warp. Epilogue: the output tile (reuses the memory).
+constexpr int kMainBytes = 2 * kWStage * 4 + kMaxFoot * 8 + kTileH * 64 * 2;
+constexpr int kSmemBytes = 64 * kStageStride * 4 > kMainBytes ? 64 * kStageStride * 4 : kMainBytes;
+
+// 16-byte asynchronous copy global -> shared (sm_80+); src_bytes = 0 fills zeros.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Wait until at most one committed group (the most recent) is still in flight.
+__device__ __forceinline__ void cp_async_wait_prior1() {
+  asm volatile("cp.async.wait_group 1;\n" ::);
+}
+
+// Start copying the weights of 64-channel word k and tap `tap` ([64 ci][64 co]
+// from wt [taps, Cin, Cout_p], output channels c0 ...) into `stage`: 1024 chunks of
+// 16 bytes, 4 per thread. Rows past Cin are zero-filled (a stray mask bit there
+// adds nothing).
+__device__ __forceinline__ void stage_weights(float* stage, const float* __restrict__ wt,
+                                              int64_t k, int tap, const Geometry& g,
+                                              int64_t Cout_p, int64_t c0) {
+  for (int q = threadIdx.x; q < 64 * 16; q += blockDim.x) {
+    const int row = q / 16, col = q % 16 * 4;
+    const int64_t ci = 64 * k + row;
+    const bool inside = ci < g.Cin;
+    cp_async16(stage + row * 64 + col, inside ? wt + (tap * g.Cin + ci) * Cout_p + c0 + col : wt,
+               inside ? 16 : 0);
+  }
+}
 
 // wt: weights [kh kw, Cin, Cout_p] (Cout zero-padded to a multiple of 64),
 // bias_p [Cout_p]; grid (N * n_th * n_tw, Cout_p / 64).
+//
+// Steps it = 0 .. Cw * taps - 1 walk (word k, tap) in order; step it+1's weights
+// are copied (cp.async) while step it computes. Per step and pixel, the warp
+// lists the word's set channels in shared memory (each lane tests its two bits;
+// a ballot prefix count gives the slot), then every lane adds those weight rows:
+// the list costs a few instructions per pixel, the walk ~4 per spike (a serial
+// find-first-set loop cost ~15). Both keep the order ci ascending.
 __global__ void __launch_bounds__(kEventThreads)
     event_conv_kernel(const unsigned long long* __restrict__ masks, const float* __restrict__ wt,
                       const float* __restrict__ bias_p, float* __restrict__ out, Geometry g,
                       int64_t Cw, int64_t Cout_p, int64_t n_th, int64_t n_tw) {
   __shared__ __align__(16) unsigned char smem[kSmemBytes];
-  float* w_s = reinterpret_cast<float*>(smem);  // [64 ci][64 co] of one tap and word
-  unsigned long long* m_s = reinterpret_cast<unsigned long long*>(smem + 64 * 64 * 4);
+  float* w_stages = reinterpret_cast<float*>(smem);  // 2 x [64 ci][64 co]
+  unsigned long long* m_s = reinterpret_cast<unsigned long long*>(smem + 2 * kWStage * 4);
+  unsigned short* lists =
+      reinterpret_cast<unsigned short*>(smem + 2 * kWStage * 4 + kMaxFoot * 8);
   const int64_t tile = blockIdx.x;
   const int64_t n = tile / (n_th * n_tw);
   const int64_t ty0 = (tile / n_tw) % n_th * kTileH;
@@ -100,6 +140,8 @@ __global__ void __launch_bounds__(kEventThreads)
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * 64;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const unsigned below = (1u << lane) - 1u;  // lanes under this one
+  unsigned short* list = lists + warp * 64;  // entries: ci * 64, ascending
   const int FH = (kTileH - 1) * static_cast<int>(g.stride) + static_cast<int>(g.kh);
   const int FW = (kTileW - 1) * static_cast<int>(g.stride) + static_cast<int>(g.kw);
   const int64_t iy0 = ty0 * g.stride - g.pad, ix0 = tx0 * g.stride - g.pad;
@@ -110,33 +152,58 @@ __global__ void __launch_bounds__(kEventThreads)
     acc[p][0] = b0;
     acc[p][1] = b1;
   }
-  for (int64_t k = 0; k < Cw; ++k) {
-    __syncthreads();  // the previous word's readers are done with m_s
-    for (int i = threadIdx.x; i < FH * FW; i += blockDim.x) {
-      const int64_t iy = iy0 + i / FW, ix = ix0 + i % FW;
-      m_s[i] = (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W)
-                   ? masks[((n * g.H + iy) * g.W + ix) * Cw + k]
-                   : 0ull;
+  const int taps = static_cast<int>(g.kh * g.kw);
+  const int64_t steps = Cw * taps;
+  stage_weights(w_stages, wt, 0, 0, g, Cout_p, c0);
+  cp_async_commit();
+  for (int64_t it = 0; it < steps; ++it) {
+    const int64_t k = it / taps;
+    const int tap = static_cast<int>(it % taps);
+    // (A) every warp is done with step it-1: its weight stage ((it+1) & 1) and,
+    // when the word changes, the masks can be overwritten.
+    __syncthreads();
+    if (it + 1 < steps) {
+      stage_weights(w_stages + ((it + 1) & 1) * kWStage, wt, (it + 1) / taps,
+                    static_cast<int>((it + 1) % taps), g, Cout_p, c0);
     }
-    for (int tap = 0; tap < g.kh * g.kw; ++tap) {
-      __syncthreads();  // the previous tap's readers are done with w_s
-      for (int i = threadIdx.x; i < 64 * 64; i += blockDim.x) {
-        const int64_t ci = 64 * k + i / 64;
-        // rows past Cin stay 0: a stray mask bit there adds nothing
-        w_s[i] = ci < g.Cin ? wt[(tap * g.Cin + ci) * Cout_p + c0 + i % 64] : 0.0f;
+    cp_async_commit();  // (possibly empty) group it+1
+    if (tap == 0) {
+      for (int i = threadIdx.x; i < FH * FW; i += blockDim.x) {
+        const int64_t iy = iy0 + i / FW, ix = ix0 + i % FW;
+        m_s[i] = (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W)
+                     ? masks[((n * g.H + iy) * g.W + ix) * Cw + k]
+                     : 0ull;
       }
-      __syncthreads();
-      const int ky = tap / static_cast<int>(g.kw), kx = tap % static_cast<int>(g.kw);
-      const unsigned long long* mrow = m_s + (warp * static_cast<int>(g.stride) + ky) * FW + kx;
+    }
+    cp_async_wait_prior1();  // group it (this step's weights) has landed
+    __syncthreads();         // (B) ... for every thread's copies, and the masks
+    const float* w_s = w_stages + (it & 1) * kWStage;
+    const int ky = tap / static_cast<int>(g.kw), kx = tap % static_cast<int>(g.kw);
+    const unsigned long long* mrow = m_s + (warp * static_cast<int>(g.stride) + ky) * FW + kx;
 #pragma unroll
-      for (int p = 0; p < kTileW; ++p) {
-        unsigned long long bits = mrow[p * static_cast<int>(g.stride)];
-        while (bits) {  // the same word in every lane: no divergence
-          const int ci = __ffsll(static_cast<long long>(bits)) - 1;
-          bits &= bits - 1;
-          acc[p][0] += w_s[ci * 64 + lane];
-          acc[p][1] += w_s[ci * 64 + lane + 32];
-        }
+    for (int p = 0; p < kTileW; ++p) {
+      const unsigned long long word = mrow[p * static_cast<int>(g.stride)];  // warp-uniform
+      if (word == 0ull) continue;
+      const unsigned lo = static_cast<unsigned>(word), hi = static_cast<unsigned>(word >> 32);
+      const int n_lo = __popc(lo), count = n_lo + __popc(hi);
+      __syncwarp();  // the previous pixel's list has been read
+      if ((lo >> lane) & 1u) list[__popc(lo & below)] = static_cast<unsigned short>(lane * 64);
+      if ((hi >> lane) & 1u) {
+        list[n_lo + __popc(hi & below)] = static_cast<unsigned short>((lane + 32) * 64);
+      }
+      __syncwarp();
+      int j = 0;
+      for (; j + 1 < count; j += 2) {
+        const int r0 = list[j], r1 = list[j + 1];
+        acc[p][0] += w_s[r0 + lane];
+        acc[p][1] += w_s[r0 + lane + 32];
+        acc[p][0] += w_s[r1 + lane];
+        acc[p][1] += w_s[r1 + lane + 32];
+      }
+      if (j < count) {
+        const int r0 = list[j];
+        acc[p][0] += w_s[r0 + lane];
+        acc[p][1] += w_s[r0 + lane + 32];
       }
     }
   }
