@@ -82,26 +82,34 @@ def train_step_table(args):
     """``--train``: ms of one fine-tuning step of the SNN (``--shape`` B x 1 x H x W
     noisy patches, MSE to the clean ones, backward through the fused neurons,
     Adam), with the network in NCHW and in channels-last memory (``spikingir
-    finetune`` trains channels-last on the CPU). fp32 (TF32 off on a GPU)."""
+    finetune`` trains channels-last on the CPU), fp32 (TF32 off on a GPU); on a
+    GPU also channels-last under bf16 autocast (``spikingir finetune --amp``)."""
     dev = args.device
     x, _ = _image(args.shape)
     x = x.to(dev)
     target = x.clamp(0, 1)
     rows = []
-    for layout in (torch.contiguous_format, torch.channels_last):
+    settings = [("contiguous_format", torch.contiguous_format, False),
+                ("channels_last", torch.channels_last, False)]
+    if dev == "cuda":
+        settings.append(("channels_last bf16 autocast", torch.channels_last, True))
+    for name, layout, amp in settings:
         snn = load_snn(args.snn_weights).to(dev).to(memory_format=layout).train()
         opt = torch.optim.Adam(snn.parameters(), 1e-6)
+        xl = x.contiguous(memory_format=layout)
 
         def step():
-            loss = torch.nn.functional.mse_loss(snn(x), target)
+            with torch.autocast(dev, torch.bfloat16, enabled=amp):
+                out = snn(xl)
+            loss = torch.nn.functional.mse_loss(out.float(), target)
             opt.zero_grad()
             loss.backward()
             opt.step()
         with _tf32(False):
-            rows.append((str(layout).split(".")[-1], _time(step, dev, args.repeats)))
+            rows.append((name, _time(step, dev, args.repeats)))
     env = environment(dev, args.threads)
     lines = [f"Fine-tuning step of the SNN ({args.snn_weights.split('/')[-1]}), input "
-             f"{args.shape}, Adam, fp32", "", "| layout | ms | x NCHW |", "|---|---|---|"]
+             f"{args.shape}, Adam", "", "| layout | ms | x NCHW |", "|---|---|---|"]
     lines += [f"| {name} | {ms:.1f} | {rows[0][1] / ms:.2f} |" for name, ms in rows]
     header = markdown_header(env)
     print(header)

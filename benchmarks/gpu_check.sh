@@ -14,7 +14,7 @@
 # wheels (SpikingJelly for the neuron benchmark's peer column) travel in .whl.
 #
 # Knobs (environment): TRAIN_S (seconds of SNN fine-tuning, default 150; 0 = none),
-# ENERGY_W (its --energy-weight, default 0), SNN0 (the SNN it starts from, default the
+# ENERGY_W (its --energy-weight, default 0), AMP=1 (its --amp: bf16 autocast), SNN0 (the SNN it starts from, default the
 # shipped s25 one), SEED; TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time
 # limits); BENCH (which benchmarks, default "conv snn neuron train"; "" = none), SWEEP=1
 # (add the Triton block sweep); BUILD=0 (a warm machine that built already). The
@@ -67,7 +67,7 @@ if [ "$TRAIN_S" != 0 ] && [ -d ../shared/data/train400 ]; then
   ( python -m spikingir.cli finetune --task denoise --sigma 25 --timesteps 10 --steps 20000 \
       --snn-weights "${SNN0:-spikingir/weights/snn_dncnn_s25.pt}" --seed "${SEED:-3}" \
       --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint "$OUT/snn_s25.ckpt" --resume \
-      --energy-weight "${ENERGY_W:-0}" \
+      --energy-weight "${ENERGY_W:-0}" ${AMP:+--amp} \
       --out "$OUT/snn_dncnn_s25.pt" \
     && python -m spikingir.cli evaluate --task denoise --sigma 25 --snn-weights "$OUT/snn_dncnn_s25.pt" \
       --data ../shared/data/set12 --timesteps 4 5 10 --device cuda --json "$OUT/eval_snn_s25.json" \
@@ -127,7 +127,7 @@ for b in ${BENCH-conv snn neuron train}; do
     step "bench_snn --train"
     timeout 90 python benchmarks/bench_snn.py --device cuda --train --shape 32 1 40 40 \
       > "$LOG/bench_train_gpu.txt" 2>&1 || status=1
-    tail -4 "$LOG/bench_train_gpu.txt" ;;
+    tail -5 "$LOG/bench_train_gpu.txt" ;;
   esac
 done
 

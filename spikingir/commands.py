@@ -241,12 +241,12 @@ def _cmd_finetune(args):
                        lr_neurons=args.lr_neurons, device=device, seed=args.seed,
                        checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
                        time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
-                       energy_weight=args.energy_weight)
+                       energy_weight=args.energy_weight, amp=args.amp)
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
             "timesteps": args.timesteps, "device": args.device,
             "train_mapper": not args.freeze_mapper, "energy_weight": args.energy_weight,
-            "init": str(args.snn_weights or "conversion"), "wall_s": round(time.time() - t0, 1),
+            "amp": args.amp, "init": str(args.snn_weights or "conversion"), "wall_s": round(time.time() - t0, 1),
             "torch": str(torch.__version__)}
     if res.history:
         last = res.history[-1]
@@ -283,6 +283,9 @@ def _add_finetune(sub):
     p.add_argument("--energy-weight", type=_nonneg_float, default=0.0,
                    help="add this x the estimated SOP part of the SNN/ANN energy ratio to the MSE "
                         "loss: trades PSNR for fewer spikes (default 0: off)")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast + channels_last (GPU, or a CPU with AVX512-BF16/AMX); "
+                        "neuron potentials and gradients stay float32")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_finetune))
 

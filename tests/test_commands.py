@@ -148,9 +148,11 @@ def test_cli_sets_huge_pages_before_torch_loads():
     assert out.stdout.split() == ["False", "0"]
 
 
-def test_finetune_continues_an_snn_with_an_energy_term(files, tmp_path, capsys):
+@pytest.mark.parametrize("amp", [False, True])
+def test_finetune_continues_an_snn_with_an_energy_term(files, tmp_path, capsys, amp):
     """finetune --snn-weights starts from a saved SNN (no conversion), and
-    --energy-weight adds the energy term; both are recorded in the output."""
+    --energy-weight adds the energy term; both are recorded in the output.
+    --amp trains in bf16 autocast (here on the CPU) and saves float32 weights."""
     from spikingir.pipeline import load_snn
     from spikingir.weights import WEIGHTS_DIR
     data = files / "gray48"
@@ -159,10 +161,16 @@ def test_finetune_continues_an_snn_with_an_energy_term(files, tmp_path, capsys):
                              "--snn-weights", str(WEIGHTS_DIR / "snn_dncnn_s25.pt"),
                              "--timesteps", "2", "--steps", "2", "--batch-size", "2",
                              "--data", str(data), "--val-data", str(data), "--val-crop", "32",
-                             "--energy-weight", "0.01", "--out", str(out)], capsys)
+                             "--energy-weight", "0.01", "--out", str(out)]
+                            + (["--amp"] if amp else []), capsys)
     assert code == 0, err
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["energy_weight"] == 0.01 and meta["init"].endswith("snn_dncnn_s25.pt")
+    assert meta["amp"] is amp
+    sd = torch.load(out, weights_only=True)["state_dict"]
+    assert all(t.dtype == torch.float32 for t in sd.values() if t.is_floating_point())
+    assert not torch.equal(sd["hidden.0.module.weight"], torch.load(
+        WEIGHTS_DIR / "snn_dncnn_s25.pt", weights_only=True)["state_dict"]["hidden.0.module.weight"])
     assert meta["steps"] == 2
     snn = load_snn(out)
     assert snn.energy_ratio is None and snn.timesteps == 2
