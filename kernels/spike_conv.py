@@ -210,7 +210,7 @@ def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, valida
     s8 = padded_spikes(s, padding, block_k)
     Hp, Wp, Cin_p = s8.shape[1:]
     out = _launch(s8, False, N, H, W, weight, bias, stride, padding, dense_rate,
-                  float(s8.count_nonzero()) / max(1, s.numel()),
+                  lambda: float(s8.count_nonzero()) / max(1, s.numel()),
                   lambda: s8.view(N, Hp, Wp, Cin_p // block_k, block_k).amax(-1), None, cfg)
     packed = pack_bits(s) if save else torch.empty(0, dtype=torch.uint8, device=s.device)
     return out, packed
@@ -237,7 +237,7 @@ def spike_conv2d_fwd_masks_triton(masks, channels, weight, bias, stride, padding
     Cin_p = triton.cdiv(channels, block_k) * block_k
     pad = (0, 0, padding, padding, padding, padding)
     return _launch(masks, True, N, H, W, weight, bias, stride, padding, dense_rate,
-                   float(popcount(masks).sum()) / max(1, N * H * W * channels),
+                   lambda: float(popcount(masks).sum()) / max(1, N * H * W * channels),
                    lambda: torch.nn.functional.pad(mask_groups(masks, Cin_p, block_k), pad),
                    out, cfg)
 
@@ -248,8 +248,10 @@ def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate
 
     ``src``: the zero-padded int8 spikes [N, Hp, Wp, Cin_p], or (``masks``) the
     channel masks [N, H, W, Cw]. ``groups()``: the per-pixel channel-group
-    occupancy [N, Hp, Wp, G] of the padded input, built only when ``rate`` is at
-    most ``dense_rate`` (the map pays off). ``out``: None or the tensor to write."""
+    occupancy [N, Hp, Wp, G] of the padded input, built only when the firing rate
+    ``rate()`` is at most ``dense_rate`` (the map pays off). ``rate()`` is only
+    called for 0 <= dense_rate < 1: on a GPU it reads a count back, which
+    synchronises. ``out``: None or the tensor to write."""
     Cout, _, kh, kw = weight.shape
     Ho = (H + 2 * padding - kh) // stride + 1
     Wo = (W + 2 * padding - kw) // stride + 1
@@ -264,7 +266,7 @@ def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate
         raise ValueError(f"out: expected a contiguous float32 tensor {(N, Cout, Ho, Wo)} on "
                          f"{src.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     n_th, n_tw = triton.cdiv(Ho, tile_h), triton.cdiv(Wo, tile_w)
-    skip = rate <= dense_rate
+    skip = dense_rate >= 1.0 or (dense_rate >= 0.0 and rate() <= dense_rate)
     occ = _tile_occupancy(groups(), kh, kw, stride, Ho, Wo, (tile_h, tile_w)) if skip \
         else src  # dummy when dense
     launch = dict(num_warps=cfg["num_warps"])

@@ -585,6 +585,27 @@ def test_gpu_validates(backend):
         ops.spike_conv2d(S.cuda() * 0.5, W.cuda(), backend=backend)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_FUSED, reason="needs a CUDA GPU and a GPU backend")
+@pytest.mark.parametrize("backend", GPU_FUSED)
+def test_gpu_no_sync_per_call(backend):
+    """With validate=False neither fused GPU conv waits for the GPU on the host
+    (no firing rate or spike count read back): torch's sync debug mode raises
+    if one does."""
+    s = spikes(2, 37, 23, 19, rate=0.1, device="cuda")
+    w, b = conv_params(70, 37, 3, device="cuda")
+    m = ops.SpikeMasks.from_dense(s)
+    with torch.no_grad():
+        ref = ops.spike_conv2d(s, w, b, 1, 1, validate=False, backend=backend)  # warm-up
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = ops.spike_conv2d(s, w, b, 1, 1, validate=False, backend=backend)
+            out_m = ops.spike_conv2d(m, w, b, 1, 1, validate=False, backend=backend)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(out, ref) and torch.equal(out_m, ref)
+
+
 @pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
 def test_cpp_path_follows_the_layer_shape():
     """dense_rates: oneDNN for few input channels (AOD-Net's 3 -> 3 layers, where it

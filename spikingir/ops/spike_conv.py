@@ -21,10 +21,15 @@ from .reference import spike_conv2d_reference
 #: Kernel sizes the fused backends take (AOD-Net uses all four).
 KERNEL_SIZES = (1, 3, 5, 7)
 STRIDES = (1, 2)
-#: Firing rate above which the triton / cuda kernels do not build the
-#: block-occupancy map (random spikes at 20 % leave almost no empty block; the
-#: result is the same either way). cpp: see :func:`dense_rates`.
-DENSE_RATE = {"triton": 0.20, "cuda": 2.0}
+#: Firing rate above which the triton kernel does not build the block-occupancy
+#: map and skip empty K-blocks (the result is the same either way; cuda has a
+#: single event-driven path). Triton: never (-1). On an H100 (benchmarks/
+#: RESULTS.md, GPU runs 2026-11-27) random spikes left no block empty from 1 %
+#: on (occupancy 1.00), real DnCNN maps only 6-10 % of blocks, and the skipping path was the
+#: slower one at every rate ([80, 64, 128, 128]: 4.31 ms at 1 % vs 3.38 ms dense
+#: at 50 %); deciding also needs the firing rate, which on a GPU means reading a
+#: count back (a host sync per call). cpp: see :func:`dense_rates`.
+DENSE_RATE = {"triton": -1.0, "cuda": 2.0}
 
 
 def dense_rates(backend, cin, cout, masks=False):
