@@ -366,12 +366,15 @@ def test_gpu_spike_conv_snn_matches_cpu(backend, neuron):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], ref)
     # Parameters were checked on first sight: a second forward never waits for the
     # GPU (the host queues all of it; torch's sync debug mode raises otherwise).
-    snn.use_spike_conv(True, backend=backend, masks=True)
     xc = x.cuda()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    for spike_conv in (True, False):  # fused conv from masks; cuDNN on float spikes
+        snn.use_spike_conv(spike_conv, backend=backend, masks=True)
         with torch.no_grad():
-            y = snn(xc)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert torch.equal(y.cpu(), ref)
+            snn(xc)  # first sight of the parameters (after use_spike_conv)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.no_grad():
+                y = snn(xc)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.equal(y.cpu(), ref)
