@@ -75,33 +75,36 @@ def _spike_conv2d_fwd_kernel(s_ptr, wq_ptr, scale_ptr, bias_ptr, occ_ptr, out_pt
     acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for tap in range(KH * KW):
+    # One flat loop over the K-blocks (tap, channel group g): a single loop is what
+    # Triton software-pipelines (num_stages: the next blocks' spike and weight
+    # loads in flight during this block's dots); nested tap / group loops left only
+    # the G-long inner one to pipeline. Integer accumulation: the order is free.
+    for kb in range(KH * KW * G):
+        tap = kb // G
+        g = kb % G
         ky = tap // KW
         kx = tap % KW
-        if MASKS:
-            iy = oy * STRIDE + ky - PAD
-            ix = ox * STRIDE + kx - PAD
-            inside = valid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-            m_row = ((n.to(tl.int64) * H + iy) * W + ix) * Cw
+        if SKIP:
+            occupied = tl.load(occ_base + kb) != 0
         else:
-            a_row = (pix + ky * Wp + kx) * Cin_p
-        for g in range(G):
-            if SKIP:
-                occupied = tl.load(occ_base + tap * G + g) != 0
+            occupied = True
+        if occupied:
+            c0 = g * BLOCK_K
+            if MASKS:
+                iy = oy * STRIDE + ky - PAD
+                ix = ox * STRIDE + kx - PAD
+                inside = valid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                m_row = ((n.to(tl.int64) * H + iy) * W + ix) * Cw
+                word = tl.load(s_ptr + m_row + c0 // 64, mask=inside, other=0)
+                a = ((word[:, None] >> ((c0 % 64) + k)[None, :].to(tl.int64)) & 1).to(tl.int8)
             else:
-                occupied = True
-            if occupied:
-                c0 = g * BLOCK_K
-                if MASKS:
-                    word = tl.load(s_ptr + m_row + c0 // 64, mask=inside, other=0)
-                    a = ((word[:, None] >> ((c0 % 64) + k)[None, :].to(tl.int64)) & 1).to(tl.int8)
-                else:
-                    a = tl.load(s_ptr + a_row[:, None] + (c0 + k)[None, :], mask=valid[:, None],
-                                other=0)
-                w_off = (tap * Cin_p + c0 + k)[:, None] * Cout_p + co[None, :]
-                acc0 += tl.dot(a, tl.load(wq_ptr + w_off))
-                acc1 += tl.dot(a, tl.load(wq_ptr + plane + w_off))
-                acc2 += tl.dot(a, tl.load(wq_ptr + 2 * plane + w_off))
+                a_row = (pix + ky * Wp + kx) * Cin_p
+                a = tl.load(s_ptr + a_row[:, None] + (c0 + k)[None, :], mask=valid[:, None],
+                            other=0)
+            w_off = (tap * Cin_p + c0 + k)[:, None] * Cout_p + co[None, :]
+            acc0 += tl.dot(a, tl.load(wq_ptr + w_off))
+            acc1 += tl.dot(a, tl.load(wq_ptr + plane + w_off))
+            acc2 += tl.dot(a, tl.load(wq_ptr + 2 * plane + w_off))
     total = acc0.to(tl.int64) + acc1.to(tl.int64) * 256 + acc2.to(tl.int64) * 65536
     cmask = co < Cout
     out = total.to(tl.float32) * tl.load(scale_ptr + co, mask=cmask, other=0.0)[None, :]
