@@ -163,14 +163,16 @@ def dncnn_spike_maps(device, T=10, layers=(2, 9, 16)):
     return maps, convs
 
 
-SWEEP = [dict(), dict(block_k=64), dict(num_warps=8), dict(block_k=64, num_warps=8),
-         dict(block_k=64, num_stages=3), dict(block_k=64, num_warps=8, tile=(16, 16)),
+SWEEP = [dict(), dict(num_stages=2), dict(num_stages=4), dict(block_k=64),
+         dict(block_k=64, num_stages=4), dict(num_warps=8), dict(block_k=64, num_warps=8),
+         dict(block_k=64, num_warps=8, tile=(16, 16)), dict(block_k=64, num_warps=8, tile=(8, 32)),
          dict(block_k=64, tile=(8, 8))]
 
 
 def triton_sweep(shape, w, b, g):
     """ms of the Triton forward under launch configurations (random 10 % spikes,
-    sparse path; kernels/spike_conv.py DEFAULT_CONFIG is the first row)."""
+    the dense path that DENSE_RATE["triton"] = -1 selects; kernels/spike_conv.py
+    DEFAULT_CONFIG is the first row)."""
     import triton.testing
     from spikingir.kernels.spike_conv import DEFAULT_CONFIG, spike_conv2d_fwd_triton
     s = (torch.rand(*shape, generator=g) < 0.10).float().cuda()
@@ -180,7 +182,7 @@ def triton_sweep(shape, w, b, g):
     for cfg in SWEEP:
         full = dict(DEFAULT_CONFIG, **cfg)
         try:
-            f = lambda: spike_conv2d_fwd_triton(s, w, b, 1, 1, 1.0, False, False, config=cfg)[0]  # noqa: E731
+            f = lambda: spike_conv2d_fwd_triton(s, w, b, 1, 1, -1.0, False, False, config=cfg)[0]  # noqa: E731
             out = f()
             ms = triton.testing.do_bench(f, return_mode="median")
             ref = out if ref is None else ref
