@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+from spikingir.tiling import DEFAULT_TILE
+
 SHIPPED_SNN = {("denoise", 25): "snn_dncnn_s25.pt", ("denoise", 15): "snn_dncnn_s15.pt",
                ("denoise", 50): "snn_dncnn_s50.pt", ("dehaze", None): "snn_aodnet.pt"}
 
@@ -31,6 +33,11 @@ def _guard(func):
 def _timesteps(text):
     from spikingir.cli import _positive_int
     return _positive_int(text)
+
+
+def _nonneg_int(text):
+    from spikingir.cli import _nonneg_int as parse
+    return parse(text)
 
 
 def _nonneg_float(text):
@@ -182,6 +189,9 @@ def _cmd_restore(args):
     from spikingir.metrics import to_uint8
     from spikingir.pipeline import _to_input, load_ann
 
+    from spikingir.tiling import receptive_radius, run_tiled
+
+    device = _device(args)
     _set_threads(args)
     sigma = _sigma_of(args)
     img = load_image(args.image)
@@ -191,8 +201,12 @@ def _cmd_restore(args):
         img = np.repeat(img[..., None], 3, 2)
     ann = None if args.snn_weights else load_ann(args.task, sigma, args.ann_weights)
     snn, origin = _get_snn(args.task, sigma, ann, args.timesteps, args, args.ann_weights is not None)
+    snn = snn.to(device)
+    # Overlapping tiles, each with the network's receptive radius around its core:
+    # the whole image's result in bounded memory (spikingir/tiling.py).
     with torch.no_grad():
-        out = snn(_to_input(img))[0].float().numpy()
+        out = run_tiled(lambda t: snn(t.to(device)).cpu(), _to_input(img), args.tile,
+                        receptive_radius(snn))[0].float().numpy()
     out = out[0] if out.shape[0] == 1 else out.transpose(1, 2, 0)
     import io
     buf = io.BytesIO()
@@ -210,6 +224,12 @@ def _add_restore(sub):
     p.add_argument("-o", "--output", required=True)
     _add_model_args(p)
     p.add_argument("--timesteps", type=_timesteps, default=10)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--tile", type=_nonneg_int, default=DEFAULT_TILE,
+                   help=f"restore in tiles of N x N pixels (plus the network's receptive radius "
+                        f"around each, so the result is the whole image's) to bound memory: the "
+                        f"DnCNN SNN holds ~3 GB per megapixel per layer at T=10 (default "
+                        f"{DEFAULT_TILE}; 0: the whole image at once)")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_restore))
 

@@ -74,6 +74,22 @@ def test_restore_writes_an_image(files, tmp_path, capsys):
     assert np.asarray(Image.open(out)).shape == (20, 24)
 
 
+@pytest.mark.parametrize("task,image,weights", [("denoise", "gray/im0.png", "dncnn.pt"),
+                                                ("dehaze", "rgb/c.png", "aod.pt")])
+def test_restore_in_tiles_is_the_whole_image(files, tmp_path, capsys, task, image, weights):
+    """--tile N: overlapping tiles with the receptive radius around each core give
+    the image restored whole (--tile 0), pixel for pixel."""
+    outs = []
+    for tile in ("0", "7"):
+        out = tmp_path / f"t{tile}.png"
+        code, _, err = run(["restore", str(files / image), "-o", str(out), "--task", task,
+                            "--timesteps", "3", "--ann-weights", str(files / weights), "--tile",
+                            tile] + (["--sigma", "25"] if task == "denoise" else []), capsys)
+        assert code == 0, err
+        outs.append(np.asarray(Image.open(out)))
+    assert outs[0].shape[:2] == (20, 24) and np.array_equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("argv,match", [
     (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/nowhere"], "no such directory"),
     (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/empty"], "no image files"),

@@ -1,0 +1,69 @@
+"""Tiled inference: restore an image of any size in bounded memory.
+
+An SNN keeps T (+1) steps of 64-channel feature maps per layer: the DnCNN SNN at
+T=10 holds ~2.8 GB of float32 per megapixel in each layer's input currents, so a
+12-megapixel photo does not fit in memory whole. Both networks are stacks of
+stride-1 convolutions and per-pixel operations (neurons, recycling, mapper, the
+DnCNN residual, AOD-Net's ``K I - K + 1``), so an output pixel depends only on
+the input within the receptive radius ``r`` (the sum of the convolutions' kernel
+radii: 17 for DnCNN-17, 7 for AOD-Net). :func:`run_tiled` runs the network on
+overlapping tiles that extend ``margin >= r`` pixels past their core (clipped at
+the image border, where the zero padding is the image's own) and keeps each
+core: the same computation as the whole image, tile by tile.
+
+torch is imported inside the functions: the ``spikingir`` command reads
+:data:`DEFAULT_TILE` before torch loads (see ``spikingir/__init__.py``).
+"""
+
+#: Core size of a tile (pixels per side): a 512 x 512 tile of the DnCNN SNN at
+#: T=10 (with its margins) holds ~1 GB per layer's currents.
+DEFAULT_TILE = 512
+
+
+def receptive_radius(model) -> int:
+    """Sum over the model's ``nn.Conv2d`` modules of ``dilation * (k - 1) // 2``:
+    the receptive radius of a network of stride-1 convolutions and per-pixel
+    operations (an upper bound when not every conv lies on one path)."""
+    from torch import nn
+    r = 0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            if any(s != 1 for s in m.stride):
+                raise ValueError("receptive_radius: strided convolutions are not supported; "
+                                 "pass margin= explicitly")
+            r += max(d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size))
+    return r
+
+
+def run_tiled(fn, x, tile: int = DEFAULT_TILE, margin: int = 0):
+    """``fn(x)`` for an image batch ``x`` [B, C, H, W], computed on tiles.
+
+    Each tile's core is ``tile x tile`` output pixels (smaller at the right and
+    bottom edges); ``fn`` sees the core plus ``margin`` pixels on each side
+    (clipped to the image). With ``margin`` at least the receptive radius of a
+    translation-equivariant ``fn`` (see :func:`receptive_radius`) the result is
+    that of ``fn(x)``. ``tile <= 0`` or an image that fits one tile: one call.
+    """
+    import torch
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"run_tiled: expected an image batch [B, C, H, W], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if margin < 0:
+        raise ValueError(f"run_tiled: margin must be >= 0, got {margin}")
+    H, W = x.shape[-2:]
+    if tile <= 0 or (H <= tile and W <= tile):
+        return fn(x)
+    out = None
+    for y0 in range(0, H, tile):
+        for x0 in range(0, W, tile):
+            y1, x1 = min(y0 + tile, H), min(x0 + tile, W)
+            ya, xa = max(0, y0 - margin), max(0, x0 - margin)
+            yb, xb = min(H, y1 + margin), min(W, x1 + margin)
+            o = fn(x[..., ya:yb, xa:xb])
+            if o.shape[-2:] != (yb - ya, xb - xa):
+                raise ValueError(f"run_tiled: fn must keep the spatial size, got "
+                                 f"{tuple(o.shape[-2:])} for a {yb - ya}x{xb - xa} tile")
+            if out is None:
+                out = o.new_empty(*o.shape[:-2], H, W)
+            out[..., y0:y1, x0:x1] = o[..., y0 - ya:y1 - ya, x0 - xa:x1 - xa]
+    return out

@@ -1,0 +1,51 @@
+import pytest
+import torch
+from torch import nn
+
+from spikingir.models import AODNet, DnCNN
+from spikingir.tiling import receptive_radius, run_tiled
+
+from test_convert import dyadic_snn, tiny_dncnn
+
+
+def test_receptive_radius():
+    assert receptive_radius(DnCNN()) == 17  # 17 3x3 convs
+    assert receptive_radius(AODNet()) == 0 + 1 + 2 + 3 + 1  # 1x1, 3x3, 5x5, 7x7, 3x3
+    snn, _ = dyadic_snn("mprn", 2, seed=0)
+    assert receptive_radius(snn) == receptive_radius(tiny_dncnn())  # mapper = the last conv
+    with pytest.raises(ValueError, match="strided"):
+        receptive_radius(nn.Conv2d(1, 1, 3, stride=2))
+
+
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_tiles_give_the_whole_image(neuron):
+    """With margin = the receptive radius the tiled SNN output is the whole-image
+    output (dyadic weights: every sum exact, so bit for bit); with no margin the
+    tile borders show (the comparison can fail)."""
+    snn, _ = dyadic_snn(neuron, 3, seed=1)
+    x = (torch.rand(2, 1, 23, 30, generator=torch.Generator().manual_seed(1)) * 16).round() / 16
+    with torch.no_grad():
+        whole = snn(x)
+        r = receptive_radius(snn)
+        assert torch.equal(run_tiled(snn, x, tile=8, margin=r), whole)
+        assert torch.equal(run_tiled(snn, x, tile=64, margin=0), whole)  # one tile
+        assert not torch.equal(run_tiled(snn, x, tile=8, margin=0), whole)
+
+
+def test_tiles_of_an_ann_and_of_rgb():
+    torch.manual_seed(0)
+    aod = AODNet().eval()
+    x = torch.rand(1, 3, 19, 26)
+    with torch.no_grad():
+        whole = aod(x)
+        tiled = run_tiled(aod, x, tile=5, margin=receptive_radius(aod))
+    torch.testing.assert_close(tiled, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        run_tiled(lambda t: t, torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match="margin"):
+        run_tiled(lambda t: t, torch.zeros(1, 1, 4, 4), tile=2, margin=-1)
+    with pytest.raises(ValueError, match="spatial size"):
+        run_tiled(lambda t: t[..., 1:, :], torch.zeros(1, 1, 9, 9), tile=4)
