@@ -21,34 +21,27 @@ import sys
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before any torch import: read once
 
 
-def _positive_int(text):
+def _number_at_least(text, kind, minimum, what):
+    """argparse type: ``kind(text)`` (int or float) that is >= ``minimum``."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not value >= minimum:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def _positive_int(text):
+    return _number_at_least(text, int, 1, "a positive integer")
 
 
 def _nonneg_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+    return _number_at_least(text, int, 0, "an integer >= 0")
 
 
 def _nonneg_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
+    return _number_at_least(text, float, 0.0, "a number >= 0")
 
 
 # --------------------------------------------------------------------------
