@@ -19,8 +19,11 @@
 # limits); BENCH (which benchmarks, default "conv snn neuron train"; "" = none), SWEEP=1
 # (add the Triton block sweep); BUILD=0 (a warm machine that built already). The
 # training's checkpoint comes back in $OUT, so a later session can continue it.
-# Within a 15-minute lease, two calls: the first with BENCH=conv, the second at once
-# on the warm machine with BUILD=0 TESTS=0 TRAIN_S=0 BENCH="snn neuron train".
+# Timings on an H100 (2026-11-27): build 55 s, GPU tests 45 s, memcheck 20 s (the
+# training runs beside them), bench conv 26 s, snn 23 s, neuron 37 s: everything with
+# TRAIN_S=150 fits one call of ~6-7 minutes; more training can follow at once on the
+# warm machine (BUILD=0 TESTS=0 BENCH="" TRAIN_S=...; carry the checkpoint that came
+# back in .gpu_data/ckpt/snn_s25.ckpt).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spikingir-gpu}
