@@ -261,7 +261,7 @@ def _cmd_finetune(args):
                        lr_neurons=args.lr_neurons, device=device, seed=args.seed,
                        checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
                        time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
-                       energy_weight=args.energy_weight, amp=args.amp)
+                       energy_weight=args.energy_weight, amp=args.amp, val_every=args.val_every)
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
             "timesteps": args.timesteps, "device": args.device,
@@ -292,6 +292,8 @@ def _add_finetune(sub):
     p.add_argument("--data", default=None, help="training data (default ../shared/data/...)")
     p.add_argument("--val-data", default=None)
     p.add_argument("--val-crop", type=_timesteps, default=64)
+    p.add_argument("--val-every", type=_timesteps, default=None, metavar="STEPS",
+                   help="validate (and checkpoint) every STEPS steps (default: at the end)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="resumable training checkpoint")
