@@ -14,8 +14,9 @@
 # wheels (SpikingJelly for the neuron benchmark's peer column) travel in .whl.
 #
 # Knobs (environment): TRAIN_S (seconds of SNN fine-tuning, default 150; 0 = none),
-# ENERGY_W (its --energy-weight, default 0), AMP=1 (its --amp: bf16 autocast), SNN0 (the SNN it starts from, default the
-# shipped s25 one), SEED; TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time
+# ENERGY_W (its --energy-weight, default 0), AMP=1 (its --amp: bf16 autocast), SIGMA
+# (the noise level, default 25), SNN0 (the SNN it starts from, default the shipped one
+# of that sigma), SEED; TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time
 # limits); BENCH (which benchmarks, default "conv snn neuron train"; "" = none), SWEEP=1
 # (add the Triton block sweep); BUILD=0 (a warm machine that built already). The
 # training's checkpoint comes back in $OUT, so a later session can continue it.
@@ -63,17 +64,21 @@ python -c "from spikingir import ops; print('backends on cuda: neuron', ops.avai
 pids=()
 if [ "$TRAIN_S" != 0 ] && [ -d ../shared/data/train400 ]; then
   step "start the training in the background (${TRAIN_S} s, beside the tests)"
-  # Continue fine-tuning the shipped DnCNN s25 SNN at T=10 (SNN0, default the shipped
-  # one; its checkpoint comes back: carry it in .gpu_data/ckpt and it resumes), then
-  # evaluate it on Set12 (full images) on the GPU.
-  ck=.gpu_data/ckpt/snn_s25.ckpt; [ -f "$ck" ] && cp "$ck" "$OUT/snn_s25.ckpt"
-  ( python -m spikingir.cli finetune --task denoise --sigma 25 --timesteps 10 --steps 20000 \
-      --snn-weights "${SNN0:-spikingir/weights/snn_dncnn_s25.pt}" --seed "${SEED:-3}" \
-      --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint "$OUT/snn_s25.ckpt" --resume \
+  # Continue fine-tuning the shipped DnCNN SNN of noise level SIGMA (default 25) at
+  # T=10 (SNN0, default the shipped one; with none shipped, e.g. sigma 50, the shipped
+  # ANN is converted); its checkpoint comes back: carry it in .gpu_data/ckpt and it
+  # resumes. Then evaluate it on Set12 (full images) on the GPU.
+  sg=${SIGMA:-25}
+  snn0=${SNN0:-spikingir/weights/snn_dncnn_s$sg.pt}
+  init=(); [ -f "$snn0" ] && init=(--snn-weights "$snn0")
+  ck=.gpu_data/ckpt/snn_s$sg.ckpt; [ -f "$ck" ] && cp "$ck" "$OUT/snn_s$sg.ckpt"
+  ( python -m spikingir.cli finetune --task denoise --sigma "$sg" --timesteps 10 --steps 20000 \
+      "${init[@]}" --seed "${SEED:-3}" \
+      --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint "$OUT/snn_s$sg.ckpt" --resume \
       --energy-weight "${ENERGY_W:-0}" ${AMP:+--amp} \
-      --out "$OUT/snn_dncnn_s25.pt" \
-    && python -m spikingir.cli evaluate --task denoise --sigma 25 --snn-weights "$OUT/snn_dncnn_s25.pt" \
-      --data ../shared/data/set12 --timesteps 4 5 10 --device cuda --json "$OUT/eval_snn_s25.json" \
+      --out "$OUT/snn_dncnn_s$sg.pt" \
+    && python -m spikingir.cli evaluate --task denoise --sigma "$sg" --snn-weights "$OUT/snn_dncnn_s$sg.pt" \
+      --data ../shared/data/set12 --timesteps 4 5 10 --device cuda --json "$OUT/eval_snn_s$sg.json" \
   ) > "$LOG/finetune.log" 2>&1 &
   pids+=($!)
 fi
