@@ -672,6 +672,7 @@ def test_gpu_no_sync_per_call(backend, emit):
     beta = torch.rand(3, device="cuda") + 0.2
     with torch.no_grad():
         ops.mprn_multistep(x, theta, beta, backend=backend, emit=emit)  # first sight: checked
+        ops.if_multistep(x, 0.75, backend=backend, emit=emit)  # (and kernels compiled)
         torch.cuda.set_sync_debug_mode("error")
         try:
             ops.mprn_multistep(x, theta, beta, backend=backend, emit=emit)

@@ -597,6 +597,7 @@ def test_gpu_no_sync_per_call(backend):
     m = ops.SpikeMasks.from_dense(s)
     with torch.no_grad():
         ref = ops.spike_conv2d(s, w, b, 1, 1, validate=False, backend=backend)  # warm-up
+        ops.spike_conv2d(m, w, b, 1, 1, validate=False, backend=backend)
         torch.cuda.set_sync_debug_mode("error")
         try:
             out = ops.spike_conv2d(s, w, b, 1, 1, validate=False, backend=backend)
