@@ -171,10 +171,10 @@ def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate
         raise ValueError(f"reuse_alpha: expected a float in (0.5, 1], got {reuse_alpha!r}")
     if save_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"save_dtype: expected torch.float32 or torch.bfloat16, got {save_dtype}")
-    check_values = validate and not torch.compiler.is_compiling()
-    theta = _param("theta", theta, x_seq, True, check_values)
-    beta = theta if beta is None else _param("beta", beta, x_seq, False, check_values)
-    alpha = _param("alpha", alpha, x_seq, True, check_values).detach()
+    check = validate and not torch.compiler.is_compiling()
+    theta = _param("theta", theta, x_seq, True, check)
+    beta = theta if beta is None else _param("beta", beta, x_seq, False, check)
+    alpha = _param("alpha", alpha, x_seq, True, check).detach()
     if v0 is not None:
         if not isinstance(v0, torch.Tensor) or not v0.is_floating_point():
             raise TypeError(f"v0: expected None or a floating-point tensor, got "
