@@ -261,13 +261,14 @@ def _cmd_finetune(args):
                        lr_neurons=args.lr_neurons, device=device, seed=args.seed,
                        checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
                        time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
-                       energy_weight=args.energy_weight, amp=args.amp, val_every=args.val_every)
+                       energy_weight=args.energy_weight, amp=args.amp, val_every=args.val_every,
+                       warmup=args.warmup)
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
             "timesteps": args.timesteps, "device": args.device,
             "train_mapper": not args.freeze_mapper, "energy_weight": args.energy_weight,
-            "amp": args.amp, "init": str(args.snn_weights or "conversion"), "wall_s": round(time.time() - t0, 1),
-            "torch": str(torch.__version__)}
+            "amp": args.amp, "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
+            "wall_s": round(time.time() - t0, 1), "torch": str(torch.__version__)}
     if res.history:
         last = res.history[-1]
         meta.update({k: v for k, v in last.items() if isinstance(v, (int, float, str))})
@@ -308,6 +309,9 @@ def _add_finetune(sub):
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast + channels_last (GPU, or a CPU with AVX512-BF16/AMX); "
                         "neuron potentials and gradients stay float32")
+    p.add_argument("--warmup", type=_nonneg_int, default=0, metavar="STEPS",
+                   help="ramp the learning rates up linearly over STEPS steps (default 0); for "
+                        "continuing a fine-tuned SNN (--snn-weights), whose own schedule ended low")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_finetune))
 

@@ -16,7 +16,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
                  patch=40, lr_weights=2e-5, lr_neurons=1e-3, device="cpu", seed=0,
                  checkpoint=None, resume=True, val_crop=64, val_every=None, log_every=10,
                  progress=True, time_limit=None, log=None, train_mapper=True,
-                 energy_weight=0.0, amp=False):
+                 energy_weight=0.0, amp=False, warmup=0):
     """Fine-tunes ``snn`` (from :func:`spikingir.convert.to_snn`) in place.
 
     Denoising: DnCNN patches of ``data`` (default ``../shared/data/train400``)
@@ -29,7 +29,9 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     SNN/ANN energy ratio, see :meth:`track_energy`) to the MSE: fewer spikes
     for some PSNR. ``amp``: bf16 autocast and channels-last (convolutions in
     bf16 on the tensor cores; the fused neurons take bf16 currents, keep their
-    potentials and parameter gradients in float32). Returns the FitResult.
+    potentials and parameter gradients in float32). ``warmup``: steps over which
+    the learning rates ramp up linearly (continuing a fine-tuned SNN at the full
+    rates first knocked it back: benchmarks/RESULTS.md). Returns the FitResult.
     """
     import torch.nn.functional as F
     from spikingir.data import DehazePairs, DnCNNPatches, noisy
@@ -68,7 +70,8 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     snn.train()
     config = {"task": task, "sigma": sigma, "timesteps": snn.timesteps, "neuron": snn.neuron_kind,
               "lr_weights": lr_weights, "lr_neurons": lr_neurons, "batch_size": batch_size,
-              "train_mapper": train_mapper, "energy_weight": energy_weight, "amp": bool(amp)}
+              "train_mapper": train_mapper, "energy_weight": energy_weight, "amp": bool(amp),
+              "warmup": int(warmup)}
     loss_fn = None
     if torch.device(device).type == "cpu":
         # oneDNN runs these small-patch convolutions ~2x faster channels-last, and the
@@ -86,7 +89,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
                   schedule="cosine", checkpoint=checkpoint, resume=resume,
                   val_every=val_every or steps, seed=seed, device=device, log_every=log_every,
                   progress=progress, config=config, time_limit=time_limit, log=log,
-                  desc=f"finetune {task} T={snn.timesteps}", amp=amp)
+                  desc=f"finetune {task} T={snn.timesteps}", amp=amp, warmup=warmup)
     finally:
         snn.track_energy(False)
         snn.to(memory_format=torch.contiguous_format)

@@ -178,13 +178,14 @@ def test_finetune_continues_an_snn_with_an_energy_term(files, tmp_path, capsys, 
                              "--timesteps", "2", "--steps", "2", "--batch-size", "2",
                              "--data", str(data), "--val-data", str(data), "--val-crop", "32",
                              "--energy-weight", "0.01", "--out", str(out)]
-                            + (["--amp", "--val-every", "1"] if amp else []), capsys)
+                            + (["--amp", "--val-every", "1", "--warmup", "5"] if amp else []),
+                            capsys)
     assert code == 0, err
     validations = (stdout + err).count("validation at step")
     assert validations == (2 if amp else 1)  # --val-every 1: after each of the 2 steps
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["energy_weight"] == 0.01 and meta["init"].endswith("snn_dncnn_s25.pt")
-    assert meta["amp"] is amp
+    assert meta["amp"] is amp and meta["warmup"] == (5 if amp else 0)
     sd = torch.load(out, weights_only=True)["state_dict"]
     assert all(t.dtype == torch.float32 for t in sd.values() if t.is_floating_point())
     assert not torch.equal(sd["hidden.0.module.weight"], torch.load(
