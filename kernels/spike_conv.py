@@ -163,9 +163,14 @@ def occupancy_map(s8, kh, kw, stride, Ho, Wo, block_k, tile=(TILE_H, TILE_W)):
     """Block-occupancy map of the padded int8 spikes ``s8`` [N, Hp, Wp, Cin_p]:
     int8 [N, n_th, n_tw, kh * kw, G], 1 where output tile (n_th, n_tw) reads a
     spike through tap (ky, kx) from channel group g (BLOCK_K channels)."""
+    return _tile_occupancy(spike_groups(s8, block_k), kh, kw, stride, Ho, Wo, tile)
+
+
+def spike_groups(s8, block_k):
+    """Padded int8 spikes [N, Hp, Wp, Cin_p] -> [N, Hp, Wp, G]: 1 where channel group
+    g (block_k channels) of the pixel holds a spike."""
     N, Hp, Wp, Cin_p = s8.shape
-    group_any = s8.view(N, Hp, Wp, Cin_p // block_k, block_k).amax(-1)  # [N, Hp, Wp, G]
-    return _tile_occupancy(group_any, kh, kw, stride, Ho, Wo, tile)
+    return s8.view(N, Hp, Wp, Cin_p // block_k, block_k).amax(-1)
 
 
 def mask_groups(bits, Cin_p, block_k):
@@ -211,10 +216,9 @@ def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, valida
     N, _, H, W = s.shape
     block_k = cfg["block_k"]
     s8 = padded_spikes(s, padding, block_k)
-    Hp, Wp, Cin_p = s8.shape[1:]
     out = _launch(s8, False, N, H, W, weight, bias, stride, padding, dense_rate,
                   lambda: float(s8.count_nonzero()) / max(1, s.numel()),
-                  lambda: s8.view(N, Hp, Wp, Cin_p // block_k, block_k).amax(-1), None, cfg)
+                  lambda: spike_groups(s8, block_k), None, cfg)
     packed = pack_bits(s) if save else torch.empty(0, dtype=torch.uint8, device=s.device)
     return out, packed
 

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from spikingir.tiling import DEFAULT_TILE
+from spikingir.tiling import DEFAULT_TILE, receptive_radius, run_tiled
 
 SHIPPED_SNN = {("denoise", 25): "snn_dncnn_s25.pt", ("denoise", 15): "snn_dncnn_s15.pt",
                ("denoise", 50): "snn_dncnn_s50.pt", ("dehaze", None): "snn_aodnet.pt"}
@@ -188,8 +188,6 @@ def _cmd_restore(args):
     from spikingir.evaluate import write_atomic
     from spikingir.metrics import to_uint8
     from spikingir.pipeline import _to_input, load_ann
-
-    from spikingir.tiling import receptive_radius, run_tiled
 
     device = _device(args)
     _set_threads(args)

@@ -73,11 +73,11 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
               "train_mapper": train_mapper, "energy_weight": energy_weight, "amp": bool(amp),
               "warmup": int(warmup)}
     loss_fn = None
-    if torch.device(device).type == "cpu":
-        # oneDNN runs these small-patch convolutions ~2x faster channels-last, and the
-        # fused neurons take channels-last input as it is (no copies): a DnCNN T=10
-        # step of batch 8 took 5.2 -> 3.9 s on 2 cores (benchmarks/RESULTS.md).
-        snn.to(memory_format=torch.channels_last)
+    # Channels-last on the CPU (fit converts model and inputs): oneDNN runs these
+    # small-patch convolutions ~2x faster that way, and the fused neurons take
+    # channels-last input as it is (no copies): a DnCNN T=10 step of batch 8 took
+    # 5.2 -> 3.9 s on 2 cores (benchmarks/RESULTS.md). With amp: channels-last anywhere.
+    channels_last = True if torch.device(device).type == "cpu" else None
     if energy_weight > 0:
         snn.track_energy(True)
 
@@ -89,9 +89,10 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
                   schedule="cosine", checkpoint=checkpoint, resume=resume,
                   val_every=val_every or steps, seed=seed, device=device, log_every=log_every,
                   progress=progress, config=config, time_limit=time_limit, log=log,
-                  desc=f"finetune {task} T={snn.timesteps}", amp=amp, warmup=warmup)
+                  desc=f"finetune {task} T={snn.timesteps}", amp=amp, warmup=warmup,
+                  channels_last=channels_last)
     finally:
         snn.track_energy(False)
-        snn.to(memory_format=torch.contiguous_format)
+        snn.to(memory_format=torch.contiguous_format)  # saved in the default layout
     snn.eval()
     return res
