@@ -16,6 +16,8 @@ of --repeats calls after one untimed call):
   theta folded into the weights.
 - ``SNN spike <backend> masks``: the same, the neurons handing the spikes to
   ``spike_conv2d`` as channel bit masks (``emit="masks"``, the default).
+- ``SNN spike auto (restore default)``: ``use_spike_conv(backend="auto")``, what
+  ``spikingir restore`` and ``evaluate`` run (ops.backends.AUTO_OVERRIDE).
 - ``SNN dense bf16 cl`` (GPU): the shipped SNN under ``torch.autocast(bfloat16)``
   with channels-last weights and input: not exact (weights and currents rounded
   to bf16), the fast setting for inference; PSNR says what it costs.
@@ -176,6 +178,12 @@ def main(argv=None):
                     out = snn(x)
                     ms[name] = _time(lambda: snn(x), dev, args.repeats)
                 quality[name] = score(out)
+        # what `spikingir restore` / `evaluate` run: use_spike_conv with backend "auto"
+        snn.use_spike_conv(True, "auto")
+        with _tf32(False):
+            out = snn(x)
+            ms["SNN spike auto (restore default)"] = _time(lambda: snn(x), dev, args.repeats)
+        quality["SNN spike auto (restore default)"] = score(out)
         snn.use_spike_conv(False)
         if dev == "cuda":
             # mixed precision: the SNN as shipped under bf16 autocast, channels-last

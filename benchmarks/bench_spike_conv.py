@@ -163,33 +163,44 @@ def dncnn_spike_maps(device, T=10, layers=(2, 9, 16)):
     return maps, convs
 
 
-SWEEP = [dict(), dict(num_stages=2), dict(num_stages=4), dict(block_k=64),
-         dict(block_k=64, num_stages=4), dict(num_warps=8), dict(block_k=64, num_warps=8),
-         dict(block_k=64, num_warps=8, tile=(16, 16)), dict(block_k=64, num_warps=8, tile=(8, 32)),
-         dict(block_k=64, tile=(8, 8))]
+#: Launch configurations --triton-sweep times (overrides of the default, first row):
+#: float spikes (DEFAULT_CONFIG) and SpikeMasks (MASKS_CONFIG).
+SWEEP = {"float": [dict(), dict(block_k=32, tile=(8, 16), num_warps=4), dict(tile=(8, 32)),
+                   dict(num_stages=3), dict(tile=(16, 32)), dict(block_k=32)],
+         "masks": [dict(), dict(block_k=64), dict(tile=(16, 16), num_warps=8),
+                   dict(block_k=64, tile=(16, 16), num_warps=8), dict(num_stages=3),
+                   dict(tile=(8, 32), num_warps=8)]}
 
 
 def triton_sweep(shape, w, b, g):
     """ms of the Triton forward under launch configurations (random 10 % spikes,
-    the dense path that DENSE_RATE["triton"] = -1 selects; kernels/spike_conv.py
-    DEFAULT_CONFIG is the first row)."""
+    the dense path that DENSE_RATE["triton"] = -1 selects), from float spikes and
+    from SpikeMasks; the first row of each is the launcher's default."""
     import triton.testing
-    from spikingir.kernels.spike_conv import DEFAULT_CONFIG, spike_conv2d_fwd_triton
+    from spikingir.kernels import spike_conv as K
     s = (torch.rand(*shape, generator=g) < 0.10).float().cuda()
+    masks = ops.SpikeMasks.from_dense(s)
+    run = {"float": lambda cfg: K.spike_conv2d_fwd_triton(s, w, b, 1, 1, -1.0, False, False,
+                                                          config=cfg)[0],
+           "masks": lambda cfg: K.spike_conv2d_fwd_masks_triton(
+               masks.bits, masks.channels, w, b, 1, 1, -1.0, config=cfg)}
+    base = {"float": K.DEFAULT_CONFIG, "masks": K.MASKS_CONFIG}
     ref = None
     lines = ["", "", f"Triton launch configurations, random {shape} at 10 % (ms, do_bench median):",
-             "", "| config | ms | same result |", "|---|---|---|"]
-    for cfg in SWEEP:
-        full = dict(DEFAULT_CONFIG, **cfg)
-        try:
-            f = lambda: spike_conv2d_fwd_triton(s, w, b, 1, 1, -1.0, False, False, config=cfg)[0]  # noqa: E731
-            out = f()
-            ms = triton.testing.do_bench(f, return_mode="median")
-            ref = out if ref is None else ref
-            lines.append(f"| {full} | {ms:.3f} | {bool(torch.equal(out, ref))} |")
-        except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is a result too
-            lines.append(f"| {full} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | - |")
-        print(lines[-1], file=sys.stderr)
+             "", "| input | config | ms | same result |", "|---|---|---|---|"]
+    for kind, configs in SWEEP.items():
+        for cfg in configs:
+            full = K.launch_config(base[kind], cfg, shape[1])
+            try:
+                f = lambda: run[kind](cfg)  # noqa: E731
+                out = f()
+                ms = triton.testing.do_bench(f, return_mode="median")
+                ref = out if ref is None else ref
+                lines.append(f"| {kind} | {full} | {ms:.3f} | {bool(torch.equal(out, ref))} |")
+            except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is a result too
+                lines.append(f"| {kind} | {full} | failed: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:80]} | - |")
+            print(lines[-1], file=sys.stderr)
     return "\n".join(lines)
 
 

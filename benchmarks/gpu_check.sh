@@ -18,13 +18,16 @@
 # (the noise level, default 25), SNN0 (the SNN it starts from, default the shipped one
 # of that sigma), SEED; TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time
 # limits); BENCH (which benchmarks, default "conv snn neuron train"; "" = none), SWEEP=1
-# (add the Triton block sweep); BUILD=0 (a warm machine that built already). The
+# (add the Triton launch sweep, float and masks input); BUILD=0 (a warm machine that built already). The
 # training's checkpoint comes back in $OUT, so a later session can continue it.
-# Timings on an H100 (2026-11-27): build 55 s, GPU tests 45 s, memcheck 20 s (the
-# training runs beside them), bench conv 26 s, snn 23 s, neuron 37 s: everything with
-# TRAIN_S=150 fits one call of ~6-7 minutes; more training can follow at once on the
-# warm machine (BUILD=0 TESTS=0 BENCH="" TRAIN_S=...; carry the checkpoint that came
-# back in .gpu_data/ckpt/snn_s25.ckpt).
+# Timings on an H100 (2026-11-27): build 50 s, GPU tests 47 s, memcheck 17 s,
+# racecheck > 90 s, synccheck ~10 s (the training runs beside them), bench conv with
+# SWEEP=1 28 s, snn 15 s, neuron 39 s, train 12 s: everything with TRAIN_S=200 took
+# 381 s; more training can follow at once on the warm machine (BUILD=0 TESTS=0
+# BENCH="" TRAIN_S=...; carry the checkpoint that came back in .gpu_data/ckpt/; a
+# call is ~30 s more than TRAIN_S). The training runs fp32 at ~11.5 steps/s (batch
+# 32); AMP=1 measured 2.7x faster per step (bench_snn --train), its effect on the
+# fine-tuned quality is not measured yet.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spikingir-gpu}
@@ -97,7 +100,7 @@ if [ "${TESTS:-1}" != 0 ]; then
 
   step "compute-sanitizer racecheck + synccheck (CUDA spike_conv2d: shared memory, cp.async, barriers)"
   for tool in racecheck synccheck; do
-    timeout "${RACECHECK_S:-90}" compute-sanitizer --tool $tool --error-exitcode 9 \
+    timeout "${RACECHECK_S:-150}" compute-sanitizer --tool $tool --error-exitcode 9 \
       python -m pytest -q -x -m gpu tests/test_spike_conv.py -p no:cacheprovider \
       -k "cuda and (3-1-1-1.0 or 7-2-3-0.1 or bitwise or masks_input)" > "$LOG/$tool.log" 2>&1 || status=1
     tail -3 "$LOG/$tool.log"

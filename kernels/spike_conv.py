@@ -197,11 +197,30 @@ def _tile_occupancy(group_any, kh, kw, stride, Ho, Wo, tile):
     return torch.stack(taps, dim=3).contiguous()
 
 
-#: Launch configuration of the forward kernel. ``block_k`` >= 32: an int8 tl.dot
-#: needs K >= 32 on the GPU (Triton 3.6 on an H100 refused K = 16 for Cin = 5;
-#: channels are zero-padded up to a multiple of it);
-#: ``tile`` = (TILE_H, TILE_W) output pixels per program (their product is BLOCK_M).
-DEFAULT_CONFIG = dict(block_k=32, tile=(TILE_H, TILE_W), num_warps=4, num_stages=None)
+#: Launch configuration of the forward kernel for float spikes. ``block_k``: the
+#: channels of a K-block, >= 32 (an int8 tl.dot needs K >= 32 on the GPU: Triton
+#: 3.6 on an H100 refused K = 16 for Cin = 5; channels are zero-padded up to a
+#: multiple of it); None: 64 for Cin > 32, else 32 (less zero padding). ``tile`` =
+#: (TILE_H, TILE_W) output pixels per program (their product is BLOCK_M).
+#: Measured on an H100 (benchmarks/RESULTS.md, GPU runs 2026-11-27, the launch
+#: sweep; [80, 64, 128, 128] 64 -> 64 3x3 at 10 %): 64-channel K-blocks, 16x16
+#: tiles and 8 warps 1.55 ms; 32-channel blocks, 8x16 tiles, 4 warps (the first
+#: default) 2.53 ms; results identical (integer accumulation).
+DEFAULT_CONFIG = dict(block_k=None, tile=(16, 16), num_warps=8, num_stages=None)
+#: The same for SpikeMasks input: the configuration its measurements used (the
+#: sweep above timed float spikes only; here each K-block unpacks one 64-bit word
+#: per output pixel into a BLOCK_M x BLOCK_K int8 tile in registers, which grows
+#: with both). ``benchmarks/bench_spike_conv.py --triton-sweep`` times both.
+MASKS_CONFIG = dict(block_k=32, tile=(TILE_H, TILE_W), num_warps=4, num_stages=None)
+
+
+def launch_config(base, config, cin):
+    """``base`` updated by ``config`` (None or a dict), ``block_k`` resolved for
+    ``cin`` input channels."""
+    cfg = dict(base, **(config or {}))
+    if cfg["block_k"] is None:
+        cfg["block_k"] = 64 if cin > 32 else 32
+    return cfg
 
 
 def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, validate, save, *,
@@ -209,7 +228,7 @@ def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, valida
     """Launcher with the contract of spikingir::spike_conv2d_fwd (csrc/ops.cpp).
     ``config`` overrides :data:`DEFAULT_CONFIG` (benchmarks/bench_spike_conv.py
     --triton-sweep times alternatives; results are identical by construction)."""
-    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    cfg = launch_config(DEFAULT_CONFIG, config, s.shape[1])
     if validate and bool(((s != 0) & (s != 1)).any()):
         raise ValueError("s: expected a binary spike map (only 0 and 1), found other values; "
                          "pass validate=False to skip this check")
@@ -235,8 +254,9 @@ def spike_conv2d_fwd_masks_triton(masks, channels, weight, bias, stride, padding
     """Launcher with the contract of spikingir::spike_conv2d_fwd_masks (csrc/ops.cpp):
     the kernel of :func:`spike_conv2d_fwd_triton` reading the channel masks
     directly (no int8 copy of the spikes); same result bit for bit. ``out``: a
-    contiguous float32 [N, Cout, Ho, Wo] to write into."""
-    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    contiguous float32 [N, Cout, Ho, Wo] to write into. ``config`` overrides
+    :data:`MASKS_CONFIG`."""
+    cfg = launch_config(MASKS_CONFIG, config, channels)
     N, H, W, _ = masks.shape
     block_k = cfg["block_k"]
     if 64 % block_k:

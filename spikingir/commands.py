@@ -82,6 +82,13 @@ def _convert(ann, calib, timesteps, args):
                   backend=args.backend)
 
 
+def _add_amp_arg(p, what):
+    p.add_argument("--amp", action="store_true",
+                   help=f"run {what} in bf16 mixed precision (autocast, channels-last): on an "
+                        "H100 the DnCNN SNN ran 2.9x faster than the exact default at the same "
+                        "PSNR; not bit-exact; slower on CPUs without AVX512-BF16/AMX")
+
+
 def _add_conversion_args(p):
     p.add_argument("--neuron", choices=["mprn", "if"], default="mprn")
     p.add_argument("--percentile", type=float, default=99.9)
@@ -118,7 +125,8 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
     if hasattr(snn, "use_spike_conv"):
         # Inference: hidden convs as spike_conv2d on the binary spikes (same network up
         # to float32 rounding; on the CPU the event-driven kernel is ~2x faster than
-        # F.conv2d at DnCNN's firing rates, on a GPU "auto" runs cuDNN on the spikes).
+        # F.conv2d at DnCNN's firing rates; on a GPU "auto" runs Triton on the neurons'
+        # channel masks, 18 % faster than cuDNN on float spikes on an H100).
         snn.use_spike_conv(True, backend=args.backend)
     return snn, origin
 
@@ -146,7 +154,8 @@ def _cmd_evaluate(args):
     snn, origin = _get_snn(args.task, sigma, ann, max(args.timesteps), args, args.ann_weights is not None)
     print(f"# {args.task}: {len(samples)} images; SNN: {origin}", flush=True)
     outputs = {} if args.figures else None
-    report = evaluate(args.task, ann, snn, samples, args.timesteps, sigma, outputs, device=device)
+    report = evaluate(args.task, ann, snn, samples, args.timesteps, sigma, outputs, device=device,
+                      amp=args.amp)
     table = markdown_table(report)
     print(table)
     if args.json:
@@ -173,6 +182,7 @@ def _add_evaluate(sub):
     p.add_argument("--markdown", default=None)
     p.add_argument("--figures", default=None, help="folder for side-by-side PNGs and PSNR-vs-T")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    _add_amp_arg(p, "both networks")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_evaluate))
 
@@ -185,7 +195,7 @@ def _cmd_restore(args):
     from PIL import Image
 
     from spikingir.data import load_image
-    from spikingir.evaluate import write_atomic
+    from spikingir.evaluate import amp_context, bf16_inference, write_atomic
     from spikingir.metrics import to_uint8
     from spikingir.pipeline import _to_input, load_ann
 
@@ -200,11 +210,14 @@ def _cmd_restore(args):
     ann = None if args.snn_weights else load_ann(args.task, sigma, args.ann_weights)
     snn, origin = _get_snn(args.task, sigma, ann, args.timesteps, args, args.ann_weights is not None)
     snn = snn.to(device)
+    fmt = torch.contiguous_format
+    if args.amp:
+        snn, fmt = bf16_inference(snn), torch.channels_last
     # Overlapping tiles, each with the network's receptive radius around its core:
     # the whole image's result in bounded memory (spikingir/tiling.py).
-    with torch.no_grad():
-        out = run_tiled(lambda t: snn(t.to(device)).cpu(), _to_input(img), args.tile,
-                        receptive_radius(snn))[0].float().numpy()
+    with torch.no_grad(), amp_context(device, args.amp):
+        out = run_tiled(lambda t: snn(t.to(device).contiguous(memory_format=fmt)).float().cpu(),
+                        _to_input(img), args.tile, receptive_radius(snn))[0].numpy()
     out = out[0] if out.shape[0] == 1 else out.transpose(1, 2, 0)
     import io
     buf = io.BytesIO()
@@ -228,6 +241,7 @@ def _add_restore(sub):
                         f"around each, so the result is the whole image's) to bound memory: the "
                         f"DnCNN SNN holds ~3 GB per megapixel per layer at T=10 (default "
                         f"{DEFAULT_TILE}; 0: the whole image at once)")
+    _add_amp_arg(p, "the SNN")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_restore))
 

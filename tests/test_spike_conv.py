@@ -347,10 +347,17 @@ def test_auto_backend_choice():
     out = ops.spike_conv2d(spikes(1, 2, 5, 5, rate=0.5, dtype=torch.float64),
                            torch.randn(2, 2, 3, 3, dtype=torch.float64))
     assert out.dtype == torch.float64
-    # On CUDA, auto runs cuDNN (measured faster than both kernels on an H100),
-    # whatever is installed; a named kernel still runs or says why not.
+    # On CUDA, auto runs cuDNN on float spikes (measured faster than both kernels
+    # on an H100), whatever is installed, and Triton on SpikeMasks (measured
+    # fastest in the SNN), or cuDNN without Triton; a named kernel still runs or
+    # says why not.
     for dtype in (torch.float32, torch.bfloat16):
         assert backends.choose(OP, "cuda", dtype, "auto") == "torch"
+    triton_ok = backends.why_unavailable("triton", "cuda", "spike_conv2d_masks") is None
+    assert backends.choose("spike_conv2d_masks", "cuda", torch.float32, "auto") == \
+        ("triton" if triton_ok else "torch")
+    if "cpp" in CPU_FUSED:
+        assert backends.choose("spike_conv2d_masks", "cpu", torch.float32, "auto") == "cpp"
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="backend='cuda' is not available"):
             backends.choose(OP, "cuda", torch.float32, "cuda")
@@ -407,18 +414,24 @@ def test_triton_occupancy_map_matches_brute_force():
 
 
 @pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
-@pytest.mark.parametrize("config", [dict(block_k=64), dict(tile=(16, 16)),
+@pytest.mark.parametrize("config", [dict(block_k=64), dict(block_k=32, tile=(8, 16), num_warps=4),
                                     dict(block_k=64, tile=(4, 8), num_warps=8, num_stages=3)])
 def test_triton_launch_configs_agree(config):
     """Launch configurations (the GPU tuning sweep) compute the same integers:
-    bitwise equal to the default config, sparse (skipping) and dense paths."""
-    from spikingir.kernels.spike_conv import spike_conv2d_fwd_triton
+    bitwise equal to the default configs, from float spikes and from masks,
+    sparse (skipping) and dense paths."""
+    from spikingir.kernels.spike_conv import (spike_conv2d_fwd_masks_triton,
+                                              spike_conv2d_fwd_triton)
     w, b = conv_params(7, 37, 3, seed=4)
     for rate, dense_rate in ((0.05, 1.0), (0.3, 0.0)):
         s = spikes(2, 37, 9, 13, rate=rate, seed=5)
+        m = ops.SpikeMasks.from_dense(s)
         ref, _ = spike_conv2d_fwd_triton(s, w, b, 1, 1, dense_rate, False, False)
         out, _ = spike_conv2d_fwd_triton(s, w, b, 1, 1, dense_rate, False, False, config=config)
         assert torch.equal(out, ref)
+        for cfg in (None, config):
+            out_m = spike_conv2d_fwd_masks_triton(m.bits, 37, w, b, 1, 1, dense_rate, config=cfg)
+            assert torch.equal(out_m, ref)
         assert_close(out, F.conv2d(s.double(), w.double(), b.double(), padding=1).float(),
                      1e-6, 1e-5)
 

@@ -202,8 +202,8 @@ class SpikingDnCNN(_SpikingNet):
         each threshold is folded into the weights of the conv it feeds:
         ``conv(theta s) = (w theta) * s + b``). Same outputs up to float32
         rounding, same parameters and state dict. With ``masks``, without
-        autograd (inference) and a fused spike_conv2d backend (not the
-        reference, which ``auto`` picks on a GPU), the neurons hand the spikes
+        autograd (inference) and a fused spike_conv2d backend for masks (on a
+        GPU ``auto`` picks Triton, or cuDNN without Triton), the neurons hand the spikes
         over as channel bit masks (:class:`~spikingir.ops.SpikeMasks`; the same
         result), else as float tensors. Returns ``self``."""
         self.spike_conv = bool(on)
@@ -257,11 +257,11 @@ class SpikingDnCNN(_SpikingNet):
         cur = current.unsqueeze(0).expand(self.steps, *current.shape)
         # Inference with spike_conv2d: the hidden neurons emit channel masks
         # (1 bit per spike) that spike_conv2d reads directly (no float spikes);
-        # only for a fused spike_conv2d: the reference (cuDNN / oneDNN) would
-        # unpack them again.
+        # only when a fused kernel would take them: the reference (cuDNN /
+        # oneDNN) would unpack them again.
         masks = (self.spike_conv and self.spike_masks and not torch.is_grad_enabled()
                  and not self._track_energy
-                 and ops.backends.choose("spike_conv2d", x.device, torch.float32,
+                 and ops.backends.choose("spike_conv2d_masks", x.device, torch.float32,
                                          self.spike_conv_backend) != "torch")
         y = None
         for i, neuron in enumerate(self.neurons_):

@@ -47,17 +47,24 @@ OP_BACKENDS = {
     "if_multistep": ("cuda", "triton", "cpp", "torch"),
     "mprn_multistep": ("cuda", "triton", "cpp", "torch"),
     "spike_conv2d": ("cuda", "triton", "cpp", "torch"),
+    # spike_conv2d with its spikes given as SpikeMasks (channel bit masks)
+    "spike_conv2d_masks": ("cuda", "triton", "cpp", "torch"),
 }
-#: (op, device type) where ``auto`` picks a backend other than the first available
-#: fused one, because measurements say so. spike_conv2d on CUDA: cuDNN (the
-#: ``torch`` backend) is faster than both fused kernels on an H100 (benchmarks/
-#: RESULTS.md, [80, 64, 128, 128] 64->64 3x3, fp32 TF32 off: cuDNN 2.6 ms, triton
-#: 3.6 ms, cuda 63 ms at 10 % firing: the first cuda kernel, one thread per output;
-#: its event-driven successor is not measured on a GPU yet), so auto runs it; name
-#: a backend to run a kernel.
-AUTO_OVERRIDE = {("spike_conv2d", "cuda"): "torch"}
+#: (op, device type) where ``auto`` tries its own order, because measurements say
+#: so (the first available backend of the tuple wins). On an H100 (benchmarks/
+#: RESULTS.md, GPU runs 2026-11-27):
+#: - spike_conv2d of float spikes: cuDNN (the ``torch`` backend). Single convs of
+#:   DnCNN's layers ([20, 64, 96, 96] real maps) took cuDNN fp32 0.39 ms, the event
+#:   CUDA kernel 0.43-0.62 ms, Triton 0.64-0.86 ms.
+#: - spike_conv2d of SpikeMasks (what the neurons emit in a spiking net): Triton.
+#:   The DnCNN SNN (321x481, T=10) ran in 47.1 ms with Triton reading the
+#:   neurons' masks, 57.5 ms with float spikes through cuDNN, 79.1 ms with the
+#:   CUDA masks kernel; without Triton, cuDNN (the net then emits float spikes).
+AUTO_OVERRIDE = {("spike_conv2d", "cuda"): ("torch",),
+                 ("spike_conv2d_masks", "cuda"): ("triton", "torch")}
 #: The compiled op whose CUDA kernel a ``cuda`` backend of each op needs.
-_CUDA_SCHEMA = {"spike_conv2d": "spikingir::spike_conv2d_fwd"}
+_CUDA_SCHEMA = {"spike_conv2d": "spikingir::spike_conv2d_fwd",
+                "spike_conv2d_masks": "spikingir::spike_conv2d_fwd_masks"}
 #: Input dtypes of the fused backends (the reference takes any float dtype).
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -117,8 +124,8 @@ def choose(op: str, device, dtype: torch.dtype, requested: str = "auto") -> str:
     """Returns the backend that runs ``op`` for inputs on ``device`` of ``dtype``.
 
     ``auto``: the fastest available fused backend (the interpreted Triton
-    backend is never picked automatically), or the measured-faster backend of
-    ``AUTO_OVERRIDE``; the reference for float64, which
+    backend is never picked automatically), or the first available backend of
+    the measured order in ``AUTO_OVERRIDE``; the reference for float64, which
     no fused kernel takes; on a CUDA device with no fused backend, the reference
     with a warning. A named backend that cannot run raises an error saying why.
     """
@@ -129,8 +136,9 @@ def choose(op: str, device, dtype: torch.dtype, requested: str = "auto") -> str:
         if not fused_dtype:
             return "torch"
         dev = _device_type(device)
-        if (op, dev) in AUTO_OVERRIDE:
-            return AUTO_OVERRIDE[(op, dev)]
+        for b in AUTO_OVERRIDE.get((op, dev), ()):
+            if why_unavailable(b, device, op) is None:
+                return b
         for b in OP_BACKENDS[op]:
             if b == "triton" and dev != "cuda":
                 continue

@@ -286,7 +286,7 @@ def _spike_conv2d_masks(masks, weight, bias, stride, padding, validate, backend,
             raise ValueError(f"s: SpikeMasks has bits set for channels >= {C} (only the first "
                              f"{C} bits of the masks may be set)")
     out_dtype = torch.promote_types(torch.float32, weight.dtype)
-    chosen = backends.choose("spike_conv2d", masks.device, torch.float32, backend)
+    chosen = backends.choose("spike_conv2d_masks", masks.device, torch.float32, backend)
     if chosen == "torch":
         y = spike_conv2d_reference(masks.to_dense(weight.dtype), weight, bias, stride, padding)
         return y if out is None else out.copy_(y)
