@@ -232,6 +232,9 @@ def main(argv=None):
                    help="GPU: also time Triton launch configurations at 10%% firing")
     p.add_argument("--markdown-append", metavar="PATH")
     p.add_argument("--note", default="")
+    p.add_argument("--once", type=float, default=None, metavar="RATE",
+                   help="for a profiler (ncu): one call of each fused backend from SpikeMasks "
+                        "at this firing rate, after one warm-up call, and no timing")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = args.device
@@ -239,6 +242,16 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(64, shape[1], 3, 3, generator=g) / (shape[1] * 9) ** 0.5).to(dev)
     b = torch.randn(64, generator=g).to(dev)
+    if args.once is not None:
+        masks = ops.SpikeMasks.from_dense((torch.rand(*shape, generator=g) < args.once).float().to(dev))
+        for be in ops.available_backends(dev, op="spike_conv2d_masks"):
+            if be == "torch" or (be == "triton" and dev == "cpu"):
+                continue
+            with torch.no_grad():
+                for _ in range(2):  # the warm-up compiles / the profiler's second launch
+                    ops.spike_conv2d(masks, w, b, 1, 1, validate=False, backend=be)
+            print(f"ran {be} from masks twice, {shape} at {args.once:.0%}", file=sys.stderr)
+        return 0
     rows = []
     for rate in args.rates:
         s = (torch.rand(*shape, generator=g) < rate).float().to(dev)

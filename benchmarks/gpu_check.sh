@@ -18,7 +18,8 @@
 # (the noise level, default 25), SNN0 (the SNN it starts from, default the shipped one
 # of that sigma), SEED; TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time
 # limits); BENCH (which benchmarks, default "conv snn neuron train"; "" = none), SWEEP=1
-# (add the Triton launch sweep, float and masks input); BUILD=0 (a warm machine that built already). The
+# (add the Triton launch sweep, float and masks input); NCU=1 (Nsight Compute on the
+# CUDA and Triton spike_conv2d kernels from masks); BUILD=0 (a warm machine that built already). The
 # training's checkpoint comes back in $OUT, so a later session can continue it.
 # Timings on an H100 (2026-11-27): build 50 s, GPU tests 47 s, memcheck 17 s,
 # racecheck > 90 s, synccheck ~10 s (the training runs beside them), bench conv with
@@ -141,6 +142,19 @@ for b in ${BENCH-conv snn neuron train}; do
     tail -5 "$LOG/bench_train_gpu.txt" ;;
   esac
 done
+
+if [ "${NCU:-0}" != 0 ]; then
+  # Nsight Compute on the second launch of each spike_conv2d kernel from masks (the
+  # first compiles / warms up) at 10 % firing: where their time goes.
+  step "ncu: spike_conv2d kernels from masks, [80, 64, 128, 128] at 10 %"
+  timeout 240 ncu --kernel-name regex:"spike_conv2d|event" --launch-skip 1 --launch-count 4 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    --section WarpStateStats python benchmarks/bench_spike_conv.py --device cuda --once 0.1 \
+    > "$LOG/ncu_spike_conv.txt" 2>&1 || status=1
+  cp "$LOG/ncu_spike_conv.txt" "$OUT/"
+  grep -E "spike_conv2d|event|Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occ|Stall" \
+    "$LOG/ncu_spike_conv.txt" | head -60
+fi
 
 step "summary: neuron (from bench_neuron_gpu.json)"
 [ -f "$OUT/bench_neuron_gpu.json" ] && python - "$OUT/bench_neuron_gpu.json" <<'PY' || true

@@ -363,6 +363,24 @@ def test_auto_backend_choice():
             backends.choose(OP, "cuda", torch.float32, "cuda")
 
 
+def test_triton_conv_needs_compute_capability_8(monkeypatch):
+    """The Triton spike_conv2d runs int8 tensor-core dots: on a GPU older than
+    compute capability 8.0 it is unavailable (with the reason), and auto on
+    SpikeMasks falls back to cuDNN instead of failing to compile."""
+    if not (backends.HAS_TRITON and backends.HAS_CPP_OPS):
+        pytest.skip("triton or the extension missing")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(backends, "_capability", lambda index: (7, 5))
+    assert "compute capability 8.0" in backends.why_unavailable("triton", "cuda", OP)
+    assert backends.choose("spike_conv2d_masks", "cuda", torch.float32, "auto") == "torch"
+    with pytest.raises(ValueError, match="this GPU is 7.5"):
+        backends.choose(OP, "cuda:0", torch.float32, "triton")
+    assert backends.why_unavailable("triton", "cuda", "if_multistep") is None  # no int8 dots
+    monkeypatch.setattr(backends, "_capability", lambda index: (9, 0))
+    assert backends.why_unavailable("triton", "cuda", OP) is None
+
+
 # ---------------------------------------------------------------------------
 # The Triton kernel's pieces (interpreter).
 # ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ triton     Triton kernel (spikingir.kernels)      CUDA tensors and triton; CPU t
 ``auto`` picks the fastest available backend for the device; a backend named
 explicitly is used or refused with an error that says why, never swapped.
 """
+import functools
 import os
 import warnings
 
@@ -104,10 +105,23 @@ def why_unavailable(backend: str, device, op: str = "if_multistep"):
     if not HAS_CPP_OPS:
         return f"the op schemas live in spikingir._C, which failed to import ({_CPP_ERROR})"
     if dev == "cuda":
+        if op.startswith("spike_conv2d") and torch.cuda.is_available():
+            index = torch.device(device).index
+            major, minor = _capability(torch.cuda.current_device() if index is None else index)
+            if major < 8:
+                return (f"the Triton spike_conv2d accumulates in int8 tensor-core dots, which "
+                        f"need compute capability 8.0 or newer; this GPU is {major}.{minor}")
         return None
     if dev == "cpu" and TRITON_INTERPRET:
         return None
     return f"'triton' runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {dev}"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    """(major, minor) compute capability of CUDA device ``index`` (cached: choose()
+    runs on every op call)."""
+    return torch.cuda.get_device_capability(index)
 
 
 def available_backends(device, op: str = "if_multistep") -> list:
