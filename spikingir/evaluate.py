@@ -33,7 +33,7 @@ def _to_image(t):
 
 def bf16_inference(net):
     """Makes ``net`` ready for bf16 mixed-precision inference (run it under
-    :func:`amp_context`) and returns it: channels-last weights (tensor cores /
+    :func:`amp_context`), in place, and returns it: channels-last weights (tensor cores /
     oneDNN's fast bf16 layout) and, in a spiking net, the hidden convolutions back
     on ``F.conv2d`` of ``theta * s``: ``spike_conv2d`` computes in exact float32,
     which autocast does not change. Not exact: weights and currents are rounded
