@@ -37,8 +37,7 @@ import time
 import numpy as np
 import torch
 
-from spikingir import ops
-from spikingir.bench.neuron import environment, markdown_header
+from spikingir.bench.neuron import environment, markdown_header, timed_backends
 from spikingir.data import add_gaussian_noise
 from spikingir.metrics import psnr
 from spikingir.pipeline import load_snn
@@ -168,22 +167,16 @@ def main(argv=None):
             with torch.autocast("cuda", torch.bfloat16):
                 ms["ANN bf16 cl"] = _time(lambda: ann_cl(x_cl), dev, args.repeats)
         quality["SNN dense"] = score(ref)
-        for be in ops.available_backends(dev, op="spike_conv2d"):
-            if be == "torch" or (be == "triton" and dev == "cpu"):
-                continue
-            for masks in (False, True):
-                name = f"SNN spike {be}" + (" masks" if masks else "")
-                snn.use_spike_conv(True, be, masks=masks)
-                with _tf32(False):
-                    out = snn(x)
-                    ms[name] = _time(lambda: snn(x), dev, args.repeats)
-                quality[name] = score(out)
-        # what `spikingir restore` / `evaluate` run: use_spike_conv with backend "auto"
-        snn.use_spike_conv(True, "auto")
-        with _tf32(False):
-            out = snn(x)
-            ms["SNN spike auto (restore default)"] = _time(lambda: snn(x), dev, args.repeats)
-        quality["SNN spike auto (restore default)"] = score(out)
+        runs = [(f"SNN spike {be}" + (" masks" if masks else ""), be, masks)
+                for be in timed_backends(dev, "spike_conv2d") for masks in (False, True)]
+        # and what `spikingir restore` / `evaluate` run: backend "auto"
+        runs.append(("SNN spike auto (restore default)", "auto", True))
+        for name, be, masks in runs:
+            snn.use_spike_conv(True, be, masks=masks)
+            with _tf32(False):
+                out = snn(x)
+                ms[name] = _time(lambda: snn(x), dev, args.repeats)
+            quality[name] = score(out)
         snn.use_spike_conv(False)
         if dev == "cuda":
             # mixed precision: the SNN as shipped under bf16 autocast, channels-last

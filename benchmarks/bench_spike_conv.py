@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from spikingir import ops
-from spikingir.bench.neuron import environment, markdown_header
+from spikingir.bench.neuron import environment, markdown_header, timed_backends
 from spikingir.ops import backends
 
 RATES = (0.01, 0.05, 0.10, 0.20, 0.50)
@@ -70,9 +70,7 @@ def columns(device):
         cols["F.conv2d"] = cudnn(False)  # cuDNN fp32, TF32 off
         cols["cudnn tf32"] = cudnn(True)
         cols["cudnn bf16 cl"] = lambda s, w, b: F.conv2d(s, w, b, 1, 1)  # inputs converted below
-    for be in ops.available_backends(device, op="spike_conv2d"):
-        if be == "torch" or (be == "triton" and device == "cpu"):
-            continue  # torch is F.conv2d; the interpreted Triton kernel is not a timing
+    for be in timed_backends(device, "spike_conv2d"):  # torch is the F.conv2d column
         cols[be] = (lambda be: lambda s, w, b: ops.spike_conv2d(s, w, b, 1, 1, validate=False,
                                                                 backend=be))(be)
         if be == "cpp":
@@ -244,9 +242,7 @@ def main(argv=None):
     b = torch.randn(64, generator=g).to(dev)
     if args.once is not None:
         masks = ops.SpikeMasks.from_dense((torch.rand(*shape, generator=g) < args.once).float().to(dev))
-        for be in ops.available_backends(dev, op="spike_conv2d_masks"):
-            if be == "torch" or (be == "triton" and dev == "cpu"):
-                continue
+        for be in timed_backends(dev, "spike_conv2d_masks"):
             with torch.no_grad():
                 for _ in range(2):  # the warm-up compiles / the profiler's second launch
                     ops.spike_conv2d(masks, w, b, 1, 1, validate=False, backend=be)

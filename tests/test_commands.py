@@ -97,6 +97,12 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
     close to the exact one, and evaluate's figures close to the exact ones."""
     extra = ["--ann-weights", str(files / weights), "--timesteps", "3"] + \
         (["--sigma", "25"] if task == "denoise" else [])
+    data = files / ("gray" if task == "denoise" else "haze2")
+    if task == "dehaze":  # a matched pair for evaluate
+        (data / "hazy").mkdir(parents=True, exist_ok=True)
+        (data / "gt").mkdir(exist_ok=True)
+        Image.open(files / image).save(data / "hazy" / "3_1.png")
+        Image.open(files / image).save(data / "gt" / "3.png")
     outs, reports = [], []
     for amp in ([], ["--amp"]):
         out = tmp_path / f"r{len(amp)}.png"
@@ -105,13 +111,7 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
         assert code == 0, err
         outs.append(np.asarray(Image.open(out)).astype(float))
         js = tmp_path / f"r{len(amp)}.json"
-        data = str(files / ("gray" if task == "denoise" else "haze2"))
-        if task == "dehaze":  # a matched pair for evaluate
-            (files / "haze2" / "hazy").mkdir(parents=True, exist_ok=True)
-            (files / "haze2" / "gt").mkdir(exist_ok=True)
-            Image.open(files / image).save(files / "haze2" / "hazy" / "3_1.png")
-            Image.open(files / image).save(files / "haze2" / "gt" / "3.png")
-        code, _, err = run(["evaluate", "--task", task, "--data", data, "--json", str(js)]
+        code, _, err = run(["evaluate", "--task", task, "--data", str(data), "--json", str(js)]
                            + extra + amp, capsys)
         assert code == 0, err
         reports.append(json.loads(js.read_text()))

@@ -142,6 +142,13 @@ def _spikingjelly_column(device):
     return fn, sj_backend
 
 
+def timed_backends(device, op):
+    """The fused backends of ``op`` a benchmark times on ``device``: not the
+    reference (the baseline column) nor Triton on CPU tensors (the interpreter)."""
+    return [b for b in backends.available_backends(device, op=op)
+            if b != "torch" and not (b == "triton" and torch.device(device).type == "cpu")]
+
+
 def columns(device, skip=()):
     """[(name, callable or None, note)] in table order; callable is None for a
     column that is reported but not timed (the note says why)."""
