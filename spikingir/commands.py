@@ -259,14 +259,14 @@ def _cmd_finetune(args):
     sigma = _sigma_of(args)
     if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
         snn = load_snn(args.snn_weights, backend=args.backend)
-        snn.timesteps = args.timesteps
+        snn.timesteps = max(args.timesteps)
     else:
         ann = load_ann(args.task, sigma, args.ann_weights)
         from spikingir.train import default_data_dir
         calib_dir = args.data or default_data_dir("train400" if args.task == "denoise"
                                                   else "sots_train")
         calib = calibration_inputs(args.task, sigma, data=calib_dir)
-        snn = _convert(ann, calib, args.timesteps, args)
+        snn = _convert(ann, calib, max(args.timesteps), args)
     t0 = time.time()
     res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,
                        steps=args.steps, batch_size=args.batch_size, lr_weights=args.lr_weights,
@@ -274,10 +274,11 @@ def _cmd_finetune(args):
                        checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
                        time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
                        energy_weight=args.energy_weight, amp=args.amp, val_every=args.val_every,
-                       warmup=args.warmup)
+                       warmup=args.warmup, timesteps=args.timesteps)
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
-            "timesteps": args.timesteps, "device": args.device,
+            "timesteps": args.timesteps[0] if len(args.timesteps) == 1 else sorted(set(args.timesteps)),
+            "device": args.device,
             "train_mapper": not args.freeze_mapper, "energy_weight": args.energy_weight,
             "amp": args.amp, "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
             "wall_s": round(time.time() - t0, 1), "torch": str(torch.__version__)}
@@ -297,7 +298,9 @@ def _add_finetune(sub):
     p.add_argument("--snn-weights", default=None,
                    help="start from this fine-tuned SNN (from `spikingir finetune`) instead of "
                         "converting the ANN; the conversion options are then ignored")
-    p.add_argument("--timesteps", type=_timesteps, default=10)
+    p.add_argument("--timesteps", type=_timesteps, nargs="+", default=[10],
+                   help="T to train at (default 10); several, e.g. `5 10`: each batch at one of "
+                        "them drawn at random, for one SNN good at each; the SNN keeps the largest")
     p.add_argument("--steps", type=_timesteps, default=200)
     p.add_argument("--batch-size", type=_timesteps, default=8)
     p.add_argument("--lr-weights", type=float, default=2e-5)

@@ -16,7 +16,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
                  patch=40, lr_weights=2e-5, lr_neurons=1e-3, device="cpu", seed=0,
                  checkpoint=None, resume=True, val_crop=64, val_every=None, log_every=10,
                  progress=True, time_limit=None, log=None, train_mapper=True,
-                 energy_weight=0.0, amp=False, warmup=0):
+                 energy_weight=0.0, amp=False, warmup=0, timesteps=None):
     """Fine-tunes ``snn`` (from :func:`spikingir.convert.to_snn`) in place.
 
     Denoising: DnCNN patches of ``data`` (default ``../shared/data/train400``)
@@ -31,7 +31,12 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     bf16 on the tensor cores; the fused neurons take bf16 currents, keep their
     potentials and parameter gradients in float32). ``warmup``: steps over which
     the learning rates ramp up linearly (continuing a fine-tuned SNN at the full
-    rates first knocked it back: benchmarks/RESULTS.md). Returns the FitResult.
+    rates first knocked it back: benchmarks/RESULTS.md). ``timesteps``: the
+    numbers of steps T to train at (default: ``snn.timesteps`` alone); with
+    several, each batch runs at one of them drawn at random (from the torch RNG,
+    so a resumed run draws the same ones), for one SNN that serves several
+    latencies; validation and the returned SNN use the largest. Returns the
+    FitResult.
     """
     import torch.nn.functional as F
     from spikingir.data import DehazePairs, DnCNNPatches, noisy
@@ -66,9 +71,13 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
         val_fn = dehaze_validator(val_pairs, device=device)
     else:
         raise ValueError(f"task: expected 'denoise' or 'dehaze', got {task!r}")
+    ts = _timestep_list(snn.timesteps if timesteps is None else timesteps)
+    snn.timesteps = max(ts)
+    if len(ts) > 1:
+        make_batch, val_fn = _draw_timesteps(snn, ts, make_batch, val_fn)
     loader = _loader(dataset, batch_size, True, 0, device=device)
     snn.train()
-    config = {"task": task, "sigma": sigma, "timesteps": snn.timesteps, "neuron": snn.neuron_kind,
+    config = {"task": task, "sigma": sigma, "timesteps": list(ts) if len(ts) > 1 else ts[0], "neuron": snn.neuron_kind,
               "lr_weights": lr_weights, "lr_neurons": lr_neurons, "batch_size": batch_size,
               "train_mapper": train_mapper, "energy_weight": energy_weight, "amp": bool(amp),
               "warmup": int(warmup)}
@@ -89,10 +98,32 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
                   schedule="cosine", checkpoint=checkpoint, resume=resume,
                   val_every=val_every or steps, seed=seed, device=device, log_every=log_every,
                   progress=progress, config=config, time_limit=time_limit, log=log,
-                  desc=f"finetune {task} T={snn.timesteps}", amp=amp, warmup=warmup,
+                  desc=f"finetune {task} T={','.join(map(str, ts))}", amp=amp, warmup=warmup,
                   channels_last=channels_last)
     finally:
+        snn.timesteps = max(ts)
         snn.track_energy(False)
         snn.to(memory_format=torch.contiguous_format)  # saved in the default layout
     snn.eval()
     return res
+
+
+def _timestep_list(timesteps):
+    """``timesteps`` (an int or a sequence of ints >= 1) as a sorted tuple without repeats."""
+    items = (timesteps,) if isinstance(timesteps, int) else tuple(timesteps)
+    if not items or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in items):
+        raise ValueError(f"timesteps: expected an int >= 1 or a non-empty list of them, got {timesteps!r}")
+    return tuple(sorted(set(items)))
+
+
+def _draw_timesteps(snn, ts, make_batch, val_fn):
+    """Wraps the batch maker to set ``snn.timesteps`` to a random element of ``ts``
+    per batch, and the validator to validate at ``max(ts)``."""
+    def make_batch_t(batch, dev):
+        snn.timesteps = ts[int(torch.randint(len(ts), ()))]
+        return make_batch(batch, dev)
+
+    def val_t(model):
+        snn.timesteps = max(ts)
+        return val_fn(model)
+    return make_batch_t, val_t

@@ -230,3 +230,39 @@ def test_finetune_continues_an_snn_with_an_energy_term(files, tmp_path, capsys, 
     assert snn.energy_ratio is None and snn.timesteps == 2
     # trained channels-last on the CPU, saved in the default layout
     assert all(t.is_contiguous() for t in torch.load(out, weights_only=True)["state_dict"].values())
+
+
+def test_finetune_at_several_timesteps(files, tmp_path, capsys):
+    """--timesteps 2 3: each batch runs at T=2 or T=3 (drawn from the seeded torch
+    RNG: both occur, the same sequence again when repeated); validation and the
+    saved SNN use the largest T, and the file records both."""
+    from spikingir.convert import to_snn
+    from spikingir.finetune import finetune_snn
+    from spikingir.pipeline import load_snn
+    data = files / "gray48"
+    ann = DnCNN(depth=4, channels=8, batchnorm=False)
+    ann.load_state_dict(torch.load(files / "dncnn.pt", weights_only=True))
+
+    def trained_ts():
+        snn = to_snn(ann.eval(), [torch.rand(1, 1, 16, 16)], 3, backend="cpp")
+        seen, val_seen = [], []
+        snn.register_forward_pre_hook(
+            lambda m, a: (seen if m.training else val_seen).append(m.timesteps))
+        finetune_snn(snn, "denoise", sigma=25, data=data, val_data=data, steps=8, batch_size=2,
+                     val_crop=32, timesteps=[3, 2], progress=False, log=lambda _: None)
+        assert snn.timesteps == 3 and set(val_seen) == {3}
+        return seen
+    seen = trained_ts()
+    assert len(seen) == 8 and set(seen) == {2, 3}
+    assert trained_ts() == seen
+    with pytest.raises(ValueError, match="timesteps"):
+        finetune_snn(to_snn(ann.eval(), [torch.rand(1, 1, 16, 16)], 3, backend="cpp"), "denoise",
+                     sigma=25, data=data, val_data=data, timesteps=[])
+    out = tmp_path / "snn.pt"
+    code, stdout, err = run(["finetune", "--task", "denoise", "--sigma", "25", "--ann-weights",
+                             str(files / "dncnn.pt"), "--timesteps", "2", "3", "--steps", "2",
+                             "--batch-size", "2", "--data", str(data), "--val-data", str(data),
+                             "--val-crop", "32", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert torch.load(out, weights_only=True)["meta"]["timesteps"] == [2, 3]
+    assert load_snn(out).timesteps == 3
