@@ -283,8 +283,8 @@ def _cmd_finetune(args):
             "amp": args.amp, "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
             "wall_s": round(time.time() - t0, 1), "torch": str(torch.__version__)}
     if res.history:
-        last = res.history[-1]
-        meta.update({k: v for k, v in last.items() if isinstance(v, (int, float, str))})
+        last = res.history[-1]  # the last validation (a time limit may stop the run after it)
+        meta.update({f"val_{k}": v for k, v in last.items() if isinstance(v, (int, float, str))})
     save_snn(snn, args.out, meta)
     print(f"wrote {args.out} (fine-tuned {res.step} steps)")
     return 0

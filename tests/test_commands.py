@@ -264,5 +264,7 @@ def test_finetune_at_several_timesteps(files, tmp_path, capsys):
                              "--batch-size", "2", "--data", str(data), "--val-data", str(data),
                              "--val-crop", "32", "--out", str(out)], capsys)
     assert code == 0, err
-    assert torch.load(out, weights_only=True)["meta"]["timesteps"] == [2, 3]
+    meta = torch.load(out, weights_only=True)["meta"]
+    assert meta["timesteps"] == [2, 3] and meta["steps"] == 2
+    assert meta["val_step"] == 2 and meta["val_psnr"] > 0  # the last validation's figures
     assert load_snn(out).timesteps == 3
