@@ -251,15 +251,14 @@ def _add_restore(sub):
 def _cmd_finetune(args):
     import torch
 
-    from spikingir.finetune import finetune_snn
+    from spikingir.finetune import finetune_snn, timesteps_record
     from spikingir.pipeline import calibration_inputs, load_ann, load_snn, save_snn
 
     device = _device(args)
     _set_threads(args)
     sigma = _sigma_of(args)
     if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
-        snn = load_snn(args.snn_weights, backend=args.backend)
-        snn.timesteps = max(args.timesteps)
+        snn = load_snn(args.snn_weights, backend=args.backend)  # finetune_snn sets its T
     else:
         ann = load_ann(args.task, sigma, args.ann_weights)
         from spikingir.train import default_data_dir
@@ -277,8 +276,7 @@ def _cmd_finetune(args):
                        warmup=args.warmup, timesteps=args.timesteps)
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
-            "timesteps": args.timesteps[0] if len(args.timesteps) == 1 else sorted(set(args.timesteps)),
-            "device": args.device,
+            "timesteps": timesteps_record(args.timesteps), "device": args.device,
             "train_mapper": not args.freeze_mapper, "energy_weight": args.energy_weight,
             "amp": args.amp, "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
             "wall_s": round(time.time() - t0, 1), "torch": str(torch.__version__)}

@@ -77,7 +77,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
         make_batch, val_fn = _draw_timesteps(snn, ts, make_batch, val_fn)
     loader = _loader(dataset, batch_size, True, 0, device=device)
     snn.train()
-    config = {"task": task, "sigma": sigma, "timesteps": list(ts) if len(ts) > 1 else ts[0], "neuron": snn.neuron_kind,
+    config = {"task": task, "sigma": sigma, "timesteps": timesteps_record(ts), "neuron": snn.neuron_kind,
               "lr_weights": lr_weights, "lr_neurons": lr_neurons, "batch_size": batch_size,
               "train_mapper": train_mapper, "energy_weight": energy_weight, "amp": bool(amp),
               "warmup": int(warmup)}
@@ -114,6 +114,13 @@ def _timestep_list(timesteps):
     if not items or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in items):
         raise ValueError(f"timesteps: expected an int >= 1 or a non-empty list of them, got {timesteps!r}")
     return tuple(sorted(set(items)))
+
+
+def timesteps_record(timesteps):
+    """How a run's ``timesteps`` are recorded (checkpoint config, SNN file meta):
+    the int T, or the sorted list of the Ts it drew from."""
+    ts = _timestep_list(timesteps)
+    return ts[0] if len(ts) == 1 else list(ts)
 
 
 def _draw_timesteps(snn, ts, make_batch, val_fn):
