@@ -259,6 +259,8 @@ def _cmd_finetune(args):
     sigma = _sigma_of(args)
     if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
         snn = load_snn(args.snn_weights, backend=args.backend)  # finetune_snn sets its T
+        if args.no_recycling:  # the one conversion option a converted SNN can drop
+            snn.recycling = False
     else:
         ann = load_ann(args.task, sigma, args.ann_weights)
         from spikingir.train import default_data_dir
@@ -273,12 +275,13 @@ def _cmd_finetune(args):
                        checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
                        time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
                        energy_weight=args.energy_weight, amp=args.amp, val_every=args.val_every,
-                       warmup=args.warmup, timesteps=args.timesteps)
+                       warmup=args.warmup, timesteps=args.timesteps, ssim_weight=args.ssim_weight)
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
             "timesteps": timesteps_record(args.timesteps), "device": args.device,
             "train_mapper": not args.freeze_mapper, "energy_weight": args.energy_weight,
-            "amp": args.amp, "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
+            "ssim_weight": args.ssim_weight, "recycling": snn.recycling, "amp": args.amp,
+            "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
             "wall_s": round(time.time() - t0, 1), "torch": str(torch.__version__)}
     if res.history:
         last = res.history[-1]  # the last validation (a time limit may stop the run after it)
@@ -295,7 +298,8 @@ def _add_finetune(sub):
     _add_model_args(p, snn_weights=False)
     p.add_argument("--snn-weights", default=None,
                    help="start from this fine-tuned SNN (from `spikingir finetune`) instead of "
-                        "converting the ANN; the conversion options are then ignored")
+                        "converting the ANN; the conversion options are then ignored, except "
+                        "--no-recycling, which turns the SNN's recycling off")
     p.add_argument("--timesteps", type=_timesteps, nargs="+", default=[10],
                    help="T to train at (default 10); several, e.g. `5 10`: each batch at one of "
                         "them drawn at random, for one SNN good at each; the SNN keeps the largest")
@@ -319,6 +323,8 @@ def _add_finetune(sub):
     p.add_argument("--energy-weight", type=_nonneg_float, default=0.0,
                    help="add this x the estimated SOP part of the SNN/ANN energy ratio to the MSE "
                         "loss: trades PSNR for fewer spikes (default 0: off)")
+    p.add_argument("--ssim-weight", type=_nonneg_float, default=0.0,
+                   help="add this x (1 - SSIM) of the outputs to the MSE loss (default 0: off)")
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast + channels_last (GPU, or a CPU with AVX512-BF16/AMX); "
                         "neuron potentials and gradients stay float32")

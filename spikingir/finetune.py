@@ -16,7 +16,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
                  patch=40, lr_weights=2e-5, lr_neurons=1e-3, device="cpu", seed=0,
                  checkpoint=None, resume=True, val_crop=64, val_every=None, log_every=10,
                  progress=True, time_limit=None, log=None, train_mapper=True,
-                 energy_weight=0.0, amp=False, warmup=0, timesteps=None):
+                 energy_weight=0.0, amp=False, warmup=0, timesteps=None, ssim_weight=0.0):
     """Fine-tunes ``snn`` (from :func:`spikingir.convert.to_snn`) in place.
 
     Denoising: DnCNN patches of ``data`` (default ``../shared/data/train400``)
@@ -27,7 +27,10 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     ``DEFAULT_VAL_SCENES`` held out for validation). ``energy_weight`` > 0 adds
     ``energy_weight x snn.energy_ratio`` (the differentiable SOP part of the
     SNN/ANN energy ratio, see :meth:`track_energy`) to the MSE: fewer spikes
-    for some PSNR. ``amp``: bf16 autocast and channels-last (convolutions in
+    for some PSNR. ``ssim_weight`` > 0 adds ``ssim_weight x (1 - SSIM)``
+    (:func:`spikingir.metrics.ssim_tensor`, the evaluation's SSIM on unquantised
+    values) of the batch's outputs: the MSE alone trades structure for PSNR, and
+    an SNN's rate quantisation costs SSIM first (the AOD-Net SNN). ``amp``: bf16 autocast and channels-last (convolutions in
     bf16 on the tensor cores; the fused neurons take bf16 currents, keep their
     potentials and parameter gradients in float32). ``warmup``: steps over which
     the learning rates ramp up linearly (continuing a fine-tuned SNN at the full
@@ -40,6 +43,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     """
     import torch.nn.functional as F
     from spikingir.data import DehazePairs, DnCNNPatches, noisy
+    from spikingir.metrics import ssim_tensor
 
     if task == "denoise":
         data = data or default_data_dir("train400")
@@ -71,6 +75,9 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
         val_fn = dehaze_validator(val_pairs, device=device)
     else:
         raise ValueError(f"task: expected 'denoise' or 'dehaze', got {task!r}")
+    for name, w in (("energy_weight", energy_weight), ("ssim_weight", ssim_weight)):
+        if not w >= 0:  # also rejects NaN
+            raise ValueError(f"{name}: expected a number >= 0, got {w!r}")
     ts = _timestep_list(snn.timesteps if timesteps is None else timesteps)
     snn.timesteps = max(ts)
     if len(ts) > 1:
@@ -80,18 +87,23 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     config = {"task": task, "sigma": sigma, "timesteps": timesteps_record(ts), "neuron": snn.neuron_kind,
               "lr_weights": lr_weights, "lr_neurons": lr_neurons, "batch_size": batch_size,
               "train_mapper": train_mapper, "energy_weight": energy_weight, "amp": bool(amp),
-              "warmup": int(warmup)}
+              "warmup": int(warmup), "ssim_weight": ssim_weight, "recycling": snn.recycling}
     loss_fn = None
     # Channels-last on the CPU (fit converts model and inputs): oneDNN runs these
     # small-patch convolutions ~2x faster that way, and the fused neurons take
     # channels-last input as it is (no copies): a DnCNN T=10 step of batch 8 took
     # 5.2 -> 3.9 s on 2 cores (benchmarks/RESULTS.md). With amp: channels-last anywhere.
     channels_last = True if torch.device(device).type == "cpu" else None
-    if energy_weight > 0:
-        snn.track_energy(True)
+    if energy_weight > 0 or ssim_weight > 0:
+        snn.track_energy(energy_weight > 0)
 
-        def loss_fn(out, target):  # the energy term of the forward that produced `out`
-            return F.mse_loss(out, target) + energy_weight * snn.energy_ratio
+        def loss_fn(out, target):
+            loss = F.mse_loss(out, target)
+            if ssim_weight > 0:
+                loss = loss + ssim_weight * (1 - ssim_tensor(out, target))
+            if energy_weight > 0:  # the energy term of the forward that produced `out`
+                loss = loss + energy_weight * snn.energy_ratio
+            return loss
     try:
         res = fit(snn, loader, make_batch, val_fn, steps=steps, loss_fn=loss_fn,
                   param_groups=snn.param_groups(lr_weights, lr_neurons, train_mapper),

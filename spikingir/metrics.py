@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-__all__ = ["to_uint8", "psnr", "ssim"]
+__all__ = ["to_uint8", "psnr", "ssim", "ssim_tensor"]
 
 _SSIM_WIN = 11  # skimage's Gaussian window side for sigma=1.5: 2 * int(3.5 * 1.5 + 0.5) + 1
 
@@ -98,3 +99,49 @@ def ssim(clean, restored) -> float:
     return float(structural_similarity(c, r, data_range=255, gaussian_weights=True, sigma=1.5,
                                        use_sample_covariance=False,
                                        channel_axis=-1 if c.ndim == 3 else None))
+
+
+def _gauss_window(dtype, device, sigma=1.5):
+    """skimage's SSIM window: scipy's Gaussian (sigma 1.5, truncate 3.5: radius 5),
+    normalised, as an 11 x 11 outer product."""
+    r = (_SSIM_WIN - 1) // 2
+    x = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    g = g / g.sum()
+    return torch.outer(g, g).to(dtype=dtype, device=device)
+
+
+def ssim_tensor(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Differentiable mean SSIM of two ``[B, C, H, W]`` float tensors (a training
+    loss term: ``1 - ssim_tensor(out, target)``). The same statistic as
+    :func:`ssim` (Gaussian window sigma 1.5, population covariance, the map's
+    5-pixel border dropped, mean over channels and pixels; here also over the
+    batch) on unquantised values: for float images it equals
+    ``skimage.metrics.structural_similarity(..., data_range=data_range)`` to
+    rounding. H and W must be at least 11.
+
+    With ``mu`` the window means, ``v`` the window (co)variances,
+    ``C1 = (0.01 R)^2``, ``C2 = (0.03 R)^2``:
+    ``SSIM = (2 mu_x mu_y + C1)(2 v_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(v_x + v_y + C2))``.
+    """
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise TypeError("ssim_tensor: expected two torch tensors")
+    if x.dim() != 4 or x.shape != y.shape:
+        raise ValueError(f"ssim_tensor: expected two [B, C, H, W] tensors of one shape, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if min(x.shape[-2:]) < _SSIM_WIN:
+        raise ValueError(f"ssim_tensor: H and W must be at least {_SSIM_WIN}, got {tuple(x.shape[-2:])}")
+    if not (x.is_floating_point() and y.is_floating_point()):
+        raise TypeError(f"ssim_tensor: expected float tensors, got {x.dtype} and {y.dtype}")
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    x, y = x.to(dtype), y.to(dtype)
+    C = x.shape[1]
+    # one depthwise 'valid' convolution filters all five maps of every channel:
+    # exactly the pixels skimage keeps after cropping its reflect-padded maps
+    w = _gauss_window(dtype, x.device).expand(5 * C, 1, _SSIM_WIN, _SSIM_WIN)
+    maps = torch.cat([x, y, x * x, y * y, x * y], 1)
+    mx, my, mxx, myy, mxy = F.conv2d(maps, w, groups=5 * C).chunk(5, 1)
+    vx, vy, vxy = mxx - mx * mx, myy - my * my, mxy - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean()

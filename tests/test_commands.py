@@ -268,3 +268,38 @@ def test_finetune_at_several_timesteps(files, tmp_path, capsys):
     assert meta["timesteps"] == [2, 3] and meta["steps"] == 2
     assert meta["val_step"] == 2 and meta["val_psnr"] > 0  # the last validation's figures
     assert load_snn(out).timesteps == 3
+
+
+def test_finetune_ssim_term_and_recycling_off(files, tmp_path, capsys):
+    """--ssim-weight adds (1 - SSIM) to the loss: the same seeded run ends at other
+    weights than without it; --no-recycling turns a loaded SNN's recycling off;
+    both are recorded; a negative weight is a clear error."""
+    from spikingir.convert import to_snn
+    from spikingir.finetune import finetune_snn
+    from spikingir.pipeline import load_snn, save_snn
+    data = files / "gray48"
+    ann = DnCNN(depth=4, channels=8, batchnorm=False)
+    ann.load_state_dict(torch.load(files / "dncnn.pt", weights_only=True))
+
+    def tuned(ssim_weight):
+        torch.manual_seed(0)
+        snn = to_snn(ann.eval(), [torch.rand(1, 1, 16, 16)], 2, backend="cpp")
+        finetune_snn(snn, "denoise", sigma=25, data=data, val_data=data, steps=2, batch_size=2,
+                     val_crop=32, ssim_weight=ssim_weight, progress=False, log=lambda _: None)
+        return snn.state_dict()
+    plain, with_ssim = tuned(0.0), tuned(0.5)
+    assert torch.equal(plain["hidden.0.module.weight"], tuned(0.0)["hidden.0.module.weight"])
+    assert not torch.equal(plain["hidden.0.module.weight"], with_ssim["hidden.0.module.weight"])
+    snn = to_snn(ann.eval(), [torch.rand(1, 1, 16, 16)], 2, backend="cpp")
+    with pytest.raises(ValueError, match="ssim_weight"):
+        finetune_snn(snn, "denoise", sigma=25, data=data, val_data=data, ssim_weight=-1.0)
+    start, out = tmp_path / "start.pt", tmp_path / "snn.pt"
+    save_snn(snn, start, {})
+    code, _, err = run(["finetune", "--task", "denoise", "--sigma", "25", "--snn-weights", str(start),
+                        "--timesteps", "2", "--steps", "1", "--batch-size", "2", "--data", str(data),
+                        "--val-data", str(data), "--val-crop", "32", "--ssim-weight", "0.2",
+                        "--no-recycling", "--out", str(out)], capsys)
+    assert code == 0, err
+    meta = torch.load(out, weights_only=True)["meta"]
+    assert meta["ssim_weight"] == 0.2 and meta["recycling"] is False
+    assert load_snn(start).recycling and not load_snn(out).recycling

@@ -93,3 +93,38 @@ def test_metric_input_checks():
         psnr(clean.astype(np.int32), restored)
     with pytest.raises(ValueError, match="at least 11"):
         ssim(clean[:10], restored[:10])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_ssim_tensor_matches_skimage_on_float_images(channels):
+    """The differentiable SSIM (a fine-tuning loss term) is the evaluation's SSIM
+    on unquantised values: skimage's on float images, averaged over the batch."""
+    from spikingir.metrics import ssim_tensor
+    g = torch.Generator().manual_seed(channels)
+    x = torch.rand(2, channels, 23, 17, generator=g, dtype=torch.float64)
+    y = (x + 0.2 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    ref = np.mean([structural_similarity(
+        x[b].permute(1, 2, 0).numpy(), y[b].permute(1, 2, 0).numpy(), data_range=1.0,
+        gaussian_weights=True, sigma=1.5, use_sample_covariance=False, channel_axis=-1)
+        for b in range(2)])
+    assert float(ssim_tensor(x, y)) == pytest.approx(ref, abs=1e-12)
+    assert float(ssim_tensor(x, x)) == pytest.approx(1.0, abs=1e-12)
+    assert float(ssim_tensor(x.float(), y.float())) == pytest.approx(ref, abs=1e-5)
+    y32 = y.float().requires_grad_()
+    (1 - ssim_tensor(x.float(), y32)).backward()
+    assert torch.isfinite(y32.grad).all() and y32.grad.abs().sum() > 0
+
+
+def test_ssim_tensor_input_checks():
+    from spikingir.metrics import ssim_tensor
+    x = torch.rand(1, 1, 16, 16)
+    with pytest.raises(ValueError, match="one shape"):
+        ssim_tensor(x, torch.rand(1, 1, 16, 15))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        ssim_tensor(x[0], x[0])
+    with pytest.raises(ValueError, match="at least 11"):
+        ssim_tensor(x[..., :10], x[..., :10])
+    with pytest.raises(TypeError, match="float"):
+        ssim_tensor((x * 255).to(torch.uint8), (x * 255).to(torch.uint8))
+    with pytest.raises(TypeError, match="torch tensors"):
+        ssim_tensor(x.numpy(), x)
