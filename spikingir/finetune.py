@@ -38,8 +38,9 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     numbers of steps T to train at (default: ``snn.timesteps`` alone); with
     several, each batch runs at one of them drawn at random (from the torch RNG,
     so a resumed run draws the same ones), for one SNN that serves several
-    latencies; validation and the returned SNN use the largest. Returns the
-    FitResult.
+    latencies; validation and the returned SNN use the largest. Each validation
+    also reports ``energy``, the counted SNN/ANN energy ratio (mean over the
+    validation images), beside PSNR and SSIM. Returns the FitResult.
     """
     import torch.nn.functional as F
     from spikingir.data import DehazePairs, DnCNNPatches, noisy
@@ -80,6 +81,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
             raise ValueError(f"{name}: expected a number >= 0, got {w!r}")
     ts = _timestep_list(snn.timesteps if timesteps is None else timesteps)
     snn.timesteps = max(ts)
+    val_fn = _with_energy(snn, val_fn)
     if len(ts) > 1:
         make_batch, val_fn = _draw_timesteps(snn, ts, make_batch, val_fn)
     loader = _loader(dataset, batch_size, True, 0, device=device)
@@ -133,6 +135,31 @@ def timesteps_record(timesteps):
     the int T, or the sorted list of the Ts it drew from."""
     ts = _timestep_list(timesteps)
     return ts[0] if len(ts) == 1 else list(ts)
+
+
+def _with_energy(snn, val_fn):
+    """Wraps the validator to add ``energy``: the SNN/ANN energy ratio counted by
+    the paper's model (:meth:`energy_mj` of each validation forward over the
+    ANN's MAC energy on the same input), the mean over the validation images."""
+    from spikingir.energy import mac_energy_mj
+
+    def val_e(model):
+        ratios = []
+
+        def hook(m, args, out):
+            ratios.append(m.energy_mj() / mac_energy_mj(m._ann_macs(args[0])))
+        handle = snn.register_forward_hook(hook)
+        recording = snn._record
+        snn.record_stats(True)
+        try:
+            res = val_fn(model)
+        finally:
+            handle.remove()
+            snn.record_stats(recording)
+        if ratios:
+            res["energy"] = sum(ratios) / len(ratios)
+        return res
+    return val_e
 
 
 def _draw_timesteps(snn, ts, make_batch, val_fn):

@@ -281,14 +281,15 @@ def test_finetune_ssim_term_and_recycling_off(files, tmp_path, capsys):
     ann = DnCNN(depth=4, channels=8, batchnorm=False)
     ann.load_state_dict(torch.load(files / "dncnn.pt", weights_only=True))
 
-    def tuned(ssim_weight):
+    def tuned(ssim_weight, snn=None):
         torch.manual_seed(0)
-        snn = to_snn(ann.eval(), [torch.rand(1, 1, 16, 16)], 2, backend="cpp")
-        finetune_snn(snn, "denoise", sigma=25, data=data, val_data=data, steps=2, batch_size=2,
-                     val_crop=32, ssim_weight=ssim_weight, progress=False, log=lambda _: None)
-        return snn.state_dict()
-    plain, with_ssim = tuned(0.0), tuned(0.5)
-    assert torch.equal(plain["hidden.0.module.weight"], tuned(0.0)["hidden.0.module.weight"])
+        snn = snn or to_snn(ann.eval(), [torch.rand(1, 1, 16, 16)], 2, backend="cpp")
+        res = finetune_snn(snn, "denoise", sigma=25, data=data, val_data=data, steps=2,
+                           batch_size=2, val_crop=32, ssim_weight=ssim_weight, progress=False,
+                           log=lambda _: None)
+        return snn.state_dict(), res
+    (plain, res), (with_ssim, _) = tuned(0.0), tuned(0.5)
+    assert torch.equal(plain["hidden.0.module.weight"], tuned(0.0)[0]["hidden.0.module.weight"])
     assert not torch.equal(plain["hidden.0.module.weight"], with_ssim["hidden.0.module.weight"])
     snn = to_snn(ann.eval(), [torch.rand(1, 1, 16, 16)], 2, backend="cpp")
     with pytest.raises(ValueError, match="ssim_weight"):
@@ -303,3 +304,27 @@ def test_finetune_ssim_term_and_recycling_off(files, tmp_path, capsys):
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["ssim_weight"] == 0.2 and meta["recycling"] is False
     assert load_snn(start).recycling and not load_snn(out).recycling
+
+
+def test_finetune_validation_reports_the_energy_ratio(files):
+    """Each fine-tuning validation adds `energy`: the counted SNN/ANN energy ratio of
+    the validation forwards, here equal to that of the final SNN on the same inputs."""
+    from spikingir.convert import to_snn
+    from spikingir.data import add_gaussian_noise, center_crop, list_images, load_image
+    from spikingir.energy import ann_energy_mj
+    from spikingir.finetune import finetune_snn
+    data = files / "gray48"
+    ann = DnCNN(depth=4, channels=8, batchnorm=False)
+    ann.load_state_dict(torch.load(files / "dncnn.pt", weights_only=True))
+    snn = to_snn(ann.eval(), [torch.rand(1, 1, 16, 16)], 2, backend="cpp")
+    res = finetune_snn(snn, "denoise", sigma=25, data=data, val_data=data, steps=2, batch_size=2,
+                       val_crop=32, progress=False, log=lambda _: None)
+    assert not snn._record  # validation's recording is switched off again
+    ratios = []
+    snn.record_stats(True)
+    with torch.no_grad():
+        for p in list_images(data):
+            x = add_gaussian_noise(center_crop(load_image(p, gray=True), 32), 25, seed=0)
+            snn(torch.from_numpy(x)[None, None])
+            ratios.append(snn.energy_mj() / ann_energy_mj(ann, (1, 1, 32, 32)))
+    assert 0 < res.history[-1]["energy"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-6)
