@@ -79,7 +79,7 @@ def _convert(ann, calib, timesteps, args):
     from spikingir.convert import to_snn
     return to_snn(ann, calib, timesteps, neuron=args.neuron, percentile=args.percentile,
                   per_channel=not args.per_layer, v0=args.v0, recycling=not args.no_recycling,
-                  backend=args.backend)
+                  backend=args.backend, offset_percentile=args.offset_percentile)
 
 
 def _add_amp_arg(p, what):
@@ -98,6 +98,10 @@ def _add_conversion_args(p):
     p.add_argument("--v0", choices=["half", "zero"], default="half",
                    help="initial membrane potential (default half: theta/2)")
     p.add_argument("--no-recycling", action="store_true")
+    p.add_argument("--offset-percentile", type=float, default=None, metavar="Q",
+                   help="dehaze: code each AOD-Net channel less its DC offset, the Q-th percentile "
+                        "of its activations (e.g. 1); measured before fine-tuning at T=10: "
+                        "17.65 -> 18.69 dB, SSIM 0.709 -> 0.803, energy 1.09 -> 0.77 of the ANN")
     p.add_argument("--backend", default="auto",
                    help="backend of the neurons and of spike_conv2d (auto, cpp, cuda, triton, torch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

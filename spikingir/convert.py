@@ -45,12 +45,51 @@ def _percentile(acts, percentile, per_channel, generator):
 
 
 @torch.no_grad()
-def calibrate(ann, calib_images, percentile=99.9, per_channel=False):
+def calibrate(ann, calib_images, percentile=99.9, per_channel=False, offsets=None):
     """Thresholds of the spiking layers of ``ann`` (a BN-free DnCNN or an
     AODNet): the ``percentile`` of each ReLU's activations on ``calib_images``
-    (a [B, C, H, W] tensor or a list of [1, C, H, W] tensors)."""
+    (a [B, C, H, W] tensor or a list of [1, C, H, W] tensors); with ``offsets``
+    (from :func:`calibrate_offsets`), of the activations less their offsets."""
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile: expected a value in (0, 100], got {percentile}")
+    acts = _activations(ann, calib_images)
+    if offsets is not None:
+        acts = [[(x - _per_channel_view(m)).clamp_min(0) for x in a] for a, m in zip(acts, offsets)]
+    g = torch.Generator().manual_seed(0)
+    return [_percentile(a, percentile, per_channel, g) for a in acts]
+
+
+@torch.no_grad()
+def calibrate_offsets(ann, calib_images, percentile=0.1, per_channel=False):
+    """DC offsets of the spiking layers of ``ann``: the low ``percentile`` of each
+    ReLU's activations, zeros included (so 0 for any channel that is zero more
+    often than that), per channel or per layer. A channel that never reaches
+    zero spends most of its spikes on a constant; ``to_snn(offset_percentile=)``
+    codes the activation less this offset instead. Activations below their
+    offset (``percentile`` % of them) are clipped to it."""
+    if not 0 <= percentile < 100:
+        raise ValueError(f"offset percentile: expected a value in [0, 100), got {percentile}")
+    out = []
+    for a in _activations(ann, calib_images):
+        x = torch.cat([t.transpose(0, 1).flatten(1) for t in a], 1)  # [C, N]
+        x = x if per_channel else x.flatten()[None]
+        g = torch.Generator().manual_seed(0)
+        rows = [r if r.numel() <= _MAX_SAMPLES else r[torch.randint(r.numel(), (_MAX_SAMPLES,), generator=g)]
+                for r in x]
+        m = torch.stack([torch.quantile(r, percentile / 100.0) for r in rows]).clamp_min(0)
+        out.append(m if per_channel else m[0])
+    return out
+
+
+def _per_channel_view(m):
+    return m.view(1, -1, 1, 1) if m.dim() == 1 else m
+
+
+def _activations(ann, calib_images):
+    """The ReLU outputs that neurons replace, per spiking layer: a list (one per
+    layer) of lists of [B, C, H, W] tensors (one per calibration input)."""
+    if isinstance(ann, AODNet):
+        ann = _AODTaps(ann)
     if isinstance(calib_images, torch.Tensor):
         calib_images = [calib_images]
     if not calib_images:
@@ -65,8 +104,7 @@ def calibrate(ann, calib_images, percentile=99.9, per_channel=False):
     finally:
         for h in hooks:
             h.remove()
-    g = torch.Generator().manual_seed(0)
-    return [_percentile(a, percentile, per_channel, g) for a in acts]
+    return acts
 
 
 class _Tap(nn.Module):
@@ -104,7 +142,7 @@ class _AODTaps(nn.Module):
 
 def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_channel=False,
            v0="zero", recycling=True, backend="auto", surrogate="sigmoid", alpha=4.0,
-           reuse_alpha=0.75):
+           reuse_alpha=0.75, offset_percentile=None):
     """Converts a trained DnCNN or AODNet into a spiking network.
 
     Args:
@@ -118,6 +156,10 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
         v0: initial membrane potential, ``"zero"`` or ``"half"`` (theta / 2).
         recycling: add the residual membrane potential to the read-out rate.
         backend: neuron backend (``"auto"``: the fastest available).
+        offset_percentile: AOD-Net only: code each layer's activations less a DC
+            offset, this low percentile of them (:func:`calibrate_offsets`; e.g.
+            0.1); the convs reading the spikes add the offset's contribution back
+            (``SpikingAODNet``). None (default): no offsets.
 
     Returns:
         ``SpikingDnCNN`` or ``SpikingAODNet`` (an ``nn.Module`` in eval mode).
@@ -130,18 +172,31 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
         raise ValueError(f"timesteps: expected an int >= 1, got {timesteps!r}")
     ann = copy.deepcopy(ann).eval().float()
     if isinstance(ann, DnCNN):
+        if offset_percentile is not None:
+            raise ValueError("offset_percentile: for AOD-Net only (DnCNN's hidden activations are "
+                             "zero often enough to need no offsets)")
         if ann.batchnorm:
             ann = fold_batchnorm(ann)
         thetas = calibrate(ann, calib_images, percentile, per_channel)
         convs = [copy.deepcopy(c) for c in ann.convs()]
         cls = SpikingDnCNN
     elif isinstance(ann, AODNet):
-        thetas = calibrate(_AODTaps(ann), calib_images, percentile, per_channel)
+        taps = _AODTaps(ann)
+        offsets = (None if offset_percentile is None else
+                   calibrate_offsets(taps, calib_images, offset_percentile, per_channel))
+        thetas = calibrate(taps, calib_images, percentile, per_channel, offsets)
         convs = [copy.deepcopy(c) for c in ann.convs()]
+        if offsets is not None:
+            with torch.no_grad():
+                for conv, m in zip(convs, offsets):  # conv1..conv4 now produce x - m
+                    conv.bias -= m.expand_as(conv.bias)
+            offsets = torch.cat([m.expand(conv.out_channels) for conv, m in zip(convs, offsets)])
         cls = SpikingAODNet
     else:
         raise TypeError(f"to_snn: expected a DnCNN or AODNet, got {type(ann).__name__}")
     neurons = [make_neuron(neuron, th, num_channels=th.numel() if per_channel else None,
                            v_init=v0, backend=backend, surrogate=surrogate, alpha=alpha,
                            reuse_alpha=reuse_alpha) for th in thetas]
+    if cls is SpikingAODNet:
+        return cls(convs, neurons, timesteps, neuron, recycling, offset=offsets).eval()
     return cls(convs, neurons, timesteps, neuron, recycling).eval()

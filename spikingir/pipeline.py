@@ -170,6 +170,8 @@ def load_snn(path, backend="auto"):
     elif cfg["arch"] == "aodnet":
         convs = AODNet().convs()
         cls = SpikingAODNet
+        if "offset" not in sd:  # saved before AOD-Net SNNs had DC offsets: none
+            sd = {**sd, "offset": torch.zeros(convs[-1].in_channels)}
     else:
         raise ValueError(f"{path}: unknown SNN architecture {cfg['arch']!r}")
     neurons = []

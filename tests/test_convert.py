@@ -378,3 +378,107 @@ def test_gpu_spike_conv_snn_matches_cpu(backend, neuron):
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert torch.equal(y.cpu(), ref)
+
+
+# ----------------------------------------------------------- AOD-Net DC offsets
+
+def dc_aodnet(seed=0):
+    """A small AOD-Net whose activations, like the trained one's, never reach zero."""
+    m = tiny_aodnet(seed)
+    for c in m.convs():
+        c.weight.data.mul_(0.15)
+        c.bias.data.uniform_(0.3, 0.6)
+    return m
+
+
+def test_offsets_are_the_low_activation_percentile():
+    from spikingir.convert import calibrate_offsets
+    ann, x = dc_aodnet(), images(3)
+    offsets = calibrate_offsets(ann, x, 1.0, per_channel=True)
+    with torch.no_grad():
+        r, xs = torch.relu, torch.cat(x)
+        x1 = r(ann.conv1(xs))
+        x2 = r(ann.conv2(x1))
+        x3 = r(ann.conv3(torch.cat([x1, x2], 1)))
+        x4 = r(ann.conv4(torch.cat([x2, x3], 1)))
+    for m, a in zip(offsets, (x1, x2, x3, x4)):
+        expect = torch.quantile(a.transpose(0, 1).flatten(1), 0.01, dim=1)
+        assert torch.allclose(m, expect, rtol=1e-6) and (m > 0).all()
+    per_layer = calibrate_offsets(ann, x, 1.0)
+    assert per_layer[2].dim() == 0 and per_layer[2] == pytest.approx(torch.quantile(x3.flatten(), 0.01).item())
+    # thresholds are then the percentile of the activations less the offsets
+    th = calibrate(ann, x, 99.0, per_channel=True, offsets=offsets)
+    shifted = (x3 - offsets[2].view(1, -1, 1, 1)).transpose(0, 1).flatten(1)
+    expect = torch.stack([torch.quantile(row[row > 0], 0.99) for row in shifted])  # positive ones
+    assert torch.allclose(th[2], expect, rtol=1e-5)
+    zero_often = tiny_aodnet()  # ReLU outputs that are zero more than 1 % of the time
+    for c in zero_often.convs():
+        c.bias.data.fill_(-0.5)
+    assert all((m == 0).all() for m in calibrate_offsets(zero_often, x, 1.0, per_channel=True))
+    with pytest.raises(ValueError, match="offset percentile"):
+        calibrate_offsets(ann, x, 100.0)
+    with pytest.raises(ValueError, match="AOD-Net only"):
+        to_snn(tiny_dncnn(), images(1), 4, offset_percentile=1.0)
+
+
+def test_offset_map_adds_back_the_offsets_exactly():
+    """conv(x' + m) = conv(x') + conv(m), the image of constants m with zero padding,
+    inside the image and at its border."""
+    import torch.nn.functional as F
+    snn = to_snn(dc_aodnet(), images(3), 4, per_channel=True, offset_percentile=1.0)
+    g = torch.Generator().manual_seed(2)
+    for conv, sl in ((snn.conv2.module, slice(0, 3)), (snn.conv4.module, slice(3, 9)),
+                     (snn.mapper.conv, slice(0, 12))):
+        xp = torch.rand(2, conv.in_channels, 13, 10, generator=g)
+        m = snn.offset[sl].view(1, -1, 1, 1)
+        lhs = F.conv2d(xp + m, conv.weight, conv.bias, conv.stride, conv.padding)
+        rhs = conv(xp) + snn._offset_map(conv, sl, (13, 10))
+        assert torch.allclose(lhs, rhs, atol=1e-5)
+
+
+def test_offsets_spend_fewer_spikes_for_a_closer_output():
+    """On a network whose channels never reach zero, offsets lower the firing rate
+    and bring the SNN closer to the ANN; the energy counts the offset maps' border
+    MACs (brute force: outputs whose window reaches into the padding)."""
+    import torch.nn.functional as F
+    ann, x = dc_aodnet(), images(3)
+    plain = to_snn(ann, x, 8, per_channel=True, v0="half").record_stats()
+    shifted = to_snn(ann, x, 8, per_channel=True, v0="half", offset_percentile=1.0).record_stats()
+    with torch.no_grad():
+        ref = ann(x[0])
+        err_plain = (plain(x[0]) - ref).abs().mean()
+        err_shift = (shifted(x[0]) - ref).abs().mean()
+        rates = plain.firing_rate(), shifted.firing_rate()
+        assert err_shift < err_plain and rates[1] < 0.8 * rates[0], (err_shift, err_plain, rates)
+        shifted.timesteps = 256
+        assert (shifted(x[0]) - ref).abs().mean() < 0.05
+    shifted.timesteps = 8
+    with torch.no_grad():
+        shifted(torch.cat([x[0], x[1]]))
+    expect = 0
+    for conv, sl in ((shifted.conv2.module, slice(0, 3)), (shifted.conv3.module, slice(0, 6)),
+                     (shifted.conv4.module, slice(3, 9)), (shifted.mapper.conv, slice(0, 12))):
+        k = conv.kernel_size[0]
+        reach = F.conv2d(torch.ones(1, 1, 24, 24), torch.ones(1, 1, k, k), padding=conv.padding)
+        border = int((reach < k * k).sum())
+        expect += 2 * border * conv.out_channels * int(torch.count_nonzero(shifted.offset[sl])) * k * k
+    assert shifted.stats["offset_macs"] == expect > 0
+    st = shifted.stats
+    assert shifted.energy_mj() == pytest.approx(
+        (st["first_layer_macs"] + st["readout_macs"] + expect) * E_MAC_PJ * 1e-9 + st["sops"] * E_SOP_PJ * 1e-9)
+
+
+def test_offsets_save_and_load(tmp_path):
+    snn = to_snn(dc_aodnet(), images(3), 3, per_channel=True, offset_percentile=1.0)
+    save_snn(snn, tmp_path / "aod.pt")
+    back = load_snn(tmp_path / "aod.pt")
+    x = images(3)[0]
+    with torch.no_grad():
+        assert torch.equal(back.offset, snn.offset) and torch.equal(back(x), snn(x))
+    # a file saved before offsets existed loads with none
+    obj = torch.load(tmp_path / "aod.pt", weights_only=True)
+    del obj["state_dict"]["offset"]
+    torch.save(obj, tmp_path / "old.pt")
+    assert (load_snn(tmp_path / "old.pt").offset == 0).all()
+    with pytest.raises(ValueError, match="offset"):
+        type(snn)([c for c in AODNet().convs()], list(snn.neurons_), 3, offset=-torch.ones(12))

@@ -19,6 +19,7 @@ times their fan-out, x 0.9 pJ, over the ANN's MACs x 4.6 pJ), for fine-tuning
 with an energy term (surrogate gradients flow through the spike counts).
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spikingir import ops
@@ -45,6 +46,13 @@ def make_neuron(kind, theta, *, num_channels=None, v_init="zero", backend="auto"
 def _per_channel(size):
     """A scalar, or a [C] per-channel value shaped [C, 1, 1] to broadcast over [.., C, H, W]."""
     return size.reshape(-1, 1, 1) if size.dim() == 1 else size
+
+
+def _inside(n_in, n_out, k, pad, stride):
+    """Outputs along one axis whose window (size ``k``) lies inside the unpadded input."""
+    lo = -(-pad // stride)  # first i with i * stride - pad >= 0
+    hi = min(n_out - 1, (n_in - k + pad) // stride)  # last with i * stride - pad + k <= n_in
+    return max(0, hi - lo + 1)
 
 
 class _SpikingNet(nn.Module):
@@ -153,7 +161,8 @@ class _SpikingNet(nn.Module):
         if self.stats is None:
             raise RuntimeError("energy_mj: run a forward after record_stats() first")
         st = self.stats
-        return snn_energy_mj(st["first_layer_macs"] + st["readout_macs"], st["sops"])
+        return snn_energy_mj(st["first_layer_macs"] + st["readout_macs"] + st.get("offset_macs", 0),
+                             st["sops"])
 
     def firing_rate(self):
         """Mean firing rate (spikes per neuron per step, over T) of the last recorded forward."""
@@ -278,9 +287,21 @@ class SpikingDnCNN(_SpikingNet):
 
 class SpikingAODNet(_SpikingNet):
     """Converted AOD-Net: spiking x1..x4 (x1 from the analog conv1), K = ReLU(
-    mapper(rates of x1..x4)) with conv5 as the mapper, J = ReLU(K I - K + 1)."""
+    mapper(rates of x1..x4)) with conv5 as the mapper, J = ReLU(K I - K + 1).
 
-    def __init__(self, convs, neurons, timesteps, neuron_kind="mprn", recycling=True):
+    ``offset`` ([12]: x1..x4's channels in mapper-input order, default zeros):
+    per-channel DC offsets ``m`` taken out of the spike code. AOD-Net's live
+    channels never reach zero (x3 lies in ~[0.26, 0.58]), so most of their
+    spikes would encode a constant. With offsets, the neurons of channel c
+    code ``x_c - m_c`` (the producing conv's bias was lowered by ``m_c`` at
+    conversion), and every conv that reads the spikes adds back
+    ``conv(m)``, the constant image ``m`` convolved with its weights and zero
+    padding: a bias inside the image, exact at the border too. That map does not
+    depend on the input (computed here per forward, it is a per-resolution
+    constant); the energy counts its MACs in the border band, where it differs
+    from a bias, for every image."""
+
+    def __init__(self, convs, neurons, timesteps, neuron_kind="mprn", recycling=True, offset=None):
         super().__init__(timesteps, neuron_kind, recycling)
         if len(convs) != 5 or len(neurons) != 4:
             raise ValueError("SpikingAODNet: expected 5 convs and 4 neuron layers")
@@ -288,25 +309,57 @@ class SpikingAODNet(_SpikingNet):
         self.conv2, self.conv3, self.conv4 = (SeqToBatch(c) for c in convs[1:4])
         self.neurons_ = nn.ModuleList(neurons)
         self.mapper = PixelMapper(convs[4])
+        n_in = self.mapper.conv.in_channels
+        offset = torch.zeros(n_in) if offset is None else torch.as_tensor(offset, dtype=torch.float32)
+        if offset.shape != (n_in,) or not bool((offset >= 0).all()):
+            raise ValueError(f"SpikingAODNet: offset must be [{n_in}] values >= 0, got {offset}")
+        self.register_buffer("offset", offset.clone())
+
+    def _offset_map(self, conv, sl, hw):
+        """``conv`` (no bias) of the constant image of offsets ``offset[sl]``
+        (zero padded), [1, C_out, H', W'], or None without offsets. Counts the
+        MACs of its border band when recording."""
+        m = self.offset[sl]
+        nonzero = int(torch.count_nonzero(m))
+        if nonzero == 0:
+            return None
+        const = m.to(conv.weight.dtype).view(1, -1, 1, 1).expand(1, m.numel(), *hw)
+        out = F.conv2d(const, conv.weight, None, conv.stride, conv.padding)
+        if self._record:
+            ky, kx = conv.kernel_size
+            inner = (_inside(hw[0], out.shape[-2], ky, conv.padding[0], conv.stride[0])
+                     * _inside(hw[1], out.shape[-1], kx, conv.padding[1], conv.stride[1]))
+            border = out.shape[-2] * out.shape[-1] - inner
+            self.stats["offset_macs"] += self._batch * border * conv.out_channels * nonzero * ky * kx
+        return out
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"SpikingAODNet: input must be [B, 3, H, W], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         self._start_stats(x, self.conv1)
+        if self._record:
+            self.stats["offset_macs"] = 0
+            self._batch = x.shape[0]
         n1, n2, n3, n4 = self.neurons_
-        c1 = self.conv1(x)
-        y1 = n1(c1.unsqueeze(0).expand(self.steps, *c1.shape))
-        y2 = n2(self.conv2(y1))
-        y3 = n3(self.conv3(torch.cat([y1, y2], 2)))
-        y4 = n4(self.conv4(torch.cat([y2, y3], 2)))
         c2, c3, c4, c5 = (self.conv2.module, self.conv3.module, self.conv4.module,
                           self.mapper.conv)
+        hw = tuple(x.shape[-2:])
+
+        def add_offsets(cur, conv, sl):  # cur + conv(m) (same map for every step and image)
+            shift = self._offset_map(conv, sl, hw)
+            return cur if shift is None else cur + shift
+
+        c1 = self.conv1(x)
+        y1 = n1(c1.unsqueeze(0).expand(self.steps, *c1.shape))
+        y2 = n2(add_offsets(self.conv2(y1), c2, slice(0, 3)))
+        y3 = n3(add_offsets(self.conv3(torch.cat([y1, y2], 2)), c3, slice(0, 6)))
+        y4 = n4(add_offsets(self.conv4(torch.cat([y2, y3], 2)), c4, slice(3, 9)))
         self._count("x1", n1, y1, [(c2, slice(0, 3)), (c3, slice(0, 3)), (c5, slice(0, 3))])
         self._count("x2", n2, y2, [(c3, slice(3, 6)), (c4, slice(0, 3)), (c5, slice(3, 6))])
         self._count("x3", n3, y3, [(c4, slice(3, 6)), (c5, slice(6, 9))])
         self._count("x4", n4, y4, [(c5, slice(9, 12))])
         rates = torch.cat([self._rate(n, y) for n, y in zip(self.neurons_, (y1, y2, y3, y4))], 1)
         self._finish_stats(self.mapper.conv, tuple(rates.shape))
-        k = torch.relu(self.mapper(rates))
+        k = torch.relu(add_offsets(self.mapper(rates), c5, slice(0, 12)))
         return torch.relu(k * x - k + 1.0)
