@@ -45,6 +45,20 @@ def _nonneg_float(text):
     return parse(text)
 
 
+def _offset_percentile(text):
+    """--offset-percentile: auto, none, or a percentile in [0, 100)."""
+    import argparse
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        q = float(text)
+    except ValueError:
+        q = float("nan")
+    if not 0 <= q < 100:
+        raise argparse.ArgumentTypeError(f"expected auto, none or a percentile in [0, 100), got {text!r}")
+    return q
+
+
 def _sigma_of(args):
     from spikingir.pipeline import check_sigma
     if args.task != "denoise":
@@ -98,10 +112,11 @@ def _add_conversion_args(p):
     p.add_argument("--v0", choices=["half", "zero"], default="half",
                    help="initial membrane potential (default half: theta/2)")
     p.add_argument("--no-recycling", action="store_true")
-    p.add_argument("--offset-percentile", type=float, default=None, metavar="Q",
-                   help="dehaze: code each AOD-Net channel less its DC offset, the Q-th percentile "
-                        "of its activations (e.g. 1); measured before fine-tuning at T=10: "
-                        "17.65 -> 18.69 dB, SSIM 0.709 -> 0.803, energy 1.09 -> 0.77 of the ANN")
+    p.add_argument("--offset-percentile", type=_offset_percentile, default="auto", metavar="Q",
+                   help="AOD-Net: code each channel less its DC offset, the Q-th percentile of its "
+                        "activations; auto (default): 1 for AOD-Net, none for DnCNN. Measured "
+                        "before fine-tuning at T=10: 17.65 -> 18.69 dB, SSIM 0.709 -> 0.803, "
+                        "energy 1.09 -> 0.77 of the ANN")
     p.add_argument("--backend", default="auto",
                    help="backend of the neurons and of spike_conv2d (auto, cpp, cuda, triton, torch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -15,6 +15,12 @@ from torch import nn
 from spikingir.models import AODNet, DnCNN, fold_batchnorm
 from spikingir.models.spiking import SpikingAODNet, SpikingDnCNN, make_neuron
 
+#: AOD-Net's default DC-offset percentile (``to_snn(offset_percentile="auto")``).
+#: Measured on the shipped AOD-Net, held-out SOTS scenes, T=10, before fine-tuning
+#: (benchmarks/RESULTS.md): no offsets 17.65 dB / SSIM 0.709 / energy 1.085 of the
+#: ANN; p0.1 18.67 / 0.804 / 0.808; p1 18.69 / 0.803 / 0.772.
+DEFAULT_OFFSET_PERCENTILE = 1.0
+
 #: Elements sampled per layer to estimate a percentile (torch.quantile's input limit is 2^24).
 _MAX_SAMPLES = 1 << 22
 
@@ -142,7 +148,7 @@ class _AODTaps(nn.Module):
 
 def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_channel=False,
            v0="zero", recycling=True, backend="auto", surrogate="sigmoid", alpha=4.0,
-           reuse_alpha=0.75, offset_percentile=None):
+           reuse_alpha=0.75, offset_percentile="auto"):
     """Converts a trained DnCNN or AODNet into a spiking network.
 
     Args:
@@ -157,9 +163,10 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
         recycling: add the residual membrane potential to the read-out rate.
         backend: neuron backend (``"auto"``: the fastest available).
         offset_percentile: AOD-Net only: code each layer's activations less a DC
-            offset, this low percentile of them (:func:`calibrate_offsets`; e.g.
-            0.1); the convs reading the spikes add the offset's contribution back
-            (``SpikingAODNet``). None (default): no offsets.
+            offset, this low percentile of them (:func:`calibrate_offsets`); the
+            convs reading the spikes add the offsets' contribution back
+            (``SpikingAODNet``). ``"auto"`` (default): ``DEFAULT_OFFSET_PERCENTILE``
+            for AOD-Net, None (no offsets) for DnCNN.
 
     Returns:
         ``SpikingDnCNN`` or ``SpikingAODNet`` (an ``nn.Module`` in eval mode).
@@ -170,6 +177,8 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
         raise ValueError(f"v0: expected 'zero' or 'half', got {v0!r}")
     if not isinstance(timesteps, int) or timesteps < 1:
         raise ValueError(f"timesteps: expected an int >= 1, got {timesteps!r}")
+    if offset_percentile == "auto":
+        offset_percentile = DEFAULT_OFFSET_PERCENTILE if isinstance(ann, AODNet) else None
     ann = copy.deepcopy(ann).eval().float()
     if isinstance(ann, DnCNN):
         if offset_percentile is not None:

@@ -149,6 +149,9 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
       "--data", "{d}/gray", "--val-data", "{d}/gray", "--out", "{o}/x.pt"], "not a SpikingIR SNN"),
     (["finetune", "--task", "denoise", "--sigma", "25", "--energy-weight", "-1",
       "--out", "{o}/x.pt"], "--energy-weight.*>= 0"),
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/gray", "--ann-weights",
+      "{d}/dncnn.pt", "--offset-percentile", "1"], "AOD-Net only"),
+    (["evaluate", "--task", "dehaze", "--offset-percentile", "100"], "--offset-percentile.*auto, none"),
 ])
 def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, capsys, argv, match):
     argv = [a.format(d=files, o=tmp_path) for a in argv]

@@ -419,6 +419,11 @@ def test_offsets_are_the_low_activation_percentile():
         calibrate_offsets(ann, x, 100.0)
     with pytest.raises(ValueError, match="AOD-Net only"):
         to_snn(tiny_dncnn(), images(1), 4, offset_percentile=1.0)
+    # "auto" (the default): offsets for AOD-Net at DEFAULT_OFFSET_PERCENTILE, none for DnCNN
+    from spikingir.convert import DEFAULT_OFFSET_PERCENTILE
+    auto = to_snn(ann, x, 4, per_channel=True).offset
+    assert torch.equal(auto, torch.cat(calibrate_offsets(ann, x, DEFAULT_OFFSET_PERCENTILE, True)))
+    assert (to_snn(ann, x, 4, per_channel=True, offset_percentile=None).offset == 0).all()
 
 
 def test_offset_map_adds_back_the_offsets_exactly():
@@ -442,7 +447,7 @@ def test_offsets_spend_fewer_spikes_for_a_closer_output():
     MACs (brute force: outputs whose window reaches into the padding)."""
     import torch.nn.functional as F
     ann, x = dc_aodnet(), images(3)
-    plain = to_snn(ann, x, 8, per_channel=True, v0="half").record_stats()
+    plain = to_snn(ann, x, 8, per_channel=True, v0="half", offset_percentile=None).record_stats()
     shifted = to_snn(ann, x, 8, per_channel=True, v0="half", offset_percentile=1.0).record_stats()
     with torch.no_grad():
         ref = ann(x[0])
