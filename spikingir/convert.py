@@ -73,8 +73,8 @@ def calibrate_offsets(ann, calib_images, percentile=0.1, per_channel=False):
     zero spends most of its spikes on a constant; ``to_snn(offset_percentile=)``
     codes the activation less this offset instead. Activations below their
     offset (``percentile`` % of them) are clipped to it."""
-    if not 0 <= percentile < 100:
-        raise ValueError(f"offset percentile: expected a value in [0, 100), got {percentile}")
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile < 100:
+        raise ValueError(f"offset percentile: expected a number in [0, 100), got {percentile!r}")
     out = []
     for a in _activations(ann, calib_images):
         x = torch.cat([t.transpose(0, 1).flatten(1) for t in a], 1)  # [C, N]

@@ -415,8 +415,11 @@ def test_offsets_are_the_low_activation_percentile():
     for c in zero_often.convs():
         c.bias.data.fill_(-0.5)
     assert all((m == 0).all() for m in calibrate_offsets(zero_often, x, 1.0, per_channel=True))
+    for bad in (100.0, -1, "half", None):
+        with pytest.raises(ValueError, match="offset percentile"):
+            calibrate_offsets(ann, x, bad)
     with pytest.raises(ValueError, match="offset percentile"):
-        calibrate_offsets(ann, x, 100.0)
+        to_snn(ann, x, 4, offset_percentile="half")
     with pytest.raises(ValueError, match="AOD-Net only"):
         to_snn(tiny_dncnn(), images(1), 4, offset_percentile=1.0)
     # "auto" (the default): offsets for AOD-Net at DEFAULT_OFFSET_PERCENTILE, none for DnCNN
