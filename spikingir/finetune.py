@@ -31,8 +31,9 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     (:func:`spikingir.metrics.ssim_tensor`, the evaluation's SSIM on unquantised
     values) of the batch's outputs: the MSE alone trades structure for PSNR, and
     an SNN's rate quantisation costs SSIM first (the AOD-Net SNN). ``amp``: bf16
-    autocast and channels-last (convolutions in bf16 on the tensor cores; the fused neurons take bf16 currents, keep their
-    potentials and parameter gradients in float32). ``warmup``: steps over which
+    autocast and channels-last (convolutions in bf16 on the tensor cores; the
+    fused neurons take bf16 currents, keep their potentials and parameter
+    gradients in float32). ``warmup``: steps over which
     the learning rates ramp up linearly (continuing a fine-tuned SNN at the full
     rates first knocked it back: benchmarks/RESULTS.md). ``timesteps``: the
     numbers of steps T to train at (default: ``snn.timesteps`` alone); with
