@@ -1,12 +1,15 @@
-"""Conversion ablation on DnCNN (DESIGN.md section 5): IF vs MPRN, v0, recycling,
-per-layer vs per-channel thresholds, before/after fine-tuning, over T.
+"""Conversion ablation (DESIGN.md section 5): IF vs MPRN, v0, recycling,
+per-layer vs per-channel thresholds, DC offsets (AOD-Net), before/after
+fine-tuning, over T.
 
     python benchmarks/ablation.py --ann-weights ../shared/weights/dncnn_s25_official.pt \
         [--finetuned [LABEL=]SNN.pt ...] [--crop 96] [--limit 12] [--T 2 4 5 8 10 15] [--markdown-append PATH]
+    python benchmarks/ablation.py --task dehaze [--finetuned [LABEL=]SNN.pt ...] [--T ...]
 
-Set12 center crops, noise by the DnCNN protocol (sigma 25); thresholds
-calibrated on 8 Train400 images. Prints PSNR and PSNR loss for each
-configuration and T. A script, not a test.
+Denoising: Set12 center crops, noise by the DnCNN protocol (sigma 25);
+thresholds calibrated on 8 Train400 images; cells: PSNR (loss). Dehazing: the
+shipped AOD-Net on the held-out SOTS scenes (full images), calibrated on 8 hazy
+training images; cells: PSNR / SSIM / SNN-to-ANN energy. A script, not a test.
 """
 import argparse
 import datetime
@@ -28,23 +31,31 @@ def main(argv=None):
     from spikingir.pipeline import calibration_inputs, denoise_samples, load_ann, load_snn
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ann-weights", default=os.path.join(SHARED, "weights", "dncnn_s25_official.pt"))
+    p.add_argument("--task", choices=("denoise", "dehaze"), default="denoise")
+    p.add_argument("--ann-weights", default=None,
+                   help="default: the official DnCNN-S s25 (denoise), the shipped AOD-Net (dehaze)")
     p.add_argument("--finetuned", nargs="+", default=[], metavar="[LABEL=]PATH",
                    help="fine-tuned SNNs of the same ANN (spikingir finetune), each a row")
-    p.add_argument("--data", default=os.path.join(SHARED, "data", "set12"))
-    p.add_argument("--calib", default=os.path.join(SHARED, "data", "train400"))
+    p.add_argument("--data", default=None, help="default: Set12 (denoise), SOTS (dehaze)")
+    p.add_argument("--calib", default=None, help="default: Train400 (denoise), SOTS (dehaze)")
     p.add_argument("--sigma", type=float, default=25)
-    p.add_argument("--crop", type=int, default=96)
-    p.add_argument("--limit", type=int, default=12)
+    p.add_argument("--crop", type=int, default=None, help="center crops (default 96 denoise, none dehaze)")
+    p.add_argument("--limit", type=int, default=None, help="first N images (default 12 denoise, all dehaze)")
     p.add_argument("--T", type=int, nargs="+", default=[2, 4, 5, 8, 10, 15])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--markdown-append", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    samples = denoise_samples(args.sigma, args.data, args.limit, args.crop)
-    ann = load_ann("denoise", args.sigma, args.ann_weights)
-    calib = calibration_inputs("denoise", args.sigma, data=args.calib)
+    if args.task == "dehaze":
+        return _dehaze(args)
+    args.crop, args.limit = args.crop or 96, args.limit or 12
+    samples = denoise_samples(args.sigma, args.data or os.path.join(SHARED, "data", "set12"),
+                              args.limit, args.crop)
+    ann = load_ann("denoise", args.sigma,
+                   args.ann_weights or os.path.join(SHARED, "weights", "dncnn_s25_official.pt"))
+    calib = calibration_inputs("denoise", args.sigma,
+                               data=args.calib or os.path.join(SHARED, "data", "train400"))
 
     def mean_psnr(model):
         with torch.no_grad():
@@ -77,7 +88,11 @@ def main(argv=None):
              "|---|" + "---:|" * len(args.T)]
     for name, vals in rows:
         table.append(f"| {name} | " + " | ".join(f"{v:.2f} ({ann_psnr - v:.2f})" for v in vals) + " |")
-    text = "\n".join(table)
+    _report("\n".join(table), t0, args)
+    return 0
+
+
+def _report(text, t0, args):
     print(text)
     print(f"({time.time() - t0:.0f} s)")
     if args.markdown_append:
@@ -85,8 +100,53 @@ def main(argv=None):
                                 cwd=ROOT).stdout.strip()
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         with open(args.markdown_append, "a") as f:
-            f.write(f"\n## Conversion ablation (`benchmarks/ablation.py`), CPU, commit {commit}, {date}\n\n"
-                    + text + "\n")
+            f.write(f"\n## Conversion ablation (`benchmarks/ablation.py --task {args.task}`), CPU, "
+                    f"commit {commit}, {date}\n\n" + text + "\n")
+
+
+def _dehaze(args):
+    """The AOD-Net rows: PSNR / SSIM / energy ratio per configuration and T."""
+    from spikingir.convert import to_snn
+    from spikingir.evaluate import evaluate
+    from spikingir.pipeline import calibration_inputs, dehaze_samples, load_ann, load_snn
+    from spikingir.train import DEFAULT_VAL_SCENES
+
+    data = args.data or os.path.join(SHARED, "data", "sots_train")
+    samples = dehaze_samples(data, args.limit, args.crop, list(DEFAULT_VAL_SCENES))
+    ann = load_ann("dehaze", None, args.ann_weights)
+    calib = calibration_inputs("dehaze", None, data=args.calib or data)
+    t0 = time.time()
+    common = dict(per_channel=True, v0="half")
+    configs = [
+        ("IF, v0=0, per layer, no offsets (plain conversion)",
+         dict(neuron="if", v0="zero", recycling=False, offset_percentile=None)),
+        ("MPRN, recycling, no offsets (the earlier default)", dict(neuron="mprn", offset_percentile=None, **common)),
+        ("MPRN, no recycling, no offsets", dict(neuron="mprn", recycling=False, offset_percentile=None, **common)),
+        ("MPRN, recycling, offsets p1", dict(neuron="mprn", offset_percentile=1.0, **common)),
+        ("IF, no recycling, offsets p1", dict(neuron="if", recycling=False, offset_percentile=1.0, **common)),
+        ("MPRN, no recycling, offsets p1 (the shipped SNN's conversion)",
+         dict(neuron="mprn", recycling=False, offset_percentile=1.0, **common)),
+    ]
+    runs = [(name, to_snn(ann, calib, max(args.T), **kw)) for name, kw in configs]
+    for item in args.finetuned:
+        label, _, path = item.rpartition("=")
+        snn = load_snn(path)
+        runs.append((f"fine-tuned{': ' + label if label else ''} ({os.path.basename(path)}, "
+                     f"T={snn.timesteps})", snn))
+    ann_row = None
+    table = []
+    for name, snn in runs:
+        rep = evaluate("dehaze", ann, snn, samples, args.T, None, None)
+        ann_row = rep["ann"]
+        cells = [f"{r['psnr']:.2f} / {r['ssim']:.4f} / {r['energy_mj'] / ann_row['energy_mj']:.3f}"
+                 for r in rep["snn"]]
+        table.append(f"| {name} | " + " | ".join(cells) + " |")
+        print(table[-1], flush=True)
+    head = [f"ANN {ann_row['psnr']:.2f} dB / SSIM {ann_row['ssim']:.4f} (AOD-Net, {len(samples)} held-out "
+            f"SOTS images, scenes {' '.join(DEFAULT_VAL_SCENES)}); cells: SNN PSNR / SSIM / energy "
+            "SNN/ANN", "", "| configuration | " + " | ".join(f"T={T}" for T in args.T) + " |",
+            "|---|" + "---:|" * len(args.T)]
+    _report("\n".join(head + table), t0, args)
     return 0
 
 
