@@ -25,29 +25,29 @@ DEFAULT_OFFSET_PERCENTILE = 1.0
 _MAX_SAMPLES = 1 << 22
 
 
+def _rows(acts, per_channel):
+    """One layer's activations (a list of [B, C, H, W] tensors) as rows to take
+    percentiles of: one row per channel, or a single row."""
+    x = torch.cat([a.transpose(0, 1).flatten(1) for a in acts], 1)  # [C, N]
+    return x if per_channel else x.flatten()[None]
+
+
+def _quantile(row, q, generator):
+    """``torch.quantile(row, q)``, on ``_MAX_SAMPLES`` random elements of a longer row."""
+    if row.numel() > _MAX_SAMPLES:
+        row = row[torch.randint(row.numel(), (_MAX_SAMPLES,), generator=generator)]
+    return torch.quantile(row, q)
+
+
 def _percentile(acts, percentile, per_channel, generator):
     """``percentile`` of the positive activations in a list of [B, C, H, W]
-    tensors, over everything or per channel."""
-    x = torch.cat([a.transpose(0, 1).flatten(1) for a in acts], 1)  # [C, N]
-    q = percentile / 100.0
-    if not per_channel:
-        x = x.flatten()
-        x = x[x > 0]
-        if x.numel() == 0:
-            return torch.tensor(1.0)
-        if x.numel() > _MAX_SAMPLES:
-            x = x[torch.randint(x.numel(), (_MAX_SAMPLES,), generator=generator)]
-        return torch.quantile(x, q).clamp_min(1e-3)
+    tensors, over everything or per channel (1 where none is positive)."""
     out = []
-    for row in x:
+    for row in _rows(acts, per_channel):
         row = row[row > 0]
-        if row.numel() == 0:
-            out.append(torch.tensor(1.0))
-            continue
-        if row.numel() > _MAX_SAMPLES:
-            row = row[torch.randint(row.numel(), (_MAX_SAMPLES,), generator=generator)]
-        out.append(torch.quantile(row, q).clamp_min(1e-3))
-    return torch.stack(out)
+        out.append(torch.tensor(1.0) if row.numel() == 0
+                   else _quantile(row, percentile / 100.0, generator).clamp_min(1e-3))
+    return torch.stack(out) if per_channel else out[0]
 
 
 @torch.no_grad()
@@ -77,12 +77,8 @@ def calibrate_offsets(ann, calib_images, percentile=0.1, per_channel=False):
         raise ValueError(f"offset percentile: expected a number in [0, 100), got {percentile!r}")
     out = []
     for a in _activations(ann, calib_images):
-        x = torch.cat([t.transpose(0, 1).flatten(1) for t in a], 1)  # [C, N]
-        x = x if per_channel else x.flatten()[None]
         g = torch.Generator().manual_seed(0)
-        rows = [r if r.numel() <= _MAX_SAMPLES else r[torch.randint(r.numel(), (_MAX_SAMPLES,), generator=g)]
-                for r in x]
-        m = torch.stack([torch.quantile(r, percentile / 100.0) for r in rows]).clamp_min(0)
+        m = torch.stack([_quantile(r, percentile / 100.0, g) for r in _rows(a, per_channel)]).clamp_min(0)
         out.append(m if per_channel else m[0])
     return out
 
@@ -188,24 +184,21 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
             ann = fold_batchnorm(ann)
         thetas = calibrate(ann, calib_images, percentile, per_channel)
         convs = [copy.deepcopy(c) for c in ann.convs()]
-        cls = SpikingDnCNN
+        cls, extra = SpikingDnCNN, {}
     elif isinstance(ann, AODNet):
-        taps = _AODTaps(ann)
         offsets = (None if offset_percentile is None else
-                   calibrate_offsets(taps, calib_images, offset_percentile, per_channel))
-        thetas = calibrate(taps, calib_images, percentile, per_channel, offsets)
+                   calibrate_offsets(ann, calib_images, offset_percentile, per_channel))
+        thetas = calibrate(ann, calib_images, percentile, per_channel, offsets)
         convs = [copy.deepcopy(c) for c in ann.convs()]
         if offsets is not None:
             with torch.no_grad():
                 for conv, m in zip(convs, offsets):  # conv1..conv4 now produce x - m
                     conv.bias -= m.expand_as(conv.bias)
             offsets = torch.cat([m.expand(conv.out_channels) for conv, m in zip(convs, offsets)])
-        cls = SpikingAODNet
+        cls, extra = SpikingAODNet, {"offset": offsets}
     else:
         raise TypeError(f"to_snn: expected a DnCNN or AODNet, got {type(ann).__name__}")
     neurons = [make_neuron(neuron, th, num_channels=th.numel() if per_channel else None,
                            v_init=v0, backend=backend, surrogate=surrogate, alpha=alpha,
                            reuse_alpha=reuse_alpha) for th in thetas]
-    if cls is SpikingAODNet:
-        return cls(convs, neurons, timesteps, neuron, recycling, offset=offsets).eval()
-    return cls(convs, neurons, timesteps, neuron, recycling).eval()
+    return cls(convs, neurons, timesteps, neuron, recycling, **extra).eval()
