@@ -315,10 +315,12 @@ class SpikingAODNet(_SpikingNet):
             raise ValueError(f"SpikingAODNet: offset must be [{n_in}] values >= 0, got {offset}")
         self.register_buffer("offset", offset.clone())
 
-    def _offset_map(self, conv, sl, hw):
+    def _offset_map(self, conv, sl, shape):
         """``conv`` (no bias) of the constant image of offsets ``offset[sl]``
-        (zero padded), [1, C_out, H', W'], or None without offsets. Counts the
-        MACs of its border band when recording."""
+        (zero padded) for inputs of ``shape`` [B, C, H, W]: [1, C_out, H', W'],
+        or None without offsets. Counts the MACs of its border band (for each
+        of the B images) when recording."""
+        hw = shape[-2:]
         m = self.offset[sl]
         nonzero = int(torch.count_nonzero(m))
         if nonzero == 0:
@@ -330,7 +332,7 @@ class SpikingAODNet(_SpikingNet):
             inner = (_inside(hw[0], out.shape[-2], ky, conv.padding[0], conv.stride[0])
                      * _inside(hw[1], out.shape[-1], kx, conv.padding[1], conv.stride[1]))
             border = out.shape[-2] * out.shape[-1] - inner
-            self.stats["offset_macs"] += self._batch * border * conv.out_channels * nonzero * ky * kx
+            self.stats["offset_macs"] += shape[0] * border * conv.out_channels * nonzero * ky * kx
         return out
 
     def forward(self, x):
@@ -340,14 +342,11 @@ class SpikingAODNet(_SpikingNet):
         self._start_stats(x, self.conv1)
         if self._record:
             self.stats["offset_macs"] = 0
-            self._batch = x.shape[0]
         n1, n2, n3, n4 = self.neurons_
         c2, c3, c4, c5 = (self.conv2.module, self.conv3.module, self.conv4.module,
                           self.mapper.conv)
-        hw = tuple(x.shape[-2:])
-
         def add_offsets(cur, conv, sl):  # cur + conv(m) (same map for every step and image)
-            shift = self._offset_map(conv, sl, hw)
+            shift = self._offset_map(conv, sl, x.shape)
             return cur if shift is None else cur + shift
 
         c1 = self.conv1(x)
