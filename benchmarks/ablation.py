@@ -28,7 +28,7 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 def main(argv=None):
     from spikingir.convert import to_snn
     from spikingir.metrics import psnr
-    from spikingir.pipeline import calibration_inputs, denoise_samples, load_ann, load_snn
+    from spikingir.pipeline import calibration_inputs, denoise_samples, load_ann
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=("denoise", "dehaze"), default="denoise")
@@ -50,10 +50,10 @@ def main(argv=None):
     if args.task == "dehaze":
         return _dehaze(args)
     args.crop, args.limit = args.crop or 96, args.limit or 12
+    args.ann_weights = args.ann_weights or os.path.join(SHARED, "weights", "dncnn_s25_official.pt")
     samples = denoise_samples(args.sigma, args.data or os.path.join(SHARED, "data", "set12"),
                               args.limit, args.crop)
-    ann = load_ann("denoise", args.sigma,
-                   args.ann_weights or os.path.join(SHARED, "weights", "dncnn_s25_official.pt"))
+    ann = load_ann("denoise", args.sigma, args.ann_weights)
     calib = calibration_inputs("denoise", args.sigma,
                                data=args.calib or os.path.join(SHARED, "data", "train400"))
 
@@ -76,11 +76,8 @@ def main(argv=None):
         snn = to_snn(ann, calib, max(args.T), **kw)
         rows.append((name, [_at(snn, T, mean_psnr) for T in args.T]))
         print(f"{name}: " + ", ".join(f"T={T} {v:.2f}" for T, v in zip(args.T, rows[-1][1])), flush=True)
-    for item in args.finetuned:
-        label, _, path = item.rpartition("=")
-        snn = load_snn(path)
-        rows.append((f"fine-tuned{': ' + label if label else ''} ({os.path.basename(path)}, "
-                     f"T={snn.timesteps})", [_at(snn, T, mean_psnr) for T in args.T]))
+    for name, snn in _finetuned(args.finetuned):
+        rows.append((name, [_at(snn, T, mean_psnr) for T in args.T]))
         print(f"{rows[-1][0]}: " + ", ".join(f"T={T} {v:.2f}" for T, v in zip(args.T, rows[-1][1])))
     table = [f"ANN PSNR {ann_psnr:.2f} dB ({os.path.basename(args.ann_weights)}, sigma {args.sigma:g}, "
              f"{len(samples)} Set12 center crops {args.crop}x{args.crop}); cells: SNN PSNR (loss)", "",
@@ -90,6 +87,18 @@ def main(argv=None):
         table.append(f"| {name} | " + " | ".join(f"{v:.2f} ({ann_psnr - v:.2f})" for v in vals) + " |")
     _report("\n".join(table), t0, args)
     return 0
+
+
+def _finetuned(items):
+    """``--finetuned [LABEL=]PATH`` items as (row name, loaded SNN)."""
+    from spikingir.pipeline import load_snn
+    out = []
+    for item in items:
+        label, _, path = item.rpartition("=")
+        snn = load_snn(path)
+        out.append((f"fine-tuned{': ' + label if label else ''} ({os.path.basename(path)}, "
+                    f"T={snn.timesteps})", snn))
+    return out
 
 
 def _report(text, t0, args):
@@ -108,7 +117,7 @@ def _dehaze(args):
     """The AOD-Net rows: PSNR / SSIM / energy ratio per configuration and T."""
     from spikingir.convert import to_snn
     from spikingir.evaluate import evaluate
-    from spikingir.pipeline import calibration_inputs, dehaze_samples, load_ann, load_snn
+    from spikingir.pipeline import calibration_inputs, dehaze_samples, load_ann
     from spikingir.train import DEFAULT_VAL_SCENES
 
     data = args.data or os.path.join(SHARED, "data", "sots_train")
@@ -128,11 +137,7 @@ def _dehaze(args):
          dict(neuron="mprn", recycling=False, offset_percentile=1.0, **common)),
     ]
     runs = [(name, to_snn(ann, calib, max(args.T), **kw)) for name, kw in configs]
-    for item in args.finetuned:
-        label, _, path = item.rpartition("=")
-        snn = load_snn(path)
-        runs.append((f"fine-tuned{': ' + label if label else ''} ({os.path.basename(path)}, "
-                     f"T={snn.timesteps})", snn))
+    runs += _finetuned(args.finetuned)
     ann_row = None
     table = []
     for name, snn in runs:
