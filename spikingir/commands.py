@@ -133,7 +133,11 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
         if name and (WEIGHTS_DIR / name).exists():
             path = WEIGHTS_DIR / name
     if path is not None:
-        snn = load_snn(path, backend=args.backend)
+        snn = load_snn(path, backend=args.backend, task=task)
+        trained = snn.meta.get("sigma")
+        if sigma is not None and trained is not None and float(trained) != sigma:
+            print(f"spikingir {args.command}: note: {path} was fine-tuned at sigma {trained:g}, "
+                  f"used here at sigma {sigma:g}", file=sys.stderr)
         snn.timesteps = timesteps
         origin = f"SNN weights {path}"
     else:
@@ -221,6 +225,7 @@ def _cmd_restore(args):
     device = _device(args)
     _set_threads(args)
     sigma = _sigma_of(args)
+    fmt_out = _image_format(args.output)  # before any work
     img = load_image(args.image)
     if args.task == "denoise" and img.ndim == 3:
         raise UserError(f"{args.image}: an RGB image for the grayscale denoising model")
@@ -240,11 +245,25 @@ def _cmd_restore(args):
     out = out[0] if out.shape[0] == 1 else out.transpose(1, 2, 0)
     import io
     buf = io.BytesIO()
-    fmt = os.path.splitext(args.output)[1].lstrip(".").upper() or "PNG"
-    Image.fromarray(to_uint8(out)).save(buf, format={"JPG": "JPEG", "TIF": "TIFF"}.get(fmt, fmt))
+    Image.fromarray(to_uint8(out)).save(buf, format=fmt_out)
     write_atomic(args.output, buf.getvalue())
     print(f"wrote {args.output} ({args.task}, T={args.timesteps}; {origin})")
     return 0
+
+
+def _image_format(path):
+    """PIL's format name for writing ``path``, from its extension (none: PNG);
+    a UserError for an extension PIL cannot write."""
+    from PIL import Image
+
+    ext = os.path.splitext(path)[1].lower()
+    if not ext:
+        return "PNG"
+    Image.init()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise UserError(f"{path}: cannot write images of type {ext!r} (use .png, .jpg, .bmp or .tif)")
+    return fmt
 
 
 def _add_restore(sub):
@@ -277,7 +296,7 @@ def _cmd_finetune(args):
     _set_threads(args)
     sigma = _sigma_of(args)
     if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
-        snn = load_snn(args.snn_weights, backend=args.backend)  # finetune_snn sets its T
+        snn = load_snn(args.snn_weights, backend=args.backend, task=args.task)  # finetune_snn sets its T
         if args.no_recycling:  # the one conversion option a converted SNN can drop
             snn.recycling = False
     else:

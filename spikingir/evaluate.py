@@ -65,6 +65,12 @@ def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None, devic
         raise ValueError(f"task: expected 'denoise' or 'dehaze', got {task!r}")
     if not samples:
         raise ValueError("evaluate: no images")
+    from spikingir.metrics import _SSIM_WIN
+    for sm in samples:  # before any work: SSIM needs a whole window
+        h, w = sm.clean.shape[:2]
+        if min(h, w) < _SSIM_WIN:
+            raise ValueError(f"{sm.name}: {h} x {w} is smaller than SSIM's {_SSIM_WIN} x "
+                             f"{_SSIM_WIN} window")
     if device is not None:
         ann.to(device)
         snn.to(device)

@@ -155,12 +155,20 @@ def save_snn(snn, path, extra=None):
     write_atomic(path, buf.getvalue())
 
 
-def load_snn(path, backend="auto"):
-    """Rebuilds a converted SNN saved by :func:`save_snn`."""
+SNN_TASKS = {"dncnn": "denoise", "aodnet": "dehaze"}
+
+
+def load_snn(path, backend="auto", task=None):
+    """Rebuilds a converted SNN saved by :func:`save_snn`. With ``task``
+    (``"denoise"`` or ``"dehaze"``), a file holding the other task's network
+    raises a ValueError."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
         raise ValueError(f"{path}: not a SpikingIR SNN checkpoint (expected config + state_dict)")
     cfg, sd = obj["config"], obj["state_dict"]
+    if task is not None and SNN_TASKS.get(cfg.get("arch")) not in (None, task):
+        names = {"denoise": "a DnCNN SNN (--task denoise)", "dehaze": "an AOD-Net SNN (--task dehaze)"}
+        raise ValueError(f"{path}: holds {names[SNN_TASKS[cfg['arch']]]}, not one for --task {task}")
     if cfg["arch"] == "dncnn":
         convs = [m for m in DnCNN(depth=sum(1 for k in sd if k.endswith("weight") and sd[k].dim() == 4),
                                   channels=sd["conv1.weight"].shape[0],
@@ -186,4 +194,5 @@ def load_snn(path, backend="auto"):
         snn.load_state_dict(sd)
     except RuntimeError as err:
         raise ValueError(f"{path}: SNN state does not fit its config ({str(err).splitlines()[0]})") from None
+    snn.meta = dict(obj.get("meta") or {})  # what the fine-tuning run recorded (task, sigma, ...)
     return snn.eval()

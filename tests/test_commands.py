@@ -9,6 +9,7 @@ from PIL import Image
 
 from spikingir.cli import main
 from spikingir.models import AODNet, DnCNN
+from spikingir.weights import WEIGHTS_DIR
 
 torch.set_num_threads(1)
 
@@ -38,6 +39,8 @@ def files(tmp_path_factory):
     rgb.mkdir()
     Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(rgb / "c.png")
     (d / "empty").mkdir()
+    (d / "tiny").mkdir()  # smaller than SSIM's 11 x 11 window
+    Image.fromarray(rng.integers(0, 256, (5, 6), dtype=np.uint8)).save(d / "tiny" / "t.png")
     haze = d / "haze"
     (haze / "hazy").mkdir(parents=True)
     (haze / "gt").mkdir()
@@ -152,9 +155,17 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
     (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/gray", "--ann-weights",
       "{d}/dncnn.pt", "--offset-percentile", "1"], "AOD-Net only"),
     (["evaluate", "--task", "dehaze", "--offset-percentile", "100"], "--offset-percentile.*auto, none"),
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/tiny", "--ann-weights",
+      "{d}/dncnn.pt"], "t: 5 x 6 is smaller than SSIM's 11 x 11 window"),
+    (["restore", "{d}/gray/im0.png", "-o", "{o}/x.xyz", "--task", "denoise", "--sigma", "25",
+      "--ann-weights", "{d}/dncnn.pt"], "cannot write images of type '.xyz'"),
+    (["restore", "{d}/gray/im0.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
+      "--snn-weights", "{w}/snn_aodnet.pt"], "AOD-Net SNN .*not one for --task denoise"),
+    (["finetune", "--task", "dehaze", "--snn-weights", "{w}/snn_dncnn_s25.pt", "--out",
+      "{o}/x.pt"], "DnCNN SNN .*not one for --task dehaze"),
 ])
 def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, capsys, argv, match):
-    argv = [a.format(d=files, o=tmp_path) for a in argv]
+    argv = [a.format(d=files, o=tmp_path, w=WEIGHTS_DIR) for a in argv]
     json_out = tmp_path / "r.json"
     if argv[0] == "evaluate":
         argv += ["--json", str(json_out)]
@@ -166,8 +177,18 @@ def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, capsys, argv, m
         assert len(lines) == 1, err
     import re
     assert re.search(match, lines[-1], re.I), lines[-1]
-    assert not json_out.exists() and not (tmp_path / "x.png").exists()
+    assert not json_out.exists() and not list(tmp_path.glob("x.*"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_an_snn_used_at_another_sigma_says_so(files, tmp_path, capsys):
+    """The shipped s25 SNN at sigma 15 runs (a user may mean it) with a note on stderr."""
+    out = tmp_path / "o.png"
+    code, _, err = run(["restore", str(files / "gray" / "im0.png"), "-o", str(out), "--task",
+                        "denoise", "--sigma", "15", "--timesteps", "1", "--snn-weights",
+                        str(WEIGHTS_DIR / "snn_dncnn_s25.pt")], capsys)
+    assert code == 0 and out.exists()
+    assert "fine-tuned at sigma 25, used here at sigma 15" in err
 
 
 def test_keep_freed_memory_applies_on_glibc():
