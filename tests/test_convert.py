@@ -340,6 +340,55 @@ def test_energy_ratio_estimate_matches_counted_sops(arch, neuron):
     assert snn.energy_ratio is None
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_spike_total_equals_counting_every_element(per_channel, neuron):
+    """The energy term's spike total (per-channel sums, then divided by the spike
+    size) has the value and the gradients of dividing every element of
+    ``theta * s`` (and ``beta * s`` on the reuse step) by its size; a channel
+    with beta = 0 contributes no reuse spikes."""
+    torch.manual_seed(3)
+    snn = to_snn(tiny_dncnn(), images(1, n=1, size=13), 3, neuron=neuron, per_channel=per_channel)
+    n = snn.neurons_[0]
+    steps, C = snn.steps, n.theta.numel() if per_channel else 8
+    with torch.no_grad():
+        n.theta.uniform_(0.5, 2.0)
+        if neuron == "mprn":
+            n.beta.uniform_(0.5, 2.0)
+            n.beta.view(-1)[0] = 0.0
+    s = (torch.rand(steps, 2, C, 5, 7) < 0.3).double()
+
+    def spike_values():  # theta * s, and beta * s on the reuse step
+        size = [n.effective_theta()] * 3 + ([n.beta] if neuron == "mprn" else [])
+        return torch.stack([s[t] * (z.view(-1, 1, 1) if per_channel else z)
+                            for t, z in enumerate(size)])
+
+    def reference(y):  # every element divided by its size
+        th = n.effective_theta().reshape(-1, 1, 1) if per_channel else n.effective_theta()
+        total = (y[:3] / th).sum()
+        if neuron == "mprn":
+            b = n.beta.reshape(-1, 1, 1) if per_channel else n.beta
+            total = total + torch.where(b != 0, y[3] / torch.where(b != 0, b, 1.0), 0.0).sum()
+        return total
+
+    grads = []
+    for fn in (reference, lambda y: snn._spike_total(n, y)):
+        n.zero_grad()
+        y = spike_values().detach().requires_grad_()
+        total = fn(y)  # y is a leaf: theta and beta get the division's gradients only
+        total.backward()
+        grads.append((float(total.detach()), y.grad.clone(), n.theta.grad.clone(),
+                      n.beta.grad.clone() if neuron == "mprn" else None))
+    (v0, gy0, gt0, gb0), (v1, gy1, gt1, gb1) = grads
+    assert v1 == pytest.approx(v0, rel=1e-6) and v0 > 0
+    assert torch.allclose(gy1.double(), gy0.double(), rtol=1e-6)
+    assert torch.allclose(gt1, gt0, rtol=1e-5, atol=1e-7)
+    if neuron == "mprn":
+        assert torch.allclose(gb1, gb0, rtol=1e-5, atol=1e-7)
+        if per_channel:
+            assert gb1.view(-1)[0] == 0
+
+
 _GPU_BACKENDS = ([b for b in ("cuda", "triton") if b in ops.available_backends("cuda", op="spike_conv2d")]
                  if torch.cuda.is_available() else [])
 
