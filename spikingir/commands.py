@@ -82,7 +82,9 @@ def _device(args):
 def _add_model_args(p, snn_weights=True):
     """--task, --sigma and the weights files, shared by evaluate/restore/finetune."""
     p.add_argument("--task", choices=["denoise", "dehaze"], required=True)
-    p.add_argument("--sigma", type=float, default=None, help="noise level (denoise): 15, 25 or 50")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="noise level (denoise): 15, 25 or 50 (restore: estimated from the image "
+                        "when omitted, and the nearest model used)")
     p.add_argument("--ann-weights", default=None, help="ANN state dict (default: the shipped one)")
     if snn_weights:
         p.add_argument("--snn-weights", default=None,
@@ -224,11 +226,18 @@ def _cmd_restore(args):
 
     device = _device(args)
     _set_threads(args)
-    sigma = _sigma_of(args)
+    blind = args.task == "denoise" and args.sigma is None
+    sigma = None if blind else _sigma_of(args)
     fmt_out = _image_format(args.output)  # before any work
     img = load_image(args.image)
     if args.task == "denoise" and img.ndim == 3:
         raise UserError(f"{args.image}: an RGB image for the grayscale denoising model")
+    if blind:  # no --sigma: the shipped model nearest to the image's estimated noise
+        from spikingir.data import estimate_noise_sigma
+        from spikingir.pipeline import nearest_sigma
+        estimate = estimate_noise_sigma(img)
+        sigma = nearest_sigma(estimate)
+        print(f"estimated noise sigma {estimate:.1f}: the sigma {sigma} model (--sigma chooses)")
     if args.task == "dehaze" and img.ndim == 2:
         img = np.repeat(img[..., None], 3, 2)
     ann = None if args.snn_weights else load_ann(args.task, sigma, args.ann_weights)

@@ -12,8 +12,9 @@ from spikingir.data import add_gaussian_noise, center_crop, list_images, load_im
 from spikingir.evaluate import Sample
 from spikingir.models import AODNet, DnCNN, load_dncnn
 from spikingir.models.spiking import SpikingAODNet, SpikingDnCNN, make_neuron
+from spikingir.weights import DENOISE_SIGMAS
 
-SIGMAS = (15, 25, 50)
+SIGMAS = DENOISE_SIGMAS  # the noise levels with shipped models
 #: Built-in evaluation photos (scikit-image) and the ones used for calibration.
 DENOISE_EVAL = ("camera", "astronaut", "coffee")
 DENOISE_CALIB = ("moon", "page", "chelsea", "rocket")
@@ -24,6 +25,13 @@ def check_sigma(sigma):
     if sigma not in SIGMAS:
         raise ValueError(f"unknown sigma {sigma!r}: models exist for sigma in {SIGMAS}")
     return sigma
+
+
+def nearest_sigma(sigma):
+    """The shipped noise level closest to ``sigma`` on a log scale (DnCNN's
+    error grows with the ratio of the noise levels): 15 below 19.4, 25 up to
+    35.4, 50 above."""
+    return min(SIGMAS, key=lambda s: abs(np.log(max(sigma, 1e-3) / s)))
 
 
 def _to_input(a):

@@ -181,6 +181,17 @@ def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, capsys, argv, m
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_restore_without_sigma_estimates_it(files, tmp_path, capsys):
+    """No --sigma: the noise level is estimated from the image and the nearest
+    shipped model used (here the noise of the random image reads as ~50+)."""
+    out = tmp_path / "o.png"
+    code, stdout, err = run(["restore", str(files / "gray" / "im0.png"), "-o", str(out), "--task",
+                             "denoise", "--timesteps", "1"], capsys)
+    assert code == 0, err
+    assert "estimated noise sigma" in stdout and "the sigma 50 model" in stdout
+    assert "snn_dncnn_s50.pt" in stdout and out.exists()
+
+
 def test_an_snn_used_at_another_sigma_says_so(files, tmp_path, capsys):
     """The shipped s25 SNN at sigma 15 runs (a user may mean it) with a note on stderr."""
     out = tmp_path / "o.png"
