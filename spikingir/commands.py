@@ -9,10 +9,7 @@ import os
 import sys
 import time
 
-from spikingir.tiling import DEFAULT_TILE, receptive_radius, run_tiled
-
-SHIPPED_SNN = {("denoise", 25): "snn_dncnn_s25.pt", ("denoise", 15): "snn_dncnn_s15.pt",
-               ("denoise", 50): "snn_dncnn_s50.pt", ("dehaze", None): "snn_aodnet.pt"}
+from spikingir.tiling import DEFAULT_TILE
 
 
 class UserError(Exception):
@@ -126,12 +123,12 @@ def _add_conversion_args(p):
 
 def _get_snn(task, sigma, ann, timesteps, args, ann_given):
     """The shipped fine-tuned SNN when it applies, else a fresh conversion of ``ann``."""
-    from spikingir.pipeline import calibration_inputs, load_snn
-    from spikingir.weights import WEIGHTS_DIR
+    from spikingir.pipeline import calibration_inputs, for_inference, load_snn
+    from spikingir.weights import SNN_FILES, WEIGHTS_DIR
 
     path = getattr(args, "snn_weights", None)
     if path is None and not ann_given:
-        name = SHIPPED_SNN.get((task, sigma))
+        name = SNN_FILES.get((task, sigma))
         if name and (WEIGHTS_DIR / name).exists():
             path = WEIGHTS_DIR / name
     if path is not None:
@@ -147,13 +144,7 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
         snn = _convert(ann, calib, timesteps, args)
         origin = (f"converted ANN ({args.neuron}, p{args.percentile:g}, v0={args.v0}, "
                   f"calibrated on {len(calib)} built-in images, not fine-tuned)")
-    if hasattr(snn, "use_spike_conv"):
-        # Inference: hidden convs as spike_conv2d on the binary spikes (same network up
-        # to float32 rounding; on the CPU the event-driven kernel is ~2x faster than
-        # F.conv2d at DnCNN's firing rates; on a GPU "auto" runs Triton on the neurons'
-        # channel masks, 18 % faster than cuDNN on float spikes on an H100).
-        snn.use_spike_conv(True, backend=args.backend)
-    return snn, origin
+    return for_inference(snn, args.backend), origin
 
 
 def _set_threads(args):
@@ -215,14 +206,14 @@ def _add_evaluate(sub):
 # ------------------------------------------------------------------ restore
 
 def _cmd_restore(args):
-    import numpy as np
-    import torch
+    import io
+
     from PIL import Image
 
-    from spikingir.data import load_image
-    from spikingir.evaluate import amp_context, bf16_inference, write_atomic
+    from spikingir.data import estimate_noise_sigma, load_image
+    from spikingir.evaluate import write_atomic
     from spikingir.metrics import to_uint8
-    from spikingir.pipeline import _to_input, load_ann
+    from spikingir.pipeline import load_ann, nearest_sigma, restore
 
     device = _device(args)
     _set_threads(args)
@@ -233,26 +224,12 @@ def _cmd_restore(args):
     if args.task == "denoise" and img.ndim == 3:
         raise UserError(f"{args.image}: an RGB image for the grayscale denoising model")
     if blind:  # no --sigma: the shipped model nearest to the image's estimated noise
-        from spikingir.data import estimate_noise_sigma
-        from spikingir.pipeline import nearest_sigma
         estimate = estimate_noise_sigma(img)
         sigma = nearest_sigma(estimate)
         print(f"estimated noise sigma {estimate:.1f}: the sigma {sigma} model (--sigma chooses)")
-    if args.task == "dehaze" and img.ndim == 2:
-        img = np.repeat(img[..., None], 3, 2)
     ann = None if args.snn_weights else load_ann(args.task, sigma, args.ann_weights)
     snn, origin = _get_snn(args.task, sigma, ann, args.timesteps, args, args.ann_weights is not None)
-    snn = snn.to(device)
-    fmt = torch.contiguous_format
-    if args.amp:
-        snn, fmt = bf16_inference(snn), torch.channels_last
-    # Overlapping tiles, each with the network's receptive radius around its core:
-    # the whole image's result in bounded memory (spikingir/tiling.py).
-    with torch.no_grad(), amp_context(device, args.amp):
-        out = run_tiled(lambda t: snn(t.to(device).contiguous(memory_format=fmt)).float().cpu(),
-                        _to_input(img), args.tile, receptive_radius(snn))[0].numpy()
-    out = out[0] if out.shape[0] == 1 else out.transpose(1, 2, 0)
-    import io
+    out = restore(img, snn.to(device), tile=args.tile, amp=args.amp)  # gray -> RGB for AOD-Net
     buf = io.BytesIO()
     Image.fromarray(to_uint8(out)).save(buf, format=fmt_out)
     write_atomic(args.output, buf.getvalue())

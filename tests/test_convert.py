@@ -539,3 +539,42 @@ def test_offsets_save_and_load(tmp_path):
     assert (load_snn(tmp_path / "old.pt").offset == 0).all()
     with pytest.raises(ValueError, match="offset"):
         type(snn)([c for c in AODNet().convs()], list(snn.neurons_), 3, offset=-torch.ones(12))
+
+
+def test_load_shipped_snn_is_ready_for_inference():
+    from spikingir.models.spiking import SpikingAODNet, SpikingDnCNN
+    from spikingir.pipeline import load_shipped_snn
+    snn = load_shipped_snn("denoise", 25, timesteps=4)
+    assert isinstance(snn, SpikingDnCNN) and snn.timesteps == 4 and snn.spike_conv
+    assert not snn.training
+    assert isinstance(load_shipped_snn("dehaze", timesteps=2), SpikingAODNet)
+    with pytest.raises(ValueError, match="sigma"):
+        load_shipped_snn("denoise", 30)
+    with pytest.raises(ValueError, match="timesteps"):
+        load_shipped_snn("denoise", 25, timesteps=0)
+
+
+@pytest.mark.parametrize("arch", ["dncnn", "aodnet"])
+def test_restore_is_the_network_on_the_image(arch):
+    """pipeline.restore: the network's output on the image (tiled or whole), in the
+    image's layout; a gray image is replicated for AOD-Net; wrong layouts raise."""
+    import numpy as np
+    from spikingir.pipeline import restore
+    ann, c = (tiny_dncnn(), 1) if arch == "dncnn" else (tiny_aodnet(), 3)
+    snn = to_snn(ann, images(c, n=1), 3)
+    img = np.random.default_rng(0).random((19, 23) if c == 1 else (19, 23, 3)).astype(np.float32)
+    x = torch.from_numpy(img)[None, None] if c == 1 else torch.from_numpy(img).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        ref = snn(x)[0]
+    ref = ref[0].numpy() if c == 1 else ref.permute(1, 2, 0).numpy()
+    for tile in (0, 8):
+        out = restore(img, snn, tile=tile)
+        assert out.shape == img.shape and np.allclose(out, ref, atol=1e-6)
+    if c == 3:
+        gray = img.mean(2)
+        assert np.allclose(restore(gray, snn), restore(np.repeat(gray[..., None], 3, 2), snn))
+    else:
+        with pytest.raises(ValueError, match="1 channel"):
+            restore(np.zeros((8, 8, 3), np.float32), snn)
+    with pytest.raises(TypeError, match="float numpy"):
+        restore((img * 255).astype(np.uint8), snn)

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["WEIGHTS_DIR", "ANN_FILES", "DENOISE_SIGMAS", "weights_path", "ann_weights_name",
-           "load_shipped_ann", "shipped_metadata"]
+__all__ = ["WEIGHTS_DIR", "ANN_FILES", "SNN_FILES", "DENOISE_SIGMAS", "weights_path",
+           "ann_weights_name", "snn_weights_name", "load_shipped_ann", "shipped_metadata"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent
 DENOISE_SIGMAS = (15, 25, 50)
 ANN_FILES = {("denoise", s): f"dncnn_s{s}.pt" for s in DENOISE_SIGMAS} | {("dehaze", None): "aodnet.pt"}
+#: The fine-tuned SNNs of those ANNs (``spikingir.pipeline.load_shipped_snn``).
+SNN_FILES = {("denoise", s): f"snn_dncnn_s{s}.pt" for s in DENOISE_SIGMAS} | {("dehaze", None): "snn_aodnet.pt"}
 TASKS = ("denoise", "dehaze")
 
 
@@ -56,6 +58,11 @@ def _norm_sigma(task: str, sigma):
 def ann_weights_name(task: str, sigma=None) -> str:
     """File name of the shipped ANN for ``task`` (and ``sigma`` for denoise)."""
     return ANN_FILES[(task, _norm_sigma(task, sigma))]
+
+
+def snn_weights_name(task: str, sigma=None) -> str:
+    """File name of the shipped fine-tuned SNN for ``task`` (and ``sigma`` for denoise)."""
+    return SNN_FILES[(task, _norm_sigma(task, sigma))]
 
 
 def shipped_metadata(task: str, sigma=None) -> dict:
