@@ -205,6 +205,38 @@ def _add_evaluate(sub):
 
 # ------------------------------------------------------------------ restore
 
+def _restore_jobs(inputs, output):
+    """(input, output) pairs: one file to the file ``output``, or several files
+    and/or folders (their images) into the folder ``output`` under their own
+    names. Checked before any work: inputs exist, output names are distinct and
+    writable image types. Each output is written whole (atomically) once its image
+    is done; an error in a later image leaves the earlier ones written."""
+    from pathlib import Path
+
+    from spikingir.data import list_images
+
+    files = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            files += list_images(path)
+        elif not path.exists():
+            raise UserError(f"no such image file: {name}")
+        else:
+            files.append(path)
+    to_folder = len(inputs) > 1 or Path(inputs[0]).is_dir() or os.path.isdir(output)
+    if not to_folder:
+        _image_format(output)
+        return [(files[0], Path(output))], False
+    outs = [Path(output) / f.name for f in files]
+    if len(set(outs)) < len(outs):
+        dup = next(o for o in outs if outs.count(o) > 1)
+        raise UserError(f"two inputs would both be written to {dup} (same file name)")
+    for out in outs:
+        _image_format(str(out))
+    return list(zip(files, outs)), True
+
+
 def _cmd_restore(args):
     import io
 
@@ -219,21 +251,31 @@ def _cmd_restore(args):
     _set_threads(args)
     blind = args.task == "denoise" and args.sigma is None
     sigma = None if blind else _sigma_of(args)
-    fmt_out = _image_format(args.output)  # before any work
-    img = load_image(args.image)
-    if args.task == "denoise" and img.ndim == 3:
-        raise UserError(f"{args.image}: an RGB image for the grayscale denoising model")
-    if blind:  # no --sigma: the shipped model nearest to the image's estimated noise
-        estimate = estimate_noise_sigma(img)
-        sigma = nearest_sigma(estimate)
-        print(f"estimated noise sigma {estimate:.1f}: the sigma {sigma} model (--sigma chooses)")
-    ann = None if args.snn_weights else load_ann(args.task, sigma, args.ann_weights)
-    snn, origin = _get_snn(args.task, sigma, ann, args.timesteps, args, args.ann_weights is not None)
-    out = restore(img, snn.to(device), tile=args.tile, amp=args.amp)  # gray -> RGB for AOD-Net
-    buf = io.BytesIO()
-    Image.fromarray(to_uint8(out)).save(buf, format=fmt_out)
-    write_atomic(args.output, buf.getvalue())
-    print(f"wrote {args.output} ({args.task}, T={args.timesteps}; {origin})")
+    jobs, to_folder = _restore_jobs(args.images, args.output)  # before any work
+    if to_folder:
+        os.makedirs(args.output, exist_ok=True)
+    nets = {}  # one network per noise level
+    for src, dst in jobs:
+        img = load_image(src)
+        if args.task == "denoise" and img.ndim == 3:
+            raise UserError(f"{src}: an RGB image for the grayscale denoising model")
+        level = sigma
+        if blind:  # no --sigma: the shipped model nearest to the image's estimated noise
+            estimate = estimate_noise_sigma(img)
+            level = nearest_sigma(estimate)
+            print(f"{src}: estimated noise sigma {estimate:.1f}: the sigma {level} model "
+                  "(--sigma chooses)")
+        if level not in nets:
+            ann = None if args.snn_weights else load_ann(args.task, level, args.ann_weights)
+            snn, origin = _get_snn(args.task, level, ann, args.timesteps, args,
+                                   args.ann_weights is not None)
+            nets[level] = snn.to(device), origin
+        snn, origin = nets[level]
+        out = restore(img, snn, tile=args.tile, amp=args.amp)  # gray -> RGB for AOD-Net
+        buf = io.BytesIO()
+        Image.fromarray(to_uint8(out)).save(buf, format=_image_format(str(dst)))
+        write_atomic(dst, buf.getvalue())
+        print(f"wrote {dst} ({args.task}, T={args.timesteps}; {origin})")
     return 0
 
 
@@ -254,9 +296,12 @@ def _image_format(path):
 
 def _add_restore(sub):
     p = sub.add_parser("restore", help="restore one image with the SNN",
-                       description="Denoises or dehazes IMAGE with the spiking network.")
-    p.add_argument("image")
-    p.add_argument("-o", "--output", required=True)
+                       description="Denoises or dehazes each IMAGE with the spiking network.")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image file(s), or folders of images")
+    p.add_argument("-o", "--output", required=True,
+                   help="output image file; a folder for several inputs or a folder input "
+                        "(each image keeps its name)")
     _add_model_args(p)
     p.add_argument("--timesteps", type=_timesteps, default=10)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

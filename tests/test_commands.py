@@ -181,6 +181,26 @@ def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, capsys, argv, m
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_restore_several_images_into_a_folder(files, tmp_path, capsys):
+    """Several inputs (files and folders): one network, each image written under
+    its own name into the -o folder, equal to restoring it alone."""
+    outdir = tmp_path / "outs"
+    common = ["--task", "denoise", "--sigma", "25", "--timesteps", "2", "--ann-weights",
+              str(files / "dncnn.pt")]
+    code, stdout, err = run(["restore", str(files / "gray"), str(files / "gray48" / "t0.png"),
+                             "-o", str(outdir)] + common, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in outdir.iterdir()) == ["im0.png", "im1.png", "t0.png"]
+    single = tmp_path / "single.png"
+    code, _, err = run(["restore", str(files / "gray" / "im1.png"), "-o", str(single)] + common,
+                       capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(single)), np.asarray(Image.open(outdir / "im1.png")))
+    code, _, err = run(["restore", str(files / "gray"), str(files / "gray" / "im0.png"), "-o",
+                        str(tmp_path / "dup")] + common, capsys)
+    assert code == 2 and "same file name" in err and not (tmp_path / "dup").exists()
+
+
 def test_restore_without_sigma_estimates_it(files, tmp_path, capsys):
     """No --sigma: the noise level is estimated from the image and the nearest
     shipped model used (here the noise of the random image reads as ~50+)."""
