@@ -42,6 +42,18 @@ def _nonneg_float(text):
     return parse(text)
 
 
+def _unit_float(text):
+    """A float in [0, 1] (argparse type)."""
+    import argparse
+    try:
+        w = float(text)
+    except ValueError:
+        w = float("nan")
+    if not 0 <= w <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return w
+
+
 def _offset_percentile(text):
     """--offset-percentile: auto, none, or a percentile in [0, 100)."""
     import argparse
@@ -326,6 +338,7 @@ def _cmd_finetune(args):
     device = _device(args)
     _set_threads(args)
     sigma = _sigma_of(args)
+    teacher = load_ann(args.task, sigma, args.ann_weights) if args.distill > 0 else None
     if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
         snn = load_snn(args.snn_weights, backend=args.backend, task=args.task)  # finetune_snn sets its T
         if args.no_recycling:  # the one conversion option a converted SNN can drop
@@ -344,12 +357,14 @@ def _cmd_finetune(args):
                        checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
                        time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
                        energy_weight=args.energy_weight, amp=args.amp, val_every=args.val_every,
-                       warmup=args.warmup, timesteps=args.timesteps, ssim_weight=args.ssim_weight)
+                       warmup=args.warmup, timesteps=args.timesteps, ssim_weight=args.ssim_weight,
+                       teacher=teacher, distill=args.distill)
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
             "timesteps": timesteps_record(args.timesteps), "device": args.device,
             "train_mapper": not args.freeze_mapper, "energy_weight": args.energy_weight,
             "ssim_weight": args.ssim_weight, "recycling": snn.recycling, "amp": args.amp,
+            "distill": args.distill,
             "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
             "wall_s": round(time.time() - t0, 1), "torch": str(torch.__version__)}
     if res.history:
@@ -394,6 +409,10 @@ def _add_finetune(sub):
                         "loss: trades PSNR for fewer spikes (default 0: off)")
     p.add_argument("--ssim-weight", type=_nonneg_float, default=0.0,
                    help="add this x (1 - SSIM) of the outputs to the MSE loss (default 0: off)")
+    p.add_argument("--distill", type=_unit_float, default=0.0, metavar="W",
+                   help="train towards W x the ANN's output + (1 - W) x the clean image "
+                        "(knowledge distillation from --ann-weights, default the shipped ANN; "
+                        "default 0: the clean image)")
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast + channels_last (GPU, or a CPU with AVX512-BF16/AMX); "
                         "neuron potentials and gradients stay float32")

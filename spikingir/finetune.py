@@ -16,7 +16,8 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
                  patch=40, lr_weights=2e-5, lr_neurons=1e-3, device="cpu", seed=0,
                  checkpoint=None, resume=True, val_crop=64, val_every=None, log_every=10,
                  progress=True, time_limit=None, log=None, train_mapper=True,
-                 energy_weight=0.0, amp=False, warmup=0, timesteps=None, ssim_weight=0.0):
+                 energy_weight=0.0, amp=False, warmup=0, timesteps=None, ssim_weight=0.0,
+                 teacher=None, distill=0.0):
     """Fine-tunes ``snn`` (from :func:`spikingir.convert.to_snn`) in place.
 
     Denoising: DnCNN patches of ``data`` (default ``../shared/data/train400``)
@@ -41,7 +42,11 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     so a resumed run draws the same ones), for one SNN that serves several
     latencies; validation and the returned SNN use the largest. Each validation
     also reports ``energy``, the counted SNN/ANN energy ratio (mean over the
-    validation images), beside PSNR and SSIM. Returns the FitResult.
+    validation images), beside PSNR and SSIM. ``teacher`` (the ANN) and
+    ``distill`` in [0, 1]: train towards ``distill x teacher(input) + (1 -
+    distill) x clean`` (knowledge distillation: the ANN's output is a
+    deterministic target, without the clean image's irreducible part that no
+    network can predict from the degraded input). Returns the FitResult.
     """
     import torch.nn.functional as F
     from spikingir.data import DehazePairs, DnCNNPatches, noisy
@@ -80,6 +85,12 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     for name, w in (("energy_weight", energy_weight), ("ssim_weight", ssim_weight)):
         if not w >= 0:  # also rejects NaN
             raise ValueError(f"{name}: expected a number >= 0, got {w!r}")
+    if not 0 <= distill <= 1:
+        raise ValueError(f"distill: expected a weight in [0, 1], got {distill!r}")
+    if distill > 0:
+        if teacher is None:
+            raise ValueError("distill > 0 needs the teacher ANN")
+        make_batch = _distilled(make_batch, teacher.to(device).eval(), distill)
     ts = _timestep_list(snn.timesteps if timesteps is None else timesteps)
     snn.timesteps = max(ts)
     val_fn = _with_energy(snn, val_fn)
@@ -90,7 +101,8 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     config = {"task": task, "sigma": sigma, "timesteps": timesteps_record(ts), "neuron": snn.neuron_kind,
               "lr_weights": lr_weights, "lr_neurons": lr_neurons, "batch_size": batch_size,
               "train_mapper": train_mapper, "energy_weight": energy_weight, "amp": bool(amp),
-              "warmup": int(warmup), "ssim_weight": ssim_weight, "recycling": snn.recycling}
+              "warmup": int(warmup), "ssim_weight": ssim_weight, "recycling": snn.recycling,
+              "distill": distill}
     loss_fn = None
     # Channels-last on the CPU (fit converts model and inputs): oneDNN runs these
     # small-patch convolutions ~2x faster that way, and the fused neurons take
@@ -121,6 +133,17 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
         snn.to(memory_format=torch.contiguous_format)  # saved in the default layout
     snn.eval()
     return res
+
+
+def _distilled(make_batch, teacher, weight):
+    """Wraps the batch maker: targets move ``weight`` of the way from the clean
+    images to the teacher's outputs on the inputs (fp32, no gradient)."""
+    def make_batch_d(batch, dev):
+        inputs, clean = make_batch(batch, dev)
+        with torch.no_grad():
+            out = teacher(inputs).float()
+        return inputs, clean + weight * (out - clean)
+    return make_batch_d
 
 
 def _timestep_list(timesteps):

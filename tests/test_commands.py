@@ -383,3 +383,31 @@ def test_finetune_validation_reports_the_energy_ratio(files):
             snn(torch.from_numpy(x)[None, None])
             ratios.append(snn.energy_mj() / ann_energy_mj(ann, (1, 1, 32, 32)))
     assert 0 < res.history[-1]["energy"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-6)
+
+
+def test_finetune_distills_towards_the_ann(files, tmp_path, capsys):
+    """--distill W: the targets are W x ANN(input) + (1 - W) x clean (the batch
+    maker's targets, checked exactly); recorded in the file; W outside [0, 1]
+    and W > 0 without a teacher are clear errors."""
+    from spikingir.convert import to_snn
+    from spikingir.finetune import _distilled, finetune_snn
+    ann = DnCNN(depth=4, channels=8, batchnorm=False)
+    ann.load_state_dict(torch.load(files / "dncnn.pt", weights_only=True))
+    x, clean = torch.rand(2, 1, 12, 12), torch.rand(2, 1, 12, 12)
+    inputs, target = _distilled(lambda b, dev: (x, clean), ann, 0.25)(None, "cpu")
+    with torch.no_grad():
+        assert inputs is x and torch.allclose(target, 0.75 * clean + 0.25 * ann(x), atol=1e-6)
+    snn = to_snn(ann.eval(), [torch.rand(1, 1, 16, 16)], 2, backend="cpp")
+    with pytest.raises(ValueError, match="teacher"):
+        finetune_snn(snn, "denoise", sigma=25, data=files / "gray48", val_data=files / "gray48",
+                     distill=0.5)
+    out = tmp_path / "snn.pt"
+    code, _, err = run(["finetune", "--task", "denoise", "--sigma", "25", "--ann-weights",
+                        str(files / "dncnn.pt"), "--timesteps", "2", "--steps", "2", "--batch-size",
+                        "2", "--data", str(files / "gray48"), "--val-data", str(files / "gray48"),
+                        "--val-crop", "32", "--distill", "1", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert torch.load(out, weights_only=True)["meta"]["distill"] == 1.0
+    code, _, err = run(["finetune", "--task", "denoise", "--sigma", "25", "--distill", "1.5",
+                        "--out", str(tmp_path / "x.pt")], capsys)
+    assert code == 2 and "--distill" in err and not (tmp_path / "x.pt").exists()
