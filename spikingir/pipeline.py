@@ -28,9 +28,8 @@ def check_sigma(sigma):
 
 
 def nearest_sigma(sigma):
-    """The shipped noise level closest to ``sigma`` on a log scale (DnCNN's
-    error grows with the ratio of the noise levels): 15 below 19.4, 25 up to
-    35.4, 50 above."""
+    """The shipped noise level closest to ``sigma`` by ratio (on a log scale):
+    15 below 19.4, 25 up to 35.4, 50 above."""
     return min(SIGMAS, key=lambda s: abs(np.log(max(sigma, 1e-3) / s)))
 
 
@@ -182,9 +181,9 @@ def load_shipped_snn(task, sigma=None, timesteps=10, backend="auto"):
     50; "dehaze"), run at ``timesteps``, ready for inference on the CPU
     (:func:`for_inference`; move it with ``.to(device)``)."""
     from spikingir.weights import snn_weights_name, weights_path
-    snn = load_snn(weights_path(snn_weights_name(task, sigma)), backend=backend, task=task)
-    if not isinstance(timesteps, int) or timesteps < 1:
+    if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
         raise ValueError(f"timesteps: expected an int >= 1, got {timesteps!r}")
+    snn = load_snn(weights_path(snn_weights_name(task, sigma)), backend=backend, task=task)
     snn.timesteps = timesteps
     return for_inference(snn, backend)
 
@@ -230,8 +229,8 @@ def load_snn(path, backend="auto", task=None):
         raise ValueError(f"{path}: not a SpikingIR SNN checkpoint (expected config + state_dict)")
     cfg, sd = obj["config"], obj["state_dict"]
     if task is not None and SNN_TASKS.get(cfg.get("arch")) not in (None, task):
-        names = {"denoise": "a DnCNN SNN (--task denoise)", "dehaze": "an AOD-Net SNN (--task dehaze)"}
-        raise ValueError(f"{path}: holds {names[SNN_TASKS[cfg['arch']]]}, not one for --task {task}")
+        names = {"dncnn": "a DnCNN SNN (denoise)", "aodnet": "an AOD-Net SNN (dehaze)"}
+        raise ValueError(f"{path}: holds {names[cfg['arch']]}, not one for the {task} task")
     if cfg["arch"] == "dncnn":
         convs = [m for m in DnCNN(depth=sum(1 for k in sd if k.endswith("weight") and sd[k].dim() == 4),
                                   channels=sd["conv1.weight"].shape[0],

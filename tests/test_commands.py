@@ -160,9 +160,9 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
     (["restore", "{d}/gray/im0.png", "-o", "{o}/x.xyz", "--task", "denoise", "--sigma", "25",
       "--ann-weights", "{d}/dncnn.pt"], "cannot write images of type '.xyz'"),
     (["restore", "{d}/gray/im0.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
-      "--snn-weights", "{w}/snn_aodnet.pt"], "AOD-Net SNN .*not one for --task denoise"),
+      "--snn-weights", "{w}/snn_aodnet.pt"], "AOD-Net SNN .*not one for the denoise task"),
     (["finetune", "--task", "dehaze", "--snn-weights", "{w}/snn_dncnn_s25.pt", "--out",
-      "{o}/x.pt"], "DnCNN SNN .*not one for --task dehaze"),
+      "{o}/x.pt"], "DnCNN SNN .*not one for the dehaze task"),
 ])
 def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, capsys, argv, match):
     argv = [a.format(d=files, o=tmp_path, w=WEIGHTS_DIR) for a in argv]
