@@ -17,7 +17,8 @@
 # ENERGY_W (its --energy-weight, default 0), AMP=1 (its --amp: bf16 autocast), SIGMA
 # (the noise level, default 25), SNN0 (the SNN it starts from, default the shipped one
 # of that sigma), TIMESTEPS (its --timesteps, default "5 10": each batch at one of them,
-# as the shipped SNNs' last stages were trained), SEED; TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time
+# as the shipped SNNs' last stages were trained), SEED, DISTILL (its --distill: train
+# towards DISTILL x the ANN's output + the rest x the clean image); TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time
 # limits); BENCH (which benchmarks, default "conv snn neuron train"; "" = none), SWEEP=1
 # (add the Triton launch sweep, float and masks input); NCU=1 (Nsight Compute on the
 # CUDA and Triton spike_conv2d kernels from masks); BUILD=0 (a warm machine that built already). The
@@ -81,7 +82,7 @@ if [ "$TRAIN_S" != 0 ] && [ -d ../shared/data/train400 ]; then
   ( python -m spikingir.cli finetune --task denoise --sigma "$sg" --timesteps ${TIMESTEPS:-5 10} --steps 20000 \
       "${init[@]}" --seed "${SEED:-3}" \
       --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint "$OUT/snn_s$sg.ckpt" --resume \
-      --energy-weight "${ENERGY_W:-0}" ${AMP:+--amp} \
+      --energy-weight "${ENERGY_W:-0}" ${AMP:+--amp} --distill "${DISTILL:-0}" \
       --out "$OUT/snn_dncnn_s$sg.pt" \
     && python -m spikingir.cli evaluate --task denoise --sigma "$sg" --snn-weights "$OUT/snn_dncnn_s$sg.pt" \
       --data ../shared/data/set12 --timesteps 4 5 10 --device cuda --json "$OUT/eval_snn_s$sg.json" \
