@@ -21,27 +21,32 @@ import sys
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before any torch import: read once
 
 
-def _number_at_least(text, kind, minimum, what):
-    """argparse type: ``kind(text)`` (int or float) that is >= ``minimum``."""
+def _number_in(text, kind, minimum, what, maximum=None):
+    """argparse type: ``kind(text)`` (int or float) that is >= ``minimum`` (and
+    <= ``maximum`` when given)."""
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if not value >= minimum:  # also refuses NaN
+    if not value >= minimum or (maximum is not None and not value <= maximum):  # also refuses NaN
         raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
 
 
 def _positive_int(text):
-    return _number_at_least(text, int, 1, "a positive integer")
+    return _number_in(text, int, 1, "a positive integer")
 
 
 def _nonneg_int(text):
-    return _number_at_least(text, int, 0, "an integer >= 0")
+    return _number_in(text, int, 0, "an integer >= 0")
 
 
 def _nonneg_float(text):
-    return _number_at_least(text, float, 0.0, "a number >= 0")
+    return _number_in(text, float, 0.0, "a number >= 0")
+
+
+def _unit_float(text):
+    return _number_in(text, float, 0.0, "a number in [0, 1]", maximum=1.0)
 
 
 # --------------------------------------------------------------------------

@@ -43,15 +43,8 @@ def _nonneg_float(text):
 
 
 def _unit_float(text):
-    """A float in [0, 1] (argparse type)."""
-    import argparse
-    try:
-        w = float(text)
-    except ValueError:
-        w = float("nan")
-    if not 0 <= w <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return w
+    from spikingir.cli import _unit_float as parse
+    return parse(text)
 
 
 def _offset_percentile(text):
@@ -218,7 +211,7 @@ def _add_evaluate(sub):
 # ------------------------------------------------------------------ restore
 
 def _restore_jobs(inputs, output):
-    """(input, output) pairs: one file to the file ``output``, or several files
+    """(input, output, PIL format) triples: one file to the file ``output``, or several files
     and/or folders (their images) into the folder ``output`` under their own
     names. Checked before any work: inputs exist, output names are distinct and
     writable image types. Each output is written whole (atomically) once its image
@@ -237,16 +230,11 @@ def _restore_jobs(inputs, output):
         else:
             files.append(path)
     to_folder = len(inputs) > 1 or Path(inputs[0]).is_dir() or os.path.isdir(output)
-    if not to_folder:
-        _image_format(output)
-        return [(files[0], Path(output))], False
-    outs = [Path(output) / f.name for f in files]
+    outs = [Path(output) / f.name for f in files] if to_folder else [Path(output)]
     if len(set(outs)) < len(outs):
         dup = next(o for o in outs if outs.count(o) > 1)
         raise UserError(f"two inputs would both be written to {dup} (same file name)")
-    for out in outs:
-        _image_format(str(out))
-    return list(zip(files, outs)), True
+    return [(f, o, _image_format(str(o))) for f, o in zip(files, outs)], to_folder
 
 
 def _cmd_restore(args):
@@ -267,7 +255,7 @@ def _cmd_restore(args):
     if to_folder:
         os.makedirs(args.output, exist_ok=True)
     nets = {}  # one network per noise level
-    for src, dst in jobs:
+    for src, dst, fmt in jobs:
         img = load_image(src)
         if args.task == "denoise" and img.ndim == 3:
             raise UserError(f"{src}: an RGB image for the grayscale denoising model")
@@ -285,7 +273,7 @@ def _cmd_restore(args):
         snn, origin = nets[level]
         out = restore(img, snn, tile=args.tile, amp=args.amp)  # gray -> RGB for AOD-Net
         buf = io.BytesIO()
-        Image.fromarray(to_uint8(out)).save(buf, format=_image_format(str(dst)))
+        Image.fromarray(to_uint8(out)).save(buf, format=fmt)
         write_atomic(dst, buf.getvalue())
         print(f"wrote {dst} ({args.task}, T={args.timesteps}; {origin})")
     return 0

@@ -92,16 +92,17 @@ class _SpikingNet(nn.Module):
         step) when the neuron scales its output, else ``s``. Each channel's
         values are summed first and then divided by that channel's spike size:
         the same value and gradients as dividing every element, without
-        [T, B, C, H, W] temporaries (measured: those took ~20 % of a CPU
-        fine-tuning step with the energy term)."""
+        [T, B, C, H, W] temporaries (measured: a CPU fine-tuning step with the
+        energy term 1.6x faster in bf16, 1.3x in fp32; benchmarks/RESULTS.md)."""
         if not neuron.scale_output:
             return y.sum().float()
 
         T = self.timesteps
         theta = neuron.effective_theta()
-        # per step (and channel, for per-channel sizes): slicing this small tensor
-        # keep slice gradients off the [steps, B, C, H, W] one; summed in y's dtype
-        # (bf16 under autocast accumulates in float32; casting y first copied it)
+        # Sums per step (and channel, for per-channel sizes): slicing this small
+        # tensor keeps slice gradients off the [steps, B, C, H, W] one. Summed in
+        # y's dtype (bf16 under autocast accumulates in float32; casting y first
+        # copied it).
         sums = y.sum((1, 3, 4) if theta.dim() == 1 else (1, 2, 3, 4)).float()
         total = (sums[:T].sum(0) / theta).sum()
         if y.shape[0] > T:  # MPRN reuse step: spikes of size beta (none where beta = 0)
