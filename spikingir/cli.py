@@ -21,14 +21,17 @@ import sys
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before any torch import: read once
 
 
-def _number_in(text, kind, minimum, what, maximum=None):
+def _number_in(text, kind, minimum, what, maximum=None, *, open_minimum=False, open_maximum=False):
     """argparse type: ``kind(text)`` (int or float) that is >= ``minimum`` (and
-    <= ``maximum`` when given)."""
+    <= ``maximum`` when given; > and < with ``open_minimum``/``open_maximum``)."""
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if not value >= minimum or (maximum is not None and not value <= maximum):  # also refuses NaN
+    ok = (value > minimum if open_minimum else value >= minimum)  # a NaN fails every comparison
+    if maximum is not None:
+        ok = ok and (value < maximum if open_maximum else value <= maximum)
+    if not ok:
         raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
 
@@ -160,7 +163,7 @@ def _add_train_ann(sub):
     p.add_argument("--time-limit", type=_nonneg_float, metavar="SECONDS",
                    help="stop after this long, write the weights and the checkpoint (--resume continues)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast + channels_last (GPU, or a CPU with AVX512-BF16/AMX)")
-    p.add_argument("--log-every", type=int, default=50, metavar="STEPS")
+    p.add_argument("--log-every", type=_nonneg_int, default=50, metavar="STEPS")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a tqdm bar")
     p.set_defaults(func=_cmd_train_ann, _parser=p)
 
@@ -178,7 +181,6 @@ class _BadInput(ValueError):
 
 
 def _check_train_args(args):
-    import os
     from pathlib import Path
 
     if args.task == "denoise":
@@ -210,20 +212,35 @@ def _check_train_args(args):
         raise _BadInput(f"--init: no such file: {args.init}")
     if args.out is None:
         args.out = f"dncnn_s{args.sigma}.pt" if args.task == "denoise" else "aodnet.pt"
-    out = Path(args.out)
-    if out.suffix == ".json":
-        raise _BadInput(f"--out {out}: the weights need another suffix than .json (the metadata go there)")
-    if out.is_dir():
+    if Path(args.out).suffix == ".json":
+        raise _BadInput(f"--out {args.out}: the weights need another suffix than .json (the metadata go there)")
+    args.checkpoint = args.checkpoint or str(args.out) + ".ckpt"
+    check_outputs(args.out, args.checkpoint, args.resume)
+
+
+def check_outputs(out, checkpoint=None, resume=False):
+    """Refuses, before any work, the output files that a long run (train-ann,
+    finetune) could otherwise only fail to write at its end: ``out`` a
+    directory or in an unwritable place, the same for ``checkpoint``, and an
+    existing ``checkpoint`` without ``resume`` (the run would overwrite it).
+    Raises ValueError with a one-line message."""
+    import os
+    from pathlib import Path
+
+    if Path(out).is_dir():
         raise _BadInput(f"--out {out} is a directory")
-    args.checkpoint = args.checkpoint or str(out) + ".ckpt"
-    for target in (out, Path(args.checkpoint)):
-        parent = target.resolve().parent
-        while not parent.exists():
+    for target in (out, checkpoint):
+        if target is None:
+            continue
+        parent = Path(target).resolve().parent
+        while not parent.exists():  # write_atomic creates the missing folders
             parent = parent.parent
-        if not os.access(parent, os.W_OK):
-            raise _BadInput(f"cannot write {target}: {parent} is not writable")
-    if Path(args.checkpoint).exists() and not args.resume:
-        raise _BadInput(f"checkpoint {args.checkpoint} exists: pass --resume to continue it, "
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise _BadInput(f"cannot write {target}: {parent} is not a writable folder")
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        raise _BadInput(f"--checkpoint {checkpoint} is a directory")
+    if checkpoint is not None and Path(checkpoint).exists() and not resume:
+        raise _BadInput(f"checkpoint {checkpoint} exists: pass --resume to continue it, "
                         "or delete it to start over")
 
 

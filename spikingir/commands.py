@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+from spikingir.cli import (_nonneg_float, _nonneg_int, _number_in, _positive_int, _unit_float,
+                           check_outputs)
 from spikingir.tiling import DEFAULT_TILE
 
 
@@ -27,38 +29,17 @@ def _guard(func):
     return run
 
 
-def _timesteps(text):
-    from spikingir.cli import _positive_int
-    return _positive_int(text)
-
-
-def _nonneg_int(text):
-    from spikingir.cli import _nonneg_int as parse
-    return parse(text)
-
-
-def _nonneg_float(text):
-    from spikingir.cli import _nonneg_float as parse
-    return parse(text)
-
-
-def _unit_float(text):
-    from spikingir.cli import _unit_float as parse
-    return parse(text)
-
-
 def _offset_percentile(text):
     """--offset-percentile: auto, none, or a percentile in [0, 100)."""
-    import argparse
     if text in ("auto", "none"):
         return None if text == "none" else text
-    try:
-        q = float(text)
-    except ValueError:
-        q = float("nan")
-    if not 0 <= q < 100:
-        raise argparse.ArgumentTypeError(f"expected auto, none or a percentile in [0, 100), got {text!r}")
-    return q
+    return _number_in(text, float, 0.0, "auto, none or a percentile in [0, 100)", maximum=100.0,
+                      open_maximum=True)
+
+
+def _percentile(text):
+    """--percentile: the threshold percentile, in (0, 100]."""
+    return _number_in(text, float, 0.0, "a percentile in (0, 100]", maximum=100.0, open_minimum=True)
 
 
 def _sigma_of(args):
@@ -109,7 +90,7 @@ def _add_amp_arg(p, what):
 
 def _add_conversion_args(p):
     p.add_argument("--neuron", choices=["mprn", "if"], default="mprn")
-    p.add_argument("--percentile", type=float, default=99.9)
+    p.add_argument("--percentile", type=_percentile, default=99.9)
     p.add_argument("--per-layer", action="store_true",
                    help="one threshold per layer (default: per channel; measured on DnCNN s25, "
                         "T=10: per-channel loses 3.14 dB before fine-tuning, per-layer 4.44)")
@@ -123,7 +104,7 @@ def _add_conversion_args(p):
                         "energy 1.09 -> 0.77 of the ANN")
     p.add_argument("--backend", default="auto",
                    help="backend of the neurons and of spike_conv2d (auto, cpp, cuda, triton, torch)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
 
 
 def _get_snn(task, sigma, ann, timesteps, args, ann_given):
@@ -196,9 +177,9 @@ def _add_evaluate(sub):
     _add_model_args(p)
     p.add_argument("--data", default=None, help="image folder (denoise) or hazy/ + gt/ folder (dehaze)")
     p.add_argument("--scenes", nargs="+", default=None, help="dehaze: scene ids to evaluate")
-    p.add_argument("--timesteps", type=_timesteps, nargs="+", default=[5, 10])
-    p.add_argument("--limit", type=_timesteps, default=None, help="first N images only")
-    p.add_argument("--crop", type=_timesteps, default=None, help="center crops of N x N pixels")
+    p.add_argument("--timesteps", type=_positive_int, nargs="+", default=[5, 10])
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N images only")
+    p.add_argument("--crop", type=_positive_int, default=None, help="center crops of N x N pixels")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--figures", default=None, help="folder for side-by-side PNGs and PSNR-vs-T")
@@ -303,7 +284,7 @@ def _add_restore(sub):
                    help="output image file; a folder for several inputs or a folder input "
                         "(each image keeps its name)")
     _add_model_args(p)
-    p.add_argument("--timesteps", type=_timesteps, default=10)
+    p.add_argument("--timesteps", type=_positive_int, default=10)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--tile", type=_nonneg_int, default=DEFAULT_TILE,
                    help=f"restore in tiles of N x N pixels (plus the network's receptive radius "
@@ -326,6 +307,9 @@ def _cmd_finetune(args):
     device = _device(args)
     _set_threads(args)
     sigma = _sigma_of(args)
+    if args.resume and args.checkpoint is None:
+        raise UserError("--resume needs --checkpoint PATH (the run to continue)")
+    check_outputs(args.out, args.checkpoint, args.resume)
     teacher = load_ann(args.task, sigma, args.ann_weights) if args.distill > 0 else None
     if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
         snn = load_snn(args.snn_weights, backend=args.backend, task=args.task)  # finetune_snn sets its T
@@ -346,7 +330,8 @@ def _cmd_finetune(args):
                        time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
                        energy_weight=args.energy_weight, amp=args.amp, val_every=args.val_every,
                        warmup=args.warmup, timesteps=args.timesteps, ssim_weight=args.ssim_weight,
-                       teacher=teacher, distill=args.distill)
+                       teacher=teacher, distill=args.distill, log_every=args.log_every,
+                       progress=not args.no_progress)
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
             "timesteps": timesteps_record(args.timesteps), "device": args.device,
@@ -372,23 +357,26 @@ def _add_finetune(sub):
                    help="start from this fine-tuned SNN (from `spikingir finetune`) instead of "
                         "converting the ANN; the conversion options are then ignored, except "
                         "--no-recycling, which turns the SNN's recycling off")
-    p.add_argument("--timesteps", type=_timesteps, nargs="+", default=[10],
+    p.add_argument("--timesteps", type=_positive_int, nargs="+", default=[10],
                    help="T to train at (default 10); several, e.g. `5 10`: each batch at one of "
                         "them drawn at random, for one SNN good at each; the SNN keeps the largest")
-    p.add_argument("--steps", type=_timesteps, default=200)
-    p.add_argument("--batch-size", type=_timesteps, default=8)
-    p.add_argument("--lr-weights", type=float, default=2e-5)
-    p.add_argument("--lr-neurons", type=float, default=1e-3)
+    p.add_argument("--steps", type=_positive_int, default=200)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--lr-weights", type=_nonneg_float, default=2e-5)
+    p.add_argument("--lr-neurons", type=_nonneg_float, default=1e-3)
     p.add_argument("--data", default=None, help="training data (default ../shared/data/...)")
     p.add_argument("--val-data", default=None)
-    p.add_argument("--val-crop", type=_timesteps, default=64)
-    p.add_argument("--val-every", type=_timesteps, default=None, metavar="STEPS",
+    p.add_argument("--val-crop", type=_positive_int, default=64)
+    p.add_argument("--val-every", type=_positive_int, default=None, metavar="STEPS",
                    help="validate (and checkpoint) every STEPS steps (default: at the end)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default=None, help="resumable training checkpoint")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="resumable training checkpoint, written at each validation (default: none)")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists "
+                   "(without it, an existing checkpoint is refused rather than overwritten)")
+    p.add_argument("--time-limit", type=_nonneg_float, default=None, metavar="SECONDS",
+                   help="stop after this long, write the SNN and the checkpoint (--resume continues)")
     p.add_argument("--out", required=True, help="where to write the fine-tuned SNN")
     p.add_argument("--freeze-mapper", action="store_true",
                    help="keep the pixel mapper = the ANN's output conv (ablation)")
@@ -407,6 +395,9 @@ def _add_finetune(sub):
     p.add_argument("--warmup", type=_nonneg_int, default=0, metavar="STEPS",
                    help="ramp the learning rates up linearly over STEPS steps (default 0); for "
                         "continuing a fine-tuned SNN (--snn-weights), whose own schedule ended low")
+    p.add_argument("--log-every", type=_nonneg_int, default=10, metavar="STEPS",
+                   help="a progress line (or bar refresh) every STEPS steps (default 10; 0: none)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a tqdm bar")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_finetune))
 
@@ -443,8 +434,8 @@ def _add_demo(sub):
     p = sub.add_parser("demo", help="the main job: ANN vs SNN on built-in photos, both tasks",
                        description="Converts the shipped DnCNN (sigma=25) and AOD-Net, evaluates ANN vs "
                                    "SNN on scikit-image's bundled photos, prints the tables, writes figures.")
-    p.add_argument("--timesteps", type=_timesteps, nargs="+", default=[4, 10])
-    p.add_argument("--crop", type=_timesteps, default=160, help="denoising crops (N x N)")
+    p.add_argument("--timesteps", type=_positive_int, nargs="+", default=[4, 10])
+    p.add_argument("--crop", type=_positive_int, default=160, help="denoising crops (N x N)")
     p.add_argument("--out", default="spikingir-demo")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_demo))

@@ -317,12 +317,46 @@ def test_finetune_at_several_timesteps(files, tmp_path, capsys):
     code, stdout, err = run(["finetune", "--task", "denoise", "--sigma", "25", "--ann-weights",
                              str(files / "dncnn.pt"), "--timesteps", "2", "3", "--steps", "2",
                              "--batch-size", "2", "--data", str(data), "--val-data", str(data),
-                             "--val-crop", "32", "--out", str(out)], capsys)
+                             "--val-crop", "32", "--no-progress", "--log-every", "1", "--out", str(out)],
+                            capsys)
     assert code == 0, err
+    assert "step 1/2" in err and "step 2/2" in err  # plain log lines, one per step
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["timesteps"] == [2, 3] and meta["steps"] == 2
     assert meta["val_step"] == 2 and meta["val_psnr"] > 0  # the last validation's figures
     assert load_snn(out).timesteps == 3
+
+
+def test_finetune_refuses_what_it_could_only_fail_at_the_end(files, tmp_path, capsys):
+    """Output paths and numbers that a fine-tuning run would only trip over when it
+    writes its results (hours later), or that would overwrite a run's checkpoint,
+    are one-line errors before any work, and leave no file behind."""
+    ckpt = tmp_path / "run.ckpt"
+    ckpt.write_bytes(b"a previous run")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    base = ["finetune", "--task", "denoise", "--sigma", "25", "--ann-weights", str(files / "dncnn.pt"),
+            "--steps", "1", "--data", str(files / "gray48"), "--val-data", str(files / "gray48")]
+    cases = [
+        (["--checkpoint", str(ckpt), "--out", str(tmp_path / "a.pt")], "exists: pass --resume"),
+        (["--resume", "--out", str(tmp_path / "a.pt")], "--resume needs --checkpoint"),
+        (["--out", str(tmp_path)], "is a directory"),
+        (["--out", str(a_file / "a.pt")], "is not a writable folder"),
+        (["--checkpoint", str(tmp_path), "--resume", "--out", str(tmp_path / "a.pt")], "is a directory"),
+        (["--percentile", "0", "--out", str(tmp_path / "a.pt")], "a percentile in (0, 100]"),
+        (["--percentile", "101", "--out", str(tmp_path / "a.pt")], "a percentile in (0, 100]"),
+        (["--threads", "0", "--out", str(tmp_path / "a.pt")], "a positive integer"),
+        (["--lr-weights=-1e-5", "--out", str(tmp_path / "a.pt")], "a number >= 0"),
+        (["--time-limit=-5", "--out", str(tmp_path / "a.pt")], "a number >= 0"),
+        (["--log-every=-1", "--out", str(tmp_path / "a.pt")], "an integer >= 0"),
+        (["--offset-percentile", "100", "--out", str(tmp_path / "a.pt")], "[0, 100)"),
+    ]
+    for extra, message in cases:
+        code, out, err = run(base + extra, capsys)
+        assert code == 2 and message in err, (extra, err)
+        assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run.ckpt"]
+    assert ckpt.read_bytes() == b"a previous run"
 
 
 def test_finetune_ssim_term_and_recycling_off(files, tmp_path, capsys):
