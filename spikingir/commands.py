@@ -323,15 +323,21 @@ def _cmd_finetune(args):
         calib = calibration_inputs(args.task, sigma, data=calib_dir)
         snn = _convert(ann, calib, max(args.timesteps), args)
     t0 = time.time()
-    res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,
-                       steps=args.steps, batch_size=args.batch_size, lr_weights=args.lr_weights,
-                       lr_neurons=args.lr_neurons, device=device, seed=args.seed,
-                       checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
-                       time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
-                       energy_weight=args.energy_weight, amp=args.amp, val_every=args.val_every,
-                       warmup=args.warmup, timesteps=args.timesteps, ssim_weight=args.ssim_weight,
-                       teacher=teacher, distill=args.distill, log_every=args.log_every,
-                       progress=not args.no_progress)
+    try:
+        res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,
+                           steps=args.steps, batch_size=args.batch_size, lr_weights=args.lr_weights,
+                           lr_neurons=args.lr_neurons, device=device, seed=args.seed,
+                           checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
+                           time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
+                           energy_weight=args.energy_weight, amp=args.amp, val_every=args.val_every,
+                           warmup=args.warmup, timesteps=args.timesteps, ssim_weight=args.ssim_weight,
+                           teacher=teacher, distill=args.distill, log_every=args.log_every,
+                           progress=not args.no_progress)
+    except KeyboardInterrupt:
+        kept = (f"checkpoint {args.checkpoint} (--resume continues)" if args.checkpoint
+                else "nothing kept (--checkpoint PATH keeps a run's progress)")
+        print(f"spikingir finetune: interrupted; {kept}", file=sys.stderr)
+        return 130
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
             "timesteps": timesteps_record(args.timesteps), "device": args.device,

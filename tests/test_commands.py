@@ -359,6 +359,23 @@ def test_finetune_refuses_what_it_could_only_fail_at_the_end(files, tmp_path, ca
     assert ckpt.read_bytes() == b"a previous run"
 
 
+def test_finetune_interrupted_is_one_line(files, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during fine-tuning: exit status 130, one line that says where the
+    progress is (the checkpoint, or that none was kept), no traceback, no --out."""
+    import spikingir.finetune
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(spikingir.finetune, "finetune_snn", interrupted)
+    base = ["finetune", "--task", "denoise", "--sigma", "25", "--ann-weights", str(files / "dncnn.pt"),
+            "--data", str(files / "gray48"), "--val-data", str(files / "gray48"),
+            "--out", str(tmp_path / "snn.pt")]
+    for extra, kept in (([], "nothing kept"), (["--checkpoint", str(tmp_path / "c.ckpt")], "c.ckpt")):
+        code, out, err = run(base + extra, capsys)
+        assert code == 130 and "interrupted" in err and kept in err, err
+        assert "Traceback" not in err and not (tmp_path / "snn.pt").exists()
+
+
 def test_finetune_ssim_term_and_recycling_off(files, tmp_path, capsys):
     """--ssim-weight adds (1 - SSIM) to the loss: the same seeded run ends at other
     weights than without it; --no-recycling turns a loaded SNN's recycling off;
