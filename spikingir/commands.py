@@ -296,13 +296,67 @@ def _add_restore(sub):
     p.set_defaults(func=_guard(_cmd_restore))
 
 
+# ------------------------------------------------------------------ convert
+
+def _convert_ann(args, sigma, timesteps):
+    """The ANN (--ann-weights, else the shipped one) converted with the conversion
+    options, its thresholds calibrated on 8 degraded images of --data (default
+    the task's training data in ../shared/data, else built-in photos). Returns
+    the SNN and where the calibration images came from."""
+    from spikingir.pipeline import calibration_inputs, load_ann
+    from spikingir.train import default_data_dir
+
+    ann = load_ann(args.task, sigma, args.ann_weights)
+    calib_dir = args.data or default_data_dir("train400" if args.task == "denoise" else "sots_train")
+    if calib_dir is not None and not os.path.isdir(calib_dir):
+        raise UserError(f"--data: no such directory: {calib_dir}")
+    calib = calibration_inputs(args.task, sigma, data=calib_dir)
+    source = f"{len(calib)} images of {calib_dir}" if calib_dir else f"{len(calib)} built-in photos"
+    return _convert(ann, calib, timesteps, args), source
+
+
+def _cmd_convert(args):
+    from spikingir.pipeline import save_snn
+
+    _set_threads(args)
+    sigma = _sigma_of(args)
+    check_outputs(args.out)
+    snn, source = _convert_ann(args, sigma, args.timesteps)
+    meta = {"task": args.task, "sigma": sigma, "steps": 0, "timesteps": args.timesteps,
+            "init": "conversion", "ann": str(args.ann_weights or "shipped"), "calibration": source,
+            "percentile": args.percentile, "offset_percentile": args.offset_percentile}
+    save_snn(snn.eval(), args.out, meta)
+    kind = "per-layer" if args.per_layer else "per-channel"
+    print(f"wrote {args.out}: {args.neuron.upper()} SNN, T={args.timesteps}, {kind} thresholds "
+          f"(p{args.percentile:g}) calibrated on {source}, not fine-tuned")
+    return 0
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="convert an ANN into an SNN file (no fine-tuning)",
+                       description="Folds BN, calibrates the thresholds, swaps the ReLUs for fused "
+                                   "neurons and writes the SNN, which `spikingir evaluate`, `restore` "
+                                   "and `finetune` take with --snn-weights.")
+    _add_model_args(p, snn_weights=False)
+    p.add_argument("--timesteps", type=_positive_int, default=10, help="T (default 10; evaluate and "
+                   "restore can run the file at another T)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="calibration data: denoise, a folder of clean images (8 are taken, noise "
+                        "added); dehaze, a paired hazy/gt folder (8 hazy images of its training "
+                        "scenes). Default: ../shared/data's training set when present, else "
+                        "built-in photos")
+    p.add_argument("--out", required=True, help="where to write the SNN")
+    _add_conversion_args(p)
+    p.set_defaults(func=_guard(_cmd_convert))
+
+
 # ------------------------------------------------------------------ finetune
 
 def _cmd_finetune(args):
     import torch
 
     from spikingir.finetune import finetune_snn, timesteps_record
-    from spikingir.pipeline import calibration_inputs, load_ann, load_snn, save_snn
+    from spikingir.pipeline import load_ann, load_snn, save_snn
 
     device = _device(args)
     _set_threads(args)
@@ -316,12 +370,7 @@ def _cmd_finetune(args):
         if args.no_recycling:  # the one conversion option a converted SNN can drop
             snn.recycling = False
     else:
-        ann = load_ann(args.task, sigma, args.ann_weights)
-        from spikingir.train import default_data_dir
-        calib_dir = args.data or default_data_dir("train400" if args.task == "denoise"
-                                                  else "sots_train")
-        calib = calibration_inputs(args.task, sigma, data=calib_dir)
-        snn = _convert(ann, calib, max(args.timesteps), args)
+        snn, _ = _convert_ann(args, sigma, max(args.timesteps))
     t0 = time.time()
     try:
         res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,
@@ -451,5 +500,6 @@ def add_commands(sub):
     """Registers the restoration commands on the CLI's subparsers."""
     _add_evaluate(sub)
     _add_restore(sub)
+    _add_convert(sub)
     _add_finetune(sub)
     _add_demo(sub)

@@ -359,6 +359,38 @@ def test_finetune_refuses_what_it_could_only_fail_at_the_end(files, tmp_path, ca
     assert ckpt.read_bytes() == b"a previous run"
 
 
+def test_convert_writes_the_snn_that_evaluate_takes(files, tmp_path, capsys):
+    """`spikingir convert` writes the conversion of --ann-weights, calibrated on
+    --data: the same network as to_snn on the same calibration images; evaluate
+    runs it with --snn-weights; a weights file of the other model is one line."""
+    from spikingir.convert import to_snn
+    from spikingir.pipeline import calibration_inputs, load_ann, load_snn
+    out = tmp_path / "snn.pt"
+    code, stdout, err = run(["convert", "--task", "denoise", "--sigma", "25", "--ann-weights",
+                             str(files / "dncnn.pt"), "--data", str(files / "gray48"), "--timesteps",
+                             "3", "--neuron", "if", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "IF SNN, T=3" in stdout and "gray48" in stdout
+    snn = load_snn(out).eval()
+    assert snn.timesteps == 3 and snn.neuron_kind == "if" and snn.meta["steps"] == 0
+    ref = to_snn(load_ann("denoise", 25, files / "dncnn.pt"),
+                 calibration_inputs("denoise", 25, data=files / "gray48"), 3, neuron="if",
+                 per_channel=True, v0="half").eval()  # the CLI's defaults
+    x = torch.rand(1, 1, 20, 22)
+    with torch.no_grad():
+        torch.testing.assert_close(snn(x), ref(x), rtol=0, atol=1e-6)
+    code, stdout, err = run(["evaluate", "--task", "denoise", "--sigma", "25", "--ann-weights",
+                             str(files / "dncnn.pt"), "--snn-weights", str(out), "--data",
+                             str(files / "gray"), "--timesteps", "3"], capsys)
+    assert code == 0, err
+    for argv, message in ((["--task", "dehaze", "--ann-weights", str(files / "dncnn.pt")], ""),
+                          (["--task", "denoise", "--sigma", "25", "--data", str(tmp_path / "none")],
+                           "no such directory")):
+        code, stdout, err = run(["convert", *argv, "--out", str(tmp_path / "x.pt")], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_finetune_interrupted_is_one_line(files, tmp_path, capsys, monkeypatch):
     """Ctrl-C during fine-tuning: exit status 130, one line that says where the
     progress is (the checkpoint, or that none was kept), no traceback, no --out."""
