@@ -304,10 +304,45 @@ def _cmd_train_ann(args):
 # The parser
 # --------------------------------------------------------------------------
 
+def version_report():
+    """``spikingir --version``: the versions, the compiled extension, and per
+    device the backends that can run each op here (for bug reports: which
+    kernels a run could use)."""
+    import torch
+
+    import spikingir
+    from spikingir.ops import backends as b
+
+    ext = ("spikingir._C with CUDA kernels" if b.HAS_CUDA_OPS else "spikingir._C (CPU kernels)"
+           if b.HAS_CPP_OPS else f"spikingir._C failed to import ({b._CPP_ERROR})")
+    triton = f"triton {b.triton.__version__}" if b.HAS_TRITON else "no triton"
+    lines = [f"spikingir {spikingir.__version__}, torch {torch.__version__}, {ext}, {triton}"]
+    for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        for op in sorted(b.OP_BACKENDS):
+            lines.append(f"  {device} {op}: {', '.join(b.available_backends(device, op))}")
+    if not torch.cuda.is_available():
+        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        lines.append(f"  cuda: no CUDA device (torch is {built})")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked (it imports torch and the ops)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_report())
+        parser.exit()
+
+
 def _build_parser():
     parser = argparse.ArgumentParser(
         prog="spikingir",
         description="SpikingIR: spiking neural networks for image restoration, fused neuron kernels.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions and the backends available on this machine, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     bench = sub.add_parser("bench", help="benchmarks of the ops (timing tables)",

@@ -494,3 +494,15 @@ def test_finetune_distills_towards_the_ann(files, tmp_path, capsys):
     code, _, err = run(["finetune", "--task", "denoise", "--sigma", "25", "--distill", "1.5",
                         "--out", str(tmp_path / "x.pt")], capsys)
     assert code == 2 and "--distill" in err and not (tmp_path / "x.pt").exists()
+
+
+def test_version_names_the_backends_available_here(capsys):
+    """`spikingir --version`: the versions and, per op, the backends that can run on
+    this machine's CPU (the same list as ops.available_backends), exit status 0."""
+    import spikingir
+    from spikingir.ops import available_backends
+    code, out, err = run(["--version"], capsys)
+    assert code == 0, err
+    assert out.startswith(f"spikingir {spikingir.__version__}, torch {torch.__version__}")
+    assert f"cpu spike_conv2d: {', '.join(available_backends('cpu', 'spike_conv2d'))}" in out
+    assert ("cuda if_multistep:" in out) == torch.cuda.is_available()
