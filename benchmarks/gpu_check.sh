@@ -66,7 +66,7 @@ if [ "${BUILD:-1}" != 0 ]; then
     python -m pip install -q --no-build-isolation --no-deps -e . > "$LOG/build.log" 2>&1 \
     || { tail -40 "$LOG/build.log"; echo "BUILD FAILED"; exit 1; }
 fi
-python -c "from spikingir import ops; print('backends on cuda: neuron', ops.available_backends('cuda'), 'spike_conv2d', ops.available_backends('cuda', op='spike_conv2d'))"
+spikingir --version  # the extension (with CUDA kernels?) and the backends each op can use
 
 pids=()
 if [ "$TRAIN_S" != 0 ] && [ -d ../shared/data/train400 ]; then
