@@ -109,7 +109,7 @@ def _add_conversion_args(p):
 
 def _get_snn(task, sigma, ann, timesteps, args, ann_given):
     """The shipped fine-tuned SNN when it applies, else a fresh conversion of ``ann``."""
-    from spikingir.pipeline import calibration_inputs, for_inference, load_snn
+    from spikingir.pipeline import ann_fingerprint, calibration_inputs, for_inference, load_snn
     from spikingir.weights import SNN_FILES, WEIGHTS_DIR
 
     path = getattr(args, "snn_weights", None)
@@ -123,6 +123,12 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
         if sigma is not None and trained is not None and float(trained) != sigma:
             print(f"spikingir {args.command}: note: {path} was fine-tuned at sigma {trained:g}, "
                   f"used here at sigma {sigma:g}", file=sys.stderr)
+        source = snn.meta.get("ann_fingerprint")
+        if ann is not None and source is not None and source != ann_fingerprint(ann):
+            compared = getattr(args, "ann_weights", None) or "the shipped ANN"
+            print(f"spikingir {args.command}: note: {path} was converted from another ANN than "
+                  f"{compared}: the PSNR loss and conversion rate compare different networks "
+                  f"(pass --ann-weights with the SNN's own ANN)", file=sys.stderr)
         snn.timesteps = timesteps
         origin = f"SNN weights {path}"
     else:
@@ -302,8 +308,8 @@ def _convert_ann(args, sigma, timesteps):
     """The ANN (--ann-weights, else the shipped one) converted with the conversion
     options, its thresholds calibrated on 8 degraded images of --data (default
     the task's training data in ../shared/data, else built-in photos). Returns
-    the SNN and where the calibration images came from."""
-    from spikingir.pipeline import calibration_inputs, load_ann
+    the SNN, where the calibration images came from and the ANN's fingerprint."""
+    from spikingir.pipeline import ann_fingerprint, calibration_inputs, load_ann
     from spikingir.train import default_data_dir
 
     ann = load_ann(args.task, sigma, args.ann_weights)
@@ -312,7 +318,7 @@ def _convert_ann(args, sigma, timesteps):
         raise UserError(f"--data: no such directory: {calib_dir}")
     calib = calibration_inputs(args.task, sigma, data=calib_dir)
     source = f"{len(calib)} images of {calib_dir}" if calib_dir else f"{len(calib)} built-in photos"
-    return _convert(ann, calib, timesteps, args), source
+    return _convert(ann, calib, timesteps, args), source, ann_fingerprint(ann)
 
 
 def _cmd_convert(args):
@@ -321,9 +327,10 @@ def _cmd_convert(args):
     _set_threads(args)
     sigma = _sigma_of(args)
     check_outputs(args.out)
-    snn, source = _convert_ann(args, sigma, args.timesteps)
+    snn, source, fingerprint = _convert_ann(args, sigma, args.timesteps)
     meta = {"task": args.task, "sigma": sigma, "steps": 0, "timesteps": args.timesteps,
-            "init": "conversion", "ann": str(args.ann_weights or "shipped"), "calibration": source,
+            "init": "conversion", "ann": str(args.ann_weights or "shipped"),
+            "ann_fingerprint": fingerprint, "calibration": source,
             "percentile": args.percentile, "offset_percentile": args.offset_percentile}
     save_snn(snn.eval(), args.out, meta)
     kind = "per-layer" if args.per_layer else "per-channel"
@@ -369,8 +376,9 @@ def _cmd_finetune(args):
         snn = load_snn(args.snn_weights, backend=args.backend, task=args.task)  # finetune_snn sets its T
         if args.no_recycling:  # the one conversion option a converted SNN can drop
             snn.recycling = False
+        fingerprint = snn.meta.get("ann_fingerprint")  # the ANN it came from, when recorded
     else:
-        snn, _ = _convert_ann(args, sigma, max(args.timesteps))
+        snn, _, fingerprint = _convert_ann(args, sigma, max(args.timesteps))
     t0 = time.time()
     try:
         res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,
@@ -394,6 +402,7 @@ def _cmd_finetune(args):
             "ssim_weight": args.ssim_weight, "recycling": snn.recycling, "amp": args.amp,
             "distill": args.distill,
             "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
+            "ann_fingerprint": fingerprint,
             "wall_s": round(time.time() - t0, 1), "torch": str(torch.__version__)}
     if res.history:
         last = res.history[-1]  # the last validation (a time limit may stop the run after it)

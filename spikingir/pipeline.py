@@ -135,6 +135,24 @@ def load_ann(task, sigma=None, path=None):
     return model.eval()
 
 
+def ann_fingerprint(ann) -> str:
+    """16 hex digits of a SHA-256 over an ANN's weights (DnCNN BN folded first, as
+    the conversion does): the same network gives the same digits whatever file
+    or form it came in. SNN files record the fingerprint of the ANN they were
+    converted from (``meta["ann_fingerprint"]``), so that an evaluation against
+    another ANN can say so."""
+    import hashlib
+
+    from spikingir.models import DnCNN, fold_batchnorm
+    if isinstance(ann, DnCNN) and ann.batchnorm:
+        ann = fold_batchnorm(ann)
+    digest = hashlib.sha256()
+    for name, t in sorted(ann.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 # -------------------------------------------------------------------- SNN files
 
 def snn_config(snn):

@@ -324,6 +324,8 @@ def test_finetune_at_several_timesteps(files, tmp_path, capsys):
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["timesteps"] == [2, 3] and meta["steps"] == 2
     assert meta["val_step"] == 2 and meta["val_psnr"] > 0  # the last validation's figures
+    from spikingir.pipeline import ann_fingerprint, load_ann
+    assert meta["ann_fingerprint"] == ann_fingerprint(load_ann("denoise", 25, files / "dncnn.pt"))
     assert load_snn(out).timesteps == 3
 
 
@@ -383,12 +385,35 @@ def test_convert_writes_the_snn_that_evaluate_takes(files, tmp_path, capsys):
                              str(files / "dncnn.pt"), "--snn-weights", str(out), "--data",
                              str(files / "gray"), "--timesteps", "3"], capsys)
     assert code == 0, err
+    assert "another ANN" not in err
+    # against the shipped ANN instead: evaluate says the figures compare different networks
+    code, stdout, err = run(["evaluate", "--task", "denoise", "--sigma", "25", "--snn-weights", str(out),
+                             "--data", str(files / "gray"), "--timesteps", "3"], capsys)
+    assert code == 0 and "was converted from another ANN than the shipped ANN" in err, err
     for argv, message in ((["--task", "dehaze", "--ann-weights", str(files / "dncnn.pt")], ""),
                           (["--task", "denoise", "--sigma", "25", "--data", str(tmp_path / "none")],
                            "no such directory")):
         code, stdout, err = run(["convert", *argv, "--out", str(tmp_path / "x.pt")], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_ann_fingerprint_is_of_the_network_not_its_form():
+    """The same weights with BN or BN folded give one fingerprint; other weights another."""
+    from spikingir.models import fold_batchnorm
+    from spikingir.pipeline import ann_fingerprint
+    torch.manual_seed(0)
+    bn = DnCNN(depth=3, channels=4, batchnorm=True).eval()
+    for m in bn.modules():  # non-trivial running statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    folded = fold_batchnorm(bn)
+    assert ann_fingerprint(bn) == ann_fingerprint(folded)
+    assert len(ann_fingerprint(bn)) == 16
+    with torch.no_grad():
+        folded.dncnn[0].weight[0, 0, 0, 0] += 1e-3
+    assert ann_fingerprint(folded) != ann_fingerprint(bn)
 
 
 def test_finetune_interrupted_is_one_line(files, tmp_path, capsys, monkeypatch):
