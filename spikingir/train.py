@@ -201,6 +201,13 @@ def _make_optimizer(optimizer, params, lr, weight_decay):
     raise ValueError(f"fit: optimizer must be 'adam', 'adamw', 'sgd', an Optimizer or a factory, got {optimizer!r}")
 
 
+def _config_changes(old: Mapping, new: Mapping) -> str:
+    """``"key old -> new, ..."`` for the settings that differ between a
+    checkpoint's run and the run resuming it ("" when none do)."""
+    keys = sorted(set(old) | set(new))
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
 # ----------------------------------------------------------------------------- progress
 
 class _Progress:
@@ -398,6 +405,9 @@ def fit(model: nn.Module, train_loader: Iterable, make_batch: Callable, val_fn: 
         if step_in_epoch >= per_epoch:  # the loader shrank since: start the next epoch
             epoch, step_in_epoch, resume_rng = epoch + 1, 0, None
         log(f"[{desc}] resumed from {ckpt_path} at step {step} (epoch {epoch}) of {total}")
+        changed = _config_changes(ck.get("config") or {}, config)
+        if changed:  # allowed (e.g. a new learning rate), but never silent: the run mixes both
+            log(f"[{desc}] note: the checkpoint's run had other settings: {changed}")
 
     def lr_now(s):
         return lr_factor(s, total, schedule, milestones=milestones, gamma=gamma, min_factor=min_lr_factor,

@@ -188,6 +188,22 @@ def test_resume_after_keyboard_interrupt(tmp_path, one_thread):
     assert torch.equal(_params(resumed), _params(full))
 
 
+def test_resume_with_other_settings_says_which(tmp_path, one_thread):
+    """Resuming a checkpoint whose run had other settings (its stored config) goes on,
+    but logs each difference; the same settings log no note."""
+    def fit(config):
+        lines = []
+        train.fit(_tiny_model(), [torch.rand(2, 1, 16, 16)], _make_batch, steps=4, stop_after=2, lr=1e-2,
+                  checkpoint=tmp_path / "c.ckpt", config=config, log_every=0, progress=False,
+                  log=lines.append)
+        return lines
+    fit({"sigma": 25, "batch_size": 8})
+    assert not any("note" in line for line in fit({"sigma": 25, "batch_size": 8}))
+    notes = [line for line in fit({"sigma": 50, "batch_size": 8, "amp": True}) if "note" in line]
+    assert len(notes) == 1 and "sigma 25 -> 50" in notes[0] and "amp None -> True" in notes[0], notes
+    assert "batch_size" not in notes[0]
+
+
 def test_resume_rejects_another_model(tmp_path, one_thread):
     _run(tmp_path, "m", steps=2)
     with pytest.raises(ValueError, match="does not fit"):
