@@ -381,6 +381,23 @@ def test_triton_conv_needs_compute_capability_8(monkeypatch):
     assert backends.why_unavailable("triton", "cuda", OP) is None
 
 
+def test_cuda_backend_needs_compute_capability_8(monkeypatch):
+    """The CUDA kernels are built for sm_80 and newer (cp.async): on an older GPU
+    (a T4 is 7.5) the cuda backend is unavailable with the reason, for every op,
+    whether or not the extension has CUDA kernels, and auto picks another."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(backends, "_capability", lambda index: (7, 5))
+    for op in backends.OP_BACKENDS:
+        if "cuda" in backends.OP_BACKENDS[op]:
+            assert "this GPU is 7.5" in backends.why_unavailable("cuda", "cuda:0", op)
+    assert backends.choose("if_multistep", "cuda", torch.float32, "auto") != "cuda"
+    with pytest.raises(ValueError, match="compute capability 8.0"):
+        backends.choose("if_multistep", "cuda", torch.float32, "cuda")
+    monkeypatch.setattr(backends, "_capability", lambda index: (8, 9))
+    assert "compute capability 8.0" not in str(backends.why_unavailable("cuda", "cuda", "if_multistep"))
+
+
 # ---------------------------------------------------------------------------
 # The Triton kernel's pieces (interpreter).
 # ---------------------------------------------------------------------------

@@ -94,6 +94,11 @@ def why_unavailable(backend: str, device, op: str = "if_multistep"):
     if backend == "cuda":
         if dev != "cuda":
             return f"'cuda' runs on CUDA tensors, got a {dev} tensor"
+        if torch.cuda.is_available():
+            major, minor = _device_capability(device)
+            if major < 8:  # no kernel image would load: a call would fail inside CUDA
+                return (f"spikingir's CUDA kernels are built for compute capability 8.0 and newer "
+                        f"(the spike convolution uses cp.async); this GPU is {major}.{minor}")
         if not HAS_CUDA_OPS or not torch._C._dispatch_has_kernel_for_dispatch_key(
                 _CUDA_SCHEMA.get(op, "spikingir::neuron_fwd"), "CUDA"):
             return ("spikingir._C was built without CUDA kernels (needs nvcc and a CUDA "
@@ -106,8 +111,7 @@ def why_unavailable(backend: str, device, op: str = "if_multistep"):
         return f"the op schemas live in spikingir._C, which failed to import ({_CPP_ERROR})"
     if dev == "cuda":
         if op.startswith("spike_conv2d") and torch.cuda.is_available():
-            index = torch.device(device).index
-            major, minor = _capability(torch.cuda.current_device() if index is None else index)
+            major, minor = _device_capability(device)
             if major < 8:
                 return (f"the Triton spike_conv2d accumulates in int8 tensor-core dots, which "
                         f"need compute capability 8.0 or newer; this GPU is {major}.{minor}")
@@ -115,6 +119,13 @@ def why_unavailable(backend: str, device, op: str = "if_multistep"):
     if dev == "cpu" and TRITON_INTERPRET:
         return None
     return f"'triton' runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {dev}"
+
+
+def _device_capability(device):
+    """(major, minor) of the CUDA device ``device`` names (its current device when
+    it names no index)."""
+    index = torch.device(device).index
+    return _capability(torch.cuda.current_device() if index is None else index)
 
 
 @functools.lru_cache(maxsize=None)
