@@ -64,14 +64,16 @@ def _device(args):
 
 def _add_model_args(p, snn_weights=True):
     """--task, --sigma and the weights files, shared by evaluate/restore/finetune."""
-    p.add_argument("--task", choices=["denoise", "dehaze"], required=True)
+    p.add_argument("--task", choices=["denoise", "dehaze"], required=True,
+                   help="denoise (DnCNN, grayscale) or dehaze (AOD-Net, RGB)")
     p.add_argument("--sigma", type=float, default=None,
                    help="noise level (denoise): 15, 25 or 50 (restore: estimated from the image "
                         "when omitted, and the nearest model used)")
     p.add_argument("--ann-weights", default=None, help="ANN state dict (default: the shipped one)")
     if snn_weights:
         p.add_argument("--snn-weights", default=None,
-                       help="SNN from `spikingir finetune` (default: the shipped one, else convert)")
+                       help="SNN file from `spikingir convert` or `finetune` (default: the shipped "
+                            "one, else a conversion of the ANN)")
 
 
 def _convert(ann, calib, timesteps, args):
@@ -89,14 +91,18 @@ def _add_amp_arg(p, what):
 
 
 def _add_conversion_args(p):
-    p.add_argument("--neuron", choices=["mprn", "if"], default="mprn")
-    p.add_argument("--percentile", type=_percentile, default=99.9)
+    p.add_argument("--neuron", choices=["mprn", "if"], default="mprn",
+                   help="spiking neuron: mprn (membrane potential reuse, default) or if")
+    p.add_argument("--percentile", type=_percentile, default=99.9,
+                   help="thresholds: this percentile of each channel's (layer's) ReLU activations "
+                        "on the calibration images (default 99.9)")
     p.add_argument("--per-layer", action="store_true",
                    help="one threshold per layer (default: per channel; measured on DnCNN s25, "
                         "T=10: per-channel loses 3.14 dB before fine-tuning, per-layer 4.44)")
     p.add_argument("--v0", choices=["half", "zero"], default="half",
                    help="initial membrane potential (default half: theta/2)")
-    p.add_argument("--no-recycling", action="store_true")
+    p.add_argument("--no-recycling", action="store_true",
+                   help="read out without membrane-potential recycling (the residual potential term)")
     p.add_argument("--offset-percentile", type=_offset_percentile, default="auto", metavar="Q",
                    help="AOD-Net: code each channel less its DC offset, the Q-th percentile of its "
                         "activations; auto (default): 1 for AOD-Net, none for DnCNN. Measured "
@@ -183,13 +189,15 @@ def _add_evaluate(sub):
     _add_model_args(p)
     p.add_argument("--data", default=None, help="image folder (denoise) or hazy/ + gt/ folder (dehaze)")
     p.add_argument("--scenes", nargs="+", default=None, help="dehaze: scene ids to evaluate")
-    p.add_argument("--timesteps", type=_positive_int, nargs="+", default=[5, 10])
+    p.add_argument("--timesteps", type=_positive_int, nargs="+", default=[5, 10],
+                   help="the T to evaluate the SNN at (default 5 10)")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N images only")
     p.add_argument("--crop", type=_positive_int, default=None, help="center crops of N x N pixels")
-    p.add_argument("--json", default=None)
-    p.add_argument("--markdown", default=None)
+    p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
+    p.add_argument("--markdown", default=None, metavar="PATH",
+                   help="write the paper-style table (Markdown)")
     p.add_argument("--figures", default=None, help="folder for side-by-side PNGs and PSNR-vs-T")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default) or cuda")
     _add_amp_arg(p, "both networks")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_evaluate))
@@ -282,7 +290,7 @@ def _image_format(path):
 
 
 def _add_restore(sub):
-    p = sub.add_parser("restore", help="restore one image with the SNN",
+    p = sub.add_parser("restore", help="restore images with the SNN",
                        description="Denoises or dehazes each IMAGE with the spiking network.")
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image file(s), or folders of images")
@@ -290,8 +298,8 @@ def _add_restore(sub):
                    help="output image file; a folder for several inputs or a folder input "
                         "(each image keeps its name)")
     _add_model_args(p)
-    p.add_argument("--timesteps", type=_positive_int, default=10)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--timesteps", type=_positive_int, default=10, help="T (default 10)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default) or cuda")
     p.add_argument("--tile", type=_nonneg_int, default=DEFAULT_TILE,
                    help=f"restore in tiles of N x N pixels (plus the network's receptive radius "
                         f"around each, so the result is the whole image's) to bound memory: the "
@@ -424,17 +432,23 @@ def _add_finetune(sub):
     p.add_argument("--timesteps", type=_positive_int, nargs="+", default=[10],
                    help="T to train at (default 10); several, e.g. `5 10`: each batch at one of "
                         "them drawn at random, for one SNN good at each; the SNN keeps the largest")
-    p.add_argument("--steps", type=_positive_int, default=200)
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--lr-weights", type=_nonneg_float, default=2e-5)
-    p.add_argument("--lr-neurons", type=_nonneg_float, default=1e-3)
+    p.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default 200; "
+                   "the learning rates follow a cosine over them)")
+    p.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="patches per step (denoise: 40x40; default 8)")
+    p.add_argument("--lr-weights", type=_nonneg_float, default=2e-5,
+                   help="Adam learning rate of the conv weights and the mapper (default 2e-5)")
+    p.add_argument("--lr-neurons", type=_nonneg_float, default=1e-3,
+                   help="Adam learning rate of the thresholds and beta (default 1e-3)")
     p.add_argument("--data", default=None, help="training data (default ../shared/data/...)")
-    p.add_argument("--val-data", default=None)
-    p.add_argument("--val-crop", type=_positive_int, default=64)
+    p.add_argument("--val-data", default=None, help="validation images (default ../shared/data/set12; "
+                   "dehaze: held-out scenes of --data)")
+    p.add_argument("--val-crop", type=_positive_int, default=64,
+                   help="validate on N x N centre crops (default 64)")
     p.add_argument("--val-every", type=_positive_int, default=None, metavar="STEPS",
                    help="validate (and checkpoint) every STEPS steps (default: at the end)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seeds the patches, the noise and the T drawn")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="resumable training checkpoint, written at each validation (default: none)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists "
@@ -498,9 +512,10 @@ def _add_demo(sub):
     p = sub.add_parser("demo", help="the main job: ANN vs SNN on built-in photos, both tasks",
                        description="Converts the shipped DnCNN (sigma=25) and AOD-Net, evaluates ANN vs "
                                    "SNN on scikit-image's bundled photos, prints the tables, writes figures.")
-    p.add_argument("--timesteps", type=_positive_int, nargs="+", default=[4, 10])
+    p.add_argument("--timesteps", type=_positive_int, nargs="+", default=[4, 10],
+                   help="the T to evaluate the SNNs at (default 4 10)")
     p.add_argument("--crop", type=_positive_int, default=160, help="denoising crops (N x N)")
-    p.add_argument("--out", default="spikingir-demo")
+    p.add_argument("--out", default="spikingir-demo", help="folder for the tables and figures")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_demo))
 
