@@ -218,25 +218,41 @@ def _check_train_args(args):
     check_outputs(args.out, args.checkpoint, args.resume)
 
 
+def _check_creatable(folder, target):
+    """``folder`` exists as a writable folder, or its nearest existing ancestor is
+    one (the writers create missing folders); else a one-line error about ``target``."""
+    import os
+
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise _BadInput(f"cannot write {target}: {folder} is not a writable folder")
+
+
+def check_output_folder(path, option):
+    """An output folder (``option`` names it in the message): a folder or nothing
+    yet, in a writable place. Raises ValueError with a one-line message."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise _BadInput(f"{option} {path}: exists and is not a folder")
+    _check_creatable(path.resolve(), path)
+
+
 def check_outputs(out, checkpoint=None, resume=False):
     """Refuses, before any work, the output files that a long run (train-ann,
     finetune) could otherwise only fail to write at its end: ``out`` a
     directory or in an unwritable place, the same for ``checkpoint``, and an
     existing ``checkpoint`` without ``resume`` (the run would overwrite it).
     Raises ValueError with a one-line message."""
-    import os
     from pathlib import Path
 
     if Path(out).is_dir():
         raise _BadInput(f"--out {out} is a directory")
     for target in (out, checkpoint):
-        if target is None:
-            continue
-        parent = Path(target).resolve().parent
-        while not parent.exists():  # write_atomic creates the missing folders
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise _BadInput(f"cannot write {target}: {parent} is not a writable folder")
+        if target is not None:
+            _check_creatable(Path(target).resolve().parent, target)
     if checkpoint is not None and Path(checkpoint).is_dir():
         raise _BadInput(f"--checkpoint {checkpoint} is a directory")
     if checkpoint is not None and Path(checkpoint).exists() and not resume:

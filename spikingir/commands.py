@@ -10,7 +10,7 @@ import sys
 import time
 
 from spikingir.cli import (_nonneg_float, _nonneg_int, _number_in, _positive_int, _unit_float,
-                           check_outputs)
+                           check_output_folder, check_outputs)
 from spikingir.tiling import DEFAULT_TILE
 
 
@@ -160,6 +160,13 @@ def _cmd_evaluate(args):
     device = _device(args)
     _set_threads(args)
     sigma = _sigma_of(args)
+    for option, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path is not None:  # before the evaluation, which can take long
+            if os.path.isdir(path):
+                raise UserError(f"{option} {path} is a directory")
+            check_outputs(path)
+    if args.figures is not None:
+        check_output_folder(args.figures, "--figures")
     if args.task == "denoise":
         samples = denoise_samples(sigma, args.data, args.limit, args.crop)
     else:
@@ -229,6 +236,10 @@ def _restore_jobs(inputs, output):
     if len(set(outs)) < len(outs):
         dup = next(o for o in outs if outs.count(o) > 1)
         raise UserError(f"two inputs would both be written to {dup} (same file name)")
+    if to_folder:
+        check_output_folder(output, "-o")
+    else:
+        check_outputs(output)
     return [(f, o, _image_format(str(o))) for f, o in zip(files, outs)], to_folder
 
 

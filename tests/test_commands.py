@@ -163,6 +163,17 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
       "--snn-weights", "{w}/snn_aodnet.pt"], "AOD-Net SNN .*not one for the denoise task"),
     (["finetune", "--task", "dehaze", "--snn-weights", "{w}/snn_dncnn_s25.pt", "--out",
       "{o}/x.pt"], "DnCNN SNN .*not one for the dehaze task"),
+    # outputs that could only fail after the work: refused before it
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/gray", "--markdown", "{d}/gray"],
+     "--markdown .* is a directory"),
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/gray", "--markdown",
+      "{d}/gray/im0.png/t.md"], "im0.png is not a writable folder"),
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/gray", "--figures",
+      "{d}/gray/im0.png"], "--figures .* exists and is not a folder"),
+    (["restore", "{d}/gray/im0.png", "-o", "{d}/gray/im0.png/x.png", "--task", "denoise", "--sigma",
+      "25"], "im0.png is not a writable folder"),
+    (["restore", "{d}/gray/im0.png", "{d}/gray/im1.png", "-o", "{d}/gray/im0.png", "--task", "denoise",
+      "--sigma", "25"], "-o .* exists and is not a folder"),
 ])
 def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, capsys, argv, match):
     argv = [a.format(d=files, o=tmp_path, w=WEIGHTS_DIR) for a in argv]
