@@ -122,7 +122,12 @@ def _spiking_relus(ann):
         return [m for m in ann.dncnn if isinstance(m, nn.ReLU)]
     if isinstance(ann, _AODTaps):
         return list(ann.taps)
-    raise TypeError(f"expected a DnCNN or AODNet, got {type(ann).__name__}")
+    raise TypeError(_unsupported(ann))
+
+
+def _unsupported(ann):
+    return (f"to_snn: expected a DnCNN or AODNet, got {type(ann).__name__}; other networks can be "
+            "built from spikingir.nn's layers (SeqToBatch, IFNeuron, MPRNeuron, SpikeConv2d)")
 
 
 class _AODTaps(nn.Module):
@@ -197,7 +202,7 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
             offsets = torch.cat([m.expand(conv.out_channels) for conv, m in zip(convs, offsets)])
         cls, extra = SpikingAODNet, {"offset": offsets}
     else:
-        raise TypeError(f"to_snn: expected a DnCNN or AODNet, got {type(ann).__name__}")
+        raise TypeError(_unsupported(ann))
     neurons = [make_neuron(neuron, th, num_channels=th.numel() if per_channel else None,
                            v_init=v0, backend=backend, surrogate=surrogate, alpha=alpha,
                            reuse_alpha=reuse_alpha) for th in thetas]
