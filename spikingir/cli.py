@@ -240,16 +240,16 @@ def check_output_folder(path, option):
     _check_creatable(path.resolve(), path)
 
 
-def check_outputs(out, checkpoint=None, resume=False):
+def check_outputs(out, checkpoint=None, resume=False, option="--out"):
     """Refuses, before any work, the output files that a long run (train-ann,
-    finetune) could otherwise only fail to write at its end: ``out`` a
-    directory or in an unwritable place, the same for ``checkpoint``, and an
-    existing ``checkpoint`` without ``resume`` (the run would overwrite it).
-    Raises ValueError with a one-line message."""
+    finetune, evaluate) could otherwise only fail to write at its end: ``out``
+    (the command's ``option``) a directory or in an unwritable place, the same
+    for ``checkpoint``, and an existing ``checkpoint`` without ``resume`` (the
+    run would overwrite it). Raises ValueError with a one-line message."""
     from pathlib import Path
 
     if Path(out).is_dir():
-        raise _BadInput(f"--out {out} is a directory")
+        raise _BadInput(f"{option} {out} is a directory")
     for target in (out, checkpoint):
         if target is not None:
             _check_creatable(Path(target).resolve().parent, target)

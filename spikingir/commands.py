@@ -162,9 +162,7 @@ def _cmd_evaluate(args):
     sigma = _sigma_of(args)
     for option, path in (("--json", args.json), ("--markdown", args.markdown)):
         if path is not None:  # before the evaluation, which can take long
-            if os.path.isdir(path):
-                raise UserError(f"{option} {path} is a directory")
-            check_outputs(path)
+            check_outputs(path, option=option)
     if args.figures is not None:
         check_output_folder(args.figures, "--figures")
     if args.task == "denoise":
@@ -323,15 +321,17 @@ def _add_restore(sub):
 
 # ------------------------------------------------------------------ convert
 
-def _convert_ann(args, sigma, timesteps):
-    """The ANN (--ann-weights, else the shipped one) converted with the conversion
-    options, its thresholds calibrated on 8 degraded images of --data (default
-    the task's training data in ../shared/data, else built-in photos). Returns
-    the SNN, where the calibration images came from and the ANN's fingerprint."""
+def _convert_ann(args, sigma, timesteps, ann=None):
+    """The ANN (``ann`` when the caller loaded it already, else --ann-weights or the
+    shipped one) converted with the conversion options, its thresholds calibrated
+    on 8 degraded images of --data (default the task's training data in
+    ../shared/data, else built-in photos). Returns the SNN, where the calibration
+    images came from and the ANN's fingerprint."""
     from spikingir.pipeline import ann_fingerprint, calibration_inputs, load_ann
     from spikingir.train import default_data_dir
 
-    ann = load_ann(args.task, sigma, args.ann_weights)
+    if ann is None:
+        ann = load_ann(args.task, sigma, args.ann_weights)
     calib_dir = args.data or default_data_dir("train400" if args.task == "denoise" else "sots_train")
     if calib_dir is not None and not os.path.isdir(calib_dir):
         raise UserError(f"--data: no such directory: {calib_dir}")
@@ -397,7 +397,8 @@ def _cmd_finetune(args):
             snn.recycling = False
         fingerprint = snn.meta.get("ann_fingerprint")  # the ANN it came from, when recorded
     else:
-        snn, _, fingerprint = _convert_ann(args, sigma, max(args.timesteps))
+        # the teacher, when distilling, is this same ANN (to_snn converts a copy of it)
+        snn, _, fingerprint = _convert_ann(args, sigma, max(args.timesteps), ann=teacher)
     t0 = time.time()
     try:
         res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,
