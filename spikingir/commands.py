@@ -76,11 +76,22 @@ def _add_model_args(p, snn_weights=True):
                             "one, else a conversion of the ANN)")
 
 
+def _layer_calibration(args):
+    """--layer-calibration as to_snn's argument (None for none); refused for dehazing."""
+    if args.layer_calibration == "none":
+        return None
+    if args.task != "denoise":
+        raise UserError("--layer-calibration: for denoising (DnCNN) only; a converted AOD-Net "
+                        "already matches its ANN")
+    return args.layer_calibration
+
+
 def _convert(ann, calib, timesteps, args):
     from spikingir.convert import to_snn
     return to_snn(ann, calib, timesteps, neuron=args.neuron, percentile=args.percentile,
                   per_channel=not args.per_layer, v0=args.v0, recycling=not args.no_recycling,
-                  backend=args.backend, offset_percentile=args.offset_percentile)
+                  backend=args.backend, offset_percentile=args.offset_percentile,
+                  layer_calibration=_layer_calibration(args))
 
 
 def _add_amp_arg(p, what):
@@ -108,6 +119,11 @@ def _add_conversion_args(p):
                         "activations; auto (default): 1 for AOD-Net, none for DnCNN. Measured "
                         "before fine-tuning at T=10: 17.65 -> 18.69 dB, SSIM 0.709 -> 0.803, "
                         "energy 1.09 -> 0.77 of the ANN")
+    p.add_argument("--layer-calibration", choices=["none", "bias", "weights"], default="none",
+                   help="DnCNN: after conversion, calibrate layer by layer on the calibration "
+                        "images so each spiking layer reproduces its ANN activation: bias "
+                        "(per-channel bias correction) or weights (least-squares weights, then "
+                        "bias); default none (spikingir.convert.calibrate_layers)")
     p.add_argument("--backend", default="auto",
                    help="backend of the neurons and of spike_conv2d (auto, cpp, cuda, triton, torch)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
@@ -140,7 +156,9 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
     else:
         calib = calibration_inputs(task, sigma)
         snn = _convert(ann, calib, timesteps, args)
-        origin = (f"converted ANN ({args.neuron}, p{args.percentile:g}, v0={args.v0}, "
+        layers = ("" if args.layer_calibration == "none"
+                  else f", layer calibration: {args.layer_calibration}")
+        origin = (f"converted ANN ({args.neuron}, p{args.percentile:g}, v0={args.v0}{layers}, "
                   f"calibrated on {len(calib)} built-in images, not fine-tuned)")
     return for_inference(snn, args.backend), origin
 
@@ -330,6 +348,7 @@ def _convert_ann(args, sigma, timesteps, ann=None):
     from spikingir.pipeline import ann_fingerprint, calibration_inputs, load_ann
     from spikingir.train import default_data_dir
 
+    _layer_calibration(args)  # refused before any loading
     if ann is None:
         ann = load_ann(args.task, sigma, args.ann_weights)
     calib_dir = args.data or default_data_dir("train400" if args.task == "denoise" else "sots_train")
@@ -350,11 +369,13 @@ def _cmd_convert(args):
     meta = {"task": args.task, "sigma": sigma, "steps": 0, "timesteps": args.timesteps,
             "init": "conversion", "ann": str(args.ann_weights or "shipped"),
             "ann_fingerprint": fingerprint, "calibration": source,
-            "percentile": args.percentile, "offset_percentile": args.offset_percentile}
+            "percentile": args.percentile, "offset_percentile": args.offset_percentile,
+            "layer_calibration": args.layer_calibration}
     save_snn(snn.eval(), args.out, meta)
     kind = "per-layer" if args.per_layer else "per-channel"
+    layers = "" if args.layer_calibration == "none" else f", layer calibration: {args.layer_calibration}"
     print(f"wrote {args.out}: {args.neuron.upper()} SNN, T={args.timesteps}, {kind} thresholds "
-          f"(p{args.percentile:g}) calibrated on {source}, not fine-tuned")
+          f"(p{args.percentile:g}){layers} calibrated on {source}, not fine-tuned")
     return 0
 
 
@@ -422,6 +443,7 @@ def _cmd_finetune(args):
             "ssim_weight": args.ssim_weight, "recycling": snn.recycling, "amp": args.amp,
             "distill": args.distill,
             "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
+            "layer_calibration": None if args.snn_weights else args.layer_calibration,
             "ann_fingerprint": fingerprint,
             "wall_s": round(time.time() - t0, 1), "torch": str(torch.__version__)}
     if res.history:

@@ -10,10 +10,11 @@ images like the ANN.
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spikingir.models import AODNet, DnCNN, fold_batchnorm
-from spikingir.models.spiking import SpikingAODNet, SpikingDnCNN, make_neuron
+from spikingir.models.spiking import SpikingAODNet, SpikingDnCNN, _per_channel, make_neuron
 
 #: AOD-Net's default DC-offset percentile (``to_snn(offset_percentile="auto")``).
 #: Measured on the shipped AOD-Net, held-out SOTS scenes, T=10, before fine-tuning
@@ -149,7 +150,7 @@ class _AODTaps(nn.Module):
 
 def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_channel=False,
            v0="zero", recycling=True, backend="auto", surrogate="sigmoid", alpha=4.0,
-           reuse_alpha=0.75, offset_percentile="auto"):
+           reuse_alpha=0.75, offset_percentile="auto", layer_calibration=None):
     """Converts a trained DnCNN or AODNet into a spiking network.
 
     Args:
@@ -168,6 +169,9 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
             convs reading the spikes add the offsets' contribution back
             (``SpikingAODNet``). ``"auto"`` (default): ``DEFAULT_OFFSET_PERCENTILE``
             for AOD-Net, None (no offsets) for DnCNN.
+        layer_calibration: DnCNN only: after conversion, ``"bias"`` or
+            ``"weights"`` runs :func:`calibrate_layers` with that method on
+            ``calib_images`` at ``timesteps`` (None: thresholds only).
 
     Returns:
         ``SpikingDnCNN`` or ``SpikingAODNet`` (an ``nn.Module`` in eval mode).
@@ -178,6 +182,11 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
         raise ValueError(f"v0: expected 'zero' or 'half', got {v0!r}")
     if not isinstance(timesteps, int) or timesteps < 1:
         raise ValueError(f"timesteps: expected an int >= 1, got {timesteps!r}")
+    if layer_calibration not in (None, "bias", "weights"):
+        raise ValueError(f"layer_calibration: expected None, 'bias' or 'weights', got {layer_calibration!r}")
+    if layer_calibration is not None and not isinstance(ann, DnCNN):
+        raise ValueError("layer_calibration: for DnCNN only (a converted AOD-Net already matches "
+                         "its ANN: benchmarks/RESULTS.md)")
     if offset_percentile == "auto":
         offset_percentile = DEFAULT_OFFSET_PERCENTILE if isinstance(ann, AODNet) else None
     ann = copy.deepcopy(ann).eval().float()
@@ -206,4 +215,168 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
     neurons = [make_neuron(neuron, th, num_channels=th.numel() if per_channel else None,
                            v_init=v0, backend=backend, surrogate=surrogate, alpha=alpha,
                            reuse_alpha=reuse_alpha) for th in thetas]
-    return cls(convs, neurons, timesteps, neuron, recycling, **extra).eval()
+    snn = cls(convs, neurons, timesteps, neuron, recycling, **extra).eval()
+    if layer_calibration is not None:
+        calibrate_layers(snn, ann, calib_images, method=layer_calibration)
+    return snn
+
+
+#: ``calibrate_layers`` defaults, measured on the official DnCNN-S s25 weights (Set12
+#: 96x96 crops, T=10, MPRN, 8 Train400 calibration crops; benchmarks/RESULTS.md).
+_RIDGE = 1e-3
+_TARGET_FLOOR = 0.1
+
+
+def _fit_conv(conv, inputs, targets, ridge):
+    """Sets ``conv``'s weight and bias to the ridge least-squares fit of
+    ``conv(x) ~ z`` over all output pixels of the pairs (x, z) in
+    ``inputs``/``targets`` ([B, Cin, H, W] / [B, Cout, H', W'] tensors):
+    ``[W b] = (A^T A + lambda I)^-1 A^T Z`` with A the im2col rows of x plus a
+    column of ones and lambda = ``ridge`` x the mean of diag(A^T A). Accumulated in
+    float64 over the pairs, so any number of images of any size fits in memory."""
+    k, pad, stride = conv.kernel_size, conv.padding, conv.stride
+    n = conv.in_channels * k[0] * k[1] + 1
+    gram = torch.zeros(n, n, dtype=torch.float64, device=conv.weight.device)
+    rhs = torch.zeros(n, conv.out_channels, dtype=torch.float64, device=conv.weight.device)
+    for x, z in zip(inputs, targets):
+        cols = F.unfold(x, k, padding=pad, stride=stride)  # [B, Cin*k*k, L]
+        a = torch.cat([cols.transpose(1, 2).flatten(0, 1),
+                       cols.new_ones(cols.shape[0] * cols.shape[2], 1)], 1).double()
+        gram += a.T @ a
+        rhs += a.T @ z.permute(0, 2, 3, 1).flatten(0, 2).double()
+    lam = ridge * gram.diagonal().mean()
+    sol = torch.linalg.solve(gram + lam * torch.eye(n, dtype=gram.dtype, device=gram.device), rhs)
+    conv.weight.copy_(sol[:-1].T.reshape(conv.weight.shape).to(conv.weight.dtype))
+    conv.bias.copy_(sol[-1].to(conv.bias.dtype))
+
+
+@torch.no_grad()
+def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, ridge=_RIDGE,
+                     target_floor=_TARGET_FLOOR):
+    """Layer-wise post-conversion calibration of a converted DnCNN, in place
+    (after Li et al. 2021, "A free lunch from ANN: towards efficient, accurate
+    spiking neural networks calibration"; no backpropagation through time).
+
+    Layer by layer, in order, on ``calib_images`` (the ANN's inputs), each
+    spiking layer is made to reproduce its ANN activation ``a = ReLU(z)`` while
+    it is fed the spikes the calibrated layers below it actually emit, so the
+    errors they make are corrected above them:
+
+    - ``method="bias"``: per-channel bias correction. The conv feeding the layer
+      gets the bias shift that makes the mean of its rate ``r`` (``sum_t y[t] / T``;
+      with recycling at the last layer) over images and pixels equal the mean of
+      ``a``: ``bias_iters`` Newton steps on ``mean(a - r)`` (the rate responds to
+      the bias nonlinearly: clipping at 0, whole spikes).
+    - ``method="weights"``: first a ridge least-squares fit of that conv's
+      weights and bias to ``conv(r_below) ~ max(z, -target_floor * theta)`` (the
+      rates below it, not the ANN's activations, are its inputs: the fit
+      undoes part of their quantisation error; pre-activations far below zero
+      only need to stay below zero, hence the floor), then the bias correction.
+      The pixel mapper is fitted the same way to the ANN's output conv.
+
+    The first conv sees the image, as in the ANN, so it only gets the bias
+    correction. ``snn`` is the ``SpikingDnCNN`` that ``to_snn`` made of ``ann``
+    (same depth and width); it is calibrated at its ``timesteps`` and returned.
+    Measured figures: benchmarks/RESULTS.md (conversion-only PSNR loss of the
+    official s25 weights at T=10 on Set12 crops 4.42 -> 2.79 dB with weights).
+    """
+    if method not in ("bias", "weights"):
+        raise ValueError(f"method: expected 'bias' or 'weights', got {method!r}")
+    if not isinstance(bias_iters, int) or bias_iters < 0:
+        raise ValueError(f"bias_iters: expected an int >= 0, got {bias_iters!r}")
+    if not isinstance(snn, SpikingDnCNN):
+        raise TypeError(f"calibrate_layers: expected a SpikingDnCNN (from to_snn), got "
+                        f"{type(snn).__name__}; a converted AOD-Net already matches its ANN "
+                        "(benchmarks/RESULTS.md)")
+    if not isinstance(ann, DnCNN):
+        raise TypeError(f"calibrate_layers: expected the DnCNN the SNN was converted from, got "
+                        f"{type(ann).__name__}")
+    ann = copy.deepcopy(ann).eval().float()
+    if ann.batchnorm:
+        ann = fold_batchnorm(ann)
+    ann_convs = list(ann.convs())
+    if len(ann_convs) != len(snn.neurons_) + 1 or any(
+            a.weight.shape != c.weight.shape for a, c in zip(ann_convs, _snn_convs(snn))):
+        raise ValueError("calibrate_layers: the ANN's convolutions do not match the SNN's "
+                         "(another depth or width): pass the DnCNN it was converted from")
+    if isinstance(calib_images, torch.Tensor):
+        calib_images = [calib_images]
+    if not calib_images:
+        raise ValueError("calib_images: expected at least one image")
+    device = snn.conv1.weight.device
+    images = [img.to(device, torch.float32) for img in calib_images]
+    ann.to(device)
+    spike_conv = (snn.spike_conv, snn.spike_conv_backend, snn.spike_masks)
+    snn.use_spike_conv(False)  # neurons emit theta * s: rates in activation units
+    try:
+        _calibrate_dncnn(snn, ann_convs, images, method, bias_iters, ridge, target_floor)
+    finally:
+        if spike_conv[0]:
+            snn.use_spike_conv(True, spike_conv[1], spike_conv[2])
+    return snn
+
+
+def _snn_convs(snn):
+    """The convs of a SpikingDnCNN in ANN order: conv1, the hidden ones, the mapper's."""
+    return [snn.conv1] + [h.module for h in snn.hidden] + [snn.mapper.conv]
+
+
+def _calibrate_dncnn(snn, ann_convs, images, method, bias_iters, ridge, target_floor):
+    T, last = snn.timesteps, len(snn.neurons_) - 1
+    convs = _snn_convs(snn)
+    h = images  # the ANN's activations below the current layer, per image
+    currents = [snn.conv1(x).unsqueeze(0).expand(snn.steps, -1, -1, -1, -1) for x in images]
+    rates = spikes = None  # the SNN's rates / outputs of the layer below, per image
+    for i, neuron in enumerate(snn.neurons_):
+        conv = convs[i]
+        z = [ann_convs[i](a) for a in h]  # ANN pre-activations
+        if method == "weights" and i > 0:
+            floor = -target_floor * _per_channel(neuron.effective_theta().detach())
+            _fit_conv(conv, rates, [torch.maximum(zi, floor) for zi in z], ridge)
+            currents = [snn.hidden[i - 1](y) for y in spikes]
+
+        def layer_rates():
+            out = []
+            for cur in currents:
+                y = neuron(cur)
+                out.append((y, snn._rate(neuron, y) if i == last else y.sum(0) / T))
+            return out
+
+        pixels = sum(zi.numel() // zi.shape[1] for zi in z)
+        target = sum(torch.relu(zi).sum((0, 2, 3)) for zi in z) / pixels
+        # d(mean rate)/d(bias) per channel: first the ANN's (its active fraction),
+        # then the secant of the last step; a channel active at few pixels moves
+        # little per unit of bias, so a plain b += error would crawl. The mean rate
+        # is a step function of the bias (spikes are whole), so each channel keeps
+        # the shift with the smallest error seen.
+        gain = sum((zi > 0).sum((0, 2, 3)) for zi in z).float() / pixels
+        shift = torch.zeros_like(target)
+        best_err, best_shift = torch.full_like(target, float("inf")), shift
+
+        def move(delta):
+            nonlocal currents
+            conv.bias += delta
+            currents = [cur + delta.view(1, 1, -1, 1, 1) for cur in currents]
+            return layer_rates()
+
+        out = layer_rates()
+        for it in range(bias_iters + 1):
+            mean = sum(r.sum((0, 2, 3)) for _, r in out) / pixels
+            better = (target - mean).abs() < best_err
+            best_err = torch.where(better, (target - mean).abs(), best_err)
+            best_shift = torch.where(better, shift, best_shift)
+            if it == bias_iters:
+                break
+            if it > 0:
+                moved = step.abs() > 1e-12
+                gain = torch.where(moved, (mean - previous) / torch.where(moved, step, 1), gain)
+            step = (target - mean) / gain.clamp(0.05, 2.0)
+            shift, previous, out = shift + step, mean, move(step)
+        if not torch.equal(best_shift, shift):
+            out = move(best_shift - shift)
+        spikes, rates = map(list, zip(*out))
+        h = [torch.relu(zi) for zi in z]
+        if i < last:
+            currents = [snn.hidden[i](y) for y in spikes]
+    if method == "weights":
+        _fit_conv(convs[-1], rates, [ann_convs[-1](a) for a in h], ridge)

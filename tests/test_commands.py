@@ -409,6 +409,33 @@ def test_convert_writes_the_snn_that_evaluate_takes(files, tmp_path, capsys):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_convert_with_layer_calibration(files, tmp_path, capsys):
+    """--layer-calibration runs calibrate_layers on the calibration images after the
+    conversion (the same network as to_snn with it) and is recorded in the file;
+    for AOD-Net it is one line, exit 2, no file."""
+    from spikingir.convert import to_snn
+    from spikingir.pipeline import calibration_inputs, load_ann, load_snn
+    out = tmp_path / "cal.pt"
+    code, stdout, err = run(["convert", "--task", "denoise", "--sigma", "25", "--ann-weights",
+                             str(files / "dncnn.pt"), "--data", str(files / "gray48"), "--timesteps",
+                             "3", "--layer-calibration", "weights", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "layer calibration: weights" in stdout
+    snn = load_snn(out).eval()
+    assert snn.meta["layer_calibration"] == "weights"
+    ref = to_snn(load_ann("denoise", 25, files / "dncnn.pt"),
+                 calibration_inputs("denoise", 25, data=files / "gray48"), 3, per_channel=True,
+                 v0="half", layer_calibration="weights").eval()
+    x = torch.rand(1, 1, 20, 22)
+    with torch.no_grad():
+        torch.testing.assert_close(snn(x), ref(x), rtol=0, atol=1e-6)
+    code, stdout, err = run(["convert", "--task", "dehaze", "--ann-weights", str(files / "aod.pt"),
+                             "--data", str(files / "haze"), "--layer-calibration", "bias", "--out",
+                             str(tmp_path / "aod.pt")], capsys)
+    assert code == 2 and "--layer-calibration: for denoising (DnCNN) only" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "aod.pt").exists()
+
+
 def test_ann_fingerprint_is_of_the_network_not_its_form():
     """The same weights with BN or BN folded give one fingerprint; other weights another."""
     from spikingir.models import fold_batchnorm

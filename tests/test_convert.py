@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from spikingir import ops
-from spikingir.convert import calibrate, to_snn
+from spikingir.convert import calibrate, calibrate_layers, to_snn
 from spikingir.energy import E_MAC_PJ, E_SOP_PJ, conv_fanout, conv_macs
 from spikingir.evaluate import Sample, evaluate
 from spikingir.models import AODNet, DnCNN
@@ -578,3 +578,91 @@ def test_restore_is_the_network_on_the_image(arch):
             restore(np.zeros((8, 8, 3), np.float32), snn)
     with pytest.raises(TypeError, match="float numpy"):
         restore((img * 255).astype(np.uint8), snn)
+
+
+# ------------------------------------------------------------ layer calibration
+
+def _output_mse(snn, ann, xs):
+    with torch.no_grad():
+        return sum(float(((snn(x) - ann(x)) ** 2).mean()) for x in xs) / len(xs)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("method", ["bias", "weights"])
+def test_layer_calibration_brings_the_snn_closer_to_the_ann(method, per_channel):
+    ann = tiny_dncnn()
+    calib, held_out = images(1, n=4, size=20), images(1, n=3, size=20, seed=7)
+    plain = to_snn(ann, calib, 4, per_channel=per_channel)
+    cal = to_snn(ann, calib, 4, per_channel=per_channel, layer_calibration=method)
+    before, after = _output_mse(plain, ann, held_out), _output_mse(cal, ann, held_out)
+    assert after < 0.2 * before, (before, after)  # measured: 0.03-0.05
+    # thresholds are conversion's; bias-only calibration leaves the weights alone
+    for a, b in zip(plain.neurons(), cal.neurons()):
+        assert torch.equal(a.theta, b.theta)
+    if method == "bias":
+        for a, b in zip(plain.modules(), cal.modules()):
+            if isinstance(a, torch.nn.Conv2d):
+                assert torch.equal(a.weight, b.weight)
+
+
+def test_bias_correction_zeroes_the_mean_error_of_the_first_layer():
+    """The first layer sees the image, as the ANN's does: after the correction its
+    per-channel mean rate equals the ANN activation's mean (iterated, as clipping at
+    0 makes one step fall short; thresholds at the maximum, as saturated neurons
+    cannot follow a higher bias)."""
+    ann, calib = tiny_dncnn(), images(1, n=4, size=20)
+
+    def first_layer_error(snn):
+        with torch.no_grad():
+            err = 0
+            for x in calib:
+                cur = snn.conv1(x).unsqueeze(0).expand(snn.steps, -1, -1, -1, -1)
+                y = snn.neurons_[0](cur)
+                err = err + (torch.relu(ann.convs()[0](x)) - y.sum(0) / snn.timesteps).mean((0, 2, 3))
+            return (err / len(calib)).abs().max().item()
+
+    snn = to_snn(ann, calib, 4, percentile=100)
+    before = first_layer_error(snn)
+    calibrate_layers(snn, ann, calib, method="bias")
+    assert first_layer_error(snn) < 0.1 * before, before
+
+
+def test_layer_calibration_equals_calibrating_after_conversion():
+    ann, calib = tiny_dncnn(batchnorm=True), images(1, n=3, size=16)  # both fold the BN
+    a = to_snn(ann, calib, 3, layer_calibration="weights")
+    b = calibrate_layers(to_snn(ann, calib, 3), ann, torch.cat(calib), method="weights")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.allclose(va, vb, rtol=1e-5, atol=1e-6), ka
+
+
+def test_layer_calibration_keeps_spike_conv_mode():
+    ann, calib = tiny_dncnn(), images(1, n=2, size=16)
+    snn = to_snn(ann, calib, 3).use_spike_conv(True, backend="torch", masks=False)
+    calibrate_layers(snn, ann, calib)
+    assert snn.spike_conv and snn.spike_conv_backend == "torch" and not snn.spike_masks
+    assert not any(n.scale_output for n in snn.neurons_[:len(snn.hidden)])
+    dense = to_snn(ann, calib, 3, layer_calibration="weights")
+    with torch.no_grad():
+        torch.testing.assert_close(snn(calib[0]), dense(calib[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_layer_calibration_arguments():
+    ann, calib = tiny_dncnn(), images(1, n=2, size=16)
+    snn = to_snn(ann, calib, 2)
+    with pytest.raises(ValueError, match="method: expected 'bias' or 'weights'"):
+        calibrate_layers(snn, ann, calib, method="all")
+    with pytest.raises(ValueError, match="bias_iters"):
+        calibrate_layers(snn, ann, calib, bias_iters=-1)
+    with pytest.raises(ValueError, match="do not match"):
+        calibrate_layers(snn, DnCNN(depth=6, channels=8, batchnorm=False), calib)
+    with pytest.raises(ValueError, match="at least one image"):
+        calibrate_layers(snn, ann, [])
+    with pytest.raises(TypeError, match="expected the DnCNN"):
+        calibrate_layers(snn, tiny_aodnet(), calib)
+    aod = tiny_aodnet()
+    with pytest.raises(TypeError, match="expected a SpikingDnCNN"):
+        calibrate_layers(to_snn(aod, images(3, n=2, size=16), 2), ann, calib)
+    with pytest.raises(ValueError, match="for DnCNN only"):
+        to_snn(aod, images(3, n=2, size=16), 2, layer_calibration="weights")
+    with pytest.raises(ValueError, match="layer_calibration: expected"):
+        to_snn(ann, calib, 2, layer_calibration="yes")
