@@ -224,7 +224,7 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
 #: ``calibrate_layers`` defaults, measured on the official DnCNN-S s25 weights (Set12
 #: 96x96 crops, T=10, MPRN, 8 Train400 calibration crops; benchmarks/RESULTS.md).
 _RIDGE = 1e-3
-_TARGET_FLOOR = 0.1
+_TARGET_FLOOR = 0.3
 
 
 def _fit_conv(conv, inputs, targets, ridge):
