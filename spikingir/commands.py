@@ -77,7 +77,10 @@ def _add_model_args(p, snn_weights=True):
 
 
 def _layer_calibration(args):
-    """--layer-calibration as to_snn's argument (None for none); refused for dehazing."""
+    """--layer-calibration as to_snn's argument (None for none; auto: weights for
+    denoising, none for dehazing); bias or weights refused for dehazing."""
+    if args.layer_calibration == "auto":
+        return "weights" if args.task == "denoise" else None
     if args.layer_calibration == "none":
         return None
     if args.task != "denoise":
@@ -119,11 +122,15 @@ def _add_conversion_args(p):
                         "activations; auto (default): 1 for AOD-Net, none for DnCNN. Measured "
                         "before fine-tuning at T=10: 17.65 -> 18.69 dB, SSIM 0.709 -> 0.803, "
                         "energy 1.09 -> 0.77 of the ANN")
-    p.add_argument("--layer-calibration", choices=["none", "bias", "weights"], default="none",
+    p.add_argument("--layer-calibration", choices=["auto", "none", "bias", "weights"],
+                   default="auto",
                    help="DnCNN: after conversion, calibrate layer by layer on the calibration "
                         "images so each spiking layer reproduces its ANN activation: bias "
                         "(per-channel bias correction) or weights (least-squares weights, then "
-                        "bias); default none (spikingir.convert.calibrate_layers)")
+                        "bias; spikingir.convert.calibrate_layers); auto (default): weights for "
+                        "DnCNN, none for AOD-Net. Measured on the official s25 weights, T=10, "
+                        "Set12 crops: loss 3.17 dB converted, 1.47 with weights (81 s on 2 "
+                        "cores); after 147 fine-tuning steps 1.56 from none, 1.14 from weights")
     p.add_argument("--backend", default="auto",
                    help="backend of the neurons and of spike_conv2d (auto, cpp, cuda, triton, torch)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
@@ -156,8 +163,8 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
     else:
         calib = calibration_inputs(task, sigma)
         snn = _convert(ann, calib, timesteps, args)
-        layers = ("" if args.layer_calibration == "none"
-                  else f", layer calibration: {args.layer_calibration}")
+        method = _layer_calibration(args)
+        layers = "" if method is None else f", layer calibration: {method}"
         origin = (f"converted ANN ({args.neuron}, p{args.percentile:g}, v0={args.v0}{layers}, "
                   f"calibrated on {len(calib)} built-in images, not fine-tuned)")
     return for_inference(snn, args.backend), origin
@@ -370,10 +377,11 @@ def _cmd_convert(args):
             "init": "conversion", "ann": str(args.ann_weights or "shipped"),
             "ann_fingerprint": fingerprint, "calibration": source,
             "percentile": args.percentile, "offset_percentile": args.offset_percentile,
-            "layer_calibration": args.layer_calibration}
+            "layer_calibration": _layer_calibration(args)}
     save_snn(snn.eval(), args.out, meta)
     kind = "per-layer" if args.per_layer else "per-channel"
-    layers = "" if args.layer_calibration == "none" else f", layer calibration: {args.layer_calibration}"
+    method = _layer_calibration(args)
+    layers = "" if method is None else f", layer calibration: {method}"
     print(f"wrote {args.out}: {args.neuron.upper()} SNN, T={args.timesteps}, {kind} thresholds "
           f"(p{args.percentile:g}){layers} calibrated on {source}, not fine-tuned")
     return 0
@@ -443,7 +451,7 @@ def _cmd_finetune(args):
             "ssim_weight": args.ssim_weight, "recycling": snn.recycling, "amp": args.amp,
             "distill": args.distill,
             "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
-            "layer_calibration": None if args.snn_weights else args.layer_calibration,
+            "layer_calibration": None if args.snn_weights else _layer_calibration(args),
             "ann_fingerprint": fingerprint,
             "wall_s": round(time.time() - t0, 1), "torch": str(torch.__version__)}
     if res.history:

@@ -388,7 +388,7 @@ def test_convert_writes_the_snn_that_evaluate_takes(files, tmp_path, capsys):
     assert snn.timesteps == 3 and snn.neuron_kind == "if" and snn.meta["steps"] == 0
     ref = to_snn(load_ann("denoise", 25, files / "dncnn.pt"),
                  calibration_inputs("denoise", 25, data=files / "gray48"), 3, neuron="if",
-                 per_channel=True, v0="half").eval()  # the CLI's defaults
+                 per_channel=True, v0="half", layer_calibration="weights").eval()  # the CLI's defaults
     x = torch.rand(1, 1, 20, 22)
     with torch.no_grad():
         torch.testing.assert_close(snn(x), ref(x), rtol=0, atol=1e-6)
@@ -423,6 +423,12 @@ def test_convert_with_layer_calibration(files, tmp_path, capsys):
     assert "layer calibration: weights" in stdout
     snn = load_snn(out).eval()
     assert snn.meta["layer_calibration"] == "weights"
+    code, stdout, err = run(["convert", "--task", "denoise", "--sigma", "25", "--ann-weights",
+                             str(files / "dncnn.pt"), "--data", str(files / "gray48"), "--timesteps",
+                             "3", "--layer-calibration", "none", "--out", str(tmp_path / "plain.pt")],
+                            capsys)
+    assert code == 0 and "layer calibration" not in stdout, err
+    assert load_snn(tmp_path / "plain.pt").meta["layer_calibration"] is None
     ref = to_snn(load_ann("denoise", 25, files / "dncnn.pt"),
                  calibration_inputs("denoise", 25, data=files / "gray48"), 3, per_channel=True,
                  v0="half", layer_calibration="weights").eval()
