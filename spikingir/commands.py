@@ -89,12 +89,14 @@ def _layer_calibration(args):
     return args.layer_calibration
 
 
-def _convert(ann, calib, timesteps, args):
+def _convert(ann, calib, timesteps, args, layers=True):
+    """to_snn with the conversion options; ``layers=False`` skips --layer-calibration
+    (a resumed fine-tuning run: its checkpoint replaces every weight)."""
     from spikingir.convert import to_snn
     return to_snn(ann, calib, timesteps, neuron=args.neuron, percentile=args.percentile,
                   per_channel=not args.per_layer, v0=args.v0, recycling=not args.no_recycling,
                   backend=args.backend, offset_percentile=args.offset_percentile,
-                  layer_calibration=_layer_calibration(args))
+                  layer_calibration=_layer_calibration(args) if layers else None)
 
 
 def _add_amp_arg(p, what):
@@ -346,7 +348,7 @@ def _add_restore(sub):
 
 # ------------------------------------------------------------------ convert
 
-def _convert_ann(args, sigma, timesteps, ann=None):
+def _convert_ann(args, sigma, timesteps, ann=None, layers=True):
     """The ANN (``ann`` when the caller loaded it already, else --ann-weights or the
     shipped one) converted with the conversion options, its thresholds calibrated
     on 8 degraded images of --data (default the task's training data in
@@ -363,7 +365,7 @@ def _convert_ann(args, sigma, timesteps, ann=None):
         raise UserError(f"--data: no such directory: {calib_dir}")
     calib = calibration_inputs(args.task, sigma, data=calib_dir)
     source = f"{len(calib)} images of {calib_dir}" if calib_dir else f"{len(calib)} built-in photos"
-    return _convert(ann, calib, timesteps, args), source, ann_fingerprint(ann)
+    return _convert(ann, calib, timesteps, args, layers), source, ann_fingerprint(ann)
 
 
 def _cmd_convert(args):
@@ -426,8 +428,11 @@ def _cmd_finetune(args):
             snn.recycling = False
         fingerprint = snn.meta.get("ann_fingerprint")  # the ANN it came from, when recorded
     else:
-        # the teacher, when distilling, is this same ANN (to_snn converts a copy of it)
-        snn, _, fingerprint = _convert_ann(args, sigma, max(args.timesteps), ann=teacher)
+        # the teacher, when distilling, is this same ANN (to_snn converts a copy of it);
+        # resuming, the checkpoint replaces every weight: no layer calibration to redo
+        resuming = args.resume and os.path.exists(args.checkpoint)
+        snn, _, fingerprint = _convert_ann(args, sigma, max(args.timesteps), ann=teacher,
+                                           layers=not resuming)
     t0 = time.time()
     try:
         res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,

@@ -305,6 +305,11 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
         calib_images = [calib_images]
     if not calib_images:
         raise ValueError("calib_images: expected at least one image")
+    c = snn.conv1.in_channels
+    for img in calib_images:
+        if not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[1] != c:
+            raise ValueError(f"calib_images: expected [B, {c}, H, W] tensors, got "
+                             f"{tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__}")
     device = snn.conv1.weight.device
     images = [img.to(device, torch.float32) for img in calib_images]
     ann.to(device)
@@ -330,55 +335,61 @@ def _calibrate_dncnn(snn, ann_convs, images, method, bias_iters, ridge, target_f
     currents = [snn.conv1(x).unsqueeze(0).expand(snn.steps, -1, -1, -1, -1) for x in images]
     rates = spikes = None  # the SNN's rates / outputs of the layer below, per image
     for i, neuron in enumerate(snn.neurons_):
-        conv = convs[i]
         z = [ann_convs[i](a) for a in h]  # ANN pre-activations
         if method == "weights" and i > 0:
             floor = -target_floor * _per_channel(neuron.effective_theta().detach())
-            _fit_conv(conv, rates, [torch.maximum(zi, floor) for zi in z], ridge)
+            _fit_conv(convs[i], rates, [torch.maximum(zi, floor) for zi in z], ridge)
             currents = [snn.hidden[i - 1](y) for y in spikes]
 
-        def layer_rates():
-            out = []
-            for cur in currents:
-                y = neuron(cur)
-                out.append((y, snn._rate(neuron, y) if i == last else y.sum(0) / T))
-            return out
+        def layer_outputs(currents, neuron=neuron, readout=i == last):
+            """(y, rate) per image; the last layer's rate recycles its residual."""
+            ys = [neuron(cur) for cur in currents]
+            return [(y, snn._rate(neuron, y) if readout else y.sum(0) / T) for y in ys]
 
-        pixels = sum(zi.numel() // zi.shape[1] for zi in z)
-        target = sum(torch.relu(zi).sum((0, 2, 3)) for zi in z) / pixels
-        # d(mean rate)/d(bias) per channel: first the ANN's (its active fraction),
-        # then the secant of the last step; a channel active at few pixels moves
-        # little per unit of bias, so a plain b += error would crawl. The mean rate
-        # is a step function of the bias (spikes are whole), so each channel keeps
-        # the shift with the smallest error seen.
-        gain = sum((zi > 0).sum((0, 2, 3)) for zi in z).float() / pixels
-        shift = torch.zeros_like(target)
-        best_err, best_shift = torch.full_like(target, float("inf")), shift
-
-        def move(delta):
-            nonlocal currents
-            conv.bias += delta
-            currents = [cur + delta.view(1, 1, -1, 1, 1) for cur in currents]
-            return layer_rates()
-
-        out = layer_rates()
-        for it in range(bias_iters + 1):
-            mean = sum(r.sum((0, 2, 3)) for _, r in out) / pixels
-            better = (target - mean).abs() < best_err
-            best_err = torch.where(better, (target - mean).abs(), best_err)
-            best_shift = torch.where(better, shift, best_shift)
-            if it == bias_iters:
-                break
-            if it > 0:
-                moved = step.abs() > 1e-12
-                gain = torch.where(moved, (mean - previous) / torch.where(moved, step, 1), gain)
-            step = (target - mean) / gain.clamp(0.05, 2.0)
-            shift, previous, out = shift + step, mean, move(step)
-        if not torch.equal(best_shift, shift):
-            out = move(best_shift - shift)
-        spikes, rates = map(list, zip(*out))
+        spikes, rates = map(list, zip(*_correct_bias(convs[i], currents, layer_outputs, z,
+                                                     bias_iters)))
         h = [torch.relu(zi) for zi in z]
         if i < last:
             currents = [snn.hidden[i](y) for y in spikes]
     if method == "weights":
         _fit_conv(convs[-1], rates, [ann_convs[-1](a) for a in h], ridge)
+
+
+def _correct_bias(conv, currents, layer_outputs, z, iters):
+    """Shifts ``conv``'s bias (and the ``currents`` it made) per channel until the
+    mean rate of the layer equals the mean of ``ReLU(z)`` over all images and
+    pixels; returns the layer's (y, rate) per image at the chosen shift.
+
+    Newton steps on the per-channel error: d(mean rate)/d(bias) is first the
+    ANN's (its fraction of active pixels), then the secant of the last step; a
+    channel active at few pixels moves little per unit of bias, so a plain
+    ``b += error`` would crawl. The mean rate is a step function of the bias
+    (spikes are whole), so each channel keeps the shift with the smallest error."""
+    pixels = sum(zi.numel() // zi.shape[1] for zi in z)
+    target = sum(torch.relu(zi).sum((0, 2, 3)) for zi in z) / pixels
+    gain = sum((zi > 0).sum((0, 2, 3)) for zi in z).float() / pixels
+    shift = torch.zeros_like(target)
+    best_err, best_shift = torch.full_like(target, float("inf")), shift
+
+    def moved_by(delta):
+        conv.bias += delta
+        return [cur + delta.view(1, 1, -1, 1, 1) for cur in currents]
+
+    out = layer_outputs(currents)
+    for it in range(iters + 1):
+        mean = sum(r.sum((0, 2, 3)) for _, r in out) / pixels
+        err = target - mean
+        better = err.abs() < best_err
+        best_err, best_shift = torch.where(better, err.abs(), best_err), torch.where(better, shift, best_shift)
+        if it == iters:
+            break
+        if it > 0:
+            moved = step.abs() > 1e-12
+            gain = torch.where(moved, (mean - previous) / torch.where(moved, step, 1), gain)
+        step = err / gain.clamp(0.05, 2.0)
+        shift, previous = shift + step, mean
+        currents = moved_by(step)
+        out = layer_outputs(currents)
+    if not torch.equal(best_shift, shift):
+        out = layer_outputs(moved_by(best_shift - shift))
+    return out

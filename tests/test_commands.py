@@ -298,6 +298,28 @@ def test_finetune_continues_an_snn_with_an_energy_term(files, tmp_path, capsys, 
     assert all(t.is_contiguous() for t in torch.load(out, weights_only=True)["state_dict"].values())
 
 
+def test_finetune_calibrates_layers_once_not_on_resume(files, tmp_path, capsys, monkeypatch):
+    """A fine-tuning run from a conversion calibrates the layers (the DnCNN default);
+    resuming it from its checkpoint does not redo that (the checkpoint replaces
+    every weight) and gives the same network."""
+    import spikingir.convert
+    calls = []
+    real = spikingir.convert.calibrate_layers
+    monkeypatch.setattr(spikingir.convert, "calibrate_layers",
+                        lambda *a, **k: calls.append(k["method"]) or real(*a, **k))
+    data, ck = files / "gray48", tmp_path / "run.ckpt"
+    argv = ["finetune", "--task", "denoise", "--sigma", "25", "--ann-weights", str(files / "dncnn.pt"),
+            "--timesteps", "2", "--steps", "2", "--batch-size", "2", "--data", str(data),
+            "--val-data", str(data), "--val-crop", "32", "--checkpoint", str(ck)]
+    code, _, err = run(argv + ["--out", str(tmp_path / "a.pt")], capsys)
+    assert code == 0 and calls == ["weights"], err
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["meta"]["layer_calibration"] == "weights"
+    code, _, err = run(argv + ["--resume", "--out", str(tmp_path / "b.pt")], capsys)
+    assert code == 0 and calls == ["weights"], err
+    a, b = (torch.load(tmp_path / f, weights_only=True)["state_dict"] for f in ("a.pt", "b.pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_finetune_at_several_timesteps(files, tmp_path, capsys):
     """--timesteps 2 3: each batch runs at T=2 or T=3 (drawn from the seeded torch
     RNG: both occur, the same sequence again when repeated); validation and the

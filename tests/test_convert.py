@@ -627,10 +627,11 @@ def test_bias_correction_zeroes_the_mean_error_of_the_first_layer():
     assert first_layer_error(snn) < 0.1 * before, before
 
 
-def test_layer_calibration_equals_calibrating_after_conversion():
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_layer_calibration_equals_calibrating_after_conversion(neuron):
     ann, calib = tiny_dncnn(batchnorm=True), images(1, n=3, size=16)  # both fold the BN
-    a = to_snn(ann, calib, 3, layer_calibration="weights")
-    b = calibrate_layers(to_snn(ann, calib, 3), ann, torch.cat(calib), method="weights")
+    a = to_snn(ann, calib, 3, neuron=neuron, layer_calibration="weights")
+    b = calibrate_layers(to_snn(ann, calib, 3, neuron=neuron), ann, calib, method="weights")
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.allclose(va, vb, rtol=1e-5, atol=1e-6), ka
 
@@ -657,6 +658,8 @@ def test_bad_layer_calibration_arguments():
         calibrate_layers(snn, DnCNN(depth=6, channels=8, batchnorm=False), calib)
     with pytest.raises(ValueError, match="at least one image"):
         calibrate_layers(snn, ann, [])
+    with pytest.raises(ValueError, match=r"expected \[B, 1, H, W\] tensors, got \(1, 3, 16, 16\)"):
+        calibrate_layers(snn, ann, [torch.rand(1, 3, 16, 16)])
     with pytest.raises(TypeError, match="expected the DnCNN"):
         calibrate_layers(snn, tiny_aodnet(), calib)
     aod = tiny_aodnet()
@@ -666,3 +669,17 @@ def test_bad_layer_calibration_arguments():
         to_snn(aod, images(3, n=2, size=16), 2, layer_calibration="weights")
     with pytest.raises(ValueError, match="layer_calibration: expected"):
         to_snn(ann, calib, 2, layer_calibration="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_layer_calibration_on_the_gpu_matches_the_cpu():
+    """calibrate_layers runs where the SNN is: on a GPU it gives the CPU's network
+    (least squares in float64 on both; spikes may flip at a few threshold ties)."""
+    ann, calib = tiny_dncnn(), images(1, n=3, size=20)
+    cpu = calibrate_layers(to_snn(ann, calib, 4), ann, calib)
+    gpu = calibrate_layers(to_snn(ann, calib, 4).cuda(), ann.cuda(), [x.cuda() for x in calib])
+    x = images(1, n=1, size=20, seed=5)[0]
+    with torch.no_grad():
+        a, b = cpu(x), gpu(x.cuda()).cpu()
+    assert (a - b).abs().mean() < 1e-3, (a - b).abs().max()
