@@ -383,9 +383,9 @@ def _cmd_convert(args):
     save_snn(snn.eval(), args.out, meta)
     kind = "per-layer" if args.per_layer else "per-channel"
     method = _layer_calibration(args)
-    layers = "" if method is None else f", layer calibration: {method}"
+    layers = "" if method is None else f" and layer calibration ({method})"
     print(f"wrote {args.out}: {args.neuron.upper()} SNN, T={args.timesteps}, {kind} thresholds "
-          f"(p{args.percentile:g}){layers} calibrated on {source}, not fine-tuned")
+          f"(p{args.percentile:g}){layers}, calibrated on {source}, not fine-tuned")
     return 0
 
 

@@ -442,7 +442,7 @@ def test_convert_with_layer_calibration(files, tmp_path, capsys):
                              str(files / "dncnn.pt"), "--data", str(files / "gray48"), "--timesteps",
                              "3", "--layer-calibration", "weights", "--out", str(out)], capsys)
     assert code == 0, err
-    assert "layer calibration: weights" in stdout
+    assert "and layer calibration (weights), calibrated on" in stdout
     snn = load_snn(out).eval()
     assert snn.meta["layer_calibration"] == "weights"
     code, stdout, err = run(["convert", "--task", "denoise", "--sigma", "25", "--ann-weights",
