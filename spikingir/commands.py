@@ -375,14 +375,14 @@ def _cmd_convert(args):
     sigma = _sigma_of(args)
     check_outputs(args.out)
     snn, source, fingerprint = _convert_ann(args, sigma, args.timesteps)
+    method = _layer_calibration(args)
     meta = {"task": args.task, "sigma": sigma, "steps": 0, "timesteps": args.timesteps,
             "init": "conversion", "ann": str(args.ann_weights or "shipped"),
             "ann_fingerprint": fingerprint, "calibration": source,
             "percentile": args.percentile, "offset_percentile": args.offset_percentile,
-            "layer_calibration": _layer_calibration(args)}
+            "layer_calibration": method}
     save_snn(snn.eval(), args.out, meta)
     kind = "per-layer" if args.per_layer else "per-channel"
-    method = _layer_calibration(args)
     layers = "" if method is None else f" and layer calibration ({method})"
     print(f"wrote {args.out}: {args.neuron.upper()} SNN, T={args.timesteps}, {kind} thresholds "
           f"(p{args.percentile:g}){layers}, calibrated on {source}, not fine-tuned")

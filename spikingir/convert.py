@@ -380,7 +380,8 @@ def _correct_bias(conv, currents, layer_outputs, z, iters):
         mean = sum(r.sum((0, 2, 3)) for _, r in out) / pixels
         err = target - mean
         better = err.abs() < best_err
-        best_err, best_shift = torch.where(better, err.abs(), best_err), torch.where(better, shift, best_shift)
+        best_err = torch.where(better, err.abs(), best_err)
+        best_shift = torch.where(better, shift, best_shift)
         if it == iters:
             break
         if it > 0:
