@@ -83,25 +83,12 @@ def main(argv=None):
     return 0
 
 
-@torch.no_grad()
 def _refit_mapper(snn, args):
-    from spikingir.convert import _fit_conv
-    from spikingir.data import add_gaussian_noise, center_crop, list_images, load_image
+    from spikingir.finetune import refit_mapper
+    from spikingir.pipeline import denoise_pairs
 
-    paths = list_images(os.path.join(SHARED, "data", "train400"))
-    paths = paths[::max(1, len(paths) // args.probe_images)][:args.probe_images]
-    rates, targets, seen = [], [], {}
-    hook = snn.mapper.register_forward_pre_hook(lambda m, a: seen.__setitem__("rate", a[0]))
-    for k, path in enumerate(paths):
-        clean = center_crop(load_image(path), 128)
-        x = torch.from_numpy(add_gaussian_noise(clean, args.sigma, seed=100 + k))[None, None].float()
-        for T in args.probe_T:  # output = x - mapper(rate): the mapper's target is the noise
-            snn.timesteps = T
-            snn(x)
-            rates.append(seen["rate"].clone())
-            targets.append(x - torch.from_numpy(clean)[None, None].float())
-    hook.remove()
-    _fit_conv(snn.mapper.conv, rates, targets, 1e-4)
+    noisy, clean = denoise_pairs(args.sigma, os.path.join(SHARED, "data", "train400"), args.probe_images)
+    refit_mapper(snn, noisy, clean, args.probe_T)
 
 
 if __name__ == "__main__":

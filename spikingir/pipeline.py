@@ -114,6 +114,17 @@ def calibration_inputs(task, sigma=None, crop=128, data=None):
     return [_to_input(synthesize_haze(c, rng=i).hazy) for i, c in enumerate(cleans)]
 
 
+def denoise_pairs(sigma, data, n, crop=128, seed=100):
+    """(noisy, clean) lists of ``n`` [1, 1, crop, crop] centre crops of images
+    spread over the folder ``data``, with noise by the evaluation protocol at
+    seeds ``seed``, ``seed + 1``, ... (other noise than :func:`calibration_inputs`')."""
+    paths = list_images(data)
+    paths = paths[::max(1, len(paths) // n)][:n]
+    cleans = [center_crop(load_image(p, gray=True), crop) for p in paths]
+    return ([_to_input(add_gaussian_noise(c, sigma, seed=seed + k)) for k, c in enumerate(cleans)],
+            [_to_input(c) for c in cleans])
+
+
 def load_ann(task, sigma=None, path=None):
     """The ANN: from ``path`` (a state dict), else the shipped weights."""
     if path is None:

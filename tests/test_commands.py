@@ -464,6 +464,34 @@ def test_convert_with_layer_calibration(files, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "aod.pt").exists()
 
 
+def test_refit_mapper_command(files, tmp_path, capsys):
+    """refit-mapper rewrites only the mapper of an SNN file (the library's refit on
+    the same crops) and records the refit; bad input is one line, exit 2, no file."""
+    from spikingir.finetune import refit_mapper
+    from spikingir.pipeline import denoise_pairs, load_snn
+    snn_file, out = tmp_path / "snn.pt", tmp_path / "refit.pt"
+    code, _, err = run(["convert", "--task", "denoise", "--sigma", "25", "--ann-weights",
+                        str(files / "dncnn.pt"), "--data", str(files / "gray48"), "--timesteps", "3",
+                        "--out", str(snn_file)], capsys)
+    assert code == 0, err
+    code, stdout, err = run(["refit-mapper", "--sigma", "25", "--snn-weights", str(snn_file),
+                             "--data", str(files / "gray48"), "--images", "2", "--crop", "32",
+                             "--timesteps", "2", "3", "--out", str(out)], capsys)
+    assert code == 0 and "fitted by least squares on 2 crops" in stdout, err
+    got, start = load_snn(out), load_snn(snn_file)
+    assert got.meta["mapper_refit"]["timesteps"] == [2, 3] and got.timesteps == 3
+    ref = refit_mapper(load_snn(snn_file).eval(), *denoise_pairs(25, files / "gray48", 2, 32), [2, 3])
+    for k, v in got.state_dict().items():
+        torch.testing.assert_close(v, ref.state_dict()[k], rtol=0, atol=0)
+        assert torch.equal(v, start.state_dict()[k]) != k.startswith("mapper."), k
+    for argv, message in ((["--sigma", "30"], "sigma"),
+                          (["--sigma", "25", "--data", str(tmp_path / "none")], "no such directory"),
+                          (["--sigma", "25", "--snn-weights", str(tmp_path / "none.pt")], "none.pt")):
+        code, _, err = run(["refit-mapper", *argv, "--out", str(tmp_path / "x.pt")], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_ann_fingerprint_is_of_the_network_not_its_form():
     """The same weights with BN or BN folded give one fingerprint; other weights another."""
     from spikingir.models import fold_batchnorm

@@ -683,3 +683,49 @@ def test_layer_calibration_on_the_gpu_matches_the_cpu():
     with torch.no_grad():
         a, b = cpu(x), gpu(x.cuda()).cpu()
     assert (a - b).abs().mean() < 1e-3, (a - b).abs().max()
+
+
+# ------------------------------------------------------------ mapper refit
+
+def test_refit_mapper_is_the_least_squares_optimum():
+    """After the refit, the squared error on the fitting pairs is below the
+    converted mapper's and below any small perturbation of the refitted one
+    (a least-squares optimum, ridge aside); only the mapper changes; T is kept."""
+    from spikingir.finetune import refit_mapper
+    ann = tiny_dncnn()
+    clean = images(1, n=3, size=20, seed=3)
+    g = torch.Generator().manual_seed(4)
+    noisy = [c + 0.1 * torch.randn(c.shape, generator=g) for c in clean]
+    snn = to_snn(ann, noisy, 4)
+    before = {k: v.clone() for k, v in snn.state_dict().items()}
+
+    def sse(net):
+        with torch.no_grad():
+            return sum(float(((net(x) - c) ** 2).sum()) for x, c in zip(noisy, clean))
+
+    converted = sse(snn)
+    refit_mapper(snn, noisy, clean, ridge=1e-9)
+    assert snn.timesteps == 4
+    fitted = sse(snn)
+    assert fitted < converted
+    for k, v in snn.state_dict().items():
+        assert torch.equal(v, before[k]) != k.startswith("mapper."), k
+    w = snn.mapper.conv.weight
+    for _ in range(3):
+        delta = 1e-3 * torch.randn(w.shape, generator=g)
+        with torch.no_grad():
+            w += delta
+            assert sse(snn) >= fitted * (1 - 1e-6)
+            w -= delta
+
+
+def test_refit_mapper_rejects_bad_input():
+    from spikingir.finetune import refit_mapper
+    snn = to_snn(tiny_dncnn(), images(1, n=1), 2)
+    x = images(1, n=1)
+    with pytest.raises(ValueError, match="as many clean as noisy"):
+        refit_mapper(snn, x, [])
+    with pytest.raises(ValueError, match="equal \\[B, 1, H, W\\]"):
+        refit_mapper(snn, x, [torch.rand(1, 1, 5, 5)])
+    with pytest.raises(TypeError, match="denoising SpikingDnCNN"):
+        refit_mapper(to_snn(tiny_aodnet(), images(3, n=1), 2), x, x)
