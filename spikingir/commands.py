@@ -579,11 +579,14 @@ def _cmd_refit_mapper(args):
     sigma = _sigma_of(args)
     check_outputs(args.out)
     path = args.snn_weights or WEIGHTS_DIR / snn_weights_name("denoise", sigma)
-    data = args.data or default_data_dir("train400")
-    if data is None or not os.path.isdir(data):
-        raise UserError(f"--data: no such directory: {data} (a folder of clean training images)")
-    noisy, clean = denoise_pairs(sigma, data, args.images, args.crop)
     snn = load_snn(path, task="denoise").eval()
+    data = args.data or default_data_dir("train400")
+    if data is None:
+        raise UserError("no training data: pass --data DIR (clean images; ../shared/data/train400 "
+                        "was not found)")
+    if not os.path.isdir(data):
+        raise UserError(f"--data: no such directory: {data}")
+    noisy, clean = denoise_pairs(sigma, data, args.images, args.crop)
     t0 = time.time()
     refit_mapper(snn, noisy, clean, args.timesteps)
     meta = dict(snn.meta, mapper_refit={"images": len(noisy), "crop": args.crop, "data": str(data),

@@ -486,7 +486,8 @@ def test_refit_mapper_command(files, tmp_path, capsys):
         assert torch.equal(v, start.state_dict()[k]) != k.startswith("mapper."), k
     for argv, message in ((["--sigma", "30"], "sigma"),
                           (["--sigma", "25", "--data", str(tmp_path / "none")], "no such directory"),
-                          (["--sigma", "25", "--snn-weights", str(tmp_path / "none.pt")], "none.pt")):
+                          (["--sigma", "25", "--snn-weights", str(tmp_path / "none.pt"), "--data",
+                            str(files / "gray48")], "none.pt")):
         code, _, err = run(["refit-mapper", *argv, "--out", str(tmp_path / "x.pt")], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.pt").exists()
