@@ -336,9 +336,10 @@ def _calibrate_dncnn(snn, ann_convs, images, method, bias_iters, ridge, target_f
     rates = spikes = None  # the SNN's rates / outputs of the layer below, per image
     for i, neuron in enumerate(snn.neurons_):
         z = [ann_convs[i](a) for a in h]  # ANN pre-activations
-        if method == "weights" and i > 0:
-            floor = -target_floor * _per_channel(neuron.effective_theta().detach())
-            _fit_conv(convs[i], rates, [torch.maximum(zi, floor) for zi in z], ridge)
+        if i > 0:  # the currents from the spikes below, through the (fitted) conv
+            if method == "weights":
+                floor = -target_floor * _per_channel(neuron.effective_theta().detach())
+                _fit_conv(convs[i], rates, [torch.maximum(zi, floor) for zi in z], ridge)
             currents = [snn.hidden[i - 1](y) for y in spikes]
 
         def layer_outputs(currents, neuron=neuron, readout=i == last):
@@ -349,8 +350,6 @@ def _calibrate_dncnn(snn, ann_convs, images, method, bias_iters, ridge, target_f
         spikes, rates = map(list, zip(*_correct_bias(convs[i], currents, layer_outputs, z,
                                                      bias_iters)))
         h = [torch.relu(zi) for zi in z]
-        if i < last:
-            currents = [snn.hidden[i](y) for y in spikes]
     if method == "weights":
         _fit_conv(convs[-1], rates, [ann_convs[-1](a) for a in h], ridge)
 
