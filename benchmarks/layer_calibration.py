@@ -9,7 +9,8 @@ layers calibrated on the same crops at --T; PSNR at T and T/2. With
 ``--mapper-probe SNN.pt`` it measures instead what a closed-form refit of a
 fine-tuned SNN's pixel mapper gains: the mapper set to the ridge least-squares
 fit of ``noisy - clean`` from its input rates on --probe-images Train400 crops at
-each of --probe-T (benchmarks/RESULTS.md). A script, not a test.
+each of --probe-T (benchmarks/RESULTS.md; `spikingir refit-mapper` writes such a
+file). A script, not a test.
 """
 import argparse
 import os
@@ -39,8 +40,6 @@ def main(argv=None):
     p.add_argument("--mapper-probe", default=None, metavar="SNN.pt")
     p.add_argument("--probe-images", type=int, default=48)
     p.add_argument("--probe-T", type=int, nargs="+", default=[5, 10])
-    p.add_argument("--save", default=None, metavar="PATH",
-                   help="with --mapper-probe: write the refitted SNN (its file's meta + the refit's)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -58,13 +57,6 @@ def main(argv=None):
         after = [mean_psnr(snn, T) for T in (10, 5)]
         print(f"{args.mapper_probe}: T=10 {before[0]:.3f} -> {after[0]:.3f}, "
               f"T=5 {before[1]:.3f} -> {after[1]:.3f} dB")
-        if args.save:
-            from spikingir.pipeline import save_snn
-            snn.timesteps = 10
-            meta = dict(snn.meta, mapper_refit={
-                "images": args.probe_images, "crop": 128, "timesteps": args.probe_T,
-                "sigma": args.sigma, "data": "train400", "ridge": 1e-4})
-            save_snn(snn, args.save, meta)
         return 0
     ann = load_ann("denoise", args.sigma, args.ann_weights)
     calib = calibration_inputs("denoise", args.sigma, data=os.path.join(SHARED, "data", "train400"))
