@@ -16,7 +16,9 @@
 # Knobs (environment): TRAIN_S (seconds of SNN fine-tuning, default 150; 0 = none),
 # ENERGY_W (its --energy-weight, default 0), AMP=1 (its --amp: bf16 autocast), SIGMA
 # (the noise level, default 25), SNN0 (the SNN it starts from, default the shipped one
-# of that sigma), TIMESTEPS (its --timesteps, default "5 10": each batch at one of them,
+# of that sigma), ANN0 (instead: convert these ANN weights, e.g.
+# ../shared/weights/dncnn_s25_official.pt, with the default layer calibration, fine-tune
+# that, and evaluate it against them), TIMESTEPS (its --timesteps, default "5 10": each batch at one of them,
 # as the shipped SNNs' last stages were trained), SEED, DISTILL (its --distill: train
 # towards DISTILL x the ANN's output + the rest x the clean image); TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time
 # limits); BENCH (which benchmarks, default "conv snn neuron train"; "" = none), SWEEP=1
@@ -78,13 +80,15 @@ if [ "$TRAIN_S" != 0 ] && [ -d ../shared/data/train400 ]; then
   sg=${SIGMA:-25}
   snn0=${SNN0:-spikingir/weights/snn_dncnn_s$sg.pt}
   init=(); [ -f "$snn0" ] && init=(--snn-weights "$snn0")
+  ann=()
+  if [ -n "${ANN0:-}" ]; then init=(--ann-weights "$ANN0"); ann=(--ann-weights "$ANN0"); fi
   ck=.gpu_data/ckpt/snn_s$sg.ckpt; [ -f "$ck" ] && cp "$ck" "$OUT/snn_s$sg.ckpt"
   ( python -m spikingir.cli finetune --task denoise --sigma "$sg" --timesteps ${TIMESTEPS:-5 10} --steps 20000 \
       "${init[@]}" --seed "${SEED:-3}" \
       --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint "$OUT/snn_s$sg.ckpt" --resume \
       --energy-weight "${ENERGY_W:-0}" ${AMP:+--amp} --distill "${DISTILL:-0}" \
       --out "$OUT/snn_dncnn_s$sg.pt" \
-    && python -m spikingir.cli evaluate --task denoise --sigma "$sg" --snn-weights "$OUT/snn_dncnn_s$sg.pt" \
+    && python -m spikingir.cli evaluate --task denoise --sigma "$sg" "${ann[@]}" --snn-weights "$OUT/snn_dncnn_s$sg.pt" \
       --data ../shared/data/set12 --timesteps 4 5 10 --device cuda --json "$OUT/eval_snn_s$sg.json" \
   ) > "$LOG/finetune.log" 2>&1 &
   pids+=($!)

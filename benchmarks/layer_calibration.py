@@ -2,7 +2,8 @@
 PSNR loss of a converted DnCNN SNN before and after it, on Set12 centre crops.
 
     python benchmarks/layer_calibration.py [--ann-weights ../shared/weights/dncnn_s25_official.pt]
-        [--method weights|bias] [--per-layer] [--floor 0.3] [--ridge 1e-3] [--T 10]
+        [--method weights|bias] [--per-layer] [--percentile 99.9] [--floor 0.3] [--ridge 1e-3]
+        [--T 10]
 
 Thresholds calibrated on 8 noisy Train400 crops (as `spikingir convert`), the
 layers calibrated on the same crops at --T; PSNR at T and T/2. With
@@ -33,6 +34,7 @@ def main(argv=None):
     p.add_argument("--sigma", type=float, default=25)
     p.add_argument("--method", choices=("weights", "bias"), default="weights")
     p.add_argument("--per-layer", action="store_true", help="one threshold per layer")
+    p.add_argument("--percentile", type=float, default=99.9, help="to_snn's threshold percentile")
     p.add_argument("--floor", type=float, default=0.3, help="calibrate_layers' target_floor")
     p.add_argument("--ridge", type=float, default=1e-3)
     p.add_argument("--T", type=int, default=10)
@@ -61,14 +63,16 @@ def main(argv=None):
     ann = load_ann("denoise", args.sigma, args.ann_weights)
     calib = calibration_inputs("denoise", args.sigma, data=os.path.join(SHARED, "data", "train400"))
     ann_psnr = float(np.mean([psnr(s.clean, ann(s.inputs)[0, 0].detach().numpy()) for s in samples]))
-    snn = to_snn(ann, calib, args.T, per_channel=not args.per_layer, v0="half")
+    snn = to_snn(ann, calib, args.T, per_channel=not args.per_layer, v0="half",
+                 percentile=args.percentile)
     plain = [mean_psnr(snn, T) for T in (args.T, max(1, args.T // 2))]
     snn.timesteps = args.T
     t0 = time.time()
     calibrate_layers(snn, ann, calib, method=args.method, ridge=args.ridge, target_floor=args.floor)
     took = time.time() - t0
     cal = [mean_psnr(snn, T) for T in (args.T, max(1, args.T // 2))]
-    print(f"ANN {ann_psnr:.3f} dB; {args.method}, floor {args.floor:g}, ridge {args.ridge:g}, "
+    print(f"ANN {ann_psnr:.3f} dB; {args.method}, p{args.percentile:g}, floor {args.floor:g}, "
+          f"ridge {args.ridge:g}, "
           f"{'per-layer' if args.per_layer else 'per-channel'}: loss at T={args.T} "
           f"{ann_psnr - plain[0]:.3f} -> {ann_psnr - cal[0]:.3f} dB, at T={max(1, args.T // 2)} "
           f"{ann_psnr - plain[1]:.3f} -> {ann_psnr - cal[1]:.3f}; calibration {took:.0f} s")
