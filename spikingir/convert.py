@@ -22,16 +22,6 @@ from spikingir.models.spiking import SpikingAODNet, SpikingDnCNN, _per_channel, 
 #: ANN; p0.1 18.67 / 0.804 / 0.808; p1 18.69 / 0.803 / 0.772.
 DEFAULT_OFFSET_PERCENTILE = 1.0
 
-#: The threshold percentile to pair with ``layer_calibration="weights"`` (the CLI's
-#: ``--percentile auto``). Lower thresholds clip more activations and quantise the rest
-#: more finely; the least-squares fit of the layer above takes up much of the clipping
-#: error, not the quantisation error. Measured on the official DnCNN-S weights (Set12
-#: 96x96 crops, per-channel, MPRN; benchmarks/RESULTS.md), T=10 loss after the
-#: calibration at p99.99 / 99.9 / 99.5 / 99 / 98 / 96, σ=25: 1.70 / 1.47 / 1.32 / 1.28 /
-#: 1.31 / 1.45 dB; p99.9 -> p99 at σ=15: 1.14 -> 0.96, σ=50: 1.69 -> 1.56 (T=5 likewise).
-#: Without the calibration p99.9 stays the better choice (σ=25: 2.99 at p99.5, 3.08 at p99).
-CALIBRATED_PERCENTILE = 99.0
-
 #: Elements sampled per layer to estimate a percentile (torch.quantile's input limit is 2^24).
 _MAX_SAMPLES = 1 << 22
 
@@ -169,10 +159,11 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
             or a list of [1, C, H, W] tensors.
         timesteps: T, the number of IF steps (MPRN adds the reuse step).
         neuron: ``"mprn"`` or ``"if"``.
-        percentile: activation percentile that sets each threshold. With
-            ``layer_calibration="weights"`` use :data:`CALIBRATED_PERCENTILE` (99):
-            measured 0.1-0.2 dB better than 99.9 at T=10 and T=5 (the CLI's
-            ``--percentile auto`` does so).
+        percentile: activation percentile that sets each threshold. Lower
+            values clip more and quantise finer: more spikes, less loss (with
+            ``layer_calibration="weights"``, 99 against 99.9: official DnCNN-S
+            s25, Set12, T=10 loss 1.40 against 1.59 dB at 0.63 against 0.51 of
+            the ANN's energy; at equal energy 99.9 is ahead; benchmarks/RESULTS.md).
         per_channel: one threshold per channel instead of per layer.
         v0: initial membrane potential, ``"zero"`` or ``"half"`` (theta / 2).
         recycling: add the residual membrane potential to the read-out rate.

@@ -398,21 +398,19 @@ def test_convert_writes_the_snn_that_evaluate_takes(files, tmp_path, capsys):
     """`spikingir convert` writes the conversion of --ann-weights, calibrated on
     --data: the same network as to_snn on the same calibration images; evaluate
     runs it with --snn-weights; a weights file of the other model is one line."""
-    from spikingir.convert import CALIBRATED_PERCENTILE, to_snn
+    from spikingir.convert import to_snn
     from spikingir.pipeline import calibration_inputs, load_ann, load_snn
     out = tmp_path / "snn.pt"
     code, stdout, err = run(["convert", "--task", "denoise", "--sigma", "25", "--ann-weights",
                              str(files / "dncnn.pt"), "--data", str(files / "gray48"), "--timesteps",
                              "3", "--neuron", "if", "--out", str(out)], capsys)
     assert code == 0, err
-    assert "IF SNN, T=3" in stdout and "gray48" in stdout and "(p99)" in stdout
+    assert "IF SNN, T=3" in stdout and "gray48" in stdout
     snn = load_snn(out).eval()
-    assert snn.meta["percentile"] == CALIBRATED_PERCENTILE
     assert snn.timesteps == 3 and snn.neuron_kind == "if" and snn.meta["steps"] == 0
     ref = to_snn(load_ann("denoise", 25, files / "dncnn.pt"),
                  calibration_inputs("denoise", 25, data=files / "gray48"), 3, neuron="if",
-                 per_channel=True, v0="half", layer_calibration="weights",
-                 percentile=CALIBRATED_PERCENTILE).eval()  # the CLI's defaults
+                 per_channel=True, v0="half", layer_calibration="weights").eval()  # the CLI's defaults
     x = torch.rand(1, 1, 20, 22)
     with torch.no_grad():
         torch.testing.assert_close(snn(x), ref(x), rtol=0, atol=1e-6)
@@ -436,9 +434,8 @@ def test_convert_writes_the_snn_that_evaluate_takes(files, tmp_path, capsys):
 def test_convert_with_layer_calibration(files, tmp_path, capsys):
     """--layer-calibration runs calibrate_layers on the calibration images after the
     conversion (the same network as to_snn with it) and is recorded in the file;
-    for AOD-Net it is one line, exit 2, no file. --percentile auto is 99 with the
-    weights calibration, 99.9 without it; a number given is kept."""
-    from spikingir.convert import CALIBRATED_PERCENTILE, to_snn
+    for AOD-Net it is one line, exit 2, no file."""
+    from spikingir.convert import to_snn
     from spikingir.pipeline import calibration_inputs, load_ann, load_snn
     out = tmp_path / "cal.pt"
     code, stdout, err = run(["convert", "--task", "denoise", "--sigma", "25", "--ann-weights",
@@ -452,17 +449,11 @@ def test_convert_with_layer_calibration(files, tmp_path, capsys):
                              str(files / "dncnn.pt"), "--data", str(files / "gray48"), "--timesteps",
                              "3", "--layer-calibration", "none", "--out", str(tmp_path / "plain.pt")],
                             capsys)
-    assert code == 0 and "layer calibration" not in stdout and "(p99.9)" in stdout, err
+    assert code == 0 and "layer calibration" not in stdout, err
     assert load_snn(tmp_path / "plain.pt").meta["layer_calibration"] is None
-    assert load_snn(tmp_path / "plain.pt").meta["percentile"] == 99.9
-    code, stdout, err = run(["convert", "--task", "denoise", "--sigma", "25", "--ann-weights",
-                             str(files / "dncnn.pt"), "--data", str(files / "gray48"), "--timesteps",
-                             "3", "--percentile", "99.5", "--out", str(tmp_path / "p.pt")], capsys)
-    assert code == 0 and "(p99.5) and layer calibration (weights)" in stdout, err
-    assert load_snn(tmp_path / "p.pt").meta["percentile"] == 99.5
     ref = to_snn(load_ann("denoise", 25, files / "dncnn.pt"),
                  calibration_inputs("denoise", 25, data=files / "gray48"), 3, per_channel=True,
-                 v0="half", layer_calibration="weights", percentile=CALIBRATED_PERCENTILE).eval()
+                 v0="half", layer_calibration="weights").eval()
     x = torch.rand(1, 1, 20, 22)
     with torch.no_grad():
         torch.testing.assert_close(snn(x), ref(x), rtol=0, atol=1e-6)
