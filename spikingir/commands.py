@@ -113,8 +113,8 @@ def _add_conversion_args(p):
                    help="thresholds: this percentile of each channel's (layer's) ReLU activations "
                         "on the calibration images (default 99.9). Lower values trade energy for "
                         "PSNR: with the weights calibration, 99 measured -0.19 dB loss at T=10 for "
-                        "+0.12 of the ANN's energy (official DnCNN s25, Set12), behind 99.9 at "
-                        "equal energy")
+                        "+0.12 of the ANN's energy (official DnCNN s25, Set12), behind 99.9 with "
+                        "more timesteps at equal energy")
     p.add_argument("--per-layer", action="store_true",
                    help="one threshold per layer (default: per channel; measured on DnCNN s25, "
                         "T=10: per-channel loses 3.14 dB before fine-tuning, per-layer 4.44)")

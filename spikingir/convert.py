@@ -163,7 +163,8 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
             values clip more and quantise finer: more spikes, less loss (with
             ``layer_calibration="weights"``, 99 against 99.9: official DnCNN-S
             s25, Set12, T=10 loss 1.40 against 1.59 dB at 0.63 against 0.51 of
-            the ANN's energy; at equal energy 99.9 is ahead; benchmarks/RESULTS.md).
+            the ANN's energy; at equal energy, 99.9 with more timesteps is ahead:
+            T=12 1.30 dB at 0.60; benchmarks/RESULTS.md).
         per_channel: one threshold per channel instead of per layer.
         v0: initial membrane potential, ``"zero"`` or ``"half"`` (theta / 2).
         recycling: add the residual membrane potential to the read-out rate.
