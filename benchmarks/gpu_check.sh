@@ -18,8 +18,9 @@
 # (the noise level, default 25), SNN0 (the SNN it starts from, default the shipped one
 # of that sigma), ANN0 (instead: convert these ANN weights, e.g.
 # ../shared/weights/dncnn_s25_official.pt, with the default layer calibration, fine-tune
-# that, and evaluate it against them), TIMESTEPS (its --timesteps, default "5 10": each batch at one of them,
-# as the shipped SNNs' last stages were trained), SEED, DISTILL (its --distill: train
+# that and evaluate it against them; a carried checkpoint must be that run's),
+# TIMESTEPS (its --timesteps, default "5 10": each batch at one of them, as the shipped
+# SNNs' last stages were trained), SEED, DISTILL (its --distill: train
 # towards DISTILL x the ANN's output + the rest x the clean image); TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time
 # limits); BENCH (which benchmarks, default "conv snn neuron train"; "" = none), SWEEP=1
 # (add the Triton launch sweep, float and masks input); NCU=1 (Nsight Compute on the
