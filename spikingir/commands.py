@@ -351,6 +351,16 @@ def _add_restore(sub):
 
 # ------------------------------------------------------------------ convert
 
+def _data_dir(args, name):
+    """--data, else the default folder ``name`` of ../shared/data (None when absent);
+    a --data that is not a directory is a UserError."""
+    from spikingir.train import default_data_dir
+    data = args.data or default_data_dir(name)
+    if data is not None and not os.path.isdir(data):
+        raise UserError(f"--data: no such directory: {data}")
+    return data
+
+
 def _convert_ann(args, sigma, timesteps, ann=None, layers=True):
     """The ANN (``ann`` when the caller loaded it already, else --ann-weights or the
     shipped one) converted with the conversion options, its thresholds calibrated
@@ -358,14 +368,11 @@ def _convert_ann(args, sigma, timesteps, ann=None, layers=True):
     ../shared/data, else built-in photos). Returns the SNN, where the calibration
     images came from and the ANN's fingerprint."""
     from spikingir.pipeline import ann_fingerprint, calibration_inputs, load_ann
-    from spikingir.train import default_data_dir
 
     _layer_calibration(args)  # refused before any loading
     if ann is None:
         ann = load_ann(args.task, sigma, args.ann_weights)
-    calib_dir = args.data or default_data_dir("train400" if args.task == "denoise" else "sots_train")
-    if calib_dir is not None and not os.path.isdir(calib_dir):
-        raise UserError(f"--data: no such directory: {calib_dir}")
+    calib_dir = _data_dir(args, "train400" if args.task == "denoise" else "sots_train")
     calib = calibration_inputs(args.task, sigma, data=calib_dir)
     source = f"{len(calib)} images of {calib_dir}" if calib_dir else f"{len(calib)} built-in photos"
     return _convert(ann, calib, timesteps, args, layers), source, ann_fingerprint(ann)
@@ -575,7 +582,6 @@ def _add_demo(sub):
 def _cmd_refit_mapper(args):
     from spikingir.finetune import refit_mapper
     from spikingir.pipeline import denoise_pairs, load_snn, save_snn
-    from spikingir.train import default_data_dir
     from spikingir.weights import WEIGHTS_DIR, snn_weights_name
 
     _set_threads(args)
@@ -583,21 +589,19 @@ def _cmd_refit_mapper(args):
     check_outputs(args.out)
     path = args.snn_weights or WEIGHTS_DIR / snn_weights_name("denoise", sigma)
     snn = load_snn(path, task="denoise").eval()
-    data = args.data or default_data_dir("train400")
+    data = _data_dir(args, "train400")
     if data is None:
         raise UserError("no training data: pass --data DIR (clean images; ../shared/data/train400 "
                         "was not found)")
-    if not os.path.isdir(data):
-        raise UserError(f"--data: no such directory: {data}")
     noisy, clean = denoise_pairs(sigma, data, args.images, args.crop)
     t0 = time.time()
     refit_mapper(snn, noisy, clean, args.timesteps)
+    ts = sorted(set(args.timesteps))
     meta = dict(snn.meta, mapper_refit={"images": len(noisy), "crop": args.crop, "data": str(data),
-                                        "timesteps": sorted(set(args.timesteps)), "sigma": sigma,
-                                        "from": str(path)})
+                                        "timesteps": ts, "sigma": sigma, "from": str(path)})
     save_snn(snn, args.out, meta)
     print(f"wrote {args.out}: the pixel mapper of {path} fitted by least squares on "
-          f"{len(noisy)} crops of {data} at T={','.join(map(str, sorted(set(args.timesteps))))} "
+          f"{len(noisy)} crops of {data} at T={','.join(map(str, ts))} "
           f"({time.time() - t0:.0f} s); nothing else changed")
     return 0
 
