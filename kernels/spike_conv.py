@@ -51,10 +51,13 @@ def _spike_conv2d_fwd_kernel(s_ptr, wq_ptr, scale_ptr, bias_ptr, occ_ptr, out_pt
                              STRIDE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                              TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             SKIP: tl.constexpr, HAS_BIAS: tl.constexpr, MASKS: tl.constexpr):
+                             SKIP: tl.constexpr, HAS_BIAS: tl.constexpr, MASKS: tl.constexpr,
+                             B_KMAJOR: tl.constexpr):
     # MASKS: s_ptr holds channel masks int64 [N, H, W, Cw] (unpadded; Hp, Wp
     # unused): the int8 spike tile of a K-block is unpacked in registers
     # from one word per output pixel (BLOCK_K divides 64).
+    # B_KMAJOR: the weight planes are [3, Cout_p, KH*KW*Cin_p] (K contiguous)
+    # instead of [3, KH, KW, Cin_p, Cout_p] (see quantize_weight).
     BLOCK_M: tl.constexpr = TILE_H * TILE_W
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -101,7 +104,10 @@ def _spike_conv2d_fwd_kernel(s_ptr, wq_ptr, scale_ptr, bias_ptr, occ_ptr, out_pt
                 a_row = (pix + ky * Wp + kx) * Cin_p
                 a = tl.load(s_ptr + a_row[:, None] + (c0 + k)[None, :], mask=valid[:, None],
                             other=0)
-            w_off = (tap * Cin_p + c0 + k)[:, None] * Cout_p + co[None, :]
+            if B_KMAJOR:
+                w_off = co[None, :] * (KH * KW * Cin_p) + (tap * Cin_p + c0 + k)[:, None]
+            else:
+                w_off = (tap * Cin_p + c0 + k)[:, None] * Cout_p + co[None, :]
             acc0 += tl.dot(a, tl.load(wq_ptr + w_off))
             acc1 += tl.dot(a, tl.load(wq_ptr + plane + w_off))
             acc2 += tl.dot(a, tl.load(wq_ptr + 2 * plane + w_off))
@@ -118,9 +124,15 @@ def _block_n(Cout):
     return max(16, min(64, triton.next_power_of_2(Cout)))
 
 
-def quantize_weight(weight, block_k, block_n):
+def quantize_weight(weight, block_k, block_n, k_major=False):
     """weight [Cout, Cin, kh, kw] -> (int8 digit planes [3, kh, kw, Cin_p, Cout_p],
-    float32 scale [Cout]) with weight ~= (q0 + 2^8 q1 + 2^16 q2) * scale.
+    or with ``k_major`` [3, Cout_p, kh, kw, Cin_p], float32 scale [Cout]) with
+    weight ~= (q0 + 2^8 q1 + 2^16 q2) * scale.
+
+    The layouts are the GEMM's B operand (K = (tap, channel), N = Cout) N-major
+    or K-major. Hopper's int8 wgmma reads both operands K-major from shared
+    memory (Triton transposes other layouts for 8-bit types only), so the
+    K-major planes can be copied there without a transpose.
 
     scale is a power of two per output channel, 2^(e - FRAC_BITS) with
     max|w| < 2^e, so |q| <= 2^23 and the error of each weight is at most
@@ -143,9 +155,14 @@ def quantize_weight(weight, block_k, block_n):
     digits.append(q)  # in [-128, 127] since |q| <= QMAX
     Cin_p = triton.cdiv(Cin, block_k) * block_k
     Cout_p = triton.cdiv(Cout, block_n) * block_n
-    planes = torch.zeros(3, kh, kw, Cin_p, Cout_p, dtype=torch.int8, device=weight.device)
-    for i, d in enumerate(digits):
-        planes[i, :, :, :Cin, :Cout] = d.permute(2, 3, 1, 0).to(torch.int8)
+    if k_major:
+        planes = torch.zeros(3, Cout_p, kh, kw, Cin_p, dtype=torch.int8, device=weight.device)
+        for i, d in enumerate(digits):
+            planes[i, :Cout, :, :, :Cin] = d.permute(0, 2, 3, 1).to(torch.int8)
+    else:
+        planes = torch.zeros(3, kh, kw, Cin_p, Cout_p, dtype=torch.int8, device=weight.device)
+        for i, d in enumerate(digits):
+            planes[i, :, :, :Cin, :Cout] = d.permute(2, 3, 1, 0).to(torch.int8)
     return planes.contiguous(), scale.float().contiguous()
 
 
@@ -205,13 +222,16 @@ def _tile_occupancy(group_any, kh, kw, stride, Ho, Wo, tile):
 #: Measured on an H100 (benchmarks/RESULTS.md, GPU runs 2026-11-27, the launch
 #: sweep; [80, 64, 128, 128] 64 -> 64 3x3 at 10 %): 64-channel K-blocks, 16x16
 #: tiles and 8 warps 1.55 ms; 32-channel blocks, 8x16 tiles, 4 warps (the first
-#: default) 2.53 ms; results identical (integer accumulation).
-DEFAULT_CONFIG = dict(block_k=None, tile=(16, 16), num_warps=8, num_stages=None)
+#: default) 2.53 ms; results identical (integer accumulation). ``b_kmajor``: the
+#: weight planes K-major (:func:`quantize_weight`); not yet timed on a GPU, so
+#: off by default until the sweep has measured it.
+DEFAULT_CONFIG = dict(block_k=None, tile=(16, 16), num_warps=8, num_stages=None, b_kmajor=False)
 #: The same for SpikeMasks input: the configuration its measurements used (the
 #: sweep above timed float spikes only; here each K-block unpacks one 64-bit word
 #: per output pixel into a BLOCK_M x BLOCK_K int8 tile in registers, which grows
 #: with both). ``benchmarks/bench_spike_conv.py --triton-sweep`` times both.
-MASKS_CONFIG = dict(block_k=32, tile=(TILE_H, TILE_W), num_warps=4, num_stages=None)
+MASKS_CONFIG = dict(block_k=32, tile=(TILE_H, TILE_W), num_warps=4, num_stages=None,
+                    b_kmajor=False)
 
 
 def launch_config(base, config, cin):
@@ -284,8 +304,9 @@ def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate
     Wo = (W + 2 * padding - kw) // stride + 1
     BLOCK_K, BLOCK_N = cfg["block_k"], _block_n(Cout)
     tile_h, tile_w = cfg["tile"]
-    planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N)
-    Cin_p = planes.shape[3]
+    planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N, cfg["b_kmajor"])
+    Cin_p = triton.cdiv(weight.shape[1], BLOCK_K) * BLOCK_K
+    Cout_p = triton.cdiv(Cout, BLOCK_N) * BLOCK_N
     if out is None:
         out = torch.empty(N, Cout, Ho, Wo, dtype=torch.float32, device=src.device)
     elif (out.shape != (N, Cout, Ho, Wo) or out.dtype != torch.float32
@@ -301,12 +322,12 @@ def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate
         launch["num_stages"] = cfg["num_stages"]
     # the padded int8 layout's Hp, Wp, or (masks) the words per pixel Cw
     Hp, Wp, Cw = (1, 1, src.shape[3]) if masks else (src.shape[1], src.shape[2], 1)
-    grid = (N * n_th * n_tw, planes.shape[4] // BLOCK_N)
+    grid = (N * n_th * n_tw, Cout_p // BLOCK_N)
     _spike_conv2d_fwd_kernel[grid](
-        src, planes, scale, bias, occ, out, Hp, Wp, Cin_p, planes.shape[4], Cout, Ho, Wo, n_th,
+        src, planes, scale, bias, occ, out, Hp, Wp, Cin_p, Cout_p, Cout, Ho, Wo, n_th,
         n_tw, Cin_p // BLOCK_K, H, W, Cw, padding, STRIDE=stride, KH=kh, KW=kw, TILE_H=tile_h,
         TILE_W=tile_w, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SKIP=skip, HAS_BIAS=bias is not None,
-        MASKS=masks, **launch)
+        MASKS=masks, B_KMAJOR=bool(cfg["b_kmajor"]), **launch)
     return out
 
 
