@@ -168,12 +168,13 @@ SWEEP = {"float": [dict(), dict(block_k=32, tile=(8, 16), num_warps=4), dict(til
                    dict(num_stages=3), dict(tile=(16, 32)), dict(block_k=32),
                    dict(b_kmajor=True), dict(b_kmajor=True, num_stages=3),
                    dict(b_kmajor=True, num_stages=4), dict(b_kmajor=True, tile=(8, 32)),
-                   dict(b_kmajor=True, tile=(8, 16), num_warps=4)],
+                   dict(b_kmajor=True, tile=(8, 16), num_warps=4),
+                   dict(b_kmajor=True, block_n=32), dict(b_kmajor=True, block_n=32, num_stages=3)],
          "masks": [dict(), dict(block_k=64), dict(tile=(16, 16), num_warps=8),
                    dict(block_k=64, tile=(16, 16), num_warps=8), dict(num_stages=3),
                    dict(tile=(8, 32), num_warps=8), dict(b_kmajor=True),
                    dict(b_kmajor=True, block_k=64, tile=(16, 16), num_warps=8),
-                   dict(b_kmajor=True, num_stages=3)]}
+                   dict(b_kmajor=True, num_stages=3), dict(b_kmajor=True, block_n=32)]}
 
 
 def triton_sweep(shape, w, b, g):

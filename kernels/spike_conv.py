@@ -36,8 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from spikingir.ops.masks import popcount
-
 #: Bits of the per-output-channel fixed point (|q| <= 2^FRAC_BITS).
 FRAC_BITS = 23
 #: Largest |q| three balanced int8 digits hold.
@@ -224,7 +222,9 @@ def _tile_occupancy(group_any, kh, kw, stride, Ho, Wo, tile):
 #: tiles and 8 warps 1.55 ms; 32-channel blocks, 8x16 tiles, 4 warps (the first
 #: default) 2.53 ms; results identical (integer accumulation). ``b_kmajor``: the
 #: weight planes K-major (:func:`quantize_weight`); not yet timed on a GPU, so
-#: off by default until the sweep has measured it.
+#: off by default until the sweep has measured it. ``block_n`` (optional): output
+#: channels per program, a power of two >= 16 (default: Cout rounded up, 16..64);
+#: each program holds three int32 accumulators of BLOCK_M x BLOCK_N.
 DEFAULT_CONFIG = dict(block_k=None, tile=(16, 16), num_warps=8, num_stages=None, b_kmajor=False)
 #: The same for SpikeMasks input: the configuration its measurements used (the
 #: sweep above timed float spikes only; here each K-block unpacks one 64-bit word
@@ -237,9 +237,16 @@ MASKS_CONFIG = dict(block_k=32, tile=(TILE_H, TILE_W), num_warps=4, num_stages=N
 def launch_config(base, config, cin):
     """``base`` updated by ``config`` (None or a dict), ``block_k`` resolved for
     ``cin`` input channels."""
+    unknown = set(config or {}) - set(base) - {"block_n"}
+    if unknown:
+        raise ValueError(f"config: unknown launch options {sorted(unknown)}; expected some of "
+                         f"{sorted(set(base) | {'block_n'})}")
     cfg = dict(base, **(config or {}))
     if cfg["block_k"] is None:
         cfg["block_k"] = 64 if cin > 32 else 32
+    bn = cfg.get("block_n")
+    if bn is not None and (bn < 16 or bn & (bn - 1)):
+        raise ValueError(f"config: block_n must be a power of two >= 16, got {bn}")
     return cfg
 
 
@@ -276,6 +283,8 @@ def spike_conv2d_fwd_masks_triton(masks, channels, weight, bias, stride, padding
     directly (no int8 copy of the spikes); same result bit for bit. ``out``: a
     contiguous float32 [N, Cout, Ho, Wo] to write into. ``config`` overrides
     :data:`MASKS_CONFIG`."""
+    # imported here: spikingir.ops imports this module when it registers the ops
+    from spikingir.ops.masks import popcount
     cfg = launch_config(MASKS_CONFIG, config, channels)
     N, H, W, _ = masks.shape
     block_k = cfg["block_k"]
@@ -302,7 +311,7 @@ def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate
     Cout, _, kh, kw = weight.shape
     Ho = (H + 2 * padding - kh) // stride + 1
     Wo = (W + 2 * padding - kw) // stride + 1
-    BLOCK_K, BLOCK_N = cfg["block_k"], _block_n(Cout)
+    BLOCK_K, BLOCK_N = cfg["block_k"], cfg.get("block_n") or _block_n(Cout)
     tile_h, tile_w = cfg["tile"]
     planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N, cfg["b_kmajor"])
     Cin_p = triton.cdiv(weight.shape[1], BLOCK_K) * BLOCK_K

@@ -451,7 +451,8 @@ def test_triton_occupancy_map_matches_brute_force():
 @pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
 @pytest.mark.parametrize("config", [dict(block_k=64), dict(block_k=32, tile=(8, 16), num_warps=4),
                                     dict(block_k=64, tile=(4, 8), num_warps=8, num_stages=3),
-                                    dict(b_kmajor=True), dict(b_kmajor=True, block_k=64)])
+                                    dict(b_kmajor=True), dict(b_kmajor=True, block_k=64),
+                                    dict(b_kmajor=True, block_n=16)])
 def test_triton_launch_configs_agree(config):
     """Launch configurations (the GPU tuning sweep) compute the same integers:
     bitwise equal to the default configs, from float spikes and from masks,
@@ -470,6 +471,18 @@ def test_triton_launch_configs_agree(config):
             assert torch.equal(out_m, ref)
         assert_close(out, F.conv2d(s.double(), w.double(), b.double(), padding=1).float(),
                      1e-6, 1e-5)
+
+
+@pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
+@pytest.mark.parametrize("config, match", [(dict(tile_h=8), "unknown launch options"),
+                                           (dict(block_n=24), "power of two"),
+                                           (dict(block_n=8), "power of two")])
+def test_triton_bad_launch_config(config, match):
+    from spikingir.kernels.spike_conv import spike_conv2d_fwd_triton
+    w, b = conv_params(7, 5, 3, seed=4)
+    s = spikes(1, 5, 6, 6, rate=0.2, seed=5)
+    with pytest.raises(ValueError, match=match):
+        spike_conv2d_fwd_triton(s, w, b, 1, 1, -1.0, False, False, config=config)
 
 
 # ---------------------------------------------------------------------------
