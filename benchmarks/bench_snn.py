@@ -134,9 +134,21 @@ def main(argv=None):
     p.add_argument("--train", action="store_true",
                    help="time a fine-tuning step instead (see train_step_table)")
     p.add_argument("--markdown-append", metavar="PATH")
+    p.add_argument("--triton-config", metavar="JSON", default=None,
+                   help='launch options of the Triton spike_conv2d for this run, from float '
+                        'spikes and from masks, e.g. \'{"b_kmajor": true}\' (see '
+                        'kernels/spike_conv.py DEFAULT_CONFIG; the same result bit for bit)')
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = args.device
+    if args.triton_config:
+        import json
+
+        from spikingir.kernels import spike_conv as K
+        cfg = json.loads(args.triton_config)
+        for base in (K.DEFAULT_CONFIG, K.MASKS_CONFIG):
+            K.launch_config(base, cfg, 64)  # unknown options fail here, not mid-run
+            base.update(cfg)
     if args.train:
         return train_step_table(args)
     x, clean = _image(args.shape)
@@ -190,7 +202,8 @@ def main(argv=None):
     env = environment(dev, args.threads)
     header = markdown_header(env)
     lines = [f"DnCNN s25 SNN (shipped, T={snn.timesteps}, {snn.neuron_kind}) vs ANN, input "
-             f"{args.shape}, mean firing rate {100 * rate:.1f}%",
+             f"{args.shape}, mean firing rate {100 * rate:.1f}%"
+             + (f", Triton launch options {args.triton_config}" if args.triton_config else ""),
              "", "| column | ms | ratio to ANN fp32 | PSNR (dB) |", "|---|---|---|---|"]
     for k, v in ms.items():
         d = f"{quality[k]:.2f}" if k in quality else "-"

@@ -23,7 +23,8 @@
 # SNNs' last stages were trained), SEED, DISTILL (its --distill: train
 # towards DISTILL x the ANN's output + the rest x the clean image); TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time
 # limits); BENCH (which benchmarks, default "conv snn neuron train"; "" = none), SWEEP=1
-# (add the Triton launch sweep, float and masks input); NCU=1 (Nsight Compute on the
+# (add the Triton launch sweep, float and masks input); TRITON_CONFIG (JSON launch
+# options, e.g. '{"b_kmajor": true}': bench_snn runs a second time with them); NCU=1 (Nsight Compute on the
 # CUDA and Triton spike_conv2d kernels from masks); BUILD=0 (a warm machine that built already). The
 # training's checkpoint comes back in $OUT, so a later session can continue it.
 # Timings on an H100 (2026-11-27): build 50 s, GPU tests 47 s, memcheck 17 s,
@@ -136,7 +137,14 @@ for b in ${BENCH-conv snn neuron train}; do
     step "bench_snn"
     timeout 120 python benchmarks/bench_snn.py --device cuda > "$LOG/bench_snn_gpu.txt" 2>&1 || status=1
     cp "$LOG/bench_snn_gpu.txt" "$OUT/"
-    tail -10 "$LOG/bench_snn_gpu.txt" ;;
+    tail -10 "$LOG/bench_snn_gpu.txt"
+    if [ -n "${TRITON_CONFIG:-}" ]; then
+      step "bench_snn with the Triton launch options $TRITON_CONFIG"
+      timeout 120 python benchmarks/bench_snn.py --device cuda --triton-config "$TRITON_CONFIG" \
+        > "$LOG/bench_snn_gpu_cfg.txt" 2>&1 || status=1
+      cp "$LOG/bench_snn_gpu_cfg.txt" "$OUT/"
+      grep -E "launch options|triton|ANN fp32" "$LOG/bench_snn_gpu_cfg.txt" | tail -6
+    fi ;;
   neuron)
     step "bench_neuron"
     timeout 150 python benchmarks/bench_neuron.py --device cuda --T 10 --N 1000000 8000000 \
