@@ -222,29 +222,30 @@ def _tile_occupancy(group_any, kh, kw, stride, Ho, Wo, tile):
 #: tiles and 8 warps 1.55 ms; 32-channel blocks, 8x16 tiles, 4 warps (the first
 #: default) 2.53 ms; results identical (integer accumulation). ``b_kmajor``: the
 #: weight planes K-major (:func:`quantize_weight`); not yet timed on a GPU, so
-#: off by default until the sweep has measured it. ``block_n`` (optional): output
-#: channels per program, a power of two >= 16 (default: Cout rounded up, 16..64);
+#: off by default until the sweep has measured it. ``block_n``: output channels
+#: per program, a power of two >= 16 (None: Cout rounded up, 16..64);
 #: each program holds three int32 accumulators of BLOCK_M x BLOCK_N.
-DEFAULT_CONFIG = dict(block_k=None, tile=(16, 16), num_warps=8, num_stages=None, b_kmajor=False)
+DEFAULT_CONFIG = dict(block_k=None, tile=(16, 16), num_warps=8, num_stages=None, b_kmajor=False,
+                      block_n=None)
 #: The same for SpikeMasks input: the configuration its measurements used (the
 #: sweep above timed float spikes only; here each K-block unpacks one 64-bit word
 #: per output pixel into a BLOCK_M x BLOCK_K int8 tile in registers, which grows
 #: with both). ``benchmarks/bench_spike_conv.py --triton-sweep`` times both.
 MASKS_CONFIG = dict(block_k=32, tile=(TILE_H, TILE_W), num_warps=4, num_stages=None,
-                    b_kmajor=False)
+                    b_kmajor=False, block_n=None)
 
 
 def launch_config(base, config, cin):
     """``base`` updated by ``config`` (None or a dict), ``block_k`` resolved for
     ``cin`` input channels."""
-    unknown = set(config or {}) - set(base) - {"block_n"}
+    unknown = set(config or {}) - set(base)
     if unknown:
         raise ValueError(f"config: unknown launch options {sorted(unknown)}; expected some of "
-                         f"{sorted(set(base) | {'block_n'})}")
+                         f"{sorted(base)}")
     cfg = dict(base, **(config or {}))
     if cfg["block_k"] is None:
         cfg["block_k"] = 64 if cin > 32 else 32
-    bn = cfg.get("block_n")
+    bn = cfg["block_n"]
     if bn is not None and (bn < 16 or bn & (bn - 1)):
         raise ValueError(f"config: block_n must be a power of two >= 16, got {bn}")
     return cfg
@@ -311,7 +312,7 @@ def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate
     Cout, _, kh, kw = weight.shape
     Ho = (H + 2 * padding - kh) // stride + 1
     Wo = (W + 2 * padding - kw) // stride + 1
-    BLOCK_K, BLOCK_N = cfg["block_k"], cfg.get("block_n") or _block_n(Cout)
+    BLOCK_K, BLOCK_N = cfg["block_k"], cfg["block_n"] or _block_n(Cout)
     tile_h, tile_w = cfg["tile"]
     planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N, cfg["b_kmajor"])
     Cin_p = triton.cdiv(weight.shape[1], BLOCK_K) * BLOCK_K
