@@ -118,6 +118,11 @@ def _spike_conv2d_fwd_kernel(s_ptr, wq_ptr, scale_ptr, bias_ptr, occ_ptr, out_pt
     tl.store(out_ptr + o_off, out, mask=valid[:, None] & cmask[None, :])
 
 
+def _round_up(n, multiple):
+    """``n`` rounded up to a multiple of ``multiple`` (a padded channel count)."""
+    return triton.cdiv(n, multiple) * multiple
+
+
 def _block_n(Cout):
     return max(16, min(64, triton.next_power_of_2(Cout)))
 
@@ -151,8 +156,8 @@ def quantize_weight(weight, block_k, block_n, k_major=False):
         digits.append(d)
         q = (q - d) // 256
     digits.append(q)  # in [-128, 127] since |q| <= QMAX
-    Cin_p = triton.cdiv(Cin, block_k) * block_k
-    Cout_p = triton.cdiv(Cout, block_n) * block_n
+    Cin_p = _round_up(Cin, block_k)
+    Cout_p = _round_up(Cout, block_n)
     if k_major:
         planes = torch.zeros(3, Cout_p, kh, kw, Cin_p, dtype=torch.int8, device=weight.device)
         for i, d in enumerate(digits):
@@ -167,7 +172,7 @@ def quantize_weight(weight, block_k, block_n, k_major=False):
 def padded_spikes(s, padding, block_k):
     """s [N, Cin, H, W] -> int8 [N, H + 2p, W + 2p, Cin_p], zero-padded, channels last."""
     N, Cin, H, W = s.shape
-    Cin_p = triton.cdiv(Cin, block_k) * block_k
+    Cin_p = _round_up(Cin, block_k)
     out = torch.zeros(N, H + 2 * padding, W + 2 * padding, Cin_p, dtype=torch.int8,
                       device=s.device)
     out[:, padding:padding + H, padding:padding + W, :Cin] = (s != 0).permute(0, 2, 3, 1)
@@ -291,7 +296,7 @@ def spike_conv2d_fwd_masks_triton(masks, channels, weight, bias, stride, padding
     block_k = cfg["block_k"]
     if 64 % block_k:
         raise ValueError(f"block_k must divide 64 to read channel masks, got {block_k}")
-    Cin_p = triton.cdiv(channels, block_k) * block_k
+    Cin_p = _round_up(channels, block_k)
     pad = (0, 0, padding, padding, padding, padding)
     return _launch(masks, True, N, H, W, weight, bias, stride, padding, dense_rate,
                    lambda: float(popcount(masks).sum()) / max(1, N * H * W * channels),
@@ -315,8 +320,8 @@ def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate
     BLOCK_K, BLOCK_N = cfg["block_k"], cfg["block_n"] or _block_n(Cout)
     tile_h, tile_w = cfg["tile"]
     planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N, cfg["b_kmajor"])
-    Cin_p = triton.cdiv(weight.shape[1], BLOCK_K) * BLOCK_K
-    Cout_p = triton.cdiv(Cout, BLOCK_N) * BLOCK_N
+    Cin_p = _round_up(weight.shape[1], BLOCK_K)
+    Cout_p = _round_up(Cout, BLOCK_N)
     if out is None:
         out = torch.empty(N, Cout, Ho, Wo, dtype=torch.float32, device=src.device)
     elif (out.shape != (N, Cout, Ho, Wo) or out.dtype != torch.float32
