@@ -83,17 +83,17 @@ def train_step_table(args):
     """``--train``: ms of one fine-tuning step of the SNN (``--shape`` B x 1 x H x W
     noisy patches, MSE to the clean ones, backward through the fused neurons,
     Adam), with the network in NCHW and in channels-last memory (``spikingir
-    finetune`` trains channels-last on the CPU), fp32 (TF32 off on a GPU); on a
-    GPU also channels-last under bf16 autocast (``spikingir finetune --amp``)."""
+    finetune`` trains channels-last on the CPU), fp32 (TF32 off on a GPU), and
+    channels-last under bf16 autocast (``spikingir finetune --amp``; on a CPU
+    without AVX512-BF16 or AMX that row is slow, not fast)."""
     dev = args.device
     x, _ = _image(args.shape)
     x = x.to(dev)
     target = x.clamp(0, 1)
     rows = []
     settings = [("contiguous_format", torch.contiguous_format, False),
-                ("channels_last", torch.channels_last, False)]
-    if dev == "cuda":
-        settings.append(("channels_last bf16 autocast", torch.channels_last, True))
+                ("channels_last", torch.channels_last, False),
+                ("channels_last bf16 autocast", torch.channels_last, True)]
     for name, layout, amp in settings:
         snn = load_snn(args.snn_weights).to(dev).to(memory_format=layout).train()
         opt = torch.optim.Adam(snn.parameters(), 1e-6)

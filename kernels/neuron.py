@@ -22,13 +22,17 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+#: |a u| beyond which the sigmoid surrogate is 0; must match spikingir/ops/surrogate.py.
+SIGMOID_CUTOFF = tl.constexpr(40.0)
+
 
 @triton.jit
 def _surrogate_grad(u, a, SURROGATE: tl.constexpr):
     # d/du of the smooth step; ids and formulas as in spikingir/ops/surrogate.py.
-    if SURROGATE == 0:  # sigmoid: a e / (1 + e)^2, e = exp(-|a u|)
-        e = tl.exp(-tl.abs(a * u))
-        g = a * e / ((1.0 + e) * (1.0 + e))
+    if SURROGATE == 0:  # sigmoid: a e / (1 + e)^2, e = exp(-|a u|); 0 beyond the cutoff
+        au = tl.abs(a * u)
+        e = tl.exp(-au)
+        g = tl.where(au > SIGMOID_CUTOFF, 0.0, a * e / ((1.0 + e) * (1.0 + e)))
     elif SURROGATE == 1:  # atan
         z = 1.5707963267948966 * a * u
         g = 0.5 * a / (1.0 + z * z)
