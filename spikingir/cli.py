@@ -176,25 +176,6 @@ def cuda_missing(device):
     return None
 
 
-def amp_hint(device, amp):
-    """A one-line note for a CPU training run without ``--amp`` on a CPU with bf16
-    matrix units (AMX or AVX512-BF16), where bf16 autocast is several times faster
-    (an SNN fine-tuning step on an Intel Xeon with AMX: 4.35 s fp32, 1.10 s bf16;
-    benchmarks/RESULTS.md), else None."""
-    import torch
-    if amp or str(device) != "cpu":
-        return None
-    cpu = getattr(torch, "cpu", None)
-    for probe, name in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
-        try:
-            if getattr(cpu, probe)():
-                return (f"note: this CPU has {name}: --amp (bf16 autocast) trains several times "
-                        "faster here")
-        except (AttributeError, RuntimeError):
-            pass
-    return None
-
-
 class _BadInput(ValueError):
     pass
 
@@ -297,9 +278,6 @@ def _cmd_train_ann(args):
         return fail(err)
     if args.threads:
         torch.set_num_threads(args.threads)
-    hint = amp_hint(args.device, args.amp)
-    if hint:
-        print(hint, file=sys.stderr)
     common = dict(data=args.data, val_data=args.val_data, steps=args.steps, epochs=args.epochs, lr=args.lr,
                   device=args.device, seed=args.seed, checkpoint=args.checkpoint, resume=args.resume,
                   val_every=args.val_every, checkpoint_every=args.checkpoint_every, amp=args.amp,

@@ -10,7 +10,7 @@ import sys
 import time
 
 from spikingir.cli import (_nonneg_float, _nonneg_int, _number_in, _positive_int, _unit_float,
-                           amp_hint, check_output_folder, check_outputs)
+                           check_output_folder, check_outputs)
 from spikingir.tiling import DEFAULT_TILE
 
 
@@ -428,9 +428,6 @@ def _cmd_finetune(args):
     device = _device(args)
     _set_threads(args)
     sigma = _sigma_of(args)
-    hint = amp_hint(device, args.amp)
-    if hint:
-        print(hint, file=sys.stderr)
     if args.resume and args.checkpoint is None:
         raise UserError("--resume needs --checkpoint PATH (the run to continue)")
     check_outputs(args.out, args.checkpoint, args.resume)

@@ -266,7 +266,7 @@ def test_cli_sets_huge_pages_before_torch_loads():
 
 
 def test_amp_hint_only_for_cpu_fp32_runs_on_bf16_hardware(monkeypatch):
-    from spikingir.cli import amp_hint
+    from spikingir.train import amp_hint
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert "AVX512-BF16" in amp_hint("cpu", False) and "--amp" in amp_hint("cpu", False)
@@ -295,8 +295,8 @@ def test_finetune_continues_an_snn_with_an_energy_term(files, tmp_path, capsys, 
                             + (["--amp", "--val-every", "1", "--warmup", "5"] if amp else []),
                             capsys)
     assert code == 0, err
-    from spikingir.cli import amp_hint
-    assert ("--amp (bf16 autocast)" in err) == (amp_hint("cpu", amp) is not None)
+    from spikingir.train import amp_hint
+    assert ("bf16 autocast (--amp)" in err) == (amp_hint("cpu", amp) is not None)
     validations = (stdout + err).count("validation at step")
     assert validations == (2 if amp else 1)  # --val-every 1: after each of the 2 steps
     meta = torch.load(out, weights_only=True)["meta"]

@@ -45,8 +45,13 @@ def _setup_context(ctx, inputs, output, triton=False):
     (x, theta, beta, v0, alpha, surrogate, reuse_alpha, reuse_step, scale_output,
      detach_reset, inner, save_bytes) = inputs
     ctx.save_for_backward(output[2], theta, beta, alpha)
+    # Outputs without a gradient (always `saved`, often v_final) reach backward as None
+    # instead of materialised zeros: a full-size zero fill per layer (17 ms of a
+    # [11, 8, 64, 40, 40] fine-tuning layer's ~110 ms, one thread).
+    ctx.set_materialize_grads(False)
     ctx.config = (surrogate, reuse_alpha, reuse_step, scale_output, detach_reset, inner)
     ctx.reuse_step = reuse_step
+    ctx.y_dtype = output[0].dtype
 
 
 def _backward_via(bwd_op):
@@ -54,6 +59,8 @@ def _backward_via(bwd_op):
         saved, theta, beta, alpha = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_v = None if grad_v is None else grad_v.float().contiguous()
+        if grad_y is None:  # only v_final was used
+            grad_y = saved.new_zeros(saved.shape, dtype=ctx.y_dtype)
         gx, gv0, gth, gbe = bwd_op(grad_y.contiguous(), grad_v, saved, theta, beta, alpha,
                                    *ctx.config, need[1], need[2] and ctx.reuse_step)
         return (gx, gth if need[1] else None, gbe if need[2] else None,
