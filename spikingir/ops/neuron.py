@@ -276,7 +276,8 @@ def if_multistep(x_seq, theta, *, v0=None, surrogate="sigmoid", alpha=4.0, detac
         theta: threshold: a float, a 0-d tensor or a ``[C]`` tensor (C =
             ``x_seq.shape[2]``); finite and > 0. Differentiable.
         v0: initial membrane potential shaped like one step, or None (zeros).
-        surrogate: ``"sigmoid" | "atan" | "triangle" | "rectangle"``.
+        surrogate: ``"sigmoid" | "atan" | "triangle" | "rectangle"`` (formulas:
+            spikingir/ops/surrogate.py; the sigmoid one is 0 beyond |alpha u| = 40).
         alpha: surrogate sharpness, a float or a 0-d / ``[C]`` tensor
             (``alpha = a / theta`` makes it scale-free); no gradient.
         detach_reset: the reset ``theta * s`` carries no gradient through s.
