@@ -265,19 +265,6 @@ def test_cli_sets_huge_pages_before_torch_loads():
     assert out.stdout.split() == ["False", "0"]
 
 
-def test_amp_hint_only_for_cpu_fp32_runs_on_bf16_hardware(monkeypatch):
-    from spikingir.train import amp_hint
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert "AVX512-BF16" in amp_hint("cpu", False) and "--amp" in amp_hint("cpu", False)
-    assert amp_hint("cpu", True) is None and amp_hint("cuda", False) is None
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert "AMX" in amp_hint(torch.device("cpu"), False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    assert amp_hint("cpu", False) is None
-
-
 @pytest.mark.parametrize("amp", [False, True])
 def test_finetune_continues_an_snn_with_an_energy_term(files, tmp_path, capsys, amp):
     """finetune --snn-weights starts from a saved SNN (no conversion), and

@@ -380,3 +380,15 @@ def test_shipped_aodnet_dehazes_held_out_scene():
         out = load_shipped_ann("dehaze")(hazy[None])[0]
     assert psnr(clean.permute(1, 2, 0).numpy(), out.permute(1, 2, 0).numpy()) > \
         psnr(clean.permute(1, 2, 0).numpy(), hazy.permute(1, 2, 0).numpy()) + 3.0
+
+
+def test_amp_hint_only_for_cpu_fp32_runs_on_bf16_hardware(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert "AVX512-BF16" in train.amp_hint("cpu", False) and "--amp" in train.amp_hint("cpu", False)
+    assert train.amp_hint("cpu", True) is None and train.amp_hint("cuda", False) is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert "AMX" in train.amp_hint(torch.device("cpu"), False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert train.amp_hint("cpu", False) is None
