@@ -276,9 +276,9 @@ def _cmd_restore(args):
 
     from PIL import Image
 
-    from spikingir.data import estimate_noise_sigma, load_image
+    from spikingir.data import estimate_noise_sigma, is_16bit_gray, load_image
     from spikingir.evaluate import write_atomic
-    from spikingir.metrics import to_uint8
+    from spikingir.metrics import to_uint8, to_uint16
     from spikingir.pipeline import load_ann, nearest_sigma, restore
 
     device = _device(args)
@@ -306,8 +306,10 @@ def _cmd_restore(args):
             nets[level] = snn.to(device), origin
         snn, origin = nets[level]
         out = restore(img, snn, tile=args.tile, amp=args.amp)  # gray -> RGB for AOD-Net
+        # a 16-bit gray input keeps its 16 bits where the format can hold them
+        deep = out.ndim == 2 and fmt in ("PNG", "TIFF") and is_16bit_gray(src)
         buf = io.BytesIO()
-        Image.fromarray(to_uint8(out)).save(buf, format=fmt)
+        Image.fromarray(to_uint16(out) if deep else to_uint8(out)).save(buf, format=fmt)
         write_atomic(dst, buf.getvalue())
         print(f"wrote {dst} ({args.task}, T={args.timesteps}; {origin})")
     return 0
@@ -335,7 +337,8 @@ def _add_restore(sub):
                    help="image file(s), or folders of images")
     p.add_argument("-o", "--output", required=True,
                    help="output image file; a folder for several inputs or a folder input "
-                        "(each image keeps its name)")
+                        "(each image keeps its name); 8-bit, or 16-bit for a 16-bit gray input "
+                        "written as PNG or TIFF")
     _add_model_args(p)
     p.add_argument("--timesteps", type=_positive_int, default=10, help="T (default 10)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default) or cuda")

@@ -72,9 +72,12 @@ def _open(path) -> Image.Image:
     return img
 
 
+_GRAY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # PIL's 16-bit grayscale modes
+
+
 def _pil_to_float(img: Image.Image, gray) -> np.ndarray:
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale
+    if mode in _GRAY16_MODES:
         a = np.asarray(img, dtype=np.float64) / 65535.0
         if gray is False:
             a = np.repeat(a[..., None], 3, axis=-1)
@@ -105,15 +108,26 @@ def load_image(path, gray: bool | None = None) -> np.ndarray:
     return _pil_to_float(_open(path), gray)
 
 
+def is_16bit_gray(path) -> bool:
+    """Whether ``path`` is a 16-bit grayscale image (from its header only):
+    `spikingir restore` then writes its result with 16 bits too (PNG, TIFF)."""
+    return _header(path)[0] in _GRAY16_MODES
+
+
 def _image_size(path) -> tuple[int, int]:
     """(H, W) from the header only."""
+    w, h = _header(path)[1]
+    return h, w
+
+
+def _header(path) -> tuple[str, tuple[int, int]]:
+    """PIL's (mode, (W, H)) of an image file, without decoding its pixels."""
     p = Path(path)
     try:
         with Image.open(p) as img:
-            w, h = img.size
+            return img.mode, img.size
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"cannot read image {p}: {err}") from err
-    return h, w
 
 
 # ----------------------------------------------------------------------------- denoising

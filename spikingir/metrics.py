@@ -63,12 +63,29 @@ def to_uint8(img) -> np.ndarray:
     """Clip to [0, 1], scale by 255 and round to uint8 (uint8 input is returned
     unchanged). Keeps the layout; accepts numpy arrays and torch tensors; NaN
     raises ValueError."""
-    img = _to_numpy(img, "image")
-    if img.dtype == np.uint8:
+    return _quantize(img, np.uint8, "to_uint8")
+
+
+def to_uint16(img) -> np.ndarray:
+    """Clip to [0, 1], scale by 65535 and round to uint16 (uint16 input is
+    returned unchanged): how `spikingir restore` writes the result of a 16-bit
+    input. Same conventions as ``to_uint8``."""
+    return _quantize(img, np.uint16, "to_uint16")
+
+
+def _quantize(img, dtype, name) -> np.ndarray:
+    if isinstance(img, np.ndarray) and img.dtype == dtype:
         return img.copy()
+    img = _to_numpy(img, "image")
+    if img.dtype == dtype:
+        return img.copy()
+    if not np.issubdtype(img.dtype, np.floating):
+        raise TypeError(f"{name}: expected a float image in [0, 1] or {np.dtype(dtype).name}, "
+                        f"got dtype {img.dtype}")
     if np.isnan(img).any():
-        raise ValueError("to_uint8: image contains NaN")
-    return np.round(np.clip(img.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+        raise ValueError(f"{name}: image contains NaN")
+    top = float(np.iinfo(dtype).max)
+    return np.round(np.clip(img.astype(np.float64), 0.0, 1.0) * top).astype(dtype)
 
 
 def _prepare(clean, restored) -> tuple[np.ndarray, np.ndarray]:

@@ -212,6 +212,32 @@ def test_restore_several_images_into_a_folder(files, tmp_path, capsys):
     assert code == 2 and "same file name" in err and not (tmp_path / "dup").exists()
 
 
+def test_restore_keeps_16_bits(files, tmp_path, capsys):
+    """A 16-bit gray input is restored into a 16-bit PNG/TIFF (the network's
+    output rounded to 1/65535, not 1/255); 8-bit-only formats (BMP) get 8 bits
+    of the same image."""
+    from spikingir.metrics import to_uint8
+
+    g16 = np.random.default_rng(3).integers(0, 65536, (20, 24), dtype=np.uint16)
+    src = tmp_path / "g16.png"
+    Image.fromarray(g16).save(src)
+    common = ["--task", "denoise", "--sigma", "25", "--timesteps", "2", "--ann-weights",
+              str(files / "dncnn.pt")]
+    outs = {}
+    for ext in ("png", "tif", "bmp"):
+        out = tmp_path / f"o.{ext}"
+        code, _, err = run(["restore", str(src), "-o", str(out)] + common, capsys)
+        assert code == 0, err
+        outs[ext] = np.asarray(Image.open(out))
+    assert outs["png"].dtype == outs["tif"].dtype == np.uint16 and outs["bmp"].dtype == np.uint8
+    assert np.array_equal(outs["png"], outs["tif"]) and outs["png"].shape == (20, 24)
+    assert len(np.unique(outs["png"] % 257)) > 1  # not 8-bit values scaled up
+    # the same image: rounding the 16-bit result to 8 bits differs from rounding the
+    # float once by at most 1 (double rounding at ties), and the two mostly agree
+    diff = to_uint8(outs["png"] / 65535.0).astype(int) - outs["bmp"].astype(int)
+    assert np.abs(diff).max() <= 1 and (diff == 0).mean() > 0.95
+
+
 def test_restore_without_sigma_estimates_it(files, tmp_path, capsys):
     """No --sigma: the noise level is estimated from the image and the nearest
     shipped model used (here the noise of the random image reads as ~50+)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from spikingir.metrics import psnr, ssim, to_uint8
+from spikingir.metrics import psnr, ssim, to_uint8, to_uint16
 
 
 def _pair(shape, seed=0, noise=0.05):
@@ -26,6 +26,17 @@ def test_to_uint8_roundtrip_and_clipping():
         to_uint8(np.array([np.nan]))
     with pytest.raises(TypeError):
         to_uint8([0.5])
+
+
+def test_to_uint16_roundtrip_and_clipping():
+    levels = np.arange(65536, dtype=np.uint16)
+    assert np.array_equal(to_uint16(levels.astype(np.float64) / 65535), levels)
+    assert np.array_equal(to_uint16(np.array([-0.3, 1.7, 0.4 / 65535, 0.6 / 65535])), [0, 65535, 0, 1])
+    assert to_uint16(levels) is not levels and np.array_equal(to_uint16(levels), levels)
+    with pytest.raises(ValueError, match="to_uint16: image contains NaN"):
+        to_uint16(torch.tensor([0.5, float("nan")]))
+    with pytest.raises(TypeError, match="to_uint16: expected a float image"):
+        to_uint16(np.zeros(3, np.uint8))  # 0-255 values are not [0, 1] ones
 
 
 def test_psnr_matches_convention():
