@@ -74,7 +74,7 @@ def to_uint16(img) -> np.ndarray:
 
 
 def _quantize(img, dtype, name) -> np.ndarray:
-    if isinstance(img, np.ndarray) and img.dtype == dtype:
+    if isinstance(img, np.ndarray) and img.dtype == dtype:  # before _to_numpy: it knows uint8 only
         return img.copy()
     img = _to_numpy(img, "image")
     if img.dtype == dtype:
