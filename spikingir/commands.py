@@ -337,8 +337,8 @@ def _add_restore(sub):
                    help="image file(s), or folders of images")
     p.add_argument("-o", "--output", required=True,
                    help="output image file; a folder for several inputs or a folder input "
-                        "(each image keeps its name); 8-bit, or 16-bit for a 16-bit gray input "
-                        "written as PNG or TIFF")
+                        "(each image keeps its name); 8-bit, or 16-bit when a 16-bit gray input "
+                        "is denoised into a PNG or TIFF (dehazing writes 8-bit RGB)")
     _add_model_args(p)
     p.add_argument("--timesteps", type=_positive_int, default=10, help="T (default 10)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default) or cuda")

@@ -110,7 +110,8 @@ def load_image(path, gray: bool | None = None) -> np.ndarray:
 
 def is_16bit_gray(path) -> bool:
     """Whether ``path`` is a 16-bit grayscale image (from its header only):
-    `spikingir restore` then writes its result with 16 bits too (PNG, TIFF)."""
+    `spikingir restore` then writes a gray (denoised) result with 16 bits too
+    (PNG, TIFF); the dehazing model's RGB result stays 8-bit."""
     return _header(path)[0] in _GRAY16_MODES
 
 
