@@ -13,26 +13,26 @@
 # be stale: .gpu_data/COMMIT names the commit the benchmark headers print. Optional
 # wheels (SpikingJelly for the neuron benchmark's peer column) travel in .whl.
 #
-# Knobs (environment): TRAIN_S (seconds of SNN fine-tuning, default 150; 0 = none),
-# ENERGY_W (its --energy-weight, default 0), AMP=1 (its --amp: bf16 autocast), SIGMA
-# (the noise level, default 25), SNN0 (the SNN it starts from, default the shipped one
-# of that sigma), ANN0 (instead: convert these ANN weights, e.g.
-# ../shared/weights/dncnn_s25_official.pt, with the default layer calibration, fine-tune
-# that and evaluate it against them; a carried checkpoint must be that run's),
-# TIMESTEPS (its --timesteps, default "5 10": each batch at one of them, as the shipped
-# SNNs' last stages were trained), SEED, DISTILL (its --distill: train
-# towards DISTILL x the ANN's output + the rest x the clean image); TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time
-# limits); BENCH (which benchmarks, default "conv snn neuron train"; "" = none), SWEEP=1
-# (add the Triton launch sweep, float and masks input); TRITON_CONFIG (JSON launch
-# options, e.g. '{"b_kmajor": true}': bench_snn runs a second time with them); NCU=1 (Nsight Compute on the
-# CUDA and Triton spike_conv2d kernels from masks); BUILD=0 (a warm machine that built already). The
-# training's checkpoint comes back in $OUT, so a later session can continue it.
+# Knobs (environment): TRAIN_S (seconds of each SNN fine-tuning, default 150; 0 = none),
+# JOBS (the fine-tunings, run at once, default "s25": see train_job below; e.g.
+# "s25:0.0005 s50:0.0005 o25"), ENERGY_W (their default --energy-weight, 0), AMP=1 (--amp:
+# bf16 autocast), TIMESTEPS (--timesteps, default "5 10": each batch at one of them, as
+# the shipped SNNs' last stages were trained), STEPS (the cosine's length, default 20000),
+# SEED, DISTILL (--distill: train towards DISTILL x the ANN's output + the rest x the
+# clean image); TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time limits); BENCH
+# (which benchmarks, default "conv snn neuron train"; "" = none), DEADLINE_S (skip the
+# benchmarks that would start after this many seconds), SWEEP=1 (add the Triton launch
+# sweep, float and masks input); TRITON_CONFIG (JSON launch options, e.g. '{"b_kmajor":
+# true}': bench_snn runs a second time with them); NCU=1 (Nsight Compute on the CUDA and
+# Triton spike_conv2d kernels from masks); BUILD=0 (a warm machine that built already).
+# What comes back in $OUT (8 files at most): logs.tgz (every log and benchmark output),
+# the fine-tuned SNNs and their evaluations.
 # Timings on an H100 (2026-11-27): build 50 s, GPU tests 47 s, memcheck 17 s,
 # racecheck > 90 s, synccheck ~10 s (the training runs beside them), bench conv with
 # SWEEP=1 28 s, snn 15 s, neuron 39 s, train 12 s: everything with TRAIN_S=200 took
 # 381 s; more training can follow at once on the warm machine (BUILD=0 TESTS=0
-# BENCH="" TRAIN_S=...; carry the checkpoint that came back in .gpu_data/ckpt/; a
-# call is ~30 s more than TRAIN_S). The training runs fp32 at ~11.5 steps/s (batch
+# BENCH="" TRAIN_S=...; the checkpoints stay in /tmp there; a call is ~30 s more than
+# TRAIN_S). The training runs fp32 at ~11.5 steps/s (batch
 # 32); AMP=1 measured 2.7x faster per step (bench_snn --train); on the CPU, bf16
 # fine-tuning improved the s50 SNN (loss 0.98 -> 0.82 dB, evaluated in fp32) and kept
 # the s25 one's T=10 loss while training T=5 too (spikingir/weights/README.md).
@@ -72,28 +72,42 @@ if [ "${BUILD:-1}" != 0 ]; then
 fi
 spikingir --version  # the extension (with CUDA kernels?) and the backends each op can use
 
+# Fine-tunings in the background, beside the tests: one process per job of JOBS.
+# A job is sNN (continue the shipped DnCNN SNN of noise level NN, at half the default
+# learning rates with a warm-up, since its own schedule ended low) or oNN (convert the
+# official DnCNN-S weights of NN, ../shared/weights/dncnn_sNN_official.pt, with the
+# default calibration, fine-tune that and evaluate it against them); ":W" after it sets
+# its --energy-weight (default ENERGY_W). Each writes $OUT/snn_dncnn_<job>.pt and its
+# Set12 evaluation (full images, on the GPU) to $OUT/eval_<job>.json. A checkpoint carried
+# in .gpu_data/ckpt/<job>.ckpt is resumed.
+train_job() {
+  local job=${1%%:*} ew=${ENERGY_W:-0}
+  [[ $1 == *:* ]] && ew=${1#*:}
+  local sg=${job:1} init ann=() lr=()
+  case $job in
+    s*) init=(--snn-weights "spikingir/weights/snn_dncnn_s$sg.pt")
+        lr=(--lr-weights 1e-5 --lr-neurons 5e-4 --warmup 100) ;;
+    o*) init=(--ann-weights "../shared/weights/dncnn_s${sg}_official.pt"); ann=("${init[@]}") ;;
+    *) echo "unknown job $1 (expected sNN or oNN)"; return 2 ;;
+  esac
+  local ck=/tmp/ckpt-$job.ckpt
+  [ -f ".gpu_data/ckpt/$job.ckpt" ] && cp ".gpu_data/ckpt/$job.ckpt" "$ck"
+  python -m spikingir.cli finetune --task denoise --sigma "$sg" --timesteps ${TIMESTEPS:-5 10} \
+      --steps "${STEPS:-20000}" "${init[@]}" "${lr[@]}" --seed "${SEED:-3}" --threads 3 \
+      --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint "$ck" --resume \
+      --energy-weight "$ew" ${AMP:+--amp} --distill "${DISTILL:-0}" --log-every 200 --no-progress \
+      --out "$OUT/snn_dncnn_$job.pt" \
+    && python -m spikingir.cli evaluate --task denoise --sigma "$sg" "${ann[@]}" \
+      --snn-weights "$OUT/snn_dncnn_$job.pt" --data ../shared/data/set12 --timesteps 4 5 10 \
+      --device cuda --json "$OUT/eval_$job.json"
+}
 pids=()
 if [ "$TRAIN_S" != 0 ] && [ -d ../shared/data/train400 ]; then
-  step "start the training in the background (${TRAIN_S} s, beside the tests)"
-  # Continue fine-tuning the shipped DnCNN SNN of noise level SIGMA (default 25) at
-  # TIMESTEPS (SNN0, default the shipped one; with none shipped, e.g. sigma 50, the shipped
-  # ANN is converted); its checkpoint comes back: carry it in .gpu_data/ckpt and it
-  # resumes. Then evaluate it on Set12 (full images) on the GPU.
-  sg=${SIGMA:-25}
-  snn0=${SNN0:-spikingir/weights/snn_dncnn_s$sg.pt}
-  init=(); [ -f "$snn0" ] && init=(--snn-weights "$snn0")
-  ann=()
-  if [ -n "${ANN0:-}" ]; then init=(--ann-weights "$ANN0"); ann=(--ann-weights "$ANN0"); fi
-  ck=.gpu_data/ckpt/snn_s$sg.ckpt; [ -f "$ck" ] && cp "$ck" "$OUT/snn_s$sg.ckpt"
-  ( python -m spikingir.cli finetune --task denoise --sigma "$sg" --timesteps ${TIMESTEPS:-5 10} --steps 20000 \
-      "${init[@]}" --seed "${SEED:-3}" \
-      --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint "$OUT/snn_s$sg.ckpt" --resume \
-      --energy-weight "${ENERGY_W:-0}" ${AMP:+--amp} --distill "${DISTILL:-0}" \
-      --out "$OUT/snn_dncnn_s$sg.pt" \
-    && python -m spikingir.cli evaluate --task denoise --sigma "$sg" "${ann[@]}" --snn-weights "$OUT/snn_dncnn_s$sg.pt" \
-      --data ../shared/data/set12 --timesteps 4 5 10 --device cuda --json "$OUT/eval_snn_s$sg.json" \
-  ) > "$LOG/finetune.log" 2>&1 &
-  pids+=($!)
+  step "start the fine-tunings in the background (${TRAIN_S} s each, beside the tests): ${JOBS:-s25}"
+  for job in ${JOBS:-s25}; do
+    train_job "$job" > "$LOG/finetune_${job%%:*}.log" 2>&1 &
+    pids+=($!)
+  done
 fi
 
 if [ "${TESTS:-1}" != 0 ]; then
@@ -118,37 +132,39 @@ if [ "${TESTS:-1}" != 0 ]; then
 fi
 
 if [ ${#pids[@]} -gt 0 ]; then
-  step "wait for the training"
+  step "wait for the fine-tunings"
   for p in "${pids[@]}"; do wait "$p" || status=1; done
-  tr "\r" "\n" < "$LOG/finetune.log" | grep -v "^ *$" | grep -v "it/s" | tail -8
+  for f in "$LOG"/finetune_*.log; do
+    echo "-- $f"; tr "\r" "\n" < "$f" | grep -v "^ *$" | grep -v "it/s" | tail -6
+  done
 fi
 
 # Benchmarks run alone on the card, after the tests and the training. BENCH lists
 # them (default all; "" = none): conv, snn, neuron, train.
 for b in ${BENCH-conv snn neuron train}; do
+  if [ -n "${DEADLINE_S:-}" ] && [ $(( $(date +%s) - T0 )) -gt "$DEADLINE_S" ]; then
+    step "skip bench $b: past DEADLINE_S=$DEADLINE_S"; continue
+  fi
   case $b in
   conv)
     step "bench_spike_conv"
     timeout 200 python benchmarks/bench_spike_conv.py --device cuda --dncnn ${SWEEP:+--triton-sweep} \
       > "$LOG/bench_spike_conv_gpu.txt" 2>&1 || status=1
-    cp "$LOG/bench_spike_conv_gpu.txt" "$OUT/"
     grep "^|" "$LOG/bench_spike_conv_gpu.txt" | tail -20 ;;
   snn)
     step "bench_snn"
     timeout 120 python benchmarks/bench_snn.py --device cuda > "$LOG/bench_snn_gpu.txt" 2>&1 || status=1
-    cp "$LOG/bench_snn_gpu.txt" "$OUT/"
     tail -10 "$LOG/bench_snn_gpu.txt"
     if [ -n "${TRITON_CONFIG:-}" ]; then
       step "bench_snn with the Triton launch options $TRITON_CONFIG"
       timeout 120 python benchmarks/bench_snn.py --device cuda --triton-config "$TRITON_CONFIG" \
         > "$LOG/bench_snn_gpu_cfg.txt" 2>&1 || status=1
-      cp "$LOG/bench_snn_gpu_cfg.txt" "$OUT/"
-      grep -E "launch options|triton|ANN fp32" "$LOG/bench_snn_gpu_cfg.txt" | tail -6
+        grep -E "launch options|triton|ANN fp32" "$LOG/bench_snn_gpu_cfg.txt" | tail -6
     fi ;;
   neuron)
     step "bench_neuron"
     timeout 150 python benchmarks/bench_neuron.py --device cuda --T 10 --N 1000000 8000000 \
-      --json "$OUT/bench_neuron_gpu.json" > "$LOG/bench_neuron_gpu.txt" 2>&1 || status=1
+      --json "$LOG/bench_neuron_gpu.json" > "$LOG/bench_neuron_gpu.txt" 2>&1 || status=1
     tail -32 "$LOG/bench_neuron_gpu.txt" ;;
   train)
     # a fine-tuning step, NCHW against channels-last (finetune trains channels-last on the CPU only)
@@ -173,7 +189,7 @@ if [ "${NCU:-0}" != 0 ]; then
 fi
 
 step "summary: neuron (from bench_neuron_gpu.json)"
-[ -f "$OUT/bench_neuron_gpu.json" ] && python - "$OUT/bench_neuron_gpu.json" <<'PY' || true
+[ -f "$LOG/bench_neuron_gpu.json" ] && python - "$LOG/bench_neuron_gpu.json" <<'PY' || true
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
 fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
@@ -182,6 +198,16 @@ for r in rows:
     print(f"{r['mode']:7} {r['T']:>3} {r['N']:>9} {r['backend']:12} {fmt(r['ms'], '9.3f')} "
           f"{fmt(r['speedup'], '8.2f')} {fmt(r['gbps'], '7.0f')} {fmt(r['floor_frac'], '6.2f')}")
 PY
+step "summary: fine-tunings (Set12, full images; eval_<job>.json)"
+for f in "$OUT"/eval_*.json; do
+  [ -f "$f" ] && python - "$f" <<'PY' || true
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(sys.argv[1].rsplit("/", 1)[-1], f"ANN {r['ann']['psnr']:.2f}", " ".join(
+    f"T={s['timesteps']} {s['psnr']:.2f}/{s['ssim']:.4f} loss {s['psnr_loss']:.2f} "
+    f"E {s['energy_mj'] / r['ann']['energy_mj']:.3f}" for s in r["snn"]))
+PY
+done
 grep -E "passed|failed|error" "$LOG/gpu_tests.log" 2>/dev/null | tail -1
 for tool in memcheck racecheck synccheck; do
   echo "$tool: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$LOG/$tool.log" 2>/dev/null | tail -1)"
