@@ -135,9 +135,10 @@ def main(argv=None):
                    help="time a fine-tuning step instead (see train_step_table)")
     p.add_argument("--markdown-append", metavar="PATH")
     p.add_argument("--triton-config", metavar="JSON", default=None,
-                   help='launch options of the Triton spike_conv2d for this run, from float '
-                        'spikes and from masks, e.g. \'{"b_kmajor": true}\' (see '
-                        'kernels/spike_conv.py DEFAULT_CONFIG; the same result bit for bit)')
+                   help='launch options of the Triton spike_conv2d for this run, for both inputs '
+                        '(float spikes and masks), e.g. \'{"b_kmajor": false}\', or per input, '
+                        'e.g. \'{"masks": {"block_k": 64, "tile": [16, 16], "num_warps": 8}}\' '
+                        '(see kernels/spike_conv.py DEFAULT_CONFIG; the same result bit for bit)')
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = args.device
@@ -146,9 +147,12 @@ def main(argv=None):
 
         from spikingir.kernels import spike_conv as K
         cfg = json.loads(args.triton_config)
-        for base in (K.DEFAULT_CONFIG, K.MASKS_CONFIG):
-            K.launch_config(base, cfg, 64)  # unknown options fail here, not mid-run
-            base.update(cfg)
+        if not set(cfg) <= {"float", "masks"}:
+            cfg = {"float": cfg, "masks": cfg}
+        for kind, base in (("float", K.DEFAULT_CONFIG), ("masks", K.MASKS_CONFIG)):
+            part = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get(kind, {}).items()}
+            K.launch_config(base, part, 64)  # unknown options fail here, not mid-run
+            base.update(part)
     if args.train:
         return train_step_table(args)
     x, clean = _image(args.shape)

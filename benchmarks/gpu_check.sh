@@ -27,15 +27,14 @@
 # Triton spike_conv2d kernels from masks); BUILD=0 (a warm machine that built already).
 # What comes back in $OUT (8 files at most): logs.tgz (every log and benchmark output),
 # the fine-tuned SNNs and their evaluations.
-# Timings on an H100 (2026-11-27): build 50 s, GPU tests 47 s, memcheck 17 s,
-# racecheck > 90 s, synccheck ~10 s (the training runs beside them), bench conv with
-# SWEEP=1 28 s, snn 15 s, neuron 39 s, train 12 s: everything with TRAIN_S=200 took
-# 381 s; more training can follow at once on the warm machine (BUILD=0 TESTS=0
-# BENCH="" TRAIN_S=...; the checkpoints stay in /tmp there; a call is ~30 s more than
-# TRAIN_S). The training runs fp32 at ~11.5 steps/s (batch
-# 32); AMP=1 measured 2.7x faster per step (bench_snn --train); on the CPU, bf16
-# fine-tuning improved the s50 SNN (loss 0.98 -> 0.82 dB, evaluated in fp32) and kept
-# the s25 one's T=10 loss while training T=5 too (spikingir/weights/README.md).
+# Timings on an H200 (2026-11-28): build 48 s, GPU tests 48 s, memcheck 24 s,
+# racecheck 90 s, synccheck ~15 s (three AMP fine-tunings ran beside them, 8-15 steps/s
+# each at batch 32), bench conv with SWEEP=1 39 s, snn 16 s (+20 s with TRITON_CONFIG),
+# neuron ~40 s, train ~12 s (H100): SWEEP=1 TRITON_CONFIG=... TRAIN_S=230 with three JOBS
+# and DEADLINE_S=430 took 437 s (neuron and train skipped); more training followed at
+# once on the warm machine (BUILD=0 TESTS=0 BENCH="" TRAIN_S=180, the same JOBS: they
+# resume from the checkpoints in /tmp there; 222 s). A warm machine goes back 30 s after
+# a call, so a follow-up must be sent at once. Results: benchmarks/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spikingir-gpu}

@@ -226,18 +226,23 @@ def _tile_occupancy(group_any, kh, kw, stride, Ho, Wo, tile):
 #: sweep; [80, 64, 128, 128] 64 -> 64 3x3 at 10 %): 64-channel K-blocks, 16x16
 #: tiles and 8 warps 1.55 ms; 32-channel blocks, 8x16 tiles, 4 warps (the first
 #: default) 2.53 ms; results identical (integer accumulation). ``b_kmajor``: the
-#: weight planes K-major (:func:`quantize_weight`); not yet timed on a GPU, so
-#: off by default until the sweep has measured it. ``block_n``: output channels
-#: per program, a power of two >= 16 (None: Cout rounded up, 16..64);
+#: weight planes K-major (:func:`quantize_weight`), on by default since the sweep on
+#: an H200 (RESULTS.md, GPU runs 2026-11-28): the default above 1.47 ms -> 1.06 ms
+#: with them (0.999 ms with 8x16 tiles and 4 warps), and the shipped DnCNN SNN at
+#: T=10 from masks 43.2 -> 29.3 ms end to end, the same PSNR. ``block_n``: output
+#: channels per program, a power of two >= 16 (None: Cout rounded up, 16..64);
 #: each program holds three int32 accumulators of BLOCK_M x BLOCK_N.
-DEFAULT_CONFIG = dict(block_k=None, tile=(16, 16), num_warps=8, num_stages=None, b_kmajor=False,
+DEFAULT_CONFIG = dict(block_k=None, tile=(16, 16), num_warps=8, num_stages=None, b_kmajor=True,
                       block_n=None)
-#: The same for SpikeMasks input: the configuration its measurements used (the
-#: sweep above timed float spikes only; here each K-block unpacks one 64-bit word
-#: per output pixel into a BLOCK_M x BLOCK_K int8 tile in registers, which grows
-#: with both). ``benchmarks/bench_spike_conv.py --triton-sweep`` times both.
+#: The same for SpikeMasks input: here each K-block unpacks one 64-bit word per
+#: output pixel into a BLOCK_M x BLOCK_K int8 tile in registers, which grows with
+#: both. H200 sweep (same run): 1.65 ms as it was, 0.97 ms with K-major planes (the
+#: end-to-end figure above), 0.85 ms with K-major planes, 64-channel K-blocks, 16x16
+#: tiles and 8 warps; that last one is not yet timed end to end (tile size also sets
+#: how coarsely blocks are skipped on real spike maps), so the default keeps the
+#: tile. ``benchmarks/bench_spike_conv.py --triton-sweep`` times both.
 MASKS_CONFIG = dict(block_k=32, tile=(TILE_H, TILE_W), num_warps=4, num_stages=None,
-                    b_kmajor=False, block_n=None)
+                    b_kmajor=True, block_n=None)
 
 
 def launch_config(base, config, cin):

@@ -451,8 +451,8 @@ def test_triton_occupancy_map_matches_brute_force():
 @pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
 @pytest.mark.parametrize("config", [dict(block_k=64), dict(block_k=32, tile=(8, 16), num_warps=4),
                                     dict(block_k=64, tile=(4, 8), num_warps=8, num_stages=3),
-                                    dict(b_kmajor=True), dict(b_kmajor=True, block_k=64),
-                                    dict(b_kmajor=True, block_n=16)])
+                                    dict(b_kmajor=False), dict(b_kmajor=False, block_k=64),
+                                    dict(b_kmajor=False, block_n=16), dict(block_n=16)])
 def test_triton_launch_configs_agree(config):
     """Launch configurations (the GPU tuning sweep) compute the same integers:
     bitwise equal to the default configs, from float spikes and from masks,
