@@ -72,23 +72,28 @@ fi
 spikingir --version  # the extension (with CUDA kernels?) and the backends each op can use
 
 # Fine-tunings in the background, beside the tests: one process per job of JOBS.
-# A job is sNN (continue the shipped DnCNN SNN of noise level NN, at half the default
-# learning rates with a warm-up, since its own schedule ended low) or oNN (convert the
+# A job is sNN (continue the shipped DnCNN SNN of noise level NN) or oNN (convert the
 # official DnCNN-S weights of NN, ../shared/weights/dncnn_sNN_official.pt, with the
 # default calibration, fine-tune that and evaluate it against them); ":W" after it sets
-# its --energy-weight (default ENERGY_W). Each writes $OUT/snn_dncnn_<job>.pt and its
-# Set12 evaluation (full images, on the GPU) to $OUT/eval_<job>.json. A checkpoint carried
-# in .gpu_data/ckpt/<job>.ckpt is resumed.
+# its --energy-weight (default ENERGY_W). An SNN carried as .gpu_data/snn_dncnn_<job>.pt
+# (what an earlier call returned) is continued instead of the shipped one / the
+# conversion. Continuations run at half the default learning rates with a warm-up,
+# since their own schedule ended low. Each writes $OUT/snn_dncnn_<job>.pt and its Set12
+# evaluation (full images, on the GPU) to $OUT/eval_<job>.json. A checkpoint in /tmp
+# (an earlier call on the same warm machine) or carried in .gpu_data/ckpt/<job>.ckpt is
+# resumed.
 train_job() {
   local job=${1%%:*} ew=${ENERGY_W:-0}
   [[ $1 == *:* ]] && ew=${1#*:}
-  local sg=${job:1} init ann=() lr=()
+  local sg=${job:1} init ann=() lr=(--lr-weights 1e-5 --lr-neurons 5e-4 --warmup 100)
+  local prev=.gpu_data/snn_dncnn_$job.pt
   case $job in
-    s*) init=(--snn-weights "spikingir/weights/snn_dncnn_s$sg.pt")
-        lr=(--lr-weights 1e-5 --lr-neurons 5e-4 --warmup 100) ;;
-    o*) init=(--ann-weights "../shared/weights/dncnn_s${sg}_official.pt"); ann=("${init[@]}") ;;
+    s*) init=(--snn-weights "spikingir/weights/snn_dncnn_s$sg.pt") ;;
+    o*) ann=(--ann-weights "../shared/weights/dncnn_s${sg}_official.pt"); init=("${ann[@]}")
+        [ -f "$prev" ] || lr=() ;;  # from the conversion: the default learning rates
     *) echo "unknown job $1 (expected sNN or oNN)"; return 2 ;;
   esac
+  [ -f "$prev" ] && init=(--snn-weights "$prev" "${ann[@]}")
   local ck=/tmp/ckpt-$job.ckpt
   [ -f ".gpu_data/ckpt/$job.ckpt" ] && cp ".gpu_data/ckpt/$job.ckpt" "$ck"
   python -m spikingir.cli finetune --task denoise --sigma "$sg" --timesteps ${TIMESTEPS:-5 10} \
