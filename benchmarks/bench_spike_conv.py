@@ -207,6 +207,42 @@ def triton_sweep(shape, w, b, g):
     return "\n".join(lines)
 
 
+def profile_calls(shape, rate, w, b, dev, g, calls=20):
+    """Prints, per fused backend and input form, the host ms to issue one call (no
+    synchronisation) and the ms until the result is ready: equal means the host
+    (the launcher's torch ops, the launch itself) bounds the call, not the kernel;
+    then the profiler's ops of ``calls`` calls, by self device (else CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+    s = (torch.rand(*shape, generator=g) < rate).float().to(dev)
+    inputs = {"float": s, "masks": ops.SpikeMasks.from_dense(s)}
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    sort = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+    print(f"{shape} at {rate:.0%}, {dev}: host ms to issue a call / ms until done, "
+          f"mean of {calls}")
+    for be in timed_backends(dev, "spike_conv2d"):
+        for form, x in inputs.items():
+            f = lambda: ops.spike_conv2d(x, w, b, 1, 1, validate=False, backend=be)  # noqa: E731
+            with torch.no_grad():
+                for _ in range(3):
+                    f()
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    f()
+                t1 = time.perf_counter()
+                sync()
+                t2 = time.perf_counter()
+                with profile(activities=acts) as prof:
+                    for _ in range(calls):
+                        f()
+                    sync()
+            print(f"\n== {be} from {form}: host {(t1 - t0) / calls * 1e3:.3f} ms, "
+                  f"done {(t2 - t0) / calls * 1e3:.3f} ms")
+            print(prof.key_averages().table(sort_by=sort, row_limit=14))
+    return 0
+
+
 def fmt_table(rows, cols):
     head = ["input", "rate", "occupancy"] + [f"{c} ms" for c in cols] + \
         [f"{c} x" for c in cols if c != "F.conv2d"] + ["max err"]
@@ -238,6 +274,11 @@ def main(argv=None):
     p.add_argument("--once", type=float, default=None, metavar="RATE",
                    help="for a profiler (ncu): one call of each fused backend from SpikeMasks "
                         "at this firing rate, after one warm-up call, and no timing")
+    p.add_argument("--profile", type=float, default=None, metavar="RATE",
+                   help="where a call's time goes: for each fused backend, from float spikes "
+                        "and from SpikeMasks at this firing rate, the host time to issue a "
+                        "call against the time until its result is ready, and the torch "
+                        "profiler's op table (no comparison table)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = args.device
@@ -245,6 +286,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(64, shape[1], 3, 3, generator=g) / (shape[1] * 9) ** 0.5).to(dev)
     b = torch.randn(64, generator=g).to(dev)
+    if args.profile is not None:
+        return profile_calls(shape, args.profile, w, b, dev, g)
     if args.once is not None:
         masks = ops.SpikeMasks.from_dense((torch.rand(*shape, generator=g) < args.once).float().to(dev))
         for be in timed_backends(dev, "spike_conv2d_masks"):

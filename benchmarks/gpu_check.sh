@@ -20,10 +20,12 @@
 # the shipped SNNs' last stages were trained), STEPS (the cosine's length, default 20000),
 # SEED, DISTILL (--distill: train towards DISTILL x the ANN's output + the rest x the
 # clean image); TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time limits); BENCH
-# (which benchmarks, default "conv snn neuron train"; "" = none), DEADLINE_S (skip the
+# (which benchmarks, default "conv snn neuron train"; "" = none; "profile": where a
+# small spike_conv2d call's time goes), DEADLINE_S (skip the
 # benchmarks that would start after this many seconds), SWEEP=1 (add the Triton launch
-# sweep, float and masks input); TRITON_CONFIG (JSON launch options, e.g. '{"b_kmajor":
-# true}': bench_snn runs a second time with them); NCU=1 (Nsight Compute on the CUDA and
+# sweep, float and masks input); TRITON_CONFIG (JSON launch options for both inputs or
+# per input, e.g. '{"masks": {"block_k": 64, "tile": [16, 16], "num_warps": 8}}':
+# bench_snn runs a second time with them); NCU=1 (Nsight Compute on the CUDA and
 # Triton spike_conv2d kernels from masks); BUILD=0 (a warm machine that built already).
 # What comes back in $OUT (8 files at most): logs.tgz (every log and benchmark output),
 # the fine-tuned SNNs and their evaluations.
@@ -170,6 +172,14 @@ for b in ${BENCH-conv snn neuron train}; do
     timeout 150 python benchmarks/bench_neuron.py --device cuda --T 10 --N 1000000 8000000 \
       --json "$LOG/bench_neuron_gpu.json" > "$LOG/bench_neuron_gpu.txt" 2>&1 || status=1
     tail -32 "$LOG/bench_neuron_gpu.txt" ;;
+  profile)
+    # where a small call's time goes (the DnCNN-map rows: Triton ~0.96 ms on an H200 for
+    # a seventh of the work of the 1.47 ms random rows): host time to issue a call
+    # against the time until done, and the profiler's op table
+    step "bench_spike_conv --profile at [20, 64, 96, 96], 10 %"
+    timeout 120 python benchmarks/bench_spike_conv.py --device cuda --profile 0.1 \
+      --shape 20 64 96 96 > "$LOG/profile_spike_conv_gpu.txt" 2>&1 || status=1
+    grep -E "^== |at 10%" "$LOG/profile_spike_conv_gpu.txt" ;;
   train)
     # a fine-tuning step, NCHW against channels-last (finetune trains channels-last on the CPU only)
     step "bench_snn --train"
