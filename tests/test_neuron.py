@@ -160,7 +160,7 @@ def test_sigmoid_surrogate_is_zero_beyond_the_cutoff():
 
 
 @pytest.mark.parametrize("backend,dev", [(b, "cpu") for b in CPU_FUSED]
-                         + [(b, "cuda") for b in GPU_FUSED])
+                         + [pytest.param(b, "cuda", marks=pytest.mark.gpu) for b in GPU_FUSED])
 @pytest.mark.parametrize("op", ["if", "mprn"])
 def test_fused_sigmoid_gradient_has_no_subnormals(backend, dev, op):
     """Potentials far below threshold: the sigmoid surrogate (a e^-|au|) would be
