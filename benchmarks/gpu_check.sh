@@ -21,8 +21,8 @@
 # SEED, DISTILL (--distill: train towards DISTILL x the ANN's output + the rest x the
 # clean image); TESTS=0 (skip the tests), TESTS_S / MEMCHECK_S (their time limits); BENCH
 # (which benchmarks, default "conv snn neuron train"; "" = none; "profile": where a
-# small spike_conv2d call's time goes), DEADLINE_S (skip the
-# benchmarks that would start after this many seconds), SWEEP=1 (add the Triton launch
+# small spike_conv2d call's time goes), DEADLINE_S (skip the benchmarks that would
+# start after this many seconds), SWEEP=1 (add the Triton launch
 # sweep, float and masks input); TRITON_CONFIG (JSON launch options for both inputs or
 # per input, e.g. '{"masks": {"block_k": 64, "tile": [16, 16], "num_warps": 8}}':
 # bench_snn runs a second time with them); NCU=1 (Nsight Compute on the CUDA and
@@ -146,7 +146,7 @@ if [ ${#pids[@]} -gt 0 ]; then
 fi
 
 # Benchmarks run alone on the card, after the tests and the training. BENCH lists
-# them (default all; "" = none): conv, snn, neuron, train.
+# them (default all but profile; "" = none): conv, snn, neuron, profile, train.
 for b in ${BENCH-conv snn neuron train}; do
   if [ -n "${DEADLINE_S:-}" ] && [ $(( $(date +%s) - T0 )) -gt "$DEADLINE_S" ]; then
     step "skip bench $b: past DEADLINE_S=$DEADLINE_S"; continue
@@ -165,7 +165,7 @@ for b in ${BENCH-conv snn neuron train}; do
       step "bench_snn with the Triton launch options $TRITON_CONFIG"
       timeout 120 python benchmarks/bench_snn.py --device cuda --triton-config "$TRITON_CONFIG" \
         > "$LOG/bench_snn_gpu_cfg.txt" 2>&1 || status=1
-        grep -E "launch options|triton|ANN fp32" "$LOG/bench_snn_gpu_cfg.txt" | tail -6
+      grep -E "launch options|triton|ANN fp32" "$LOG/bench_snn_gpu_cfg.txt" | tail -6
     fi ;;
   neuron)
     step "bench_neuron"
