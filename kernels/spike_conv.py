@@ -16,6 +16,11 @@ depend on the summation order (bitwise reproducible) and differs from the
 float64 convolution of w only by the quantisation of w, at most one float32
 ulp (2^-23 relative) of the channel's largest weight per weight.
 
+The weight planes are written by one more kernel, ``_quantize_weight_kernel``
+(the fixed point of the readable ``quantize_weight_torch``, bit for bit): a call
+is two launches, where the torch ops of the fixed point were ~40, whose host time
+made up most of a small layer's call on a GPU.
+
 Sparsity: K is walked in blocks of (tap, BLOCK_K channels); a block-occupancy
 map occ[n, tile_y, tile_x, tap, channel group] (built with torch ops from the
 spikes, no im2col) says which blocks hold a spike, and empty blocks are skipped.
@@ -127,8 +132,119 @@ def _block_n(Cout):
     return max(16, min(64, triton.next_power_of_2(Cout)))
 
 
+@triton.jit
+def _pow2(k):
+    """2^k as float32 for an int32 k in [-126, 127], built from its bit pattern."""
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scaled(x, k):
+    """x * 2^k exactly (no rounding unless the result is subnormal), k in
+    [-252, 254]: two power-of-two factors, each a normal float32."""
+    half = k >> 1  # floor, here and under the interpreter alike
+    return (x * _pow2(half)) * _pow2(k - half)
+
+
+@triton.jit
+def _rint(x):
+    """Round half to even for |x| < 2^23: x + 2^23 lies in [2^23, 2^24), where
+    float32 spacing is 1, so the addition itself rounds (to nearest even, the
+    parity of x's integer part being that of the sum's); subtracting 2^23 back is
+    exact. (No libdevice: the same code runs under the Triton interpreter.)"""
+    c = tl.where(x >= 0, 8388608.0, -8388608.0)
+    return (x + c) - c
+
+
+@triton.jit
+def _quantize_weight_kernel(w_ptr, planes_ptr, scale_ptr, Cout, Cin, Cin_p, Cout_p,
+                            TAPS: tl.constexpr, K_MAJOR: tl.constexpr, BLOCK_CO: tl.constexpr,
+                            BLOCK: tl.constexpr, FRAC: tl.constexpr, Q_MAX: tl.constexpr):
+    # One program per BLOCK_CO padded output channels: the fixed point of
+    # quantize_weight_torch, written straight into the padded digit planes
+    # (zeros past Cin and Cout), so a call needs no other op.
+    co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    KP = TAPS * Cin_p  # padded K of one channel: (tap, input channel)
+    plane = Cout_p * KP  # elements per digit plane (both layouts)
+    # weights to read per channel: none for a padding channel (co >= Cout)
+    row = tl.where(co < Cout, Cin * TAPS, 0)
+    w_row = w_ptr + co.to(tl.int64) * (Cin * TAPS)
+    j = tl.arange(0, BLOCK)
+    # pass 1: m = max |w[co]|, and whether the channel holds a NaN or an inf
+    wmax = tl.zeros([BLOCK_CO, BLOCK], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_CO, BLOCK], dtype=tl.int32)
+    for k0 in range(0, Cin * TAPS, BLOCK):
+        kk = k0 + j
+        a = tl.abs(tl.load(w_row[:, None] + kk[None, :], mask=kk[None, :] < row[:, None],
+                           other=0.0))
+        bad = bad | ((a != a) | (a > 3.4028234663852886e38)).to(tl.int32)
+        wmax = tl.maximum(wmax, a)
+    m = tl.max(wmax, axis=1)
+    nbad = tl.max(bad, axis=1)
+    # e with m < 2^e (frexp's exponent; 0 for m = 0): from the float32 bit
+    # pattern, a subnormal m first scaled up by 2^64 (exact)
+    tiny = m < 1.1754943508222875e-38
+    mn = m * tl.where(tiny, 18446744073709551616.0, 1.0)
+    e = ((mn.to(tl.int32, bitcast=True) >> 23) & 255) - 126 - tl.where(tiny, 64, 0)
+    e = tl.where(m == 0, 0, e)
+    # the few channels whose max rounds past the three digits' range: one bit less
+    e = tl.where(nbad == 0, e, 0)
+    e = tl.where(_rint(_scaled(m, FRAC - e)) > Q_MAX, e + 1, e)
+    scale = tl.where(nbad != 0, float("nan"), _scaled(tl.full([BLOCK_CO], 1.0, tl.float32),
+                                                      e - FRAC))
+    tl.store(scale_ptr + co, scale, mask=co < Cout)
+    # pass 2: q = round(w 2^(FRAC - e)), |q| <= Q_MAX, as balanced int8 digits
+    # q = d0 + 2^8 d1 + 2^16 d2 over the padded K range (tap, channel)
+    cin = tl.where((co < Cout) & (nbad == 0), Cin, 0)  # channels to read (others: zeros)
+    for k0 in range(0, KP, BLOCK):
+        kk = k0 + j
+        tap = kk // Cin_p
+        ci = kk % Cin_p
+        inside = (kk[None, :] < KP) & (ci[None, :] < cin[:, None])
+        w = tl.load(w_row[:, None] + (ci * TAPS + tap)[None, :], mask=inside, other=0.0)
+        q = _rint(_scaled(w, (FRAC - e)[:, None])).to(tl.int32)
+        d0 = ((q + 128) & 255) - 128
+        q = (q - d0) >> 8
+        d1 = ((q + 128) & 255) - 128
+        d2 = (q - d1) >> 8
+        if K_MAJOR:
+            off = co.to(tl.int64)[:, None] * KP + kk[None, :]
+        else:
+            off = kk.to(tl.int64)[None, :] * Cout_p + co[:, None]
+        keep = (kk[None, :] < KP) & (co[:, None] < Cout_p)
+        tl.store(planes_ptr + off, d0.to(tl.int8), mask=keep)
+        tl.store(planes_ptr + plane + off, d1.to(tl.int8), mask=keep)
+        tl.store(planes_ptr + 2 * plane + off, d2.to(tl.int8), mask=keep)
+
+
 def quantize_weight(weight, block_k, block_n, k_major=False):
-    """weight [Cout, Cin, kh, kw] -> (int8 digit planes [3, kh, kw, Cin_p, Cout_p],
+    """weight [Cout, Cin, kh, kw] float32 -> (int8 digit planes [3, kh, kw, Cin_p,
+    Cout_p], or with ``k_major`` [3, Cout_p, kh, kw, Cin_p], float32 scale [Cout]):
+    :func:`quantize_weight_torch` bit for bit, in one kernel launch. (The torch
+    ops are ~40 launches: host time that made up most of a small layer's call on
+    a GPU.)"""
+    Cout, Cin, kh, kw = weight.shape
+    w = weight.detach().float().contiguous()
+    Cin_p = _round_up(Cin, block_k)
+    Cout_p = _round_up(Cout, block_n)
+    dims = (3, Cout_p, kh, kw, Cin_p) if k_major else (3, kh, kw, Cin_p, Cout_p)
+    planes = torch.empty(dims, dtype=torch.int8, device=w.device)
+    scale = torch.empty(Cout, dtype=torch.float32, device=w.device)
+    # 16 channels x up to 256 weights a program: few programs (the interpreter's
+    # cost grows with their number), 16 values a thread on the GPU.
+    block_co = 16
+    block = min(256, triton.next_power_of_2(kh * kw * Cin_p))
+    _quantize_weight_kernel[(triton.cdiv(Cout_p, block_co),)](
+        w, planes, scale, Cout, Cin, Cin_p, Cout_p, TAPS=kh * kw, K_MAJOR=bool(k_major),
+        BLOCK_CO=block_co, BLOCK=block, FRAC=FRAC_BITS, Q_MAX=QMAX, num_warps=4)
+    return planes, scale
+
+
+def quantize_weight_torch(weight, block_k, block_n, k_major=False):
+    """The readable definition of the weight fixed point (the reference of
+    :func:`quantize_weight`, which the launchers use).
+
+    weight [Cout, Cin, kh, kw] -> (int8 digit planes [3, kh, kw, Cin_p, Cout_p],
     or with ``k_major`` [3, Cout_p, kh, kw, Cin_p], float32 scale [Cout]) with
     weight ~= (q0 + 2^8 q1 + 2^16 q2) * scale.
 
@@ -141,14 +257,21 @@ def quantize_weight(weight, block_k, block_n, k_major=False):
     max|w| < 2^e, so |q| <= 2^23 and the error of each weight is at most
     2^-24 * 2^e <= 2^-23 * max|w[co]| (one fp32 ulp of the channel's largest
     weight). Three balanced int8 digits reach QMAX = 127 * (1 + 2^8 + 2^16); the
-    few channels whose max|w| lies within 0.4% below 2^e get one bit less."""
+    few channels whose max|w| lies within 0.4% below 2^e get one bit less.
+    A channel holding a NaN or an infinite weight gets scale NaN and zero
+    digits: all its outputs are NaN, where F.conv2d's are NaN or inf (inf * 0
+    is NaN), rather than finite values that would hide the bad weight."""
     Cout, Cin, kh, kw = weight.shape
-    w = weight.detach().double()
+    w = weight.detach().float().double()
     wmax = w.abs().amax(dim=(1, 2, 3))
+    finite = torch.isfinite(wmax)
+    w = torch.where(finite[:, None, None, None], w, 0.0)
+    wmax = torch.where(finite, wmax, 0.0)
     _, e = torch.frexp(wmax)  # wmax < 2^e
     q = torch.round(torch.ldexp(w, (FRAC_BITS - e)[:, None, None, None]))
     e = torch.where(q.abs().amax(dim=(1, 2, 3)) > QMAX, e + 1, e)
     scale = torch.ldexp(torch.ones_like(wmax), e - FRAC_BITS)
+    scale = torch.where(finite, scale, float("nan"))
     q = torch.round(torch.ldexp(w, (FRAC_BITS - e)[:, None, None, None])).long()
     digits = []
     for _ in range(2):
@@ -236,13 +359,15 @@ DEFAULT_CONFIG = dict(block_k=None, tile=(16, 16), num_warps=8, num_stages=None,
                       block_n=None)
 #: The same for SpikeMasks input: here each K-block unpacks one 64-bit word per
 #: output pixel into a BLOCK_M x BLOCK_K int8 tile in registers, which grows with
-#: both. H200 sweep (same run): 1.65 ms as it was, 0.97 ms with K-major planes (the
-#: end-to-end figure above), 0.85 ms with K-major planes, 64-channel K-blocks, 16x16
-#: tiles and 8 warps; that last one is not yet timed end to end (tile size also sets
-#: how coarsely blocks are skipped on real spike maps), so the default keeps the
-#: tile. ``benchmarks/bench_spike_conv.py --triton-sweep`` times both.
-MASKS_CONFIG = dict(block_k=32, tile=(TILE_H, TILE_W), num_warps=4, num_stages=None,
-                    b_kmajor=True, block_n=None)
+#: both. H200 sweep (same run, [80, 64, 128, 128] at 10 %): 1.65 ms with the first
+#: default (32-channel K-blocks, 8x16 tiles, 4 warps, N-major planes), 0.97 ms with
+#: K-major planes, **0.85 ms** with K-major planes, 64-channel K-blocks, 16x16 tiles
+#: and 8 warps: that last one is the default since (the float default's shape; the
+#: same block_k rule). The sweep ran on random spikes, but the time does not depend
+#: on the spike map: the triton backend never skips blocks (DENSE_RATE, spikingir/
+#: ops/spike_conv.py), so every tile does the same work. Not yet timed end to end
+#: (``benchmarks/bench_snn.py``); ``bench_spike_conv.py --triton-sweep`` times both.
+MASKS_CONFIG = dict(DEFAULT_CONFIG)
 
 
 def launch_config(base, config, cin):

@@ -404,11 +404,13 @@ def test_cuda_backend_needs_compute_capability_8(monkeypatch):
 
 @pytest.mark.skipif(not backends.HAS_TRITON, reason="triton not installed")
 def test_triton_fixed_point_planes():
-    from spikingir.kernels.spike_conv import quantize_weight
+    """The readable definition of the weight fixed point: each weight within one
+    float32 ulp of its channel's largest weight, digits in int8 range."""
+    from spikingir.kernels.spike_conv import quantize_weight_torch
     w, _ = conv_params(5, 3, 3)
     w[2] = 0.0  # an all-zero channel
     w[3] *= 1e-3
-    planes, scale = quantize_weight(w, 16, 16)
+    planes, scale = quantize_weight_torch(w, 16, 16)
     assert planes.dtype == torch.int8 and planes.shape == (3, 3, 3, 16, 16)
     q = planes[0].long() + 256 * planes[1].long() + 65536 * planes[2].long()
     q = q[:, :, :3, :5].permute(3, 2, 0, 1)
@@ -417,10 +419,65 @@ def test_triton_fixed_point_planes():
     assert rel.max() <= 2.0 ** -23  # one float32 ulp of the channel's largest weight
     # the digit range: a channel whose max lies just below a power of two
     w2 = torch.full((1, 1, 1, 1), 1.0 - 2.0 ** -20)
-    planes, scale = quantize_weight(w2, 16, 16)
+    planes, scale = quantize_weight_torch(w2, 16, 16)
     p = planes[:, 0, 0, 0, 0].long()
     q = p[0] + 256 * p[1] + 65536 * p[2]
     assert abs(q.item() * scale.item() - w2.item()) <= 2.0 ** -23
+
+
+def _edge_weights(cout, cin, k, seed):
+    """Random weights with the channels the fixed point treats specially."""
+    w, _ = conv_params(cout, cin, k, seed=seed)
+    edits = [lambda c: c.zero_(),                             # all zero: scale 2^-23
+             lambda c: c.mul_(1e-41),                         # subnormal max
+             lambda c: c.mul_(2.0 ** -130),                   # below 2^-126, normal max
+             lambda c: c.mul_(1e30),                          # huge
+             lambda c: c.fill_(1.0 - 2.0 ** -20),             # rounds past QMAX: e + 1
+             lambda c: c.view(-1)[0].fill_(float("nan")),     # NaN: scale NaN
+             lambda c: c.view(-1)[-1].fill_(-float("inf")),   # inf: scale NaN
+             lambda c: c.view(-1)[0].fill_(2.0 ** 20)]        # one large weight
+    for co, edit in zip(range(cout), edits):
+        edit(w[co])
+    return w
+
+
+@pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
+@pytest.mark.parametrize("shape, block_k, block_n", [((64, 64, 3, 3), 64, 64),
+                                                     ((9, 3, 7, 7), 32, 16),
+                                                     ((19, 37, 5, 5), 64, 32),
+                                                     ((1, 1, 1, 1), 32, 16)])
+@pytest.mark.parametrize("k_major", [True, False])
+def test_triton_quantize_weight_kernel_is_the_reference(shape, block_k, block_n, k_major):
+    """The one-launch quantisation kernel the launchers use writes the planes and
+    scales of quantize_weight_torch bit for bit (padding included), on random
+    weights and on every special channel (zero, subnormal, huge, NaN, inf, the
+    digit-range edge), from a non-contiguous weight too."""
+    from spikingir.kernels.spike_conv import quantize_weight, quantize_weight_torch
+    cout, cin, k, _ = shape
+    for w in (conv_params(cout, cin, k, seed=7)[0], _edge_weights(cout, cin, k, seed=8),
+              conv_params(cin, cout, k, seed=9)[0].transpose(0, 1)):
+        planes, scale = quantize_weight(w, block_k, block_n, k_major)
+        ref_planes, ref_scale = quantize_weight_torch(w, block_k, block_n, k_major)
+        assert planes.dtype == torch.int8 and planes.shape == ref_planes.shape
+        assert torch.equal(planes, ref_planes)
+        assert torch.equal(scale.isnan(), ref_scale.isnan())
+        assert torch.equal(scale.nan_to_num(), ref_scale.nan_to_num())
+
+
+@pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
+def test_triton_non_finite_weight_gives_nan_channel():
+    """A NaN or infinite weight makes its whole output channel NaN, where
+    F.conv2d gives NaN or inf (inf * 0 is NaN), never a finite value; the other
+    channels are unaffected."""
+    w, b = conv_params(4, 5, 3, seed=2)
+    w[1, 2, 0, 0] = float("nan")
+    w[3, 0, 1, 1] = float("inf")
+    s = spikes(1, 5, 6, 7, rate=0.3, seed=3)
+    out = ops.spike_conv2d(s, w, b, padding=1, backend="triton")
+    ref = F.conv2d(s, w, b, padding=1)
+    for co in (1, 3):
+        assert out[:, co].isnan().all() and not ref[:, co].isfinite().any()
+    assert_close(out[:, [0, 2]], ref[:, [0, 2]], 1e-5, 1e-5)
 
 
 @pytest.mark.skipif(not backends.HAS_TRITON, reason="triton not installed")
