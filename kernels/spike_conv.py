@@ -18,8 +18,9 @@ ulp (2^-23 relative) of the channel's largest weight per weight.
 
 The weight planes are written by one more kernel, ``_quantize_weight_kernel``
 (the fixed point of the readable ``quantize_weight_torch``, bit for bit): a call
-is two launches, where the torch ops of the fixed point were ~40, whose host time
-made up most of a small layer's call on a GPU.
+is two launches, where the torch ops of the fixed point were 50 (37 kernels): host
+time, the suspected cause of a fixed ~0.8 ms per call on an H200 (benchmarks/
+RESULTS.md, "Host work per Triton spike_conv2d call").
 
 Sparsity: K is walked in blocks of (tap, BLOCK_K channels); a block-occupancy
 map occ[n, tile_y, tile_x, tap, channel group] (built with torch ops from the
@@ -220,9 +221,8 @@ def _quantize_weight_kernel(w_ptr, planes_ptr, scale_ptr, Cout, Cin, Cin_p, Cout
 def quantize_weight(weight, block_k, block_n, k_major=False):
     """weight [Cout, Cin, kh, kw] float32 -> (int8 digit planes [3, kh, kw, Cin_p,
     Cout_p], or with ``k_major`` [3, Cout_p, kh, kw, Cin_p], float32 scale [Cout]):
-    :func:`quantize_weight_torch` bit for bit, in one kernel launch. (The torch
-    ops are ~40 launches: host time that made up most of a small layer's call on
-    a GPU.)"""
+    :func:`quantize_weight_torch` bit for bit, in one kernel launch (the torch
+    ops are 50, 37 of them kernels: host time on a GPU)."""
     Cout, Cin, kh, kw = weight.shape
     w = weight.detach().float().contiguous()
     Cin_p = _round_up(Cin, block_k)
