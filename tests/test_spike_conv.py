@@ -441,21 +441,28 @@ def _edge_weights(cout, cin, k, seed):
     return w
 
 
-@pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif("triton" not in CPU_FUSED,
+                                                 reason="Triton interpreter not available")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        "triton" not in GPU_FUSED, reason="no CUDA device with triton")])])
 @pytest.mark.parametrize("shape, block_k, block_n", [((64, 64, 3, 3), 64, 64),
                                                      ((9, 3, 7, 7), 32, 16),
                                                      ((19, 37, 5, 5), 64, 32),
                                                      ((1, 1, 1, 1), 32, 16)])
 @pytest.mark.parametrize("k_major", [True, False])
-def test_triton_quantize_weight_kernel_is_the_reference(shape, block_k, block_n, k_major):
+def test_triton_quantize_weight_kernel_is_the_reference(shape, block_k, block_n, k_major, device):
     """The one-launch quantisation kernel the launchers use writes the planes and
     scales of quantize_weight_torch bit for bit (padding included), on random
     weights and on every special channel (zero, subnormal, huge, NaN, inf, the
-    digit-range edge), from a non-contiguous weight too."""
+    digit-range edge), from a non-contiguous weight too. On the GPU this checks
+    what the interpreter cannot: the rounding by adding 2^23 (no fast-math
+    reassociation) and subnormals (no flush to zero)."""
     from spikingir.kernels.spike_conv import quantize_weight, quantize_weight_torch
     cout, cin, k, _ = shape
     for w in (conv_params(cout, cin, k, seed=7)[0], _edge_weights(cout, cin, k, seed=8),
               conv_params(cin, cout, k, seed=9)[0].transpose(0, 1)):
+        w = w.to(device)
         planes, scale = quantize_weight(w, block_k, block_n, k_major)
         ref_planes, ref_scale = quantize_weight_torch(w, block_k, block_n, k_major)
         assert planes.dtype == torch.int8 and planes.shape == ref_planes.shape
