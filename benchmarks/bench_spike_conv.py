@@ -165,14 +165,17 @@ def dncnn_spike_maps(device, T=10, layers=(2, 9, 16)):
 #: float spikes (DEFAULT_CONFIG) and SpikeMasks (MASKS_CONFIG).
 #: ``b_kmajor``: K-major weight planes (kernels/spike_conv.quantize_weight), the
 #: default since the H200 sweep of 2026-11-28; the N-major rows keep that comparison.
+#: ``unpack32`` (masks): 32-bit unpacking, not yet timed.
 SWEEP = {"float": [dict(), dict(b_kmajor=False), dict(b_kmajor=False, num_stages=3),
                    dict(tile=(8, 16), num_warps=4), dict(tile=(8, 32)), dict(num_stages=3),
                    dict(num_stages=4), dict(block_k=32), dict(tile=(16, 32)),
                    dict(block_n=32), dict(block_n=32, num_stages=3)],
-         "masks": [dict(), dict(b_kmajor=False), dict(block_k=64, tile=(16, 16), num_warps=8),
-                   dict(block_k=64, tile=(16, 16), num_warps=8, num_stages=3),
-                   dict(block_k=64), dict(tile=(16, 16), num_warps=8), dict(num_stages=3),
-                   dict(tile=(8, 32), num_warps=8), dict(block_n=32)]}
+         "masks": [dict(), dict(unpack32=True), dict(b_kmajor=False), dict(num_stages=3),
+                   dict(unpack32=True, num_stages=3),
+                   dict(block_k=32, tile=(8, 16), num_warps=4),  # the default until 2026-11-28
+                   dict(block_k=32, tile=(8, 16), num_warps=4, unpack32=True),
+                   dict(tile=(8, 16), num_warps=4), dict(tile=(8, 16), num_warps=4, unpack32=True),
+                   dict(tile=(8, 32)), dict(block_n=32)]}
 
 
 def triton_sweep(shape, w, b, g):

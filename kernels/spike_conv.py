@@ -56,10 +56,13 @@ def _spike_conv2d_fwd_kernel(s_ptr, wq_ptr, scale_ptr, bias_ptr, occ_ptr, out_pt
                              TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              SKIP: tl.constexpr, HAS_BIAS: tl.constexpr, MASKS: tl.constexpr,
-                             B_KMAJOR: tl.constexpr):
+                             B_KMAJOR: tl.constexpr, UNPACK32: tl.constexpr = False):
     # MASKS: s_ptr holds channel masks int64 [N, H, W, Cw] (unpadded; Hp, Wp
     # unused): the int8 spike tile of a K-block is unpacked in registers
     # from one word per output pixel (BLOCK_K divides 64).
+    # UNPACK32: the same masks read as int32 words [N, H, W, Cw] (Cw: 32-bit
+    # words per pixel; little-endian, so channel c is bit c % 32 of word c // 32),
+    # unpacked with 32-bit shifts (a 64-bit shift is several instructions).
     # B_KMAJOR: the weight planes are [3, Cout_p, KH*KW*Cin_p] (K contiguous)
     # instead of [3, KH, KW, Cin_p, Cout_p] (see quantize_weight).
     BLOCK_M: tl.constexpr = TILE_H * TILE_W
@@ -102,8 +105,18 @@ def _spike_conv2d_fwd_kernel(s_ptr, wq_ptr, scale_ptr, bias_ptr, occ_ptr, out_pt
                 ix = ox * STRIDE + kx - PAD
                 inside = valid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
                 m_row = ((n.to(tl.int64) * H + iy) * W + ix) * Cw
-                word = tl.load(s_ptr + m_row + c0 // 64, mask=inside, other=0)
-                a = ((word[:, None] >> ((c0 % 64) + k)[None, :].to(tl.int64)) & 1).to(tl.int8)
+                if UNPACK32:
+                    lo = tl.load(s_ptr + m_row + c0 // 32, mask=inside, other=0)
+                    if BLOCK_K > 32:  # 64 channels: two words, bit k % 32 of word k // 32
+                        hi = tl.load(s_ptr + m_row + c0 // 32 + 1, mask=inside, other=0)
+                        word = tl.where(k[None, :] < 32, lo[:, None], hi[:, None])
+                        a = ((word >> (k % 32)[None, :]) & 1).to(tl.int8)
+                    else:
+                        a = ((lo[:, None] >> ((c0 % 32) + k)[None, :]) & 1).to(tl.int8)
+                else:
+                    word = tl.load(s_ptr + m_row + c0 // 64, mask=inside, other=0)
+                    a = ((word[:, None] >> ((c0 % 64) + k)[None, :].to(tl.int64)) & 1
+                         ).to(tl.int8)
             else:
                 a_row = (pix + ky * Wp + kx) * Cin_p
                 a = tl.load(s_ptr + a_row[:, None] + (c0 + k)[None, :], mask=valid[:, None],
@@ -367,7 +380,12 @@ DEFAULT_CONFIG = dict(block_k=None, tile=(16, 16), num_warps=8, num_stages=None,
 #: on the spike map: the triton backend never skips blocks (DENSE_RATE, spikingir/
 #: ops/spike_conv.py), so every tile does the same work. Not yet timed end to end
 #: (``benchmarks/bench_snn.py``); ``bench_spike_conv.py --triton-sweep`` times both.
-MASKS_CONFIG = dict(DEFAULT_CONFIG)
+#: ``unpack32``: unpack the masks with 32-bit shifts (two words per 64 channels)
+#: instead of 64-bit ones; the same result bit for bit. Written without a GPU at
+#: hand (off until a sweep times it): per K-block each program unpacks
+#: BLOCK_M x BLOCK_K bits, about as many integer instructions as its int8 MMAs take
+#: cycles at this layer's shape.
+MASKS_CONFIG = dict(DEFAULT_CONFIG, unpack32=False)
 
 
 def launch_config(base, config, cin):
@@ -465,6 +483,9 @@ def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate
     launch = dict(num_warps=cfg["num_warps"])
     if cfg["num_stages"] is not None:
         launch["num_stages"] = cfg["num_stages"]
+    unpack32 = masks and cfg.get("unpack32", False)
+    if unpack32:  # the same bits as int32 words (little-endian: low word first)
+        src = src.view(torch.int32)
     # the padded int8 layout's Hp, Wp, or (masks) the words per pixel Cw
     Hp, Wp, Cw = (1, 1, src.shape[3]) if masks else (src.shape[1], src.shape[2], 1)
     grid = (N * n_th * n_tw, Cout_p // BLOCK_N)
@@ -472,7 +493,7 @@ def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate
         src, planes, scale, bias, occ, out, Hp, Wp, Cin_p, Cout_p, Cout, Ho, Wo, n_th,
         n_tw, Cin_p // BLOCK_K, H, W, Cw, padding, STRIDE=stride, KH=kh, KW=kw, TILE_H=tile_h,
         TILE_W=tile_w, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SKIP=skip, HAS_BIAS=bias is not None,
-        MASKS=masks, B_KMAJOR=bool(cfg["b_kmajor"]), **launch)
+        MASKS=masks, B_KMAJOR=bool(cfg["b_kmajor"]), UNPACK32=unpack32, **launch)
     return out
 
 

@@ -15,6 +15,12 @@ CPU_FUSED = [b for b in ("cpp", "triton") if b in ops.available_backends("cpu", 
 GPU = torch.cuda.is_available()
 GPU_FUSED = [b for b in ("cuda", "triton") if GPU and b in ops.available_backends("cuda", op=OP)]
 EPS32 = torch.finfo(torch.float32).eps
+#: The Triton kernels on the CPU (interpreter) and on the GPU (marked gpu).
+TRITON_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif("triton" not in CPU_FUSED,
+                                                 reason="Triton interpreter not available")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        "triton" not in GPU_FUSED, reason="no CUDA device with triton")])]
 
 
 def spikes(*shape, rate, seed=0, dtype=torch.float32, device="cpu"):
@@ -441,11 +447,7 @@ def _edge_weights(cout, cin, k, seed):
     return w
 
 
-@pytest.mark.parametrize("device", [
-    pytest.param("cpu", marks=pytest.mark.skipif("triton" not in CPU_FUSED,
-                                                 reason="Triton interpreter not available")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        "triton" not in GPU_FUSED, reason="no CUDA device with triton")])])
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("shape, block_k, block_n", [((64, 64, 3, 3), 64, 64),
                                                      ((9, 3, 7, 7), 32, 16),
                                                      ((19, 37, 5, 5), 64, 32),
@@ -516,7 +518,8 @@ def test_triton_occupancy_map_matches_brute_force():
 @pytest.mark.parametrize("config", [dict(block_k=64), dict(block_k=32, tile=(8, 16), num_warps=4),
                                     dict(block_k=64, tile=(4, 8), num_warps=8, num_stages=3),
                                     dict(b_kmajor=False), dict(b_kmajor=False, block_k=64),
-                                    dict(b_kmajor=False, block_n=16), dict(block_n=16)])
+                                    dict(b_kmajor=False, block_n=16), dict(block_n=16),
+                                    dict(block_k=16)])
 def test_triton_launch_configs_agree(config):
     """Launch configurations (the GPU tuning sweep) compute the same integers:
     bitwise equal to the default configs, from float spikes and from masks,
@@ -530,11 +533,29 @@ def test_triton_launch_configs_agree(config):
         ref, _ = spike_conv2d_fwd_triton(s, w, b, 1, 1, dense_rate, False, False)
         out, _ = spike_conv2d_fwd_triton(s, w, b, 1, 1, dense_rate, False, False, config=config)
         assert torch.equal(out, ref)
-        for cfg in (None, config):
+        # the masks-only option, alone and with the configuration
+        for cfg in (None, config, dict(config, unpack32=True)):
             out_m = spike_conv2d_fwd_masks_triton(m.bits, 37, w, b, 1, 1, dense_rate, config=cfg)
             assert torch.equal(out_m, ref)
         assert_close(out, F.conv2d(s.double(), w.double(), b.double(), padding=1).float(),
                      1e-6, 1e-5)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("block_k", [32, 64])
+def test_triton_unpack32_many_words(block_k, device):
+    """32-bit unpacking of masks over several words per pixel (100 channels: two
+    int64 words, four int32), the last one partly used; stride 2, 5x5: the
+    64-bit unpacking's result bit for bit, and F.conv2d's."""
+    from spikingir.kernels.spike_conv import spike_conv2d_fwd_masks_triton
+    w, b = conv_params(16, 100, 5, seed=6, device=device)
+    s = spikes(1, 100, 11, 9, rate=0.2, seed=7, device=device)
+    m = ops.SpikeMasks.from_dense(s)
+    outs = [spike_conv2d_fwd_masks_triton(m.bits, 100, w, b, 2, 2, -1.0,
+                                          config=dict(block_k=block_k, unpack32=u))
+            for u in (False, True)]
+    assert torch.equal(outs[0], outs[1])
+    check_conv(outs[1], s, w, b, 2, 2, fixed_point=True)
 
 
 @pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
