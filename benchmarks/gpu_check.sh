@@ -24,8 +24,8 @@
 # small spike_conv2d call's time goes), DEADLINE_S (skip the benchmarks that would
 # start after this many seconds), SWEEP=1 (add the Triton launch
 # sweep, float and masks input); TRITON_CONFIG (JSON launch options for both inputs or
-# per input, e.g. '{"masks": {"block_k": 64, "tile": [16, 16], "num_warps": 8}}':
-# bench_snn runs a second time with them); NCU=1 (Nsight Compute on the CUDA and
+# per input, e.g. '{"masks": {"unpack32": true}}': bench_snn runs a second time with
+# them); NCU=1 (Nsight Compute on the CUDA and
 # Triton spike_conv2d kernels from masks); BUILD=0 (a warm machine that built already).
 # What comes back in $OUT (8 files at most): logs.tgz (every log and benchmark output),
 # the fine-tuned SNNs and their evaluations.
