@@ -200,9 +200,8 @@ def _quantize_weight_kernel(w_ptr, planes_ptr, scale_ptr, Cout, Cin, Cin_p, Cout
     tiny = m < 1.1754943508222875e-38
     mn = m * tl.where(tiny, 18446744073709551616.0, 1.0)
     e = ((mn.to(tl.int32, bitcast=True) >> 23) & 255) - 126 - tl.where(tiny, 64, 0)
-    e = tl.where(m == 0, 0, e)
+    e = tl.where((m == 0) | (nbad != 0), 0, e)  # a NaN / inf channel: any e, scale NaN
     # the few channels whose max rounds past the three digits' range: one bit less
-    e = tl.where(nbad == 0, e, 0)
     e = tl.where(_rint(_scaled(m, FRAC - e)) > Q_MAX, e + 1, e)
     scale = tl.where(nbad != 0, float("nan"), _scaled(tl.full([BLOCK_CO], 1.0, tl.float32),
                                                       e - FRAC))
