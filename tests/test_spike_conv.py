@@ -436,7 +436,7 @@ def _edge_weights(cout, cin, k, seed):
     w, _ = conv_params(cout, cin, k, seed=seed)
     edits = [lambda c: c.zero_(),                             # all zero: scale 2^-23
              lambda c: c.mul_(1e-41),                         # subnormal, few bits left
-             lambda c: c.mul_(2.0 ** -130),                   # subnormal, scaled exactly
+             lambda c: c.mul_(2.0 ** -130),                   # subnormal, larger
              lambda c: c.mul_(1e30),                          # huge
              lambda c: c.fill_(1.0 - 2.0 ** -20),             # rounds past QMAX: e + 1
              lambda c: c.view(-1)[0].fill_(float("nan")),     # NaN: scale NaN
