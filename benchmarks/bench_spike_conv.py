@@ -180,7 +180,7 @@ SWEEP = {"float": [dict(), dict(b_kmajor=False), dict(b_kmajor=False, num_stages
 
 def triton_sweep(shape, w, b, g):
     """ms of the Triton forward under launch configurations (random 10 % spikes,
-    the dense path that DENSE_RATE["triton"] = -1 selects), from float spikes and
+    the dense path that DENSE_RATE["triton"][0] = -1 selects), from float spikes and
     from SpikeMasks; the first row of each is the launcher's default."""
     import triton.testing
     from spikingir.kernels import spike_conv as K

@@ -34,9 +34,11 @@ K-block's 32 or 64 channel bits into the int8 tile in registers (no int8 copy of
 the spikes); the occupancy map comes from the masks (``mask_groups``). Bitwise the
 result of the float-input launcher.
 
-Backward (for now): grad_s is the dense transposed convolution, grad_weight the
-dense weight gradient of the unpacked spikes (torch ops); the event-driven
-grad_weight is in the cpp backend.
+Backward: grad_s is the dense transposed convolution (cuDNN); grad_weight a GEMM
+of grad_out and the bit-packed spikes over the output pixels
+(``_spike_conv2d_grad_weight_kernel``: M = Cout, N = Cin per tap, K = pixels),
+which skips pixel blocks whose spike tile is empty before it reads grad_out;
+split along K with the partials added in a fixed order (reproducible, no atomics).
 """
 import torch
 import triton
@@ -511,6 +513,102 @@ def unpack_bits(packed, width):
     return bits.flatten(-2)[..., :width].float()
 
 
+@triton.jit
+def _spike_conv2d_grad_weight_kernel(go_ptr, bits_ptr, part_ptr, Cout, Cin, H, W, Wb, Ho, Wo,
+                                     P, PAD, blocks_per_split,
+                                     STRIDE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                                     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+                                     BLOCK_P: tl.constexpr, PRECISION: tl.constexpr):
+    # grad_w[co, ci, ky, kx] = sum_p go[n, co, oy, ox] * s[n, ci, oy S + ky - PAD, ox S + kx - PAD]
+    # over the output pixels p = (n, oy, ox): a GEMM with M = Cout, N = Cin (one tap per
+    # program), K = the pixels, walked in blocks of BLOCK_P flat pixels. A block whose
+    # spike tile is all zero adds exactly zero and is skipped before grad_out is read:
+    # the work follows the spikes at block granularity. Program (co/ci block, tap,
+    # split) sums its own run of pixel blocks in a fixed order into its own partial
+    # part[split, co, ci, tap]; the launcher adds the partials in a fixed order: no
+    # atomics, bitwise reproducible.
+    pid_c = tl.program_id(0)
+    tap = tl.program_id(1)
+    split = tl.program_id(2)
+    n_ci = tl.cdiv(Cin, BLOCK_CI)
+    co = (pid_c // n_ci) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci = (pid_c % n_ci) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ky = tap // KW
+    kx = tap % KW
+    HoWo = Ho * Wo
+    acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
+    first = split.to(tl.int64) * blocks_per_split  # int64: N Ho Wo can pass 2^31
+    last = tl.minimum(first + blocks_per_split, tl.cdiv(P, BLOCK_P))
+    for b in range(first, last):
+        p = b * BLOCK_P + tl.arange(0, BLOCK_P)
+        n = p // HoWo
+        r = p % HoWo
+        oy = r // Wo
+        ox = r % Wo
+        iy = oy * STRIDE + ky - PAD
+        ix = ox * STRIDE + kx - PAD
+        inside = (p < P) & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        ix = tl.where(inside, ix, 0)  # no shift by a negative amount off the image
+        byte_off = ((n[:, None] * Cin + ci[None, :]) * H + iy[:, None]) * Wb + (ix // 8)[:, None]
+        byte = tl.load(bits_ptr + byte_off, mask=inside[:, None] & (ci < Cin)[None, :], other=0)
+        spike = (byte.to(tl.int32) >> (ix % 8).to(tl.int32)[:, None]) & 1
+        if tl.max(tl.max(spike, axis=1), axis=0) != 0:
+            g_off = (n * Cout * HoWo + r)[None, :] + co[:, None].to(tl.int64) * HoWo
+            g = tl.load(go_ptr + g_off, mask=(co < Cout)[:, None] & (p < P)[None, :], other=0.0)
+            # spikes are exact at any precision; PRECISION sets how grad_out's float32
+            # mantissa enters the products ("tf32x3": three TF32 passes, ~fp32 accurate)
+            acc += tl.dot(g, spike.to(tl.float32), input_precision=PRECISION)
+    part_off = ((split * Cout + co[:, None]) * Cin + ci[None, :]) * (KH * KW) + tap
+    tl.store(part_ptr + part_off, acc, mask=(co < Cout)[:, None] & (ci < Cin)[None, :])
+
+
+#: Launch of the weight-gradient kernel: ``block_p`` flat output pixels per
+#: K-block; ``split``: programs along K per (channel block, tap), their partials
+#: added afterwards (None: enough for ~4 programs per SM on a GPU, 1 on the CPU
+#: interpreter); ``precision``: tl.dot's input_precision for the float32 grad_out
+#: ("tf32x3" ~ float32 accuracy on tensor cores; "ieee" exact float32 FMAs).
+GRAD_WEIGHT_CONFIG = dict(block_p=128, split=None, num_warps=4, precision="tf32x3")
+
+
+def _pow2_at_least(n, low=16, high=64):
+    return max(low, min(high, triton.next_power_of_2(n)))
+
+
+def spike_conv2d_grad_weight_triton(grad_out, packed, weight_shape, height, width, stride,
+                                    padding, *, config=None):
+    """grad_weight of the convolution from the bit-packed spikes (:func:`pack_bits`)
+    and a contiguous float32 grad_out [N, Cout, Ho, Wo]: the GEMM of grad_out and
+    the spikes over the output pixels, skipping pixel blocks without a spike."""
+    unknown = set(config or {}) - set(GRAD_WEIGHT_CONFIG)
+    if unknown:
+        raise ValueError(f"config: unknown launch options {sorted(unknown)}; expected some of "
+                         f"{sorted(GRAD_WEIGHT_CONFIG)}")
+    cfg = dict(GRAD_WEIGHT_CONFIG, **(config or {}))
+    N, Cout, Ho, Wo = grad_out.shape
+    Cin, kh, kw = weight_shape[1:]
+    P = N * Ho * Wo
+    block_co, block_ci = _pow2_at_least(Cout), _pow2_at_least(Cin)
+    channel_blocks = triton.cdiv(Cout, block_co) * triton.cdiv(Cin, block_ci)
+    blocks = max(1, triton.cdiv(P, cfg["block_p"]))
+    split = cfg["split"]
+    if split is None:
+        if grad_out.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(grad_out.device).multi_processor_count
+            split = max(1, 4 * sms // (channel_blocks * kh * kw))
+        else:
+            split = 1
+    split = max(1, min(int(split), blocks))
+    per_split = triton.cdiv(blocks, split)
+    split = triton.cdiv(blocks, per_split)  # no program without pixels
+    part = torch.empty(split, Cout, Cin, kh * kw, dtype=torch.float32, device=grad_out.device)
+    _spike_conv2d_grad_weight_kernel[(channel_blocks, kh * kw, split)](
+        grad_out, packed, part, Cout, Cin, height, width, packed.shape[3], Ho, Wo, P, padding,
+        per_split, STRIDE=stride, KH=kh, KW=kw, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+        BLOCK_P=cfg["block_p"], PRECISION=cfg["precision"], num_warps=cfg["num_warps"])
+    gw = part[0] if split == 1 else part.sum(0)  # a fixed order: reproducible
+    return gw.view(Cout, Cin, kh, kw)
+
+
 def spike_conv2d_bwd_triton(grad_out, packed, weight, height, width, stride, padding, dense_rate,
                             need_s, need_weight, need_bias):
     """Launcher with the contract of spikingir::spike_conv2d_bwd (csrc/ops.cpp)."""
@@ -524,8 +622,13 @@ def spike_conv2d_bwd_triton(grad_out, packed, weight, height, width, stride, pad
         gs = torch.nn.functional.conv_transpose2d(grad_out, weight, None, stride, padding,
                                                   (oph, opw)).contiguous()
     if need_weight:
-        s = unpack_bits(packed, width)
-        gw = torch.nn.grad.conv2d_weight(s, weight.shape, grad_out, stride, padding).contiguous()
+        if dense_rate < 0:  # dense: the unpacked spikes through the library's weight gradient
+            s = unpack_bits(packed, width)
+            gw = torch.nn.grad.conv2d_weight(s, weight.shape, grad_out, stride, padding)
+        else:
+            gw = spike_conv2d_grad_weight_triton(grad_out, packed, weight.shape, height, width,
+                                                 stride, padding)
+        gw = gw.contiguous()
     if need_bias:
         gb = grad_out.sum((0, 2, 3))
     return gs, gw, gb

@@ -425,7 +425,7 @@ def _add_convert(sub):
 def _cmd_finetune(args):
     import torch
 
-    from spikingir.finetune import finetune_snn, timesteps_record
+    from spikingir.finetune import DEFAULT_PATCH, finetune_snn, timesteps_record
     from spikingir.pipeline import load_ann, load_snn, save_snn
 
     device = _device(args)
@@ -449,7 +449,8 @@ def _cmd_finetune(args):
     t0 = time.time()
     try:
         res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,
-                           steps=args.steps, batch_size=args.batch_size, lr_weights=args.lr_weights,
+                           steps=args.steps, batch_size=args.batch_size, patch=args.patch_size,
+                           lr_weights=args.lr_weights,
                            lr_neurons=args.lr_neurons, device=device, seed=args.seed,
                            checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
                            time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
@@ -464,6 +465,7 @@ def _cmd_finetune(args):
         return 130
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
+            "patch_size": args.patch_size or DEFAULT_PATCH[args.task],
             "timesteps": timesteps_record(args.timesteps), "device": args.device,
             "train_mapper": not args.freeze_mapper, "energy_weight": args.energy_weight,
             "ssim_weight": args.ssim_weight, "recycling": snn.recycling, "amp": args.amp,
@@ -495,7 +497,10 @@ def _add_finetune(sub):
     p.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default 200; "
                    "the learning rates follow a cosine over them)")
     p.add_argument("--batch-size", type=_positive_int, default=8,
-                   help="patches per step (denoise: 40x40; default 8)")
+                   help="patches per step (default 8)")
+    p.add_argument("--patch-size", type=_positive_int, default=None, metavar="N",
+                   help="training patches of N x N pixels (default: denoise 40, the DnCNN "
+                        "patches; dehaze 160)")
     p.add_argument("--lr-weights", type=_nonneg_float, default=2e-5,
                    help="Adam learning rate of the conv weights and the mapper (default 2e-5)")
     p.add_argument("--lr-neurons", type=_nonneg_float, default=1e-3,

@@ -12,20 +12,27 @@ from spikingir.train import (DEFAULT_VAL_SCENES, _CachedCrops, _loader, default_
                              denoise_validator, dehaze_validator, fit)
 
 
+#: training patch side per task: DnCNN's 40 x 40 patches (what the ANN saw);
+#: AOD-Net crops of 160 x 160.
+DEFAULT_PATCH = {"denoise": 40, "dehaze": 160}
+
+
 def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, batch_size=8,
-                 patch=40, lr_weights=2e-5, lr_neurons=1e-3, device="cpu", seed=0,
+                 patch=None, lr_weights=2e-5, lr_neurons=1e-3, device="cpu", seed=0,
                  checkpoint=None, resume=True, val_crop=64, val_every=None, log_every=10,
                  progress=True, time_limit=None, log=None, train_mapper=True,
                  energy_weight=0.0, amp=False, warmup=0, timesteps=None, ssim_weight=0.0,
                  teacher=None, distill=0.0):
     """Fine-tunes ``snn`` (from :func:`spikingir.convert.to_snn`) in place.
 
-    Denoising: DnCNN patches of ``data`` (default ``../shared/data/train400``)
-    with fresh Gaussian noise each batch, validated on ``val_data`` (Set12)
+    Denoising: DnCNN patches of ``data`` (default ``../shared/data/train400``),
+    ``patch`` x ``patch`` pixels (default 40, the ANN's training patches), with
+    fresh Gaussian noise each batch, validated on ``val_data`` (Set12)
     center crops. ``train_mapper=False`` keeps the pixel mapper fixed (the
     ANN's output conv). Dehazing: random crops of the training scenes of
     ``data`` (default ``../shared/data/sots_train``, scenes
-    ``DEFAULT_VAL_SCENES`` held out for validation). ``energy_weight`` > 0 adds
+    ``DEFAULT_VAL_SCENES`` held out for validation), ``patch`` x ``patch`` pixels
+    (default 160). ``energy_weight`` > 0 adds
     ``energy_weight x snn.energy_ratio`` (the differentiable SOP part of the
     SNN/ANN energy ratio, see :meth:`track_energy`) to the MSE: fewer spikes
     for some PSNR. ``ssim_weight`` > 0 adds ``ssim_weight x (1 - SSIM)``
@@ -58,7 +65,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
         if data is None or val_data is None:
             raise FileNotFoundError("fine-tuning needs training data: pass --data DIR (Train400) "
                                     "and --val-data DIR (Set12)")
-        dataset = DnCNNPatches(data, patch=patch)
+        dataset = DnCNNPatches(data, patch=patch or DEFAULT_PATCH[task])
         s = float(sigma)
 
         def make_batch(clean, dev):
@@ -74,7 +81,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
             train_pairs, val_pairs = pairs.split(DEFAULT_VAL_SCENES)
         else:
             train_pairs, val_pairs = pairs, DehazePairs(val_data)
-        dataset = _CachedCrops(train_pairs, patch * 4)
+        dataset = _CachedCrops(train_pairs, patch or DEFAULT_PATCH[task])
 
         def make_batch(batch, dev):
             hazy, clean = batch

@@ -558,6 +558,62 @@ def test_triton_unpack32_many_words(block_k, device):
     check_conv(outs[1], s, w, b, 2, 2, fixed_point=True)
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("shape, k, stride, padding, config", [
+    ((2, 5, 11, 10, 6), 3, 1, 1, None),
+    ((2, 5, 11, 10, 6), 3, 2, 1, dict(split=3, block_p=16)),  # partials added
+    ((1, 70, 9, 13, 20), 5, 2, 2, dict(split=2, block_p=64)),  # two channel blocks of Cin
+    ((3, 16, 7, 7, 33), 1, 1, 0, dict(precision="ieee")),   # two blocks of Cout
+    ((2, 3, 12, 12, 4), 7, 1, 3, dict(block_p=256)),
+])
+def test_triton_grad_weight_kernel(shape, k, stride, padding, config, device):
+    """The weight-gradient GEMM over the bit-packed spikes against float64
+    conv2d_weight, within float32 rounding of the sum of |terms| (tf32x3 keeps 22
+    of grad_out's 24 mantissa bits per pass); clustered spikes (whole rows and a
+    whole image silent: skipped pixel blocks) and none at all (exact zeros);
+    bitwise equal run to run."""
+    from spikingir.kernels.spike_conv import pack_bits, spike_conv2d_grad_weight_triton
+    N, cin, H, W, cout = shape
+    Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
+    g = torch.Generator().manual_seed(sum(shape) + k)
+    go = torch.randn(N, cout, Ho, Wo, generator=g).to(device)
+    s = spikes(N, cin, H, W, rate=0.3, seed=k)
+    s[0, :, : H // 2] = 0
+    s[-1] = 0
+    for s in (s, torch.zeros_like(s)):
+        s = s.to(device)
+        packed = pack_bits(s)
+        gw = spike_conv2d_grad_weight_triton(go, packed, (cout, cin, k, k), H, W, stride, padding,
+                                             config=config)
+        again = spike_conv2d_grad_weight_triton(go, packed, (cout, cin, k, k), H, W, stride,
+                                                padding, config=config)
+        assert gw.dtype == torch.float32 and gw.shape == (cout, cin, k, k)
+        assert torch.equal(gw, again)
+        ref = torch.nn.grad.conv2d_weight(s.double(), (cout, cin, k, k), go.double(), stride,
+                                          padding)
+        mag = torch.nn.grad.conv2d_weight(s.double(), (cout, cin, k, k), go.double().abs(),
+                                          stride, padding)
+        bound = (4 + (N * Ho * Wo) ** 0.5) * EPS32 * mag + 1e-30
+        err = (gw.double() - ref).abs()
+        if bool((err > bound).any()):
+            assert_close(gw, ref, 0, 0, "grad_weight")
+    assert not gw.any()  # no spike: exactly zero
+
+
+@pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
+def test_triton_backward_dense_path_agrees():
+    """The Triton backward's two weight-gradient paths (the GEMM kernel, dense_rate
+    >= 0; cuDNN/oneDNN of the unpacked spikes, < 0) and its grad_s and grad_bias."""
+    from spikingir.kernels.spike_conv import pack_bits, spike_conv2d_bwd_triton
+    s = spikes(2, 6, 9, 11, rate=0.2, seed=3)
+    w, _ = conv_params(5, 6, 3, seed=4)
+    go = torch.randn(2, 5, 5, 6, generator=torch.Generator().manual_seed(5))
+    res = [spike_conv2d_bwd_triton(go, pack_bits(s), w, 9, 11, 2, 1, rate, True, True, True)
+           for rate in (2.0, -1.0)]
+    for a, b, name in zip(*res, ("grad_s", "grad_weight", "grad_bias")):
+        assert_close(a, b, 1e-5, 1e-5, name)
+
+
 @pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
 @pytest.mark.parametrize("config, match", [(dict(tile_h=8), "unknown launch options"),
                                            (dict(block_n=24), "power of two"),

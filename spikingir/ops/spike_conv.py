@@ -21,15 +21,21 @@ from .reference import spike_conv2d_reference
 #: Kernel sizes the fused backends take (AOD-Net uses all four).
 KERNEL_SIZES = (1, 3, 5, 7)
 STRIDES = (1, 2)
-#: Firing rate above which the triton kernel does not build the block-occupancy
-#: map and skip empty K-blocks (the result is the same either way; cuda has a
-#: single event-driven path). Triton: never (-1). On an H100 (benchmarks/
-#: RESULTS.md, GPU runs 2026-11-27) random spikes left no block empty from 1 %
-#: on (occupancy 1.00), real DnCNN maps only 6-10 % of blocks, and the skipping path was the
-#: slower one at every rate ([80, 64, 128, 128]: 4.31 ms at 1 % vs 3.38 ms dense
-#: at 50 %); deciding also needs the firing rate, which on a GPU means reading a
-#: count back (a host sync per call). cpp: see :func:`dense_rates`.
-DENSE_RATE = {"triton": -1.0, "cuda": 2.0}
+#: Firing rates ``(forward, backward)`` above which a GPU backend takes its dense
+#: path (< 0: always, >= 1: never; the result is the same either way).
+#: Forward: above it the triton kernel does not build the block-occupancy map and
+#: skip empty K-blocks; cuda has a single event-driven path. Triton: never skips
+#: (-1). On an H100 (benchmarks/RESULTS.md, GPU runs 2026-11-27) random spikes left
+#: no block empty from 1 % on (occupancy 1.00), real DnCNN maps only 6-10 % of
+#: blocks, and the skipping path was the slower one at every rate ([80, 64, 128,
+#: 128]: 4.31 ms at 1 % vs 3.38 ms dense at 50 %); deciding also needs the firing
+#: rate, which on a GPU means reading a count back (a host sync per call).
+#: Backward (the weight gradient; grad_s is always the dense transposed
+#: convolution): triton's GEMM kernel over the bit-packed spikes, which skips
+#: spike-free pixel blocks inside the kernel (no count, no sync), never the dense
+#: path (-1 there: cuDNN's weight gradient of the unpacked spikes). cpp: see
+#: :func:`dense_rates`.
+DENSE_RATE = {"triton": (-1.0, 2.0), "cuda": (2.0, 2.0)}
 
 
 def dense_rates(backend, cin, cout, masks=False):
@@ -51,8 +57,7 @@ def dense_rates(backend, cin, cout, masks=False):
     RESULTS.md, "dense paths from masks").
     """
     if backend != "cpp":
-        rate = DENSE_RATE[backend]
-        return rate, rate
+        return DENSE_RATE[backend]
     if masks:
         return (-1.0 if cin < 8 else 2.0), 0.25
     if cin < 8:
