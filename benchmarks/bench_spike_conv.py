@@ -246,6 +246,47 @@ def profile_calls(shape, rate, w, b, dev, g, calls=20):
     return 0
 
 
+def bench_backward(name, s, w, device, repeats):
+    """ms of the weight gradient alone (what training adds per spiking conv beyond
+    the dense grad_s): the library's dense one (oneDNN / cuDNN fp32, TF32 on the GPU)
+    against each fused backend's backward op from the bit-packed spikes (grad_s and
+    grad_bias not asked for). ``triton dense``: the Triton backward's dense path
+    (cuDNN of the unpacked spikes, dense_rate < 0)."""
+    from spikingir.ops.registry import fused_forward, fused_op
+    from spikingir.ops.spike_conv import dense_rates
+    N, _, H, W = s.shape
+    go = torch.randn(N, w.shape[0], H, W, generator=torch.Generator().manual_seed(3)).to(device)
+
+    def dense(tf32=False):
+        def f():
+            old = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            try:
+                return torch.nn.grad.conv2d_weight(s, w.shape, go, 1, 1)
+            finally:
+                torch.backends.cudnn.allow_tf32 = old
+        return f
+
+    cols = {"F.conv2d": dense()}
+    if device == "cuda":
+        cols["cudnn tf32"] = dense(True)
+    for be in timed_backends(device, "spike_conv2d"):
+        packed = fused_forward("spike_conv2d", be)(s, w, None, 1, 1, -1.0, False, True)[1]
+        rates = [("", dense_rates(be, w.shape[1], w.shape[0])[1])]
+        if be == "triton":
+            rates.append((" dense", -1.0))
+        for suffix, rate in rates:
+            cols[be + suffix] = (lambda be, rate, packed: lambda: fused_op("spike_conv2d_bwd", be)(
+                go, packed, w, H, W, 1, 1, rate, False, True, False)[1])(be, rate, packed)
+    inputs = {k: () for k in cols}
+    ms = time_cpu(cols, inputs, repeats) if device == "cpu" else time_cuda(cols, inputs)
+    ref = torch.nn.grad.conv2d_weight(s.double(), w.shape, go.double(), 1, 1)
+    scale = ref.abs().max().item()
+    err = max([(cols[k]().double() - ref).abs().max().item() / scale for k in cols
+               if k not in ("F.conv2d", "cudnn tf32")] + [0.0])
+    return dict(input=name, rate=s.float().mean().item(), occupancy=None, ms=ms, err=err)
+
+
 def fmt_table(rows, cols):
     head = ["input", "rate", "occupancy"] + [f"{c} ms" for c in cols] + \
         [f"{c} x" for c in cols if c != "F.conv2d"] + ["max err"]
@@ -272,6 +313,9 @@ def main(argv=None):
     p.add_argument("--dncnn", action="store_true", help="add real DnCNN spike maps")
     p.add_argument("--triton-sweep", action="store_true",
                    help="GPU: also time Triton launch configurations at 10%% firing")
+    p.add_argument("--backward", action="store_true",
+                   help="also time the weight gradient (each backend's backward op against "
+                        "the dense one), a second table")
     p.add_argument("--markdown-append", metavar="PATH")
     p.add_argument("--note", default="")
     p.add_argument("--once", type=float, default=None, metavar="RATE",
@@ -311,6 +355,19 @@ def main(argv=None):
             rows.append(bench_one(f"DnCNN conv{layer} {list(s.shape)}", s, conv.weight.detach(),
                                   conv.bias.detach(), dev, args.repeats))
             print(fmt_table(rows[-1:], list(rows[-1]["ms"])).splitlines()[-1], file=sys.stderr)
+    back = []
+    if args.backward:
+        inputs = [(f"random {shape}", (torch.rand(*shape, generator=g) < rate).float().to(dev), w)
+                  for rate in args.rates]
+        if args.dncnn:
+            inputs += [(f"DnCNN conv{layer} {list(s.shape)}", s, convs[layer - 1].weight.detach())
+                       for layer, s in maps.items()]
+        try:  # never lose the forward table to the backward one
+            for name, s, wl in inputs:
+                back.append(bench_backward(name, s, wl, dev, args.repeats))
+                print(fmt_table(back[-1:], list(back[-1]["ms"])).splitlines()[-1], file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001
+            print(f"backward benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     sweep = ""
     if args.triton_sweep and dev == "cuda":
         try:  # never lose the main table to the sweep
@@ -325,7 +382,12 @@ def main(argv=None):
         load = os.getloadavg()[0]
         busy = load > args.threads + 0.5
         header += f", load average {load:.1f}" + (" — BUSY MACHINE: ratios unreliable" if busy else "")
-    table = fmt_table(rows, list(rows[0]["ms"])) + sweep
+    table = fmt_table(rows, list(rows[0]["ms"]))
+    if back:
+        table += ("\n\nWeight gradient alone (backward ops from the packed spikes; x = the "
+                  "dense fp32 weight gradient's ms / column ms):\n\n"
+                  + fmt_table(back, list(back[0]["ms"])))
+    table += sweep
     print(header)
     print(table)
     if args.markdown_append:

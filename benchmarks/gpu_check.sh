@@ -154,9 +154,9 @@ for b in ${BENCH-conv snn neuron train}; do
   case $b in
   conv)
     step "bench_spike_conv"
-    timeout 200 python benchmarks/bench_spike_conv.py --device cuda --dncnn ${SWEEP:+--triton-sweep} \
+    timeout 240 python benchmarks/bench_spike_conv.py --device cuda --dncnn --backward ${SWEEP:+--triton-sweep} \
       > "$LOG/bench_spike_conv_gpu.txt" 2>&1 || status=1
-    grep "^|" "$LOG/bench_spike_conv_gpu.txt" | tail -20 ;;
+    grep "^|" "$LOG/bench_spike_conv_gpu.txt" | tail -50 ;;
   snn)
     step "bench_snn"
     timeout 120 python benchmarks/bench_snn.py --device cuda > "$LOG/bench_snn_gpu.txt" 2>&1 || status=1

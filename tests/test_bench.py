@@ -52,3 +52,33 @@ def test_tables_of_gpu_rows():
     assert re.search(r"^spikingjelly\s+-\s+-", table, re.M), table
     md = bn.to_markdown(rows, "neuron — test")
     assert "| forward | 10 | 8000000 | cuda | 0.500 | 4.00 | 1280.0 | 42.7 |" in md.replace(",", ""), md
+
+
+@pytest.mark.skipif(not backends.HAS_CPP_OPS, reason="spikingir._C is not built")
+def test_bench_spike_conv_tiny_with_backward(capsys):
+    """benchmarks/bench_spike_conv.py end to end on a tiny input: the forward table
+    and the weight-gradient table, each with a row whose backends agree with the
+    float64 reference (the last column)."""
+    import importlib.util
+    import pathlib
+
+    import torch
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_spike_conv.py"
+    spec = importlib.util.spec_from_file_location("bench_spike_conv", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main(["--shape", "2", "16", "12", "12", "--rates", "0.2", "--backward",
+                         "--threads", "1", "--repeats", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert rc == 0
+    forward, backward = out.split("Weight gradient alone")
+    for table, cols in ((forward, ("F.conv2d ms", "cpp ms", "cpp masks ms")),
+                        (backward, ("F.conv2d ms", "cpp ms"))):
+        head = next(line for line in table.splitlines() if line.startswith("| input"))
+        assert all(c in head for c in cols), head
+        row = next(line for line in table.splitlines() if line.startswith("| random"))
+        assert float(row.strip(" |").split("|")[-1]) < 1e-5, row

@@ -251,15 +251,29 @@ __global__ void grad_weight_kernel(const float* __restrict__ go, const uint8_t* 
   const int64_t co = idx / (g.kw * g.kh * g.Cin);
   const int64_t pixels = g.N * g.Ho * g.Wo;
   float acc = 0.0f;
-  for (int64_t p = threadIdx.x; p < pixels; p += blockDim.x) {
-    const int64_t ox = p % g.Wo;
-    const int64_t oy = (p / g.Wo) % g.Ho;
-    const int64_t n = p / (g.Wo * g.Ho);
+  // Thread t visits the flat pixels p = t, t + blockDim.x, ... (the order, hence the
+  // sums, of the plain loop), with (n, oy, ox) carried forward by additions:
+  // 64-bit divisions only when a step crosses into the next image, not three per pixel.
+  const int64_t step_x = blockDim.x % g.Wo, step_y = blockDim.x / g.Wo;
+  int64_t p = threadIdx.x;
+  int64_t ox = p % g.Wo, oy = (p / g.Wo) % g.Ho, n = p / (g.Wo * g.Ho);
+  for (; p < pixels; p += blockDim.x) {
     const int64_t iy = oy * g.stride + ky - g.pad;
     const int64_t ix = ox * g.stride + kx - g.pad;
-    if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) continue;
-    const uint8_t byte = bits[((n * g.Cin + ci) * g.H + iy) * g.Wb + ix / 8];
-    if ((byte >> (ix % 8)) & 1) acc += go[((n * g.Cout + co) * g.Ho + oy) * g.Wo + ox];
+    if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) {
+      const uint8_t byte = bits[((n * g.Cin + ci) * g.H + iy) * g.Wb + (ix >> 3)];
+      if ((byte >> (ix & 7)) & 1) acc += go[((n * g.Cout + co) * g.Ho + oy) * g.Wo + ox];
+    }
+    ox += step_x;  // p + blockDim.x as (n, oy, ox)
+    oy += step_y;
+    if (ox >= g.Wo) {
+      ox -= g.Wo;
+      ++oy;
+    }
+    if (oy >= g.Ho) {
+      n += oy / g.Ho;
+      oy %= g.Ho;
+    }
   }
   __shared__ float partial[kThreads];
   partial[threadIdx.x] = acc;
