@@ -383,11 +383,39 @@ def test_finetune_at_several_timesteps(files, tmp_path, capsys):
     assert code == 0, err
     assert "step 1/2" in err and "step 2/2" in err  # plain log lines, one per step
     meta = torch.load(out, weights_only=True)["meta"]
-    assert meta["timesteps"] == [2, 3] and meta["steps"] == 2
+    assert meta["timesteps"] == [2, 3] and meta["steps"] == 2 and meta["patch_size"] == 40
     assert meta["val_step"] == 2 and meta["val_psnr"] > 0  # the last validation's figures
     from spikingir.pipeline import ann_fingerprint, load_ann
     assert meta["ann_fingerprint"] == ann_fingerprint(load_ann("denoise", 25, files / "dncnn.pt"))
     assert load_snn(out).timesteps == 3
+
+
+def test_finetune_patch_size(files, tmp_path, capsys):
+    """--patch-size N trains on N x N patches (the SNN sees [B, 1, N, N] batches)
+    and the file records it; a patch larger than every image is one clear line."""
+    from spikingir.convert import to_snn
+    from spikingir.finetune import finetune_snn
+    data = files / "gray48"
+    ann = DnCNN(depth=4, channels=8, batchnorm=False)
+    ann.load_state_dict(torch.load(files / "dncnn.pt", weights_only=True))
+    snn = to_snn(ann.eval(), [torch.rand(1, 1, 16, 16)], 2, backend="cpp")
+    shapes = set()
+    snn.register_forward_pre_hook(lambda m, a: shapes.add(tuple(a[0].shape)) if m.training else None)
+    finetune_snn(snn, "denoise", sigma=25, data=data, val_data=data, steps=2, batch_size=3,
+                 patch=24, val_crop=32, progress=False, log=lambda _: None)
+    assert shapes == {(3, 1, 24, 24)}
+    out = tmp_path / "snn.pt"
+    args = ["finetune", "--task", "denoise", "--sigma", "25", "--ann-weights",
+            str(files / "dncnn.pt"), "--timesteps", "2", "--steps", "1", "--batch-size", "2",
+            "--data", str(data), "--val-data", str(data), "--val-crop", "32", "--no-progress",
+            "--out", str(out)]
+    code, _, err = run(args + ["--patch-size", "32"], capsys)
+    assert code == 0, err
+    assert torch.load(out, weights_only=True)["meta"]["patch_size"] == 32
+    out.unlink()
+    code, _, err = run(args + ["--patch-size", "49"], capsys)
+    assert code == 2 and "no 49 x 49 patch fits" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_finetune_refuses_what_it_could_only_fail_at_the_end(files, tmp_path, capsys):
