@@ -85,7 +85,10 @@ def train_step_table(args):
     Adam), with the network in NCHW and in channels-last memory (``spikingir
     finetune`` trains channels-last on the CPU), fp32 (TF32 off on a GPU), and
     channels-last under bf16 autocast (``spikingir finetune --amp``; on a CPU
-    without AVX512-BF16 or AMX that row is slow, not fast)."""
+    without AVX512-BF16 or AMX that row is slow, not fast); then NCHW fp32 with
+    the hidden convolutions on the spikes through each fused ``spike_conv2d``
+    backend (forward and its backward: grad_s dense, grad_weight from the
+    bit-packed spikes)."""
     dev = args.device
     x, _ = _image(args.shape)
     x = x.to(dev)
@@ -94,8 +97,12 @@ def train_step_table(args):
     settings = [("contiguous_format", torch.contiguous_format, False),
                 ("channels_last", torch.channels_last, False),
                 ("channels_last bf16 autocast", torch.channels_last, True)]
-    for name, layout, amp in settings:
+    settings += [(f"contiguous_format, spike_conv2d {be}", torch.contiguous_format, False, be)
+                 for be in timed_backends(dev, "spike_conv2d")]
+    for name, layout, amp, *spike_backend in settings:
         snn = load_snn(args.snn_weights).to(dev).to(memory_format=layout).train()
+        if spike_backend:
+            snn.use_spike_conv(True, spike_backend[0], masks=False)
         opt = torch.optim.Adam(snn.parameters(), 1e-6)
         xl = x.contiguous(memory_format=layout)
 
