@@ -278,6 +278,10 @@ def bench_backward(name, s, w, device, repeats):
         for suffix, rate in rates:
             cols[be + suffix] = (lambda be, rate, packed: lambda: fused_op("spike_conv2d_bwd", be)(
                 go, packed, w, H, W, 1, 1, rate, False, True, False)[1])(be, rate, packed)
+        if be == "triton":  # the kernel with exact float32 FMAs instead of tf32x3
+            from spikingir.kernels.spike_conv import spike_conv2d_grad_weight_triton
+            cols["triton ieee"] = (lambda packed: lambda: spike_conv2d_grad_weight_triton(
+                go, packed, w.shape, H, W, 1, 1, config=dict(precision="ieee")))(packed)
     inputs = {k: () for k in cols}
     ms = time_cpu(cols, inputs, repeats) if device == "cpu" else time_cuda(cols, inputs)
     ref = torch.nn.grad.conv2d_weight(s.double(), w.shape, go.double(), 1, 1)

@@ -82,3 +82,24 @@ def test_bench_spike_conv_tiny_with_backward(capsys):
         assert all(c in head for c in cols), head
         row = next(line for line in table.splitlines() if line.startswith("| random"))
         assert float(row.strip(" |").split("|")[-1]) < 1e-5, row
+
+
+@pytest.mark.skipif("triton" not in backends.available_backends("cpu", op="spike_conv2d"),
+                    reason="Triton interpreter not available")
+def test_bench_spike_conv_backward_triton_columns(monkeypatch):
+    """The weight-gradient table's Triton columns (timed on a GPU only) run under
+    the interpreter and agree with the float64 weight gradient."""
+    import importlib.util
+    import pathlib
+
+    import torch
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_spike_conv.py"
+    spec = importlib.util.spec_from_file_location("bench_spike_conv", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "timed_backends", lambda device, op: ["triton"])
+    s = (torch.rand(2, 16, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.2).float()
+    w = torch.randn(16, 16, 3, 3, generator=torch.Generator().manual_seed(1))
+    row = bench.bench_backward("tiny", s, w, "cpu", 1)
+    assert set(row["ms"]) == {"F.conv2d", "triton", "triton dense", "triton ieee"}
+    assert row["err"] < 1e-5
