@@ -21,6 +21,12 @@ of --repeats calls after one untimed call):
 - ``SNN dense bf16 cl`` (GPU): the shipped SNN under ``torch.autocast(bfloat16)``
   with channels-last weights and input: not exact (weights and currents rounded
   to bf16), the fast setting for inference; PSNR says what it costs.
+- ``<column>, CUDA graph`` (GPU; ANN fp32, the restore default and SNN dense bf16
+  cl): that column's forward captured once in a CUDA graph (``torch.cuda.graph``)
+  and replayed: the same kernels without the host's work per op (an SNN at T=10
+  issues hundreds of small launches; the gap to the uncaptured column is what
+  host overhead costs). A capture that fails (e.g. a host synchronisation in
+  the forward) is reported in the table.
 ``ratio``: column ms / ANN fp32 ms. ``PSNR``: of the output against the clean
 image (dB). The spike-conv columns are not bitwise equal to ``SNN dense``: a
 float32 rounding difference in one conv can flip one spike, and the flip spreads
@@ -64,6 +70,23 @@ def _tf32(on):
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _graphed(f):
+    """``f`` (no arguments, static shapes) captured in a CUDA graph after three
+    warm-up calls on a side stream (the torch.cuda.graph recipe): returns
+    ``(replay, output)``, ``replay()`` re-running the captured kernels into
+    ``output``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f()
+    return graph.replay, out
 
 
 def _time(f, device, repeats):
@@ -178,9 +201,25 @@ def main(argv=None):
 
         def score(out):
             return psnr(clean, out[0, 0].clamp(0, 1).float().cpu().numpy())
+        notes = {}
+
+        def graph_column(name, f):
+            """Times ``f`` captured in a CUDA graph (under the caller's settings),
+            at once: the graph holds the module's tensors as they are now."""
+            name = f"{name}, CUDA graph"
+            try:
+                replay, out = _graphed(f)
+                replay()
+                ms[name] = _time(replay, dev, args.repeats)
+                quality[name] = score(out)
+            except Exception as exc:  # noqa: BLE001 - a capture that fails is a result too
+                notes[name] = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+                print(notes[name], file=sys.stderr)
         with _tf32(False):
             ms["ANN fp32"] = _time(lambda: ann(x), dev, args.repeats)
             quality["ANN fp32"] = score(ann(x))
+            if dev == "cuda":
+                graph_column("ANN fp32", lambda: ann(x))
             ms["SNN dense"] = _time(lambda: snn(x), dev, args.repeats)
         if dev == "cuda":
             with _tf32(True):
@@ -199,6 +238,8 @@ def main(argv=None):
             with _tf32(False):
                 out = snn(x)
                 ms[name] = _time(lambda: snn(x), dev, args.repeats)
+                if dev == "cuda" and be == "auto":
+                    graph_column(name, lambda: snn(x))
             quality[name] = score(out)
         snn.use_spike_conv(False)
         if dev == "cuda":
@@ -208,6 +249,7 @@ def main(argv=None):
             with torch.autocast("cuda", torch.bfloat16):
                 out = snn_cl(x_cl)
                 ms["SNN dense bf16 cl"] = _time(lambda: snn_cl(x_cl), dev, args.repeats)
+                graph_column("SNN dense bf16 cl", lambda: snn_cl(x_cl))
             quality["SNN dense bf16 cl"] = score(out)
     base = ms["ANN fp32"]
     env = environment(dev, args.threads)
@@ -219,6 +261,7 @@ def main(argv=None):
     for k, v in ms.items():
         d = f"{quality[k]:.2f}" if k in quality else "-"
         lines.append(f"| {k} | {v:.2f} | {v / base:.2f} | {d} |")
+    lines += [f"| {k} | {note} | - | - |" for k, note in notes.items()]
     table = "\n".join(lines)
     print(header)
     print(table)

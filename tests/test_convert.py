@@ -427,6 +427,21 @@ def test_gpu_spike_conv_snn_matches_cpu(backend, neuron):
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert torch.equal(y.cpu(), ref)
+    # ... so the forward can be captured in a CUDA graph and replayed (no host work
+    # per op: benchmarks/bench_snn.py's "CUDA graph" columns)
+    snn.use_spike_conv(True, backend=backend, masks=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad():
+        with torch.cuda.stream(side):
+            snn(xc)  # warm-up off the capture stream
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = snn(xc)
+    y.zero_()
+    graph.replay()
+    assert torch.equal(y.cpu(), ref)
 
 
 # ----------------------------------------------------------- AOD-Net DC offsets
