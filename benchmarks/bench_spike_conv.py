@@ -251,7 +251,9 @@ def bench_backward(name, s, w, device, repeats):
     the dense grad_s): the library's dense one (oneDNN / cuDNN fp32, TF32 on the GPU)
     against each fused backend's backward op from the bit-packed spikes (grad_s and
     grad_bias not asked for). ``triton dense``: the Triton backward's dense path
-    (cuDNN of the unpacked spikes, dense_rate < 0)."""
+    (cuDNN of the unpacked spikes, dense_rate < 0, under torch's settings: TF32 by
+    default); ``triton ieee``: its kernel with exact float32 FMAs instead of three
+    TF32 passes."""
     from spikingir.ops.registry import fused_forward, fused_op
     from spikingir.ops.spike_conv import dense_rates
     N, _, H, W = s.shape
