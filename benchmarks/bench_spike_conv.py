@@ -26,6 +26,7 @@ output is the constant input current of every step. The spikes entering
 layers 2, 9 and 16 (64 -> 64 3x3) are benchmarked.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -52,6 +53,17 @@ def block_occupancy(s, k=3, stride=1, padding=1):
     return occupancy_map(s8, k, k, stride, Ho, Wo, 32).float().mean().item()
 
 
+@contextlib.contextmanager
+def cudnn_tf32(on):
+    """cuDNN convolutions with TF32 on or off inside the block."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
 def columns(device):
     """name -> f(s, w, b) for everything timed on this device."""
     cols = {}
@@ -60,12 +72,8 @@ def columns(device):
     else:
         def cudnn(tf32):
             def f(s, w, b):
-                old = torch.backends.cudnn.allow_tf32
-                torch.backends.cudnn.allow_tf32 = tf32
-                try:
+                with cudnn_tf32(tf32):
                     return F.conv2d(s, w, b, 1, 1)
-                finally:
-                    torch.backends.cudnn.allow_tf32 = old
             return f
         cols["F.conv2d"] = cudnn(False)  # cuDNN fp32, TF32 off
         cols["cudnn tf32"] = cudnn(True)
@@ -261,12 +269,8 @@ def bench_backward(name, s, w, device, repeats):
 
     def dense(tf32=False):
         def f():
-            old = torch.backends.cudnn.allow_tf32
-            torch.backends.cudnn.allow_tf32 = tf32
-            try:
+            with cudnn_tf32(tf32):
                 return torch.nn.grad.conv2d_weight(s, w.shape, go, 1, 1)
-            finally:
-                torch.backends.cudnn.allow_tf32 = old
         return f
 
     cols = {"F.conv2d": dense()}

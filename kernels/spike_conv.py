@@ -144,8 +144,10 @@ def _round_up(n, multiple):
     return triton.cdiv(n, multiple) * multiple
 
 
-def _block_n(Cout):
-    return max(16, min(64, triton.next_power_of_2(Cout)))
+def _channel_block(channels):
+    """Channels per program along a dot's N (or the weight gradient's M / N): the
+    count rounded up to a power of two, 16..64."""
+    return max(16, min(64, triton.next_power_of_2(channels)))
 
 
 @triton.jit
@@ -389,14 +391,19 @@ DEFAULT_CONFIG = dict(block_k=None, tile=(16, 16), num_warps=8, num_stages=None,
 MASKS_CONFIG = dict(DEFAULT_CONFIG, unpack32=False)
 
 
-def launch_config(base, config, cin):
-    """``base`` updated by ``config`` (None or a dict), ``block_k`` resolved for
-    ``cin`` input channels."""
+def _with_overrides(base, config):
+    """``base`` updated by ``config`` (None or a dict of some of its keys)."""
     unknown = set(config or {}) - set(base)
     if unknown:
         raise ValueError(f"config: unknown launch options {sorted(unknown)}; expected some of "
                          f"{sorted(base)}")
-    cfg = dict(base, **(config or {}))
+    return dict(base, **(config or {}))
+
+
+def launch_config(base, config, cin):
+    """``base`` updated by ``config`` (None or a dict), ``block_k`` resolved for
+    ``cin`` input channels."""
+    cfg = _with_overrides(base, config)
     if cfg["block_k"] is None:
         cfg["block_k"] = 64 if cin > 32 else 32
     bn = cfg["block_n"]
@@ -466,7 +473,7 @@ def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate
     Cout, _, kh, kw = weight.shape
     Ho = (H + 2 * padding - kh) // stride + 1
     Wo = (W + 2 * padding - kw) // stride + 1
-    BLOCK_K, BLOCK_N = cfg["block_k"], cfg["block_n"] or _block_n(Cout)
+    BLOCK_K, BLOCK_N = cfg["block_k"], cfg["block_n"] or _channel_block(Cout)
     tile_h, tile_w = cfg["tile"]
     planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N, cfg["b_kmajor"])
     Cin_p = _round_up(weight.shape[1], BLOCK_K)
@@ -552,7 +559,7 @@ def _spike_conv2d_grad_weight_kernel(go_ptr, bits_ptr, part_ptr, Cout, Cin, H, W
         byte_off = ((n[:, None] * Cin + ci[None, :]) * H + iy[:, None]) * Wb + (ix // 8)[:, None]
         byte = tl.load(bits_ptr + byte_off, mask=inside[:, None] & (ci < Cin)[None, :], other=0)
         spike = (byte.to(tl.int32) >> (ix % 8).to(tl.int32)[:, None]) & 1
-        if tl.max(tl.max(spike, axis=1), axis=0) != 0:
+        if tl.max(spike) != 0:
             g_off = (n * Cout * HoWo + r)[None, :] + co[:, None].to(tl.int64) * HoWo
             g = tl.load(go_ptr + g_off, mask=(co < Cout)[:, None] & (p < P)[None, :], other=0.0)
             # spikes are exact at any precision; PRECISION sets how grad_out's float32
@@ -570,24 +577,16 @@ def _spike_conv2d_grad_weight_kernel(go_ptr, bits_ptr, part_ptr, Cout, Cin, H, W
 GRAD_WEIGHT_CONFIG = dict(block_p=128, split=None, num_warps=4, precision="tf32x3")
 
 
-def _pow2_at_least(n, low=16, high=64):
-    return max(low, min(high, triton.next_power_of_2(n)))
-
-
 def spike_conv2d_grad_weight_triton(grad_out, packed, weight_shape, height, width, stride,
                                     padding, *, config=None):
     """grad_weight of the convolution from the bit-packed spikes (:func:`pack_bits`)
     and a contiguous float32 grad_out [N, Cout, Ho, Wo]: the GEMM of grad_out and
     the spikes over the output pixels, skipping pixel blocks without a spike."""
-    unknown = set(config or {}) - set(GRAD_WEIGHT_CONFIG)
-    if unknown:
-        raise ValueError(f"config: unknown launch options {sorted(unknown)}; expected some of "
-                         f"{sorted(GRAD_WEIGHT_CONFIG)}")
-    cfg = dict(GRAD_WEIGHT_CONFIG, **(config or {}))
+    cfg = _with_overrides(GRAD_WEIGHT_CONFIG, config)
     N, Cout, Ho, Wo = grad_out.shape
     Cin, kh, kw = weight_shape[1:]
     P = N * Ho * Wo
-    block_co, block_ci = _pow2_at_least(Cout), _pow2_at_least(Cin)
+    block_co, block_ci = _channel_block(Cout), _channel_block(Cin)
     channel_blocks = triton.cdiv(Cout, block_co) * triton.cdiv(Cin, block_ci)
     blocks = max(1, triton.cdiv(P, cfg["block_p"]))
     split = cfg["split"]

@@ -59,13 +59,14 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     from spikingir.data import DehazePairs, DnCNNPatches, noisy
     from spikingir.metrics import ssim_tensor
 
+    patch = patch or DEFAULT_PATCH.get(task)
     if task == "denoise":
         data = data or default_data_dir("train400")
         val_data = val_data or default_data_dir("set12")
         if data is None or val_data is None:
             raise FileNotFoundError("fine-tuning needs training data: pass --data DIR (Train400) "
                                     "and --val-data DIR (Set12)")
-        dataset = DnCNNPatches(data, patch=patch or DEFAULT_PATCH[task])
+        dataset = DnCNNPatches(data, patch=patch)
         s = float(sigma)
 
         def make_batch(clean, dev):
@@ -81,7 +82,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
             train_pairs, val_pairs = pairs.split(DEFAULT_VAL_SCENES)
         else:
             train_pairs, val_pairs = pairs, DehazePairs(val_data)
-        dataset = _CachedCrops(train_pairs, patch or DEFAULT_PATCH[task])
+        dataset = _CachedCrops(train_pairs, patch)
 
         def make_batch(batch, dev):
             hazy, clean = batch

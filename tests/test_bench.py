@@ -54,19 +54,24 @@ def test_tables_of_gpu_rows():
     assert "| forward | 10 | 8000000 | cuda | 0.500 | 4.00 | 1280.0 | 42.7 |" in md.replace(",", ""), md
 
 
+def _bench_spike_conv():
+    """benchmarks/bench_spike_conv.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_spike_conv.py"
+    spec = importlib.util.spec_from_file_location("bench_spike_conv", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 @pytest.mark.skipif(not backends.HAS_CPP_OPS, reason="spikingir._C is not built")
 def test_bench_spike_conv_tiny_with_backward(capsys):
     """benchmarks/bench_spike_conv.py end to end on a tiny input: the forward table
     and the weight-gradient table, each with a row whose backends agree with the
     float64 reference (the last column)."""
-    import importlib.util
-    import pathlib
-
     import torch
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_spike_conv.py"
-    spec = importlib.util.spec_from_file_location("bench_spike_conv", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_spike_conv()
     threads = torch.get_num_threads()
     try:
         rc = bench.main(["--shape", "2", "16", "12", "12", "--rates", "0.2", "--backward",
@@ -89,14 +94,8 @@ def test_bench_spike_conv_tiny_with_backward(capsys):
 def test_bench_spike_conv_backward_triton_columns(monkeypatch):
     """The weight-gradient table's Triton columns (timed on a GPU only) run under
     the interpreter and agree with the float64 weight gradient."""
-    import importlib.util
-    import pathlib
-
     import torch
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_spike_conv.py"
-    spec = importlib.util.spec_from_file_location("bench_spike_conv", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_spike_conv()
     monkeypatch.setattr(bench, "timed_backends", lambda device, op: ["triton"])
     s = (torch.rand(2, 16, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.2).float()
     w = torch.randn(16, 16, 3, 3, generator=torch.Generator().manual_seed(1))
