@@ -368,9 +368,9 @@ def _convert_ann(args, sigma, timesteps, ann=None, layers=True):
     """The ANN (``ann`` when the caller loaded it already, else --ann-weights or the
     shipped one) converted with the conversion options, its thresholds calibrated
     on 8 degraded images of --data (default the task's training data in
-    ../shared/data, else built-in photos). Returns the SNN, where the calibration
-    images came from and the ANN's fingerprint."""
-    from spikingir.pipeline import ann_fingerprint, calibration_inputs, load_ann
+    ../shared/data, else built-in photos). Returns the SNN (its ``meta`` holds
+    the ANN's fingerprint) and where the calibration images came from."""
+    from spikingir.pipeline import calibration_inputs, load_ann
 
     _layer_calibration(args)  # refused before any loading
     if ann is None:
@@ -378,7 +378,7 @@ def _convert_ann(args, sigma, timesteps, ann=None, layers=True):
     calib_dir = _data_dir(args, "train400" if args.task == "denoise" else "sots_train")
     calib = calibration_inputs(args.task, sigma, data=calib_dir)
     source = f"{len(calib)} images of {calib_dir}" if calib_dir else f"{len(calib)} built-in photos"
-    return _convert(ann, calib, timesteps, args, layers), source, ann_fingerprint(ann)
+    return _convert(ann, calib, timesteps, args, layers), source
 
 
 def _cmd_convert(args):
@@ -387,11 +387,11 @@ def _cmd_convert(args):
     _set_threads(args)
     sigma = _sigma_of(args)
     check_outputs(args.out)
-    snn, source, fingerprint = _convert_ann(args, sigma, args.timesteps)
+    snn, source = _convert_ann(args, sigma, args.timesteps)
     method = _layer_calibration(args)
     meta = {"task": args.task, "sigma": sigma, "steps": 0, "timesteps": args.timesteps,
             "init": "conversion", "ann": str(args.ann_weights or "shipped"),
-            "ann_fingerprint": fingerprint, "calibration": source,
+            "ann_fingerprint": snn.meta["ann_fingerprint"], "calibration": source,
             "percentile": args.percentile, "offset_percentile": args.offset_percentile,
             "layer_calibration": method}
     save_snn(snn.eval(), args.out, meta)
@@ -439,13 +439,12 @@ def _cmd_finetune(args):
         snn = load_snn(args.snn_weights, backend=args.backend, task=args.task)  # finetune_snn sets its T
         if args.no_recycling:  # the one conversion option a converted SNN can drop
             snn.recycling = False
-        fingerprint = snn.meta.get("ann_fingerprint")  # the ANN it came from, when recorded
     else:
         # the teacher, when distilling, is this same ANN (to_snn converts a copy of it);
         # resuming, the checkpoint replaces every weight: no layer calibration to redo
         resuming = args.resume and os.path.exists(args.checkpoint)
-        snn, _, fingerprint = _convert_ann(args, sigma, max(args.timesteps), ann=teacher,
-                                           layers=not resuming)
+        snn, _ = _convert_ann(args, sigma, max(args.timesteps), ann=teacher, layers=not resuming)
+    fingerprint = snn.meta.get("ann_fingerprint")  # the ANN it came from, when recorded
     t0 = time.time()
     try:
         res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,

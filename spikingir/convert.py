@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spikingir.models import AODNet, DnCNN, fold_batchnorm
-from spikingir.models.spiking import SpikingAODNet, SpikingDnCNN, _per_channel, make_neuron
+from spikingir.models import AODNet, ConvChain, DnCNN, Residual, conv_chain
+from spikingir.models.spiking import (SpikingAODNet, SpikingChain, SpikingDnCNN, _per_channel,
+                                      make_neuron)
 
 #: AOD-Net's default DC-offset percentile (``to_snn(offset_percentile="auto")``).
 #: Measured on the shipped AOD-Net, held-out SOTS scenes, T=10, before fine-tuning
@@ -53,8 +54,9 @@ def _percentile(acts, percentile, per_channel, generator):
 
 @torch.no_grad()
 def calibrate(ann, calib_images, percentile=99.9, per_channel=False, offsets=None):
-    """Thresholds of the spiking layers of ``ann`` (a BN-free DnCNN or an
-    AODNet): the ``percentile`` of each ReLU's activations on ``calib_images``
+    """Thresholds of the spiking layers of ``ann`` (a BN-free DnCNN, an AODNet
+    or a conv chain, :mod:`spikingir.models.chain`): the ``percentile`` of each
+    ReLU's activations on ``calib_images``
     (a [B, C, H, W] tensor or a list of [1, C, H, W] tensors); with ``offsets``
     (from :func:`calibrate_offsets`), of the activations less their offsets."""
     if not 0 < percentile <= 100:
@@ -93,6 +95,8 @@ def _activations(ann, calib_images):
     layer) of lists of [B, C, H, W] tensors (one per calibration input)."""
     if isinstance(ann, AODNet):
         ann = _AODTaps(ann)
+    elif isinstance(ann, (nn.Sequential, Residual)):
+        ann = conv_chain(ann)
     if isinstance(calib_images, torch.Tensor):
         calib_images = [calib_images]
     if not calib_images:
@@ -123,12 +127,16 @@ def _spiking_relus(ann):
         return [m for m in ann.dncnn if isinstance(m, nn.ReLU)]
     if isinstance(ann, _AODTaps):
         return list(ann.taps)
+    if isinstance(ann, ConvChain):
+        return list(ann.relus)
     raise TypeError(_unsupported(ann))
 
 
 def _unsupported(ann):
-    return (f"to_snn: expected a DnCNN or AODNet, got {type(ann).__name__}; other networks can be "
-            "built from spikingir.nn's layers (SeqToBatch, IFNeuron, MPRNeuron, SpikeConv2d)")
+    return (f"to_snn: expected a DnCNN, an AODNet, an nn.Sequential of Conv2d / BatchNorm2d / ReLU "
+            f"layers or spikingir.models.Residual around one; got {type(ann).__name__}. Other "
+            "networks can be built from spikingir.nn's layers (SeqToBatch, IFNeuron, MPRNeuron, "
+            "SpikeConv2d)")
 
 
 class _AODTaps(nn.Module):
@@ -151,10 +159,13 @@ class _AODTaps(nn.Module):
 def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_channel=False,
            v0="zero", recycling=True, backend="auto", surrogate="sigmoid", alpha=4.0,
            reuse_alpha=0.75, offset_percentile="auto", layer_calibration=None):
-    """Converts a trained DnCNN or AODNet into a spiking network.
+    """Converts a trained DnCNN, AODNet or conv chain into a spiking network.
 
     Args:
-        ann: ``spikingir.models.DnCNN`` (BN or folded form) or ``AODNet``.
+        ann: ``spikingir.models.DnCNN`` (BN or folded form), ``AODNet``, or your
+            own CNN as an ``nn.Sequential`` of ``Conv2d [BatchNorm2d] ReLU ...
+            Conv2d`` (optionally in ``spikingir.models.Residual`` for a global
+            skip ``x -/+ body(x)``; see :mod:`spikingir.models.chain`).
         calib_images: degraded inputs for threshold calibration, [B, C, H, W]
             or a list of [1, C, H, W] tensors.
         timesteps: T, the number of IF steps (MPRN adds the reuse step).
@@ -174,12 +185,14 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
             convs reading the spikes add the offsets' contribution back
             (``SpikingAODNet``). ``"auto"`` (default): ``DEFAULT_OFFSET_PERCENTILE``
             for AOD-Net, None (no offsets) for DnCNN.
-        layer_calibration: DnCNN only: after conversion, ``"bias"`` or
+        layer_calibration: DnCNN and conv chains: after conversion, ``"bias"`` or
             ``"weights"`` runs :func:`calibrate_layers` with that method on
             ``calib_images`` at ``timesteps`` (None: thresholds only).
 
     Returns:
-        ``SpikingDnCNN`` or ``SpikingAODNet`` (an ``nn.Module`` in eval mode).
+        ``SpikingDnCNN``, ``SpikingAODNet`` or (for a conv chain)
+        ``SpikingChain``: an ``nn.Module`` in eval mode that maps images like
+        ``ann``.
     """
     if neuron not in ("if", "mprn"):
         raise ValueError(f"neuron: expected 'if' or 'mprn', got {neuron!r}")
@@ -189,21 +202,23 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
         raise ValueError(f"timesteps: expected an int >= 1, got {timesteps!r}")
     if layer_calibration not in (None, "bias", "weights"):
         raise ValueError(f"layer_calibration: expected None, 'bias' or 'weights', got {layer_calibration!r}")
-    if layer_calibration is not None and not isinstance(ann, DnCNN):
-        raise ValueError("layer_calibration: for DnCNN only (a converted AOD-Net already matches "
-                         "its ANN: benchmarks/RESULTS.md)")
+    if layer_calibration is not None and isinstance(ann, AODNet):
+        raise ValueError("layer_calibration: for DnCNN and conv chains only (a converted AOD-Net "
+                         "already matches its ANN: benchmarks/RESULTS.md)")
     if offset_percentile == "auto":
         offset_percentile = DEFAULT_OFFSET_PERCENTILE if isinstance(ann, AODNet) else None
+    from spikingir.pipeline import ann_fingerprint
     ann = copy.deepcopy(ann).eval().float()
-    if isinstance(ann, DnCNN):
+    fingerprint = ann_fingerprint(ann)
+    if isinstance(ann, (DnCNN, nn.Sequential, Residual)):
         if offset_percentile is not None:
             raise ValueError("offset_percentile: for AOD-Net only (DnCNN's hidden activations are "
                              "zero often enough to need no offsets)")
-        if ann.batchnorm:
-            ann = fold_batchnorm(ann)
-        thetas = calibrate(ann, calib_images, percentile, per_channel)
-        convs = [copy.deepcopy(c) for c in ann.convs()]
-        cls, extra = SpikingDnCNN, {}
+        chain = conv_chain(ann)  # BN folded, float32 copies
+        thetas = calibrate(chain, calib_images, percentile, per_channel)
+        convs = chain.convs()
+        cls, extra = ((SpikingDnCNN, {}) if isinstance(ann, DnCNN) else
+                      (SpikingChain, {"residual": chain.residual}))
     elif isinstance(ann, AODNet):
         offsets = (None if offset_percentile is None else
                    calibrate_offsets(ann, calib_images, offset_percentile, per_channel))
@@ -221,6 +236,7 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
                            v_init=v0, backend=backend, surrogate=surrogate, alpha=alpha,
                            reuse_alpha=reuse_alpha) for th in thetas]
     snn = cls(convs, neurons, timesteps, neuron, recycling, **extra).eval()
+    snn.meta["ann_fingerprint"] = fingerprint  # save_snn records it: evaluations can check the ANN
     if layer_calibration is not None:
         calibrate_layers(snn, ann, calib_images, method=layer_calibration)
     return snn
@@ -259,7 +275,7 @@ def _fit_conv(conv, inputs, targets, ridge):
 @torch.no_grad()
 def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, ridge=_RIDGE,
                      target_floor=_TARGET_FLOOR):
-    """Layer-wise post-conversion calibration of a converted DnCNN, in place
+    """Layer-wise post-conversion calibration of a converted DnCNN or conv chain, in place
     (after Li et al. 2021, "A free lunch from ANN: towards efficient, accurate
     spiking neural networks calibration"; no backpropagation through time).
 
@@ -281,8 +297,9 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
       The pixel mapper is fitted the same way to the ANN's output conv.
 
     The first conv sees the image, as in the ANN, so it only gets the bias
-    correction. ``snn`` is the ``SpikingDnCNN`` that ``to_snn`` made of ``ann``
-    (same depth and width); it is calibrated at its ``timesteps`` and returned.
+    correction. ``snn`` is the ``SpikingDnCNN`` (or ``SpikingChain``) that
+    ``to_snn`` made of ``ann`` (same layers); it is calibrated at its
+    ``timesteps`` and returned.
     Measured (benchmarks/RESULTS.md, official DnCNN-S s25, per-channel thresholds,
     Set12 crops): PSNR loss at T=10 3.17 dB converted, 2.71 with ``bias``, 1.47
     with ``weights`` (T=5: 4.90, 4.42, 3.32), in 81 s on 2 CPU cores.
@@ -291,21 +308,20 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
         raise ValueError(f"method: expected 'bias' or 'weights', got {method!r}")
     if not isinstance(bias_iters, int) or bias_iters < 0:
         raise ValueError(f"bias_iters: expected an int >= 0, got {bias_iters!r}")
-    if not isinstance(snn, SpikingDnCNN):
-        raise TypeError(f"calibrate_layers: expected a SpikingDnCNN (from to_snn), got "
-                        f"{type(snn).__name__}; a converted AOD-Net already matches its ANN "
+    if not isinstance(snn, SpikingChain):
+        raise TypeError(f"calibrate_layers: expected a SpikingDnCNN or SpikingChain (from to_snn), "
+                        f"got {type(snn).__name__}; a converted AOD-Net already matches its ANN "
                         "(benchmarks/RESULTS.md)")
-    if not isinstance(ann, DnCNN):
-        raise TypeError(f"calibrate_layers: expected the DnCNN the SNN was converted from, got "
-                        f"{type(ann).__name__}")
-    ann = copy.deepcopy(ann).eval().float()
-    if ann.batchnorm:
-        ann = fold_batchnorm(ann)
-    ann_convs = list(ann.convs())
+    if not isinstance(ann, (DnCNN, nn.Sequential, Residual)):
+        raise TypeError(f"calibrate_layers: expected the DnCNN or conv chain the SNN was converted "
+                        f"from, got {type(ann).__name__}")
+    ann_convs = conv_chain(ann).convs()  # BN folded, float32 copies
     if len(ann_convs) != len(snn.neurons_) + 1 or any(
-            a.weight.shape != c.weight.shape for a, c in zip(ann_convs, _snn_convs(snn))):
+            a.weight.shape != c.weight.shape or a.stride != c.stride or a.padding != c.padding
+            for a, c in zip(ann_convs, _snn_convs(snn))):
         raise ValueError("calibrate_layers: the ANN's convolutions do not match the SNN's "
-                         "(another depth or width): pass the DnCNN it was converted from")
+                         "(another depth, width or geometry): pass the network it was converted "
+                         "from")
     if isinstance(calib_images, torch.Tensor):
         calib_images = [calib_images]
     if not calib_images:
@@ -317,11 +333,11 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
                              f"{tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__}")
     device = snn.conv1.weight.device
     images = [img.to(device, torch.float32) for img in calib_images]
-    ann.to(device)
+    ann_convs = [c.to(device) for c in ann_convs]
     spike_conv = (snn.spike_conv, snn.spike_conv_backend, snn.spike_masks)
     snn.use_spike_conv(False)  # neurons emit theta * s: rates in activation units
     try:
-        _calibrate_dncnn(snn, ann_convs, images, method, bias_iters, ridge, target_floor)
+        _calibrate_chain(snn, ann_convs, images, method, bias_iters, ridge, target_floor)
     finally:
         if spike_conv[0]:
             snn.use_spike_conv(True, spike_conv[1], spike_conv[2])
@@ -329,11 +345,11 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
 
 
 def _snn_convs(snn):
-    """The convs of a SpikingDnCNN in ANN order: conv1, the hidden ones, the mapper's."""
+    """The convs of a SpikingChain in ANN order: conv1, the hidden ones, the mapper's."""
     return [snn.conv1] + [h.module for h in snn.hidden] + [snn.mapper.conv]
 
 
-def _calibrate_dncnn(snn, ann_convs, images, method, bias_iters, ridge, target_floor):
+def _calibrate_chain(snn, ann_convs, images, method, bias_iters, ridge, target_floor):
     T, last = snn.timesteps, len(snn.neurons_) - 1
     convs = _snn_convs(snn)
     h = images  # the ANN's activations below the current layer, per image

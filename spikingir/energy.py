@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["E_MAC_PJ", "E_SOP_PJ", "conv_macs", "ann_macs", "ann_energy_mj", "mac_energy_mj",
-           "sop_energy_mj", "snn_energy_mj", "conv_fanout", "conv_sops"]
+           "sop_energy_mj", "snn_energy_mj", "conv_fanout", "conv_mean_fanout", "conv_sops"]
 
 E_MAC_PJ = 4.6  # pJ per multiply-accumulate (45 nm, 32-bit float; Horowitz 2014)
 E_SOP_PJ = 0.9  # pJ per synaptic (accumulate-only) operation
@@ -190,6 +190,19 @@ def conv_fanout(conv: nn.Conv2d) -> int:
         raise ValueError(f"conv_fanout: stride {conv.stride} does not divide kernel {conv.kernel_size}, "
                          "so the fan-out depends on the pixel; count with conv_sops(conv, spikes)")
     return (conv.out_channels // conv.groups) * (kh // sh) * (kw // sw)
+
+
+def conv_mean_fanout(conv: nn.Conv2d) -> float:
+    """Synaptic operations per interior input spike, averaged over the input
+    pixels: ``(Cout / groups) * kh * kw / (sh * sw)`` (each output pixel reads
+    ``kh * kw`` inputs and there are ``sh * sw`` inputs per output pixel).
+    :func:`conv_fanout` where the stride divides the kernel size; for the
+    others, the mean of a fan-out that varies with the pixel."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv_mean_fanout: expected an nn.Conv2d, got {type(conv).__name__}")
+    kh, kw = _pair(conv.kernel_size)
+    sh, sw = _pair(conv.stride)
+    return (conv.out_channels // conv.groups) * kh * kw / (sh * sw)
 
 
 def conv_sops(conv: nn.Conv2d, spikes: torch.Tensor) -> int:

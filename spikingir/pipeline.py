@@ -7,11 +7,12 @@ stereo scene hazed through its real disparity-derived depth.
 """
 import numpy as np
 import torch
+from torch import nn
 
 from spikingir.data import add_gaussian_noise, center_crop, list_images, load_image
 from spikingir.evaluate import Sample
 from spikingir.models import AODNet, DnCNN, load_dncnn
-from spikingir.models.spiking import SpikingAODNet, SpikingDnCNN, make_neuron
+from spikingir.models.spiking import SpikingAODNet, SpikingChain, SpikingDnCNN, make_neuron
 from spikingir.weights import DENOISE_SIGMAS
 
 SIGMAS = DENOISE_SIGMAS  # the noise levels with shipped models
@@ -169,22 +170,32 @@ def ann_fingerprint(ann) -> str:
 def snn_config(snn):
     """What is needed, besides the state dict, to rebuild a converted SNN."""
     n0 = snn.neurons_[0]
-    return {"arch": "dncnn" if isinstance(snn, SpikingDnCNN) else "aodnet",
-            "timesteps": snn.timesteps, "neuron": snn.neuron_kind, "recycling": snn.recycling,
+    arch = ("dncnn" if isinstance(snn, SpikingDnCNN) else "aodnet" if isinstance(snn, SpikingAODNet)
+            else "chain")
+    extra = {}
+    if arch == "chain":  # the geometry of every conv, in order, and the skip
+        extra = {"residual": snn.residual, "layers": [
+            {"in": c.in_channels, "out": c.out_channels, "kernel": list(c.kernel_size),
+             "stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation)}
+            for c in [snn.conv1] + [h.module for h in snn.hidden] + [snn.mapper.conv]]}
+    return {"arch": arch, **extra, "timesteps": snn.timesteps, "neuron": snn.neuron_kind, "recycling": snn.recycling,
             "per_channel": n0.num_channels is not None, "v0": n0.v_init,
             "reuse_alpha": getattr(n0, "reuse_alpha", 0.75), "surrogate": n0.surrogate,
             "alpha": float(n0.alpha)}
 
 
 def save_snn(snn, path, extra=None):
-    """Saves a converted SNN as a plain dict (loads with weights_only=True)."""
+    """Saves a converted SNN as a plain dict (loads with weights_only=True):
+    its config, state dict and ``extra`` as metadata, plus the fingerprint of
+    the ANN it was converted from (``snn.meta``) unless ``extra`` gives one."""
     from spikingir.evaluate import write_atomic
     import io
 
     import json
     # plain JSON types only (e.g. torch.__version__ is a str subclass that
     # weights_only loading rejects)
-    meta = json.loads(json.dumps(dict(extra or {}), default=str))
+    source = {k: v for k, v in getattr(snn, "meta", {}).items() if k == "ann_fingerprint"}
+    meta = json.loads(json.dumps({**source, **dict(extra or {})}, default=str))
     obj = {"config": snn_config(snn), "state_dict": snn.state_dict(), "meta": meta}
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -232,7 +243,7 @@ def restore(image, snn, *, tile=None, amp=False):
 
     if not isinstance(image, np.ndarray) or not np.issubdtype(image.dtype, np.floating):
         raise TypeError("restore: expected a float numpy image in [0, 1]")
-    channels = next(m for m in snn.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+    channels = next(m for m in snn.modules() if isinstance(m, nn.Conv2d)).in_channels
     if image.ndim == 2 and channels == 3:
         image = np.repeat(image[..., None], 3, 2)
     if (image.ndim == 2 and channels != 1) or (image.ndim == 3 and image.shape[2] != channels):
@@ -257,6 +268,7 @@ def load_snn(path, backend="auto", task=None):
     if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
         raise ValueError(f"{path}: not a SpikingIR SNN checkpoint (expected config + state_dict)")
     cfg, sd = obj["config"], obj["state_dict"]
+    extra = {}
     if task is not None and SNN_TASKS.get(cfg.get("arch")) not in (None, task):
         names = {"dncnn": "a DnCNN SNN (denoise)", "aodnet": "an AOD-Net SNN (dehaze)"}
         raise ValueError(f"{path}: holds {names[cfg['arch']]}, not one for the {task} task")
@@ -271,6 +283,14 @@ def load_snn(path, backend="auto", task=None):
         cls = SpikingAODNet
         if "offset" not in sd:  # saved before AOD-Net SNNs had DC offsets: none
             sd = {**sd, "offset": torch.zeros(convs[-1].in_channels)}
+    elif cfg["arch"] == "chain":
+        try:
+            convs = [nn.Conv2d(c["in"], c["out"], tuple(c["kernel"]), stride=tuple(c["stride"]),
+                               padding=tuple(c["padding"]), dilation=tuple(c["dilation"]))
+                     for c in cfg["layers"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: malformed conv chain config ({err!r})") from None
+        cls, extra = SpikingChain, {"residual": bool(cfg.get("residual", False))}
     else:
         raise ValueError(f"{path}: unknown SNN architecture {cfg['arch']!r}")
     neurons = []
@@ -280,7 +300,7 @@ def load_snn(path, backend="auto", task=None):
                                    num_channels=th.numel() if th.dim() == 1 else None,
                                    v_init=cfg["v0"], backend=backend, surrogate=cfg["surrogate"],
                                    alpha=cfg["alpha"], reuse_alpha=cfg["reuse_alpha"]))
-    snn = cls(convs, neurons, int(cfg["timesteps"]), cfg["neuron"], bool(cfg["recycling"]))
+    snn = cls(convs, neurons, int(cfg["timesteps"]), cfg["neuron"], bool(cfg["recycling"]), **extra)
     try:
         snn.load_state_dict(sd)
     except RuntimeError as err:

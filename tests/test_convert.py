@@ -99,7 +99,7 @@ def test_bad_conversion_arguments():
         to_snn(ann, images(1), 0)
     with pytest.raises(ValueError, match="v0"):
         to_snn(ann, images(1), 4, v0="random")
-    with pytest.raises(TypeError, match="DnCNN or AODNet"):
+    with pytest.raises(TypeError, match="expected a DnCNN, an AODNet, an nn.Sequential"):
         to_snn(torch.nn.Conv2d(1, 1, 3), images(1), 4)
     with pytest.raises(ValueError, match="calib_images"):
         to_snn(ann, [], 4)
@@ -680,7 +680,7 @@ def test_bad_layer_calibration_arguments():
     aod = tiny_aodnet()
     with pytest.raises(TypeError, match="expected a SpikingDnCNN"):
         calibrate_layers(to_snn(aod, images(3, n=2, size=16), 2), ann, calib)
-    with pytest.raises(ValueError, match="for DnCNN only"):
+    with pytest.raises(ValueError, match="for DnCNN and conv chains only"):
         to_snn(aod, images(3, n=2, size=16), 2, layer_calibration="weights")
     with pytest.raises(ValueError, match="layer_calibration: expected"):
         to_snn(ann, calib, 2, layer_calibration="yes")

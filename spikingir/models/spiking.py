@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from spikingir import ops
-from spikingir.ops.spike_conv import conv_out_hw
-from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, ann_macs, conv_fanout, conv_macs, conv_sops,
+from spikingir.ops.spike_conv import conv_out_hw, supports as spike_conv_supports
+from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, ann_macs, conv_macs, conv_mean_fanout, conv_sops,
                               snn_energy_mj)
 from spikingir.nn import IFNeuron, MPRNeuron, SeqToBatch
 from spikingir.nn.mapper import PixelMapper, spike_rate
@@ -69,6 +69,9 @@ class _SpikingNet(nn.Module):
         self.stats = None
         self._track_energy = False
         self.energy_ratio = None
+        #: what :func:`spikingir.pipeline.save_snn` records besides the state
+        #: (``to_snn`` sets ``ann_fingerprint``; ``load_snn`` the file's record)
+        self.meta = {}
 
     @property
     def steps(self):
@@ -141,7 +144,7 @@ class _SpikingNet(nn.Module):
         (list of (conv, channel slice) they feed)."""
         if self._track_energy:
             spikes = self._spike_total(neuron, y)
-            fan = sum(conv_fanout(conv) for conv, _ in targets)  # SOPs per interior spike
+            fan = sum(conv_mean_fanout(conv) for conv, _ in targets)  # SOPs per interior spike
             self.energy_ratio = self.energy_ratio + spikes * fan * self._energy_norm
         if not self._record:
             return
@@ -200,14 +203,21 @@ class _SpikingNet(nn.Module):
         return [{"params": weights, "lr": lr_weights}, {"params": neuron_params, "lr": lr_neurons}]
 
 
-class SpikingDnCNN(_SpikingNet):
-    """Converted DnCNN: conv1 (analog, once) -> [neuron -> conv] x (depth - 2)
-    -> neuron -> pixel mapper; output = input - mapper(rate)."""
+class SpikingChain(_SpikingNet):
+    """Converted conv chain (:class:`~spikingir.models.ConvChain`): convs[0]
+    (analog, once) -> [neuron -> conv] x (len(convs) - 2) -> neuron -> pixel
+    mapper (a copy of convs[-1]); output ``mapper(rate)``, or with ``residual``
+    ``input - mapper(rate)``. Any stride, padding or kernel the ANN's convs
+    have; hidden convs that :func:`spikingir.ops.spike_conv2d` supports (square
+    kernels 1/3/5/7, stride 1 or 2, no dilation) can run on it."""
 
-    def __init__(self, convs, neurons, timesteps, neuron_kind="mprn", recycling=True):
+    def __init__(self, convs, neurons, timesteps, neuron_kind="mprn", recycling=True,
+                 residual=False):
         super().__init__(timesteps, neuron_kind, recycling)
-        if len(neurons) != len(convs) - 1:
-            raise ValueError("SpikingDnCNN: expected one neuron layer between consecutive convs")
+        if len(convs) < 2 or len(neurons) != len(convs) - 1:
+            raise ValueError(f"{type(self).__name__}: expected one neuron layer between "
+                             f"consecutive convs, got {len(convs)} convs and {len(neurons)} neurons")
+        self.residual = bool(residual)
         self.conv1 = convs[0]
         self.hidden = nn.ModuleList(SeqToBatch(c) for c in convs[1:-1])
         self.neurons_ = nn.ModuleList(neurons)
@@ -215,6 +225,16 @@ class SpikingDnCNN(_SpikingNet):
         self.spike_conv = False
         self.spike_conv_backend = "auto"
         self.spike_masks = True
+
+    def _ann_macs(self, x):
+        """MACs of the ANN on ``x``, each conv at the size its input has."""
+        B, _, H, W = x.shape
+        total = 0
+        for c in [self.conv1] + [h.module for h in self.hidden] + [self.mapper.conv]:
+            total += ann_macs(c, (B, c.in_channels, H, W))
+            H, W = ((n + 2 * p - d * (k - 1) - 1) // st + 1 for n, p, d, k, st in
+                    zip((H, W), c.padding, c.dilation, c.kernel_size, c.stride))
+        return total
 
     def use_spike_conv(self, on=True, backend="auto", masks=True):
         """Run the hidden convolutions with :func:`spikingir.ops.spike_conv2d` on
@@ -225,13 +245,18 @@ class SpikingDnCNN(_SpikingNet):
         autograd (inference) and a fused spike_conv2d backend for masks (on a
         GPU ``auto`` picks Triton, or cuDNN without Triton), the neurons hand the spikes
         over as channel bit masks (:class:`~spikingir.ops.SpikeMasks`; the same
-        result), else as float tensors. Returns ``self``."""
+        result), else as float tensors. A hidden conv that spike_conv2d does not
+        support (see the class docstring) stays dense. Returns ``self``."""
         self.spike_conv = bool(on)
         self.spike_masks = bool(masks)
         self.spike_conv_backend = backend
-        for neuron in self.neurons_[:len(self.hidden)]:
-            neuron.scale_output = not self.spike_conv
+        for neuron, h in zip(self.neurons_, self.hidden):
+            neuron.scale_output = not self._on_spike_conv(h.module)
         return self
+
+    def _on_spike_conv(self, conv):
+        """Whether ``conv`` (a hidden one) runs on spike_conv2d."""
+        return self.spike_conv and spike_conv_supports(conv)
 
     def _conv_spikes(self, conv, s, neuron):
         """``conv`` of the binary spikes ``s`` [steps, B, C, H, W] (a tensor or
@@ -270,7 +295,7 @@ class SpikingDnCNN(_SpikingNet):
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.conv1.in_channels:
-            raise ValueError(f"SpikingDnCNN: input must be [B, {self.conv1.in_channels}, H, W], got "
+            raise ValueError(f"{type(self).__name__}: input must be [B, {self.conv1.in_channels}, H, W], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         self._start_stats(x, self.conv1)
         current = self.conv1(x)
@@ -285,15 +310,24 @@ class SpikingDnCNN(_SpikingNet):
                                          self.spike_conv_backend) != "torch")
         y = None
         for i, neuron in enumerate(self.neurons_):
-            y = neuron(cur, emit="masks" if masks and i < len(self.hidden) else "values")
             nxt = self.hidden[i].module if i < len(self.hidden) else self.mapper.conv
+            on_spikes = i < len(self.hidden) and self._on_spike_conv(nxt)
+            y = neuron(cur, emit="masks" if masks and on_spikes else "values")
             self._count(f"neuron{i + 1}", neuron, y, [(nxt, slice(None))])
             if i < len(self.hidden):
-                cur = (self._conv_spikes(self.hidden[i].module, y, neuron) if self.spike_conv
-                       else self.hidden[i](y))
+                cur = self._conv_spikes(nxt, y, neuron) if on_spikes else self.hidden[i](y)
         rate = self._rate(self.neurons_[-1], y)
         self._finish_stats(self.mapper.conv, tuple(rate.shape))
-        return x - self.mapper(rate)
+        out = self.mapper(rate)
+        return x - out if self.residual else out
+
+
+class SpikingDnCNN(SpikingChain):
+    """Converted DnCNN: conv1 (analog, once) -> [neuron -> conv] x (depth - 2)
+    -> neuron -> pixel mapper; output = input - mapper(rate)."""
+
+    def __init__(self, convs, neurons, timesteps, neuron_kind="mprn", recycling=True):
+        super().__init__(convs, neurons, timesteps, neuron_kind, recycling, residual=True)
 
 
 class SpikingAODNet(_SpikingNet):

@@ -78,6 +78,16 @@ def dense_rates(backend, cin, cout, masks=False):
 # --------------------------------------------------------------------------
 
 
+def supports(conv) -> bool:
+    """Whether ``conv`` (an ``nn.Conv2d``) has a geometry spike_conv2d computes:
+    groups 1, zero padding equal on both sides of both axes, no dilation, a
+    square kernel of size 1, 3, 5 or 7 and equal strides of 1 or 2."""
+    k, st, p = conv.kernel_size, conv.stride, conv.padding
+    return (conv.groups == 1 and conv.padding_mode == "zeros" and tuple(conv.dilation) == (1, 1)
+            and k[0] == k[1] and k[0] in KERNEL_SIZES and st[0] == st[1] and st[0] in STRIDES
+            and not isinstance(p, str) and p[0] == p[1])
+
+
 def conv_out_hw(H, W, kh, kw, stride, padding):
     """Output (Ho, Wo) of a kh x kw convolution with this stride and zero padding."""
     return (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1

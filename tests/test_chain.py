@@ -1,0 +1,220 @@
+"""Converting your own CNN: nn.Sequential conv chains (spikingir.models.chain)
+through to_snn, layer calibration, spike_conv2d, energy, save / load."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from spikingir.convert import calibrate_layers, to_snn
+from spikingir.energy import ann_macs
+from spikingir.models import ConvChain, DnCNN, Residual, conv_chain
+from spikingir.models.spiking import SpikingChain, SpikingDnCNN
+from spikingir.pipeline import for_inference, load_snn, save_snn
+
+torch.set_num_threads(1)
+
+
+def _randomise_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.1)
+    return model
+
+
+def odd_body(seed=0):
+    """Every layer kind the chain form accepts: nesting, a BN after a bias-free
+    conv, in-place ReLU, dropout (skipped), padding='same', 1x1 and 5x5 kernels,
+    uneven widths."""
+    torch.manual_seed(seed)
+    body = nn.Sequential(
+        nn.Conv2d(1, 12, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Sequential(nn.Conv2d(12, 10, 5, padding=2, bias=False), nn.BatchNorm2d(10), nn.ReLU()),
+        nn.Conv2d(10, 8, 1), nn.Dropout2d(0.2), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding="same"), nn.Identity(), nn.ReLU(),
+        nn.Conv2d(12, 1, 3, padding=1))
+    return _randomise_bn(body, seed).eval()
+
+
+def strided_chain(seed=0):
+    """Not residual, not size-preserving: a stride-2 conv, a 2x2 kernel (no
+    spike_conv2d kernel: stays dense), a dilated conv, 3 output channels."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 2), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 3, 3, padding=1)).eval()
+
+
+def images(n=3, size=23, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(1, 1, size, size, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("subtract", [None, True, False])
+def test_chain_form_computes_the_network(subtract):
+    body = odd_body()
+    ann = (body if subtract is None else Residual(body, subtract=subtract)).eval()
+    before = {k: v.clone() for k, v in ann.state_dict().items()}
+    chain = conv_chain(ann)
+    assert isinstance(chain, ConvChain) and chain.residual == (subtract is not None)
+    assert [c.padding for c in chain.convs()] == [(1, 1), (2, 2), (0, 0), (1, 1), (1, 1)]
+    assert all(c.bias is not None for c in chain.convs())
+    x = torch.rand(2, 1, 17, 14)
+    with torch.no_grad():
+        torch.testing.assert_close(chain(x), ann(x), rtol=1e-5, atol=1e-5)
+    after = ann.state_dict()  # the caller's model untouched (BN folded into copies)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_dncnn_converts_as_the_same_chain():
+    """to_snn(DnCNN) and to_snn(Residual(dncnn.dncnn)) are one conversion: the
+    same thresholds, weights and outputs, bit for bit."""
+    torch.manual_seed(0)
+    ann = _randomise_bn(DnCNN(depth=5, channels=8, batchnorm=True)).eval()
+    calib = images()
+    a = to_snn(ann, calib, 4)
+    b = to_snn(Residual(ann.dncnn), calib, 4)
+    assert type(a) is SpikingDnCNN and type(b) is SpikingChain and b.residual
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    with torch.no_grad():
+        assert torch.equal(a(calib[0]), b(calib[0]))
+
+
+@pytest.mark.parametrize("make", [lambda: Residual(odd_body()), strided_chain])
+def test_chain_snn_approaches_its_ann(make):
+    ann, calib = make(), images(n=4)
+    x = images(n=1, seed=9)[0]
+    with torch.no_grad():
+        want = ann(x)
+        errs = []
+        for T in (4, 64):
+            snn = to_snn(ann, calib, T, neuron="if")
+            out = snn(x)
+            assert out.shape == want.shape
+            errs.append(float((out - want).abs().mean()))
+    assert errs[1] < 0.25 * errs[0], errs
+    assert errs[1] < 0.05 * float(want.abs().mean()), errs
+
+
+@pytest.mark.parametrize("make", [lambda: Residual(odd_body()), strided_chain])
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_chain_snn_on_spike_conv_save_load_and_energy(make, neuron, tmp_path):
+    ann, calib = make(), images(n=2)
+    snn = to_snn(ann, calib, 5, neuron=neuron)
+    x = images(n=1, seed=5)[0]
+    with torch.no_grad():
+        dense = snn(x)
+        path = tmp_path / "chain.pt"
+        save_snn(snn, path, extra={"note": "test"})
+        back = load_snn(path)
+        assert type(back) is SpikingChain and back.residual == snn.residual
+        assert torch.equal(back(x), dense)
+        for_inference(back, backend="cpp")  # eligible hidden convs on spike_conv2d, the rest dense
+        torch.testing.assert_close(back(x), dense, rtol=1e-4, atol=1e-5)
+    eligible = [n.scale_output is False for n in back.neurons_[:len(back.hidden)]]
+    hidden = [h.module for h in back.hidden]
+    assert eligible == [c.kernel_size[0] in (1, 3, 5) and c.dilation == (1, 1) for c in hidden]
+    # the energy normaliser is the ANN's MACs, each conv at its own input size
+    assert snn._ann_macs(x) == ann_macs(ann, tuple(x.shape))
+    snn.track_energy(True)
+    y = snn(x)
+    assert snn.energy_ratio > 0
+    y.square().mean().backward()  # fine-tuning reaches every parameter
+    assert all(p.grad is not None for p in snn.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method", ["bias", "weights"])
+def test_layer_calibration_of_a_chain(method):
+    ann = Residual(odd_body(), subtract=False)  # the sign lives in the mapper: fitted as such
+    calib, held_out = images(n=4), images(n=3, seed=7)
+    plain = to_snn(ann, calib, 4)
+    cal = to_snn(ann, calib, 4, layer_calibration=method)
+
+    def mse(snn):
+        with torch.no_grad():
+            return sum(float(((snn(x) - ann(x)) ** 2).mean()) for x in held_out)
+
+    assert mse(cal) < 0.5 * mse(plain), (mse(plain), mse(cal))
+    with pytest.raises(ValueError, match="do not match"):
+        calibrate_layers(to_snn(ann, calib, 2), strided_chain(), calib)
+
+
+def test_chain_snn_finetunes_and_evaluates(tmp_path):
+    """The Python workflow for your own denoiser: convert, fine-tune on an image
+    folder, evaluate against the ANN (the --json report's format)."""
+    from spikingir.evaluate import evaluate
+    from spikingir.finetune import finetune_snn
+    from spikingir.pipeline import denoise_samples
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(tmp_path / f"t{i}.png")
+    ann = Residual(odd_body())
+    snn = to_snn(ann, images(n=2), 3, backend="cpp")
+    before = {k: v.clone() for k, v in snn.state_dict().items()}
+    finetune_snn(snn, "denoise", sigma=25, data=tmp_path, val_data=tmp_path, steps=2, batch_size=2,
+                 val_crop=32, progress=False, log=lambda _: None)
+    assert any(not torch.equal(before[k], v) for k, v in snn.state_dict().items())
+    report = evaluate("denoise", ann, snn, denoise_samples(25, tmp_path, crop=32), [2, 3], sigma=25)
+    assert [r["timesteps"] for r in report["snn"]] == [2, 3]
+    assert report["ann"]["energy_mj"] > 0 and all(0 < r["firing_rate"] < 1 for r in report["snn"])
+
+
+def test_saved_chain_snn_records_its_ann(tmp_path, capsys):
+    """to_snn notes the ANN's fingerprint and save_snn keeps it, so the CLI can
+    say when a saved SNN is compared with an ANN it was not converted from."""
+    from spikingir.cli import main
+    from spikingir.pipeline import ann_fingerprint
+    ann = Residual(odd_body())
+    snn = to_snn(ann, images(n=1), 2)
+    assert snn.meta == {"ann_fingerprint": ann_fingerprint(ann)}
+    path = tmp_path / "snn.pt"
+    save_snn(snn, path, extra={"note": "mine"})
+    assert load_snn(path).meta == {"ann_fingerprint": ann_fingerprint(ann), "note": "mine"}
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24), dtype=np.uint8)).save(
+        folder / "a.png")
+    code = main(["evaluate", "--task", "denoise", "--sigma", "25", "--snn-weights", str(path),
+                 "--data", str(folder), "--timesteps", "2", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "was converted from another ANN than the shipped ANN" in err
+
+
+def _seq(*layers):
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("model, error, match", [
+    (_seq(nn.Conv2d(1, 4, 3), nn.LeakyReLU(), nn.Conv2d(4, 1, 3)), ValueError,
+     r"layer 1 \(LeakyReLU\) is not supported"),
+    (_seq(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 1, 3), nn.ReLU()), ValueError,
+     "ends with the activation 3"),
+    (_seq(nn.BatchNorm2d(1), nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 1, 3)), ValueError,
+     r"layer 0 \(BatchNorm2d\): expected a Conv2d"),
+    (_seq(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2), nn.ReLU(), nn.Conv2d(4, 1, 1)),
+     ValueError, "2: grouped convolutions"),
+    (_seq(nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Conv2d(4, 1, 3)),
+     ValueError, "padding_mode='reflect'"),
+    (_seq(nn.Conv2d(1, 4, 3), nn.ReLU()), ValueError, "ends with the activation"),
+    (_seq(nn.Conv2d(1, 4, 3)), ValueError, "at least two Conv2d"),
+    (_seq(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(5, 1, 3)), ValueError,
+     "4 outputs feeds one with 5 inputs"),
+    (Residual(_seq(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))), ValueError,
+     "returns 2 channels for 1 input channels"),
+    (_seq(nn.Conv2d(1, 4, 4, padding="same"), nn.ReLU(), nn.Conv2d(4, 1, 3)), ValueError,
+     "even kernel extent"),
+    (Residual(nn.Conv2d(1, 1, 3)), TypeError, "got Conv2d"),
+    (nn.ModuleList([nn.Conv2d(1, 1, 3)]), TypeError, "expected a DnCNN, an AODNet, an nn.Sequential"),
+])
+def test_unconvertible_chains_name_the_layer(model, error, match):
+    with pytest.raises(error, match=match):
+        to_snn(model, images(n=1), 4)
