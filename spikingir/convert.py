@@ -256,12 +256,12 @@ def _fit_conv(conv, inputs, targets, ridge):
     ``[W b] = (A^T A + lambda I)^-1 A^T Z`` with A the im2col rows of x plus a
     column of ones and lambda = ``ridge`` x the mean of diag(A^T A). Accumulated in
     float64 over the pairs, so any number of images of any size fits in memory."""
-    k, pad, stride = conv.kernel_size, conv.padding, conv.stride
+    k, pad, stride, dilation = conv.kernel_size, conv.padding, conv.stride, conv.dilation
     n = conv.in_channels * k[0] * k[1] + 1
     gram = torch.zeros(n, n, dtype=torch.float64, device=conv.weight.device)
     rhs = torch.zeros(n, conv.out_channels, dtype=torch.float64, device=conv.weight.device)
     for x, z in zip(inputs, targets):
-        cols = F.unfold(x, k, padding=pad, stride=stride)  # [B, Cin*k*k, L]
+        cols = F.unfold(x, k, dilation=dilation, padding=pad, stride=stride)  # [B, Cin*k*k, L]
         a = torch.cat([cols.transpose(1, 2).flatten(0, 1),
                        cols.new_ones(cols.shape[0] * cols.shape[2], 1)], 1).double()
         gram += a.T @ a

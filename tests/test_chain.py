@@ -131,9 +131,12 @@ def test_chain_snn_on_spike_conv_save_load_and_energy(make, neuron, tmp_path):
     assert all(p.grad is not None for p in snn.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("make", [lambda: Residual(odd_body(), subtract=False), strided_chain])
 @pytest.mark.parametrize("method", ["bias", "weights"])
-def test_layer_calibration_of_a_chain(method):
-    ann = Residual(odd_body(), subtract=False)  # the sign lives in the mapper: fitted as such
+def test_layer_calibration_of_a_chain(method, make):
+    """x + body(x): the sign lives in the mapper and is fitted as such; the
+    strided chain: the fit's im2col follows stride, dilation and a 2x2 kernel."""
+    ann = make()
     calib, held_out = images(n=4), images(n=3, seed=7)
     plain = to_snn(ann, calib, 4)
     cal = to_snn(ann, calib, 4, layer_calibration=method)
@@ -144,7 +147,8 @@ def test_layer_calibration_of_a_chain(method):
 
     assert mse(cal) < 0.5 * mse(plain), (mse(plain), mse(cal))
     with pytest.raises(ValueError, match="do not match"):
-        calibrate_layers(to_snn(ann, calib, 2), strided_chain(), calib)
+        calibrate_layers(to_snn(ann, calib, 2), Residual(odd_body()) if make is strided_chain
+                         else strided_chain(), calib)
 
 
 def test_chain_snn_finetunes_and_evaluates(tmp_path):

@@ -1,0 +1,95 @@
+"""Your own CNN through the method: a denoiser that is not DnCNN (an
+nn.Sequential conv chain with mixed kernels, BatchNorm and a 1x1 layer, in
+spikingir.models.Residual), trained here on Train400, converted with to_snn
+(thresholds only, then with the layer calibration) and evaluated against its
+ANN on Set12 full images: PSNR, SSIM, loss, energy per T.
+
+    python benchmarks/convert_chain.py [--steps 1500] [--width 48] [--T 4 10]
+        [--threads 1] [--amp] [--json OUT.json] [--save-ann ANN.pt]
+
+A script, not a test; needs ../shared/data (train400, set12).
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+
+def chain_denoiser(width=48, middle=6):
+    """5x5 in, ``middle`` 3x3 conv-BN-ReLU blocks, a 1x1 mix, 3x3 out; x - body(x)."""
+    from spikingir.models import Residual
+    layers = [nn.Conv2d(1, width, 5, padding=2), nn.ReLU(inplace=True)]
+    for _ in range(middle):
+        layers += [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                   nn.ReLU(inplace=True)]
+    layers += [nn.Conv2d(width, width, 1), nn.ReLU(inplace=True), nn.Conv2d(width, 1, 3, padding=1)]
+    return Residual(nn.Sequential(*layers))
+
+
+def main(argv=None):
+    from spikingir.convert import to_snn
+    from spikingir.data import DnCNNPatches, noisy
+    from spikingir.evaluate import evaluate
+    from spikingir.pipeline import calibration_inputs, denoise_samples
+    from spikingir.train import denoise_validator, fit
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=os.path.join(SHARED, "data", "train400"))
+    p.add_argument("--val-data", default=os.path.join(SHARED, "data", "set12"))
+    p.add_argument("--sigma", type=float, default=25)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--width", type=int, default=48)
+    p.add_argument("--T", type=int, nargs="+", default=[4, 10])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--amp", action="store_true", help="train the ANN in bf16 autocast")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N images")
+    p.add_argument("--json", default=None)
+    p.add_argument("--save-ann", default=None, help="write the trained ANN's state dict here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    ann = chain_denoiser(args.width)
+    loader = torch.utils.data.DataLoader(DnCNNPatches(args.data), batch_size=args.batch_size,
+                                         shuffle=True, drop_last=True)
+    t0 = time.time()
+    res = fit(ann, loader, lambda b, dev: (noisy(b.to(dev), args.sigma), b.to(dev)),
+              denoise_validator(args.val_data, args.sigma, crop=64), steps=args.steps, lr=1e-3,
+              val_every=max(1, args.steps // 3), log_every=max(1, args.steps // 10), progress=False,
+              amp=args.amp)
+    train_s = time.time() - t0
+    ann.eval()
+    if args.save_ann:
+        torch.save(ann.state_dict(), args.save_ann)
+    print(f"trained {args.steps} steps of batch {args.batch_size} in {train_s:.0f} s; "
+          f"last validation {res.history[-1] if res.history else None}")
+
+    calib = calibration_inputs("denoise", args.sigma, data=args.data)
+    samples = denoise_samples(args.sigma, args.val_data, limit=args.limit)
+    rows = {}
+    for name, layers in (("thresholds only", None), ("layer calibration", "weights")):
+        t0 = time.time()
+        snn = to_snn(ann, calib, max(args.T), per_channel=True, v0="half", layer_calibration=layers)
+        conv_s = time.time() - t0
+        rep = evaluate("denoise", ann, snn, samples, args.T, sigma=args.sigma)
+        rows[name] = {"convert_s": conv_s, "report": rep}
+        a = rep["ann"]
+        print(f"\n{name} (conversion {conv_s:.0f} s): ANN {a['psnr']:.2f} dB / {a['ssim']:.4f}")
+        for r in rep["snn"]:
+            print(f"  T={r['timesteps']}: {r['psnr']:.2f} dB / {r['ssim']:.4f} (loss "
+                  f"{r['psnr_loss']:.2f}), energy {r['energy_mj'] / a['energy_mj']:.3f} of the ANN, "
+                  f"firing {r['firing_rate']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "train_s": train_s, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
