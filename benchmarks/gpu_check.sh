@@ -15,7 +15,7 @@
 #
 # Knobs (environment): TRAIN_S (seconds of each SNN fine-tuning, default 150; 0 = none),
 # JOBS (the fine-tunings, run at once, default "s25": see train_job below; e.g.
-# "s25:0.0005 s50:0.0005 o25"), ENERGY_W (their default --energy-weight, 0), AMP=1 (--amp:
+# "s25:0.0005 s50:0.0005 o25 a15"), ENERGY_W (their default --energy-weight, 0), AMP=1 (--amp:
 # bf16 autocast), TIMESTEPS (--timesteps, default "5 10": each batch at one of them, as
 # the shipped SNNs' last stages were trained), STEPS (the cosine's length, default 20000),
 # SEED, DISTILL (--distill: train towards DISTILL x the ANN's output + the rest x the
@@ -83,8 +83,23 @@ spikingir --version  # the extension (with CUDA kernels?) and the backends each 
 # since their own schedule ended low. Each writes $OUT/snn_dncnn_<job>.pt and its Set12
 # evaluation (full images, on the GPU) to $OUT/eval_<job>.json. A checkpoint in /tmp
 # (an earlier call on the same warm machine) or carried in .gpu_data/ckpt/<job>.ckpt is
-# resumed.
+# resumed. A job aNN trains the DnCNN-S ANN of noise level NN from scratch instead
+# (`spikingir train-ann`, ANN_EPOCHS epochs of batch 128, default 15, in bf16 autocast;
+# ~26 s an epoch alone on an H100): $OUT/dncnn_sNN.pt and its .json, its checkpoint
+# $OUT/ann_sNN.ckpt (carry it back as .gpu_data/ckpt/aNN.ckpt to continue the same
+# schedule in a later call; --time-limit TRAIN_S stops it there).
+ann_job() {
+  local sg=${1:1} ck=/tmp/ckpt-$1.ckpt
+  [ -f ".gpu_data/ckpt/$1.ckpt" ] && [ ! -f "$ck" ] && cp ".gpu_data/ckpt/$1.ckpt" "$ck"
+  python -m spikingir.cli train-ann --task denoise --sigma "$sg" --device cuda --amp \
+      --epochs "${ANN_EPOCHS:-15}" --workers 6 --seed "${SEED:-3}" --time-limit "$TRAIN_S" \
+      --checkpoint "$ck" --resume --log-every 500 --no-progress --out "$OUT/dncnn_s$sg.pt"
+  local rc=$?
+  cp "$ck" "$OUT/ann_s$sg.ckpt" 2>/dev/null
+  return $rc
+}
 train_job() {
+  [[ $1 == a* ]] && { ann_job "$1"; return; }
   local job=${1%%:*} ew=${ENERGY_W:-0}
   [[ $1 == *:* ]] && ew=${1#*:}
   local sg=${job:1} init ann=() lr=(--lr-weights 1e-5 --lr-neurons 5e-4 --warmup 100)
@@ -93,7 +108,7 @@ train_job() {
     s*) init=(--snn-weights "spikingir/weights/snn_dncnn_s$sg.pt") ;;
     o*) ann=(--ann-weights "../shared/weights/dncnn_s${sg}_official.pt"); init=("${ann[@]}")
         [ -f "$prev" ] || lr=() ;;  # from the conversion: the default learning rates
-    *) echo "unknown job $1 (expected sNN or oNN)"; return 2 ;;
+    *) echo "unknown job $1 (expected sNN, oNN or aNN)"; return 2 ;;
   esac
   [ -f "$prev" ] && init=(--snn-weights "$prev" "${ann[@]}")
   local ck=/tmp/ckpt-$job.ckpt
