@@ -209,31 +209,37 @@ def _draw_timesteps(snn, ts, make_batch, val_fn):
 
 @torch.no_grad()
 def refit_mapper(snn, noisy, clean, timesteps=None, ridge=1e-4):
-    """Sets a denoising SNN's pixel mapper to its least-squares optimum, in place.
+    """Sets a restoration SNN's pixel mapper to its least-squares optimum, in place.
 
     The mapper is linear in the last spiking layer's rates and the output is
-    ``noisy - mapper(rate)``, so the mapper that minimises the squared error on
-    a set of images is one ridge least-squares solve (normal equations in
-    float64, lambda = ``ridge`` x their mean diagonal) of the noise ``noisy -
-    clean`` from the rates, which the SGD steps of fine-tuning only approach.
-    ``noisy``/``clean``: lists of [B, 1, H, W] tensors (training images, never
-    the evaluation's); ``timesteps``: the T to fit at, each image's rates at every
-    one of them in one fit (default ``snn.timesteps``); the SNN keeps its T.
+    ``noisy - mapper(rate)`` (DnCNN and residual conv chains; ``mapper(rate)``
+    for the others), so the mapper that minimises the squared error on a set of
+    images is one ridge least-squares solve (normal equations in float64,
+    lambda = ``ridge`` x their mean diagonal) of the noise ``noisy - clean``
+    (or of ``clean``) from the rates, which the SGD steps of fine-tuning only
+    approach. ``noisy``/``clean``: lists of [B, C, H, W] tensors (training
+    images, never the evaluation's; ``clean`` of the output's shape);
+    ``timesteps``: the T to fit at, each image's rates at every one of them in
+    one fit (default ``snn.timesteps``); the SNN keeps its T.
     Measured on the shipped s25 and s15 SNNs (48 Train400 crops at T=5 and 10,
     benchmarks/RESULTS.md): Set12 T=10 +0.06 / +0.13 dB, T=5 +0.24 / +0.37 dB,
     the same energy. Returns ``snn``."""
     from spikingir.convert import _fit_conv
-    from spikingir.models.spiking import SpikingDnCNN
+    from spikingir.models.spiking import SpikingChain
 
-    if not isinstance(snn, SpikingDnCNN):
-        raise TypeError(f"refit_mapper: expected a denoising SpikingDnCNN, got {type(snn).__name__}")
+    if not isinstance(snn, SpikingChain):
+        raise TypeError(f"refit_mapper: expected a SpikingDnCNN or SpikingChain, got "
+                        f"{type(snn).__name__}")
     if not noisy or len(noisy) != len(clean):
         raise ValueError(f"refit_mapper: expected as many clean as noisy images (at least one), "
                          f"got {len(noisy)} and {len(clean)}")
+    c_in = snn.conv1.in_channels
     for x, c in zip(noisy, clean):
-        if x.dim() != 4 or x.shape[1] != 1 or x.shape != c.shape:
-            raise ValueError(f"refit_mapper: expected pairs of equal [B, 1, H, W] tensors, got "
-                             f"{tuple(x.shape)} and {tuple(c.shape)}")
+        if (x.dim() != 4 or x.shape[1] != c_in or c.dim() != 4
+                or (snn.residual and x.shape != c.shape)):
+            raise ValueError(f"refit_mapper: expected pairs of [B, {c_in}, H, W] tensors"
+                             f"{' of equal shape' if snn.residual else ''}, got {tuple(x.shape)} "
+                             f"and {tuple(c.shape)}")
     ts = _timestep_list(timesteps if timesteps is not None else snn.timesteps)
     keep, device = snn.timesteps, snn.mapper.conv.weight.device
     rates, targets, seen = [], [], {}
@@ -243,9 +249,13 @@ def refit_mapper(snn, noisy, clean, timesteps=None, ridge=1e-4):
             x, c = x.to(device, torch.float32), c.to(device, torch.float32)
             for T in ts:
                 snn.timesteps = T
-                snn(x)
+                out = snn(x)
+                if out.shape != c.shape:
+                    raise ValueError(f"refit_mapper: the SNN returns {tuple(out.shape)} for "
+                                     f"{tuple(x.shape)}, the clean image is {tuple(c.shape)}")
                 rates.append(seen["rate"].float())
-                targets.append(x - c)  # output = x - mapper(rate): the mapper's target is the noise
+                # output = x - mapper(rate): the mapper's target is the noise
+                targets.append(x - c if snn.residual else c)
     finally:
         hook.remove()
         snn.timesteps = keep

@@ -193,6 +193,32 @@ def test_saved_chain_snn_records_its_ann(tmp_path, capsys):
     assert "was converted from another ANN than the shipped ANN" in err
 
 
+def test_refit_mapper_of_a_plain_chain():
+    """Without the skip the mapper's target is the clean image itself (here of
+    the strided chain's output shape): a least-squares optimum after the refit."""
+    from spikingir.finetune import refit_mapper
+    ann, xs = strided_chain(), images(n=3)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        targets = [ann(x) + 0.05 * torch.randn(ann(x).shape, generator=g) for x in xs]
+    snn = to_snn(ann, xs, 4)
+
+    def sse():
+        with torch.no_grad():
+            return sum(float(((snn(x) - c) ** 2).sum()) for x, c in zip(xs, targets))
+
+    converted = sse()
+    refit_mapper(snn, xs, targets, ridge=1e-9)
+    fitted = sse()
+    assert fitted < converted
+    with torch.no_grad():
+        delta = 1e-3 * torch.randn(snn.mapper.conv.weight.shape, generator=g)
+        snn.mapper.conv.weight += delta
+        assert sse() >= fitted * (1 - 1e-6)
+    with pytest.raises(ValueError, match="the SNN returns"):
+        refit_mapper(snn, xs, xs)  # clean images of the input's shape, not the output's
+
+
 def _seq(*layers):
     return nn.Sequential(*layers)
 

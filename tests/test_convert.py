@@ -740,7 +740,7 @@ def test_refit_mapper_rejects_bad_input():
     x = images(1, n=1)
     with pytest.raises(ValueError, match="as many clean as noisy"):
         refit_mapper(snn, x, [])
-    with pytest.raises(ValueError, match="equal \\[B, 1, H, W\\]"):
+    with pytest.raises(ValueError, match="\\[B, 1, H, W\\] tensors of equal shape"):
         refit_mapper(snn, x, [torch.rand(1, 1, 5, 5)])
-    with pytest.raises(TypeError, match="denoising SpikingDnCNN"):
+    with pytest.raises(TypeError, match="expected a SpikingDnCNN or SpikingChain"):
         refit_mapper(to_snn(tiny_aodnet(), images(3, n=1), 2), x, x)
