@@ -97,21 +97,34 @@ def _activations(ann, calib_images):
         ann = _AODTaps(ann)
     elif isinstance(ann, (nn.Sequential, Residual)):
         ann = conv_chain(ann)
-    if isinstance(calib_images, torch.Tensor):
-        calib_images = [calib_images]
-    if not calib_images:
-        raise ValueError("calib_images: expected at least one image")
+    first = next(m for m in ann.modules() if isinstance(m, nn.Conv2d))
+    images = _calib_inputs(calib_images, first.in_channels, first.weight.device)
     relus = _spiking_relus(ann)
     acts = [[] for _ in relus]
     hooks = [r.register_forward_hook(lambda m, i, o, k=k: acts[k].append(o.detach().float()))
              for k, r in enumerate(relus)]
     try:
-        for img in calib_images:
+        for img in images:
             ann(img)
     finally:
         for h in hooks:
             h.remove()
     return acts
+
+
+def _calib_inputs(calib_images, channels, device):
+    """``calib_images`` (a [B, C, H, W] tensor or a list of them) as a list of
+    float32 tensors on ``device`` (where the network is), checked once."""
+    if isinstance(calib_images, torch.Tensor):
+        calib_images = [calib_images]
+    if not calib_images:
+        raise ValueError("calib_images: expected at least one image")
+    for img in calib_images:
+        if (not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[1] != channels
+                or img.shape[0] == 0):
+            raise ValueError(f"calib_images: expected [B, {channels}, H, W] tensors, got "
+                             f"{tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__}")
+    return [img.to(device, torch.float32) for img in calib_images]
 
 
 class _Tap(nn.Module):
@@ -322,17 +335,8 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
         raise ValueError("calibrate_layers: the ANN's convolutions do not match the SNN's "
                          "(another depth, width or geometry): pass the network it was converted "
                          "from")
-    if isinstance(calib_images, torch.Tensor):
-        calib_images = [calib_images]
-    if not calib_images:
-        raise ValueError("calib_images: expected at least one image")
-    c = snn.conv1.in_channels
-    for img in calib_images:
-        if not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[1] != c:
-            raise ValueError(f"calib_images: expected [B, {c}, H, W] tensors, got "
-                             f"{tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__}")
     device = snn.conv1.weight.device
-    images = [img.to(device, torch.float32) for img in calib_images]
+    images = _calib_inputs(calib_images, snn.conv1.in_channels, device)
     ann_convs = [c.to(device) for c in ann_convs]
     spike_conv = (snn.spike_conv, snn.spike_conv_backend, snn.spike_masks)
     snn.use_spike_conv(False)  # neurons emit theta * s: rates in activation units
