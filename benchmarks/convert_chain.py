@@ -2,10 +2,13 @@
 nn.Sequential conv chain with mixed kernels, BatchNorm and a 1x1 layer, in
 spikingir.models.Residual), trained here on Train400, converted with to_snn
 (thresholds only, then with the layer calibration) and evaluated against its
-ANN on Set12 full images: PSNR, SSIM, loss, energy per T.
+ANN on Set12 full images: PSNR, SSIM, loss, energy per T; with
+--finetune-steps N the layer-calibrated SNN is then fine-tuned (surrogate
+gradients, T=5 and 10, distilled from the ANN) and evaluated again.
 
     python benchmarks/convert_chain.py [--steps 1500] [--width 48] [--T 4 10]
         [--threads 1] [--amp] [--json OUT.json] [--save-ann ANN.pt]
+        [--ann ANN.pt (skip training)] [--finetune-steps N]
 
 A script, not a test; needs ../shared/data (train400, set12).
 """
@@ -36,6 +39,7 @@ def main(argv=None):
     from spikingir.convert import to_snn
     from spikingir.data import DnCNNPatches, noisy
     from spikingir.evaluate import evaluate
+    from spikingir.finetune import finetune_snn
     from spikingir.pipeline import calibration_inputs, denoise_samples
     from spikingir.train import denoise_validator, fit
 
@@ -52,36 +56,52 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N images")
     p.add_argument("--json", default=None)
     p.add_argument("--save-ann", default=None, help="write the trained ANN's state dict here")
+    p.add_argument("--ann", default=None, help="a state dict of this chain: skip the training")
+    p.add_argument("--finetune-steps", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     ann = chain_denoiser(args.width)
-    loader = torch.utils.data.DataLoader(DnCNNPatches(args.data), batch_size=args.batch_size,
-                                         shuffle=True, drop_last=True)
-    t0 = time.time()
-    res = fit(ann, loader, lambda b, dev: (noisy(b.to(dev), args.sigma), b.to(dev)),
-              denoise_validator(args.val_data, args.sigma, crop=64), steps=args.steps, lr=1e-3,
-              val_every=max(1, args.steps // 3), log_every=max(1, args.steps // 10), progress=False,
-              amp=args.amp)
-    train_s = time.time() - t0
+    train_s = 0.0
+    if args.ann:
+        ann.load_state_dict(torch.load(args.ann, weights_only=True))
+    else:
+        loader = torch.utils.data.DataLoader(DnCNNPatches(args.data), batch_size=args.batch_size,
+                                             shuffle=True, drop_last=True)
+        t0 = time.time()
+        res = fit(ann, loader, lambda b, dev: (noisy(b.to(dev), args.sigma), b.to(dev)),
+                  denoise_validator(args.val_data, args.sigma, crop=64), steps=args.steps, lr=1e-3,
+                  val_every=max(1, args.steps // 3), log_every=max(1, args.steps // 10),
+                  progress=False, amp=args.amp)
+        train_s = time.time() - t0
+        print(f"trained {args.steps} steps of batch {args.batch_size} in {train_s:.0f} s; "
+              f"last validation {res.last_val}")
     ann.eval()
     if args.save_ann:
         torch.save(ann.state_dict(), args.save_ann)
-    print(f"trained {args.steps} steps of batch {args.batch_size} in {train_s:.0f} s; "
-          f"last validation {res.history[-1] if res.history else None}")
 
     calib = calibration_inputs("denoise", args.sigma, data=args.data)
     samples = denoise_samples(args.sigma, args.val_data, limit=args.limit)
     rows = {}
-    for name, layers in (("thresholds only", None), ("layer calibration", "weights")):
+    variants = [("thresholds only", None), ("layer calibration", "weights")]
+    if args.finetune_steps:
+        variants.append((f"layer calibration + {args.finetune_steps} fine-tuning steps", "weights"))
+    for name, layers in variants:
         t0 = time.time()
         snn = to_snn(ann, calib, max(args.T), per_channel=True, v0="half", layer_calibration=layers)
+        if "fine-tuning" in name:
+            finetune_snn(snn, "denoise", sigma=args.sigma, data=args.data, val_data=args.val_data,
+                         steps=args.finetune_steps, batch_size=8, timesteps=[5, 10], amp=args.amp,
+                         teacher=ann, distill=1.0, val_every=max(1, args.finetune_steps // 2),
+                         log_every=max(1, args.finetune_steps // 10), progress=False)
+            snn.timesteps = max(args.T)
+            snn.eval()
         conv_s = time.time() - t0
         rep = evaluate("denoise", ann, snn, samples, args.T, sigma=args.sigma)
         rows[name] = {"convert_s": conv_s, "report": rep}
         a = rep["ann"]
-        print(f"\n{name} (conversion {conv_s:.0f} s): ANN {a['psnr']:.2f} dB / {a['ssim']:.4f}")
+        print(f"\n{name} ({conv_s:.0f} s): ANN {a['psnr']:.2f} dB / {a['ssim']:.4f}")
         for r in rep["snn"]:
             print(f"  T={r['timesteps']}: {r['psnr']:.2f} dB / {r['ssim']:.4f} (loss "
                   f"{r['psnr_loss']:.2f}), energy {r['energy_mj'] / a['energy_mj']:.3f} of the ANN, "

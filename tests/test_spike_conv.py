@@ -143,6 +143,37 @@ def test_cpp_event_path_geometry(k, stride, padding):
     check_conv(out, s, w, b, stride, padding)
 
 
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+@pytest.mark.parametrize("cout", [8, 16, 19, 48, 64, 72, 80])
+def test_cpp_instruction_sets_agree_bitwise(cout, monkeypatch):
+    """The event-driven kernels' AVX-512, AVX2 and scalar versions (capped by
+    SPIKINGIR_CPU_ISA; on a CPU without AVX-512 the first two are the same code)
+    give the same forward (float spikes and channel masks) and weight gradient
+    bit for bit: every output value is the same sequence of float additions.
+    Cout 72 and 80: a 64-channel block and an 8- / 16-channel one; 8 and 19:
+    no 16-channel vector fits (AVX2 kernels then)."""
+    s = spikes(2, 70, 11, 23, rate=0.2, seed=cout)
+    w, b = conv_params(cout, 70, 3, seed=cout + 1)
+    go = torch.randn(2, cout, 11, 23, generator=torch.Generator().manual_seed(5))
+    masks, _ = ops.if_multistep(s[None] * 2.0, torch.tensor(1.0), emit="masks")
+    results = {}
+    for isa in ("native", "avx2", "generic"):
+        if isa == "native":
+            monkeypatch.delenv("SPIKINGIR_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("SPIKINGIR_CPU_ISA", isa)
+        out, packed = torch.ops.spikingir.spike_conv2d_fwd(s, w, b, 1, 1, 2.0, False, True)
+        from_masks = ops.spike_conv2d(masks.flatten(0, 1), w, b, 1, 1, backend="cpp")
+        _, gw, _ = torch.ops.spikingir.spike_conv2d_bwd(go, packed, w, 11, 23, 1, 1, 2.0,
+                                                        False, True, False)
+        results[isa] = (out, from_masks, gw)
+    check_conv(results["native"][0], s, w, b, 1, 1)
+    for isa in ("avx2", "generic"):
+        for name, a, c in zip(("forward", "from masks", "grad_weight"), results["native"],
+                              results[isa]):
+            assert torch.equal(a, c), (isa, name, (a - c).abs().max().item())
+
+
 @pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_spikes(backend, dtype):
