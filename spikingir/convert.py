@@ -331,7 +331,7 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
     ann_convs = conv_chain(ann).convs()  # BN folded, float32 copies
     if len(ann_convs) != len(snn.neurons_) + 1 or any(
             a.weight.shape != c.weight.shape or a.stride != c.stride or a.padding != c.padding
-            for a, c in zip(ann_convs, _snn_convs(snn))):
+            for a, c in zip(ann_convs, snn.convs())):
         raise ValueError("calibrate_layers: the ANN's convolutions do not match the SNN's "
                          "(another depth, width or geometry): pass the network it was converted "
                          "from")
@@ -348,14 +348,9 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
     return snn
 
 
-def _snn_convs(snn):
-    """The convs of a SpikingChain in ANN order: conv1, the hidden ones, the mapper's."""
-    return [snn.conv1] + [h.module for h in snn.hidden] + [snn.mapper.conv]
-
-
 def _calibrate_chain(snn, ann_convs, images, method, bias_iters, ridge, target_floor):
     T, last = snn.timesteps, len(snn.neurons_) - 1
-    convs = _snn_convs(snn)
+    convs = snn.convs()
     h = images  # the ANN's activations below the current layer, per image
     currents = [snn.conv1(x).unsqueeze(0).expand(snn.steps, -1, -1, -1, -1) for x in images]
     rates = spikes = None  # the SNN's rates / outputs of the layer below, per image

@@ -177,7 +177,7 @@ def snn_config(snn):
         extra = {"residual": snn.residual, "layers": [
             {"in": c.in_channels, "out": c.out_channels, "kernel": list(c.kernel_size),
              "stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation)}
-            for c in [snn.conv1] + [h.module for h in snn.hidden] + [snn.mapper.conv]]}
+            for c in snn.convs()]}
     return {"arch": arch, **extra, "timesteps": snn.timesteps, "neuron": snn.neuron_kind, "recycling": snn.recycling,
             "per_channel": n0.num_channels is not None, "v0": n0.v_init,
             "reuse_alpha": getattr(n0, "reuse_alpha", 0.75), "surrogate": n0.surrogate,

@@ -226,11 +226,15 @@ class SpikingChain(_SpikingNet):
         self.spike_conv_backend = "auto"
         self.spike_masks = True
 
+    def convs(self):
+        """The convolutions in the ANN's order: conv1, the hidden ones, the mapper's."""
+        return [self.conv1] + [h.module for h in self.hidden] + [self.mapper.conv]
+
     def _ann_macs(self, x):
         """MACs of the ANN on ``x``, each conv at the size its input has."""
         B, _, H, W = x.shape
         total = 0
-        for c in [self.conv1] + [h.module for h in self.hidden] + [self.mapper.conv]:
+        for c in self.convs():
             total += ann_macs(c, (B, c.in_channels, H, W))
             H, W = ((n + 2 * p - d * (k - 1) - 1) // st + 1 for n, p, d, k, st in
                     zip((H, W), c.padding, c.dilation, c.kernel_size, c.stride))
