@@ -331,6 +331,8 @@ def version_report():
 
     ext = ("spikingir._C with CUDA kernels" if b.HAS_CUDA_OPS else "spikingir._C (CPU kernels)"
            if b.HAS_CPP_OPS else f"spikingir._C failed to import ({b._CPP_ERROR})")
+    if b.HAS_CPP_OPS:
+        ext += f", CPU spike_conv2d on {b._C.cpu_isa()}"
     triton = f"triton {b.triton.__version__}" if b.HAS_TRITON else "no triton"
     lines = [f"spikingir {spikingir.__version__}, torch {torch.__version__}, {ext}, {triton}"]
     for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):

@@ -682,3 +682,17 @@ def test_version_names_the_backends_available_here(capsys):
     assert out.startswith(f"spikingir {spikingir.__version__}, torch {torch.__version__}")
     assert f"cpu spike_conv2d: {', '.join(available_backends('cpu', 'spike_conv2d'))}" in out
     assert ("cuda if_multistep:" in out) == torch.cuda.is_available()
+
+
+def test_version_names_the_cpu_instruction_set(capsys, monkeypatch):
+    """--version says which instruction set the CPU spike_conv2d kernels use,
+    and SPIKINGIR_CPU_ISA caps it."""
+    from spikingir.ops import backends
+    if not backends.HAS_CPP_OPS:
+        pytest.skip("spikingir._C not built")
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and f"CPU spike_conv2d on {backends._C.cpu_isa()}" in out
+    assert backends._C.cpu_isa() in ("avx512", "avx2", "generic")
+    monkeypatch.setenv("SPIKINGIR_CPU_ISA", "generic")
+    assert backends._C.cpu_isa() == "generic"
+    assert "CPU spike_conv2d on generic" in run(["--version"], capsys)[1]

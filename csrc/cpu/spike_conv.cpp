@@ -36,7 +36,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <type_traits>
@@ -44,6 +43,7 @@
 
 #include "../dispatch.h"
 #include "../spike_conv.h"
+#include "isa.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -338,25 +338,8 @@ __attribute__((target("avx512f"))) void tap_row_avx512(const uint64_t* __restric
 #define SPK_HAVE_AVX2_GATHER 1
 #endif
 
-// The accumulation kernels' instruction set: the widest this build has and this
-// CPU runs, capped by SPIKINGIR_CPU_ISA ("avx2" or "generic"; for tests and
-// benchmarks: every ISA gives the same result bit for bit, since each output
-// value is the same sequence of float additions in one vector lane or another).
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-inline Isa accumulate_isa() {
-#ifdef SPK_HAVE_AVX2_GATHER
-  Isa best = __builtin_cpu_supports("avx512f") ? Isa::kAvx512
-             : __builtin_cpu_supports("avx2")  ? Isa::kAvx2
-                                               : Isa::kGeneric;
-  const char* cap = std::getenv("SPIKINGIR_CPU_ISA");
-  if (cap && std::strcmp(cap, "avx2") == 0) best = std::min(best, Isa::kAvx2);
-  if (cap && std::strcmp(cap, "generic") == 0) best = Isa::kGeneric;
-  return best;
-#else
-  return Isa::kGeneric;
-#endif
-}
+// accumulate_isa() (isa.h) picks the kernels below; without the x86 ones
+// (another compiler or CPU) it is kGeneric.
 
 // The same without vector intrinsics (any CPU): `width` output channels.
 void tap_row_generic(const uint64_t* __restrict__ mrow, const float* __restrict__ wtap,
