@@ -376,11 +376,19 @@ def _build_parser():
 
 def main(argv=None):
     """Entry point of the ``spikingir`` console script; returns the exit status."""
-    args = _build_parser().parse_args(argv)
-    if os.environ.get("SPIKINGIR_KEEP_FREED_MEMORY", "0") == "1":
-        from spikingir.allocator import keep_freed_memory
-        keep_freed_memory()  # opt-in, see spikingir/allocator.py: faster, more memory
-    return args.func(args)
+    try:
+        args = _build_parser().parse_args(argv)
+        if os.environ.get("SPIKINGIR_KEEP_FREED_MEMORY", "0") == "1":
+            from spikingir.allocator import keep_freed_memory
+            keep_freed_memory()  # opt-in, see spikingir/allocator.py: faster, more memory
+        return args.func(args)
+    except BrokenPipeError:
+        # Whoever read stdout has gone (`spikingir --help | head -1`): stop quietly, as
+        # Unix tools do. stdout now points at /dev/null, so that the interpreter's last
+        # flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -684,6 +684,16 @@ def test_version_names_the_backends_available_here(capsys):
     assert ("cuda if_multistep:" in out) == torch.cuda.is_available()
 
 
+def test_closed_stdout_is_not_a_traceback():
+    """`spikingir --version | true`: the reader exits before spikingir writes; the
+    command stops quietly instead of printing a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    res = subprocess.run(f"'{sys.executable}' -m spikingir --version | true", shell=True,
+                         stderr=subprocess.PIPE, timeout=300)
+    assert b"Traceback" not in res.stderr and b"BrokenPipe" not in res.stderr, res.stderr[-500:]
+
+
 def test_version_names_the_cpu_instruction_set(capsys, monkeypatch):
     """--version says which instruction set the CPU spike_conv2d kernels use,
     and SPIKINGIR_CPU_ISA caps it."""
