@@ -8,7 +8,7 @@ gradients, T=5 and 10, distilled from the ANN) and evaluated again.
 
     python benchmarks/convert_chain.py [--steps 1500] [--width 48] [--T 4 10]
         [--threads 1] [--amp] [--json OUT.json] [--save-ann ANN.pt]
-        [--ann ANN.pt (skip training)] [--finetune-steps N]
+        [--ann ANN.pt (skip training)] [--finetune-steps N [--only-finetuned]]
 
 A script, not a test; needs ../shared/data (train400, set12).
 """
@@ -58,6 +58,8 @@ def main(argv=None):
     p.add_argument("--save-ann", default=None, help="write the trained ANN's state dict here")
     p.add_argument("--ann", default=None, help="a state dict of this chain: skip the training")
     p.add_argument("--finetune-steps", type=int, default=0)
+    p.add_argument("--only-finetuned", action="store_true",
+                   help="with --finetune-steps: skip the rows before fine-tuning")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -86,7 +88,8 @@ def main(argv=None):
     rows = {}
     variants = [("thresholds only", None), ("layer calibration", "weights")]
     if args.finetune_steps:
-        variants.append((f"layer calibration + {args.finetune_steps} fine-tuning steps", "weights"))
+        tuned = (f"layer calibration + {args.finetune_steps} fine-tuning steps", "weights")
+        variants = [tuned] if args.only_finetuned else variants + [tuned]
     for name, layers in variants:
         t0 = time.time()
         snn = to_snn(ann, calib, max(args.T), per_channel=True, v0="half", layer_calibration=layers)
