@@ -97,9 +97,9 @@ def _activations(ann, calib_images):
         ann = _AODTaps(ann)
     elif isinstance(ann, (nn.Sequential, Residual)):
         ann = conv_chain(ann)
+    relus = _spiking_relus(ann)  # first: a TypeError for another kind of network
     first = next(m for m in ann.modules() if isinstance(m, nn.Conv2d))
     images = _calib_inputs(calib_images, first.in_channels, first.weight.device)
-    relus = _spiking_relus(ann)
     acts = [[] for _ in relus]
     hooks = [r.register_forward_hook(lambda m, i, o, k=k: acts[k].append(o.detach().float()))
              for k, r in enumerate(relus)]
