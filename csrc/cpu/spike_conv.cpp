@@ -232,33 +232,80 @@ inline void tap_range(const Geometry& g, int64_t kx, int64_t& lo, int64_t& hi) {
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
-template <int NV>
-__attribute__((target("avx2"))) void tap_row_avx2(const uint64_t* __restrict__ mrow,
-                                                  const float* __restrict__ wtap,
-                                                  float* __restrict__ row, const Geometry& g,
-                                                  int64_t Cw, int64_t Cout_p, int64_t kx,
-                                                  int64_t lo, int64_t hi) {
+// GCC vector types of 8 and 16 floats: the kernels below are written once over
+// them and compiled into AVX2 and AVX-512 functions (the always_inline body takes
+// the instruction set of the function it is inlined into), so the two paths
+// cannot drift apart. Rows and weights are not vector-aligned: every load and
+// store goes through memcpy (unaligned moves; a typedef's alignment attribute
+// would be dropped as a template argument).
+typedef float Vec8 __attribute__((vector_size(32)));
+typedef float Vec16 __attribute__((vector_size(64)));
+
+template <typename V>
+__attribute__((always_inline)) inline void load_vec(V& x, const float* p) {
+  __builtin_memcpy(&x, p, sizeof(V));
+}
+
+template <typename V>
+__attribute__((always_inline)) inline void store_vec(float* p, const V& x) {
+  __builtin_memcpy(p, &x, sizeof(V));
+}
+
+// acc[v] = row[8 NV] or [16 NV] floats at r, per pixel: the accumulation of
+// one tap over the output pixels [lo, hi) of a row (see accumulate_rows).
+template <typename V, int NV>
+__attribute__((always_inline)) inline void tap_row_vec(const uint64_t* __restrict__ mrow,
+                                                       const float* __restrict__ wtap,
+                                                       float* __restrict__ row,
+                                                       const Geometry& g, int64_t Cw,
+                                                       int64_t Cout_p, int64_t kx, int64_t lo,
+                                                       int64_t hi) {
+  constexpr int kW = sizeof(V) / sizeof(float);
   for (int64_t ox = lo; ox < hi; ++ox) {
     const uint64_t* m = mrow + (ox * g.stride + kx - g.pad) * Cw;
     uint64_t any = 0;
     for (int64_t word = 0; word < Cw; ++word) any |= m[word];
     if (!any) continue;
     float* r = row + ox * Cout_p;
-    __m256 acc[NV];
+    V acc[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[v] = _mm256_loadu_ps(r + 8 * v);
+    for (int v = 0; v < NV; ++v) load_vec(acc[v], r + kW * v);
     for (int64_t word = 0; word < Cw; ++word) {
       uint64_t bits = m[word];
       while (bits) {
         const float* wc = wtap + (64 * word + __builtin_ctzll(bits)) * Cout_p;
         bits &= bits - 1;
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[v] = _mm256_add_ps(acc[v], _mm256_loadu_ps(wc + 8 * v));
+        for (int v = 0; v < NV; ++v) {
+          V w;
+          load_vec(w, wc + kW * v);
+          acc[v] += w;
+        }
       }
     }
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(r + 8 * v, acc[v]);
+    for (int v = 0; v < NV; ++v) store_vec(r + kW * v, acc[v]);
   }
+}
+
+// NV vectors of 8 (AVX2) or 16 (AVX-512: half the loads and adds per spike)
+// output channels. (Interleaving two output pixels, to give the adder two
+// independent chains, measured slower: 36-68 against 30-37 ms at 10 % firing,
+// Intel Xeon, one thread.)
+template <int NV>
+__attribute__((target("avx2"))) void tap_row_avx2(const uint64_t* mrow, const float* wtap,
+                                                  float* row, const Geometry& g, int64_t Cw,
+                                                  int64_t Cout_p, int64_t kx, int64_t lo,
+                                                  int64_t hi) {
+  tap_row_vec<Vec8, NV>(mrow, wtap, row, g, Cw, Cout_p, kx, lo, hi);
+}
+
+template <int NV>
+__attribute__((target("avx512f"))) void tap_row_avx512(const uint64_t* mrow, const float* wtap,
+                                                      float* row, const Geometry& g, int64_t Cw,
+                                                      int64_t Cout_p, int64_t kx, int64_t lo,
+                                                      int64_t hi) {
+  tap_row_vec<Vec16, NV>(mrow, wtap, row, g, Cw, Cout_p, kx, lo, hi);
 }
 
 // out[co][x] = row[x][co] for an 8 x 8 block: row has stride Cout_p, out
@@ -303,38 +350,6 @@ __attribute__((target("avx2"))) void store_row_avx2(const float* row, float* o,
   }
 }
 
-// tap_row_avx2 with 16-float vectors (NV of them: 16 NV output channels).
-// Half the loads and adds per spike of the AVX2 kernel. (Interleaving two
-// output pixels, to give the adder two independent chains, measured slower:
-// 36-68 against 30-37 ms at 10 % firing, Intel Xeon, one thread.)
-template <int NV>
-__attribute__((target("avx512f"))) void tap_row_avx512(const uint64_t* __restrict__ mrow,
-                                                      const float* __restrict__ wtap,
-                                                      float* __restrict__ row, const Geometry& g,
-                                                      int64_t Cw, int64_t Cout_p, int64_t kx,
-                                                      int64_t lo, int64_t hi) {
-  for (int64_t ox = lo; ox < hi; ++ox) {
-    const uint64_t* m = mrow + (ox * g.stride + kx - g.pad) * Cw;
-    uint64_t any = 0;
-    for (int64_t word = 0; word < Cw; ++word) any |= m[word];
-    if (!any) continue;
-    float* r = row + ox * Cout_p;
-    __m512 acc[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[v] = _mm512_loadu_ps(r + 16 * v);
-    for (int64_t word = 0; word < Cw; ++word) {
-      uint64_t bits = m[word];
-      while (bits) {
-        const float* wc = wtap + (64 * word + __builtin_ctzll(bits)) * Cout_p;
-        bits &= bits - 1;
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[v] = _mm512_add_ps(acc[v], _mm512_loadu_ps(wc + 16 * v));
-      }
-    }
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(r + 16 * v, acc[v]);
-  }
-}
 #define SPK_HAVE_AVX2_GATHER 1
 #endif
 
@@ -443,41 +458,45 @@ int64_t pixel_list(const uint8_t* bits, const Geometry& g, int64_t n, int64_t ci
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
-// total[0 : 8 NV] += sum_i go[pix[i] * Cout_p : + 8 NV] (float sum, then double).
-template <int NV>
-__attribute__((target("avx2"))) void sum_pixels_avx2(const float* __restrict__ go,
-                                                     int64_t Cout_p, const int64_t* pix,
-                                                     int64_t count, float* part) {
-  __m256 acc[NV];
+// part[0 : W NV] += sum_i go[pix[i] * Cout_p : + W NV] (float sum, then double),
+// W = 8 (AVX2) or 16 (AVX-512) floats per vector; written once, as tap_row_vec.
+template <typename V, int NV>
+__attribute__((always_inline)) inline void sum_pixels_vec(const float* __restrict__ go,
+                                                          int64_t Cout_p, const int64_t* pix,
+                                                          int64_t count, float* part) {
+  constexpr int kW = sizeof(V) / sizeof(float);
+  V acc[NV];
 #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+  for (int v = 0; v < NV; ++v) acc[v] = V{};
   for (int64_t i = 0; i < count; ++i) {
     const float* src = go + pix[i] * Cout_p;
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[v] = _mm256_add_ps(acc[v], _mm256_loadu_ps(src + 8 * v));
+    for (int v = 0; v < NV; ++v) {
+      V x;
+      load_vec(x, src + kW * v);
+      acc[v] += x;
+    }
   }
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
-    _mm256_storeu_ps(part + 8 * v, _mm256_add_ps(_mm256_loadu_ps(part + 8 * v), acc[v]));
+    V total;
+    load_vec(total, part + kW * v);
+    store_vec(part + kW * v, total + acc[v]);
   }
 }
 
 template <int NV>
-__attribute__((target("avx512f"))) void sum_pixels_avx512(const float* __restrict__ go,
-                                                         int64_t Cout_p, const int64_t* pix,
-                                                         int64_t count, float* part) {
-  __m512 acc[NV];
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < count; ++i) {
-    const float* src = go + pix[i] * Cout_p;
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[v] = _mm512_add_ps(acc[v], _mm512_loadu_ps(src + 16 * v));
-  }
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    _mm512_storeu_ps(part + 16 * v, _mm512_add_ps(_mm512_loadu_ps(part + 16 * v), acc[v]));
-  }
+__attribute__((target("avx2"))) void sum_pixels_avx2(const float* go, int64_t Cout_p,
+                                                     const int64_t* pix, int64_t count,
+                                                     float* part) {
+  sum_pixels_vec<Vec8, NV>(go, Cout_p, pix, count, part);
+}
+
+template <int NV>
+__attribute__((target("avx512f"))) void sum_pixels_avx512(const float* go, int64_t Cout_p,
+                                                         const int64_t* pix, int64_t count,
+                                                         float* part) {
+  sum_pixels_vec<Vec16, NV>(go, Cout_p, pix, count, part);
 }
 #endif
 
