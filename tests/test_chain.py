@@ -104,12 +104,26 @@ def test_chain_snn_approaches_its_ann(make):
     assert errs[1] < 0.05 * float(want.abs().mean()), errs
 
 
+def _dyadic(snn, x):
+    """The SNN and input moved onto dyadic grids (weights, biases and input on a
+    1/16 grid, thresholds powers of two, beta = theta / 2): every potential is
+    exact, so the dense and spike_conv2d paths cannot flip a spike on any CPU."""
+    with torch.no_grad():
+        for conv in snn.convs():
+            conv.weight.copy_((conv.weight * 16).round() / 16)
+            conv.bias.copy_((conv.bias * 16).round() / 16)
+        for n in snn.neurons():
+            n.theta.copy_(2.0 ** torch.round(torch.log2(n.theta)))
+            if hasattr(n, "beta"):
+                n.beta.copy_(n.theta * 0.5)
+    return snn, (x * 16).round() / 16
+
+
 @pytest.mark.parametrize("make", [lambda: Residual(odd_body()), strided_chain])
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_chain_snn_on_spike_conv_save_load_and_energy(make, neuron, tmp_path):
     ann, calib = make(), images(n=2)
-    snn = to_snn(ann, calib, 5, neuron=neuron)
-    x = images(n=1, seed=5)[0]
+    snn, x = _dyadic(to_snn(ann, calib, 5, neuron=neuron), images(n=1, seed=5)[0])
     with torch.no_grad():
         dense = snn(x)
         path = tmp_path / "chain.pt"
@@ -129,6 +143,9 @@ def test_chain_snn_on_spike_conv_save_load_and_energy(make, neuron, tmp_path):
     assert snn.energy_ratio > 0
     y.square().mean().backward()  # fine-tuning reaches every parameter
     assert all(p.grad is not None for p in snn.parameters() if p.requires_grad)
+    with torch.no_grad():
+        back.record_stats()(x)
+    assert 0 < back.firing_rate() < 1  # the comparisons saw spikes, not silence
 
 
 @pytest.mark.parametrize("make", [lambda: Residual(odd_body(), subtract=False), strided_chain])
