@@ -70,6 +70,10 @@ def _add_model_args(p, snn_weights=True):
                    help="noise level (denoise): 15, 25 or 50 (restore: estimated from the image "
                         "when omitted, and the nearest model used)")
     p.add_argument("--ann-weights", default=None, help="ANN state dict (default: the shipped one)")
+    p.add_argument("--ann-module", default=None, metavar="FILE.py:FUNCTION",
+                   help="your own network: FUNCTION() in FILE.py returns it (an nn.Sequential "
+                        "conv chain, optionally in spikingir.models.Residual) and --ann-weights "
+                        "is loaded into it (runs that file's code)")
     if snn_weights:
         p.add_argument("--snn-weights", default=None,
                        help="SNN file from `spikingir convert` or `finetune` (default: the shipped "
@@ -199,7 +203,7 @@ def _cmd_evaluate(args):
         samples = denoise_samples(sigma, args.data, args.limit, args.crop)
     else:
         samples = dehaze_samples(args.data, args.limit, args.crop, args.scenes)
-    ann = load_ann(args.task, sigma, args.ann_weights)
+    ann = load_ann(args.task, sigma, args.ann_weights, args.ann_module)
     snn, origin = _get_snn(args.task, sigma, ann, max(args.timesteps), args, args.ann_weights is not None)
     print(f"# {args.task}: {len(samples)} images; SNN: {origin}", flush=True)
     outputs = {} if args.figures else None
@@ -300,7 +304,7 @@ def _cmd_restore(args):
             print(f"{src}: estimated noise sigma {estimate:.1f}: the sigma {level} model "
                   "(--sigma chooses)")
         if level not in nets:
-            ann = None if args.snn_weights else load_ann(args.task, level, args.ann_weights)
+            ann = None if args.snn_weights else load_ann(args.task, level, args.ann_weights, args.ann_module)
             snn, origin = _get_snn(args.task, level, ann, args.timesteps, args,
                                    args.ann_weights is not None)
             nets[level] = snn.to(device), origin
@@ -374,7 +378,7 @@ def _convert_ann(args, sigma, timesteps, ann=None, layers=True):
 
     _layer_calibration(args)  # refused before any loading
     if ann is None:
-        ann = load_ann(args.task, sigma, args.ann_weights)
+        ann = load_ann(args.task, sigma, args.ann_weights, args.ann_module)
     calib_dir = _data_dir(args, "train400" if args.task == "denoise" else "sots_train")
     calib = calibration_inputs(args.task, sigma, data=calib_dir)
     source = f"{len(calib)} images of {calib_dir}" if calib_dir else f"{len(calib)} built-in photos"
@@ -391,6 +395,7 @@ def _cmd_convert(args):
     method = _layer_calibration(args)
     meta = {"task": args.task, "sigma": sigma, "steps": 0, "timesteps": args.timesteps,
             "init": "conversion", "ann": str(args.ann_weights or "shipped"),
+            "ann_module": args.ann_module,
             "ann_fingerprint": snn.meta["ann_fingerprint"], "calibration": source,
             "percentile": args.percentile, "offset_percentile": args.offset_percentile,
             "layer_calibration": method}
@@ -434,7 +439,7 @@ def _cmd_finetune(args):
     if args.resume and args.checkpoint is None:
         raise UserError("--resume needs --checkpoint PATH (the run to continue)")
     check_outputs(args.out, args.checkpoint, args.resume)
-    teacher = load_ann(args.task, sigma, args.ann_weights) if args.distill > 0 else None
+    teacher = load_ann(args.task, sigma, args.ann_weights, args.ann_module) if args.distill > 0 else None
     if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
         snn = load_snn(args.snn_weights, backend=args.backend, task=args.task)  # finetune_snn sets its T
         if args.no_recycling:  # the one conversion option a converted SNN can drop
@@ -471,7 +476,7 @@ def _cmd_finetune(args):
             "distill": args.distill,
             "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
             "layer_calibration": None if args.snn_weights else _layer_calibration(args),
-            "ann_fingerprint": fingerprint,
+            "ann_fingerprint": fingerprint, "ann_module": args.ann_module,
             "wall_s": round(time.time() - t0, 1), "torch": str(torch.__version__)}
     if res.history:
         last = res.history[-1]  # the last validation (a time limit may stop the run after it)

@@ -126,8 +126,13 @@ def denoise_pairs(sigma, data, n, crop=128, seed=100):
             [_to_input(c) for c in cleans])
 
 
-def load_ann(task, sigma=None, path=None):
-    """The ANN: from ``path`` (a state dict), else the shipped weights."""
+def load_ann(task, sigma=None, path=None, module=None):
+    """The ANN: from ``path`` (a state dict), else the shipped weights. With
+    ``module`` (``"FILE.py:FUNCTION"``), ``FUNCTION()`` from FILE.py builds the
+    network (your own conv chain, :mod:`spikingir.models.chain`) and ``path``
+    is loaded into it."""
+    if module is not None:
+        return _load_ann_module(module, path)
     if path is None:
         from spikingir.weights import load_shipped_ann
         return load_shipped_ann(task, sigma).eval()
@@ -144,6 +149,53 @@ def load_ann(task, sigma=None, path=None):
         model.load_state_dict(sd)
     except (RuntimeError, KeyError) as err:
         raise ValueError(f"{path}: not an AOD-Net checkpoint ({str(err).splitlines()[0]})") from None
+    return model.eval()
+
+
+def _load_ann_module(spec, path):
+    """``FUNCTION()`` of ``FILE.py`` (``spec`` = "FILE.py:FUNCTION") with the
+    state dict ``path`` loaded, checked to be a network ``to_snn`` converts. The
+    file is the user's code: whatever fails in it is reported in one line."""
+    import importlib.util
+    import os
+
+    from spikingir.models import conv_chain
+    file, sep, func = str(spec).rpartition(":")
+    if not sep or not file or not func:
+        raise ValueError(f"--ann-module: expected FILE.py:FUNCTION, got {spec!r}")
+    if path is None:
+        raise ValueError("--ann-module needs --ann-weights (the state dict to load into the network)")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file}: no such file (--ann-module)")
+    loader_spec = importlib.util.spec_from_file_location("spikingir_user_ann", file)
+    if loader_spec is None or loader_spec.loader is None:
+        raise ValueError(f"{file}: not a Python file (--ann-module)")
+    code = importlib.util.module_from_spec(loader_spec)
+    try:
+        loader_spec.loader.exec_module(code)
+    except Exception as err:  # noqa: BLE001 - the user's code; any failure is one line
+        raise ValueError(f"{file}: importing it failed ({type(err).__name__}: {err})") from None
+    factory = getattr(code, func, None)
+    if not callable(factory):
+        raise ValueError(f"{file}: has no function {func!r} (--ann-module)")
+    try:
+        model = factory()
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"{spec}: calling it failed ({type(err).__name__}: {err})") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{spec}: returned a {type(model).__name__}, not an nn.Module")
+    try:
+        conv_chain(model)  # refuse a network to_snn cannot convert, before any work
+    except TypeError as err:
+        raise ValueError(str(err)) from None
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    try:
+        model.load_state_dict(sd)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: does not fit the network of {spec} "
+                         f"({str(err).splitlines()[0]})") from None
     return model.eval()
 
 

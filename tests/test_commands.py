@@ -1,6 +1,7 @@
 """The restoration commands of the CLI: outputs, and one-line errors with exit status 2."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -682,6 +683,73 @@ def test_version_names_the_backends_available_here(capsys):
     assert out.startswith(f"spikingir {spikingir.__version__}, torch {torch.__version__}")
     assert f"cpu spike_conv2d: {', '.join(available_backends('cpu', 'spike_conv2d'))}" in out
     assert ("cuda if_multistep:" in out) == torch.cuda.is_available()
+
+
+_MY_NET = """
+from torch import nn
+from spikingir.models import Residual
+
+def make():
+    return Residual(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 5, padding=2, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1)))
+
+def leaky():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.LeakyReLU(), nn.Conv2d(8, 1, 3, padding=1))
+
+def broken():
+    raise RuntimeError("no GPU here")
+"""
+
+
+def test_ann_module_takes_your_own_network_through_the_cli(files, tmp_path, capsys):
+    """--ann-module FILE.py:FUNCTION builds your network and --ann-weights loads into it:
+    convert, evaluate (against that ANN: no note about another ANN) and finetune run on
+    it; each mistake is one line and exit status 2."""
+    import importlib.util
+    net = tmp_path / "mynet.py"
+    net.write_text(_MY_NET)
+    spec = importlib.util.spec_from_file_location("mynet_for_test", net)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    torch.save(mod.make().state_dict(), tmp_path / "w.pt")
+    common = ["--task", "denoise", "--sigma", "25", "--ann-module", f"{net}:make",
+              "--ann-weights", str(tmp_path / "w.pt")]
+    snn_file = tmp_path / "snn.pt"
+    code, out, err = run(["convert", *common, "--timesteps", "2", "--out", str(snn_file),
+                          "--threads", "1"], capsys)
+    assert code == 0, err
+    meta = torch.load(snn_file, weights_only=True)["meta"]
+    assert meta["ann_module"] == f"{net}:make"
+    assert torch.load(snn_file, weights_only=True)["config"]["arch"] == "chain"
+    code, out, err = run(["evaluate", *common, "--snn-weights", str(snn_file), "--data",
+                          str(files / "gray"), "--timesteps", "2", "--threads", "1"], capsys)
+    assert code == 0 and "| SNN | 2 |" in out, err
+    assert "another ANN" not in err
+    code, _, err = run(["finetune", *common, "--timesteps", "2", "--steps", "1", "--batch-size",
+                        "2", "--data", str(files / "gray48"), "--val-data", str(files / "gray48"),
+                        "--val-crop", "32", "--no-progress", "--out", str(tmp_path / "ft.pt")],
+                       capsys)
+    assert code == 0, err
+    bad = tmp_path / "bad.py"
+    bad.write_text("this is not python(")
+    for module, weights, expected in [
+            (f"{net}:missing", "w.pt", "has no function 'missing'"),
+            (f"{net}:leaky", "w.pt", r"layer 1 \(LeakyReLU\) is not supported"),
+            (f"{net}:broken", "w.pt", "calling it failed \\(RuntimeError: no GPU here\\)"),
+            (f"{bad}:make", "w.pt", "importing it failed \\(SyntaxError"),
+            (f"{tmp_path / 'nofile.py'}:make", "w.pt", "no such file"),
+            (f"{net}", "w.pt", "expected FILE.py:FUNCTION"),
+            (f"{net}:make", "snn.pt", "does not fit the network of"),
+            (f"{net}:make", None, "needs --ann-weights")]:
+        args = ["evaluate", "--task", "denoise", "--sigma", "25", "--ann-module", module,
+                "--data", str(files / "gray"), "--timesteps", "2"]
+        if weights:
+            args += ["--ann-weights", str(tmp_path / weights)]
+        code, _, err = run(args, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (module, err)
+        assert re.search(expected, err), (expected, err)
 
 
 def test_closed_stdout_is_not_a_traceback():
