@@ -39,6 +39,7 @@
 #include <cstring>
 #include <functional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../dispatch.h"
@@ -181,33 +182,18 @@ int64_t masks_row(const scalar_t* s, uint8_t* rows, int64_t row_stride, uint64_t
   return count;
 }
 
-// f(std::integral_constant<int, NV>{}) for NV = width / 8 in 1..8: the number of
-// 8-float vectors a kernel keeps in registers is a template argument.
-template <typename F>
-void with_vectors(int64_t width, const F& f) {
-  switch (width / 8) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: TORCH_CHECK(false, "spike_conv2d (cpu): bad channel block width ", width);
-  }
+// f(std::integral_constant<int, NV>{}) for NV = width / kW in 1 .. 64 / kW: the
+// number of kW-float vectors (8: AVX2, 16: AVX-512) a kernel keeps in registers
+// for a block of up to 64 output channels is a template argument.
+template <int kW, typename F, int... I>
+void with_vectors_of(int64_t nv, const F& f, std::integer_sequence<int, I...>) {
+  const bool done = ((nv == I + 1 ? (f(std::integral_constant<int, I + 1>{}), true) : false) || ...);
+  TORCH_CHECK(done, "spike_conv2d (cpu): bad channel block width ", nv * kW);
 }
 
-// The same for NV = width / 16 in 1..4 (16-float vectors); width a multiple of 16.
-template <typename F>
-void with_vectors16(int64_t width, const F& f) {
-  switch (width / 16) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    default: TORCH_CHECK(false, "spike_conv2d (cpu): bad channel block width ", width);
-  }
+template <int kW, typename F>
+void with_vectors(int64_t width, const F& f) {
+  with_vectors_of<kW>(width / kW, f, std::make_integer_sequence<int, 64 / kW>{});
 }
 
 // Forward pass 2 (event-driven sum, tap by tap): output row (n, oy) lives in
@@ -395,14 +381,14 @@ void accumulate_rows(const uint64_t* masks, const float* wt, const float* bias, 
           const int64_t width = std::min<int64_t>(64, Cout_p - c0);
 #ifdef SPK_HAVE_AVX2_GATHER
           if (isa == Isa::kAvx512 && width % 16 == 0) {
-            with_vectors16(width, [&](auto nv) {
+            with_vectors<16>(width, [&](auto nv) {
               tap_row_avx512<decltype(nv)::value>(mrow, wtap + c0, row + c0, g, Cw, Cout_p, kx,
                                                   lo, hi);
             });
             continue;
           }
           if (avx2) {
-            with_vectors(width, [&](auto nv) {
+            with_vectors<8>(width, [&](auto nv) {
               tap_row_avx2<decltype(nv)::value>(mrow, wtap + c0, row + c0, g, Cw, Cout_p, kx,
                                                 lo, hi);
             });
@@ -536,14 +522,14 @@ void grad_weight_channels(const uint8_t* bits, const float* go_cl, float* gw, co
             const int64_t width = std::min<int64_t>(64, Cout_p - o0);
 #ifdef SPK_HAVE_AVX2_GATHER
             if (isa == Isa::kAvx512 && width % 16 == 0) {
-              with_vectors16(width, [&](auto nv) {
+              with_vectors<16>(width, [&](auto nv) {
                 sum_pixels_avx512<decltype(nv)::value>(go_cl + o0, Cout_p, pix.data(), count,
                                                        acc + o0);
               });
               continue;
             }
             if (isa >= Isa::kAvx2) {
-              with_vectors(width, [&](auto nv) {
+              with_vectors<8>(width, [&](auto nv) {
                 sum_pixels_avx2<decltype(nv)::value>(go_cl + o0, Cout_p, pix.data(), count,
                                                      acc + o0);
               });
