@@ -86,18 +86,20 @@ def main(argv=None):
     calib = calibration_inputs("denoise", args.sigma, data=args.data)
     samples = denoise_samples(args.sigma, args.val_data, limit=args.limit)
     rows = {}
-    variants = [("thresholds only", None), ("layer calibration", "weights")]
+    # (row name, to_snn's layer_calibration, fine-tuning steps)
+    variants = [("thresholds only", None, 0), ("layer calibration", "weights", 0)]
     if args.finetune_steps:
-        tuned = (f"layer calibration + {args.finetune_steps} fine-tuning steps", "weights")
+        tuned = (f"layer calibration + {args.finetune_steps} fine-tuning steps", "weights",
+                 args.finetune_steps)
         variants = [tuned] if args.only_finetuned else variants + [tuned]
-    for name, layers in variants:
+    for name, layers, steps in variants:
         t0 = time.time()
         snn = to_snn(ann, calib, max(args.T), per_channel=True, v0="half", layer_calibration=layers)
-        if "fine-tuning" in name:
+        if steps:
             finetune_snn(snn, "denoise", sigma=args.sigma, data=args.data, val_data=args.val_data,
-                         steps=args.finetune_steps, batch_size=8, timesteps=[5, 10], amp=args.amp,
-                         teacher=ann, distill=1.0, val_every=max(1, args.finetune_steps // 2),
-                         log_every=max(1, args.finetune_steps // 10), progress=False)
+                         steps=steps, batch_size=8, timesteps=[5, 10], amp=args.amp,
+                         teacher=ann, distill=1.0, val_every=max(1, steps // 2),
+                         log_every=max(1, steps // 10), progress=False)
             snn.timesteps = max(args.T)
             snn.eval()
         conv_s = time.time() - t0

@@ -254,7 +254,8 @@ def refit_mapper(snn, noisy, clean, timesteps=None, ridge=1e-4):
                     raise ValueError(f"refit_mapper: the SNN returns {tuple(out.shape)} for "
                                      f"{tuple(x.shape)}, the clean image is {tuple(c.shape)}")
                 rates.append(seen["rate"].float())
-                # output = x - mapper(rate): the mapper's target is the noise
+                # with the skip, output = x - mapper(rate): the mapper's target is the
+                # noise; without it, output = mapper(rate): the clean image
                 targets.append(x - c if snn.residual else c)
     finally:
         hook.remove()

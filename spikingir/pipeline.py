@@ -136,9 +136,7 @@ def load_ann(task, sigma=None, path=None, module=None):
     if path is None:
         from spikingir.weights import load_shipped_ann
         return load_shipped_ann(task, sigma).eval()
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    sd = _read_state_dict(path)
     if task == "denoise":
         try:
             return load_dncnn(sd).eval()
@@ -150,6 +148,15 @@ def load_ann(task, sigma=None, path=None, module=None):
     except (RuntimeError, KeyError) as err:
         raise ValueError(f"{path}: not an AOD-Net checkpoint ({str(err).splitlines()[0]})") from None
     return model.eval()
+
+
+def _read_state_dict(path):
+    """The state dict in ``path``: a plain one, or a checkpoint's ``"state_dict"``
+    entry (no pickled code: weights_only)."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    return sd
 
 
 def _load_ann_module(spec, path):
@@ -182,17 +189,14 @@ def _load_ann_module(spec, path):
         model = factory()
     except Exception as err:  # noqa: BLE001
         raise ValueError(f"{spec}: calling it failed ({type(err).__name__}: {err})") from None
-    if not isinstance(model, torch.nn.Module):
+    if not isinstance(model, nn.Module):
         raise ValueError(f"{spec}: returned a {type(model).__name__}, not an nn.Module")
     try:
         conv_chain(model)  # refuse a network to_snn cannot convert, before any work
     except TypeError as err:
         raise ValueError(str(err)) from None
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
     try:
-        model.load_state_dict(sd)
+        model.load_state_dict(_read_state_dict(path))
     except (RuntimeError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: does not fit the network of {spec} "
                          f"({str(err).splitlines()[0]})") from None
@@ -230,8 +234,8 @@ def snn_config(snn):
             {"in": c.in_channels, "out": c.out_channels, "kernel": list(c.kernel_size),
              "stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation)}
             for c in snn.convs()]}
-    return {"arch": arch, **extra, "timesteps": snn.timesteps, "neuron": snn.neuron_kind, "recycling": snn.recycling,
-            "per_channel": n0.num_channels is not None, "v0": n0.v_init,
+    return {"arch": arch, **extra, "timesteps": snn.timesteps, "neuron": snn.neuron_kind,
+            "recycling": snn.recycling, "per_channel": n0.num_channels is not None, "v0": n0.v_init,
             "reuse_alpha": getattr(n0, "reuse_alpha", 0.75), "surrogate": n0.surrogate,
             "alpha": float(n0.alpha)}
 
@@ -246,7 +250,8 @@ def save_snn(snn, path, extra=None):
     import json
     # plain JSON types only (e.g. torch.__version__ is a str subclass that
     # weights_only loading rejects)
-    source = {k: v for k, v in getattr(snn, "meta", {}).items() if k == "ann_fingerprint"}
+    fingerprint = getattr(snn, "meta", {}).get("ann_fingerprint")
+    source = {} if fingerprint is None else {"ann_fingerprint": fingerprint}
     meta = json.loads(json.dumps({**source, **dict(extra or {})}, default=str))
     obj = {"config": snn_config(snn), "state_dict": snn.state_dict(), "meta": meta}
     buf = io.BytesIO()

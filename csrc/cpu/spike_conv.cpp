@@ -15,9 +15,10 @@
 //      pre-transposed to [kh kw, Cin, Cout], contiguous over Cout) to its
 //      accumulator. Adds only; work proportional to the number of spikes. The
 //      row is then written to the NCHW output by 8x8 transposes. The adds run
-//      16 channels per instruction with AVX-512 (measured on an Intel Xeon, one
-//      thread, [16, 64, 96, 96] 3x3: 1.3x the AVX2 kernel at 10 % firing, 1.8x at
-//      30 %), else 8 with AVX2 (accumulate_isa).
+//      16 channels per instruction with AVX-512 (measured on an Intel Xeon, two
+//      threads, [16, 64, 96, 96] 3x3: 1.14x the AVX2 kernel at 10 % firing, 1.3x
+//      at 30 %, 1.4x at 70 %; benchmarks/RESULTS.md), else 8 with AVX2
+//      (accumulate_isa, isa.h).
 // Each output value is summed in a fixed order (bias, ky, kx, ci) that does
 // not depend on the thread count: the result is bitwise reproducible.
 //
