@@ -2,7 +2,8 @@
 # One script for a lent GPU (DESIGN.md section 6): build the CUDA extension, run the
 # GPU tests + compute-sanitizer memcheck beside a time-boxed GPU fine-tuning, then the
 # GPU benchmarks alone on the card (their JSON/text is written before anything is
-# printed); a short table last.
+# printed); a short table last. SANITIZERS: the compute-sanitizer tools after memcheck
+# (default "racecheck synccheck"; "" = memcheck only).
 #
 #   git rev-parse --short HEAD > .gpu_data/COMMIT     # here, before the call
 #   bash benchmarks/gpu_check.sh                       # there (results under $OUT)
@@ -28,7 +29,7 @@
 # them); NCU=1 (Nsight Compute on the CUDA and
 # Triton spike_conv2d kernels from masks); BUILD=0 (a warm machine that built already).
 # What comes back in $OUT (8 files at most): logs.tgz (every log and benchmark output),
-# the fine-tuned SNNs and their evaluations.
+# the fine-tuned SNNs and their evaluations, ckpt.tgz (the aNN jobs' checkpoints).
 # Timings on an H200 (2026-11-28): build 48 s, GPU tests 48 s, memcheck 24 s,
 # racecheck 90 s, synccheck ~15 s (three AMP fine-tunings ran beside them, 8-15 steps/s
 # each at batch 32), bench conv with SWEEP=1 39 s, snn 16 s (+20 s with TRITON_CONFIG),
@@ -41,7 +42,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spikingir-gpu}
 LOG=/tmp/spikingir-gpu-logs
-mkdir -p "$OUT" "$LOG"
+mkdir -p "$OUT" "$LOG" /tmp/spikingir-gpu-ckpt
 export PYTHONUNBUFFERED=1
 TRAIN_S=${TRAIN_S:-150}
 [ -f .gpu_data/COMMIT ] && export SPIKINGIR_COMMIT="$(cat .gpu_data/COMMIT)"
@@ -50,6 +51,7 @@ T0=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 finish() {
   tar -czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
+  ls /tmp/spikingir-gpu-ckpt/* >/dev/null 2>&1 && tar -czf "$OUT/ckpt.tgz" -C /tmp/spikingir-gpu-ckpt .
   echo "== total $(( $(date +%s) - T0 )) s"
 }
 trap finish EXIT
@@ -86,16 +88,17 @@ spikingir --version  # the extension (with CUDA kernels?) and the backends each 
 # resumed. A job aNN trains the DnCNN-S ANN of noise level NN from scratch instead
 # (`spikingir train-ann`, ANN_EPOCHS epochs of batch 128, default 15, in bf16 autocast;
 # ~26 s an epoch alone on an H100): $OUT/dncnn_sNN.pt and its .json, its checkpoint
-# $OUT/ann_sNN.ckpt (carry it back as .gpu_data/ckpt/aNN.ckpt to continue the same
-# schedule in a later call; --time-limit TRAIN_S stops it there).
+# ann_sNN.ckpt in $OUT/ckpt.tgz (carry it back as .gpu_data/ckpt/aNN.ckpt to continue the
+# same schedule in a later call; --time-limit TRAIN_S stops it there). ANN_WORKERS: its
+# DataLoader workers (default 6; three jobs at once share 16 cores).
 ann_job() {
   local sg=${1:1} ck=/tmp/ckpt-$1.ckpt
   [ -f ".gpu_data/ckpt/$1.ckpt" ] && [ ! -f "$ck" ] && cp ".gpu_data/ckpt/$1.ckpt" "$ck"
   python -m spikingir.cli train-ann --task denoise --sigma "$sg" --device cuda --amp \
-      --epochs "${ANN_EPOCHS:-15}" --workers 6 --seed "${SEED:-3}" --time-limit "$TRAIN_S" \
+      --epochs "${ANN_EPOCHS:-15}" --workers "${ANN_WORKERS:-6}" --seed "${SEED:-3}" --time-limit "$TRAIN_S" \
       --checkpoint "$ck" --resume --log-every 500 --no-progress --out "$OUT/dncnn_s$sg.pt"
   local rc=$?
-  cp "$ck" "$OUT/ann_s$sg.ckpt" 2>/dev/null
+  cp "$ck" "/tmp/spikingir-gpu-ckpt/ann_s$sg.ckpt" 2>/dev/null  # -> $OUT/ckpt.tgz (8 files come back at most)
   return $rc
 }
 train_job() {
@@ -144,7 +147,7 @@ if [ "${TESTS:-1}" != 0 ]; then
   tail -4 "$LOG/memcheck.log"
 
   step "compute-sanitizer racecheck + synccheck (CUDA spike_conv2d: shared memory, cp.async, barriers)"
-  for tool in racecheck synccheck; do
+  for tool in ${SANITIZERS-racecheck synccheck}; do
     timeout "${RACECHECK_S:-150}" compute-sanitizer --tool $tool --error-exitcode 9 \
       python -m pytest -q -x -m gpu tests/test_spike_conv.py -p no:cacheprovider \
       -k "cuda and (3-1-1-1.0 or 7-2-3-0.1 or bitwise or masks_input)" > "$LOG/$tool.log" 2>&1 || status=1

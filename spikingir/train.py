@@ -367,7 +367,9 @@ def fit(model: nn.Module, train_loader: Iterable, make_batch: Callable, val_fn: 
             resume later). ``time_limit``: stop after this many seconds.
 
     Returns a :class:`FitResult`; ``finished`` is False after ``stop_after`` /
-    ``time_limit``.
+    ``time_limit``. A non-finite loss raises ``FloatingPointError`` naming its step,
+    found within ``log_every`` (at most 50) steps; the model in memory may have taken
+    those steps, the checkpoint on disk predates them.
     """
     import torch.nn.functional as F
 
@@ -470,6 +472,26 @@ def fit(model: nn.Module, train_loader: Iterable, make_batch: Callable, val_fn: 
     bar = _Progress(total, step, progress, log_every, log, desc)
     last_val_step = history[-1]["step"] if history else -1
     last_loss, losses = float("nan"), []
+    # The losses stay on the device until the host needs them (a log line, a bar
+    # refresh, a validation, a checkpoint, a stop; at most `read_every` steps):
+    # reading one back waits for the GPU, and a wait every step (before the backward,
+    # as the finiteness check once did) leaves the card idle while the host queues
+    # the next kernels. A non-finite loss is still never written to a checkpoint.
+    pending: list[torch.Tensor] = []
+    read_every = (min(log_every, 10) if log_every else 10) if bar.bar is not None else 50
+
+    def read_losses():
+        nonlocal last_loss
+        if not pending:
+            return
+        vals = torch.stack(pending).float().cpu()
+        first = len(pending)
+        pending.clear()
+        bad = (~torch.isfinite(vals)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise FloatingPointError(f"fit: loss is {vals[i].item()} at step {step - first + i}")
+        last_loss = float(vals[-1])
     done_here, finished = 0, True
     try:
         while step < total:
@@ -492,8 +514,6 @@ def fit(model: nn.Module, train_loader: Iterable, make_batch: Callable, val_fn: 
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(amp)):
                     out = model(inp)
                 loss = loss_fn(out.float(), target.float())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"fit: loss is {loss.item()} at step {step}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if grad_clip is not None:
@@ -503,22 +523,27 @@ def fit(model: nn.Module, train_loader: Iterable, make_batch: Callable, val_fn: 
                 step_in_epoch += 1
                 done_here += 1
                 rng_after_step = get_rng_state()
-                last_loss = float(loss.detach())
-                if log_every and step % log_every == 0:
+                pending.append(loss.detach())
+                logged = bool(log_every) and step % log_every == 0
+                do_val = bool(val_every) and step % val_every == 0
+                do_save = step % ckpt_every == 0 or step >= total
+                stopped = step < total and (
+                    (stop_after is not None and done_here >= stop_after)
+                    or (time_limit is not None and time.perf_counter() - t_start >= time_limit))
+                if logged or do_val or do_save or stopped or step % read_every == 0:
+                    read_losses()  # raises FloatingPointError at the first non-finite loss
+                if logged:
                     losses.append((step, last_loss))
                 bar.update(step, epoch, last_loss, opt.param_groups[0]["lr"])
-                if val_every and step % val_every == 0:
+                if do_val:
                     validate()
                     last_val_step = step
-                if step % ckpt_every == 0 or step >= total:
+                if do_save:
                     save(step >= total)
-                if step >= total:
-                    break
-                if (stop_after is not None and done_here >= stop_after) or \
-                        (time_limit is not None and time.perf_counter() - t_start >= time_limit):
-                    stopped = True
+                if step >= total or stopped:
                     break
             else:  # a full pass over the loader
+                read_losses()
                 epoch += 1
                 step_in_epoch = 0
                 if not val_every and step < total:

@@ -138,6 +138,26 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path, one_thread):
     assert isinstance(ck["rng"]["torch"], torch.Tensor)
 
 
+@pytest.mark.parametrize("log_every", [0, 3, 50])
+def test_nonfinite_loss_raises_and_never_reaches_a_checkpoint(tmp_path, one_thread, log_every):
+    # fit reads the losses back in batches (no host wait per step); a NaN loss must
+    # still stop the run, name its step, and leave the last checkpoint finite.
+    calls = []
+
+    def loss_fn(out, target):
+        calls.append(1)
+        loss = nn.functional.mse_loss(out, target)
+        return loss * float("nan") if len(calls) == 13 else loss
+
+    ck = tmp_path / "nan.ckpt"
+    with pytest.raises(FloatingPointError, match="at step 12"):
+        train.fit(_tiny_model(), DataLoader(_Smooth(), batch_size=2), _make_batch, steps=40, loss_fn=loss_fn,
+                  checkpoint=ck, checkpoint_every=5, log_every=log_every, progress=False, log=lambda m: None)
+    saved = train.load_checkpoint(ck)
+    assert saved["step"] == 10
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
 def test_save_atomic_failure_keeps_old_file(tmp_path):
     path = tmp_path / "x.pt"
     train.save_atomic({"a": torch.ones(2)}, path)
