@@ -26,6 +26,8 @@
 //     fixed shared-memory tree): deterministic, no atomics.
 // Offsets are int64; launches go on the current stream.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -395,6 +397,14 @@ void spike_conv2d_fwd_masks_out_cuda(const at::Tensor& masks, int64_t channels,
   masks_conv(masks, channels, weight, bias, stride, padding, dense_rate, out);
 }
 
+// Bit-packed spikes [N, Cin, H, ceil(W / 8)] -> float32 0/1 [N, Cin, H, W]: spike x of a
+// row is bit x % 8 of byte x / 8 (the packing of the forward), by ATen ops on the GPU.
+at::Tensor unpack_bits(const at::Tensor& packed, int64_t width) {
+  const auto shifts = at::arange(8, packed.options());
+  return packed.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and(1)
+      .flatten(-2).narrow(-1, 0, width).to(at::kFloat).contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& weight,
     int64_t height, int64_t width, int64_t stride, int64_t padding, double dense_rate,
@@ -404,7 +414,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cuda(
               "spike_conv2d_bwd (cuda): grad_out must be contiguous float32 [N, Cout, Ho, Wo]");
   const int64_t Cin = weight.size(1);
   check_weight(weight, grad_out, Cin, stride, padding);
-  (void)dense_rate;
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const Geometry g = geometry(grad_out.size(0), Cin, height, width, weight, stride, padding);
   check_backward_inputs(grad_out, packed, g, need_weight);
@@ -412,12 +421,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cuda(
   at::Tensor gs = at::empty({0}, f32), gw = at::empty({0}, f32), gb = at::empty({0}, f32);
   if (need_s) gs = grad_spikes_dense(grad_out, weight, g);
   if (need_weight) {
-    gw = at::empty(weight.sizes(), f32);
-    if (gw.numel() > 0) {
-      grad_weight_kernel<<<static_cast<unsigned>(gw.numel()), kThreads, 0,
-                           c10::cuda::getCurrentCUDAStream()>>>(
-          grad_out.data_ptr<float>(), packed.data_ptr<uint8_t>(), gw.data_ptr<float>(), g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // The event loop below gives each weight element one block that walks every output
+    // pixel: no reuse of grad_out or the spikes, 40-47x slower than cuDNN's weight
+    // gradient at every firing rate on an H200 (benchmarks/RESULTS.md, twentieth
+    // session). So dense_rate < 0 (the default, spikingir/ops/spike_conv.py) takes
+    // cuDNN's weight gradient of the unpacked spikes, under torch's TF32 settings as
+    // grad_s; >= 1 the event loop; in between the firing rate decides (read back: a sync).
+    at::Tensor s;
+    bool dense = dense_rate < 0.0;
+    if (!dense && dense_rate < 1.0 && packed.numel() > 0) {
+      s = unpack_bits(packed, width);
+      dense = s.mean().item<double>() > dense_rate;
+    }
+    if (dense) {
+      gw = std::get<1>(at::convolution_backward(grad_out, s.defined() ? s : unpack_bits(packed, width),
+                                                weight, std::nullopt, {stride, stride},
+                                                {padding, padding}, {1, 1}, false, {0, 0}, 1,
+                                                {false, true, false}))
+               .contiguous();
+    } else {
+      gw = at::empty(weight.sizes(), f32);
+      if (gw.numel() > 0) {
+        grad_weight_kernel<<<static_cast<unsigned>(gw.numel()), kThreads, 0,
+                             c10::cuda::getCurrentCUDAStream()>>>(
+            grad_out.data_ptr<float>(), packed.data_ptr<uint8_t>(), gw.data_ptr<float>(), g);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
   }
   if (need_bias) gb = grad_out.sum({0, 2, 3});
