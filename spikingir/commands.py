@@ -458,7 +458,8 @@ def _cmd_finetune(args):
                            lr_neurons=args.lr_neurons, device=device, seed=args.seed,
                            checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
                            time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
-                           energy_weight=args.energy_weight, amp=args.amp, val_every=args.val_every,
+                           energy_weight=args.energy_weight, energy_target=args.energy_target,
+                           amp=args.amp, val_every=args.val_every,
                            warmup=args.warmup, timesteps=args.timesteps, ssim_weight=args.ssim_weight,
                            teacher=teacher, distill=args.distill, log_every=args.log_every,
                            progress=not args.no_progress)
@@ -472,6 +473,7 @@ def _cmd_finetune(args):
             "patch_size": args.patch_size or DEFAULT_PATCH[args.task],
             "timesteps": timesteps_record(args.timesteps), "device": args.device,
             "train_mapper": not args.freeze_mapper, "energy_weight": args.energy_weight,
+            "energy_target": args.energy_target,
             "ssim_weight": args.ssim_weight, "recycling": snn.recycling, "amp": args.amp,
             "distill": args.distill,
             "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
@@ -530,6 +532,9 @@ def _add_finetune(sub):
     p.add_argument("--energy-weight", type=_nonneg_float, default=0.0,
                    help="add this x the estimated SOP part of the SNN/ANN energy ratio to the MSE "
                         "loss: trades PSNR for fewer spikes (default 0: off)")
+    p.add_argument("--energy-target", type=_nonneg_float, default=0.0, metavar="RATIO",
+                   help="with --energy-weight: penalise only the energy ratio above RATIO (a "
+                        "budget, e.g. 0.45: an SNN under it trains on the MSE alone; default 0)")
     p.add_argument("--ssim-weight", type=_nonneg_float, default=0.0,
                    help="add this x (1 - SSIM) of the outputs to the MSE loss (default 0: off)")
     p.add_argument("--distill", type=_unit_float, default=0.0, metavar="W",

@@ -22,7 +22,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
                  checkpoint=None, resume=True, val_crop=64, val_every=None, log_every=10,
                  progress=True, time_limit=None, log=None, train_mapper=True,
                  energy_weight=0.0, amp=False, warmup=0, timesteps=None, ssim_weight=0.0,
-                 teacher=None, distill=0.0):
+                 teacher=None, distill=0.0, energy_target=0.0):
     """Fine-tunes ``snn`` (from :func:`spikingir.convert.to_snn`) in place.
 
     Denoising: DnCNN patches of ``data`` (default ``../shared/data/train400``),
@@ -35,7 +35,10 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     (default 160). ``energy_weight`` > 0 adds
     ``energy_weight x snn.energy_ratio`` (the differentiable SOP part of the
     SNN/ANN energy ratio, see :meth:`track_energy`) to the MSE: fewer spikes
-    for some PSNR. ``ssim_weight`` > 0 adds ``ssim_weight x (1 - SSIM)``
+    for some PSNR. ``energy_target`` > 0 makes that term a budget: only the part
+    of the ratio above the target is penalised (``energy_weight x max(0, ratio -
+    energy_target)``), so an SNN under budget trains on the MSE alone instead of
+    trading more PSNR for spikes it need not save. ``ssim_weight`` > 0 adds ``ssim_weight x (1 - SSIM)``
     (:func:`spikingir.metrics.ssim_tensor`, the evaluation's SSIM on unquantised
     values) of the batch's outputs: the MSE alone trades structure for PSNR, and
     an SNN's rate quantisation costs SSIM first (the AOD-Net SNN). ``amp``: bf16
@@ -90,7 +93,8 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
         val_fn = dehaze_validator(val_pairs, device=device)
     else:
         raise ValueError(f"task: expected 'denoise' or 'dehaze', got {task!r}")
-    for name, w in (("energy_weight", energy_weight), ("ssim_weight", ssim_weight)):
+    for name, w in (("energy_weight", energy_weight), ("ssim_weight", ssim_weight),
+                    ("energy_target", energy_target)):
         if not w >= 0:  # also rejects NaN
             raise ValueError(f"{name}: expected a number >= 0, got {w!r}")
     if not 0 <= distill <= 1:
@@ -110,7 +114,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
               "lr_weights": lr_weights, "lr_neurons": lr_neurons, "batch_size": batch_size,
               "train_mapper": train_mapper, "energy_weight": energy_weight, "amp": bool(amp),
               "warmup": int(warmup), "ssim_weight": ssim_weight, "recycling": snn.recycling,
-              "distill": distill}
+              "distill": distill, "energy_target": energy_target}
     loss_fn = None
     # Channels-last on the CPU (fit converts model and inputs): oneDNN runs these
     # small-patch convolutions ~2x faster that way, and the fused neurons take
@@ -125,7 +129,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
             if ssim_weight > 0:
                 loss = loss + ssim_weight * (1 - ssim_tensor(out, target))
             if energy_weight > 0:  # the energy term of the forward that produced `out`
-                loss = loss + energy_weight * snn.energy_ratio
+                loss = loss + energy_weight * (snn.energy_ratio - energy_target).clamp_min(0)
             return loss
     try:
         res = fit(snn, loader, make_batch, val_fn, steps=steps, loss_fn=loss_fn,

@@ -645,6 +645,31 @@ def test_finetune_validation_reports_the_energy_ratio(files):
     assert 0 < res.history[-1]["energy"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-6)
 
 
+def test_finetune_energy_target_penalises_only_the_excess(files):
+    """energy_target is a budget: with the ratio under it the energy term is 0 and
+    the run equals one without the term, bit for bit; with target 0 the same
+    weight changes the weights; a negative target is refused."""
+    from spikingir.convert import to_snn
+    from spikingir.finetune import finetune_snn
+    data = files / "gray48"
+    ann = DnCNN(depth=4, channels=8, batchnorm=False)
+    ann.load_state_dict(torch.load(files / "dncnn.pt", weights_only=True))
+
+    def run(**kw):
+        snn = to_snn(ann.eval(), [torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))], 2,
+                     backend="cpp")
+        finetune_snn(snn, "denoise", sigma=25, data=data, val_data=data, steps=3, batch_size=2, val_crop=32,
+                     progress=False, log=lambda _: None, seed=4, **kw)
+        return snn.state_dict()
+
+    plain, budget = run(), run(energy_weight=1.0, energy_target=100.0)
+    penalised = run(energy_weight=1.0)
+    assert all(torch.equal(plain[k], budget[k]) for k in plain)
+    assert not all(torch.equal(plain[k], penalised[k]) for k in plain)
+    with pytest.raises(ValueError, match="energy_target"):
+        run(energy_weight=1.0, energy_target=-0.5)
+
+
 def test_finetune_distills_towards_the_ann(files, tmp_path, capsys):
     """--distill W: the targets are W x ANN(input) + (1 - W) x clean (the batch
     maker's targets, checked exactly); recorded in the file; W outside [0, 1]
