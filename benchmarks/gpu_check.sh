@@ -29,7 +29,7 @@
 # them); NCU=1 (Nsight Compute on the CUDA and
 # Triton spike_conv2d kernels from masks); BUILD=0 (a warm machine that built already).
 # What comes back in $OUT (8 files at most): logs.tgz (every log and benchmark output),
-# the fine-tuned SNNs and their evaluations, ckpt.tgz (the aNN jobs' checkpoints).
+# the fine-tuned SNNs and their evaluations, the aNN jobs' weights (and checkpoints).
 # Timings on an H200 (2026-11-28): build 48 s, GPU tests 48 s, memcheck 24 s,
 # racecheck 90 s, synccheck ~15 s (three AMP fine-tunings ran beside them, 8-15 steps/s
 # each at batch 32), bench conv with SWEEP=1 39 s, snn 16 s (+20 s with TRITON_CONFIG),
@@ -42,7 +42,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spikingir-gpu}
 LOG=/tmp/spikingir-gpu-logs
-mkdir -p "$OUT" "$LOG" /tmp/spikingir-gpu-ckpt
+mkdir -p "$OUT" "$LOG"
 export PYTHONUNBUFFERED=1
 TRAIN_S=${TRAIN_S:-150}
 [ -f .gpu_data/COMMIT ] && export SPIKINGIR_COMMIT="$(cat .gpu_data/COMMIT)"
@@ -51,7 +51,6 @@ T0=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 finish() {
   tar -czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
-  ls /tmp/spikingir-gpu-ckpt/* >/dev/null 2>&1 && tar -czf "$OUT/ckpt.tgz" -C /tmp/spikingir-gpu-ckpt .
   echo "== total $(( $(date +%s) - T0 )) s"
 }
 trap finish EXIT
@@ -88,8 +87,8 @@ spikingir --version  # the extension (with CUDA kernels?) and the backends each 
 # resumed. A job aNN trains the DnCNN-S ANN of noise level NN from scratch instead
 # (`spikingir train-ann`, ANN_EPOCHS epochs of batch 128, default 15, in bf16 autocast;
 # ~26 s an epoch alone on an H100; three at once on an H200: 34 s an epoch each, 11 epochs
-# in 368 s): $OUT/dncnn_sNN.pt and its .json, its checkpoint
-# ann_sNN.ckpt in $OUT/ckpt.tgz if it did not finish (carry it back as .gpu_data/ckpt/aNN.ckpt to continue the
+# in 368 s): $OUT/dncnn_sNN.pt (its .json in logs.tgz), and if it did not finish its
+# checkpoint $OUT/ann_sNN.ckpt (carry it back as .gpu_data/ckpt/aNN.ckpt to continue the
 # same schedule in a later call; --time-limit TRAIN_S stops it there). ANN_WORKERS: its
 # DataLoader workers (default 6; three jobs at once share 16 cores).
 ann_job() {
@@ -99,10 +98,11 @@ ann_job() {
       --epochs "${ANN_EPOCHS:-15}" --workers "${ANN_WORKERS:-6}" --seed "${SEED:-3}" --time-limit "$TRAIN_S" \
       --checkpoint "$ck" --resume --log-every 500 --no-progress --out "$OUT/dncnn_s$sg.pt"
   local rc=$?
-  # an unfinished run's checkpoint -> $OUT/ckpt.tgz (8 files of <= 16 MiB come back: three
-  # checkpoints with their Adam moments did not fit in one; a finished one is not needed)
+  # At most 8 files of <= 16 MiB come back: the JSON goes into logs.tgz, and only an
+  # unfinished run's checkpoint (~7 MiB with its Adam moments) comes back, as a file.
+  mv "$OUT/dncnn_s$sg.json" "$LOG/" 2>/dev/null
   python -c "import sys, torch; sys.exit(torch.load('$ck', weights_only=True)['finished'])" 2>/dev/null \
-    && cp "$ck" "/tmp/spikingir-gpu-ckpt/ann_s$sg.ckpt"
+    && cp "$ck" "$OUT/ann_s$sg.ckpt"
   return $rc
 }
 train_job() {
