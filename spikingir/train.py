@@ -559,6 +559,7 @@ def fit(model: nn.Module, train_loader: Iterable, make_batch: Callable, val_fn: 
             validate()
             save(True)
     except KeyboardInterrupt:
+        read_losses()  # a diverged run is reported as such, and not checkpointed
         save(False)
         bar.write(f"[{desc}] interrupted at step {step}; checkpoint {ckpt_path}")
         raise
