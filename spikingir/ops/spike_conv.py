@@ -34,8 +34,9 @@ STRIDES = (1, 2)
 #: convolution): triton's GEMM kernel over the bit-packed spikes, which skips
 #: spike-free pixel blocks inside the kernel (no count, no sync), never the dense
 #: path (-1 there: cuDNN's weight gradient of the unpacked spikes). cuda: always
-#: the dense path (cuDNN on the unpacked spikes): its event loop measured 40-47x
-#: slower than cuDNN fp32 at every rate on an H200 (RESULTS.md, twentieth session).
+#: the dense path (cuDNN on the unpacked spikes, under torch's cuDNN TF32 switch as
+#: F.conv2d's backward): its event loop measured 40-47x slower than cuDNN fp32 at
+#: every rate on an H200 (RESULTS.md, twentieth session).
 #: cpp: see :func:`dense_rates`.
 DENSE_RATE = {"triton": (-1.0, 2.0), "cuda": (2.0, -1.0)}
 
