@@ -77,7 +77,8 @@ spikingir --version  # the extension (with CUDA kernels?) and the backends each 
 # Fine-tunings in the background, beside the tests: one process per job of JOBS.
 # A job is sNN (continue the shipped DnCNN SNN of noise level NN) or oNN (convert the
 # official DnCNN-S weights of NN, ../shared/weights/dncnn_sNN_official.pt, with the
-# default calibration, fine-tune that and evaluate it against them); ":W" after it sets
+# default calibration, fine-tune that and evaluate it against them) or nNN (the same from
+# the shipped ANN spikingir/weights/dncnn_sNN.pt); ":W" after it sets
 # its --energy-weight (default ENERGY_W). An SNN carried as .gpu_data/snn_dncnn_<job>.pt
 # (what an earlier call returned) is continued instead of the shipped one / the
 # conversion. Continuations run at half the default learning rates with a warm-up,
@@ -115,7 +116,9 @@ train_job() {
     s*) init=(--snn-weights "spikingir/weights/snn_dncnn_s$sg.pt") ;;
     o*) ann=(--ann-weights "../shared/weights/dncnn_s${sg}_official.pt"); init=("${ann[@]}")
         [ -f "$prev" ] || lr=() ;;  # from the conversion: the default learning rates
-    *) echo "unknown job $1 (expected sNN, oNN or aNN)"; return 2 ;;
+    n*) ann=(--ann-weights "spikingir/weights/dncnn_s$sg.pt"); init=("${ann[@]}")
+        [ -f "$prev" ] || lr=() ;;  # the shipped ANN converted, as oNN
+    *) echo "unknown job $1 (expected sNN, oNN, nNN or aNN)"; return 2 ;;
   esac
   [ -f "$prev" ] && init=(--snn-weights "$prev" "${ann[@]}")
   local ck=/tmp/ckpt-$job.ckpt
