@@ -472,13 +472,14 @@ def fit(model: nn.Module, train_loader: Iterable, make_batch: Callable, val_fn: 
     bar = _Progress(total, step, progress, log_every, log, desc)
     last_val_step = history[-1]["step"] if history else -1
     last_loss, losses = float("nan"), []
-    # The losses stay on the device until the host needs them (a log line, a bar
-    # refresh, a validation, a checkpoint, a stop; at most `read_every` steps):
-    # reading one back waits for the GPU, and a wait every step (before the backward,
-    # as the finiteness check once did) leaves the card idle while the host queues
-    # the next kernels. A non-finite loss is still never written to a checkpoint.
+    # The losses stay on the device until the host needs them (a log line, a
+    # validation, a checkpoint, a stop, and every `read_every` steps: the bar's
+    # refresh, at most every 10): reading one back waits for the GPU, and a wait
+    # every step (before the backward, as the finiteness check once did) leaves the
+    # card idle while the host queues the next kernels. A non-finite loss is still
+    # never written to a checkpoint.
     pending: list[torch.Tensor] = []
-    read_every = (min(log_every, 10) if log_every else 10) if bar.bar is not None else 50
+    read_every = 10 if bar.bar is not None else 50
 
     def read_losses():
         nonlocal last_loss

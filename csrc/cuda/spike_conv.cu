@@ -398,7 +398,8 @@ void spike_conv2d_fwd_masks_out_cuda(const at::Tensor& masks, int64_t channels,
 }
 
 // Bit-packed spikes [N, Cin, H, ceil(W / 8)] -> float32 0/1 [N, Cin, H, W]: spike x of a
-// row is bit x % 8 of byte x / 8 (the packing of the forward), by ATen ops on the GPU.
+// row is bit x % 8 of byte x / 8 (the packing of the forward), by ATen ops on the GPU
+// (kernels/spike_conv.py's unpack_bits is the same for the triton backend, in Python).
 at::Tensor unpack_bits(const at::Tensor& packed, int64_t width) {
   const auto shifts = at::arange(8, packed.options());
   return packed.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and(1)
