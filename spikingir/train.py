@@ -259,20 +259,37 @@ def _default_log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def amp_hint(device, amp):
-    """A one-line note for a CPU training run without ``amp`` on a CPU with bf16
-    matrix units (AMX or AVX512-BF16), where bf16 autocast is several times faster
-    (an SNN fine-tuning step on an Intel Xeon with AMX: 4.35 s fp32, 1.10 s bf16;
-    benchmarks/RESULTS.md), else None."""
-    if amp or torch.device(device).type != "cpu":
-        return None
+def cpu_bf16_units():
+    """The bf16 matrix units of this CPU that torch's kernels use (``"AMX"`` or
+    ``"AVX512-BF16"``), or None when it has neither (bf16 is then emulated)."""
     for probe, name in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
         try:
             if getattr(torch.cpu, probe)():
-                return (f"hint: this CPU has {name}: bf16 autocast (--amp) trains several times "
-                        "faster here")
+                return name
         except (AttributeError, RuntimeError):  # a torch without the probe
             pass
+    return None
+
+
+def amp_hint(device, amp, training=True):
+    """A one-line note on bf16 autocast for a run on the CPU, else None.
+
+    - ``amp`` off on a CPU with bf16 matrix units (AMX or AVX512-BF16), training:
+      bf16 is several times faster there (an SNN fine-tuning step on an Intel Xeon
+      with AMX: 4.35 s fp32, 1.10 s bf16).
+    - ``amp`` on, on a CPU without them: bf16 is emulated and much slower (the
+      same step on an AVX2-only AMD EPYC: 61.7 s bf16 against 6.8 s fp32; for
+      inference it is slower even with AVX512-BF16). benchmarks/RESULTS.md.
+    """
+    if torch.device(device).type != "cpu":
+        return None
+    units = cpu_bf16_units()
+    if amp and units is None:
+        return ("warning: this CPU has neither AMX nor AVX512-BF16, so bf16 autocast (--amp) is "
+                "emulated: an SNN fine-tuning step measured 9x slower than float32 on such a CPU; "
+                "drop --amp")
+    if training and not amp and units is not None:
+        return f"hint: this CPU has {units}: bf16 autocast (--amp) trains several times faster here"
     return None
 
 

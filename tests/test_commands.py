@@ -99,6 +99,7 @@ def test_restore_in_tiles_is_the_whole_image(files, tmp_path, capsys, task, imag
 def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weights):
     """--amp (bf16 autocast, channels-last, the SNN's convs on F.conv2d): an image
     close to the exact one, and evaluate's figures close to the exact ones."""
+    from spikingir.train import cpu_bf16_units
     extra = ["--ann-weights", str(files / weights), "--timesteps", "3"] + \
         (["--sigma", "25"] if task == "denoise" else [])
     data = files / ("gray" if task == "denoise" else "haze2")
@@ -113,11 +114,14 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
         code, _, err = run(["restore", str(files / image), "-o", str(out), "--task", task]
                            + extra + amp, capsys)
         assert code == 0, err
+        # the emulated-bf16 warning exactly where this CPU lacks bf16 units
+        assert ("drop --amp" in err) == (bool(amp) and cpu_bf16_units() is None)
         outs.append(np.asarray(Image.open(out)).astype(float))
         js = tmp_path / f"r{len(amp)}.json"
         code, _, err = run(["evaluate", "--task", task, "--data", str(data), "--json", str(js)]
                            + extra + amp, capsys)
         assert code == 0, err
+        assert ("drop --amp" in err) == (bool(amp) and cpu_bf16_units() is None)
         reports.append(json.loads(js.read_text()))
     assert outs[0].shape == outs[1].shape
     # a random 4-layer SNN at T=3 on noise: bf16 currents flip some spikes (measured:

@@ -407,8 +407,22 @@ def test_amp_hint_only_for_cpu_fp32_runs_on_bf16_hardware(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert "AVX512-BF16" in train.amp_hint("cpu", False) and "--amp" in train.amp_hint("cpu", False)
     assert train.amp_hint("cpu", True) is None and train.amp_hint("cuda", False) is None
+    assert train.amp_hint("cpu", False, training=False) is None  # inference: no bf16 advice
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert "AMX" in train.amp_hint(torch.device("cpu"), False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert train.amp_hint("cpu", False) is None
+
+
+def test_amp_warning_on_a_cpu_without_bf16_units(monkeypatch):
+    """--amp where bf16 is emulated (an AVX2-only CPU: 9x slower measured) warns,
+    for training and inference alike; never on a GPU."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    for training in (True, False):
+        msg = train.amp_hint("cpu", True, training=training)
+        assert msg.startswith("warning:") and "drop --amp" in msg
+    assert train.amp_hint("cuda", True) is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert train.cpu_bf16_units() == "AVX512-BF16" and train.amp_hint("cpu", True) is None
