@@ -14,6 +14,10 @@ cpp/cuda/...   every fused backend in ``available_backends(device)``
                masks (1 bit per spike instead of a float32 y)
 spikingjelly   SpikingJelly's multistep ``IFNode`` (cupy backend on CUDA when
                available, else torch), only when spikingjelly is importable
+               (not a dependency: SpikingJelly 2.0 requires torchvision and
+               torchaudio, which pip would resolve against your torch;
+               ``pip install --no-deps spikingjelly "loguru>=0.7,<1"`` is
+               what its neuron needs)
 =============  ===============================================================
 
 Modes: ``fwd`` (inference forward, x needs no grad) and ``fwdbwd`` (forward,
