@@ -320,6 +320,30 @@ def test_spike_conv_inference_hands_over_masks(neuron):
     assert snn.hidden[0].module.weight.grad is not None
 
 
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_masks_inference_reuses_one_conv_buffer(neuron, monkeypatch):
+    """With masks, every hidden spike_conv2d of a DnCNN SNN writes into one
+    buffer (a fresh [steps, B, C, H, W] tensor per layer costs page faults on
+    the CPU), and the output is still that of the dense float-spike path."""
+    snn, x = dyadic_snn(neuron, 4, seed=5)
+    with torch.no_grad():
+        ref = snn(x)
+    snn.use_spike_conv(True, backend="cpp", masks=True)
+    storages, real = [], ops.spike_conv2d
+
+    def spy(*args, out=None, **kw):
+        storages.append(None if out is None else out.untyped_storage().data_ptr())
+        return real(*args, out=out, **kw)
+
+    monkeypatch.setattr(ops, "spike_conv2d", spy)
+    with torch.no_grad():
+        out = snn(x)
+    assert torch.equal(out, ref)
+    per_layer = 2 if neuron == "mprn" else 1  # MPRN: IF steps and the reuse step
+    assert len(storages) == per_layer * len(snn.hidden) and None not in storages
+    assert len(set(storages)) == 1
+
+
 @pytest.mark.parametrize("arch", ["dncnn", "aodnet"])
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_energy_ratio_estimate_matches_counted_sops(arch, neuron):

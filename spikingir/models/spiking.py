@@ -262,10 +262,11 @@ class SpikingChain(_SpikingNet):
         """Whether ``conv`` (a hidden one) runs on spike_conv2d."""
         return self.spike_conv and spike_conv_supports(conv)
 
-    def _conv_spikes(self, conv, s, neuron):
+    def _conv_spikes(self, conv, s, neuron, buf=None):
         """``conv`` of the binary spikes ``s`` [steps, B, C, H, W] (a tensor or
         SpikeMasks) of ``neuron``: IF steps carry ``theta`` per spike, the MPRN
-        reuse step ``beta``."""
+        reuse step ``beta``. SpikeMasks input (inference) writes into ``buf``
+        when it is a float32 tensor of the output's shape (see ``forward``)."""
         def folded(size):  # w[:, c] * size[c]
             return conv.weight * _per_channel(size)
 
@@ -275,19 +276,24 @@ class SpikingChain(_SpikingNet):
                                     backend=self.spike_conv_backend).unflatten(0, spikes.shape[:2])
 
         theta = neuron.effective_theta()
-        if self.neuron_kind == "mprn" and isinstance(s, ops.SpikeMasks):
-            # two weight sets written into one output: the IF steps (theta) and
-            # the reuse step (beta); no correction pass, no concatenation
-            T, B = self.timesteps, s.shape[1]
+        if isinstance(s, ops.SpikeMasks):
+            steps, B = s.shape[:2]
             st, pad = conv.stride[0], conv.padding[0]
-            y = torch.empty(s.shape[0] * B, conv.out_channels,
-                            *conv_out_hw(*s.shape[3:], *conv.kernel_size, st, pad),
-                            device=conv.weight.device)
-            for spikes, size, out in ((s[:T], theta, y[:T * B]),
-                                      (s[T:], neuron.beta, y[T * B:])):
+            shape = (steps * B, conv.out_channels,
+                     *conv_out_hw(*s.shape[3:], *conv.kernel_size, st, pad))
+            fits = buf is not None and buf.shape == (steps, B, *shape[1:]) and \
+                buf.dtype == torch.float32 and buf.is_contiguous() and \
+                buf.device == conv.weight.device
+            y = buf.view(shape) if fits else torch.empty(shape, device=conv.weight.device)
+            # MPRN: two weight sets written into one output, the IF steps (theta)
+            # and the reuse step (beta); no correction pass, no concatenation
+            T = self.timesteps if self.neuron_kind == "mprn" else steps
+            parts = ((s[:T], theta, y[:T * B]),) + \
+                (((s[T:], neuron.beta, y[T * B:]),) if steps > T else ())
+            for spikes, size, out in parts:
                 ops.spike_conv2d(spikes.flatten(0, 1), folded(size), conv.bias, st, pad,
                                  validate=False, backend=self.spike_conv_backend, out=out)
-            return y.unflatten(0, (s.shape[0], B))
+            return y.unflatten(0, (steps, B))
         y = run(s, theta, conv.bias)  # every step as if its spikes had size theta
         if self.neuron_kind == "mprn":
             # reuse step: spikes of size beta = theta + (beta - theta); adding the
@@ -312,6 +318,11 @@ class SpikingChain(_SpikingNet):
                  and not self._track_energy
                  and ops.backends.choose("spike_conv2d_masks", x.device, torch.float32,
                                          self.spike_conv_backend) != "torch")
+        # With masks, a hidden conv's output is read only by the next neurons,
+        # which are done with it before the conv after them writes: one buffer
+        # serves every layer of its shape. A fresh [steps, B, C, H, W] tensor
+        # per layer is paid again in page faults on the CPU, where glibc maps
+        # tensors this large anew each time (measured: benchmarks/RESULTS.md).
         y = None
         for i, neuron in enumerate(self.neurons_):
             nxt = self.hidden[i].module if i < len(self.hidden) else self.mapper.conv
@@ -319,7 +330,8 @@ class SpikingChain(_SpikingNet):
             y = neuron(cur, emit="masks" if masks and on_spikes else "values")
             self._count(f"neuron{i + 1}", neuron, y, [(nxt, slice(None))])
             if i < len(self.hidden):
-                cur = self._conv_spikes(nxt, y, neuron) if on_spikes else self.hidden[i](y)
+                buf = cur if masks and cur.stride(0) != 0 else None  # never conv1's expanded view
+                cur = self._conv_spikes(nxt, y, neuron, buf) if on_spikes else self.hidden[i](y)
         rate = self._rate(self.neurons_[-1], y)
         self._finish_stats(self.mapper.conv, tuple(rate.shape))
         out = self.mapper(rate)
