@@ -127,6 +127,14 @@ class _SpikingNet(nn.Module):
         return (_per_channel(neuron.effective_theta()) / 2).expand(like.shape)
 
     def _rate(self, neuron, y):
+        if isinstance(y, ops.SpikeMasks):
+            # the values the neuron would have emitted, summed over the steps:
+            # theta per IF-step spike, beta per reuse-step spike
+            T = self.timesteps
+            total = y[:T].counts(0) * _per_channel(neuron.effective_theta())
+            if y.shape[0] > T:
+                total = total + y[T:].counts(0) * _per_channel(neuron.beta)
+            y = total.unsqueeze(0)  # one "step" holding the sum
         return spike_rate(y, neuron.v_final, self._v0(neuron, neuron.v_final), self.timesteps,
                           self.recycling)
 
@@ -323,13 +331,16 @@ class SpikingChain(_SpikingNet):
         # serves every layer of its shape. A fresh [steps, B, C, H, W] tensor
         # per layer is paid again in page faults on the CPU, where glibc maps
         # tensors this large anew each time (measured: benchmarks/RESULTS.md).
+        # The last neurons emit masks too: the read-out needs only their spike
+        # counts, not a float [steps, B, C, H, W] of spikes beside that buffer.
         y = None
         for i, neuron in enumerate(self.neurons_):
-            nxt = self.hidden[i].module if i < len(self.hidden) else self.mapper.conv
-            on_spikes = i < len(self.hidden) and self._on_spike_conv(nxt)
-            y = neuron(cur, emit="masks" if masks and on_spikes else "values")
+            last = i == len(self.hidden)
+            nxt = self.mapper.conv if last else self.hidden[i].module
+            on_spikes = not last and self._on_spike_conv(nxt)
+            y = neuron(cur, emit="masks" if masks and (on_spikes or last) else "values")
             self._count(f"neuron{i + 1}", neuron, y, [(nxt, slice(None))])
-            if i < len(self.hidden):
+            if not last:
                 buf = cur if masks and cur.stride(0) != 0 else None  # never conv1's expanded view
                 cur = self._conv_spikes(nxt, y, neuron, buf) if on_spikes else self.hidden[i](y)
         rate = self._rate(self.neurons_[-1], y)
