@@ -363,9 +363,13 @@ def _calibrate_chain(snn, ann_convs, images, method, bias_iters, ridge, target_f
             currents = [snn.hidden[i - 1](y) for y in spikes]
 
         def layer_outputs(currents, neuron=neuron, readout=i == last):
-            """(y, rate) per image; the last layer's rate recycles its residual."""
-            ys = [neuron(cur) for cur in currents]
-            return [(y, snn._rate(neuron, y) if readout else y.sum(0) / T) for y in ys]
+            """(y, rate) per image; the last layer's rate recycles its residual,
+            read from the neuron's state right after that image's run."""
+            out = []
+            for cur in currents:
+                y = neuron(cur)
+                out.append((y, snn._rate(neuron, y) if readout else y.sum(0) / T))
+            return out
 
         spikes, rates = map(list, zip(*_correct_bias(convs[i], currents, layer_outputs, z,
                                                      bias_iters)))

@@ -683,6 +683,23 @@ def test_layer_calibration_equals_calibrating_after_conversion(neuron):
         assert ka == kb and torch.allclose(va, vb, rtol=1e-5, atol=1e-6), ka
 
 
+@pytest.mark.parametrize("method", ["bias", "weights"])
+def test_layer_calibration_reads_each_images_own_residual(method):
+    """The read-out's recycled residual is each image's own: calibrating on a
+    list of images equals calibrating on them as one batch (it once read the
+    last image's residual for every image: a crash on images of different
+    sizes, a silently different fit otherwise), and mixed sizes work."""
+    ann, calib = tiny_dncnn(), images(1, n=3, size=16)
+    listed = to_snn(ann, calib, 3, layer_calibration=method)
+    batched = to_snn(ann, torch.cat(calib), 3, layer_calibration=method)
+    for (ka, va), (kb, vb) in zip(listed.state_dict().items(), batched.state_dict().items()):
+        assert ka == kb and torch.allclose(va, vb, rtol=1e-5, atol=1e-6), ka
+    mixed = [calib[0], torch.rand(1, 1, 20, 12, generator=torch.Generator().manual_seed(4))]
+    snn = to_snn(ann, mixed, 3, layer_calibration=method)
+    with torch.no_grad():
+        assert snn(mixed[1]).shape == mixed[1].shape
+
+
 def test_layer_calibration_keeps_spike_conv_mode():
     ann, calib = tiny_dncnn(), images(1, n=2, size=16)
     snn = to_snn(ann, calib, 3).use_spike_conv(True, backend="torch", masks=False)
