@@ -15,6 +15,7 @@ benchmarks/RESULTS.md). Memory use is unchanged apart from 2 MB alignment.
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -28,7 +29,9 @@ def _number_in(text, kind, minimum, what, maximum=None, *, open_minimum=False, o
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    ok = (value > minimum if open_minimum else value >= minimum)  # a NaN fails every comparison
+    # a NaN fails every comparison; inf would pass one (a loss or learning rate of inf
+    # only fails after the run has started)
+    ok = (value > minimum if open_minimum else value >= minimum) and math.isfinite(value)
     if maximum is not None:
         ok = ok and (value < maximum if open_maximum else value <= maximum)
     if not ok:
@@ -45,7 +48,11 @@ def _nonneg_int(text):
 
 
 def _nonneg_float(text):
-    return _number_in(text, float, 0.0, "a number >= 0")
+    return _number_in(text, float, 0.0, "a finite number >= 0")
+
+
+def _positive_float(text):
+    return _number_in(text, float, 0.0, "a finite number > 0", open_minimum=True)
 
 
 def _unit_float(text):
@@ -140,7 +147,7 @@ def _add_train_ann(sub):
     p.add_argument("--batch-size", type=_positive_int,
                    help="default: denoise 128 patches of 40x40; dehaze 16 crops")
     p.add_argument("--crop", type=_positive_int, default=128, help="dehaze: training crop size (default 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, decayed along a cosine "
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate, decayed along a cosine "
                    "to 1%% (default 1e-3)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -355,8 +362,16 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit 2), as every other bad input:
+    argparse's default prints the whole usage block first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spikingir",
         description="SpikingIR: spiking neural networks for image restoration, fused neuron kernels.")
     parser.add_argument("--version", action=_VersionAction,

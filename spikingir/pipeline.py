@@ -5,6 +5,8 @@ Built-in data (no download): scikit-image's bundled photos. Denoising uses
 grayscale crops with noise by the DnCNN protocol; dehazing uses the motorcycle
 stereo scene hazed through its real disparity-derived depth.
 """
+import os
+
 import numpy as np
 import torch
 from torch import nn
@@ -140,20 +142,46 @@ def load_ann(task, sigma=None, path=None, module=None):
     if task == "denoise":
         try:
             return load_dncnn(sd).eval()
-        except (ValueError, KeyError, RuntimeError) as err:
-            raise ValueError(f"{path}: not a DnCNN checkpoint ({err})") from None
+        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}: not a DnCNN checkpoint ({_first_line(err)})") from None
     model = AODNet()
     try:
         model.load_state_dict(sd)
-    except (RuntimeError, KeyError) as err:
-        raise ValueError(f"{path}: not an AOD-Net checkpoint ({str(err).splitlines()[0]})") from None
+    except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: not an AOD-Net checkpoint ({_first_line(err)})") from None
     return model.eval()
+
+
+def _first_line(err):
+    """An exception's message in one line, with its detail: load_state_dict's
+    first line is only a header, so the first line that says more is kept."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    if len(lines) > 1 and lines[0].rstrip().endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
+
+
+def read_weights(path):
+    """``torch.load(path, weights_only=True)`` on the CPU; a file that is missing,
+    unreadable, truncated or not PyTorch weights (or holds pickled code) raises a
+    FileNotFoundError or ValueError naming ``path``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds here: pickle, zip, OS, type errors
+        detail = _first_line(err)
+        detail = detail if len(detail) <= 120 else detail[:117] + "..."
+        raise ValueError(f"{path}: cannot read as PyTorch weights ({type(err).__name__}: "
+                         f"{detail})") from None
 
 
 def _read_state_dict(path):
     """The state dict in ``path``: a plain one, or a checkpoint's ``"state_dict"``
     entry (no pickled code: weights_only)."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = read_weights(path)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     return sd
@@ -321,9 +349,19 @@ def load_snn(path, backend="auto", task=None):
     """Rebuilds a converted SNN saved by :func:`save_snn`. With ``task``
     (``"denoise"`` or ``"dehaze"``), a file holding the other task's network
     raises a ValueError."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or "config" not in obj or "state_dict" not in obj:
+    obj = read_weights(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict) or \
+            not isinstance(obj.get("state_dict"), dict):
         raise ValueError(f"{path}: not a SpikingIR SNN checkpoint (expected config + state_dict)")
+    try:
+        return _build_snn(path, obj, backend, task)
+    except (KeyError, TypeError, AttributeError, IndexError) as err:
+        raise ValueError(f"{path}: not a complete SpikingIR SNN checkpoint ({type(err).__name__}: "
+                         f"{_first_line(err)})") from None
+
+
+def _build_snn(path, obj, backend, task):
+    """load_snn's network from a checkpoint dict that has a config and a state."""
     cfg, sd = obj["config"], obj["state_dict"]
     extra = {}
     if task is not None and SNN_TASKS.get(cfg.get("arch")) not in (None, task):
@@ -361,6 +399,6 @@ def load_snn(path, backend="auto", task=None):
     try:
         snn.load_state_dict(sd)
     except RuntimeError as err:
-        raise ValueError(f"{path}: SNN state does not fit its config ({str(err).splitlines()[0]})") from None
+        raise ValueError(f"{path}: SNN state does not fit its config ({_first_line(err)})") from None
     snn.meta = dict(obj.get("meta") or {})  # what the fine-tuning run recorded (task, sigma, ...)
     return snn.eval()
