@@ -257,8 +257,9 @@ def _restore_jobs(inputs, output):
     """(input, output, PIL format) triples: one file to the file ``output``, or several files
     and/or folders (their images) into the folder ``output`` under their own
     names. Checked before any work: inputs exist, output names are distinct and
-    writable image types. Each output is written whole (atomically) once its image
-    is done; an error in a later image leaves the earlier ones written."""
+    writable image types (and, in ``_cmd_restore``, that every input reads as an
+    image the task takes). Each output is written whole (atomically) once its image
+    is done."""
     from pathlib import Path
 
     from spikingir.data import list_images
@@ -300,13 +301,21 @@ def _cmd_restore(args):
     blind = args.task == "denoise" and args.sigma is None
     sigma = None if blind else _sigma_of(args)
     jobs, to_folder = _restore_jobs(args.images, args.output)  # before any work
+
+    def read(src):
+        img = load_image(src)
+        if args.task == "denoise" and img.ndim == 3:
+            raise UserError(f"{src}: an RGB image for the grayscale denoising model")
+        return img
+
+    if len(jobs) > 1:  # a bad file anywhere in the list stops the run before any output
+        for src, _, _ in jobs:
+            read(src)
     if to_folder:
         os.makedirs(args.output, exist_ok=True)
     nets = {}  # one network per noise level
     for src, dst, fmt in jobs:
-        img = load_image(src)
-        if args.task == "denoise" and img.ndim == 3:
-            raise UserError(f"{src}: an RGB image for the grayscale denoising model")
+        img = read(src)
         level = sigma
         if blind:  # no --sigma: the shipped model nearest to the image's estimated noise
             estimate = estimate_noise_sigma(img)

@@ -260,6 +260,17 @@ def test_restore_several_images_into_a_folder(files, tmp_path, capsys):
     code, _, err = run(["restore", str(files / "gray"), str(files / "gray" / "im0.png"), "-o",
                         str(tmp_path / "dup")] + common, capsys)
     assert code == 2 and "same file name" in err and not (tmp_path / "dup").exists()
+    # a bad file after good ones (garbage, an RGB image for the gray model): one line,
+    # exit 2, and none of the outputs (every input is read before the first is written)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("a.png", "b.png"):
+        (mixed / name).write_bytes((files / "gray" / "im0.png").read_bytes())
+    for bad, content in (("c.png", b"not an image"), ("c.png", (files / "rgb" / "c.png").read_bytes())):
+        (mixed / bad).write_bytes(content)
+        code, _, err = run(["restore", str(mixed), "-o", str(tmp_path / "mixed_out")] + common, capsys)
+        assert code == 2 and "c.png" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "mixed_out").exists()
 
 
 def test_restore_keeps_16_bits(files, tmp_path, capsys):
