@@ -227,8 +227,19 @@ def _load_ann_module(spec, path):
         model.load_state_dict(_read_state_dict(path))
     except (RuntimeError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: does not fit the network of {spec} "
-                         f"({str(err).splitlines()[0]})") from None
-    return model.eval()
+                         f"({_first_line(err)})") from None
+    model.eval()
+    # One small forward before any work: a network that cannot take an image (a
+    # residual whose body changes the size, channels that do not chain) fails here
+    # in one line instead of deep inside the conversion.
+    probe = torch.zeros(1, conv_chain(model).convs()[0].in_channels, 48, 48)
+    try:
+        with torch.no_grad():
+            model(probe)
+    except Exception as err:  # noqa: BLE001 - the user's network
+        raise ValueError(f"{spec}: the network fails on a {tuple(probe.shape)} image "
+                         f"({type(err).__name__}: {_first_line(err)})") from None
+    return model
 
 
 def ann_fingerprint(ann) -> str:

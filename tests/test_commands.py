@@ -784,6 +784,9 @@ def leaky():
 
 def broken():
     raise RuntimeError("no GPU here")
+
+def shrinks():  # unpadded: the body's output is smaller than the image it subtracts from
+    return Residual(nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 1, 3)))
 """
 
 
@@ -799,6 +802,7 @@ def test_ann_module_takes_your_own_network_through_the_cli(files, tmp_path, caps
     spec.loader.exec_module(mod)
     torch.manual_seed(0)
     torch.save(mod.make().state_dict(), tmp_path / "w.pt")
+    torch.save(mod.shrinks().state_dict(), tmp_path / "shrinks.pt")
     common = ["--task", "denoise", "--sigma", "25", "--ann-module", f"{net}:make",
               "--ann-weights", str(tmp_path / "w.pt")]
     snn_file = tmp_path / "snn.pt"
@@ -827,7 +831,8 @@ def test_ann_module_takes_your_own_network_through_the_cli(files, tmp_path, caps
             (f"{tmp_path / 'nofile.py'}:make", "w.pt", "no such file"),
             (f"{net}", "w.pt", "expected FILE.py:FUNCTION"),
             (f"{net}:make", "snn.pt", "does not fit the network of"),
-            (f"{net}:make", None, "needs --ann-weights")]:
+            (f"{net}:make", None, "needs --ann-weights"),
+            (f"{net}:shrinks", "shrinks.pt", r"the network fails on a \(1, 1, 48, 48\) image")]:
         args = ["evaluate", "--task", "denoise", "--sigma", "25", "--ann-module", module,
                 "--data", str(files / "gray"), "--timesteps", "2"]
         if weights:
