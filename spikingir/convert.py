@@ -8,6 +8,7 @@ mapper and membrane-potential recycling read-out. The SNN takes and returns
 images like the ANN.
 """
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,9 @@ def _calib_inputs(calib_images, channels, device):
                 or img.shape[0] == 0):
             raise ValueError(f"calib_images: expected [B, {channels}, H, W] tensors, got "
                              f"{tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__}")
+        if not bool(torch.isfinite(img).all()):
+            raise ValueError("calib_images: found NaN or inf values; the thresholds are "
+                             "percentiles of the activations these images cause")
     return [img.to(device, torch.float32) for img in calib_images]
 
 
@@ -213,6 +217,19 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
         raise ValueError(f"v0: expected 'zero' or 'half', got {v0!r}")
     if not isinstance(timesteps, int) or timesteps < 1:
         raise ValueError(f"timesteps: expected an int >= 1, got {timesteps!r}")
+    if not isinstance(ann, nn.Module):
+        raise TypeError(f"ann: expected a trained nn.Module, got {type(ann).__name__}")
+    # the neurons' options, checked here rather than at the SNN's first forward
+    from spikingir.ops.backends import BACKENDS
+    from spikingir.ops.surrogate import SURROGATES
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate: expected one of {sorted(SURROGATES)}, got {surrogate!r}")
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha: expected a finite number > 0, got {alpha!r}")
+    if not isinstance(reuse_alpha, (int, float)) or not 0.5 < reuse_alpha <= 1:
+        raise ValueError(f"reuse_alpha: expected a number in (0.5, 1], got {reuse_alpha!r}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {list(BACKENDS)}, got {backend!r}")
     if layer_calibration not in (None, "bias", "weights"):
         raise ValueError(f"layer_calibration: expected None, 'bias' or 'weights', got {layer_calibration!r}")
     if layer_calibration is not None and isinstance(ann, AODNet):

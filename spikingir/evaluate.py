@@ -65,6 +65,11 @@ def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None, devic
         raise ValueError(f"task: expected 'denoise' or 'dehaze', got {task!r}")
     if not samples:
         raise ValueError("evaluate: no images")
+    import numbers
+    timesteps = list(timesteps) if isinstance(timesteps, (list, tuple)) else [timesteps]
+    if not timesteps or not all(isinstance(T, numbers.Integral) and not isinstance(T, bool)
+                                and T >= 1 for T in timesteps):
+        raise ValueError(f"timesteps: expected ints >= 1, got {timesteps!r}")
     from spikingir.metrics import _SSIM_WIN
     for sm in samples:  # before any work: SSIM needs a whole window
         h, w = sm.clean.shape[:2]

@@ -33,6 +33,8 @@ def check_sigma(sigma):
 def nearest_sigma(sigma):
     """The shipped noise level closest to ``sigma`` by ratio (on a log scale):
     15 below 19.4, 25 up to 35.4, 50 above."""
+    if not isinstance(sigma, (int, float, np.number)) or not np.isfinite(sigma):
+        raise ValueError(f"nearest_sigma: expected a finite noise level, got {sigma!r}")
     return min(SIGMAS, key=lambda s: abs(np.log(max(sigma, 1e-3) / s)))
 
 
@@ -339,7 +341,16 @@ def restore(image, snn, *, tile=None, amp=False):
 
     if not isinstance(image, np.ndarray) or not np.issubdtype(image.dtype, np.floating):
         raise TypeError("restore: expected a float numpy image in [0, 1]")
-    channels = next(m for m in snn.modules() if isinstance(m, nn.Conv2d)).in_channels
+    if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"restore: expected an H x W or H x W x C image with H, W >= 1, got "
+                         f"shape {image.shape}")
+    if not isinstance(snn, nn.Module):
+        raise TypeError(f"restore: expected the network as an nn.Module, got {type(snn).__name__}")
+    first = next((m for m in snn.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        raise ValueError(f"restore: {type(snn).__name__} has no Conv2d layer; expected an SNN from "
+                         "load_shipped_snn / load_snn / to_snn or a restoration CNN")
+    channels = first.in_channels
     if image.ndim == 2 and channels == 3:
         image = np.repeat(image[..., None], 3, 2)
     if (image.ndim == 2 and channels != 1) or (image.ndim == 3 and image.shape[2] != channels):

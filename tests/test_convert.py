@@ -711,6 +711,43 @@ def test_layer_calibration_keeps_spike_conv_mode():
         torch.testing.assert_close(snn(calib[0]), dense(calib[0]), rtol=1e-4, atol=1e-5)
 
 
+def test_bad_conversion_and_restore_arguments_are_clear_errors():
+    """Checked where they enter, not at the SNN's first forward: the neuron
+    options, the ANN, non-finite calibration images; restore()'s image and
+    network; nearest_sigma and evaluate's timesteps."""
+    import numpy as np
+    from spikingir.pipeline import denoise_samples, nearest_sigma, restore
+    ann, calib = tiny_dncnn(), images(1, n=1, size=16)
+    for kw, match in ((dict(surrogate="foo"), "surrogate: expected one of"),
+                      (dict(alpha=-1.0), "alpha: expected a finite number > 0"),
+                      (dict(alpha=float("nan")), "alpha: expected a finite number > 0"),
+                      (dict(reuse_alpha=2.0), r"reuse_alpha: expected a number in \(0.5, 1\]"),
+                      (dict(backend="fast"), "backend: expected 'auto' or one of")):
+        with pytest.raises(ValueError, match=match):
+            to_snn(ann, calib, 2, **kw)
+    with pytest.raises(TypeError, match="ann: expected a trained nn.Module"):
+        to_snn(None, calib, 2)
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            to_snn(ann, [calib[0], torch.full((1, 1, 8, 8), value)], 2)
+    snn = to_snn(ann, calib, 2)
+    for image in (np.zeros(5, np.float32), np.zeros((1, 2, 3, 4), np.float32),
+                  np.zeros((0, 5), np.float32)):
+        with pytest.raises(ValueError, match="expected an H x W or H x W x C image"):
+            restore(image, snn)
+    with pytest.raises(ValueError, match="has no Conv2d layer"):
+        restore(np.zeros((8, 8), np.float32), torch.nn.Identity())
+    with pytest.raises(TypeError, match="as an nn.Module"):
+        restore(np.zeros((8, 8), np.float32), None)
+    with pytest.raises(ValueError, match="finite noise level"):
+        nearest_sigma(float("inf"))
+    assert nearest_sigma(np.float32(24.0)) == 25
+    samples = denoise_samples(25, crop=32)[:1]
+    for bad in ([2.5], [0], [], [True]):
+        with pytest.raises(ValueError, match="timesteps: expected ints >= 1"):
+            evaluate("denoise", ann, snn, samples, bad, sigma=25)
+
+
 def test_bad_layer_calibration_arguments():
     ann, calib = tiny_dncnn(), images(1, n=2, size=16)
     snn = to_snn(ann, calib, 2)

@@ -239,6 +239,25 @@ def test_fused_half_inputs(backend, dtype, tol):
         assert f["gx"].dtype == dtype
 
 
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+@pytest.mark.parametrize("shape", [(3, 2, 4, 0), (3, 0, 4, 5), (3, 2, 4, 0, 5)])
+def test_empty_inputs_give_empty_outputs(backend, shape):
+    """An empty batch or image (a zero-size spatial dimension): outputs of the
+    input's shape, v_final of one step's, gradients flow (of the input's shape);
+    masks too where they apply."""
+    x = torch.randn(shape, requires_grad=True)
+    for op in ("if", "mprn"):
+        fn = ops.if_multistep if op == "if" else lambda *a, **k: ops.mprn_multistep(*a, 0.5, **k)
+        y, v = fn(x, torch.ones(4), backend=backend)
+        assert y.shape == x.shape and v.shape == x.shape[1:] and v.dtype == torch.float32
+        (y.sum() + v.sum()).backward()
+        assert x.grad.shape == x.shape
+        if len(shape) == 5:
+            with torch.no_grad():
+                m, v = fn(x, torch.ones(4), backend=backend, emit="masks")
+            assert m.shape == x.shape and m.count() == 0 and v.shape == x.shape[1:]
+
+
 @pytest.mark.parametrize("backend", CPU_FUSED)
 def test_fused_random_inputs_away_from_threshold(backend):
     """Non-dyadic random inputs: spikes agree wherever every step's potential is

@@ -190,6 +190,11 @@ def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate
             raise ValueError(f"v0: expected shape {tuple(x_seq.shape[1:])} on {x_seq.device} "
                              f"(one step of x_seq), got {tuple(v0.shape)} on {v0.device}")
     chosen = backends.choose(op, x_seq.device, x_seq.dtype, backend)
+    if x_seq.numel() == 0:  # an empty batch or image: nothing to simulate, shapes kept
+        v_final = torch.zeros(x_seq.shape[1:], dtype=torch.float32, device=x_seq.device)
+        if emit == "masks":
+            return SpikeMasks.from_dense(torch.zeros_like(x_seq, dtype=torch.bool)), v_final
+        return x_seq * 0, v_final  # (x_seq * 0: empty, and connected for autograd)
 
     # Channel layout of the kernels: C values per parameter, channel of neuron m
     # within a step = (m // inner) % C. Scalars only: C = 1.
