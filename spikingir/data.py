@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 __all__ = ["IMAGE_EXTENSIONS", "center_crop", "list_images", "load_image", "add_gaussian_noise",
@@ -67,9 +67,21 @@ def _open(path) -> Image.Image:
     try:
         img = Image.open(p)
         img.load()
+        # a camera's EXIF orientation tag: the pixels as the photo is displayed
+        # (outputs are written without the tag, so they must be turned already)
+        if _orientation(img) > 1:
+            img = ImageOps.exif_transpose(img)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read image {p}: {err}") from err
     return img
+
+
+def _orientation(img) -> int:
+    """The EXIF orientation tag (1: as stored; 5-8: a quarter turn), 1 without one."""
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except (ValueError, TypeError, OSError):
+        return 1
 
 
 _GRAY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # PIL's 16-bit grayscale modes
@@ -126,7 +138,8 @@ def _header(path) -> tuple[str, tuple[int, int]]:
     p = Path(path)
     try:
         with Image.open(p) as img:
-            return img.mode, img.size
+            w, h = img.size
+            return img.mode, ((h, w) if _orientation(img) in (5, 6, 7, 8) else (w, h))
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"cannot read image {p}: {err}") from err
 

@@ -105,7 +105,7 @@ def calibration_inputs(task, sigma=None, crop=128, data=None):
 
     if task == "denoise":
         if data is not None:
-            cleans = [center_crop(load_image(p), crop) for p in list_images(data)[:8]]
+            cleans = [center_crop(load_image(p, gray=True), crop) for p in list_images(data)[:8]]
         else:
             cleans = [center_crop(_skimage_photo(n, gray=True), crop) for n in DENOISE_CALIB]
         return [_to_input(add_gaussian_noise(c, sigma, seed=i)) for i, c in enumerate(cleans)]

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,16 +83,23 @@ def test_restore_writes_an_image(files, tmp_path, capsys):
                                                 ("dehaze", "rgb/c.png", "aod.pt")])
 def test_restore_in_tiles_is_the_whole_image(files, tmp_path, capsys, task, image, weights):
     """--tile N: overlapping tiles with the receptive radius around each core give
-    the image restored whole (--tile 0), pixel for pixel."""
+    the image restored whole (--tile 0), pixel for pixel; tiles under 64 pixels
+    (mostly margin) are refused."""
+    big = tmp_path / ("big" + Path(image).suffix)
+    small = np.asarray(Image.open(files / image))
+    Image.fromarray(np.tile(small, (4, 3) + (1,) * (small.ndim - 2))[:75, :70]).save(big)
     outs = []
-    for tile in ("0", "7"):
+    for tile in ("0", "64"):
         out = tmp_path / f"t{tile}.png"
-        code, _, err = run(["restore", str(files / image), "-o", str(out), "--task", task,
+        code, _, err = run(["restore", str(big), "-o", str(out), "--task", task,
                             "--timesteps", "3", "--ann-weights", str(files / weights), "--tile",
                             tile] + (["--sigma", "25"] if task == "denoise" else []), capsys)
         assert code == 0, err
         outs.append(np.asarray(Image.open(out)))
-    assert outs[0].shape[:2] == (20, 24) and np.array_equal(outs[0], outs[1])
+    assert outs[0].shape[:2] == (75, 70) and np.array_equal(outs[0], outs[1])
+    code, _, err = run(["restore", str(big), "-o", str(tmp_path / "t7.png"), "--task", task,
+                        "--tile", "7"] + (["--sigma", "25"] if task == "denoise" else []), capsys)
+    assert code == 2 and "0 or a tile size >= 64" in err
 
 
 @pytest.mark.parametrize("task,image,weights", [("denoise", "gray/im0.png", "dncnn.pt"),
@@ -179,6 +187,7 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
       "25"], "im0.png is not a writable folder"),
     (["restore", "{d}/gray/im0.png", "{d}/gray/im1.png", "-o", "{d}/gray/im0.png", "--task", "denoise",
       "--sigma", "25"], "-o .* exists and is not a folder"),
+    (["demo", "--out", "{d}/gray/im0.png"], "--out .* exists and is not a folder"),
 ])
 def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, capsys, argv, match):
     argv = [a.format(d=files, o=tmp_path, w=WEIGHTS_DIR) for a in argv]

@@ -335,3 +335,20 @@ def test_motorcycle_haze():
     # larger disparity = nearer = less haze
     near, far = disp >= np.quantile(disp[valid], 0.9), valid & (disp <= np.quantile(disp[valid], 0.1))
     assert s.transmission[near & valid].mean() > s.transmission[far].mean()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A camera JPEG with an EXIF orientation tag is read as it is displayed
+    (restored outputs are written without the tag); the header size agrees."""
+    from spikingir.data import _image_size
+    a = np.zeros((20, 30, 3), np.uint8)
+    a[:5, :, 0] = 255  # a red band along the stored top edge
+    img = Image.fromarray(a)
+    exif = img.getexif()
+    exif[0x0112] = 6  # displayed turned 90 degrees clockwise: the band on the right
+    img.save(tmp_path / "turned.jpg", exif=exif.tobytes(), quality=95)
+    img.save(tmp_path / "plain.jpg", quality=95)
+    turned = load_image(tmp_path / "turned.jpg")
+    assert turned.shape == (30, 20, 3) and _image_size(tmp_path / "turned.jpg") == (30, 20)
+    assert turned[:, -4:, 0].mean() > 0.8 and turned[:, :4, 0].mean() < 0.2
+    assert load_image(tmp_path / "plain.jpg").shape == (20, 30, 3)
