@@ -8,7 +8,6 @@ mapper and membrane-potential recycling read-out. The SNN takes and returns
 images like the ANN.
 """
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -224,8 +223,10 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
     from spikingir.ops.surrogate import SURROGATES
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate: expected one of {sorted(SURROGATES)}, got {surrogate!r}")
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha: expected a finite number > 0, got {alpha!r}")
+    a = torch.as_tensor(alpha, dtype=torch.float64) if isinstance(alpha, (int, float, torch.Tensor)) \
+        else None
+    if a is None or not bool(torch.isfinite(a).all() and (a > 0).all()):
+        raise ValueError(f"alpha: expected a finite number > 0 (or a tensor of them), got {alpha!r}")
     if not isinstance(reuse_alpha, (int, float)) or not 0.5 < reuse_alpha <= 1:
         raise ValueError(f"reuse_alpha: expected a number in (0.5, 1], got {reuse_alpha!r}")
     if backend != "auto" and backend not in BACKENDS:
