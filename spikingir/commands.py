@@ -343,6 +343,9 @@ def _cmd_restore(args):
             nets[level] = snn.to(device), origin
         snn, origin = nets[level]
         out = restore(img, snn, tile=args.tile, amp=args.amp)  # gray -> RGB for AOD-Net
+        if out.ndim == 3 and out.shape[2] != 3:  # an own network (--ann-module) of other width
+            raise UserError(f"the network returns {out.shape[2]} channels; restore writes images "
+                            "of 1 (gray) or 3 (RGB)")
         # a 16-bit gray input keeps its 16 bits where the format can hold them
         deep = out.ndim == 2 and fmt in ("PNG", "TIFF") and is_16bit_gray(src)
         buf = io.BytesIO()

@@ -148,7 +148,10 @@ def write_atomic(path, text_or_bytes):
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     mode = "wb" if isinstance(text_or_bytes, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    except OSError as err:  # name the file the caller asked for, not the temporary one
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, mode) as f:
             f.write(text_or_bytes)
@@ -156,6 +159,10 @@ def write_atomic(path, text_or_bytes):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

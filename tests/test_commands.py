@@ -794,6 +794,9 @@ def leaky():
 def broken():
     raise RuntimeError("no GPU here")
 
+def two_out():  # two output channels: no image format for them
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
+
 def shrinks():  # unpadded: the body's output is smaller than the image it subtracts from
     return Residual(nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 1, 3)))
 """
@@ -812,6 +815,11 @@ def test_ann_module_takes_your_own_network_through_the_cli(files, tmp_path, caps
     torch.manual_seed(0)
     torch.save(mod.make().state_dict(), tmp_path / "w.pt")
     torch.save(mod.shrinks().state_dict(), tmp_path / "shrinks.pt")
+    torch.save(mod.two_out().state_dict(), tmp_path / "two.pt")
+    code, _, err = run(["restore", str(files / "gray" / "im0.png"), "-o", str(tmp_path / "two.png"),
+                        "--task", "denoise", "--sigma", "25", "--timesteps", "2", "--ann-module",
+                        f"{net}:two_out", "--ann-weights", str(tmp_path / "two.pt")], capsys)
+    assert code == 2 and "returns 2 channels" in err and not (tmp_path / "two.png").exists()
     common = ["--task", "denoise", "--sigma", "25", "--ann-module", f"{net}:make",
               "--ann-weights", str(tmp_path / "w.pt")]
     snn_file = tmp_path / "snn.pt"
@@ -873,3 +881,22 @@ def test_version_names_the_cpu_instruction_set(capsys, monkeypatch):
     monkeypatch.setenv("SPIKINGIR_CPU_ISA", "generic")
     assert backends._C.cpu_isa() == "generic"
     assert "CPU spike_conv2d on generic" in run(["--version"], capsys)[1]
+
+
+def test_write_atomic_names_the_file_it_could_not_write(tmp_path, monkeypatch):
+    """A failed write names the requested file, not the temporary one beside it,
+    keeps the OSError subclass, and leaves nothing behind."""
+    import tempfile
+    from spikingir.evaluate import write_atomic
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError, match=r"cannot write .*out\.png: Permission denied"):
+        write_atomic(tmp_path / "out.png", b"x")
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(PermissionError, match=r"cannot write .*out\.png"):
+        write_atomic(tmp_path / "out.png", b"x")
+    assert not list(tmp_path.iterdir())
