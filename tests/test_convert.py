@@ -342,6 +342,10 @@ def test_masks_inference_reuses_one_conv_buffer(neuron, monkeypatch):
     per_layer = 2 if neuron == "mprn" else 1  # MPRN: IF steps and the reuse step
     assert len(storages) == per_layer * len(snn.hidden) and None not in storages
     assert len(set(storages)) == 1
+    # hidden neurons keep no leftover potential (memory); the read-out layer's is its rate's
+    assert all(n.v_final is None for n in snn.neurons_[:-1])
+    last = snn.neurons_[-1].v_final
+    assert last is not None and last.shape[0] == x.shape[0] and last.shape[2:] == x.shape[2:]
 
 
 @pytest.mark.parametrize("arch", ["dncnn", "aodnet"])

@@ -257,8 +257,10 @@ class SpikingChain(_SpikingNet):
         autograd (inference) and a fused spike_conv2d backend for masks (on a
         GPU ``auto`` picks Triton, or cuDNN without Triton), the neurons hand the spikes
         over as channel bit masks (:class:`~spikingir.ops.SpikeMasks`; the same
-        result), else as float tensors. A hidden conv that spike_conv2d does not
-        support (see the class docstring) stays dense. Returns ``self``."""
+        result), else as float tensors; the hidden neurons then keep no ``v_final``
+        after a forward (only the read-out layer's is needed; memory). A hidden conv
+        that spike_conv2d does not support (see the class docstring) stays dense.
+        Returns ``self``."""
         self.spike_conv = bool(on)
         self.spike_masks = bool(masks)
         self.spike_conv_backend = backend
@@ -339,6 +341,11 @@ class SpikingChain(_SpikingNet):
             nxt = self.mapper.conv if last else self.hidden[i].module
             on_spikes = not last and self._on_spike_conv(nxt)
             y = neuron(cur, emit="masks" if masks and (on_spikes or last) else "values")
+            if masks and not last and not neuron.stateful:
+                # the read-out needs the last layer's leftover potential only; one
+                # [B, C, H, W] per hidden layer kept as state was the largest
+                # memory left in this loop (16 of them: 1.2 GB per 512x512 tile)
+                neuron.v_final = None
             self._count(f"neuron{i + 1}", neuron, y, [(nxt, slice(None))])
             if not last:
                 buf = cur if masks and cur.stride(0) != 0 else None  # never conv1's expanded view
