@@ -7,6 +7,7 @@ model, averaged over images).
 """
 import contextlib
 import json
+import numbers
 import os
 import tempfile
 from dataclasses import dataclass
@@ -65,7 +66,6 @@ def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None, devic
         raise ValueError(f"task: expected 'denoise' or 'dehaze', got {task!r}")
     if not samples:
         raise ValueError("evaluate: no images")
-    import numbers
     timesteps = list(timesteps) if isinstance(timesteps, (list, tuple)) else [timesteps]
     if not timesteps or not all(isinstance(T, numbers.Integral) and not isinstance(T, bool)
                                 and T >= 1 for T in timesteps):
@@ -159,13 +159,11 @@ def write_atomic(path, text_or_bytes):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
         raise
 
 

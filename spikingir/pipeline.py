@@ -154,15 +154,15 @@ def load_ann(task, sigma=None, path=None, module=None):
     return model.eval()
 
 
-def _first_line(err):
-    """An exception's message in one line, with its detail: load_state_dict's
-    first line is only a header, so the first line that says more is kept."""
+def _first_line(err, limit=120):
+    """An exception's message in one line of at most about ``limit`` characters,
+    with its detail: load_state_dict's first line is only a header, so the first
+    line that says more is kept (a list of 80 missing keys is cut short)."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     if not lines:
         return type(err).__name__
-    if len(lines) > 1 and lines[0].rstrip().endswith(":"):
-        return f"{lines[0]} {lines[1]}"
-    return lines[0]
+    line = f"{lines[0]} {lines[1]}" if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def read_weights(path):
@@ -174,10 +174,8 @@ def read_weights(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds here: pickle, zip, OS, type errors
-        detail = _first_line(err)
-        detail = detail if len(detail) <= 120 else detail[:117] + "..."
         raise ValueError(f"{path}: cannot read as PyTorch weights ({type(err).__name__}: "
-                         f"{detail})") from None
+                         f"{_first_line(err)})") from None
 
 
 def _read_state_dict(path):

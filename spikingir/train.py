@@ -432,8 +432,9 @@ def fit(model: nn.Module, train_loader: Iterable, make_batch: Callable, val_fn: 
             model.load_state_dict(ck["model"], strict=True)
             opt.load_state_dict(ck["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
+            from spikingir.pipeline import _first_line  # load_state_dict's header + its detail
             raise ValueError(f"checkpoint {ckpt_path} does not fit this model/optimizer: "
-                             f"{str(err).splitlines()[0]}") from err
+                             f"{_first_line(err)}") from err
         step, epoch, step_in_epoch = int(ck["step"]), int(ck["epoch"]), int(ck["step_in_epoch"])
         history = list(ck.get("history", []))
         train_s_before = float(ck.get("train_s", 0.0))
@@ -847,8 +848,9 @@ def _load_init(model: nn.Module, init) -> None:
     try:
         model.load_state_dict(sd, strict=True)
     except (RuntimeError, TypeError, AttributeError) as err:
+        from spikingir.pipeline import _first_line  # load_state_dict's header + its detail
         raise ValueError(f"--init: {path} does not hold {type(model).__name__} weights of this form "
-                         f"({str(err).splitlines()[0]})") from err
+                         f"({_first_line(err)})") from err
 
 
 def _copy_model(model):
