@@ -767,6 +767,29 @@ def test_bad_backend():
             ops.spike_conv2d(S.double(), W, backend="cpp")
 
 
+def test_triton_cuda_kernels_run_on_the_input_device(monkeypatch):
+    """The CUDA-key Triton implementations enter the first tensor argument's device
+    (Triton launches on the current device; the dispatcher adds no guard)."""
+    from spikingir.ops import registry
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            entered.append(device)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    x = torch.ones(3)
+    guarded = registry._on_input_device(lambda flag, t, k=2: t * k if flag else None)
+    assert torch.equal(guarded(True, x, k=3), x * 3)
+    assert entered == [x.device]
+
+
 # ---------------------------------------------------------------------------
 # GPU (skipped without one).
 # ---------------------------------------------------------------------------
@@ -1036,3 +1059,28 @@ def test_masks_chain_compiles_fullgraph():
     x = torch.randn(4, 2, 16, 7, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_FUSED or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", GPU_FUSED)
+def test_gpu_second_device(backend):
+    """Neuron masks -> spike_conv2d, forward and backward, on cuda:1 while cuda:0 is
+    the current device: every kernel runs on the inputs' GPU."""
+    torch.cuda.set_device(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 37, 13, 11, generator=g).to("cuda:1")
+    w, b = conv_params(20, 37, 3, device="cuda:1")
+    with torch.no_grad():
+        m, _ = ops.if_multistep(x, 0.5, emit="masks", backend=backend)
+        out = ops.spike_conv2d(m.flatten(0, 1), w, b, 1, 1, backend=backend)
+    dense, _ = ops.if_multistep(x, 0.5, backend="torch")
+    ref = F.conv2d(dense.flatten(0, 1).double(), w.double(), b.double(), 1, 1)
+    assert out.device == x.device
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    wg = w.clone().requires_grad_()
+    xg = x.clone().requires_grad_()
+    s, _ = ops.if_multistep(xg, 0.5, backend=backend)
+    ops.spike_conv2d(s.flatten(0, 1), wg, b, 1, 1, validate=False, backend=backend).sum().backward()
+    assert wg.grad.device == x.device and xg.grad.device == x.device
+    torch.cuda.synchronize(1)

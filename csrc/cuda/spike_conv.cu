@@ -295,7 +295,13 @@ void check_weight(const at::Tensor& weight, const at::Tensor& like, int64_t Cin,
               "on the spikes' device");
   TORCH_CHECK(weight.size(1) == Cin, "spike_conv2d: weight has ", weight.size(1),
               " input channels, the spikes ", Cin);
-  TORCH_CHECK(stride >= 1 && pad >= 0, "spike_conv2d: stride must be >= 1 and padding >= 0");
+  // The event kernel's shared input-mask tile is sized for the worst footprint the
+  // public op allows (kMaxFoot: stride 2, a 7x7 kernel); larger would overrun it.
+  TORCH_CHECK((stride == 1 || stride == 2) && pad >= 0 && weight.size(2) <= 7 &&
+                  weight.size(3) <= 7,
+              "spike_conv2d (cuda): stride must be 1 or 2, padding >= 0 and the kernel at most "
+              "7x7, got stride ", stride, ", padding ", pad, ", kernel ", weight.size(2), "x",
+              weight.size(3));
 }
 
 const float* check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& like,

@@ -57,8 +57,25 @@ def _register_triton(name, kernel_module):
     """``spikingir::<name>_triton`` on the CPU (interpreter) and CUDA keys:
     ``spikingir.kernels.<kernel_module>.<name>_triton``."""
     kernels = importlib.import_module(f"spikingir.kernels.{kernel_module}")
-    for key in ("CPU", "CUDA"):
-        torch.library.impl(f"spikingir::{name}_triton", key)(getattr(kernels, f"{name}_triton"))
+    impl = getattr(kernels, f"{name}_triton")
+    torch.library.impl(f"spikingir::{name}_triton", "CPU")(impl)
+    torch.library.impl(f"spikingir::{name}_triton", "CUDA")(_on_input_device(impl))
+
+
+def _on_input_device(impl):
+    """``impl`` run with the current CUDA device set to its first tensor argument's.
+
+    Triton launches on ``torch.cuda.current_device()`` and that device's current
+    stream, and torch's dispatcher adds no device guard for Python kernels: without
+    this, inputs on ``cuda:1`` while ``cuda:0`` is current would run on the wrong GPU
+    (an illegal address, or no ordering with the torch ops on cuda:1's stream). The
+    compiled CUDA ops guard themselves (CUDAGuard in csrc/cuda)."""
+    @functools.wraps(impl)
+    def guarded(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with torch.cuda.device(device):
+            return impl(*args, **kwargs)
+    return guarded
 
 
 def fused_op(name, backend):
