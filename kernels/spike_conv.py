@@ -596,7 +596,7 @@ def spike_conv2d_grad_weight_triton(grad_out, packed, weight_shape, height, widt
             split = max(1, 4 * sms // (channel_blocks * kh * kw))
         else:
             split = 1
-    split = max(1, min(int(split), blocks))
+    split = max(1, min(int(split), blocks, 65535))  # grid axis 2's limit on CUDA
     per_split = triton.cdiv(blocks, split)
     split = triton.cdiv(blocks, per_split)  # no program without pixels
     part = torch.empty(split, Cout, Cin, kh * kw, dtype=torch.float32, device=grad_out.device)
