@@ -8,7 +8,9 @@ mapper and membrane-potential recycling read-out. The SNN takes and returns
 images like the ANN.
 """
 import copy
+import numbers
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,8 +117,10 @@ def _activations(ann, calib_images):
 def _calib_inputs(calib_images, channels, device):
     """``calib_images`` (a [B, C, H, W] tensor or a list of them) as a list of
     float32 tensors on ``device`` (where the network is), checked once."""
-    if isinstance(calib_images, torch.Tensor):
+    if isinstance(calib_images, (torch.Tensor, np.ndarray)):
         calib_images = [calib_images]
+    calib_images = [torch.from_numpy(img) if isinstance(img, np.ndarray) else img
+                    for img in calib_images]
     if not calib_images:
         raise ValueError("calib_images: expected at least one image")
     for img in calib_images:
@@ -124,6 +128,10 @@ def _calib_inputs(calib_images, channels, device):
                 or img.shape[0] == 0):
             raise ValueError(f"calib_images: expected [B, {channels}, H, W] tensors, got "
                              f"{tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__}")
+        if not img.is_floating_point():
+            # uint8 images unscaled would give thresholds ~255x too high
+            raise TypeError(f"calib_images: expected float images in [0, 1] (as the ANN sees "
+                            f"them), got {img.dtype}")
         if not bool(torch.isfinite(img).all()):
             raise ValueError("calib_images: found NaN or inf values; the thresholds are "
                              "percentiles of the activations these images cause")
@@ -214,8 +222,9 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
         raise ValueError(f"neuron: expected 'if' or 'mprn', got {neuron!r}")
     if v0 not in ("zero", "half"):
         raise ValueError(f"v0: expected 'zero' or 'half', got {v0!r}")
-    if not isinstance(timesteps, int) or timesteps < 1:
+    if isinstance(timesteps, bool) or not isinstance(timesteps, numbers.Integral) or timesteps < 1:
         raise ValueError(f"timesteps: expected an int >= 1, got {timesteps!r}")
+    timesteps = int(timesteps)
     if not isinstance(ann, nn.Module):
         raise TypeError(f"ann: expected a trained nn.Module, got {type(ann).__name__}")
     # the neurons' options, checked here rather than at the SNN's first forward

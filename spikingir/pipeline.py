@@ -5,6 +5,7 @@ Built-in data (no download): scikit-image's bundled photos. Denoising uses
 grayscale crops with noise by the DnCNN protocol; dehazing uses the motorcycle
 stereo scene hazed through its real disparity-derived depth.
 """
+import numbers
 import os
 
 import numpy as np
@@ -276,7 +277,8 @@ def snn_config(snn):
     return {"arch": arch, **extra, "timesteps": snn.timesteps, "neuron": snn.neuron_kind,
             "recycling": snn.recycling, "per_channel": n0.num_channels is not None, "v0": n0.v_init,
             "reuse_alpha": getattr(n0, "reuse_alpha", 0.75), "surrogate": n0.surrogate,
-            "alpha": float(n0.alpha)}
+            # a per-channel tensor of sharpnesses as a list (plain JSON types)
+            "alpha": n0.alpha.tolist() if isinstance(n0.alpha, torch.Tensor) else float(n0.alpha)}
 
 
 def save_snn(snn, path, extra=None):
@@ -348,27 +350,35 @@ def restore(image, snn, *, tile=None, amp=False):
     if first is None:
         raise ValueError(f"restore: {type(snn).__name__} has no Conv2d layer; expected an SNN from "
                          "load_shipped_snn / load_snn / to_snn or a restoration CNN")
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, numbers.Integral)
+                             or tile < 0):
+        raise ValueError(f"restore: tile: expected None or an int >= 0 (0: the whole image at "
+                         f"once), got {tile!r}")
     channels = first.in_channels
     if image.ndim == 2 and channels == 3:
         image = np.repeat(image[..., None], 3, 2)
     if (image.ndim == 2 and channels != 1) or (image.ndim == 3 and image.shape[2] != channels):
         raise ValueError(f"restore: the network takes {channels} channel(s), got an image of "
                          f"shape {image.shape}")
-    device = next(snn.parameters()).device
+    param = next(snn.parameters())
+    device, dtype = param.device, param.dtype  # e.g. a .double() or .half() network
     fmt = torch.contiguous_format
     if amp:
-        snn, fmt = bf16_inference(snn), torch.channels_last
+        snn, fmt, dtype = bf16_inference(snn), torch.channels_last, torch.float32
     with torch.no_grad(), amp_context(device, amp):
-        out = run_tiled(lambda t: snn(t.to(device).contiguous(memory_format=fmt)).float().cpu(),
+        out = run_tiled(lambda t: snn(t.to(device, dtype).contiguous(memory_format=fmt))
+                        .float().cpu(),
                         _to_input(image), DEFAULT_TILE if tile is None else tile,
                         receptive_radius(snn))[0].numpy()
-    return out[0] if out.shape[0] == 1 else out.transpose(1, 2, 0)
+    return out[0] if out.shape[0] == 1 and image.ndim == 2 else out.transpose(1, 2, 0)
 
 
 def load_snn(path, backend="auto", task=None):
     """Rebuilds a converted SNN saved by :func:`save_snn`. With ``task``
     (``"denoise"`` or ``"dehaze"``), a file holding the other task's network
     raises a ValueError."""
+    if task not in (None, *SNN_TASKS.values()):
+        raise ValueError(f"task: expected None, 'denoise' or 'dehaze', got {task!r}")
     obj = read_weights(path)
     if not isinstance(obj, dict) or not isinstance(obj.get("config"), dict) or \
             not isinstance(obj.get("state_dict"), dict):
@@ -408,13 +418,14 @@ def _build_snn(path, obj, backend, task):
         cls, extra = SpikingChain, {"residual": bool(cfg.get("residual", False))}
     else:
         raise ValueError(f"{path}: unknown SNN architecture {cfg['arch']!r}")
+    alpha = torch.tensor(cfg["alpha"]) if isinstance(cfg["alpha"], list) else cfg["alpha"]
     neurons = []
     for i in range(len(convs) - 1):
         th = sd[f"neurons_.{i}.theta"]
         neurons.append(make_neuron(cfg["neuron"], 1.0,
                                    num_channels=th.numel() if th.dim() == 1 else None,
                                    v_init=cfg["v0"], backend=backend, surrogate=cfg["surrogate"],
-                                   alpha=cfg["alpha"], reuse_alpha=cfg["reuse_alpha"]))
+                                   alpha=alpha, reuse_alpha=cfg["reuse_alpha"]))
     snn = cls(convs, neurons, int(cfg["timesteps"]), cfg["neuron"], bool(cfg["recycling"]), **extra)
     try:
         snn.load_state_dict(sd)

@@ -265,3 +265,64 @@ def _seq(*layers):
 def test_unconvertible_chains_name_the_layer(model, error, match):
     with pytest.raises(error, match=match):
         to_snn(model, images(n=1), 4)
+
+
+def small_snn(**kw):
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))
+    return Residual(body).eval(), to_snn(Residual(body).eval(), torch.rand(2, 1, 16, 16), 4, **kw)
+
+
+def test_snn_in_half_and_double():
+    """An SNN cast with .half() runs on spike_conv2d from masks too; restore()
+    feeds a .double() network double images."""
+    import copy
+    from spikingir.pipeline import restore
+    _, snn = small_snn()
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        ref = for_inference(copy.deepcopy(snn))(x)
+        half = for_inference(copy.deepcopy(snn)).half()(x.half())
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), ref, atol=5e-3, rtol=0)
+    img = np.random.default_rng(0).random((24, 24))
+    torch.testing.assert_close(torch.from_numpy(restore(img, copy.deepcopy(snn).double())),
+                               torch.from_numpy(restore(img, snn)), atol=1e-5, rtol=0)
+
+
+def test_per_channel_alpha_saves_and_loads(tmp_path):
+    _, snn = small_snn(per_channel=True, alpha=torch.linspace(2.0, 5.0, 8))
+    save_snn(snn, tmp_path / "a.pt")
+    back = load_snn(tmp_path / "a.pt")
+    assert torch.equal(back.neurons_[0].alpha, torch.linspace(2.0, 5.0, 8))
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x), snn(x))
+    with pytest.raises(ValueError, match="task: expected None, 'denoise' or 'dehaze'"):
+        load_snn(tmp_path / "a.pt", task="deblur")
+
+
+def test_to_snn_calibration_input_types():
+    """numpy calibration images are taken, integer ones refused (unscaled uint8
+    would give thresholds ~255x too high); numpy integer timesteps taken, bool not."""
+    ann, snn = small_snn()
+    calib = torch.rand(2, 1, 16, 16)
+    twin = to_snn(ann, calib.numpy(), np.int64(4))
+    assert twin.timesteps == 4 and isinstance(twin.timesteps, int)
+    with pytest.raises(TypeError, match=r"float images in \[0, 1\].*uint8"):
+        to_snn(ann, (calib * 255).to(torch.uint8), 4)
+    with pytest.raises(ValueError, match="timesteps: expected an int"):
+        to_snn(ann, calib, True)
+
+
+def test_restore_layout_and_tile_checks():
+    from spikingir.pipeline import restore
+    _, snn = small_snn()
+    img = np.random.default_rng(0).random((20, 20))
+    assert restore(img[..., None], snn).shape == (20, 20, 1)
+    assert restore(img, snn).shape == (20, 20)
+    for tile in (-1, 3.5, True):
+        with pytest.raises(ValueError, match="tile: expected None or an int >= 0"):
+            restore(img, snn, tile=tile)
+

@@ -736,6 +736,58 @@ def test_module_checks_its_parameters(cls):
         cls(1.0, alpha=-2.0)(x)
 
 
+@pytest.mark.parametrize("cls", [IFNeuron, MPRNeuron])
+def test_module_construction_checks(cls):
+    """Thresholds are checked when the module is built; a per-channel tensor of
+    thresholds sets num_channels; a stateful neuron fed a new shape says reset()."""
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="theta: expected finite positive"):
+            cls(bad)
+    with pytest.raises(ValueError, match=r"theta: expected .* shape \(4,\).*got shape \(3,\)"):
+        cls(torch.ones(3), num_channels=4)
+    n = cls(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+    assert n.num_channels == 4 and n.theta.shape == (4,)
+    assert n(torch.randn(3, 2, 4, 5)).shape == (3, 2, 4, 5)
+    stateful = cls(1.0, stateful=True)
+    stateful(torch.randn(3, 2, 4))
+    with pytest.raises(ValueError, match="call reset"):
+        stateful(torch.randn(3, 5, 4))
+    stateful.reset()
+    assert stateful(torch.randn(3, 5, 4)).shape == (3, 5, 4)
+
+
+def test_module_copies_after_a_forward_with_grad():
+    """v_final is in the forward's graph: deepcopy and pickle still work (the copy
+    holds it detached)."""
+    import copy
+    import pickle
+    n = MPRNeuron(0.7, num_channels=3)
+    x = torch.randn(4, 2, 3, 5, requires_grad=True)
+    n(x)
+    assert n.v_final.grad_fn is not None  # the original keeps its graph (recycling)
+    for twin in (copy.deepcopy(n), pickle.loads(pickle.dumps(n))):
+        assert torch.equal(twin.v_final, n.v_final) and not twin.v_final.requires_grad
+        assert torch.equal(twin(x.detach()), n(x.detach()))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("op", ["if", "mprn"])
+def test_double_backward_is_an_error(backend, op):
+    """The fused backward is first order only: differentiating a gradient taken with
+    create_graph=True raises instead of treating it as a constant (zero)."""
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    theta = torch.tensor(0.5, requires_grad=True)
+    w = torch.randn(4, 3, 5)
+    y, _ = run(op, backend, x, theta, 0.5 if op == "mprn" else None, surrogate="atan")
+    g, = torch.autograd.grad((y * w).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* not supported"):
+        torch.autograd.grad((g * w).sum(), theta)
+    # first-order gradients under create_graph are unaffected
+    y_ref, _ = run(op, "torch", x, theta, 0.5 if op == "mprn" else None, surrogate="atan")
+    g_ref, = torch.autograd.grad((y_ref * w).sum(), x)
+    torch.testing.assert_close(g.double(), g_ref.double(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_FUSED, reason="needs a CUDA GPU and a GPU backend")
 @pytest.mark.parametrize("backend", GPU_FUSED)

@@ -767,6 +767,35 @@ def test_bad_backend():
             ops.spike_conv2d(S.double(), W, backend="cpp")
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_non_binary_error_names_the_value(backend):
+    s = spikes(2, 3, 6, 6, rate=0.3)
+    s[1, 2, 3, 4] = 0.5
+    with pytest.raises(ValueError, match=r"found 0\.5 at index \(1, 2, 3, 4\)"):
+        ops.spike_conv2d(s, torch.randn(4, 3, 3, 3), padding=1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_masks_output_dtype(backend):
+    """From SpikeMasks (float32 spikes) the result is float32 promoted with the
+    weight's dtype, on every backend."""
+    m = ops.SpikeMasks.from_dense(spikes(2, 3, 6, 6, rate=0.3))
+    w = torch.randn(4, 3, 3, 3)
+    with torch.no_grad():
+        assert ops.spike_conv2d(m, w.half(), padding=1, backend=backend).dtype == torch.float32
+        assert ops.spike_conv2d(m, w.double(), padding=1, backend=backend).dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_double_backward_is_an_error(backend):
+    s = spikes(2, 3, 6, 6, rate=0.3).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    out = ops.spike_conv2d(s, w, padding=1, backend=backend)
+    gw, = torch.autograd.grad(out.pow(2).sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* not supported"):
+        torch.autograd.grad(gw.sum(), s)
+
+
 def test_triton_cuda_kernels_run_on_the_input_device(monkeypatch):
     """The CUDA-key Triton implementations enter the first tensor argument's device
     (Triton launches on the current device; the dispatcher adds no guard)."""

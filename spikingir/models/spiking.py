@@ -134,7 +134,8 @@ class _SpikingNet(nn.Module):
             total = y[:T].counts(0) * _per_channel(neuron.effective_theta())
             if y.shape[0] > T:
                 total = total + y[T:].counts(0) * _per_channel(neuron.beta)
-            y = total.unsqueeze(0)  # one "step" holding the sum
+            # counts are float32; the emitted values would have the layer's dtype
+            y = total.unsqueeze(0).to(neuron.theta.dtype)  # one "step" holding the sum
         return spike_rate(y, neuron.v_final, self._v0(neuron, neuron.v_final), self.timesteps,
                           self.recycling)
 

@@ -43,9 +43,12 @@ class _MultiStepNeuron(nn.Module):
         super().__init__()
         if v_init not in ("zero", "half"):
             raise ValueError(f"v_init: expected 'zero' or 'half', got {v_init!r}")
+        if num_channels is None and isinstance(theta, torch.Tensor) and theta.numel() > 1:
+            num_channels = theta.numel()  # a per-channel tensor of thresholds
         self.num_channels = num_channels
         self.trainable = trainable
         self._add_param("theta", theta)
+        check_values("theta", self.theta, positive=True)
         self.register_buffer("theta_floor", 0.01 * self.theta.detach().clone())
         self.v_init = v_init
         self.surrogate = surrogate
@@ -61,7 +64,12 @@ class _MultiStepNeuron(nn.Module):
     def _add_param(self, name, value):
         shape = () if self.num_channels is None else (self.num_channels,)
         if isinstance(value, torch.Tensor):
-            t = value.detach().clone().float().expand(shape).clone()
+            if value.numel() != 1 and tuple(value.shape) != shape:
+                raise ValueError(f"{name}: expected a float, a one-element tensor or a tensor "
+                                 f"of shape {shape} (num_channels={self.num_channels}), got "
+                                 f"shape {tuple(value.shape)}")
+            t = value.detach().clone().float().reshape(()).expand(shape).clone() \
+                if value.numel() == 1 else value.detach().clone().float()
         else:
             t = torch.full(shape, float(value))
         if self.trainable:
@@ -73,6 +81,14 @@ class _MultiStepNeuron(nn.Module):
         """Forget the membrane state kept from the last call."""
         self.v_final = None
 
+    def __getstate__(self):
+        # v_final is still in the last forward's autograd graph: copy.deepcopy (and
+        # pickle) of a non-leaf tensor fails, and a copy has no use for that graph.
+        state = super().__getstate__()
+        if isinstance(state.get("v_final"), torch.Tensor):
+            state = dict(state, v_final=state["v_final"].detach())
+        return state
+
     def effective_theta(self):
         """The threshold the neuron uses: ``max(theta, theta_floor)``."""
         return torch.maximum(self.theta, self.theta_floor)
@@ -81,6 +97,11 @@ class _MultiStepNeuron(nn.Module):
         """(v0, alpha) for one call on ``x_seq``."""
         if self.stateful and self.v_final is not None:
             v0 = self.v_final
+            if v0.shape != x_seq.shape[1:]:
+                raise ValueError(
+                    f"stateful neuron: the potential kept from the last call has shape "
+                    f"{tuple(v0.shape)}, this call's steps have shape {tuple(x_seq.shape[1:])}; "
+                    "call reset() before a new batch or image size")
         elif self.v_init == "half":
             th = self.effective_theta()
             if th.dim() == 1:

@@ -37,6 +37,21 @@ def register_fused_op(stem, kernel_module, fake_fwd, fake_bwd, setup_context, ba
         torch.library.register_fake(fwd)(fake_fwd)
         torch.library.register_fake(bwd)(fake_bwd)
         torch.library.register_autograd(fwd, backward_via(bwd_op), setup_context=setup)
+        torch.library.register_autograd(bwd, _no_double_backward(stem),
+                                        setup_context=lambda ctx, inputs, output: None)
+
+
+def _no_double_backward(stem):
+    """The backward op's own autograd formula: a clear error. The fused backward
+    kernels compute first-order gradients only; without a formula, a gradient taken
+    with ``create_graph=True`` would be silently treated as constant (its own
+    gradient zero)."""
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"spikingir: double backward through the fused {stem} op is not supported "
+            "(its gradient is not differentiable); use backend='torch' for "
+            "higher-order gradients")
+    return backward
 
 
 def register_inference_op(name, kernel_module, fake):

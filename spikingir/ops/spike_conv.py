@@ -272,8 +272,13 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
     b = None if bias is None else bias.float().contiguous()
     save = torch.is_grad_enabled() and w.requires_grad
     dense_rate = dense_rates(chosen, w.shape[1], w.shape[0])[0]
-    out, _ = fused_forward("spike_conv2d", chosen)(s.contiguous(), w, b, stride, padding,
-                                                   dense_rate, bool(validate), save)
+    try:
+        out, _ = fused_forward("spike_conv2d", chosen)(s.contiguous(), w, b, stride, padding,
+                                                       dense_rate, bool(validate), save)
+    except ValueError:
+        if validate and not torch.compiler.is_compiling():
+            check_binary(s)  # the kernels only say "other values": name the first one
+        raise
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
@@ -305,8 +310,9 @@ def _spike_conv2d_masks(masks, weight, bias, stride, padding, validate, backend,
                              f"{C} bits of the masks may be set)")
     out_dtype = torch.promote_types(torch.float32, weight.dtype)
     chosen = backends.choose("spike_conv2d_masks", masks.device, torch.float32, backend)
-    if chosen == "torch":
-        y = spike_conv2d_reference(masks.to_dense(weight.dtype), weight, bias, stride, padding)
+    if chosen == "torch":  # in out_dtype, like the fused backends' results
+        y = spike_conv2d_reference(masks.to_dense(out_dtype), weight.to(out_dtype),
+                                   None if bias is None else bias.to(out_dtype), stride, padding)
         return y if out is None else out.copy_(y)
     w = weight.float().contiguous()
     b = None if bias is None else bias.float().contiguous()
