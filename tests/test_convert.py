@@ -105,12 +105,15 @@ def test_bad_conversion_arguments():
         to_snn(ann, [], 4)
     with pytest.raises(ValueError, match=r"calib_images: expected \[B, 1, H, W\] tensors, got \(1, 3, 24, 24\)"):
         to_snn(ann, images(3), 4)
-    with pytest.raises(ValueError, match="got ndarray"):
-        to_snn(ann, [images(1)[0].numpy()], 4)
-    # float64 (or other float) inputs are the same images to the float32 network
+    with pytest.raises(ValueError, match="got str"):
+        to_snn(ann, ["image.png"], 4)
+    # float64 (or other float) inputs, numpy arrays too, are the same images to the
+    # float32 network
     a = to_snn(ann, images(1), 3)
-    b = to_snn(ann, [x.double() for x in images(1)], 3)
-    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    for other in ([x.double() for x in images(1)], [x.numpy() for x in images(1)]):
+        b = to_snn(ann, other, 3)
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),
+                                                      b.state_dict().values()))
 
 
 def test_recycled_rate_is_clamped_at_zero():
