@@ -311,6 +311,9 @@ def if_multistep(x_seq, theta, *, v0=None, surrogate="sigmoid", alpha=4.0, detac
 
     A NaN input makes that neuron's potential NaN from then on: it never fires
     again (``NaN >= theta`` is false) and its ``v_final`` is NaN.
+
+    The fused backends give first-order gradients: differentiating a gradient
+    taken with ``create_graph=True`` raises (``backend="torch"`` supports it).
     """
     return _neuron(x_seq, theta, None, alpha, reuse_step=False, reuse_alpha=0.75, v0=v0,
                    surrogate=surrogate, detach_reset=detach_reset, scale_output=scale_output,

@@ -251,7 +251,8 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
         The fused backends compute in float32 (triton: exact integer
         accumulation of a 23-bit per-channel fixed point), equal to ``F.conv2d``
         to float32 rounding and bitwise reproducible run to run. For backward
-        the spikes are kept bit-packed (1 bit per spike).
+        the spikes are kept bit-packed (1 bit per spike); first-order gradients
+        only (double backward raises on the fused backends).
     """
     stride, padding = _check(s, weight, bias, stride, padding)
     if isinstance(s, SpikeMasks):
