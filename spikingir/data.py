@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -117,7 +118,28 @@ def load_image(path, gray: bool | None = None) -> np.ndarray:
     """
     if gray is not None and not isinstance(gray, bool):
         raise TypeError(f"load_image: gray must be None or a bool, got {type(gray).__name__}")
-    return _pil_to_float(_open(path), gray)
+    img = _open(path)
+    depth, colour_type = _png_ihdr(path)
+    if depth == 16 and img.mode not in _GRAY16_MODES:
+        # Pillow has no 16-bit colour or gray+alpha modes: it hands over 8 bits
+        warnings.warn(f"{path}: a 16-bit PNG with {'alpha' if colour_type in (4, 6) else 'colour'} "
+                      "is read at 8-bit precision (Pillow keeps 16 bits for grayscale without "
+                      "alpha only)", stacklevel=2)
+        if gray is None and colour_type == 4:  # gray + alpha: still a gray image
+            gray = True
+    return _pil_to_float(img, gray)
+
+
+def _png_ihdr(path) -> tuple[int | None, int | None]:
+    """(bit depth, colour type) from a PNG's IHDR chunk; (None, None) for other files."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None, None
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None, None
+    return head[24], head[25]
 
 
 def is_16bit_gray(path) -> bool:
@@ -315,8 +337,11 @@ class DnCNNPatches(Dataset):
         self.images: list[torch.Tensor] = []  # scaled images, uint8 or float32
         index = []
         for src in sources:
-            arr = load_image(src, gray=True) if isinstance(src, (str, os.PathLike)) else src
-            quantize = isinstance(src, (str, os.PathLike)) or arr.dtype == np.uint8
+            from_file = isinstance(src, (str, os.PathLike))
+            arr = load_image(src, gray=True) if from_file else src
+            # 8-bit sources are re-quantised as the reference generator does; 16-bit
+            # gray files keep their precision, as float arrays do
+            quantize = (not is_16bit_gray(src)) if from_file else arr.dtype == np.uint8
             base = torch.from_numpy(np.asarray(arr, dtype=np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0))
             h, w = base.shape
             for s in scales:
@@ -339,6 +364,9 @@ class DnCNNPatches(Dataset):
         if isinstance(images, (str, os.PathLike)):
             return list(list_images(images))
         if isinstance(images, np.ndarray):
+            if images.ndim == 3 and images.shape[-1] in (3, 4):
+                raise ValueError(f"DnCNNPatches: an array of shape {images.shape} looks like a colour "
+                                 "image; pass grayscale H x W arrays (a 3-D array is a stack [N, H, W])")
             images = [images] if images.ndim == 2 else list(images)
         if not isinstance(images, Sequence) or len(images) == 0:
             raise ValueError("DnCNNPatches: images must be a directory or a non-empty sequence of paths/arrays")
@@ -460,7 +488,7 @@ class DehazePairs(Dataset):
         return sorted(ids, key=lambda s: (0, int(s), s) if s.isdigit() else (1, 0, s))
 
     def _norm_scenes(self, scenes) -> set[str]:
-        if isinstance(scenes, (str, int)):
+        if isinstance(scenes, (str, numbers.Integral)):
             scenes = [scenes]
         wanted = {str(s) for s in scenes}
         unknown = wanted - set(self.scenes)
@@ -538,7 +566,8 @@ def depth_proxy(clean: np.ndarray) -> np.ndarray:
     from scipy.ndimage import gaussian_filter
 
     img = np.asarray(clean, dtype=np.float64)
-    luma = img if img.ndim == 2 else img[..., :3] @ np.array([0.299, 0.587, 0.114])
+    luma = (img if img.ndim == 2 else img[..., 0] if img.shape[-1] == 1
+            else img[..., :3] @ np.array([0.299, 0.587, 0.114]))
     h, w = luma.shape
     sigma = max(1.0, min(h, w) / 16.0)
     height = np.repeat(np.linspace(1.0, 0.0, h)[:, None], w, axis=1)

@@ -32,6 +32,7 @@ returns the exact ``(Cout/groups) * (kh/sh) * (kw/sw)`` when they do;
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import numbers
 from collections.abc import Sequence
@@ -66,10 +67,22 @@ def _check_shape(input_shape) -> tuple[int, ...]:
         input_shape = tuple(input_shape)
     if not isinstance(input_shape, Sequence) or isinstance(input_shape, str):
         raise TypeError(f"input_shape must be a sequence of ints, got {type(input_shape).__name__}")
-    if len(input_shape) != 4 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
-                                        for d in input_shape):
+    if len(input_shape) != 4 or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
+                                        and d >= 1 for d in input_shape):
         raise ValueError(f"input_shape must be 4 positive ints (B, C, H, W), got {input_shape}")
-    return tuple(input_shape)
+    return tuple(int(d) for d in input_shape)
+
+
+@contextlib.contextmanager
+def kept_modes(*nets):
+    """Restores the train/eval flag of every submodule of ``nets`` on exit (a
+    ``net.train(mode)`` would reset e.g. a BatchNorm the user froze in eval)."""
+    modes = [(m, m.training) for net in nets for m in net.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def conv_macs(model: nn.Module, input_shape, device="meta") -> list[tuple[str, nn.Conv2d, int]]:
@@ -101,12 +114,11 @@ def conv_macs(model: nn.Module, input_shape, device="meta") -> list[tuple[str, n
     handles = [m.register_forward_hook(hook) for m in run.modules() if isinstance(m, nn.Conv2d)]
     if not handles:
         raise ValueError(f"conv_macs: {type(model).__name__} has no nn.Conv2d layers")
-    was_training = run.training
     try:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         x = torch.zeros(shape, device=device, dtype=dtype)
-        run.eval()
-        with torch.no_grad():
+        with torch.no_grad(), kept_modes(run):
+            run.eval()
             try:
                 run(x)
             except NotImplementedError as err:
@@ -115,7 +127,6 @@ def conv_macs(model: nn.Module, input_shape, device="meta") -> list[tuple[str, n
     finally:
         for h in handles:
             h.remove()
-        run.train(was_training)
     if run is not model:  # report the caller's modules, not the meta copy's
         orig = dict(model.named_modules())
         records = [(n, orig[n], m) for n, _, m in records]
@@ -153,7 +164,7 @@ def snn_energy_mj(snn_or_macs, image_or_sops, pj_per_mac: float = E_MAC_PJ,
     ``snn_energy_mj(snn, image)``: runs the converted SNN (``spikingir.convert.
     to_snn`` / ``load_snn``) on ``image`` [B, C, H, W] without gradients and counts
     the spikes it actually emits; the analog read-out of the recycled residual
-    potential counts as MACs. ``snn_energy_mj(first_layer_macs, sops)``: from
+    potential and AOD-Net's DC-offset corrections count as MACs. ``snn_energy_mj(first_layer_macs, sops)``: from
     counts.
     """
     if isinstance(snn_or_macs, nn.Module):
@@ -168,8 +179,9 @@ def snn_energy_mj(snn_or_macs, image_or_sops, pj_per_mac: float = E_MAC_PJ,
         finally:
             snn.record_stats(was)
         st = snn.stats
-        return snn_energy_mj(st["first_layer_macs"] + st["readout_macs"], st["sops"], pj_per_mac,
-                             pj_per_sop)
+        # the same count as snn.energy_mj() (what evaluate reports), at these prices
+        return snn_energy_mj(st["first_layer_macs"] + st["readout_macs"] + st.get("offset_macs", 0),
+                             st["sops"], pj_per_mac, pj_per_sop)
     return mac_energy_mj(snn_or_macs, pj_per_mac) + sop_energy_mj(image_or_sops, pj_per_sop)
 
 

@@ -10,12 +10,13 @@ import json
 import numbers
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from spikingir.energy import ann_energy_mj
+from spikingir.energy import ann_energy_mj, kept_modes
 from spikingir.metrics import psnr, ssim, to_uint8
 
 
@@ -61,12 +62,16 @@ def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None, devic
     by ``--json``. If ``outputs`` is a dict, restored images are stored in it
     as ``outputs[(name, "ann" | T)]``. ``device``: where both networks run
     (they are moved there; default: where they are). ``amp``: both networks in
-    bf16 mixed precision (:func:`bf16_inference`)."""
+    bf16 mixed precision (:func:`bf16_inference`; their weights stay
+    channels-last afterwards). The networks' train/eval modes, the SNN's stats
+    recording and spike-conv setting are restored on return."""
     if task not in ("denoise", "dehaze"):
         raise ValueError(f"task: expected 'denoise' or 'dehaze', got {task!r}")
     if not samples:
         raise ValueError("evaluate: no images")
-    timesteps = list(timesteps) if isinstance(timesteps, (list, tuple)) else [timesteps]
+    timesteps = ([timesteps] if isinstance(timesteps, numbers.Integral) or
+                 not isinstance(timesteps, Iterable) or isinstance(timesteps, str)
+                 else list(timesteps))  # a list, tuple, range, numpy array, ...
     if not timesteps or not all(isinstance(T, numbers.Integral) and not isinstance(T, bool)
                                 and T >= 1 for T in timesteps):
         raise ValueError(f"timesteps: expected ints >= 1, got {timesteps!r}")
@@ -80,14 +85,24 @@ def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None, devic
         ann.to(device)
         snn.to(device)
     dev = next(ann.parameters()).device
-    ann.eval()
-    snn.eval()
-    if amp:
-        ann, snn = bf16_inference(ann), bf16_inference(snn)
-    fmt = torch.channels_last if amp else torch.contiguous_format
-    with amp_context(dev, amp):
-        return _evaluate(task, ann, snn, samples, timesteps, sigma, outputs,
-                         lambda x: x.to(dev).contiguous(memory_format=fmt))
+    # the networks come back as they came (modes, stats recording, spike convs)
+    was_recording = getattr(snn, "_record", False)
+    spike_conv = ((snn.spike_conv, snn.spike_conv_backend, snn.spike_masks)
+                  if hasattr(snn, "use_spike_conv") else None)
+    with kept_modes(ann, snn):
+        ann.eval()
+        snn.eval()
+        if amp:
+            ann, snn = bf16_inference(ann), bf16_inference(snn)
+        fmt = torch.channels_last if amp else torch.contiguous_format
+        try:
+            with amp_context(dev, amp):
+                return _evaluate(task, ann, snn, samples, timesteps, sigma, outputs,
+                                 lambda x: x.to(dev).contiguous(memory_format=fmt))
+        finally:
+            snn.record_stats(was_recording)
+            if spike_conv is not None:
+                snn.use_spike_conv(*spike_conv)
 
 
 def _evaluate(task, ann, snn, samples, timesteps, sigma, outputs, place):
@@ -121,14 +136,14 @@ def _evaluate(task, ann, snn, samples, timesteps, sigma, outputs, place):
                                   "energy_mj": e, "firing_rate": f})
     finally:
         snn.timesteps = saved_t
-        snn.record_stats(False)
     return report
 
 
 def markdown_table(report, title=None):
     """The paper-style table of a report."""
     a = report["ann"]
-    head = title or (f"{report['task']}" + (f", sigma={report['sigma']:g}" if report["sigma"] else "")
+    head = title or (f"{report['task']}" + (f", sigma={report['sigma']:g}"
+                                            if report["sigma"] is not None else "")
                      + f", {report['images']} images")
     lines = [f"**{head}**", "",
              "| Network | T | PSNR (dB) | SSIM | PSNR loss (dB) | Conversion rate (%) | "

@@ -56,10 +56,11 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     ``distill`` in [0, 1]: train towards ``distill x teacher(input) + (1 -
     distill) x clean`` (knowledge distillation: the ANN's output is a
     deterministic target, without the clean image's irreducible part that no
-    network can predict from the degraded input). Returns the FitResult.
+    network can predict from the degraded input). Returns the FitResult; the
+    SNN is left in eval mode at the largest T.
     """
     import torch.nn.functional as F
-    from spikingir.data import DehazePairs, DnCNNPatches, noisy
+    from spikingir.data import DehazePairs, DnCNNPatches, _check_sigma, noisy
     from spikingir.metrics import ssim_tensor
 
     patch = patch or DEFAULT_PATCH.get(task)
@@ -69,8 +70,10 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
         if data is None or val_data is None:
             raise FileNotFoundError("fine-tuning needs training data: pass --data DIR (Train400) "
                                     "and --val-data DIR (Set12)")
+        if sigma is None:
+            raise ValueError("sigma: denoising needs the noise level to train at (e.g. sigma=25)")
+        s = _check_sigma(sigma)
         dataset = DnCNNPatches(data, patch=patch)
-        s = float(sigma)
 
         def make_batch(clean, dev):
             clean = clean.to(dev)
@@ -131,6 +134,9 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
             if energy_weight > 0:  # the energy term of the forward that produced `out`
                 loss = loss + energy_weight * (snn.energy_ratio - energy_target).clamp_min(0)
             return loss
+    # what fine-tuning changes besides the weights, restored below
+    mapper_grad = [(p, p.requires_grad) for p in snn.mapper.parameters()]
+    was_tracking = snn._track_energy
     try:
         res = fit(snn, loader, make_batch, val_fn, steps=steps, loss_fn=loss_fn,
                   param_groups=snn.param_groups(lr_weights, lr_neurons, train_mapper),
@@ -141,7 +147,9 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
                   channels_last=channels_last)
     finally:
         snn.timesteps = max(ts)
-        snn.track_energy(False)
+        snn.track_energy(was_tracking)
+        for p, flag in mapper_grad:
+            p.requires_grad_(flag)
         snn.to(memory_format=torch.contiguous_format)  # saved in the default layout
     snn.eval()
     return res

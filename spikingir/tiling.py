@@ -14,6 +14,7 @@ core: the same computation as the whole image, tile by tile.
 torch is imported inside the functions: the ``spikingir`` command reads
 :data:`DEFAULT_TILE` before torch loads (see ``spikingir/__init__.py``).
 """
+import numbers
 
 #: Core size of a tile (pixels per side): a 512 x 512 tile of the DnCNN SNN at
 #: T=10 (with its margins) holds ~1 GB per layer's currents.
@@ -21,9 +22,12 @@ DEFAULT_TILE = 512
 
 
 def receptive_radius(model) -> int:
-    """Sum over the model's ``nn.Conv2d`` modules of ``dilation * (k - 1) // 2``:
-    the receptive radius of a network of stride-1 convolutions and per-pixel
-    operations (an upper bound when not every conv lies on one path)."""
+    """Sum over the model's ``nn.Conv2d`` modules of how far each reaches from an
+    output pixel, ``max(p, d (k - 1) - p)`` per axis (padding p, dilation d; with
+    ``padding="same"`` torch pads ``d (k - 1) // 2`` before and the rest after, so
+    an even kernel reaches one pixel further on one side): the receptive radius
+    of a network of stride-1 convolutions and per-pixel operations (an upper
+    bound when not every conv lies on one path)."""
     from torch import nn
     r = 0
     for m in model.modules():
@@ -31,7 +35,13 @@ def receptive_radius(model) -> int:
             if any(s != 1 for s in m.stride):
                 raise ValueError("receptive_radius: strided convolutions are not supported; "
                                  "pass margin= explicitly")
-            r += max(d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size))
+            reach = []
+            for i, (d, k) in enumerate(zip(m.dilation, m.kernel_size)):
+                span = d * (k - 1)
+                p = (span // 2 if m.padding == "same" else 0) if isinstance(m.padding, str) \
+                    else m.padding[i]
+                reach.append(max(p, span - p))
+            r += max(reach)
     return r
 
 
@@ -48,6 +58,9 @@ def run_tiled(fn, x, tile: int = DEFAULT_TILE, margin: int = 0):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"run_tiled: expected an image batch [B, C, H, W], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    for name, v in (("tile", tile), ("margin", margin)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"run_tiled: {name} must be an int, got {v!r}")
     if margin < 0:
         raise ValueError(f"run_tiled: margin must be >= 0, got {margin}")
     H, W = x.shape[-2:]

@@ -428,9 +428,14 @@ def fit(model: nn.Module, train_loader: Iterable, make_batch: Callable, val_fn: 
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     if ckpt_path is not None and resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, map_location="cpu")
+        # Optimizer.load_state_dict restores the saved groups' hyperparameters too;
+        # this call's (learning rates, weight decay) win, the moments are resumed.
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         try:
             model.load_state_dict(ck["model"], strict=True)
             opt.load_state_dict(ck["optimizer"])
+            for g, h in zip(opt.param_groups, hyper):
+                g.update(h)
         except (RuntimeError, ValueError, KeyError) as err:
             from spikingir.pipeline import _first_line  # load_state_dict's header + its detail
             raise ValueError(f"checkpoint {ckpt_path} does not fit this model/optimizer: "

@@ -326,3 +326,31 @@ def test_restore_layout_and_tile_checks():
         with pytest.raises(ValueError, match="tile: expected None or an int >= 0"):
             restore(img, snn, tile=tile)
 
+
+def test_evaluate_and_finetune_leave_the_networks_as_they_were(tmp_path):
+    """evaluate restores the train/eval modes, the stats switch and the spike-conv
+    setting (also after amp); finetune_snn restores the mapper's requires_grad and
+    the energy-tracking switch, and asks for sigma when denoising."""
+    from spikingir.evaluate import evaluate
+    from spikingir.finetune import finetune_snn
+    from spikingir.pipeline import denoise_samples
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(tmp_path / f"t{i}.png")
+    ann, snn = small_snn()
+    ann.train()
+    ann.body[1].eval()
+    snn.train().record_stats(True).use_spike_conv(True, backend="torch", masks=False)
+    samples = denoise_samples(25, tmp_path, crop=16)
+    for amp in (False, True):
+        evaluate("denoise", ann, snn, samples, [2], sigma=25, amp=amp)
+        assert ann.training and not ann.body[1].training and snn.training and snn._record
+        assert (snn.spike_conv, snn.spike_conv_backend, snn.spike_masks) == (True, "torch", False)
+    snn.track_energy(True)
+    finetune_snn(snn, "denoise", sigma=25, data=tmp_path, val_data=tmp_path, steps=1,
+                 batch_size=2, patch=16, val_crop=16, progress=False, log=lambda _: None,
+                 train_mapper=False)
+    assert all(p.requires_grad for p in snn.mapper.parameters()) and snn._track_energy
+    with pytest.raises(ValueError, match="sigma: denoising needs the noise level"):
+        finetune_snn(snn, "denoise", data=tmp_path, val_data=tmp_path, steps=1)
+

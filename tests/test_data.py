@@ -185,6 +185,8 @@ def test_dncnn_patches_resize_and_augment():
 def test_dncnn_patches_checks(tmp_path):
     with pytest.raises(ValueError, match="no 40 x 40 patch"):
         DnCNNPatches([np.zeros((30, 30), np.float32)])
+    with pytest.raises(ValueError, match="looks like a colour image"):
+        DnCNNPatches(np.zeros((50, 50, 3), np.float32))
     with pytest.raises(ValueError, match="2-D"):
         DnCNNPatches([np.zeros((50, 50, 3), np.float32)])
     with pytest.raises(ValueError, match="scales"):
@@ -318,6 +320,48 @@ def test_synthesize_haze_checks():
         synthesize_haze(clean, rng="seed")
     with pytest.raises(ValueError):
         synthesize_haze(np.zeros((8, 8, 4), np.float32))
+
+
+def test_synthesize_haze_of_a_one_channel_image():
+    clean = np.random.default_rng(0).random((16, 12, 1)).astype(np.float32)
+    a = synthesize_haze(clean, beta=1.0, A=0.8)
+    b = synthesize_haze(clean[..., 0], beta=1.0, A=0.8)
+    np.testing.assert_array_equal(np.squeeze(np.asarray(a.hazy)), np.asarray(b.hazy))
+
+
+def _write_png16(path, a, colour_type):
+    """A 16-bit PNG of ``colour_type`` (0 gray, 2 RGB, 4 gray+alpha, 6 RGBA) from
+    uint16 [H, W, channels], written by hand: Pillow cannot write these."""
+    import struct
+    import zlib
+    h, w = a.shape[:2]
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n"
+                           + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+                           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_sixteen_bit_pngs(tmp_path):
+    """16-bit gray keeps 16 bits (also as training patches); gray+alpha is still a
+    gray image; 16-bit colour says it is read at 8 bits (Pillow's limit)."""
+    rng = np.random.default_rng(0)
+    g = rng.integers(0, 65536, (50, 47, 2)).astype(np.uint16)
+    gray = load_image(_write_png16(tmp_path / "g.png", g[..., :1], 0))
+    np.testing.assert_allclose(gray, g[..., 0] / 65535, atol=1e-7)
+    with pytest.warns(UserWarning, match="8-bit precision"):
+        la = load_image(_write_png16(tmp_path / "la.png", g, 4))
+    assert la.shape == (50, 47)
+    np.testing.assert_allclose(la, g[..., 0] / 65535, atol=1 / 255)
+    with pytest.warns(UserWarning, match="16-bit PNG with colour"):
+        assert load_image(_write_png16(tmp_path / "rgb.png", rng.integers(
+            0, 65536, (5, 6, 3)).astype(np.uint16), 2)).shape == (5, 6, 3)
+    patches = DnCNNPatches([tmp_path / "g.png"], scales=(1,), augment=False)
+    np.testing.assert_allclose(patches[0][0].numpy(), gray[:40, :40], atol=1e-6)
 
 
 def test_motorcycle_haze():

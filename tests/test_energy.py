@@ -1,4 +1,5 @@
 """The paper's energy model: ANN MACs, SOP helpers, fan-out."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,3 +133,28 @@ def test_snn_energy_of_a_converted_network():
     assert st["first_layer_macs"] == 8 * 9 * 12 * 10
     with pytest.raises(TypeError, match="converted SNN"):
         snn_energy_mj(ann, x)
+
+
+def test_snn_energy_counts_aodnet_offsets():
+    """snn_energy_mj(snn, image) is the count evaluate reports (energy_mj()),
+    AOD-Net's DC-offset corrections included."""
+    from spikingir.pipeline import load_shipped_snn
+    snn = load_shipped_snn("dehaze", timesteps=3)  # converted with offsets
+    x = torch.rand(1, 3, 16, 20, generator=torch.Generator().manual_seed(0))
+    e = snn_energy_mj(snn, x)
+    with torch.no_grad():
+        snn.record_stats()(x)
+    assert snn.stats["offset_macs"] > 0
+    assert e == pytest.approx(snn.energy_mj())
+
+
+def test_conv_macs_keeps_every_module_mode():
+    """A real-device count restores each submodule's own train/eval flag (e.g. a
+    BatchNorm frozen in eval inside a model in training)."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 1, 3, padding=1)).train()
+    net[1].eval()
+    conv_macs(net, (1, 1, 8, 8), device="cpu")
+    assert net.training and net[0].training and not net[1].training
+    assert ann_macs(net, tuple(np.array([1, 1, 8, 8]))) == ann_macs(net, (1, 1, 8, 8))
+

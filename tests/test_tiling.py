@@ -17,6 +17,20 @@ def test_receptive_radius():
         receptive_radius(nn.Conv2d(1, 1, 3, stride=2))
 
 
+def test_receptive_radius_of_even_kernels_and_one_sided_padding():
+    """padding="same" with an even kernel pads one more pixel after than before,
+    and an explicit padding can exceed half the kernel: the radius is each conv's
+    reach on its farther side, so tiles still give the whole image."""
+    torch.manual_seed(0)
+    even = nn.Sequential(nn.Conv2d(1, 4, 4, padding="same"), nn.ReLU(),
+                         nn.Conv2d(4, 1, 4, padding="same")).eval()
+    assert receptive_radius(even) == 2 + 2
+    assert receptive_radius(nn.Conv2d(1, 1, 3, padding=(1, 2))) == 2
+    x = torch.rand(1, 1, 50, 43)
+    with torch.no_grad():
+        assert torch.equal(run_tiled(even, x, 16, receptive_radius(even)), even(x))
+
+
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_tiles_give_the_whole_image(neuron):
     """With margin = the receptive radius the tiled SNN output is the whole-image
@@ -47,6 +61,8 @@ def test_bad_input():
         run_tiled(lambda t: t, torch.zeros(3, 4, 4))
     with pytest.raises(ValueError, match="margin"):
         run_tiled(lambda t: t, torch.zeros(1, 1, 4, 4), tile=2, margin=-1)
+    with pytest.raises(ValueError, match="tile must be an int"):
+        run_tiled(lambda t: t, torch.zeros(1, 1, 4, 4), tile=2.5)
     with pytest.raises(ValueError, match="spatial size"):
         run_tiled(lambda t: t[..., 1:, :], torch.zeros(1, 1, 9, 9), tile=4)
 

@@ -224,6 +224,29 @@ def test_resume_with_other_settings_says_which(tmp_path, one_thread):
     assert "batch_size" not in notes[0]
 
 
+def test_resume_with_a_new_learning_rate_uses_it(tmp_path, one_thread):
+    """The resumed run's learning rate (and weight decay) are this call's, not the
+    checkpoint's; the optimizer's moments are resumed."""
+    seen, opts = [], []
+
+    def run(lr, wd, stop_after=None):
+        def adam(groups):
+            opts.append(torch.optim.Adam(groups, lr=lr, weight_decay=wd))
+            return opts[-1]
+
+        def val(model):
+            g = opts[-1].param_groups[0]
+            seen.append((g["lr"], g["weight_decay"]))
+            return {"psnr": 0.0}
+        train.fit(_tiny_model(), [torch.rand(2, 1, 16, 16)], _make_batch, val, steps=4,
+                  stop_after=stop_after, optimizer=adam, schedule="constant", val_every=1,
+                  checkpoint=tmp_path / "c.ckpt", log_every=0, progress=False, log=lambda _: None)
+    run(1e-3, 0.0, stop_after=2)
+    run(1e-1, 1e-4)
+    assert seen == [(1e-3, 0.0)] * 2 + [(1e-1, 1e-4)] * 2, seen
+    assert opts[-1].state  # Adam's moments came back from the checkpoint
+
+
 def test_resume_rejects_another_model(tmp_path, one_thread):
     _run(tmp_path, "m", steps=2)
     with pytest.raises(ValueError, match="does not fit"):
