@@ -91,7 +91,8 @@ def _add_model_args(p, snn_weights=True):
     if snn_weights:
         p.add_argument("--snn-weights", default=None,
                        help="SNN file from `spikingir convert` or `finetune` (default: the shipped "
-                            "one, else a conversion of the ANN)")
+                            "fine-tuned SNN of the shipped ANN; a conversion of the ANN instead "
+                            "with --ann-weights or any conversion option, e.g. --neuron if)")
 
 
 def _layer_calibration(args):
@@ -133,9 +134,9 @@ def _add_amp_arg(p, what):
 
 
 def _add_conversion_args(p):
-    p.add_argument("--neuron", choices=["mprn", "if"], default="mprn",
+    p.add_argument("--neuron", choices=["mprn", "if"], default=CONVERSION_DEFAULTS["neuron"],
                    help="spiking neuron: mprn (membrane potential reuse, default) or if")
-    p.add_argument("--percentile", type=_percentile, default=99.9,
+    p.add_argument("--percentile", type=_percentile, default=CONVERSION_DEFAULTS["percentile"],
                    help="thresholds: this percentile of each channel's (layer's) ReLU activations "
                         "on the calibration images (default 99.9). Lower values trade energy for "
                         "PSNR: with the weights calibration, 99 measured -0.19 dB loss at T=10 for "
@@ -144,17 +145,18 @@ def _add_conversion_args(p):
     p.add_argument("--per-layer", action="store_true",
                    help="one threshold per layer (default: per channel; measured on DnCNN s25, "
                         "T=10: per-channel loses 3.14 dB before fine-tuning, per-layer 4.44)")
-    p.add_argument("--v0", choices=["half", "zero"], default="half",
+    p.add_argument("--v0", choices=["half", "zero"], default=CONVERSION_DEFAULTS["v0"],
                    help="initial membrane potential (default half: theta/2)")
     p.add_argument("--no-recycling", action="store_true",
                    help="read out without membrane-potential recycling (the residual potential term)")
-    p.add_argument("--offset-percentile", type=_offset_percentile, default="auto", metavar="Q",
+    p.add_argument("--offset-percentile", type=_offset_percentile,
+                   default=CONVERSION_DEFAULTS["offset_percentile"], metavar="Q",
                    help="AOD-Net: code each channel less its DC offset, the Q-th percentile of its "
                         "activations; auto (default): 1 for AOD-Net, none for DnCNN. Measured "
                         "before fine-tuning at T=10: 17.65 -> 18.69 dB, SSIM 0.709 -> 0.803, "
                         "energy 1.09 -> 0.77 of the ANN")
     p.add_argument("--layer-calibration", choices=["auto", "none", "bias", "weights"],
-                   default="auto",
+                   default=CONVERSION_DEFAULTS["layer_calibration"],
                    help="DnCNN: after conversion, calibrate layer by layer on the calibration "
                         "images so each spiking layer reproduces its ANN activation: bias "
                         "(per-channel bias correction) or weights (least-squares weights, then "
@@ -167,18 +169,39 @@ def _add_conversion_args(p):
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
 
 
+#: The conversion options' defaults (_add_conversion_args): any other value asks for
+#: a conversion, so the shipped fine-tuned SNN is not used in its place.
+CONVERSION_DEFAULTS = {"neuron": "mprn", "percentile": 99.9, "per_layer": False, "v0": "half",
+                       "no_recycling": False, "offset_percentile": "auto",
+                       "layer_calibration": "auto"}
+
+
+def _conversion_options_given(args):
+    """The conversion options (as ``--name``) set to other values than their defaults."""
+    return ["--" + name.replace("_", "-") for name, default in CONVERSION_DEFAULTS.items()
+            if getattr(args, name, default) != default]
+
+
 def _get_snn(task, sigma, ann, timesteps, args, ann_given):
-    """The shipped fine-tuned SNN when it applies, else a fresh conversion of ``ann``."""
+    """``--snn-weights``; else the shipped fine-tuned SNN when it applies (the
+    shipped ANN and no conversion option given); else a fresh conversion of ``ann``
+    with the conversion options."""
     from spikingir.pipeline import ann_fingerprint, calibration_inputs, for_inference, load_snn
     from spikingir.weights import SNN_FILES, WEIGHTS_DIR
 
+    given = _conversion_options_given(args)
     path = getattr(args, "snn_weights", None)
-    if path is None and not ann_given:
+    if path is not None and [o for o in given if o != "--no-recycling"]:
+        print(f"spikingir {args.command}: note: {', '.join(o for o in given if o != '--no-recycling')} "
+              f"ignored: {path} is an SNN converted already", file=sys.stderr)
+    if path is None and not ann_given and not given:
         name = SNN_FILES.get((task, sigma))
         if name and (WEIGHTS_DIR / name).exists():
             path = WEIGHTS_DIR / name
     if path is not None:
         snn = load_snn(path, backend=args.backend, task=task)
+        if args.no_recycling:  # the one conversion option a converted SNN can drop
+            snn.recycling = False
         trained = snn.meta.get("sigma")
         if sigma is not None and trained is not None and float(trained) != sigma:
             print(f"spikingir {args.command}: note: {path} was fine-tuned at sigma {trained:g}, "
@@ -384,7 +407,8 @@ def _add_restore(sub):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default) or cuda")
     p.add_argument("--tile", type=_tile_size, default=DEFAULT_TILE,
                    help=f"restore in tiles of N x N pixels (plus the network's receptive radius "
-                        f"around each, so the result is the whole image's) to bound memory: the "
+                        f"around each, so the result is the whole image's up to float32 rounding, "
+                        f"which can flip a spike) to bound memory: the "
                         f"DnCNN SNN holds ~3 GB per megapixel per layer at T=10 (default "
                         f"{DEFAULT_TILE}; 0: the whole image at once)")
     _add_amp_arg(p, "the SNN")
@@ -480,6 +504,10 @@ def _cmd_finetune(args):
         snn = load_snn(args.snn_weights, backend=args.backend, task=args.task)  # finetune_snn sets its T
         if args.no_recycling:  # the one conversion option a converted SNN can drop
             snn.recycling = False
+        ignored = [o for o in _conversion_options_given(args) if o != "--no-recycling"]
+        if ignored:
+            print(f"spikingir finetune: note: {', '.join(ignored)} ignored: {args.snn_weights} "
+                  "is an SNN converted already", file=sys.stderr)
     else:
         # the teacher, when distilling, is this same ANN (to_snn converts a copy of it);
         # resuming, the checkpoint replaces every weight: no layer calibration to redo
@@ -623,8 +651,10 @@ def _cmd_demo(args):
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the main job: ANN vs SNN on built-in photos, both tasks",
-                       description="Converts the shipped DnCNN (sigma=25) and AOD-Net, evaluates ANN vs "
-                                   "SNN on scikit-image's bundled photos, prints the tables, writes figures.")
+                       description="Evaluates the shipped DnCNN (sigma=25) and AOD-Net against their "
+                                   "shipped fine-tuned SNNs (or, given a conversion option, fresh "
+                                   "conversions of the ANNs with it) on scikit-image's bundled "
+                                   "photos; prints the tables, writes figures.")
     p.add_argument("--timesteps", type=_positive_int, nargs="+", default=[4, 10],
                    help="the T to evaluate the SNNs at (default 4 10)")
     p.add_argument("--crop", type=_positive_int, default=160, help="denoising crops (N x N)")

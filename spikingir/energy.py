@@ -22,8 +22,8 @@ A spike of input channel ci reaches the Cout/groups output channels of its group
 at each of the kh*kw output positions whose receptive field covers it
 (dilation does not change the count). Near the border fewer positions exist
 (zero padding is outside the image, so nothing is computed there); the model
-count ``spikes x fan-out`` ignores this, overcounting by ~1% for a 3x3 conv
-on a 481x321 image. ``conv_sops(conv, spikes)`` gives the exact,
+count ``spikes x fan-out`` ignores this, overcounting by ~0.35% for a 3x3 conv
+on a 481x321 image (the border pixels' missing third: (2/481 + 2/321) / 3). ``conv_sops(conv, spikes)`` gives the exact,
 border-aware count for a concrete spike tensor if wanted. With stride s > 1 the
 number of outputs a spike reaches depends on its position (kh*kw/s^2 on
 average), so ``conv_fanout`` refuses strides that do not divide the kernel and

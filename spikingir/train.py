@@ -286,7 +286,8 @@ def amp_hint(device, amp, training=True):
     units = cpu_bf16_units()
     if amp and units is None:
         return ("warning: this CPU has neither AMX nor AVX512-BF16, so bf16 autocast (--amp) is "
-                "emulated: an SNN fine-tuning step measured 9x slower than float32 on such a CPU; "
+                "emulated: slower than float32 (an SNN fine-tuning step measured 9x slower on "
+                "such a CPU); "
                 "drop --amp")
     if training and not amp and units is not None:
         return f"hint: this CPU has {units}: bf16 autocast (--amp) trains several times faster here"

@@ -319,6 +319,24 @@ def test_restore_without_sigma_estimates_it(files, tmp_path, capsys):
     assert "snn_dncnn_s50.pt" in stdout and out.exists()
 
 
+def test_conversion_options_convert_instead_of_the_shipped_snn(files, tmp_path, capsys):
+    """A conversion option asks for a conversion of the (shipped) ANN, not the shipped
+    fine-tuned SNN; with an SNN file the options that cannot apply are named as ignored."""
+    out = tmp_path / "o.png"
+    image = str(files / "gray" / "im0.png")
+    common = [image, "-o", str(out), "--task", "denoise", "--sigma", "25", "--timesteps", "1"]
+    code, stdout, err = run(["restore"] + common, capsys)
+    assert code == 0 and "snn_dncnn_s25.pt" in stdout, err
+    code, stdout, err = run(["restore"] + common + ["--neuron", "if", "--layer-calibration",
+                                                    "none"], capsys)
+    assert code == 0 and "converted ANN (if," in stdout and "snn_dncnn_s25" not in stdout, err
+    code, stdout, err = run(["restore"] + common + ["--percentile", "99", "--no-recycling",
+                                                    "--snn-weights",
+                                                    str(WEIGHTS_DIR / "snn_dncnn_s25.pt")], capsys)
+    assert code == 0, err
+    assert "note: --percentile ignored" in err and "--no-recycling" not in err
+
+
 def test_an_snn_used_at_another_sigma_says_so(files, tmp_path, capsys):
     """The shipped s25 SNN at sigma 15 runs (a user may mean it) with a note on stderr."""
     out = tmp_path / "o.png"
