@@ -407,8 +407,8 @@ def _add_restore(sub):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default) or cuda")
     p.add_argument("--tile", type=_tile_size, default=DEFAULT_TILE,
                    help=f"restore in tiles of N x N pixels (plus the network's receptive radius "
-                        f"around each, so the result is the whole image's up to float32 rounding, "
-                        f"which can flip a spike) to bound memory: the "
+                        f"around each, so the result is the whole image's: on the CPU bit for "
+                        f"bit, on a GPU up to float32 rounding) to bound memory: the "
                         f"DnCNN SNN holds ~3 GB per megapixel per layer at T=10 (default "
                         f"{DEFAULT_TILE}; 0: the whole image at once)")
     _add_amp_arg(p, "the SNN")

@@ -9,9 +9,10 @@ the input within the receptive radius ``r`` (the sum of the convolutions' kernel
 radii: 17 for DnCNN-17, 7 for AOD-Net). :func:`run_tiled` runs the network on
 overlapping tiles that extend ``margin >= r`` pixels past their core (clipped at
 the image border, where the zero padding is the image's own) and keeps each
-core: the same computation as the whole image, tile by tile, up to float32
-rounding (a convolution's summation order can depend on the input's size, and a
-potential that lands exactly on a threshold then flips a spike: README.md).
+core: the same computation as the whole image, tile by tile. For the converted
+SNNs on the CPU bit for bit (their input current is rounded once from float64);
+elsewhere up to float32 rounding (a convolution's summation order can depend on
+the input's size, and a potential that lands on a threshold flips a spike).
 
 torch is imported inside the functions: the ``spikingir`` command reads
 :data:`DEFAULT_TILE` before torch loads (see ``spikingir/__init__.py``).
