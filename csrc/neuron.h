@@ -33,7 +33,14 @@ inline void check_common(const at::Tensor& t, const at::Tensor& theta, const at:
   }
   TORCH_CHECK(beta.numel() == theta.numel() && alpha.numel() == theta.numel(),
               "spikingir neuron: theta, beta and alpha must have the same length C");
-  TORCH_CHECK(inner >= 1, "inner must be >= 1");
+  // x is [T, M] with M = B x C x inner (channel c of element m: (m / inner) % C):
+  // C = 0 or an M that is no multiple of C x inner would divide by zero or drop
+  // elements from the per-channel sums. Written so that C x inner cannot overflow.
+  const int64_t C = theta.numel(), M = t.numel() / t.size(0);
+  TORCH_CHECK(C >= 1, "spikingir neuron: theta must have at least one channel");
+  TORCH_CHECK(inner >= 1 && (M == 0 || (inner <= M && C <= M / inner && M % (C * inner) == 0)),
+              "spikingir neuron: the size of one step, ", M, ", must be a multiple of C x inner = ",
+              C, " x ", inner);
 }
 
 inline Params make_params(const at::Tensor& theta, const at::Tensor& beta, const at::Tensor& alpha,

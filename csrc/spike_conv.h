@@ -29,6 +29,14 @@ inline Geometry geometry(int64_t N, int64_t Cin, int64_t H, int64_t W, const at:
   g.kw = weight.size(3);
   g.stride = stride;
   g.pad = pad;
+  // Checked here, where every device's ops compute their shapes: C++ division
+  // truncates toward zero, so a kernel one larger than the padded input would give
+  // Ho = 1 where F.conv2d (and the fake kernels) give 0; 2 * pad must not overflow.
+  TORCH_CHECK(stride >= 1 && pad >= 0 && pad <= (int64_t{1} << 30),
+              "spike_conv2d: stride must be >= 1 and padding in [0, 2^30], got stride ", stride,
+              ", padding ", pad);
+  TORCH_CHECK(H + 2 * pad >= g.kh && W + 2 * pad >= g.kw, "spike_conv2d: kernel ", g.kh, "x",
+              g.kw, " larger than the padded input ", H + 2 * pad, "x", W + 2 * pad);
   g.Ho = (H + 2 * pad - g.kh) / stride + 1;
   g.Wo = (W + 2 * pad - g.kw) / stride + 1;
   return g;

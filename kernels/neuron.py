@@ -14,11 +14,14 @@ even when T * M passes 2^31.
 channels x BLOCK_P pixels through all steps and writes each step's spikes as one
 int64 channel mask per pixel (spikingir/ops/masks.py).
 """
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import checks
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -167,8 +170,10 @@ def _block(M: int) -> int:
 def neuron_fwd_triton(x, theta, beta, v0, alpha, surrogate, reuse_alpha, reuse_step,
                       scale_output, detach_reset, inner, save_bytes):
     """Launcher with the contract of spikingir::neuron_fwd (csrc/ops.cpp)."""
-    T = x.shape[0]
-    M = x.numel() // T
+    op = "neuron_fwd_triton"
+    T, M, _ = checks.neuron_params(op, x, theta, beta, alpha, inner, surrogate, reuse_step)
+    if v0 is not None:
+        checks.tensor(op, "v0", v0, checks.F32, x, numel=M)
     y = torch.empty_like(x)
     vT = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)
     if save_bytes not in (0, 2, 4):
@@ -188,9 +193,11 @@ def neuron_bwd_triton(grad_y, grad_v, saved, theta, beta, alpha, surrogate, reus
                       reuse_step, scale_output, detach_reset, inner, need_theta_grad,
                       need_beta_grad):
     """Launcher with the contract of spikingir::neuron_bwd (csrc/ops.cpp)."""
-    T = grad_y.shape[0]
-    M = grad_y.numel() // T
-    C = theta.numel()
+    op = "neuron_bwd_triton"
+    T, M, C = checks.neuron_params(op, grad_y, theta, beta, alpha, inner, surrogate, reuse_step)
+    checks.tensor(op, "saved", saved, (torch.float32, torch.bfloat16), grad_y, shape=grad_y.shape)
+    if grad_v is not None:
+        checks.tensor(op, "grad_v", grad_v, checks.F32, grad_y, numel=M)
     f32 = dict(dtype=torch.float32, device=grad_y.device)
     gx = torch.empty_like(grad_y)
     gv0 = torch.empty(grad_y.shape[1:], **f32)
@@ -268,13 +275,26 @@ def _neuron_fwd_masks_kernel(x_ptr, v0_ptr, masks_ptr, vT_ptr, theta_ptr, T_if, 
 
 def neuron_fwd_masks_triton(x, theta, v0, reuse_alpha, reuse_step, steps):
     """Launcher with the contract of spikingir::neuron_fwd_masks (csrc/ops.cpp)."""
+    op = "neuron_fwd_masks_triton"
+    checks.tensor(op, "x", x, checks.FLOATS, x)
+    checks.require(x.dim() >= 3 and steps >= 1 + bool(reuse_step) and x.shape[0] in (steps, 1),
+                   op, f"x must be [steps or 1, N, C, ...] with steps >= {1 + bool(reuse_step)}, "
+                   f"got {tuple(x.shape)} and steps {steps}")
     T = steps
     N, C = x.shape[1:3]
-    P = x[0, 0, 0].numel()
+    P = math.prod(x.shape[3:])
+    checks.tensor(op, "theta", theta, checks.F32, x, dim=1)
+    checks.require(theta.numel() in (1, C), op, f"theta must have 1 or C = {C} values, got "
+                   f"{theta.numel()}")
+    if v0 is not None:
+        checks.tensor(op, "v0", v0, checks.F32, x)
+        checks.require(v0.numel() == N * C * P or (v0.dim() == 1 and v0.numel() == C), op,
+                       f"v0 must hold one value per neuron ({N * C * P}) or per channel ({C}), "
+                       f"got {tuple(v0.shape)}")
     Cw = triton.cdiv(C, 64)
     masks = torch.empty((T, N) + tuple(x.shape[3:]) + (Cw,), dtype=torch.int64, device=x.device)
     vT = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)
-    if N * P > 0:
+    if N * P > 0 and C > 0:
         # The interpreter's cost grows with the number of programs: few, large ones there.
         BLOCK_P = min(1 << 12, max(64, triton.next_power_of_2(P))) if _INTERPRET else 64
         n_pb = triton.cdiv(P, BLOCK_P)

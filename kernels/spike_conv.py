@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import checks
+
 #: Bits of the per-output-channel fixed point (|q| <= 2^FRAC_BITS).
 FRAC_BITS = 23
 #: Largest |q| three balanced int8 digits hold.
@@ -417,6 +419,10 @@ def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, valida
     """Launcher with the contract of spikingir::spike_conv2d_fwd (csrc/ops.cpp).
     ``config`` overrides :data:`DEFAULT_CONFIG` (benchmarks/bench_spike_conv.py
     --triton-sweep times alternatives; results are identical by construction)."""
+    op = "spike_conv2d_fwd_triton"
+    checks.tensor(op, "s", s, checks.FLOATS, s, dim=4)
+    checks.conv_geometry(op, s.shape[0], s.shape[2], s.shape[3], weight, s.shape[1], bias,
+                         stride, padding)
     cfg = launch_config(DEFAULT_CONFIG, config, s.shape[1])
     if validate and bool(((s != 0) & (s != 1)).any()):
         raise ValueError("s: expected a binary spike map (only 0 and 1), found other values; "
@@ -447,8 +453,13 @@ def spike_conv2d_fwd_masks_triton(masks, channels, weight, bias, stride, padding
     :data:`MASKS_CONFIG`."""
     # imported here: spikingir.ops imports this module when it registers the ops
     from spikingir.ops.masks import popcount
-    cfg = launch_config(MASKS_CONFIG, config, channels)
+    op = "spike_conv2d_fwd_masks" + ("_out" if out is not None else "") + "_triton"
+    checks.masks(op, masks, channels, masks)
     N, H, W, _ = masks.shape
+    Ho, Wo = checks.conv_geometry(op, N, H, W, weight, channels, bias, stride, padding)
+    if out is not None:
+        checks.tensor(op, "out", out, checks.F32, masks, shape=(N, weight.shape[0], Ho, Wo))
+    cfg = launch_config(MASKS_CONFIG, config, channels)
     block_k = cfg["block_k"]
     if 64 % block_k:
         raise ValueError(f"block_k must divide 64 to read channel masks, got {block_k}")
@@ -611,8 +622,18 @@ def spike_conv2d_grad_weight_triton(grad_out, packed, weight_shape, height, widt
 def spike_conv2d_bwd_triton(grad_out, packed, weight, height, width, stride, padding, dense_rate,
                             need_s, need_weight, need_bias):
     """Launcher with the contract of spikingir::spike_conv2d_bwd (csrc/ops.cpp)."""
+    op = "spike_conv2d_bwd_triton"
+    checks.tensor(op, "grad_out", grad_out, checks.F32, grad_out, dim=4)
     N, Cout, Ho, Wo = grad_out.shape
+    checks.tensor(op, "weight", weight, checks.F32, grad_out, dim=4)
     kh, kw = weight.shape[2:]
+    checks.require(Cout == weight.shape[0] and (Ho, Wo) == checks.conv_geometry(
+        op, N, height, width, weight, weight.shape[1], None, stride, padding), op,
+        f"grad_out {tuple(grad_out.shape)} does not match a {height}x{width} input through "
+        f"the {kh}x{kw} kernel at stride {stride}, padding {padding}")
+    if need_weight:
+        checks.tensor(op, "packed", packed, (torch.uint8,), grad_out,
+                      shape=(N, weight.shape[1], height, (width + 7) // 8))
     empty = grad_out.new_empty(0, dtype=torch.float32)
     gs = gw = gb = empty
     if need_s:

@@ -736,6 +736,45 @@ def test_module_checks_its_parameters(cls):
         cls(1.0, alpha=-2.0)(x)
 
 
+RAW_A = (0, 0.75, False, True, False)  # surrogate, reuse_alpha, reuse_step, scale_output, detach_reset
+
+
+def _raw_neuron_calls(sfx):
+    o = torch.ops.spikingir
+    fwd, bwd, masks = (getattr(o, f"neuron_{k}{sfx}") for k in ("fwd", "bwd", "fwd_masks"))
+    e, th = torch.ones(0), torch.ones(4)
+    return [
+        ("empty theta", lambda: fwd(torch.ones(2, 4), e, e, None, e, *RAW_A, 1, 4)),
+        ("empty theta (bwd)", lambda: bwd(torch.ones(2, 4), None, torch.zeros(2, 4), e, e, e,
+                                          *RAW_A, 1, True, False)),
+        ("C x inner overflow", lambda: bwd(torch.ones(2, 4), None, torch.zeros(2, 4), th, th, th,
+                                           *RAW_A, 2 ** 62, True, False)),
+        ("M not a multiple of C x inner", lambda: bwd(torch.ones(1, 5), None, torch.zeros(1, 5),
+                                                      torch.ones(1), torch.ones(1), torch.ones(1),
+                                                      *RAW_A, 3, True, False)),
+        ("short v0", lambda: fwd(torch.ones(2, 64), th, th, torch.zeros(1), th, *RAW_A, 1, 4)),
+        ("masks: theta of another length", lambda: masks(torch.zeros(1, 1, 3, 4, 4), torch.ones(2),
+                                                         None, 0.75, False, 1)),
+        ("masks: more steps than x", lambda: masks(torch.zeros(2, 1, 3, 4, 4), torch.ones(3),
+                                                   None, 0.75, False, 50)),
+    ]
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_raw_ops_refuse_inconsistent_arguments(backend):
+    """The ops themselves (torch.ops.spikingir.*, what torch.compile traces) check
+    what their kernels trust: these calls used to crash (SIGFPE, SIGSEGV), read out
+    of bounds or return wrong sums."""
+    for what, call in _raw_neuron_calls("_triton" if backend == "triton" else ""):
+        with pytest.raises(RuntimeError):
+            call()
+            pytest.fail(what)
+    # a meta tensor among CPU ones: an error, not uninitialised CPU memory
+    with pytest.raises(RuntimeError, match="one device"):
+        torch.ops.spikingir.neuron_fwd(torch.ones(2, 4), torch.ones(4), torch.ones(4),
+                                       torch.zeros(4, device="meta"), torch.ones(4), *RAW_A, 1, 4)
+
+
 @pytest.mark.parametrize("cls", [IFNeuron, MPRNeuron])
 def test_module_construction_checks(cls):
     """Thresholds are checked when the module is built; a per-channel tensor of

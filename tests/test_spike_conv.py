@@ -796,6 +796,45 @@ def test_double_backward_is_an_error(backend):
         torch.autograd.grad(gw.sum(), s)
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_raw_ops_refuse_inconsistent_arguments(backend):
+    """torch.ops.spikingir.spike_conv2d_* check what their kernels trust (these
+    used to crash, return a value where F.conv2d raises, or compute with the wrong
+    channel count)."""
+    o, sfx = torch.ops.spikingir, ("_triton" if backend == "triton" else "")
+    fwd, bwd = getattr(o, f"spike_conv2d_fwd{sfx}"), getattr(o, f"spike_conv2d_bwd{sfx}")
+    fwd_masks = getattr(o, f"spike_conv2d_fwd_masks{sfx}")
+    s = spikes(1, 2, 6, 6, rate=0.5)
+    calls = [
+        lambda: fwd(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 2, 2), None, 2, 0, 2.0, True, True),
+        lambda: fwd(s, torch.ones(3, 2, 3, 3), None, 1, 2 ** 62, 2.0, True, True),
+        lambda: fwd(s, torch.ones(3, 5, 3, 3), None, 1, 1, 2.0, True, True),
+        lambda: fwd(s, torch.ones(3, 2, 3, 3), torch.ones(1), 1, 1, 2.0, True, True),
+        lambda: fwd_masks(ops.SpikeMasks.from_dense(s).bits, 64, torch.ones(3, 2, 3, 3), None,
+                          1, 1, 2.0),
+        lambda: bwd(torch.ones(1, 3, 6, 6), torch.zeros(1, 1, 1, 1, dtype=torch.uint8),
+                    torch.ones(3, 2, 3, 3), 6, 6, 1, 1, 2.0, False, True, False),
+    ]
+    for call in calls:
+        with pytest.raises((RuntimeError, ValueError)):
+            call()
+
+
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+def test_cpp_backward_ignores_packing_bits_past_the_width():
+    """Bits past the width in the last byte of a packed row (never set by the
+    forward) add no pixel: before, the event path listed them and wrote past its
+    pixel buffer (heap corruption)."""
+    w = torch.randn(8, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    pad = 7
+    go = torch.randn(1, 8, 8 + 2 * pad, 1 + 2 * pad, generator=torch.Generator().manual_seed(1))
+    packed = torch.full((1, 1, 8, 1), 255, dtype=torch.uint8)  # W = 1: bits 1..7 are padding
+    args = (go, packed, w, 8, 1, 1, pad)
+    _, event, _ = torch.ops.spikingir.spike_conv2d_bwd(*args, 2.0, False, True, False)
+    _, dense, _ = torch.ops.spikingir.spike_conv2d_bwd(*args, -1.0, False, True, False)
+    torch.testing.assert_close(event, dense)
+
+
 def test_triton_cuda_kernels_run_on_the_input_device(monkeypatch):
     """The CUDA-key Triton implementations enter the first tensor argument's device
     (Triton launches on the current device; the dispatcher adds no guard)."""

@@ -433,7 +433,9 @@ int64_t pixel_list(const uint8_t* bits, const Geometry& g, int64_t n, int64_t ci
     for (int64_t j = 0; j < g.Wb; ++j) {
       uint32_t byte = row[j];
       while (byte) {
-        const int64_t tx = 8 * j + __builtin_ctz(byte) + g.pad - kx;
+        const int64_t ix = 8 * j + __builtin_ctz(byte);
+        if (ix >= g.W) break;  // the last byte's padding bits: no pixel (as unpack)
+        const int64_t tx = ix + g.pad - kx;
         byte &= byte - 1;
         if (tx < 0 || tx % g.stride) continue;
         const int64_t ox = tx / g.stride;

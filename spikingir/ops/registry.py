@@ -34,8 +34,8 @@ def register_fused_op(stem, kernel_module, fake_fwd, fake_bwd, setup_context, ba
                       getattr(ops, f"{stem}_bwd_triton"),
                       functools.partial(setup_context, triton=True)))
     for fwd, bwd, bwd_op, setup in pairs:
-        torch.library.register_fake(fwd)(fake_fwd)
-        torch.library.register_fake(bwd)(fake_bwd)
+        torch.library.register_fake(fwd)(_on_one_device(fake_fwd))
+        torch.library.register_fake(bwd)(_on_one_device(fake_bwd))
         torch.library.register_autograd(fwd, backward_via(bwd_op), setup_context=setup)
         torch.library.register_autograd(bwd, _no_double_backward(stem),
                                         setup_context=lambda ctx, inputs, output: None)
@@ -65,7 +65,21 @@ def register_inference_op(name, kernel_module, fake):
         _register_triton(name, kernel_module)
         names.append(f"spikingir::{name}_triton")
     for qualname in names:
-        torch.library.register_fake(qualname)(fake)
+        torch.library.register_fake(qualname)(_on_one_device(fake))
+
+
+def _on_one_device(fake):
+    """``fake`` after a check that its tensor arguments share one device. The fake
+    kernels also serve the Meta key: a call that mixes a meta tensor with CPU ones
+    would otherwise return uninitialised CPU tensors as its result."""
+    @functools.wraps(fake)
+    def checked(*args, **kwargs):
+        devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+        if len(devices) > 1:
+            raise RuntimeError(f"spikingir: expected all tensor arguments on one device, got "
+                               f"{sorted(map(str, devices))}")
+        return fake(*args, **kwargs)
+    return checked
 
 
 def _register_triton(name, kernel_module):
@@ -73,8 +87,19 @@ def _register_triton(name, kernel_module):
     ``spikingir.kernels.<kernel_module>.<name>_triton``."""
     kernels = importlib.import_module(f"spikingir.kernels.{kernel_module}")
     impl = getattr(kernels, f"{name}_triton")
-    torch.library.impl(f"spikingir::{name}_triton", "CPU")(impl)
+    torch.library.impl(f"spikingir::{name}_triton", "CPU")(_on_interpreter(name, impl))
     torch.library.impl(f"spikingir::{name}_triton", "CUDA")(_on_input_device(impl))
+
+
+def _on_interpreter(name, impl):
+    """``impl`` for CPU tensors: only Triton's interpreter runs kernels on the CPU."""
+    @functools.wraps(impl)
+    def checked(*args, **kwargs):
+        if not backends.TRITON_INTERPRET:
+            raise RuntimeError(f"spikingir::{name}_triton runs on CPU tensors only under Triton's "
+                               "interpreter: set TRITON_INTERPRET=1 before importing spikingir")
+        return impl(*args, **kwargs)
+    return checked
 
 
 def _on_input_device(impl):
