@@ -582,7 +582,8 @@ def synthesize_haze(clean: np.ndarray, depth: np.ndarray | None = None, beta: fl
     Args:
         clean: J, ``H x W x 3`` (or ``H x W``) float in [0, 1].
         depth: ``H x W`` depth map (any positive scale; non-finite values are not
-            allowed), normalised here to [0, 1]; None uses ``depth_proxy(clean)``.
+            allowed), normalised here to [0, 1] (a constant map: 1, uniform haze);
+            None uses ``depth_proxy(clean)``.
         beta: scattering coefficient; None draws one from ``HAZE_BETAS``
             {0.4, 0.6, ..., 1.6}.
         A: atmospheric light, a number or one per channel; None draws a scalar
@@ -610,7 +611,10 @@ def synthesize_haze(clean: np.ndarray, depth: np.ndarray | None = None, beta: fl
             raise ValueError(f"synthesize_haze: depth {depth.shape} must be H x W = {hw}")
         if not np.isfinite(depth).all():
             raise ValueError("synthesize_haze: depth has NaN or inf values; fill them first")
-        d = _normalise(depth).astype(np.float32)
+        # a constant map (one distance everywhere): the far plane, uniform haze
+        # t = exp(-beta); normalising it would put the scene at d = 0, with no haze
+        d = (np.ones(hw, np.float32) if float(depth.max() - depth.min()) <= 1e-12
+             else _normalise(depth).astype(np.float32))
     if beta is None:
         beta = float(g.choice(HAZE_BETAS))
     elif isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < math.inf:

@@ -7,6 +7,7 @@ model, averaged over images).
 """
 import contextlib
 import json
+import math
 import numbers
 import os
 import tempfile
@@ -183,7 +184,18 @@ def write_atomic(path, text_or_bytes):
 
 
 def write_json(path, report):
-    write_atomic(path, json.dumps(report, indent=2) + "\n")
+    """The report as strict JSON: a non-finite number (PSNR of an output equal to
+    its reference is inf) is written as null, which every JSON parser reads
+    (Python's default ``Infinity`` is not JSON)."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+    write_atomic(path, json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
 
 
 def write_figures(directory, report, samples, outputs, degraded_label="noisy"):

@@ -283,7 +283,7 @@ def test_synthesize_haze_formula_and_ranges():
         np.testing.assert_allclose(s.hazy, clean * t + s.A * (1 - t), atol=1e-6)
     again = synthesize_haze(clean, depth=depth, rng=3)
     assert np.array_equal(again.hazy, synthesize_haze(clean, depth=depth, rng=3).hazy)
-    zero = synthesize_haze(clean, depth=np.ones((20, 24)), beta=1.0, A=0.8)  # constant depth -> d = 0
+    zero = synthesize_haze(clean, depth=depth, beta=0.0, A=0.8)  # no scattering: no haze
     np.testing.assert_allclose(zero.hazy, clean)
     per_ch = synthesize_haze(clean, depth=depth, beta=0.8, A=[0.7, 0.8, 0.9])
     far = np.unravel_index(np.argmax(depth), depth.shape)
@@ -320,6 +320,13 @@ def test_synthesize_haze_checks():
         synthesize_haze(clean, rng="seed")
     with pytest.raises(ValueError):
         synthesize_haze(np.zeros((8, 8, 4), np.float32))
+
+
+def test_synthesize_haze_with_a_constant_depth_is_uniform_haze():
+    clean = np.random.default_rng(0).random((8, 9, 3)).astype(np.float32)
+    s = synthesize_haze(clean, depth=np.full((8, 9), 5.0), beta=1.0, A=0.8)
+    np.testing.assert_allclose(s.transmission, np.exp(-1.0), rtol=1e-6)
+    np.testing.assert_allclose(s.hazy, clean * np.exp(-1.0) + 0.8 * (1 - np.exp(-1.0)), rtol=1e-5)
 
 
 def test_synthesize_haze_of_a_one_channel_image():

@@ -158,3 +158,13 @@ def test_conv_macs_keeps_every_module_mode():
     assert net.training and net[0].training and not net[1].training
     assert ann_macs(net, tuple(np.array([1, 1, 8, 8]))) == ann_macs(net, (1, 1, 8, 8))
 
+
+def test_report_json_is_strict(tmp_path):
+    """An infinite PSNR (output equal to the reference) is written as null: strict JSON."""
+    import json
+    from spikingir.evaluate import write_json
+    write_json(tmp_path / "r.json", {"ann": {"psnr": float("inf")}, "snn": [{"psnr": 30.5}]})
+    text = (tmp_path / "r.json").read_text()
+    assert "Infinity" not in text
+    assert json.loads(text) == {"ann": {"psnr": None}, "snn": [{"psnr": 30.5}]}
+
