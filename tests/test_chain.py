@@ -354,3 +354,18 @@ def test_evaluate_and_finetune_leave_the_networks_as_they_were(tmp_path):
     with pytest.raises(ValueError, match="sigma: denoising needs the noise level"):
         finetune_snn(snn, "denoise", data=tmp_path, val_data=tmp_path, steps=1)
 
+
+def test_residual_body_must_keep_the_shape():
+    """A body that shrinks the image (no padding) or changes the channel count is a
+    clear error, not a broadcast (a 1-channel body under a 3-channel skip would
+    broadcast silently)."""
+    shrink = Residual(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 1, 3))).eval()
+    with pytest.raises(ValueError, match=r"maps \(1, 1, 16, 16\) to \(1, 1, 12, 12\)"):
+        shrink(torch.rand(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="same shape"):
+        to_snn(shrink, torch.rand(2, 1, 16, 16), 4)
+    gray_body = Residual(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                       nn.Conv2d(4, 1, 3, padding=1))).eval()
+    with pytest.raises(ValueError, match="same shape"):
+        gray_body(torch.rand(1, 3, 8, 8))
+

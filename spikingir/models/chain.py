@@ -27,6 +27,17 @@ __all__ = ["ConvChain", "Residual", "conv_chain"]
 _SKIPPED = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Dropout3d, nn.AlphaDropout)
 
 
+def skip(x, y, subtract=True):
+    """``x - y`` (or ``x + y``) of a global skip, whose body output ``y`` must have
+    ``x``'s shape: a broadcast would hide a wrong body (a 1-channel output under a
+    3-channel input) or fail with torch's size message."""
+    if y.shape != x.shape:
+        raise ValueError(f"Residual: the body maps {tuple(x.shape)} to {tuple(y.shape)}; a "
+                         "global skip needs the same shape (check its paddings and its last "
+                         "conv's channels)")
+    return x - y if subtract else x + y
+
+
 class Residual(nn.Module):
     """A global skip around ``body``: ``x - body(x)`` with ``subtract=True``
     (DnCNN's form) or ``x + body(x)``. ``body``'s output must have ``x``'s shape."""
@@ -37,8 +48,7 @@ class Residual(nn.Module):
         self.subtract = bool(subtract)
 
     def forward(self, x):
-        y = self.body(x)
-        return x - y if self.subtract else x + y
+        return skip(x, self.body(x), self.subtract)
 
     def extra_repr(self):
         return f"subtract={self.subtract}"
@@ -66,7 +76,7 @@ class ConvChain(nn.Module):
         for conv, relu in zip(self.layers, self.relus):
             y = relu(conv(y))
         y = self.layers[-1](y)
-        return x - y if self.residual else y
+        return skip(x, y) if self.residual else y
 
     def extra_repr(self):
         return f"residual={self.residual}"

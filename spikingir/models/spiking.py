@@ -28,6 +28,7 @@ from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, ann_macs, conv_macs, conv_mean
                               snn_energy_mj)
 from spikingir.nn import IFNeuron, MPRNeuron, SeqToBatch
 from spikingir.nn.mapper import PixelMapper, spike_rate
+from spikingir.models.chain import skip
 
 
 def make_neuron(kind, theta, *, num_channels=None, v_init="zero", backend="auto",
@@ -370,7 +371,7 @@ class SpikingChain(_SpikingNet):
         rate = self._rate(self.neurons_[-1], y)
         self._finish_stats(self.mapper.conv, tuple(rate.shape))
         out = self.mapper(rate)
-        return x - out if self.residual else out
+        return skip(x, out) if self.residual else out
 
 
 class SpikingDnCNN(SpikingChain):
