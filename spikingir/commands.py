@@ -633,7 +633,15 @@ def _cmd_demo(args):
     for task, sigma in (("denoise", 25), ("dehaze", None)):
         samples = denoise_samples(sigma, crop=args.crop) if task == "denoise" else dehaze_samples()
         ann = load_ann(task, sigma)
-        snn, origin = _get_snn(task, sigma, ann, max(args.timesteps), args, False)
+        # the conversion options read the task; layer calibration is DnCNN's (the
+        # dehazing half would refuse it after the denoising table): AOD-Net runs
+        # without it, saying so
+        task_args = argparse.Namespace(**{**vars(args), "task": task})
+        if task == "dehaze" and args.layer_calibration in ("bias", "weights"):
+            print("spikingir demo: note: --layer-calibration applies to the DnCNN half only",
+                  file=sys.stderr)
+            task_args.layer_calibration = "auto"
+        snn, origin = _get_snn(task, sigma, ann, max(args.timesteps), task_args, False)
         outputs = {}
         report = evaluate(task, ann, snn, samples, args.timesteps, sigma, outputs)
         title = (f"{'Denoising (DnCNN, sigma=25)' if task == 'denoise' else 'Dehazing (AOD-Net)'}"

@@ -337,6 +337,18 @@ def test_conversion_options_convert_instead_of_the_shipped_snn(files, tmp_path, 
     assert "note: --percentile ignored" in err and "--no-recycling" not in err
 
 
+def test_demo_with_conversion_options(tmp_path, capsys):
+    """demo converts both shipped ANNs with the options given (it used to fail reading
+    the task it has none of); layer calibration applies to the DnCNN half only."""
+    code, stdout, err = run(["demo", "--out", str(tmp_path / "d"), "--timesteps", "1", "--crop",
+                             "32", "--neuron", "if", "--layer-calibration", "bias",
+                             "--threads", "1"], capsys)
+    assert code == 0, err
+    assert "converted ANN (if, p99.9, v0=half, layer calibration: bias" in stdout
+    assert stdout.count("converted ANN (if,") == 2
+    assert "--layer-calibration applies to the DnCNN half only" in err
+
+
 def test_an_snn_used_at_another_sigma_says_so(files, tmp_path, capsys):
     """The shipped s25 SNN at sigma 15 runs (a user may mean it) with a note on stderr."""
     out = tmp_path / "o.png"
