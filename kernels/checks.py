@@ -8,8 +8,6 @@ import torch
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 F32 = (torch.float32,)
-#: surrogate ids of csrc/neuron_math.h (spikingir.ops.surrogate.SURROGATES)
-SURROGATE_IDS = range(4)
 
 
 def require(cond, op, message):
@@ -50,7 +48,9 @@ def neuron_params(op, x, theta, beta, alpha, inner, surrogate, reuse_step):
             f"{beta.numel()}, {alpha.numel()}")
     require(inner >= 1 and M % (C * inner) == 0, op,
             f"the size of one step, {M}, must be a multiple of C x inner = {C} x {inner}")
-    require(int(surrogate) in SURROGATE_IDS, op, f"unknown surrogate id {surrogate}")
+    # imported here: spikingir.ops imports the kernels when it registers the ops
+    from spikingir.ops.surrogate import SURROGATES
+    require(int(surrogate) in SURROGATES.values(), op, f"unknown surrogate id {surrogate}")
     return T, M, C
 
 

@@ -182,26 +182,35 @@ def _conversion_options_given(args):
             if getattr(args, name, default) != default]
 
 
+def _load_converted(path, task, args):
+    """An SNN file (``--snn-weights`` or the shipped one): it is converted already, so
+    of the conversion options only --no-recycling applies (recycling can be
+    dropped); the others given are named as ignored."""
+    from spikingir.pipeline import load_snn
+    snn = load_snn(path, backend=args.backend, task=task)
+    if args.no_recycling:
+        snn.recycling = False
+    ignored = [o for o in _conversion_options_given(args) if o != "--no-recycling"]
+    if ignored:
+        print(f"spikingir {args.command}: note: {', '.join(ignored)} ignored: {path} is an SNN "
+              "converted already", file=sys.stderr)
+    return snn
+
+
 def _get_snn(task, sigma, ann, timesteps, args, ann_given):
     """``--snn-weights``; else the shipped fine-tuned SNN when it applies (the
     shipped ANN and no conversion option given); else a fresh conversion of ``ann``
     with the conversion options."""
-    from spikingir.pipeline import ann_fingerprint, calibration_inputs, for_inference, load_snn
+    from spikingir.pipeline import ann_fingerprint, calibration_inputs, for_inference
     from spikingir.weights import SNN_FILES, WEIGHTS_DIR
 
-    given = _conversion_options_given(args)
     path = getattr(args, "snn_weights", None)
-    if path is not None and [o for o in given if o != "--no-recycling"]:
-        print(f"spikingir {args.command}: note: {', '.join(o for o in given if o != '--no-recycling')} "
-              f"ignored: {path} is an SNN converted already", file=sys.stderr)
-    if path is None and not ann_given and not given:
+    if path is None and not ann_given and not _conversion_options_given(args):
         name = SNN_FILES.get((task, sigma))
         if name and (WEIGHTS_DIR / name).exists():
             path = WEIGHTS_DIR / name
     if path is not None:
-        snn = load_snn(path, backend=args.backend, task=task)
-        if args.no_recycling:  # the one conversion option a converted SNN can drop
-            snn.recycling = False
+        snn = _load_converted(path, task, args)
         trained = snn.meta.get("sigma")
         if sigma is not None and trained is not None and float(trained) != sigma:
             print(f"spikingir {args.command}: note: {path} was fine-tuned at sigma {trained:g}, "
@@ -491,7 +500,7 @@ def _cmd_finetune(args):
     import torch
 
     from spikingir.finetune import DEFAULT_PATCH, finetune_snn, timesteps_record
-    from spikingir.pipeline import load_ann, load_snn, save_snn
+    from spikingir.pipeline import load_ann, save_snn
 
     device = _device(args)
     _set_threads(args)
@@ -501,13 +510,7 @@ def _cmd_finetune(args):
     check_outputs(args.out, args.checkpoint, args.resume)
     teacher = load_ann(args.task, sigma, args.ann_weights, args.ann_module) if args.distill > 0 else None
     if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
-        snn = load_snn(args.snn_weights, backend=args.backend, task=args.task)  # finetune_snn sets its T
-        if args.no_recycling:  # the one conversion option a converted SNN can drop
-            snn.recycling = False
-        ignored = [o for o in _conversion_options_given(args) if o != "--no-recycling"]
-        if ignored:
-            print(f"spikingir finetune: note: {', '.join(ignored)} ignored: {args.snn_weights} "
-                  "is an SNN converted already", file=sys.stderr)
+        snn = _load_converted(args.snn_weights, args.task, args)  # finetune_snn sets its T
     else:
         # the teacher, when distilling, is this same ANN (to_snn converts a copy of it);
         # resuming, the checkpoint replaces every weight: no layer calibration to redo

@@ -365,13 +365,9 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
     device = snn.conv1.weight.device
     images = _calib_inputs(calib_images, snn.conv1.in_channels, device)
     ann_convs = [c.to(device) for c in ann_convs]
-    spike_conv = (snn.spike_conv, snn.spike_conv_backend, snn.spike_masks)
-    snn.use_spike_conv(False)  # neurons emit theta * s: rates in activation units
-    try:
+    with snn.kept_spike_conv():
+        snn.use_spike_conv(False)  # neurons emit theta * s: rates in activation units
         _calibrate_chain(snn, ann_convs, images, method, bias_iters, ridge, target_floor)
-    finally:
-        if spike_conv[0]:
-            snn.use_spike_conv(True, spike_conv[1], spike_conv[2])
     return snn
 
 

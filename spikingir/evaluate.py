@@ -88,9 +88,9 @@ def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None, devic
     dev = next(ann.parameters()).device
     # the networks come back as they came (modes, stats recording, spike convs)
     was_recording = getattr(snn, "_record", False)
-    spike_conv = ((snn.spike_conv, snn.spike_conv_backend, snn.spike_masks)
-                  if hasattr(snn, "use_spike_conv") else None)
-    with kept_modes(ann, snn):
+    spike_conv = snn.kept_spike_conv() if hasattr(snn, "kept_spike_conv") else \
+        contextlib.nullcontext()
+    with kept_modes(ann, snn), spike_conv:
         ann.eval()
         snn.eval()
         if amp:
@@ -102,8 +102,6 @@ def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None, devic
                                  lambda x: x.to(dev).contiguous(memory_format=fmt))
         finally:
             snn.record_stats(was_recording)
-            if spike_conv is not None:
-                snn.use_spike_conv(*spike_conv)
 
 
 def _evaluate(task, ann, snn, samples, timesteps, sigma, outputs, place):

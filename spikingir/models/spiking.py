@@ -18,6 +18,8 @@ differentiable estimate of the SOP part of the SNN/ANN energy ratio (spikes
 times their fan-out, x 0.9 pJ, over the ANN's MACs x 4.6 pJ), for fine-tuning
 with an energy term (surrogate gradients flow through the spike counts).
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -285,6 +287,16 @@ class SpikingChain(_SpikingNet):
         for neuron, h in zip(self.neurons_, self.hidden):
             neuron.scale_output = not self._on_spike_conv(h.module)
         return self
+
+    @contextlib.contextmanager
+    def kept_spike_conv(self):
+        """Restores the :meth:`use_spike_conv` setting on exit (for code that
+        switches it for a while: calibration, bf16 evaluation)."""
+        state = (self.spike_conv, self.spike_conv_backend, self.spike_masks)
+        try:
+            yield self
+        finally:
+            self.use_spike_conv(*state)
 
     def _on_spike_conv(self, conv):
         """Whether ``conv`` (a hidden one) runs on spike_conv2d."""
