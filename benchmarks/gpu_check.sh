@@ -38,6 +38,10 @@
 # once on the warm machine (BUILD=0 TESTS=0 BENCH="" TRAIN_S=180, the same JOBS: they
 # resume from the checkpoints in /tmp there; 222 s). A warm machine goes back 30 s after
 # a call, so a follow-up must be sent at once. Results: benchmarks/RESULTS.md.
+# Next call (planned since 2026-11-28; no device lent since): carry [".gpu_data"], timeout_s
+# ~560: AMP=1 DISTILL=1 TRAIN_S=420 STEPS=6000 JOBS="n15 n25 n50" TESTS=1 BENCH="snn"
+# (SNNs converted from the shipped ANNs and fine-tuned on the card, for issue 4's <= 0.15 dB;
+# the GPU tests of the device guard and shape checks added since the last GPU run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spikingir-gpu}
