@@ -79,7 +79,8 @@ def extensions():
     _max_jobs()
     sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fno-trapping-math lets gcc if-convert float compares, so the neuron loops vectorise.
-    cxx = ["-O3", "-std=c++20", "-fno-trapping-math"]
+    # -g0: Python's CFLAGS add -g, 9 of the extension's 10 MB (a wheel ships it).
+    cxx = ["-O3", "-std=c++20", "-fno-trapping-math", "-g0"]
     # at::parallel_for is a header template: without the compiler's OpenMP flag
     # (_OPENMP undefined) it silently runs every CPU kernel on one thread.
     # Linked with -fopenmp, the extension shares the libgomp.so.1 torch loaded.

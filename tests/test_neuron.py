@@ -1,5 +1,6 @@
 """Tests of the fused IF / MPRN neuron ops against the float64 reference."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -421,6 +422,22 @@ def test_auto_backend_choice():
         assert backends.choose("if_multistep", "cpu", torch.float32, "auto") == "cpp"
         ran = ran_ops(lambda: ops.if_multistep(torch.randn(2, 3), 1.0))
         assert ran == {"spikingir::neuron_fwd"}
+
+
+def test_auto_warns_when_the_extension_is_missing(monkeypatch):
+    """``auto`` never hides a failure: with spikingir._C unimportable (a failed
+    build) a CPU call falls back to the reference with a warning that says why,
+    once per op and device."""
+    monkeypatch.setattr(backends, "HAS_CPP_OPS", False)
+    monkeypatch.setattr(backends, "_CPP_ERROR", "libfoo.so: cannot open shared object file")
+    monkeypatch.setattr(backends, "_warned_fallback", set())
+    with pytest.warns(RuntimeWarning, match=r"if_multistep on cpu \(the compiled extension "
+                      r"spikingir._C failed to import \(libfoo.so"):
+        assert backends.choose("if_multistep", "cpu", torch.float32, "auto") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is quiet
+        assert backends.choose("if_multistep", "cpu", torch.float32, "auto") == "torch"
+        assert backends.choose("if_multistep", "cpu", torch.float64, "auto") == "torch"
 
 
 def test_determinism_of_parameter_gradients():

@@ -151,8 +151,9 @@ def choose(op: str, device, dtype: torch.dtype, requested: str = "auto") -> str:
     ``auto``: the fastest available fused backend (the interpreted Triton
     backend is never picked automatically), or the first available backend of
     the measured order in ``AUTO_OVERRIDE``; the reference for float64, which
-    no fused kernel takes; on a CUDA device with no fused backend, the reference
-    with a warning. A named backend that cannot run raises an error saying why.
+    no fused kernel takes; on a device with no fused backend (the extension failed
+    to build or import, or has no CUDA kernels), the reference with a warning. A
+    named backend that cannot run raises an error saying why.
     """
     if not isinstance(requested, str):
         raise TypeError(f"backend: expected a str, got {type(requested).__name__}")
@@ -169,10 +170,14 @@ def choose(op: str, device, dtype: torch.dtype, requested: str = "auto") -> str:
                 continue
             if b != "torch" and why_unavailable(b, device, op) is None:
                 return b
-        if dev != "cpu" and (op, dev) not in _warned_fallback:
+        if (op, dev) not in _warned_fallback:
+            # A missing fused backend is a build or install failure the caller should
+            # see (a CPU torch install whose extension did not build, a CUDA machine
+            # without the CUDA kernels), not a silent 5-20x slowdown.
             _warned_fallback.add((op, dev))
+            expected = "cpp" if dev == "cpu" else "cuda"
             warnings.warn(f"spikingir: no fused backend for {op} on {dev} "
-                          f"({why_unavailable('cuda', device, op)}); using the slow "
+                          f"({why_unavailable(expected, device, op)}); using the slow "
                           "PyTorch reference", RuntimeWarning, stacklevel=3)
         return "torch"
     reason = why_unavailable(requested, device, op)
