@@ -754,7 +754,29 @@ def test_bad_input(call, exc, match, backend):
 
 @pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
 def test_validate_false_skips_the_check(backend):
-    ops.spike_conv2d(S * 0.5, W, validate=False, backend=backend)  # no error: caller's promise
+    out = ops.spike_conv2d(S * 0.5, W, validate=False, backend=backend)  # the caller's promise
+    if backend != "triton":  # triton reads any nonzero as a spike (its check costs a pass)
+        assert_close(out, F.conv2d(S * 0.5, W), 1e-5, 1e-5, "out")  # cpp: dense path (Cin < 8)
+
+
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+def test_cpp_refuses_scaled_spikes_it_reads_anyway():
+    """A default neuron emits theta x spikes: behind it SpikeConv2d(validate=False)
+    gave a wrong forward (event path: any nonzero read as 1) and a weight gradient
+    of the packed bits (2x too large for theta = 0.5). Where the cpp kernel reads
+    the spikes anyway it now refuses them, naming scale_output."""
+    from spikingir.nn import IFNeuron
+    torch.manual_seed(0)
+    for cin, grad in ((16, False), (4, True)):  # the event path; the dense one saving bits
+        y = IFNeuron(0.5)(torch.randn(4, 2, cin, 8, 8))
+        conv = SpikeConv2d(cin, 8, 3, padding=1, validate=False, backend="cpp")
+        conv.requires_grad_(grad)
+        with pytest.raises(ValueError, match="scale_output=False"):
+            conv(y)
+    y = IFNeuron(0.5, scale_output=False)(torch.randn(4, 2, 16, 8, 8))
+    conv = SpikeConv2d(16, 8, 3, padding=1, validate=False, backend="cpp")
+    ref = F.conv2d(y.flatten(0, 1), conv.weight, conv.bias, 1, 1).unflatten(0, (4, 2))
+    assert_close(conv(y), ref, 1e-5, 1e-5, "out")
 
 
 def test_bad_backend():

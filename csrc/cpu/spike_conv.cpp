@@ -644,8 +644,9 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
   at::Tensor packed = save ? at::empty({g.N, g.Cin, g.H, g.Wb}, u8) : at::empty({0}, u8);
   uint8_t* pk = save ? packed.data_ptr<uint8_t>() : nullptr;
   const char* binary_msg =
-      "s: expected a binary spike map (only 0 and 1), found other values; pass validate=False "
-      "to skip this check";
+      "s: expected a binary spike map (only 0 and 1), found other values (the cpp kernel "
+      "refuses them even with validate=False, since it reads any nonzero as a spike; a neuron "
+      "feeding spike_conv2d needs scale_output=False)";
   // The path is chosen from the firing rate of every 8th input row, so that
   // above dense_rate nothing else reads s before oneDNN.
   const bool dense = dense_path(dense_rate, [&] {
@@ -686,8 +687,10 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
           bads[r0] = b;
         });
       });
+      // Raised even with validate false: the packed bits would give a wrong weight
+      // gradient, and the check costs nothing here.
       const bool nonbinary = std::any_of(bads.begin(), bads.end(), [](char c) { return c != 0; });
-      TORCH_CHECK_VALUE(!validate || !nonbinary, binary_msg);
+      TORCH_CHECK_VALUE(!nonbinary, binary_msg);
     }
     out = at::conv2d(s.to(at::kFloat), weight, bias, {stride, stride}, {padding, padding})
               .contiguous();
@@ -713,8 +716,10 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
       }
     });
   });
+  // Raised even with validate false: the event path reads any nonzero as a spike,
+  // so the result would be silently wrong, and the check costs nothing here.
   const bool nonbinary = std::any_of(bads.begin(), bads.end(), [](char c) { return c != 0; });
-  TORCH_CHECK_VALUE(!validate || !nonbinary, binary_msg);
+  TORCH_CHECK_VALUE(!nonbinary, binary_msg);
   return {event_conv(mp, Cw, g, weight, bp,
                      at::empty({g.N, g.Cout, g.Ho, g.Wo}, s.options().dtype(at::kFloat))),
           packed};

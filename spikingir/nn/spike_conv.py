@@ -16,7 +16,9 @@ class SpikeConv2d(nn.Conv2d):
 
     Args:
         validate: check that the input is binary (a ``ValueError`` otherwise);
-            pass False behind a neuron that produces spikes.
+            pass False behind a neuron that emits 0/1 spikes, i.e. built with
+            ``scale_output=False`` (the default emits ``theta x`` spikes, which
+            are not binary) or emitting masks.
         backend: see :mod:`spikingir.ops.backends`.
     """
 

@@ -239,7 +239,12 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
         stride: 1 or 2. padding: zero padding, an int >= 0.
         validate: check that ``s`` is binary (SpikeMasks: that no bit is set
             past the last channel); ``ValueError`` if not. Spiking layers that
-            produce the spikes pass False.
+            produce the spikes pass False: it skips the checks that cost a
+            pass over ``s``. The caller then vouches for a binary ``s`` (the
+            fused GPU backends read any nonzero as a spike); the ``cpp``
+            kernel still refuses non-binary values wherever it reads ``s``
+            anyway (its event path, and the packing of spikes saved for
+            backward). A neuron emits 0/1 with ``scale_output=False``.
         backend: ``"auto" | "torch" | "cpp" | "cuda" | "triton"`` (see
             :mod:`spikingir.ops.backends`).
         out: SpikeMasks input only: a contiguous float32 ``[N, Cout, Ho, Wo]``
