@@ -48,6 +48,27 @@ def bf16_inference(net):
     return net.to(memory_format=torch.channels_last)
 
 
+@contextlib.contextmanager
+def bf16_inference_scope(net, enabled=True):
+    """:func:`bf16_inference` of ``net`` for the ``with`` block (a no-op when not
+    ``enabled``); on exit the spike-conv setting and the weights' memory format
+    are what they were, so an exact run afterwards is the same as before."""
+    if not enabled:
+        yield net
+        return
+    was_cl = {p: p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+              for p in net.parameters() if p.dim() == 4}
+    keep = net.kept_spike_conv() if hasattr(net, "kept_spike_conv") else contextlib.nullcontext()
+    with keep:
+        try:
+            yield bf16_inference(net)
+        finally:
+            with torch.no_grad():
+                for p, cl in was_cl.items():
+                    if not cl:
+                        p.data = p.data.contiguous()
+
+
 def amp_context(device, enabled=True):
     """bf16 autocast on ``device``'s type when ``enabled``, else a no-op context."""
     if not enabled:
@@ -63,9 +84,9 @@ def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None, devic
     by ``--json``. If ``outputs`` is a dict, restored images are stored in it
     as ``outputs[(name, "ann" | T)]``. ``device``: where both networks run
     (they are moved there; default: where they are). ``amp``: both networks in
-    bf16 mixed precision (:func:`bf16_inference`; their weights stay
-    channels-last afterwards). The networks' train/eval modes, the SNN's stats
-    recording and spike-conv setting are restored on return."""
+    bf16 mixed precision (:func:`bf16_inference`). The networks' train/eval
+    modes, weight layouts, the SNN's stats recording and spike-conv setting are
+    restored on return."""
     if task not in ("denoise", "dehaze"):
         raise ValueError(f"task: expected 'denoise' or 'dehaze', got {task!r}")
     if not samples:
@@ -88,13 +109,9 @@ def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None, devic
     dev = next(ann.parameters()).device
     # the networks come back as they came (modes, stats recording, spike convs)
     was_recording = getattr(snn, "_record", False)
-    spike_conv = snn.kept_spike_conv() if hasattr(snn, "kept_spike_conv") else \
-        contextlib.nullcontext()
-    with kept_modes(ann, snn), spike_conv:
+    with kept_modes(ann, snn), bf16_inference_scope(ann, amp), bf16_inference_scope(snn, amp):
         ann.eval()
         snn.eval()
-        if amp:
-            ann, snn = bf16_inference(ann), bf16_inference(snn)
         fmt = torch.channels_last if amp else torch.contiguous_format
         try:
             with amp_context(dev, amp):

@@ -334,9 +334,10 @@ def restore(image, snn, *, tile=None, amp=False):
     plus the network's receptive radius (:func:`spikingir.tiling.run_tiled`; the
     whole image's result in bounded memory; default ``DEFAULT_TILE``, 0: whole),
     without autograd; ``amp``: bf16 autocast, channels-last
-    (:func:`spikingir.evaluate.bf16_inference`; on a GPU ~3x faster, not bit-exact).
+    (:func:`spikingir.evaluate.bf16_inference`; on a GPU ~3x faster, not bit-exact;
+    the network's settings are restored afterwards).
     Returns float32 numpy of the image's layout, not clipped."""
-    from spikingir.evaluate import amp_context, bf16_inference
+    from spikingir.evaluate import amp_context, bf16_inference_scope
     from spikingir.tiling import DEFAULT_TILE, receptive_radius, run_tiled
 
     if not isinstance(image, np.ndarray) or not np.issubdtype(image.dtype, np.floating):
@@ -363,9 +364,9 @@ def restore(image, snn, *, tile=None, amp=False):
     param = next(snn.parameters())
     device, dtype = param.device, param.dtype  # e.g. a .double() or .half() network
     fmt = torch.contiguous_format
-    if amp:
-        snn, fmt, dtype = bf16_inference(snn), torch.channels_last, torch.float32
-    with torch.no_grad(), amp_context(device, amp):
+    if amp:  # bf16 for this call only: the network comes back as it came
+        fmt, dtype = torch.channels_last, torch.float32
+    with torch.no_grad(), bf16_inference_scope(snn, amp), amp_context(device, amp):
         out = run_tiled(lambda t: snn(t.to(device, dtype).contiguous(memory_format=fmt))
                         .float().cpu(),
                         _to_input(image), DEFAULT_TILE if tile is None else tile,

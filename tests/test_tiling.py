@@ -98,3 +98,19 @@ def test_shipped_snn_in_tiles_is_the_whole_image_bit_for_bit():
     snn = for_inference(load_shipped_snn("denoise", 25, timesteps=10))
     np.testing.assert_array_equal(restore(noisy, snn, tile=64), restore(noisy, snn, tile=0))
 
+
+
+def test_restore_with_amp_leaves_the_network_as_it_was():
+    """restore(amp=True) switched the SNN's spike convolutions off and made its
+    weights channels-last for good: later exact calls ran the dense path."""
+    import numpy as np
+    from spikingir.pipeline import for_inference, load_shipped_snn, restore
+    snn = for_inference(load_shipped_snn("denoise", 25, timesteps=2))
+    noisy = np.random.default_rng(0).random((24, 30), dtype=np.float32)
+    before = restore(noisy, snn, tile=0)
+    setting = (snn.spike_conv, snn.spike_conv_backend, snn.spike_masks)
+    amp = restore(noisy, snn, tile=0, amp=True)
+    assert np.abs(amp - before).mean() < 0.1  # bf16 at T=2 on a noise image: close, not exact
+    assert (snn.spike_conv, snn.spike_conv_backend, snn.spike_masks) == setting
+    assert all(p.is_contiguous() for p in snn.parameters())
+    np.testing.assert_array_equal(restore(noisy, snn, tile=0), before)
