@@ -133,6 +133,20 @@ def conv_macs(model: nn.Module, input_shape, device="meta") -> list[tuple[str, n
     return records
 
 
+def conv_call_macs(conv: nn.Conv2d, batch: int, height: int, width: int):
+    """``(macs, Ho, Wo)`` of one call of ``conv`` on a ``[batch, Cin, height, width]``
+    input, by arithmetic (the count :func:`conv_macs` records, without running a
+    forward: cheap enough for every training step, and traceable)."""
+    if conv.padding == "same":
+        ho, wo = height, width
+    else:
+        pad = (0, 0) if conv.padding == "valid" else conv.padding
+        ho, wo = ((n + 2 * p - d * (k - 1) - 1) // st + 1 for n, p, d, k, st in
+                  zip((height, width), pad, conv.dilation, conv.kernel_size, conv.stride))
+    kh, kw = conv.kernel_size
+    return batch * conv.out_channels * ho * wo * (conv.in_channels // conv.groups) * kh * kw, ho, wo
+
+
 def ann_macs(model: nn.Module, input_shape, device="meta") -> int:
     """Total conv MACs of one forward pass (see ``conv_macs``)."""
     return sum(m for _, _, m in conv_macs(model, input_shape, device))

@@ -1,4 +1,5 @@
 """Conversion, spiking models, read-out, energy accounting, evaluation report."""
+import copy
 import math
 
 import pytest
@@ -374,6 +375,9 @@ def test_energy_ratio_estimate_matches_counted_sops(arch, neuron):
     grads = [n.theta.grad for n in snn.neurons()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+    snn(x)  # energy_ratio in a live graph: deepcopy (AveragedModel, pickle) still works
+    twin = copy.deepcopy(snn)
+    assert twin.energy_ratio == snn.energy_ratio and not twin.energy_ratio.requires_grad
     snn.track_energy(False)
     snn(x)
     assert snn.energy_ratio is None

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, ann_energy_mj, ann_macs, conv_fanout, conv_macs, conv_sops,
+from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, ann_energy_mj, ann_macs, conv_call_macs, conv_fanout, conv_macs, conv_sops,
                               mac_energy_mj, snn_energy_mj, sop_energy_mj)
 from spikingir.models import AODNet, DnCNN
 
@@ -45,6 +45,19 @@ def test_grouped_strided_conv_macs():
     m = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2))
     # output 8 x 5 x 6, each MAC count (Cin/groups) * 9 = 18
     assert ann_macs(m, (1, 4, 10, 12)) == 8 * 5 * 6 * 18
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 6, 5, stride=2, padding=1, bias=False),
+    nn.Conv2d(4, 8, 3, dilation=2, groups=2), nn.Conv2d(2, 5, (3, 4), padding="same"),
+    nn.Conv2d(2, 5, 7, padding="valid", stride=(1, 2)), nn.Conv2d(1, 1, 1)])
+def test_conv_call_macs_is_the_recorded_count(conv):
+    """The arithmetic count (what each training step's energy term uses) equals the
+    count recorded from a forward, and the output size is the conv's."""
+    macs, ho, wo = conv_call_macs(conv, 2, 23, 18)
+    ((_, _, recorded),) = conv_macs(conv, (2, conv.in_channels, 23, 18))
+    assert macs == recorded
+    assert (ho, wo) == tuple(conv(torch.zeros(1, conv.in_channels, 23, 18)).shape[2:])
 
 
 def test_energy_input_checks():

@@ -26,7 +26,7 @@ from torch import nn
 
 from spikingir import ops
 from spikingir.ops.spike_conv import conv_out_hw, supports as spike_conv_supports
-from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, ann_macs, conv_macs, conv_mean_fanout, conv_sops,
+from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, conv_call_macs, conv_macs, conv_mean_fanout, conv_sops,
                               snn_energy_mj)
 from spikingir.nn import IFNeuron, MPRNeuron, SeqToBatch
 from spikingir.nn.mapper import PixelMapper, spike_rate
@@ -117,11 +117,19 @@ class _SpikingNet(nn.Module):
             total = total + torch.where(beta != 0, sums[T] / safe, 0.0).sum()
         return total
 
+    def __getstate__(self):
+        # energy_ratio is still in the last forward's autograd graph: copy.deepcopy
+        # (and pickle, AveragedModel) of a non-leaf tensor fails.
+        state = super().__getstate__()
+        if isinstance(state.get("energy_ratio"), torch.Tensor):
+            state = dict(state, energy_ratio=state["energy_ratio"].detach())
+        return state
+
     def _ann_macs(self, x):
         """MACs of the ANN on ``x``: every conv once, at full density (each conv
         of DnCNN and AOD-Net sees the image's height and width)."""
         B, _, H, W = x.shape
-        return sum(ann_macs(c, (B, c.in_channels, H, W)) for c in self.modules()
+        return sum(conv_call_macs(c, B, H, W)[0] for c in self.modules()
                    if isinstance(c, nn.Conv2d))
 
     def _v0(self, neuron, like):
@@ -263,9 +271,8 @@ class SpikingChain(_SpikingNet):
         B, _, H, W = x.shape
         total = 0
         for c in self.convs():
-            total += ann_macs(c, (B, c.in_channels, H, W))
-            H, W = ((n + 2 * p - d * (k - 1) - 1) // st + 1 for n, p, d, k, st in
-                    zip((H, W), c.padding, c.dilation, c.kernel_size, c.stride))
+            macs, H, W = conv_call_macs(c, B, H, W)
+            total += macs
         return total
 
     def use_spike_conv(self, on=True, backend="auto", masks=True):
