@@ -121,9 +121,13 @@ def conv_macs(model: nn.Module, input_shape, device="meta") -> list[tuple[str, n
             run.eval()
             try:
                 run(x)
-            except NotImplementedError as err:
+            except (NotImplementedError, RuntimeError) as err:
+                if device.type != "meta":
+                    raise
+                # e.g. an op without a meta kernel, or a .item() (a converted SNN)
                 raise RuntimeError(f"conv_macs: the forward of {type(model).__name__} fails on the "
-                                   f"meta device ({err}); pass device='cpu'") from err
+                                   f"meta device ({err}); if it runs on real tensors, pass "
+                                   "device='cpu'") from err
     finally:
         for h in handles:
             h.remove()

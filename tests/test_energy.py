@@ -181,3 +181,19 @@ def test_report_json_is_strict(tmp_path):
     assert "Infinity" not in text
     assert json.loads(text) == {"ann": {"psnr": None}, "snn": [{"psnr": 30.5}]}
 
+
+
+def test_conv_macs_of_a_converted_snn_names_the_cure():
+    """A converted SNN's forward calls .item() (not possible on meta tensors): the
+    error says to count on real tensors, and that works. firing_rate() before a
+    recorded forward is a clear error too."""
+    from spikingir.convert import to_snn
+    torch.manual_seed(0)
+    snn = to_snn(DnCNN(depth=3, channels=4).eval(), torch.rand(1, 1, 12, 12), 2)
+    with pytest.raises(RuntimeError, match="pass device='cpu'"):
+        conv_macs(snn, (1, 1, 10, 10))
+    counted = {name: macs for name, _, macs in conv_macs(snn, (1, 1, 10, 10), device="cpu")}
+    assert counted["conv1"] == 4 * 9 * 100  # once: the input current is computed once
+    assert counted["hidden.0.module"] == snn.steps * 4 * 4 * 9 * 100  # every step, dense
+    with pytest.raises(RuntimeError, match="record_stats"):
+        snn.firing_rate()

@@ -26,7 +26,7 @@ from torch import nn
 
 from spikingir import ops
 from spikingir.ops.spike_conv import conv_out_hw, supports as spike_conv_supports
-from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, conv_call_macs, conv_macs, conv_mean_fanout, conv_sops,
+from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, conv_call_macs, conv_mean_fanout, conv_sops,
                               snn_energy_mj)
 from spikingir.nn import IFNeuron, MPRNeuron, SeqToBatch
 from spikingir.nn.mapper import PixelMapper, spike_rate
@@ -56,6 +56,13 @@ def _inside(n_in, n_out, k, pad, stride):
     lo = -(-pad // stride)  # first i with i * stride - pad >= 0
     hi = min(n_out - 1, (n_in - k + pad) // stride)  # last with i * stride - pad + k <= n_in
     return max(0, hi - lo + 1)
+
+
+def _has_hooks(module):
+    """Whether calling ``module`` would run forward hooks (its own or global ones)."""
+    from torch.nn.modules import module as m
+    return bool(module._forward_hooks or module._forward_pre_hooks or m._global_forward_hooks
+                or m._global_forward_pre_hooks)
 
 
 class _SpikingNet(nn.Module):
@@ -160,7 +167,8 @@ class _SpikingNet(nn.Module):
         256 x 256 DnCNN input, whose SNN forward (T=10) takes ~2.9 s (AVX2 EPYC, 2 threads)."""
         c = self.conv1
         if (x.device.type == "cpu" and x.dtype == torch.float32 and c.padding_mode == "zeros"
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                and not _has_hooks(c)):  # a hooked conv1 (conv_macs, profilers) is called
             bias = None if c.bias is None else c.bias.double()
             return F.conv2d(x.double(), c.weight.double(), bias, c.stride, c.padding, c.dilation,
                             c.groups).float()
@@ -171,7 +179,7 @@ class _SpikingNet(nn.Module):
             self.energy_ratio = x.new_zeros(())
             self._energy_norm = E_SOP_PJ / (E_MAC_PJ * self._ann_macs(x))
         if self._record:
-            macs = conv_macs(nn.Sequential(first_conv), tuple(x.shape))[0][2]
+            macs = conv_call_macs(first_conv, x.shape[0], *x.shape[2:])[0]
             self.stats = {"first_layer_macs": macs, "sops": 0, "readout_macs": 0,
                           "layers": []}
 
@@ -203,7 +211,8 @@ class _SpikingNet(nn.Module):
     def _finish_stats(self, readout_conv, rate_shape):
         if self._record and self.recycling:
             # the recycled residual is an analog input to the mapper: count its MACs
-            self.stats["readout_macs"] = conv_macs(nn.Sequential(readout_conv), rate_shape)[0][2]
+            self.stats["readout_macs"] = conv_call_macs(readout_conv, rate_shape[0],
+                                                        *rate_shape[2:])[0]
 
     def energy_mj(self):
         """Energy of the last recorded forward (the paper's model): first-layer
@@ -216,6 +225,8 @@ class _SpikingNet(nn.Module):
 
     def firing_rate(self):
         """Mean firing rate (spikes per neuron per step, over T) of the last recorded forward."""
+        if self.stats is None:
+            raise RuntimeError("firing_rate: run a forward after record_stats() first")
         st = self.stats
         spikes = sum(layer["spikes"] for layer in st["layers"])
         neurons = sum(layer["neurons"] for layer in st["layers"])
