@@ -90,6 +90,11 @@ def _quantize(img, dtype, name) -> np.ndarray:
 
 def _prepare(clean, restored) -> tuple[np.ndarray, np.ndarray]:
     c = _to_hwc(_to_numpy(clean, "clean"), "clean")
+    if c.dtype != np.uint8 and np.nanmax(c) > 2.0:
+        # a float image in [0, 255] would be clipped to a white image (PSNR inf or
+        # nonsense) instead of measured; a restored image may overshoot 1, not 2x
+        raise ValueError(f"clean: a float image must be in [0, 1], got values up to "
+                         f"{float(np.nanmax(c)):g}; divide by 255 or pass uint8")
     r = _to_hwc(_to_numpy(restored, "restored"), "restored")
     if c.shape != r.shape:
         raise ValueError(f"clean {c.shape} and restored {r.shape} differ in shape "

@@ -104,6 +104,9 @@ def test_metric_input_checks():
         psnr(clean.astype(np.int32), restored)
     with pytest.raises(ValueError, match="at least 11"):
         ssim(clean[:10], restored[:10])
+    for metric in (psnr, ssim):  # a float image in [0, 255] was clipped to white: psnr inf
+        with pytest.raises(ValueError, match=r"in \[0, 1\], got values up to 255"):
+            metric(np.full((16, 16), 255.0), restored * 255)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

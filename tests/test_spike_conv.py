@@ -675,6 +675,9 @@ def test_module_is_a_conv2d_drop_in():
     assert sconv(x[0]).shape == (2, 6, 7, 9)
     s2 = SpikeConv2d(4, 6, 5, stride=2, padding=2, bias=False)
     assert s2(x).shape == (3, 2, 6, 4, 5) and s2.bias is None
+    # nn.Conv2d's other arguments, spelled out at the values spike_conv2d computes
+    s3 = SpikeConv2d(4, 6, 3, padding=1, dilation=1, groups=1, padding_mode="zeros")
+    assert (s3.dilation, s3.groups, s3.padding_mode) == ((1, 1), 1, "zeros")
 
 
 @pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
@@ -693,6 +696,8 @@ def test_module_takes_neuron_masks(backend):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(kernel_size=4), "kernel_size"), (dict(kernel_size=3, stride=3), "stride"),
     (dict(kernel_size=3, stride=(1, 2)), "stride"), (dict(kernel_size=3, padding="same"), "padding"),
+    (dict(kernel_size=3, groups=2), "groups=1"), (dict(kernel_size=3, dilation=2), "dilation=1"),
+    (dict(kernel_size=3, padding_mode="reflect"), "padding_mode='zeros'"),
 ])
 def test_module_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

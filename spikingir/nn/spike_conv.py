@@ -12,7 +12,8 @@ class SpikeConv2d(nn.Conv2d):
 
     Parameters and state dict are those of ``nn.Conv2d`` (``weight``, ``bias``),
     so a trained ANN's convolution loads as is. Kernel sizes 1, 3, 5, 7; stride
-    1 or 2; zero padding; groups = 1.
+    1 or 2; zero padding; groups = 1; dilation = 1 (``dilation``, ``groups`` and
+    ``padding_mode`` are accepted, as keywords, at those values only).
 
     Args:
         validate: check that the input is binary (a ``ValueError`` otherwise);
@@ -23,7 +24,16 @@ class SpikeConv2d(nn.Conv2d):
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, *,
-                 validate=True, backend="auto", device=None, dtype=None):
+                 dilation=1, groups=1, padding_mode="zeros", validate=True, backend="auto",
+                 device=None, dtype=None):
+        # nn.Conv2d's other arguments are taken at the values spike_conv2d computes,
+        # so code that spells them out still drops in; other values are refused.
+        for name, value, ok in (("dilation", dilation, (1, (1, 1))), ("groups", groups, (1,)),
+                                ("padding_mode", padding_mode, ("zeros",))):
+            if value not in ok:
+                raise ValueError(f"{name}: SpikeConv2d supports {name}={ok[0]!r} only (spike_conv2d "
+                                 f"computes dense, ungrouped, zero-padded convolutions), got "
+                                 f"{value!r}; keep nn.Conv2d for this layer")
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          bias=bias, device=device, dtype=dtype)
         for name, value, ok in (("kernel_size", self.kernel_size, lambda k: k in KERNEL_SIZES),
