@@ -21,23 +21,23 @@ TORCH_LIBRARY(spikingir, m) {
   m.def(
       "neuron_fwd(Tensor x, Tensor theta, Tensor beta, Tensor? v0, Tensor alpha, "
       "int surrogate, float reuse_alpha, bool reuse_step, bool scale_output, "
-      "bool detach_reset, int inner, int save_bytes) -> (Tensor, Tensor, Tensor)");
+      "bool detach_reset, SymInt inner, int save_bytes) -> (Tensor, Tensor, Tensor)");
   // Backward of neuron_fwd through time. Returns (grad_x like x, grad_v0 float32,
   // grad_theta [C], grad_beta [C]); parameter gradients are zeros unless asked for.
   m.def(
       "neuron_bwd(Tensor grad_y, Tensor? grad_v, Tensor saved, Tensor theta, "
       "Tensor beta, Tensor alpha, int surrogate, float reuse_alpha, bool reuse_step, "
-      "bool scale_output, bool detach_reset, int inner, bool need_theta_grad, "
+      "bool scale_output, bool detach_reset, SymInt inner, bool need_theta_grad, "
       "bool need_beta_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   // The same two ops implemented by the Triton kernels in kernels/neuron.py.
   m.def(
       "neuron_fwd_triton(Tensor x, Tensor theta, Tensor beta, Tensor? v0, Tensor alpha, "
       "int surrogate, float reuse_alpha, bool reuse_step, bool scale_output, "
-      "bool detach_reset, int inner, int save_bytes) -> (Tensor, Tensor, Tensor)");
+      "bool detach_reset, SymInt inner, int save_bytes) -> (Tensor, Tensor, Tensor)");
   m.def(
       "neuron_bwd_triton(Tensor grad_y, Tensor? grad_v, Tensor saved, Tensor theta, "
       "Tensor beta, Tensor alpha, int surrogate, float reuse_alpha, bool reuse_step, "
-      "bool scale_output, bool detach_reset, int inner, bool need_theta_grad, "
+      "bool scale_output, bool detach_reset, SymInt inner, bool need_theta_grad, "
       "bool need_beta_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   // Inference-only forward of the same neuron that emits its binary spikes as
   // channel masks, the input spikingir::spike_conv2d_fwd_masks takes (no float
@@ -74,8 +74,8 @@ TORCH_LIBRARY(spikingir, m) {
   // [N, Cin, height, width], grad_weight float32, grad_bias float32 [Cout]); a
   // gradient not asked for is an empty tensor.
   m.def(
-      "spike_conv2d_bwd(Tensor grad_out, Tensor packed, Tensor weight, int height, int width, "
-      "int stride, int padding, float dense_rate, bool need_s, bool need_weight, "
+      "spike_conv2d_bwd(Tensor grad_out, Tensor packed, Tensor weight, SymInt height, "
+      "SymInt width, int stride, int padding, float dense_rate, bool need_s, bool need_weight, "
       "bool need_bias) -> (Tensor, Tensor, Tensor)");
   // Inference-only spike_conv2d_fwd of spikes given as channel masks (the
   // output of neuron_fwd_masks, steps merged into N):
@@ -103,7 +103,7 @@ TORCH_LIBRARY(spikingir, m) {
       "spike_conv2d_fwd_triton(Tensor s, Tensor weight, Tensor? bias, int stride, int padding, "
       "float dense_rate, bool validate, bool save) -> (Tensor, Tensor)");
   m.def(
-      "spike_conv2d_bwd_triton(Tensor grad_out, Tensor packed, Tensor weight, int height, "
-      "int width, int stride, int padding, float dense_rate, bool need_s, bool need_weight, "
+      "spike_conv2d_bwd_triton(Tensor grad_out, Tensor packed, Tensor weight, SymInt height, "
+      "SymInt width, int stride, int padding, float dense_rate, bool need_s, bool need_weight, "
       "bool need_bias) -> (Tensor, Tensor, Tensor)");
 }

@@ -841,3 +841,18 @@ def test_refit_mapper_rejects_bad_input():
         refit_mapper(snn, x, [torch.rand(1, 1, 5, 5)])
     with pytest.raises(TypeError, match="expected a SpikingDnCNN or SpikingChain"):
         refit_mapper(to_snn(tiny_aodnet(), images(3, n=1), 2), x, x)
+
+
+@pytest.mark.skipif(not ops.HAS_CPP_OPS, reason="spikingir._C not built")
+def test_export_with_dynamic_height_and_width():
+    """A per-channel SNN exports with symbolic H and W (its neuron ops take the
+    spatial size as a SymInt; as an int it was fixed: "Constraints violated (H)"),
+    and the exported program on another size equals the eager SNN."""
+    from torch.export import Dim
+    snn = to_snn(tiny_dncnn(), images(1, n=1, size=16), 2, per_channel=True)
+    snn.requires_grad_(False)
+    dims = {2: Dim("H", min=8, max=256), 3: Dim("W", min=8, max=256)}
+    ep = torch.export.export(snn, (torch.rand(1, 1, 12, 12),), dynamic_shapes={"x": dims})
+    x = torch.rand(1, 1, 20, 17)
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(x), snn(x), atol=1e-5)

@@ -403,6 +403,30 @@ def test_torch_compile_fullgraph():
         assert_close(a, b, 1e-4, 1e-4, "compiled grad")
 
 
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+def test_torch_compile_symbolic_floats_and_sizes():
+    """A float threshold or alpha that changes between calls is a symbolic float
+    under torch.compile (math.isfinite of it failed the fullgraph trace), and with
+    dynamic shapes a per-channel neuron's spatial size is symbolic (the check
+    `numel in (1, C)` failed, and the ops' `inner` was an int the graph was
+    specialised to)."""
+    from spikingir.nn import IFNeuron, MPRNeuron
+    x = torch.randn(4, 2, 3)
+    f = torch.compile(lambda x, th, a: ops.if_multistep(x, th, alpha=a)[0], backend="eager",
+                      fullgraph=True)
+    for th, a in ((0.5, 4.0), (0.7, 5.0), (0.9, 2.0)):
+        assert torch.equal(f(x, th, a), ops.if_multistep(x, th, alpha=a)[0])
+    for cls in (IFNeuron, MPRNeuron):
+        m = cls(0.5, num_channels=3, backend="cpp")
+        cm = torch.compile(m, backend="eager", fullgraph=True, dynamic=True)
+        for hw in ((5, 6), (7, 9), (4, 11)):
+            xx = torch.randn(4, 2, 3, *hw, requires_grad=True)
+            y = cm(xx)
+            assert torch.equal(y, m(xx))
+            y.sum().backward()
+            assert xx.grad is not None and torch.isfinite(xx.grad).all()
+
+
 @pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
 def test_chosen_backend_runs(backend):
     x = torch.randn(3, 5, requires_grad=True)

@@ -120,6 +120,8 @@ class _MultiStepNeuron(nn.Module):
         # called with validate=False. theta_floor > 0 keeps the thresholds positive.
         if isinstance(self.alpha, torch.Tensor):
             check_values("alpha", self.alpha, positive=True)
+        elif torch.compiler.is_compiling():
+            pass  # a float alpha changed between calls is symbolic there (see ops.neuron._param)
         elif not (isinstance(self.alpha, numbers.Real) and math.isfinite(self.alpha)
                   and self.alpha > 0):
             raise ValueError(f"alpha: expected a finite positive value, got {self.alpha!r}")

@@ -102,10 +102,14 @@ def _param(name, value, x_seq, positive, can_check_values):
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{name}: expected a float or a tensor, got {type(value).__name__}")
     if isinstance(value, numbers.Real):
-        value = float(value)
-        if not math.isfinite(value) or (positive and value <= 0):
-            raise ValueError(f"{name}: expected a finite{' positive' if positive else ''} "
-                             f"value, got {value}")
+        # Under torch.compile a float argument that changes between calls is a
+        # symbolic float: checking it would need its value (no check there, like
+        # check_values), and float() would specialise the graph to it.
+        if not torch.compiler.is_compiling():
+            value = float(value)
+            if not math.isfinite(value) or (positive and value <= 0):
+                raise ValueError(f"{name}: expected a finite{' positive' if positive else ''} "
+                                 f"value, got {value}")
         dtype = torch.float64 if x_seq.dtype == torch.float64 else torch.float32
         # torch.full fills on the device (torch.tensor(value, device="cuda") would copy
         # from the host and synchronise).
@@ -116,7 +120,8 @@ def _param(name, value, x_seq, positive, can_check_values):
         raise ValueError(f"{name}: expected a tensor on {x_seq.device} (like x_seq), "
                          f"got {value.device}")
     channels = x_seq.shape[2] if x_seq.dim() >= 3 else None
-    if value.dim() > 1 or (value.dim() == 1 and value.numel() not in (1, channels)):
+    n = value.numel()  # `n in (1, C)` is not traceable with a symbolic C (torch.compile)
+    if value.dim() > 1 or (value.dim() == 1 and n != 1 and n != channels):
         expect = f"a 1-d tensor of length C = x_seq.shape[2] = {channels}" if channels \
             else "a 1-d tensor of length 1 (x_seq has no channel axis)"
         raise ValueError(f"{name}: expected a float, a 0-d tensor or {expect}, "
