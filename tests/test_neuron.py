@@ -569,6 +569,29 @@ def test_modules():
     assert conv(x).shape == (4, 2, 6, 5, 5)
 
 
+def test_stateful_neuron_in_chunks_and_tensor_alpha_moves_with_the_module():
+    """Truncated BPTT: detach_state() keeps the potential but cuts the graph, so
+    each chunk backpropagates on its own (the second backward failed before,
+    with no way out but reset(), which forgets the state). A per-channel tensor
+    alpha (a plain attribute) moves with .to() / .double() like the parameters
+    (snn.to("cuda") left it on the CPU)."""
+    n = IFNeuron(0.5, num_channels=3, stateful=True, alpha=torch.tensor([2.0, 4.0, 8.0]))
+    x = torch.rand(8, 2, 3, 5, 5, requires_grad=True)
+    whole, _ = ops.if_multistep(x, 0.5, backend="torch")
+    chunks = []
+    for part in x.split(4):
+        y = n(part)
+        y.sum().backward()
+        n.detach_state()
+        assert not n.v_final.requires_grad
+        chunks.append(y.detach())
+    assert torch.equal(torch.cat(chunks), whole.detach())  # the state carried over
+    n.to("meta")
+    assert n.alpha.device.type == "meta" and n.theta.device.type == "meta"
+    d = IFNeuron(0.5, num_channels=3, alpha=torch.tensor([2.0, 4.0, 8.0])).double()
+    assert d.alpha.dtype == torch.float64
+
+
 # ---------------------------------------------------------------------------
 # GPU (skipped without one).
 # ---------------------------------------------------------------------------

@@ -81,6 +81,22 @@ class _MultiStepNeuron(nn.Module):
         """Forget the membrane state kept from the last call."""
         self.v_final = None
 
+    def detach_state(self):
+        """Keep the membrane state but cut it from the autograd graph: truncated
+        BPTT over the chunks a stateful neuron is fed (a second ``backward``
+        through the previous chunk's graph would fail). Returns ``self``."""
+        if self.v_final is not None:
+            self.v_final = self.v_final.detach()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # A per-channel tensor alpha is a plain attribute (it may also be a float),
+        # so it is moved here with the parameters (.to("cuda"), .double(), ...).
+        super()._apply(fn, *args, **kwargs)
+        if isinstance(self.alpha, torch.Tensor):
+            self.alpha = fn(self.alpha)
+        return self
+
     def __getstate__(self):
         # v_final is still in the last forward's autograd graph: copy.deepcopy (and
         # pickle) of a non-leaf tensor fails, and a copy has no use for that graph.
