@@ -242,7 +242,8 @@ def _set_threads(args):
 # ------------------------------------------------------------------ evaluate
 
 def _cmd_evaluate(args):
-    from spikingir.evaluate import evaluate, markdown_table, write_atomic, write_figures, write_json
+    from spikingir.atomic import write_atomic
+    from spikingir.evaluate import evaluate, markdown_table, write_figures, write_json
     from spikingir.pipeline import dehaze_samples, denoise_samples, load_ann
 
     device = _device(args)
@@ -337,7 +338,7 @@ def _cmd_restore(args):
     from PIL import Image
 
     from spikingir.data import estimate_noise_sigma, is_16bit_gray, load_image
-    from spikingir.evaluate import write_atomic
+    from spikingir.atomic import write_atomic
     from spikingir.metrics import to_uint8, to_uint16
     from spikingir.pipeline import load_ann, nearest_sigma, restore
 
@@ -626,7 +627,8 @@ def _add_finetune(sub):
 # ------------------------------------------------------------------ demo
 
 def _cmd_demo(args):
-    from spikingir.evaluate import evaluate, markdown_table, write_atomic, write_figures, write_json
+    from spikingir.atomic import write_atomic
+    from spikingir.evaluate import evaluate, markdown_table, write_figures, write_json
     from spikingir.pipeline import dehaze_samples, denoise_samples, load_ann
 
     _set_threads(args)

@@ -10,13 +10,13 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from spikingir.atomic import atomic_paths, write_atomic
 from spikingir.energy import ann_energy_mj, kept_modes
 from spikingir.metrics import psnr, ssim, to_uint8
 
@@ -173,31 +173,6 @@ def markdown_table(report, title=None):
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path, text_or_bytes):
-    """Writes a file via a temporary file and a rename: never a partial file."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    mode = "wb" if isinstance(text_or_bytes, bytes) else "w"
-    try:
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    except OSError as err:  # name the file the caller asked for, not the temporary one
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(text_or_bytes)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
-        raise
-
-
 def write_json(path, report):
     """The report as strict JSON: a non-finite number (PSNR of an output equal to
     its reference is inf) is written as null, which every JSON parser reads
@@ -231,9 +206,8 @@ def write_figures(directory, report, samples, outputs, degraded_label="noisy"):
         tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 4)) + ((0, 0),) * (t.ndim - 2)) for t in tiles]
         strip = np.concatenate(tiles, 1)
         path = os.path.join(directory, f"{s.name}_{degraded_label}_ann_snn_clean.png")
-        tmp = path + ".tmp.png"
-        Image.fromarray(strip).save(tmp)
-        os.replace(tmp, path)
+        with atomic_paths(path) as (tmp,):
+            Image.fromarray(strip).save(tmp, format="PNG")
         written.append(path)
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
     ts = [r["timesteps"] for r in report["snn"]]
@@ -245,8 +219,10 @@ def write_figures(directory, report, samples, outputs, degraded_label="noisy"):
     ax.legend()
     fig.tight_layout()
     path = os.path.join(directory, f"psnr_vs_T_{report['task']}.png")
-    fig.savefig(path + ".tmp.png")
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    try:
+        with atomic_paths(path) as (tmp,):
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     written.append(path)
     return written

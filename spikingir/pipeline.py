@@ -285,7 +285,7 @@ def save_snn(snn, path, extra=None):
     """Saves a converted SNN as a plain dict (loads with weights_only=True):
     its config, state dict and ``extra`` as metadata, plus the fingerprint of
     the ANN it was converted from (``snn.meta``) unless ``extra`` gives one."""
-    from spikingir.evaluate import write_atomic
+    from spikingir.atomic import write_atomic
     import io
 
     import json

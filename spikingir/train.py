@@ -28,7 +28,6 @@ import numbers
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from spikingir.atomic import atomic_paths
 
 __all__ = ["fit", "FitResult", "lr_factor", "save_atomic", "load_checkpoint", "get_rng_state",
            "set_rng_state", "save_weights", "train_denoiser", "train_dehazer", "TrainResult", "denoise_validator",
@@ -107,33 +108,17 @@ def _plain(obj, where="config"):
     raise TypeError(f"{where}: value of type {type(obj).__name__} cannot be stored in a checkpoint")
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_atomic(obj, path) -> Path:
     """``torch.save(obj, path)`` through a temporary file in the same folder and
-    ``os.replace``: readers see the old file or the new one, never a partial one,
-    and nothing is left behind on failure. Creates the parent folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    ``os.replace`` (:func:`spikingir.atomic.atomic_paths`): readers see the old file
+    or the new one, never a partial one, and nothing is left behind on failure.
+    Creates the parent folder."""
+    with atomic_paths(path) as (tmp,):
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return Path(path)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -991,7 +976,8 @@ def train_dehazer(*, data=None, val_data=None, val_scenes=DEFAULT_VAL_SCENES, st
 def save_weights(path, state_dict: Mapping, meta: Mapping | None = None) -> Path:
     """Write a plain state dict (tensors only; loads with ``weights_only=True``)
     to ``path`` and ``meta`` as JSON next to it (``path`` with suffix ``.json``),
-    both atomically; if the JSON cannot be written the weights are removed too."""
+    both atomically: both temporary files are written before either replaces
+    its file, so a failure leaves the old pair (or nothing) in place."""
     import json
 
     path = Path(path)
@@ -1000,21 +986,14 @@ def save_weights(path, state_dict: Mapping, meta: Mapping | None = None) -> Path
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"save_weights: {k} is a {type(v).__name__}, not a tensor")
         sd[str(k)] = v.detach().cpu().clone().contiguous()
-    save_atomic(sd, path)
-    if meta is not None:
-        side = path.with_suffix(".json")
-        try:
-            text = json.dumps(_plain(dict(meta), "meta"), indent=1) + "\n"
-            fd, tmp = tempfile.mkstemp(prefix=f".{side.name}.", suffix=".tmp", dir=side.parent)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                os.chmod(tmp, _umask_mode())
-                os.replace(tmp, side)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
+    if meta is None:
+        save_atomic(sd, path)
+        return path
+    text = json.dumps(_plain(dict(meta), "meta"), indent=1) + "\n"
+    # both written before either is renamed: a failure leaves the old pair
+    with atomic_paths(path, path.with_suffix(".json")) as (tmp, side):
+        with open(tmp, "wb") as f:
+            torch.save(sd, f)
+        with open(side, "w") as f:
+            f.write(text)
     return path

@@ -917,7 +917,7 @@ def test_write_atomic_names_the_file_it_could_not_write(tmp_path, monkeypatch):
     """A failed write names the requested file, not the temporary one beside it,
     keeps the OSError subclass, and leaves nothing behind."""
     import tempfile
-    from spikingir.evaluate import write_atomic
+    from spikingir.atomic import write_atomic
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
@@ -930,3 +930,40 @@ def test_write_atomic_names_the_file_it_could_not_write(tmp_path, monkeypatch):
     with pytest.raises(PermissionError, match=r"cannot write .*out\.png"):
         write_atomic(tmp_path / "out.png", b"x")
     assert not list(tmp_path.iterdir())
+
+
+def test_atomic_writes_follow_links_and_keep_special_files(tmp_path):
+    """An output that is a symlink has its target replaced (the link was replaced by
+    a plain file and the target never written); one that exists but is no regular
+    file (a FIFO here, /dev/null in the report) is written directly (a root run
+    replaced /dev/null by a plain file); a 250-character name works (the temporary
+    name was '.tmp-' + the name: too long); a failed pair leaves the old pair."""
+    import stat
+    from spikingir.atomic import write_atomic
+    from spikingir.train import save_weights
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "t.png"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    write_atomic(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so the write does not block
+    try:
+        write_atomic(fifo, b"abc")
+        assert os.read(fd, 16) == b"abc" and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    finally:
+        os.close(fd)
+    long_name = tmp_path / ("n" * 246 + ".png")
+    write_atomic(long_name, b"x")
+    assert long_name.read_bytes() == b"x"
+    weights = tmp_path / "m.pt"
+    weights.write_bytes(b"OLD")
+    (tmp_path / "m.json").mkdir()  # the metadata cannot be written
+    with pytest.raises(OSError, match="cannot write"):
+        save_weights(weights, {"w": torch.zeros(2)}, {"a": 1})
+    assert weights.read_bytes() == b"OLD"  # was deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["real", "link.png", "fifo", long_name.name, "m.pt", "m.json"])
