@@ -223,6 +223,9 @@ def _check_train_args(args):
         raise _BadInput(f"--out {args.out}: the weights need another suffix than .json (the metadata go there)")
     args.checkpoint = args.checkpoint or str(args.out) + ".ckpt"
     check_outputs(args.out, args.checkpoint, args.resume)
+    side = str(Path(args.out).with_suffix(".json"))
+    check_outputs(side, option="the metadata file (--out with .json)")
+    check_distinct(("--out", args.out), ("the metadata file", side), ("--checkpoint", args.checkpoint))
 
 
 def _check_creatable(folder, target):
@@ -255,16 +258,41 @@ def check_outputs(out, checkpoint=None, resume=False, option="--out"):
     run would overwrite it). Raises ValueError with a one-line message."""
     from pathlib import Path
 
+    import os
+
     if Path(out).is_dir():
         raise _BadInput(f"{option} {out} is a directory")
     for target in (out, checkpoint):
-        if target is not None:
-            _check_creatable(Path(target).resolve().parent, target)
+        if target is None:
+            continue
+        real = Path(target).resolve()  # a symlink's target is what gets written
+        if real.exists() and not real.is_file() and not real.is_dir():
+            # a device or FIFO (e.g. /dev/null) is written in place, not replaced
+            if not os.access(real, os.W_OK):
+                raise _BadInput(f"cannot write {target}: permission denied")
+            continue
+        _check_creatable(real.parent, target)
     if checkpoint is not None and Path(checkpoint).is_dir():
         raise _BadInput(f"--checkpoint {checkpoint} is a directory")
     if checkpoint is not None and Path(checkpoint).exists() and not resume:
         raise _BadInput(f"checkpoint {checkpoint} exists: pass --resume to continue it, "
                         "or delete it to start over")
+
+
+def check_distinct(*named):
+    """``named``: ``(option, path)`` pairs (None paths skipped). Two outputs that
+    are the same file (after resolving) would overwrite each other: a one-line
+    error before any work."""
+    from pathlib import Path
+
+    seen = {}
+    for option, path in named:
+        if path is None:
+            continue
+        key = Path(path).resolve()
+        if key in seen:
+            raise _BadInput(f"{seen[key]} and {option} both name {path}")
+        seen[key] = option
 
 
 def _cmd_train_ann(args):
@@ -397,6 +425,11 @@ def main(argv=None):
             from spikingir.allocator import keep_freed_memory
             keep_freed_memory()  # opt-in, see spikingir/allocator.py: faster, more memory
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which reports its checkpoint)
+        cmd = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")),
+                   "")
+        print(f"spikingir {cmd}: interrupted".replace("  ", " "), file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # Whoever read stdout has gone (`spikingir --help | head -1`): stop quietly, as
         # Unix tools do. stdout now points at /dev/null, so that the interpreter's last

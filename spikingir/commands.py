@@ -11,7 +11,7 @@ import sys
 import time
 
 from spikingir.cli import (_nonneg_float, _nonneg_int, _number_in, _positive_int, _unit_float,
-                           check_output_folder, check_outputs)
+                           check_distinct, check_output_folder, check_outputs)
 from spikingir.tiling import DEFAULT_TILE
 
 
@@ -27,6 +27,9 @@ def _guard(func):
             msg = str(err).splitlines()[0] if str(err) else type(err).__name__
             print(f"spikingir {args.command}: error: {msg}", file=sys.stderr)
             return 2
+        except FloatingPointError as err:  # training diverged: not bad input, no traceback
+            print(f"spikingir {args.command}: {err}; try lower learning rates", file=sys.stderr)
+            return 1
     return run
 
 
@@ -255,10 +258,17 @@ def _cmd_evaluate(args):
             check_outputs(path, option=option)
     if args.figures is not None:
         check_output_folder(args.figures, "--figures")
+    check_distinct(("--json", args.json), ("--markdown", args.markdown), ("--figures", args.figures))
     if args.task == "denoise":
         samples = denoise_samples(sigma, args.data, args.limit, args.crop)
     else:
         samples = dehaze_samples(args.data, args.limit, args.crop, args.scenes)
+    if args.figures is not None:  # one figure per image name
+        names = [s.name for s in samples]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise UserError(f"two images are named {dup} (other extensions): their --figures "
+                            "would overwrite each other")
     ann = load_ann(args.task, sigma, args.ann_weights, args.ann_module)
     snn, origin = _get_snn(args.task, sigma, ann, max(args.timesteps), args, args.ann_weights is not None)
     print(f"# {args.task}: {len(samples)} images; SNN: {origin}", flush=True)
@@ -267,13 +277,21 @@ def _cmd_evaluate(args):
                       amp=args.amp)
     table = markdown_table(report)
     print(table)
-    if args.json:
-        write_json(args.json, report)
-    if args.markdown:
-        write_atomic(args.markdown, table)
-    if args.figures:
-        write_figures(args.figures, report, samples, outputs,
-                      "noisy" if args.task == "denoise" else "hazy")
+    written = []  # all outputs or none: a later writer failing removes the earlier files
+    try:
+        if args.json:
+            write_json(args.json, report)
+            written.append(args.json)
+        if args.markdown:
+            write_atomic(args.markdown, table)
+            written.append(args.markdown)
+        if args.figures:
+            write_figures(args.figures, report, samples, outputs,
+                          "noisy" if args.task == "denoise" else "hazy")
+    except BaseException:
+        for path in written:
+            os.unlink(path)
+        raise
     return 0
 
 
@@ -320,7 +338,9 @@ def _restore_jobs(inputs, output):
             raise UserError(f"no such image file: {name}")
         else:
             files.append(path)
-    to_folder = len(inputs) > 1 or Path(inputs[0]).is_dir() or os.path.isdir(output)
+    # "-o out/" names a folder even before it exists
+    to_folder = (len(inputs) > 1 or Path(inputs[0]).is_dir() or os.path.isdir(output)
+                 or output.endswith(("/", os.sep)))
     outs = [Path(output) / f.name for f in files] if to_folder else [Path(output)]
     if len(set(outs)) < len(outs):
         dup = next(o for o in outs if outs.count(o) > 1)
@@ -328,7 +348,7 @@ def _restore_jobs(inputs, output):
     if to_folder:
         check_output_folder(output, "-o")
     else:
-        check_outputs(output)
+        check_outputs(output, option="-o")
     return [(f, o, _image_format(str(o))) for f, o in zip(files, outs)], to_folder
 
 
@@ -347,19 +367,21 @@ def _cmd_restore(args):
     _warn_amp(args, device)
     blind = args.task == "denoise" and args.sigma is None
     sigma = None if blind else _sigma_of(args)
-    jobs, to_folder = _restore_jobs(args.images, args.output)  # before any work
+    jobs, _ = _restore_jobs(args.images, args.output)  # before any work
 
     def read(src):
         img = load_image(src)
         if args.task == "denoise" and img.ndim == 3:
             raise UserError(f"{src}: an RGB image for the grayscale denoising model")
+        if blind and min(img.shape[:2]) < 2:
+            raise UserError(f"{src}: a {img.shape[0]}x{img.shape[1]} image is too small to "
+                            "estimate its noise level; pass --sigma")
         return img
 
     if len(jobs) > 1:  # a bad file anywhere in the list stops the run before any output
         for src, _, _ in jobs:
             read(src)
-    if to_folder:
-        os.makedirs(args.output, exist_ok=True)
+    # the output folder is made by the first write: a failure before it leaves nothing
     nets = {}  # one network per noise level
     for src, dst, fmt in jobs:
         img = read(src)
@@ -509,6 +531,7 @@ def _cmd_finetune(args):
     if args.resume and args.checkpoint is None:
         raise UserError("--resume needs --checkpoint PATH (the run to continue)")
     check_outputs(args.out, args.checkpoint, args.resume)
+    check_distinct(("--out", args.out), ("--checkpoint", args.checkpoint))
     teacher = load_ann(args.task, sigma, args.ann_weights, args.ann_module) if args.distill > 0 else None
     if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
         snn = _load_converted(args.snn_weights, args.task, args)  # finetune_snn sets its T

@@ -189,14 +189,28 @@ def write_json(path, report):
 
 
 def write_figures(directory, report, samples, outputs, degraded_label="noisy"):
-    """Side-by-side PNGs (input, ANN, SNN at each T, clean) and a PSNR-vs-T plot."""
+    """Side-by-side PNGs (input, ANN, SNN at each T, clean) and a PSNR-vs-T plot;
+    returns their paths. A failure removes the files this call wrote."""
+    created = not os.path.exists(directory)
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    try:
+        _write_figures(directory, report, samples, outputs, degraded_label, written)
+    except BaseException:  # nothing half-written: remove this call's files (and folder)
+        for path in written:
+            os.unlink(path)
+        if created and not os.listdir(directory):
+            os.rmdir(directory)
+        raise
+    return written
+
+
+def _write_figures(directory, report, samples, outputs, degraded_label, written):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    os.makedirs(directory, exist_ok=True)
-    written = []
     for s in samples:
         inp = _to_image(s.inputs) if s.inputs.shape[1] in (1, 3) else None
         panels = [inp, outputs[(s.name, "ann")]] + \
@@ -225,4 +239,3 @@ def write_figures(directory, report, samples, outputs, degraded_label="noisy"):
     finally:
         plt.close(fig)
     written.append(path)
-    return written

@@ -188,6 +188,11 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
     (["restore", "{d}/gray/im0.png", "{d}/gray/im1.png", "-o", "{d}/gray/im0.png", "--task", "denoise",
       "--sigma", "25"], "-o .* exists and is not a folder"),
     (["demo", "--out", "{d}/gray/im0.png"], "--out .* exists and is not a folder"),
+    # two outputs naming one path (the JSON was written, then the figures failed)
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/gray", "--markdown",
+      "{o}/r.json"], "--json and --markdown both name"),
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/gray", "--figures",
+      "{o}/r.json"], "--json and --figures both name"),
 ])
 def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, capsys, argv, match):
     argv = [a.format(d=files, o=tmp_path, w=WEIGHTS_DIR) for a in argv]
@@ -541,6 +546,8 @@ def test_finetune_refuses_what_it_could_only_fail_at_the_end(files, tmp_path, ca
         (["--time-limit=-5", "--out", str(tmp_path / "a.pt")], "a finite number >= 0"),
         (["--log-every=-1", "--out", str(tmp_path / "a.pt")], "an integer >= 0"),
         (["--offset-percentile", "100", "--out", str(tmp_path / "a.pt")], "[0, 100)"),
+        (["--checkpoint", str(tmp_path / "a.pt"), "--out", str(tmp_path / "a.pt")],
+         "--out and --checkpoint both name"),  # the SNN overwrote the checkpoint
     ]
     for extra, message in cases:
         code, out, err = run(base + extra, capsys)
@@ -967,3 +974,46 @@ def test_atomic_writes_follow_links_and_keep_special_files(tmp_path):
     assert weights.read_bytes() == b"OLD"  # was deleted
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["real", "link.png", "fifo", long_name.name, "m.pt", "m.json"])
+
+
+def test_cli_output_paths_and_interruptions(files, tmp_path, capsys, monkeypatch):
+    """Found by a CLI audit: "-o dir/" wrote a file named dir; a 1x1 image among
+    several (no --sigma) failed after the first output was written; train-ann's
+    metadata path being a folder failed after training and deleted the old
+    weights; Ctrl-C outside a training loop and a diverging fine-tuning printed
+    tracebacks."""
+    base = ["--task", "denoise", "--timesteps", "2", "--threads", "1"]
+    code, out, err = run(["restore", str(files / "gray" / "im0.png"), "-o", str(tmp_path / "new") + "/",
+                          "--sigma", "25", "--ann-weights", str(files / "dncnn.pt")] + base, capsys)
+    assert code == 0 and (tmp_path / "new" / "im0.png").is_file(), err
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(tmp_path / "dot.png")
+    code, out, err = run(["restore", str(files / "gray" / "im0.png"), str(tmp_path / "dot.png"),
+                          "-o", str(tmp_path / "many"), "--ann-weights", str(files / "dncnn.pt")]
+                         + base, capsys)
+    assert code == 2 and "too small to estimate its noise level; pass --sigma" in err, err
+    assert not (tmp_path / "many").exists()
+    (tmp_path / "m.json").mkdir()
+    (tmp_path / "m.pt").write_bytes(b"OLD")
+    code, out, err = run(["train-ann", "--task", "denoise", "--sigma", "25", "--steps", "1",
+                          "--data", str(files / "gray48"), "--out", str(tmp_path / "m.pt")], capsys)
+    assert code == 2 and "m.json is a directory" in err and "Traceback" not in err, err
+    assert (tmp_path / "m.pt").read_bytes() == b"OLD"
+
+    import spikingir.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(spikingir.pipeline, "denoise_samples", interrupted)
+    code, out, err = run(["evaluate", "--sigma", "25", "--data", str(files / "gray"),
+                          "--ann-weights", str(files / "dncnn.pt")] + base, capsys)
+    assert code == 130 and err.strip() == "spikingir evaluate: interrupted", err
+    import spikingir.finetune
+
+    def diverged(*args, **kwargs):
+        raise FloatingPointError("fit: loss is inf at step 1")
+    monkeypatch.setattr(spikingir.finetune, "finetune_snn", diverged)
+    code, out, err = run(["finetune", "--sigma", "25", "--ann-weights", str(files / "dncnn.pt"),
+                          "--data", str(files / "gray48"), "--val-data", str(files / "gray48"),
+                          "--out", str(tmp_path / "s.pt")] + base, capsys)
+    assert code == 1 and "loss is inf at step 1; try lower learning rates" in err, err
+    assert "Traceback" not in err and not (tmp_path / "s.pt").exists()
