@@ -97,6 +97,11 @@ def _cmd_bench_neuron(args):
 
     if cuda_missing(args.device):
         args._parser.error(cuda_missing(args.device))
+    if args.json:  # before the benchmark, which takes minutes
+        try:
+            check_outputs(args.json, option="--json")
+        except _BadInput as err:
+            args._parser.error(str(err))
     Ts, Ns = args.T, args.N
     if args.quick:
         Ts = Ts or list(bn.QUICK_T)
@@ -108,8 +113,8 @@ def _cmd_bench_neuron(args):
     print(bn.markdown_header(env))
     print(bn.format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
+        from spikingir.atomic import write_atomic
+        write_atomic(args.json, json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
     return 0
 
 

@@ -37,6 +37,15 @@ def test_bench_neuron_cli_bad_arguments(capsys):
     assert "positive integer" in capsys.readouterr().err
 
 
+def test_bench_neuron_json_path_checked_before_the_run(tmp_path, capsys):
+    """An unwritable --json failed with a traceback after the whole benchmark."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "neuron", "--T", "2", "--N", "100", "--json", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--json" in err and "is a directory" in err and "[bench neuron]" not in err
+
+
 def test_tables_of_gpu_rows():
     """GPU rows come from triton's do_bench, which reports no repeat count
     (reps None); both tables print them (a GPU run once crashed here)."""
