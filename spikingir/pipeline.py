@@ -389,6 +389,10 @@ def load_snn(path, backend="auto", task=None):
     except (KeyError, TypeError, AttributeError, IndexError) as err:
         raise ValueError(f"{path}: not a complete SpikingIR SNN checkpoint ({type(err).__name__}: "
                          f"{_first_line(err)})") from None
+    except ValueError as err:  # a bad config value: name the file it came from
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: invalid SNN config ({_first_line(err)})") from None
 
 
 def _build_snn(path, obj, backend, task):
@@ -423,6 +427,13 @@ def _build_snn(path, obj, backend, task):
     neurons = []
     for i in range(len(convs) - 1):
         th = sd[f"neurons_.{i}.theta"]
+        # each neuron layer follows its conv: a per-channel size that differs would
+        # load, then fail inside the first forward
+        width = convs[i].out_channels
+        for name, value in (("theta", th), ("alpha", alpha)):
+            if isinstance(value, torch.Tensor) and value.numel() not in (1, width):
+                raise ValueError(f"{path}: neuron layer {i} has {value.numel()} {name} values for "
+                                 f"the {width} channels of its conv")
         neurons.append(make_neuron(cfg["neuron"], 1.0,
                                    num_channels=th.numel() if th.dim() == 1 else None,
                                    v_init=cfg["v0"], backend=backend, surrogate=cfg["surrogate"],

@@ -231,6 +231,12 @@ def test_unreadable_weight_files_are_one_line_errors(files, tmp_path, capsys):
                bad / "no_neuron.pt")
     state = {k: v for k, v in ck["state_dict"].items() if k != "neurons_.2.theta"}
     torch.save({**ck, "state_dict": state}, bad / "no_theta.pt")
+    # loaded, then failed inside the forward (a traceback), or a message without the file
+    short = {k: (v[:10] if k.startswith("neurons_.0.") and v.dim() == 1 else v)
+             for k, v in ck["state_dict"].items()}
+    torch.save({**ck, "state_dict": short}, bad / "no_match_theta.pt")
+    torch.save({**ck, "config": {**ck["config"], "alpha": [1.0, 2.0]}}, bad / "no_match_alpha.pt")
+    torch.save({**ck, "config": {**ck["config"], "timesteps": "abc"}}, bad / "no_int_t.pt")
     base = ["restore", str(files / "gray" / "im0.png"), "-o", str(tmp_path / "x.png"), "--task",
             "denoise", "--sigma", "25", "--timesteps", "2"]
     for name in sorted(p.name for p in bad.iterdir()):
