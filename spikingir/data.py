@@ -130,6 +130,25 @@ def load_image(path, gray: bool | None = None) -> np.ndarray:
     return _pil_to_float(img, gray)
 
 
+_COLOUR_FOLDERS_NOTED = set()
+
+
+def load_gray(path) -> np.ndarray:
+    """A training or calibration image for a grayscale model: ``load_image(path,
+    gray=True)``, with one warning per folder when a file is in colour, so the
+    conversion to luma is never silent (evaluate and restore refuse colour
+    instead: their output would lose it)."""
+    img = load_image(path, gray=None)
+    if img.ndim == 2:
+        return img
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if folder not in _COLOUR_FOLDERS_NOTED:
+        _COLOUR_FOLDERS_NOTED.add(folder)
+        warnings.warn(f"{folder}: colour images are converted to gray (luma) for the grayscale "
+                      "denoising model", stacklevel=2)
+    return load_image(path, gray=True)
+
+
 def _png_ihdr(path) -> tuple[int | None, int | None]:
     """(bit depth, colour type) from a PNG's IHDR chunk; (None, None) for other files."""
     try:
@@ -338,7 +357,7 @@ class DnCNNPatches(Dataset):
         index = []
         for src in sources:
             from_file = isinstance(src, (str, os.PathLike))
-            arr = load_image(src, gray=True) if from_file else src
+            arr = load_gray(src) if from_file else src
             # 8-bit sources are re-quantised as the reference generator does; 16-bit
             # gray files keep their precision, as float arrays do
             quantize = (not is_16bit_gray(src)) if from_file else arr.dtype == np.uint8

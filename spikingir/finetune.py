@@ -8,7 +8,7 @@ Adam, 2e-5 for weights and 1e-3 for thresholds/beta).
 """
 import torch
 
-from spikingir.train import (DEFAULT_VAL_SCENES, _CachedCrops, _loader, default_data_dir,
+from spikingir.train import (held_out_scenes, _CachedCrops, _loader, default_data_dir,
                              denoise_validator, dehaze_validator, fit)
 
 
@@ -30,8 +30,8 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     fresh Gaussian noise each batch, validated on ``val_data`` (Set12)
     center crops. ``train_mapper=False`` keeps the pixel mapper fixed (the
     ANN's output conv). Dehazing: random crops of the training scenes of
-    ``data`` (default ``../shared/data/sots_train``, scenes
-    ``DEFAULT_VAL_SCENES`` held out for validation), ``patch`` x ``patch`` pixels
+    ``data`` (default ``../shared/data/sots_train``, the scenes of
+    :func:`~spikingir.train.held_out_scenes` held out for validation), ``patch`` x ``patch`` pixels
     (default 160). ``energy_weight`` > 0 adds
     ``energy_weight x snn.energy_ratio`` (the differentiable SOP part of the
     SNN/ANN energy ratio, see :meth:`track_energy`) to the MSE: fewer spikes
@@ -85,7 +85,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
             raise FileNotFoundError("fine-tuning needs training data: pass --data DIR (hazy/ + gt/)")
         pairs = DehazePairs(data)
         if val_data is None:
-            train_pairs, val_pairs = pairs.split(DEFAULT_VAL_SCENES)
+            train_pairs, val_pairs = pairs.split(held_out_scenes(pairs))
         else:
             train_pairs, val_pairs = pairs, DehazePairs(val_data)
         dataset = _CachedCrops(train_pairs, patch)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spikingir.data import add_gaussian_noise, center_crop, list_images, load_image
+from spikingir.data import add_gaussian_noise, center_crop, list_images, load_gray, load_image
 from spikingir.evaluate import Sample
 from spikingir.models import AODNet, DnCNN, load_dncnn
 from spikingir.models.spiking import SpikingAODNet, SpikingChain, SpikingDnCNN, make_neuron
@@ -106,14 +106,16 @@ def calibration_inputs(task, sigma=None, crop=128, data=None):
 
     if task == "denoise":
         if data is not None:
-            cleans = [center_crop(load_image(p, gray=True), crop) for p in list_images(data)[:8]]
+            cleans = [center_crop(load_gray(p), crop) for p in list_images(data)[:8]]
         else:
             cleans = [center_crop(_skimage_photo(n, gray=True), crop) for n in DENOISE_CALIB]
         return [_to_input(add_gaussian_noise(c, sigma, seed=i)) for i, c in enumerate(cleans)]
     if data is not None:  # hazy images of the training scenes (validation scenes held out)
         from spikingir.data import DehazePairs
-        from spikingir.train import DEFAULT_VAL_SCENES
-        train_pairs, _ = DehazePairs(data).split(DEFAULT_VAL_SCENES)
+        from spikingir.train import held_out_scenes
+        pairs = DehazePairs(data)
+        # a folder of one scene calibrates on it (there is nothing to hold out)
+        train_pairs = pairs.split(held_out_scenes(pairs))[0] if len(pairs.scenes) > 1 else pairs
         return [_to_input(center_crop(load_image(h, gray=False), crop * 2))
                 for h, _, _ in train_pairs.pairs[::max(1, len(train_pairs.pairs) // 8)][:8]]
     cleans = [center_crop(_skimage_photo(n, gray=False), crop) for n in DEHAZE_CALIB]
@@ -126,7 +128,7 @@ def denoise_pairs(sigma, data, n, crop=128, seed=100):
     seeds ``seed``, ``seed + 1``, ... (other noise than :func:`calibration_inputs`')."""
     paths = list_images(data)
     paths = paths[::max(1, len(paths) // n)][:n]
-    cleans = [center_crop(load_image(p, gray=True), crop) for p in paths]
+    cleans = [center_crop(load_gray(p), crop) for p in paths]
     return ([_to_input(add_gaussian_noise(c, sigma, seed=seed + k)) for k, c in enumerate(cleans)],
             [_to_input(c) for c in cleans])
 

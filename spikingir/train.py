@@ -42,6 +42,7 @@ from spikingir.atomic import atomic_paths
 __all__ = ["fit", "FitResult", "lr_factor", "save_atomic", "load_checkpoint", "get_rng_state",
            "set_rng_state", "save_weights", "train_denoiser", "train_dehazer", "TrainResult", "denoise_validator",
            "dehaze_validator", "recalibrate_batchnorm", "default_data_dir", "DEFAULT_VAL_SCENES",
+           "held_out_scenes",
            "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "spikingir.train.fit/1"
@@ -583,8 +584,24 @@ def fit(model: nn.Module, train_loader: Iterable, make_batch: Callable, val_fn: 
 
 # ----------------------------------------------------------------------------- task helpers
 
+#: The dehazing scenes of ../shared/data/sots_train held out for validation.
 DEFAULT_VAL_SCENES = ("1420", "1421", "1422", "1423", "1424")
 DENOISE_SIGMAS = (15, 25, 50)
+
+
+def held_out_scenes(pairs) -> list:
+    """The validation scenes a dehazing folder (``DehazePairs``) holds out when
+    none are named: ``DEFAULT_VAL_SCENES`` where the folder has them all
+    (sots_train), else its last tenth of scene ids (at least one), so that any
+    paired folder works. A folder of one scene has none to spare: ValueError."""
+    scenes = list(pairs.scenes)
+    if set(DEFAULT_VAL_SCENES) <= set(scenes):
+        return list(DEFAULT_VAL_SCENES)
+    if len(scenes) < 2:
+        raise ValueError(f"{pairs.root}: one scene only, none to hold out for validation; "
+                         "pass --val-data (pairs of other scenes)")
+    ordered = sorted(scenes, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    return ordered[-max(1, len(ordered) // 10):]
 
 
 def default_data_dir(name: str) -> Path | None:
@@ -609,7 +626,7 @@ def denoise_validator(images, sigma, crop: int | None = None, device="cpu", seed
     not clipped; output clipped and rounded to uint8. Images are read now, so a
     bad folder fails before training. The returned function also has ``.noisy``,
     the figures of the noisy inputs."""
-    from .data import add_gaussian_noise, center_crop, list_images, load_image
+    from .data import add_gaussian_noise, center_crop, list_images, load_gray
     from .metrics import psnr, ssim
 
     paths = list_images(images) if isinstance(images, (str, os.PathLike)) else list(images)
@@ -617,7 +634,7 @@ def denoise_validator(images, sigma, crop: int | None = None, device="cpu", seed
         raise ValueError("denoise_validator: no validation images")
     pairs = []
     for p in paths:
-        clean = center_crop(load_image(p, gray=True), crop)
+        clean = center_crop(load_gray(p), crop)
         pairs.append((clean, add_gaussian_noise(clean, sigma, seed=seed)))
 
     def val_fn(model):
@@ -901,7 +918,7 @@ class _Repeat(torch.utils.data.Dataset):
         return self.ds[n % len(self.ds)]
 
 
-def train_dehazer(*, data=None, val_data=None, val_scenes=DEFAULT_VAL_SCENES, steps: int | None = None,
+def train_dehazer(*, data=None, val_data=None, val_scenes=None, steps: int | None = None,
                   epochs: int | None = None, batch_size: int = 16, crop: int = 128, lr: float = 1e-3,
                   schedule="cosine", device="cpu", seed: int = 0, checkpoint=None, resume: bool = True,
                   val_every: int | None = None, checkpoint_every=None, amp: bool = False, workers: int = 0,
@@ -910,8 +927,9 @@ def train_dehazer(*, data=None, val_data=None, val_scenes=DEFAULT_VAL_SCENES, st
     """AOD-Net on paired hazy/clean images (``DehazePairs`` layout), random
     ``crop`` x ``crop`` windows with flips, MSE loss, Adam, gradient-norm
     clipping (as the reference, 0.1). Validation on full images: the scenes
-    ``val_scenes`` of ``data`` (held out of training), or all of ``val_data``
-    when given (then every scene of ``data`` trains). An epoch is ``repeat``
+    ``val_scenes`` of ``data`` (held out of training; default
+    :func:`held_out_scenes`), or all of ``val_data`` when given (then every
+    scene of ``data`` trains). An epoch is ``repeat``
     passes over the training pairs.
 
     ``data`` defaults to ``../shared/data/sots_train``.
@@ -933,7 +951,8 @@ def train_dehazer(*, data=None, val_data=None, val_scenes=DEFAULT_VAL_SCENES, st
     if val_data is not None:
         train_pairs, val_pairs, held_out = pairs, DehazePairs(val_data), []
     else:
-        held_out = [str(s) for s in val_scenes]
+        held_out = [str(s) for s in val_scenes] if val_scenes is not None else \
+            held_out_scenes(pairs)
         train_pairs, val_pairs = pairs.split(held_out)
         if len(train_pairs) == 0:
             raise ValueError(f"{data}: every scene is held out for validation ({held_out}); nothing to train on")

@@ -449,3 +449,35 @@ def test_amp_warning_on_a_cpu_without_bf16_units(monkeypatch):
     assert train.amp_hint("cuda", True) is None
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert train.cpu_bf16_units() == "AVX512-BF16" and train.amp_hint("cpu", True) is None
+
+
+def test_any_paired_dehazing_folder_holds_out_its_own_scenes(tmp_path):
+    """convert/finetune/train-ann held out sots_train's scene ids 1420-1424 from any
+    folder, so a folder without them was refused ("unknown scene id(s)")."""
+    from PIL import Image
+    from spikingir.data import DehazePairs
+    from spikingir.pipeline import calibration_inputs
+    from spikingir.train import held_out_scenes
+    rng = np.random.default_rng(0)
+    (tmp_path / "hazy").mkdir()
+    (tmp_path / "gt").mkdir()
+    for scene in ("7", "12", "100"):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "gt" / f"{scene}.png")
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+            tmp_path / "hazy" / f"{scene}_1.png")
+    pairs = DehazePairs(tmp_path)
+    assert held_out_scenes(pairs) == ["100"]  # the last tenth (at least one), numerically
+    assert len(calibration_inputs("dehaze", data=tmp_path)) == 2  # the other two scenes
+    with pytest.raises(ValueError, match="one scene only.*--val-data"):
+        held_out_scenes(pairs.subset(["7"]))
+
+
+def test_colour_training_images_are_converted_with_a_warning(tmp_path):
+    """A colour image in a grayscale model's training folder was converted silently."""
+    from PIL import Image
+    from spikingir.data import load_gray
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    with pytest.warns(UserWarning, match="colour images are converted to gray"):
+        gray = load_gray(tmp_path / "c.png")
+    assert gray.shape == (8, 9)
