@@ -300,6 +300,16 @@ def check_distinct(*named):
         seen[key] = option
 
 
+def _kept(checkpoint):
+    """What a stopped training run leaves: its checkpoint, if one was written yet."""
+    import os
+
+    if checkpoint and os.path.isfile(checkpoint):
+        return f"checkpoint {checkpoint} (--resume continues)"
+    return ("no checkpoint yet (stopped before the first)" if checkpoint
+            else "nothing kept (--checkpoint PATH keeps a run's progress)")
+
+
 def _cmd_train_ann(args):
     import os
     import shlex
@@ -339,13 +349,12 @@ def _cmd_train_ann(args):
         meta["threads"] = args.threads or torch.get_num_threads()
         train.save_weights(args.out, res.state_dict, meta)
     except KeyboardInterrupt:
-        print(f"spikingir train-ann: interrupted; checkpoint {args.checkpoint} (--resume continues)",
-              file=sys.stderr)
+        print(f"spikingir train-ann: interrupted; {_kept(args.checkpoint)}", file=sys.stderr)
         return 130
     except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as err:
         return fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except FloatingPointError as err:  # diverged: not bad input, but no traceback either
-        print(f"spikingir train-ann: {err}; try a lower --lr (checkpoint {args.checkpoint})", file=sys.stderr)
+        print(f"spikingir train-ann: {err}; try a lower --lr ({_kept(args.checkpoint)})", file=sys.stderr)
         return 1
     status = "finished" if res.fit.finished else f"stopped at step {res.fit.step} of {res.fit.total_steps}"
     full = "val_full_psnr" in meta

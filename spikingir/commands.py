@@ -10,8 +10,8 @@ import os
 import sys
 import time
 
-from spikingir.cli import (_nonneg_float, _nonneg_int, _number_in, _positive_int, _unit_float,
-                           check_distinct, check_output_folder, check_outputs)
+from spikingir.cli import (_kept, _nonneg_float, _nonneg_int, _number_in, _positive_int,
+                           _unit_float, check_distinct, check_output_folder, check_outputs)
 from spikingir.tiling import DEFAULT_TILE
 
 
@@ -62,10 +62,31 @@ def _percentile(text):
 def _sigma_of(args):
     from spikingir.pipeline import check_sigma
     if args.task != "denoise":
+        if getattr(args, "sigma", None) is not None:  # as train-ann: not silently ignored
+            raise UserError("--sigma applies to --task denoise only")
         return None
     if args.sigma is None:
         raise UserError("--sigma is required for --task denoise (15, 25 or 50)")
-    return check_sigma(args.sigma)
+    sigma = check_sigma(args.sigma)
+    ann = getattr(args, "ann_weights", None)
+    if ann is not None:  # the metadata train-ann writes next to its weights
+        import json
+        from pathlib import Path
+        side = Path(ann).with_suffix(".json")
+        try:
+            trained = json.loads(side.read_text()).get("sigma") if side.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            trained = None
+        _note_sigma(args, ann, trained, sigma, "trained")
+    return sigma
+
+
+def _note_sigma(args, path, trained, sigma, verb):
+    """A note on stderr when the weights at ``path`` were ``verb`` (trained,
+    fine-tuned) at another noise level than the ``sigma`` they are used at."""
+    if sigma is not None and isinstance(trained, (int, float)) and float(trained) != sigma:
+        print(f"spikingir {args.command}: note: {path} was {verb} at sigma {trained:g}, "
+              f"used here at sigma {sigma:g}", file=sys.stderr)
 
 
 def _device(args):
@@ -214,10 +235,7 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
             path = WEIGHTS_DIR / name
     if path is not None:
         snn = _load_converted(path, task, args)
-        trained = snn.meta.get("sigma")
-        if sigma is not None and trained is not None and float(trained) != sigma:
-            print(f"spikingir {args.command}: note: {path} was fine-tuned at sigma {trained:g}, "
-                  f"used here at sigma {sigma:g}", file=sys.stderr)
+        _note_sigma(args, path, snn.meta.get("sigma"), sigma, "fine-tuned")
         source = snn.meta.get("ann_fingerprint")
         if ann is not None and source is not None and source != ann_fingerprint(ann):
             compared = getattr(args, "ann_weights", None) or "the shipped ANN"
@@ -555,9 +573,7 @@ def _cmd_finetune(args):
                            teacher=teacher, distill=args.distill, log_every=args.log_every,
                            progress=not args.no_progress)
     except KeyboardInterrupt:
-        kept = (f"checkpoint {args.checkpoint} (--resume continues)" if args.checkpoint
-                else "nothing kept (--checkpoint PATH keeps a run's progress)")
-        print(f"spikingir finetune: interrupted; {kept}", file=sys.stderr)
+        print(f"spikingir finetune: interrupted; {_kept(args.checkpoint)}", file=sys.stderr)
         return 130
     snn = snn.cpu()
     meta = {"task": args.task, "sigma": sigma, "steps": res.step, "batch_size": args.batch_size,
@@ -711,6 +727,7 @@ def _cmd_refit_mapper(args):
     check_outputs(args.out)
     path = args.snn_weights or WEIGHTS_DIR / snn_weights_name("denoise", sigma)
     snn = load_snn(path, task="denoise").eval()
+    _note_sigma(args, path, snn.meta.get("sigma"), sigma, "fine-tuned")
     data = _data_dir(args, "train400")
     if data is None:
         raise UserError("no training data: pass --data DIR (clean images; ../shared/data/train400 "

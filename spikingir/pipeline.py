@@ -7,6 +7,7 @@ stereo scene hazed through its real disparity-derived depth.
 """
 import numbers
 import os
+import re
 
 import numpy as np
 import torch
@@ -161,7 +162,8 @@ def _first_line(err, limit=120):
     """An exception's message in one line of at most about ``limit`` characters,
     with its detail: load_state_dict's first line is only a header, so the first
     line that says more is kept (a list of 80 missing keys is cut short)."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch's messages carry terminal bold
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         return type(err).__name__
     line = f"{lines[0]} {lines[1]}" if len(lines) > 1 and lines[0].endswith(":") else lines[0]
@@ -211,14 +213,14 @@ def _load_ann_module(spec, path):
     code = importlib.util.module_from_spec(loader_spec)
     try:
         loader_spec.loader.exec_module(code)
-    except Exception as err:  # noqa: BLE001 - the user's code; any failure is one line
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - the user's code; one line
         raise ValueError(f"{file}: importing it failed ({type(err).__name__}: {err})") from None
     factory = getattr(code, func, None)
     if not callable(factory):
         raise ValueError(f"{file}: has no function {func!r} (--ann-module)")
     try:
         model = factory()
-    except Exception as err:  # noqa: BLE001
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - a sys.exit() in it too
         raise ValueError(f"{spec}: calling it failed ({type(err).__name__}: {err})") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec}: returned a {type(model).__name__}, not an nn.Module")

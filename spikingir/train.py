@@ -131,7 +131,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+        from spikingir.pipeline import _first_line  # torch's many lines, in one
+        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: "
+                         f"{_first_line(err)}") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a spikingir training checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
@@ -851,7 +853,9 @@ def _load_init(model: nn.Module, init) -> None:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"--init: cannot read {path} as PyTorch weights ({type(err).__name__}: {err})") from err
+        from spikingir.pipeline import _first_line
+        raise ValueError(f"--init: cannot read {path} as PyTorch weights ({type(err).__name__}: "
+                         f"{_first_line(err)})") from err
     sd = obj["model"] if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else obj
     try:
         model.load_state_dict(sd, strict=True)

@@ -368,6 +368,16 @@ def test_an_snn_used_at_another_sigma_says_so(files, tmp_path, capsys):
                         str(WEIGHTS_DIR / "snn_dncnn_s25.pt")], capsys)
     assert code == 0 and out.exists()
     assert "fine-tuned at sigma 25, used here at sigma 15" in err
+    # an ANN whose train-ann metadata says another sigma (convert ignored it), and
+    # --sigma with --task dehaze (ignored; train-ann refuses it)
+    code, _, err = run(["convert", "--task", "denoise", "--sigma", "25", "--timesteps", "1",
+                        "--layer-calibration", "none", "--threads", "1",
+                        "--ann-weights", str(WEIGHTS_DIR / "dncnn_s50.pt"), "--out",
+                        str(tmp_path / "c.pt")], capsys)
+    assert code == 0 and "dncnn_s50.pt was trained at sigma 50, used here at sigma 25" in err, err
+    code, _, err = run(["restore", str(files / "gray" / "im0.png"), "-o", str(tmp_path / "h.png"),
+                        "--task", "dehaze", "--sigma", "25"], capsys)
+    assert code == 2 and "--sigma applies to --task denoise only" in err
 
 
 def test_keep_freed_memory_applies_on_glibc():
@@ -691,7 +701,11 @@ def test_finetune_interrupted_is_one_line(files, tmp_path, capsys, monkeypatch):
     base = ["finetune", "--task", "denoise", "--sigma", "25", "--ann-weights", str(files / "dncnn.pt"),
             "--data", str(files / "gray48"), "--val-data", str(files / "gray48"),
             "--out", str(tmp_path / "snn.pt")]
-    for extra, kept in (([], "nothing kept"), (["--checkpoint", str(tmp_path / "c.ckpt")], "c.ckpt")):
+    (tmp_path / "old.ckpt").write_bytes(b"a run's progress")
+    for extra, kept in (([], "nothing kept"),
+                        (["--checkpoint", str(tmp_path / "c.ckpt")], "no checkpoint yet"),
+                        (["--checkpoint", str(tmp_path / "old.ckpt"), "--resume"],
+                         "old.ckpt (--resume continues)")):
         code, out, err = run(base + extra, capsys)
         assert code == 130 and "interrupted" in err and kept in err, err
         assert "Traceback" not in err and not (tmp_path / "snn.pt").exists()
@@ -837,6 +851,10 @@ def leaky():
 def broken():
     raise RuntimeError("no GPU here")
 
+def exits():  # a script-style file: restore exited 0 and wrote nothing
+    import sys
+    sys.exit(0)
+
 def two_out():  # two output channels: no image format for them
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
 
@@ -887,6 +905,7 @@ def test_ann_module_takes_your_own_network_through_the_cli(files, tmp_path, caps
             (f"{net}:missing", "w.pt", "has no function 'missing'"),
             (f"{net}:leaky", "w.pt", r"layer 1 \(LeakyReLU\) is not supported"),
             (f"{net}:broken", "w.pt", "calling it failed \\(RuntimeError: no GPU here\\)"),
+            (f"{net}:exits", "w.pt", "calling it failed \\(SystemExit"),
             (f"{bad}:make", "w.pt", "importing it failed \\(SyntaxError"),
             (f"{tmp_path / 'nofile.py'}:make", "w.pt", "no such file"),
             (f"{net}", "w.pt", "expected FILE.py:FUNCTION"),
