@@ -99,6 +99,21 @@ def dehaze_samples(data=None, limit=None, crop=None, scenes=None):
     return out
 
 
+#: Smallest calibration / refit image side: a threshold percentile or a mapper
+#: fit from a few pixels (a 1x1 image was taken) is noise, not a calibration.
+MIN_CALIB_SIDE = 16
+
+
+def _calib_image(path, gray, crop):
+    """``path`` loaded for calibration (gray: via load_gray), centre-cropped to
+    ``crop``; a ValueError naming the file when it is smaller than MIN_CALIB_SIDE."""
+    img = load_gray(path) if gray else load_image(path, gray=False)
+    if min(img.shape[:2]) < MIN_CALIB_SIDE:
+        raise ValueError(f"{path}: {img.shape[0]} x {img.shape[1]} is too small to calibrate on "
+                         f"(at least {MIN_CALIB_SIDE} x {MIN_CALIB_SIDE})")
+    return center_crop(img, crop)
+
+
 def calibration_inputs(task, sigma=None, crop=128, data=None):
     """Degraded inputs for threshold calibration, disjoint from the evaluation
     images: from the training data ``data`` (Train400 with noise; dehazing:
@@ -107,7 +122,7 @@ def calibration_inputs(task, sigma=None, crop=128, data=None):
 
     if task == "denoise":
         if data is not None:
-            cleans = [center_crop(load_gray(p), crop) for p in list_images(data)[:8]]
+            cleans = [_calib_image(p, True, crop) for p in list_images(data)[:8]]
         else:
             cleans = [center_crop(_skimage_photo(n, gray=True), crop) for n in DENOISE_CALIB]
         return [_to_input(add_gaussian_noise(c, sigma, seed=i)) for i, c in enumerate(cleans)]
@@ -117,7 +132,7 @@ def calibration_inputs(task, sigma=None, crop=128, data=None):
         pairs = DehazePairs(data)
         # a folder of one scene calibrates on it (there is nothing to hold out)
         train_pairs = pairs.split(held_out_scenes(pairs))[0] if len(pairs.scenes) > 1 else pairs
-        return [_to_input(center_crop(load_image(h, gray=False), crop * 2))
+        return [_to_input(_calib_image(h, False, crop * 2))
                 for h, _, _ in train_pairs.pairs[::max(1, len(train_pairs.pairs) // 8)][:8]]
     cleans = [center_crop(_skimage_photo(n, gray=False), crop) for n in DEHAZE_CALIB]
     return [_to_input(synthesize_haze(c, rng=i).hazy) for i, c in enumerate(cleans)]
@@ -129,7 +144,7 @@ def denoise_pairs(sigma, data, n, crop=128, seed=100):
     seeds ``seed``, ``seed + 1``, ... (other noise than :func:`calibration_inputs`')."""
     paths = list_images(data)
     paths = paths[::max(1, len(paths) // n)][:n]
-    cleans = [center_crop(load_gray(p), crop) for p in paths]
+    cleans = [_calib_image(p, True, crop) for p in paths]
     return ([_to_input(add_gaussian_noise(c, sigma, seed=seed + k)) for k, c in enumerate(cleans)],
             [_to_input(c) for c in cleans])
 

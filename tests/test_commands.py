@@ -188,6 +188,8 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
     (["restore", "{d}/gray/im0.png", "{d}/gray/im1.png", "-o", "{d}/gray/im0.png", "--task", "denoise",
       "--sigma", "25"], "-o .* exists and is not a folder"),
     (["demo", "--out", "{d}/gray/im0.png"], "--out .* exists and is not a folder"),
+    (["convert", "--task", "denoise", "--sigma", "25", "--data", "{d}/tiny", "--ann-weights",
+      "{d}/dncnn.pt", "--out", "{o}/x.pt"], "t.png: 5 x 6 is too small to calibrate on"),
     # two outputs naming one path (the JSON was written, then the figures failed)
     (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/gray", "--markdown",
       "{o}/r.json"], "--json and --markdown both name"),
