@@ -10,10 +10,11 @@ and thread count to a results file (benchmarks/RESULTS.md feeds the README).
 """
 import argparse
 import json
-import os
 import sys
 
+from spikingir.atomic import write_atomic
 from spikingir.bench import neuron as bn
+from spikingir.cli import check_outputs
 
 
 def main(argv=None):
@@ -29,6 +30,11 @@ def main(argv=None):
                    help="append a Markdown section with the results to PATH")
     p.add_argument("--note", default="", help="a line added under the Markdown header")
     args = p.parse_args(argv)
+    if args.json:  # before the run, which takes minutes
+        try:
+            check_outputs(args.json, option="--json")
+        except ValueError as exc:
+            p.error(str(exc))
 
     try:
         rows = bn.run(args.device, Ts=args.T, Ns=args.N, modes=args.modes, threads=args.threads,
@@ -38,9 +44,7 @@ def main(argv=None):
         p.error(str(exc))
     env = bn.environment(args.device, args.threads)
     if args.json:  # first: the numbers survive a failure below
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
+        write_atomic(args.json, json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
     header = bn.markdown_header(env)
     print(header)
     print(bn.format_table(rows))

@@ -143,7 +143,8 @@ def _add_train_ann(sub):
                    "default ../shared/data/set12) or a paired folder (dehaze; default: the scenes "
                    "--val-scenes of --data, held out of training)")
     p.add_argument("--val-scenes", nargs="+", metavar="ID",
-                   help="dehaze: scene ids of --data held out for validation (default 1420 ... 1424)")
+                   help="dehaze: scene ids of --data held out for validation (default: 1420 ... "
+                        "1424 where --data has them all, as sots_train; else its last tenth)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=_positive_int,
                         help="passes over the training set (default: denoise 20; dehaze 100 of 10 "
@@ -265,18 +266,18 @@ def check_outputs(out, checkpoint=None, resume=False, option="--out"):
 
     import os
 
+    from spikingir.atomic import is_special
+
     if Path(out).is_dir():
         raise _BadInput(f"{option} {out} is a directory")
     for target in (out, checkpoint):
         if target is None:
             continue
-        real = Path(target).resolve()  # a symlink's target is what gets written
-        if real.exists() and not real.is_file() and not real.is_dir():
-            # a device or FIFO (e.g. /dev/null) is written in place, not replaced
-            if not os.access(real, os.W_OK):
+        if is_special(target):  # a device, FIFO or /dev/stdout: written in place
+            if not os.access(target, os.W_OK):
                 raise _BadInput(f"cannot write {target}: permission denied")
             continue
-        _check_creatable(real.parent, target)
+        _check_creatable(Path(target).resolve().parent, target)  # a link: its target's
     if checkpoint is not None and Path(checkpoint).is_dir():
         raise _BadInput(f"--checkpoint {checkpoint} is a directory")
     if checkpoint is not None and Path(checkpoint).exists() and not resume:

@@ -263,8 +263,8 @@ def _set_threads(args):
 # ------------------------------------------------------------------ evaluate
 
 def _cmd_evaluate(args):
-    from spikingir.atomic import write_atomic
-    from spikingir.evaluate import evaluate, markdown_table, write_figures, write_json
+    from spikingir.atomic import atomic_paths
+    from spikingir.evaluate import evaluate, markdown_table, report_json, write_figures
     from spikingir.pipeline import dehaze_samples, denoise_samples, load_ann
 
     device = _device(args)
@@ -295,21 +295,17 @@ def _cmd_evaluate(args):
                       amp=args.amp)
     table = markdown_table(report)
     print(table)
-    written = []  # all outputs or none: a later writer failing removes the earlier files
-    try:
-        if args.json:
-            write_json(args.json, report)
-            written.append(args.json)
-        if args.markdown:
-            write_atomic(args.markdown, table)
-            written.append(args.markdown)
+    # All outputs or none: the report files are renamed into place only after the
+    # figures (the writer most likely to fail) are.
+    texts = [(p, t) for p, t in ((args.json, report_json(report) if args.json else None),
+                                 (args.markdown, table)) if p]
+    with atomic_paths(*[p for p, _ in texts]) as temps:
+        for tmp, (_, text) in zip(temps, texts):
+            with open(tmp, "w") as f:
+                f.write(text)
         if args.figures:
             write_figures(args.figures, report, samples, outputs,
                           "noisy" if args.task == "denoise" else "hazy")
-    except BaseException:
-        for path in written:
-            os.unlink(path)
-        raise
     return 0
 
 

@@ -173,9 +173,9 @@ def markdown_table(report, title=None):
     return "\n".join(lines) + "\n"
 
 
-def write_json(path, report):
-    """The report as strict JSON: a non-finite number (PSNR of an output equal to
-    its reference is inf) is written as null, which every JSON parser reads
+def report_json(report) -> str:
+    """The report as strict JSON text: a non-finite number (PSNR of an output equal
+    to its reference is inf) is written as null, which every JSON parser reads
     (Python's default ``Infinity`` is not JSON)."""
     def finite(v):
         if isinstance(v, float) and not math.isfinite(v):
@@ -185,57 +185,53 @@ def write_json(path, report):
         if isinstance(v, (list, tuple)):
             return [finite(x) for x in v]
         return v
-    write_atomic(path, json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
+    return json.dumps(finite(report), indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path, report):
+    """:func:`report_json` written to ``path`` atomically."""
+    write_atomic(path, report_json(report))
 
 
 def write_figures(directory, report, samples, outputs, degraded_label="noisy"):
     """Side-by-side PNGs (input, ANN, SNN at each T, clean) and a PSNR-vs-T plot;
-    returns their paths. A failure removes the files this call wrote."""
-    created = not os.path.exists(directory)
-    os.makedirs(directory, exist_ok=True)
-    written = []
-    try:
-        _write_figures(directory, report, samples, outputs, degraded_label, written)
-    except BaseException:  # nothing half-written: remove this call's files (and folder)
-        for path in written:
-            os.unlink(path)
-        if created and not os.listdir(directory):
-            os.rmdir(directory)
-        raise
-    return written
-
-
-def _write_figures(directory, report, samples, outputs, degraded_label, written):
+    returns their paths. All are rendered before any replaces its file, so a
+    failure leaves the folder as it was (and removes it if this call made it)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    for s in samples:
-        inp = _to_image(s.inputs) if s.inputs.shape[1] in (1, 3) else None
-        panels = [inp, outputs[(s.name, "ann")]] + \
-            [outputs[(s.name, r["timesteps"])] for r in report["snn"]] + [s.clean]
-        tiles = [to_uint8(p) for p in panels]
-        h = max(t.shape[0] for t in tiles)
-        tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 4)) + ((0, 0),) * (t.ndim - 2)) for t in tiles]
-        strip = np.concatenate(tiles, 1)
-        path = os.path.join(directory, f"{s.name}_{degraded_label}_ann_snn_clean.png")
-        with atomic_paths(path) as (tmp,):
-            Image.fromarray(strip).save(tmp, format="PNG")
-        written.append(path)
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
-    ts = [r["timesteps"] for r in report["snn"]]
-    ax.plot(ts, [r["psnr"] for r in report["snn"]], "o-", label="SNN")
-    ax.axhline(report["ann"]["psnr"], color="k", ls="--", label="ANN")
-    ax.set_xlabel("timesteps T")
-    ax.set_ylabel("PSNR (dB)")
-    ax.set_title(report["task"] + (f", sigma={report['sigma']:g}" if report["sigma"] else ""))
-    ax.legend()
-    fig.tight_layout()
-    path = os.path.join(directory, f"psnr_vs_T_{report['task']}.png")
+    created = not os.path.exists(directory)
+    paths = [os.path.join(directory, f"{s.name}_{degraded_label}_ann_snn_clean.png")
+             for s in samples] + [os.path.join(directory, f"psnr_vs_T_{report['task']}.png")]
     try:
-        with atomic_paths(path) as (tmp,):
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    written.append(path)
+        with atomic_paths(*paths) as temps:
+            for s, tmp in zip(samples, temps):
+                inp = _to_image(s.inputs) if s.inputs.shape[1] in (1, 3) else None
+                panels = [inp, outputs[(s.name, "ann")]] + \
+                    [outputs[(s.name, r["timesteps"])] for r in report["snn"]] + [s.clean]
+                tiles = [to_uint8(p) for p in panels]
+                h = max(t.shape[0] for t in tiles)
+                tiles = [np.pad(t, ((0, h - t.shape[0]), (0, 4)) + ((0, 0),) * (t.ndim - 2))
+                         for t in tiles]
+                Image.fromarray(np.concatenate(tiles, 1)).save(tmp, format="PNG")
+            fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+            try:
+                ts = [r["timesteps"] for r in report["snn"]]
+                ax.plot(ts, [r["psnr"] for r in report["snn"]], "o-", label="SNN")
+                ax.axhline(report["ann"]["psnr"], color="k", ls="--", label="ANN")
+                ax.set_xlabel("timesteps T")
+                ax.set_ylabel("PSNR (dB)")
+                ax.set_title(report["task"] + (f", sigma={report['sigma']:g}" if report["sigma"]
+                                               else ""))
+                ax.legend()
+                fig.tight_layout()
+                fig.savefig(temps[-1], format="png")
+            finally:
+                plt.close(fig)
+    except BaseException:
+        if created and os.path.isdir(directory) and not os.listdir(directory):
+            os.rmdir(directory)
+        raise
+    return paths

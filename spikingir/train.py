@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spikingir.atomic import atomic_paths
+from spikingir.atomic import atomic_paths, sync
 
 __all__ = ["fit", "FitResult", "lr_factor", "save_atomic", "load_checkpoint", "get_rng_state",
            "set_rng_state", "save_weights", "train_denoiser", "train_dehazer", "TrainResult", "denoise_validator",
@@ -117,8 +117,7 @@ def save_atomic(obj, path) -> Path:
     with atomic_paths(path) as (tmp,):
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+            sync(f)  # the data on disk before the rename makes it the file
     return Path(path)
 
 
@@ -1000,7 +999,7 @@ def save_weights(path, state_dict: Mapping, meta: Mapping | None = None) -> Path
     """Write a plain state dict (tensors only; loads with ``weights_only=True``)
     to ``path`` and ``meta`` as JSON next to it (``path`` with suffix ``.json``),
     both atomically: both temporary files are written before either replaces
-    its file, so a failure leaves the old pair (or nothing) in place."""
+    its file, so a failure while writing leaves the old pair (or nothing)."""
     import json
 
     path = Path(path)
@@ -1017,6 +1016,7 @@ def save_weights(path, state_dict: Mapping, meta: Mapping | None = None) -> Path
     with atomic_paths(path, path.with_suffix(".json")) as (tmp, side):
         with open(tmp, "wb") as f:
             torch.save(sd, f)
+            sync(f)
         with open(side, "w") as f:
             f.write(text)
     return path

@@ -1044,3 +1044,52 @@ def test_cli_output_paths_and_interruptions(files, tmp_path, capsys, monkeypatch
                           "--out", str(tmp_path / "s.pt")] + base, capsys)
     assert code == 1 and "loss is inf at step 1; try lower learning rates" in err, err
     assert "Traceback" not in err and not (tmp_path / "s.pt").exists()
+
+
+def test_atomic_writes_to_pipes_and_name_the_right_file(tmp_path):
+    """/dev/stdout and /dev/fd/N (a pipe: realpath gives no path) are written in
+    place; setup and rename errors name the file asked for, the body's own
+    exceptions pass unchanged; fsync is skipped where it cannot apply."""
+    from spikingir.atomic import atomic_paths, write_atomic
+    from spikingir.train import save_atomic, save_weights
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc")
+    r, w = os.pipe()
+    try:
+        write_atomic(f"/proc/self/fd/{w}", b"abc")
+        save_atomic({"a": 1}, f"/proc/self/fd/{w}")  # no fsync of a pipe (EINVAL)
+        assert os.read(r, 3) == b"abc"
+    finally:
+        os.close(r)
+        os.close(w)
+    (tmp_path / "w.pt").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"cannot write .*w\.pt"):  # not w.json
+        save_weights(tmp_path / "w.pt", {"a": torch.zeros(1)}, {"x": 1})
+    with pytest.raises(FileNotFoundError, match="missing") as info:
+        with atomic_paths(tmp_path / "o.txt"):
+            open(tmp_path / "missing")
+    assert "cannot write" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
+
+
+def test_evaluate_outputs_all_or_none_keeps_earlier_reports(files, tmp_path, capsys):
+    """When the figures fail, the report files of an earlier run stay as they were
+    (the rollback unlinked what the new run had renamed into place: the earlier
+    report, a symlink, or a device such as /dev/null)."""
+    real = tmp_path / "real.json"
+    real.write_text("earlier report")
+    link = tmp_path / "r.json"
+    link.symlink_to(real)
+    md = tmp_path / "r.md"
+    md.write_text("earlier table")
+    figs = tmp_path / "figs"
+    (figs / "psnr_vs_T_denoise.png").mkdir(parents=True)  # the last figure cannot be written
+    code, _, err = run(["evaluate", "--task", "denoise", "--sigma", "25", "--data",
+                        str(files / "gray"), "--ann-weights", str(files / "dncnn.pt"),
+                        "--timesteps", "1", "--threads", "1", "--json", str(link), "--markdown",
+                        str(md), "--figures", str(figs)], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert link.is_symlink() and real.read_text() == "earlier report"
+    assert md.read_text() == "earlier table"
+    assert sorted(p.name for p in figs.iterdir()) == ["psnr_vs_T_denoise.png"]
+    assert not [p for p in tmp_path.rglob(".tmp-*")]

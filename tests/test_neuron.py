@@ -590,6 +590,8 @@ def test_stateful_neuron_in_chunks_and_tensor_alpha_moves_with_the_module():
     assert n.alpha.device.type == "meta" and n.theta.device.type == "meta"
     d = IFNeuron(0.5, num_channels=3, alpha=torch.tensor([2.0, 4.0, 8.0])).double()
     assert d.alpha.dtype == torch.float64
+    e = IFNeuron(0.5, num_channels=3, alpha=torch.tensor([2.0, 4.0, 8.0])).to_empty(device="cpu")
+    assert torch.equal(e.alpha, torch.tensor([2.0, 4.0, 8.0]))  # not in the state dict: kept
 
 
 # ---------------------------------------------------------------------------

@@ -97,6 +97,15 @@ class _MultiStepNeuron(nn.Module):
             self.alpha = fn(self.alpha)
         return self
 
+    def to_empty(self, *, device, recurse=True):
+        # to_empty leaves parameters uninitialised for a load_state_dict to fill;
+        # alpha is not in the state dict, so it keeps its values.
+        alpha = self.alpha
+        super().to_empty(device=device, recurse=recurse)
+        if isinstance(alpha, torch.Tensor):
+            self.alpha = alpha.to(device)
+        return self
+
     def __getstate__(self):
         # v_final is still in the last forward's autograd graph: copy.deepcopy (and
         # pickle) of a non-leaf tensor fails, and a copy has no use for that graph.
