@@ -118,10 +118,11 @@ def _dehaze(args):
     from spikingir.convert import to_snn
     from spikingir.evaluate import evaluate
     from spikingir.pipeline import calibration_inputs, dehaze_samples, load_ann
-    from spikingir.train import DEFAULT_VAL_SCENES
+    from spikingir.data import DehazePairs
+    from spikingir.train import held_out_scenes
 
     data = args.data or os.path.join(SHARED, "data", "sots_train")
-    samples = dehaze_samples(data, args.limit, args.crop, list(DEFAULT_VAL_SCENES))
+    samples = dehaze_samples(data, args.limit, args.crop, held_out_scenes(DehazePairs(data)))
     ann = load_ann("dehaze", None, args.ann_weights)
     calib = calibration_inputs("dehaze", None, data=args.calib or data)
     t0 = time.time()

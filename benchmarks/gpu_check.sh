@@ -39,13 +39,17 @@
 # resume from the checkpoints in /tmp there; 222 s). A warm machine goes back 30 s after
 # a call, so a follow-up must be sent at once. Results: benchmarks/RESULTS.md.
 # Next call (planned since 2026-11-28; no device lent since): carry [".gpu_data"], timeout_s
-# ~560: AMP=1 DISTILL=1 TRAIN_S=420 STEPS=6000 JOBS="n15 n25 n50" TESTS=1 BENCH="snn"
-# (SNNs converted from the shipped ANNs and fine-tuned on the card, for issue 4's <= 0.15 dB;
-# the GPU tests of the device guard and shape checks added since the last GPU run).
+# 590: AMP=1 DISTILL=1 TRAIN_S=330 STEPS=5000 DEADLINE_S=500 JOBS="n15 n25 n50" TESTS=1
+# BENCH="snn" (SNNs converted from the shipped ANNs and fine-tuned on the card, for issue 4's
+# <= 0.15 dB; the GPU tests of the device guard and shape checks added since the last GPU
+# run). TRAIN_S bounds the training loop only: each nNN job first converts its ANN with
+# layer calibration on the CPU (71-127 s measured), then evaluates on Set12; build ~50 s.
+# A kill past timeout_s skips the EXIT trap and loses logs.tgz, hence the margin.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spikingir-gpu}
 LOG=/tmp/spikingir-gpu-logs
+rm -rf "$LOG"  # a warm machine keeps /tmp: no earlier call's logs in this one's summary
 mkdir -p "$OUT" "$LOG"
 export PYTHONUNBUFFERED=1
 TRAIN_S=${TRAIN_S:-150}
@@ -130,7 +134,7 @@ train_job() {
   python -m spikingir.cli finetune --task denoise --sigma "$sg" --timesteps ${TIMESTEPS:-5 10} \
       --steps "${STEPS:-20000}" "${init[@]}" "${lr[@]}" --seed "${SEED:-3}" --threads 3 \
       --batch-size 32 --device cuda --time-limit "$TRAIN_S" --checkpoint "$ck" --resume \
-      --energy-weight "$ew" ${AMP:+--amp} --distill "${DISTILL:-0}" --log-every 200 --no-progress \
+      --energy-weight "$ew" $([ "${AMP:-0}" != 0 ] && echo --amp) --distill "${DISTILL:-0}" --log-every 200 --no-progress \
       --out "$OUT/snn_dncnn_$job.pt" \
     && python -m spikingir.cli evaluate --task denoise --sigma "$sg" "${ann[@]}" \
       --snn-weights "$OUT/snn_dncnn_$job.pt" --data ../shared/data/set12 --timesteps 4 5 10 \
@@ -170,7 +174,8 @@ if [ ${#pids[@]} -gt 0 ]; then
   step "wait for the fine-tunings"
   for p in "${pids[@]}"; do wait "$p" || status=1; done
   for f in "$LOG"/finetune_*.log; do
-    echo "-- $f"; tr "\r" "\n" < "$f" | grep -v "^ *$" | grep -v "it/s" | tail -6
+    echo "-- $f"; tr "\r" "\n" < "$f" | grep -v "^ *$" | grep -v "it/s" > "$f.lines"
+    grep -iE "validation|wrote|error|note" "$f.lines" | tail -3; tail -6 "$f.lines"; rm -f "$f.lines"
   done
 fi
 
@@ -183,7 +188,7 @@ for b in ${BENCH-conv snn neuron train}; do
   case $b in
   conv)
     step "bench_spike_conv"
-    timeout 240 python benchmarks/bench_spike_conv.py --device cuda --dncnn --backward ${SWEEP:+--triton-sweep} \
+    timeout 240 python benchmarks/bench_spike_conv.py --device cuda --dncnn --backward $([ "${SWEEP:-0}" != 0 ] && echo --triton-sweep) \
       > "$LOG/bench_spike_conv_gpu.txt" 2>&1 || status=1
     grep "^|" "$LOG/bench_spike_conv_gpu.txt" | tail -50 ;;
   snn)
