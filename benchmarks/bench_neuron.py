@@ -9,10 +9,8 @@ fused backend side by side (library: spikingir/bench/neuron.py).
 and thread count to a results file (benchmarks/RESULTS.md feeds the README).
 """
 import argparse
-import json
 import sys
 
-from spikingir.atomic import write_atomic
 from spikingir.bench import neuron as bn
 from spikingir.cli import check_outputs
 
@@ -44,7 +42,7 @@ def main(argv=None):
         p.error(str(exc))
     env = bn.environment(args.device, args.threads)
     if args.json:  # first: the numbers survive a failure below
-        write_atomic(args.json, json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+        bn.write_json(args.json, env, rows)
     header = bn.markdown_header(env)
     print(header)
     print(bn.format_table(rows))

@@ -421,8 +421,8 @@ def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, valida
     --triton-sweep times alternatives; results are identical by construction)."""
     op = "spike_conv2d_fwd_triton"
     checks.tensor(op, "s", s, checks.FLOATS, s, dim=4)
-    checks.conv_geometry(op, s.shape[0], s.shape[2], s.shape[3], weight, s.shape[1], bias,
-                         stride, padding)
+    Ho, Wo = checks.conv_geometry(op, s.shape[0], s.shape[2], s.shape[3], weight, s.shape[1],
+                                  bias, stride, padding)
     cfg = launch_config(DEFAULT_CONFIG, config, s.shape[1])
     if validate and bool(((s != 0) & (s != 1)).any()):
         raise ValueError("s: expected a binary spike map (only 0 and 1), found other values; "
@@ -430,7 +430,7 @@ def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, valida
     N, _, H, W = s.shape
     block_k = cfg["block_k"]
     s8 = padded_spikes(s, padding, block_k)
-    out = _launch(s8, False, N, H, W, weight, bias, stride, padding, dense_rate,
+    out = _launch(s8, False, N, H, W, Ho, Wo, weight, bias, stride, padding, dense_rate,
                   lambda: float(s8.count_nonzero()) / max(1, s.numel()),
                   lambda: spike_groups(s8, block_k), None, cfg)
     packed = pack_bits(s) if save else torch.empty(0, dtype=torch.uint8, device=s.device)
@@ -465,14 +465,14 @@ def spike_conv2d_fwd_masks_triton(masks, channels, weight, bias, stride, padding
         raise ValueError(f"block_k must divide 64 to read channel masks, got {block_k}")
     Cin_p = _round_up(channels, block_k)
     pad = (0, 0, padding, padding, padding, padding)
-    return _launch(masks, True, N, H, W, weight, bias, stride, padding, dense_rate,
+    return _launch(masks, True, N, H, W, Ho, Wo, weight, bias, stride, padding, dense_rate,
                    lambda: float(popcount(masks).sum()) / max(1, N * H * W * channels),
                    lambda: torch.nn.functional.pad(mask_groups(masks, Cin_p, block_k), pad),
                    out, cfg)
 
 
-def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate, groups, out,
-            cfg):
+def _launch(src, masks, N, H, W, Ho, Wo, weight, bias, stride, padding, dense_rate, rate, groups,
+            out, cfg):
     """The part both launchers share: weight planes, output, occupancy map, launch.
 
     ``src``: the zero-padded int8 spikes [N, Hp, Wp, Cin_p], or (``masks``) the
@@ -480,10 +480,9 @@ def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate
     occupancy [N, Hp, Wp, G] of the padded input, built only when the firing rate
     ``rate()`` is at most ``dense_rate`` (the map pays off). ``rate()`` is only
     called for 0 <= dense_rate < 1: on a GPU it reads a count back, which
-    synchronises. ``out``: None or the tensor to write."""
+    synchronises. ``Ho``, ``Wo``: the output size (checks.conv_geometry). ``out``: None
+    or the tensor to write (checked by the launcher)."""
     Cout, _, kh, kw = weight.shape
-    Ho = (H + 2 * padding - kh) // stride + 1
-    Wo = (W + 2 * padding - kw) // stride + 1
     BLOCK_K, BLOCK_N = cfg["block_k"], cfg["block_n"] or _channel_block(Cout)
     tile_h, tile_w = cfg["tile"]
     planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N, cfg["b_kmajor"])
@@ -491,10 +490,6 @@ def _launch(src, masks, N, H, W, weight, bias, stride, padding, dense_rate, rate
     Cout_p = _round_up(Cout, BLOCK_N)
     if out is None:
         out = torch.empty(N, Cout, Ho, Wo, dtype=torch.float32, device=src.device)
-    elif (out.shape != (N, Cout, Ho, Wo) or out.dtype != torch.float32
-          or not out.is_contiguous() or out.device != src.device):
-        raise ValueError(f"out: expected a contiguous float32 tensor {(N, Cout, Ho, Wo)} on "
-                         f"{src.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     n_th, n_tw = triton.cdiv(Ho, tile_h), triton.cdiv(Wo, tile_w)
     skip = dense_rate >= 1.0 or (dense_rate >= 0.0 and rate() <= dense_rate)
     occ = _tile_occupancy(groups(), kh, kw, stride, Ho, Wo, (tile_h, tile_w)) if skip \

@@ -14,7 +14,6 @@ benchmarks/RESULTS.md). Memory use is unchanged apart from 2 MB alignment.
 ``THP_MEM_ALLOC_ENABLE=0 spikingir ...`` turns it off.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -113,8 +112,7 @@ def _cmd_bench_neuron(args):
     print(bn.markdown_header(env))
     print(bn.format_table(rows))
     if args.json:
-        from spikingir.atomic import write_atomic
-        write_atomic(args.json, json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+        bn.write_json(args.json, env, rows)
     return 0
 
 
@@ -262,9 +260,8 @@ def check_outputs(out, checkpoint=None, resume=False, option="--out"):
     (the command's ``option``) a directory or in an unwritable place, the same
     for ``checkpoint``, and an existing ``checkpoint`` without ``resume`` (the
     run would overwrite it). Raises ValueError with a one-line message."""
-    from pathlib import Path
-
     import os
+    from pathlib import Path
 
     from spikingir.atomic import is_special
 
@@ -434,6 +431,7 @@ def _build_parser():
 
 def main(argv=None):
     """Entry point of the ``spikingir`` console script; returns the exit status."""
+    args = None
     try:
         args = _build_parser().parse_args(argv)
         if os.environ.get("SPIKINGIR_KEEP_FREED_MEMORY", "0") == "1":
@@ -441,9 +439,8 @@ def main(argv=None):
             keep_freed_memory()  # opt-in, see spikingir/allocator.py: faster, more memory
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (which reports its checkpoint)
-        cmd = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")),
-                   "")
-        print(f"spikingir {cmd}: interrupted".replace("  ", " "), file=sys.stderr)
+        cmd = getattr(args, "command", None)  # None: interrupted while parsing
+        print(f"spikingir{' ' + cmd if cmd else ''}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # Whoever read stdout has gone (`spikingir --help | head -1`): stop quietly, as

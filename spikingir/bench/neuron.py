@@ -39,6 +39,7 @@ every column computes the same thing, so it is ~0 (a flipped spike shows as 1).
 """
 import datetime
 import gc
+import json
 import os
 import platform
 import statistics
@@ -517,6 +518,13 @@ def to_markdown(rows, header):
         cells += [_fmt(r["maxdiff"], ".0e"), note.replace("|", "/")]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def write_json(path, env, rows):
+    """The rows and their environment as JSON at ``path``, atomically (what
+    ``--json`` writes, in the CLI and in benchmarks/bench_neuron.py)."""
+    from spikingir.atomic import write_atomic
+    write_atomic(path, json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
 
 
 def markdown_header(env):
