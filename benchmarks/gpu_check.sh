@@ -158,14 +158,14 @@ if [ "${TESTS:-1}" != 0 ]; then
   step "compute-sanitizer memcheck (CUDA and Triton neuron and spike_conv2d tests, small shapes)"
   timeout "${MEMCHECK_S:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 \
     python -m pytest -q -x -m gpu tests/test_neuron.py tests/test_spike_conv.py -p no:cacheprovider \
-    -k "not int64 and (sigmoid or 3-1-1 or 7-2-3 or gradients or masks or bitwise)" > "$LOG/memcheck.log" 2>&1 || status=1
+    -k "not int64 and (sigmoid or 3-1-1 or 7-2-3 or gradients or masks or bitwise or compiled_backward)" > "$LOG/memcheck.log" 2>&1 || status=1
   tail -4 "$LOG/memcheck.log"
 
   step "compute-sanitizer racecheck + synccheck (CUDA spike_conv2d: shared memory, cp.async, barriers)"
   for tool in ${SANITIZERS-racecheck synccheck}; do
     timeout "${RACECHECK_S:-150}" compute-sanitizer --tool $tool --error-exitcode 9 \
       python -m pytest -q -x -m gpu tests/test_spike_conv.py -p no:cacheprovider \
-      -k "cuda and (3-1-1-1.0 or 7-2-3-0.1 or bitwise or masks_input)" > "$LOG/$tool.log" 2>&1 || status=1
+      -k "cuda and (3-1-1-1.0 or 7-2-3-0.1 or bitwise or masks_input or compiled_backward)" > "$LOG/$tool.log" 2>&1 || status=1
     tail -3 "$LOG/$tool.log"
   done
 fi

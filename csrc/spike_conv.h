@@ -49,10 +49,14 @@ inline void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& 
   TORCH_CHECK(grad_out.size(1) == g.Cout && grad_out.size(2) == g.Ho && grad_out.size(3) == g.Wo,
               "spike_conv2d_bwd: grad_out has the wrong shape");
   if (need_weight) {
-    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                    packed.dim() == 4 && packed.size(0) == g.N && packed.size(1) == g.Cin &&
-                    packed.size(2) == g.H && packed.size(3) == g.Wb,
-                "spike_conv2d_bwd: packed must be uint8 [N, Cin, height, ceil(width / 8)]");
+    // the device too: the dispatcher picks the kernel from the highest key among the
+    // arguments, so a CPU `packed` beside a CUDA grad_out reaches the CUDA kernel
+    TORCH_CHECK(packed.device() == grad_out.device() && packed.scalar_type() == at::kByte &&
+                    packed.is_contiguous() && packed.dim() == 4 && packed.size(0) == g.N &&
+                    packed.size(1) == g.Cin && packed.size(2) == g.H && packed.size(3) == g.Wb,
+                "spike_conv2d_bwd: packed must be contiguous uint8 [N, Cin, height, "
+                "ceil(width / 8)] on grad_out's device (", grad_out.device(), "), got ",
+                packed.scalar_type(), " ", packed.sizes(), " on ", packed.device());
   }
 }
 

@@ -54,10 +54,11 @@ def neuron_params(op, x, theta, beta, alpha, inner, surrogate, reuse_step):
     return T, M, C
 
 
-def conv_geometry(op, N, H, W, weight, cin, bias, stride, padding):
-    """weight float32 [Cout, cin, kh, kw], bias None or float32 [Cout], stride 1
-    or 2, 0 <= padding, the kernel within the padded input. Returns (Ho, Wo)."""
-    tensor(op, "weight", weight, F32, weight, dim=4)
+def conv_geometry(op, N, H, W, weight, cin, bias, stride, padding, like):
+    """weight float32 [Cout, cin, kh, kw] on ``like``'s device (the spikes'), bias
+    None or float32 [Cout], stride 1 or 2, 0 <= padding, the kernel within the
+    padded input. Returns (Ho, Wo)."""
+    tensor(op, "weight", weight, F32, like, dim=4)
     require(weight.shape[1] == cin, op,
             f"weight has {weight.shape[1]} input channels, the spikes {cin}")
     if bias is not None:

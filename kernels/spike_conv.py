@@ -422,7 +422,7 @@ def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, valida
     op = "spike_conv2d_fwd_triton"
     checks.tensor(op, "s", s, checks.FLOATS, s, dim=4)
     Ho, Wo = checks.conv_geometry(op, s.shape[0], s.shape[2], s.shape[3], weight, s.shape[1],
-                                  bias, stride, padding)
+                                  bias, stride, padding, s)
     cfg = launch_config(DEFAULT_CONFIG, config, s.shape[1])
     if validate and bool(((s != 0) & (s != 1)).any()):
         raise ValueError("s: expected a binary spike map (only 0 and 1), found other values; "
@@ -456,7 +456,7 @@ def spike_conv2d_fwd_masks_triton(masks, channels, weight, bias, stride, padding
     op = "spike_conv2d_fwd_masks" + ("_out" if out is not None else "") + "_triton"
     checks.masks(op, masks, channels, masks)
     N, H, W, _ = masks.shape
-    Ho, Wo = checks.conv_geometry(op, N, H, W, weight, channels, bias, stride, padding)
+    Ho, Wo = checks.conv_geometry(op, N, H, W, weight, channels, bias, stride, padding, masks)
     if out is not None:
         checks.tensor(op, "out", out, checks.F32, masks, shape=(N, weight.shape[0], Ho, Wo))
     cfg = launch_config(MASKS_CONFIG, config, channels)
@@ -623,7 +623,7 @@ def spike_conv2d_bwd_triton(grad_out, packed, weight, height, width, stride, pad
     checks.tensor(op, "weight", weight, checks.F32, grad_out, dim=4)
     kh, kw = weight.shape[2:]
     checks.require(Cout == weight.shape[0] and (Ho, Wo) == checks.conv_geometry(
-        op, N, height, width, weight, weight.shape[1], None, stride, padding), op,
+        op, N, height, width, weight, weight.shape[1], None, stride, padding, grad_out), op,
         f"grad_out {tuple(grad_out.shape)} does not match a {height}x{width} input through "
         f"the {kh}x{kw} kernel at stride {stride}, padding {padding}")
     if need_weight:

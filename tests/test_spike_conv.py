@@ -267,18 +267,32 @@ def test_gradients_subsets(backend, need):
     compare_grads(backend, s, w, b, 1, 1, need)
 
 
-@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+#: The compiled kernels of the plain spikingir::spike_conv2d_* ops: cpp on the CPU,
+#: cuda on a GPU (marked gpu).
+COMPILED_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif("cpp" not in CPU_FUSED,
+                                                 reason="spikingir._C not built")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        "cuda" not in GPU_FUSED, reason="no CUDA device with the cuda kernels")])]
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
 @pytest.mark.parametrize("dense_rate", [-1.0, 2.0])
 @pytest.mark.parametrize("cout,stride,H", [(6, 2, 12), (70, 1, 19)])
-def test_cpp_backward_both_paths(dense_rate, cout, stride, H):
-    """oneDNN (-1) and the event-driven weight gradient (2): several bands of 8
+def test_compiled_backward_both_paths(dense_rate, cout, stride, H, device):
+    """The dense weight gradient (-1: oneDNN / cuDNN) and the event-driven one (2;
+    cuda's is off by default, so only this test runs it): several bands of 8
     output rows, Cout beyond one block of 64 and not a multiple of 8."""
     s = spikes(2, 5, H, 13, rate=0.3)
     w, b = conv_params(cout, 5, 3)
-    out, packed = torch.ops.spikingir.spike_conv2d_fwd(s, w, b, stride, 1, 2.0, True, True)
+    out, packed = torch.ops.spikingir.spike_conv2d_fwd(s.to(device), w.to(device), b.to(device),
+                                                       stride, 1, 2.0, True, True)
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-    gs, gw, gb = torch.ops.spikingir.spike_conv2d_bwd(go, packed, w, H, 13, stride, 1,
-                                                      dense_rate, True, True, True)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        gs, gw, gb = torch.ops.spikingir.spike_conv2d_bwd(go.to(device), packed, w.to(device), H,
+                                                          13, stride, 1, dense_rate, True, True,
+                                                          True)
+    gs, gw, gb = gs.cpu(), gw.cpu(), gb.cpu()
     sd, wd = s.double().requires_grad_(), w.double().requires_grad_()
     F.conv2d(sd, wd, b.double(), stride, 1).backward(go.double())
     assert_close(gs, sd.grad, 1e-5, 1e-5, "grad_s")
@@ -845,21 +859,53 @@ def test_raw_ops_refuse_inconsistent_arguments(backend):
     for call in calls:
         with pytest.raises((RuntimeError, ValueError)):
             call()
+    if backend == "triton":
+        # the weight on another device than the spikes (meta here): the ops' boundary
+        # refuses it, and so do the launchers the benchmarks call directly
+        from kernels import spike_conv as kernels
+        meta = torch.ones(3, 2, 3, 3, device="meta")
+        bits = ops.SpikeMasks.from_dense(s).bits
+        for call in (lambda: fwd(s, meta, None, 1, 1, 2.0, True, True),
+                     lambda: fwd_masks(bits, 2, meta, None, 1, 1, 2.0)):
+            with pytest.raises(RuntimeError, match="one device"):
+                call()
+        for call in (lambda: kernels.spike_conv2d_fwd_triton(s, meta, None, 1, 1, 2.0, True, True),
+                     lambda: kernels.spike_conv2d_fwd_masks_triton(bits, 2, meta, None, 1, 1, 2.0)):
+            with pytest.raises(RuntimeError, match="weight must be .* on cpu, got .* on meta"):
+                call()
 
 
-@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
-def test_cpp_backward_ignores_packing_bits_past_the_width():
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_compiled_backward_ignores_packing_bits_past_the_width(device):
     """Bits past the width in the last byte of a packed row (never set by the
-    forward) add no pixel: before, the event path listed them and wrote past its
-    pixel buffer (heap corruption)."""
-    w = torch.randn(8, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    forward) add no pixel: before, the cpp event path listed them and wrote past
+    its pixel buffer (heap corruption)."""
+    w = torch.randn(8, 1, 1, 1, generator=torch.Generator().manual_seed(0)).to(device)
     pad = 7
-    go = torch.randn(1, 8, 8 + 2 * pad, 1 + 2 * pad, generator=torch.Generator().manual_seed(1))
-    packed = torch.full((1, 1, 8, 1), 255, dtype=torch.uint8)  # W = 1: bits 1..7 are padding
+    go = torch.randn(1, 8, 8 + 2 * pad, 1 + 2 * pad,
+                     generator=torch.Generator().manual_seed(1)).to(device)
+    packed = torch.full((1, 1, 8, 1), 255, dtype=torch.uint8, device=device)  # W = 1: bits 1..7 pad
     args = (go, packed, w, 8, 1, 1, pad)
-    _, event, _ = torch.ops.spikingir.spike_conv2d_bwd(*args, 2.0, False, True, False)
-    _, dense, _ = torch.ops.spikingir.spike_conv2d_bwd(*args, -1.0, False, True, False)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        _, event, _ = torch.ops.spikingir.spike_conv2d_bwd(*args, 2.0, False, True, False)
+        _, dense, _ = torch.ops.spikingir.spike_conv2d_bwd(*args, -1.0, False, True, False)
     torch.testing.assert_close(event, dense)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_FUSED, reason="needs a CUDA GPU and a GPU backend")
+@pytest.mark.parametrize("backend", GPU_FUSED)
+def test_gpu_raw_backward_refuses_packed_spikes_on_the_cpu(backend):
+    """The dispatcher sends a CUDA grad_out with CPU packed spikes to the CUDA
+    kernel, which would read a host pointer: both GPU kernels refuse it."""
+    bwd = getattr(torch.ops.spikingir, "spike_conv2d_bwd" + ("_triton" if backend == "triton"
+                                                              else ""))
+    go = torch.ones(1, 3, 6, 6, device="cuda")
+    w = torch.ones(3, 2, 3, 3, device="cuda")
+    packed = torch.zeros(1, 2, 6, 1, dtype=torch.uint8)
+    for dense_rate in (2.0, -1.0):
+        with pytest.raises(RuntimeError, match="packed"):
+            bwd(go, packed, w, 6, 6, 1, 1, dense_rate, False, True, False)
 
 
 def test_triton_cuda_kernels_run_on_the_input_device(monkeypatch):

@@ -257,7 +257,10 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
         accumulation of a 23-bit per-channel fixed point), equal to ``F.conv2d``
         to float32 rounding and bitwise reproducible run to run. For backward
         the spikes are kept bit-packed (1 bit per spike); first-order gradients
-        only (double backward raises on the fused backends).
+        only (double backward raises on the fused backends). On a GPU the
+        gradient of ``s`` (both backends) and of ``weight`` (``cuda``) are
+        cuDNN's, reproducible under ``torch.use_deterministic_algorithms(True)``
+        or ``torch.backends.cudnn.deterministic = True`` as for ``nn.Conv2d``.
     """
     stride, padding = _check(s, weight, bias, stride, padding)
     if isinstance(s, SpikeMasks):
