@@ -15,7 +15,14 @@ import warnings
 
 from setuptools import find_packages, setup
 
-import torch
+try:
+    import torch
+except ImportError:
+    # torch is deliberately not a build requirement (pyproject.toml): pip's isolated build
+    # would download the newest torch (a multi-GB CUDA wheel on Linux) and compile the
+    # extension against it, which then fails to load under the torch the user runs.
+    sys.exit("spikingir: building its C++/CUDA kernels needs the torch they will run with: "
+             "install torch first, then `pip install --no-build-isolation .` (or -e .)")
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

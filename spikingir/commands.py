@@ -116,7 +116,9 @@ def _add_model_args(p, snn_weights=True):
         p.add_argument("--snn-weights", default=None,
                        help="SNN file from `spikingir convert` or `finetune` (default: the shipped "
                             "fine-tuned SNN of the shipped ANN; a conversion of the ANN instead "
-                            "with --ann-weights or any conversion option, e.g. --neuron if)")
+                            "with --ann-weights or any conversion option, e.g. --neuron if, "
+                            "calibrated on the built-in photos; `spikingir convert` calibrates "
+                            "on training images)")
 
 
 def _layer_calibration(args):
@@ -237,11 +239,17 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
         snn = _load_converted(path, task, args)
         _note_sigma(args, path, snn.meta.get("sigma"), sigma, "fine-tuned")
         source = snn.meta.get("ann_fingerprint")
+        compared = getattr(args, "ann_weights", None) or "the shipped ANN"
         if ann is not None and source is not None and source != ann_fingerprint(ann):
-            compared = getattr(args, "ann_weights", None) or "the shipped ANN"
             print(f"spikingir {args.command}: note: {path} was converted from another ANN than "
                   f"{compared}: the PSNR loss and conversion rate compare different networks "
                   f"(pass --ann-weights with the SNN's own ANN)", file=sys.stderr)
+        elif ann is not None and source is None and getattr(args, "snn_weights", None):
+            # a user's file without the record (the shipped pairs are documented in
+            # spikingir/weights/README.md): say the check could not be made
+            print(f"spikingir {args.command}: note: {path} does not record the ANN it was "
+                  f"converted from (files written by `spikingir convert` and `finetune` do): "
+                  f"cannot check that it is a conversion of {compared}", file=sys.stderr)
         snn.timesteps = timesteps
         origin = f"SNN weights {path}"
     else:
@@ -271,6 +279,8 @@ def _cmd_evaluate(args):
     _set_threads(args)
     _warn_amp(args, device)
     sigma = _sigma_of(args)
+    if args.task == "denoise" and args.scenes is not None:  # as train-ann's --val-scenes
+        raise UserError("--scenes applies to --task dehaze only")
     for option, path in (("--json", args.json), ("--markdown", args.markdown)):
         if path is not None:  # before the evaluation, which can take long
             check_outputs(path, option=option)
@@ -403,8 +413,10 @@ def _cmd_restore(args):
         if blind:  # no --sigma: the shipped model nearest to the image's estimated noise
             estimate = estimate_noise_sigma(img)
             level = nearest_sigma(estimate)
-            print(f"{src}: estimated noise sigma {estimate:.1f}: the sigma {level} model "
-                  "(--sigma chooses)")
+            # with --snn-weights that file runs whatever the estimate (_get_snn notes a
+            # sigma it was not fine-tuned at); else the nearest shipped model
+            chosen = "" if args.snn_weights else f": the sigma {level} model (--sigma chooses)"
+            print(f"{src}: estimated noise sigma {estimate:.1f}{chosen}")
         if level not in nets:
             ann = None if args.snn_weights else load_ann(args.task, level, args.ann_weights, args.ann_module)
             snn, origin = _get_snn(args.task, level, ann, args.timesteps, args,
@@ -453,8 +465,8 @@ def _add_restore(sub):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default) or cuda")
     p.add_argument("--tile", type=_tile_size, default=DEFAULT_TILE,
                    help=f"restore in tiles of N x N pixels (plus the network's receptive radius "
-                        f"around each, so the result is the whole image's: on the CPU bit for "
-                        f"bit, on a GPU up to float32 rounding) to bound memory: the "
+                        f"around each, so the result is the whole image's: for the denoising SNN "
+                        f"on the CPU bit for bit, otherwise up to float32 rounding) to bound memory: the "
                         f"DnCNN SNN holds ~3 GB per megapixel per layer at T=10 (default "
                         f"{DEFAULT_TILE}; 0: the whole image at once)")
     _add_amp_arg(p, "the SNN")
@@ -542,6 +554,8 @@ def _cmd_finetune(args):
     device = _device(args)
     _set_threads(args)
     sigma = _sigma_of(args)
+    if args.task == "dehaze" and args.val_crop is not None:  # as train-ann: not silently ignored
+        raise UserError("--val-crop applies to --task denoise only")
     if args.resume and args.checkpoint is None:
         raise UserError("--resume needs --checkpoint PATH (the run to continue)")
     check_outputs(args.out, args.checkpoint, args.resume)
@@ -561,7 +575,8 @@ def _cmd_finetune(args):
                            steps=args.steps, batch_size=args.batch_size, patch=args.patch_size,
                            lr_weights=args.lr_weights,
                            lr_neurons=args.lr_neurons, device=device, seed=args.seed,
-                           checkpoint=args.checkpoint, resume=args.resume, val_crop=args.val_crop,
+                           checkpoint=args.checkpoint, resume=args.resume,
+                           val_crop=64 if args.val_crop is None else args.val_crop,
                            time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
                            energy_weight=args.energy_weight, energy_target=args.energy_target,
                            amp=args.amp, val_every=args.val_every,
@@ -617,8 +632,9 @@ def _add_finetune(sub):
     p.add_argument("--data", default=None, help="training data (default ../shared/data/...)")
     p.add_argument("--val-data", default=None, help="validation images (default ../shared/data/set12; "
                    "dehaze: held-out scenes of --data)")
-    p.add_argument("--val-crop", type=_positive_int, default=64,
-                   help="validate on N x N centre crops (default 64)")
+    p.add_argument("--val-crop", type=_positive_int, default=None, metavar="N",
+                   help="denoise: validate on N x N centre crops (default 64; dehaze validates "
+                        "on the whole held-out images)")
     p.add_argument("--val-every", type=_positive_int, default=None, metavar="STEPS",
                    help="validate (and checkpoint) every STEPS steps (default: at the end)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default) or cuda")
@@ -705,8 +721,10 @@ def _add_demo(sub):
                                    "photos; prints the tables, writes figures.")
     p.add_argument("--timesteps", type=_positive_int, nargs="+", default=[4, 10],
                    help="the T to evaluate the SNNs at (default 4 10)")
-    p.add_argument("--crop", type=_positive_int, default=160, help="denoising crops (N x N)")
-    p.add_argument("--out", default="spikingir-demo", help="folder for the tables and figures")
+    p.add_argument("--crop", type=_positive_int, default=160,
+                   help="denoising crops (N x N; default 160)")
+    p.add_argument("--out", default="spikingir-demo",
+                   help="folder for the tables and figures (default spikingir-demo)")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_demo))
 

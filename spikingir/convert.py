@@ -202,8 +202,14 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
             T=12 1.30 dB at 0.60; benchmarks/RESULTS.md).
         per_channel: one threshold per channel instead of per layer.
         v0: initial membrane potential, ``"zero"`` or ``"half"`` (theta / 2).
+            The defaults here (per layer, zero) are the plain conversion; the
+            ``spikingir convert`` command's, per channel and half, convert
+            better (benchmarks/RESULTS.md, conversion ablation).
         recycling: add the residual membrane potential to the read-out rate.
         backend: neuron backend (``"auto"``: the fastest available).
+        surrogate, alpha: the neurons' surrogate gradient for fine-tuning
+            (``spikingir.ops.surrogate``; sharpness ``alpha``).
+        reuse_alpha: MPRN's reuse-step threshold fraction in (0.5, 1].
         offset_percentile: AOD-Net only: code each layer's activations less a DC
             offset, this low percentile of them (:func:`calibrate_offsets`); the
             convs reading the spikes add the offsets' contribution back

@@ -10,9 +10,12 @@ radii: 17 for DnCNN-17, 7 for AOD-Net). :func:`run_tiled` runs the network on
 overlapping tiles that extend ``margin >= r`` pixels past their core (clipped at
 the image border, where the zero padding is the image's own) and keeps each
 core: the same computation as the whole image, tile by tile. For the converted
-SNNs on the CPU bit for bit (their input current is rounded once from float64);
-elsewhere up to float32 rounding (a convolution's summation order can depend on
-the input's size, and a potential that lands on a threshold flips a spike).
+DnCNN SNNs on the CPU bit for bit (the input current is rounded once from
+float64, the hidden convolutions run the cpp ``spike_conv2d`` in a fixed
+order); elsewhere up to float32 rounding (a convolution's summation order can
+depend on the input's size, and a potential that lands on a threshold flips a
+spike). AOD-Net's SNN runs dense float32 convolutions: measured on SOTS crops,
+tiles of 64 moved up to ~1000 output floats by <= 2.4e-7 and no 8-bit pixel.
 
 torch is imported inside the functions: the ``spikingir`` command reads
 :data:`DEFAULT_TILE` before torch loads (see ``spikingir/__init__.py``).

@@ -190,6 +190,11 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
     (["demo", "--out", "{d}/gray/im0.png"], "--out .* exists and is not a folder"),
     (["convert", "--task", "denoise", "--sigma", "25", "--data", "{d}/tiny", "--ann-weights",
       "{d}/dncnn.pt", "--out", "{o}/x.pt"], "t.png: 5 x 6 is too small to calibrate on"),
+    # options of the other task: refused, not silently ignored
+    (["finetune", "--task", "dehaze", "--val-crop", "16", "--out", "{o}/x.pt"],
+     "--val-crop applies to --task denoise only"),
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--scenes", "1420"],
+     "--scenes applies to --task dehaze only"),
     # two outputs naming one path (the JSON was written, then the figures failed)
     (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/gray", "--markdown",
       "{o}/r.json"], "--json and --markdown both name"),
@@ -330,6 +335,14 @@ def test_restore_without_sigma_estimates_it(files, tmp_path, capsys):
     assert code == 0, err
     assert "estimated noise sigma" in stdout and "the sigma 50 model" in stdout
     assert "snn_dncnn_s50.pt" in stdout and out.exists()
+    # with --snn-weights that file runs: the estimate is printed, no model choice, and
+    # a note says the file was fine-tuned at another sigma
+    s25 = WEIGHTS_DIR / "snn_dncnn_s25.pt"
+    code, stdout, err = run(["restore", str(files / "gray" / "im0.png"), "-o", str(out), "--task",
+                             "denoise", "--timesteps", "1", "--snn-weights", str(s25)], capsys)
+    assert code == 0, err
+    assert "estimated noise sigma" in stdout and "model" not in stdout.splitlines()[0], stdout
+    assert str(s25) in stdout and "fine-tuned at sigma 25" in err, err
 
 
 def test_conversion_options_convert_instead_of_the_shipped_snn(files, tmp_path, capsys):
@@ -580,7 +593,7 @@ def test_convert_writes_the_snn_that_evaluate_takes(files, tmp_path, capsys):
     --data: the same network as to_snn on the same calibration images; evaluate
     runs it with --snn-weights; a weights file of the other model is one line."""
     from spikingir.convert import to_snn
-    from spikingir.pipeline import calibration_inputs, load_ann, load_snn
+    from spikingir.pipeline import calibration_inputs, load_ann, load_snn, save_snn
     out = tmp_path / "snn.pt"
     code, stdout, err = run(["convert", "--task", "denoise", "--sigma", "25", "--ann-weights",
                              str(files / "dncnn.pt"), "--data", str(files / "gray48"), "--timesteps",
@@ -604,6 +617,14 @@ def test_convert_writes_the_snn_that_evaluate_takes(files, tmp_path, capsys):
     code, stdout, err = run(["evaluate", "--task", "denoise", "--sigma", "25", "--snn-weights", str(out),
                              "--data", str(files / "gray"), "--timesteps", "3"], capsys)
     assert code == 0 and "was converted from another ANN than the shipped ANN" in err, err
+    # a file that does not record its ANN: evaluate says it cannot check
+    snn = load_snn(out)
+    snn.meta.pop("ann_fingerprint")
+    save_snn(snn, tmp_path / "anon.pt")
+    code, stdout, err = run(["evaluate", "--task", "denoise", "--sigma", "25", "--ann-weights",
+                             str(files / "dncnn.pt"), "--snn-weights", str(tmp_path / "anon.pt"),
+                             "--data", str(files / "gray"), "--timesteps", "3"], capsys)
+    assert code == 0 and "does not record the ANN it was converted from" in err, err
     for argv, message in ((["--task", "dehaze", "--ann-weights", str(files / "dncnn.pt")], ""),
                           (["--task", "denoise", "--sigma", "25", "--data", str(tmp_path / "none")],
                            "no such directory")):

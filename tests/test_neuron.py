@@ -1,6 +1,10 @@
 """Tests of the fused IF / MPRN neuron ops against the float64 reference."""
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -462,6 +466,31 @@ def test_auto_warns_when_the_extension_is_missing(monkeypatch):
         warnings.simplefilter("error")  # the second call is quiet
         assert backends.choose("if_multistep", "cpu", torch.float32, "auto") == "torch"
         assert backends.choose("if_multistep", "cpu", torch.float64, "auto") == "torch"
+
+
+def test_extension_built_against_another_torch_is_explained():
+    """An undefined symbol when spikingir._C loads almost always means it was built
+    against another torch (e.g. by pip's isolated build): the message says so and
+    how to rebuild; other import errors are passed on as they are."""
+    msg = backends._explain_import_error("_C.so: undefined symbol: _ZN3c104impl8GPUTrace")
+    assert "built against another torch" in msg and torch.__version__ in msg
+    assert "--no-build-isolation" in msg
+    other = "libfoo.so: cannot open shared object file"
+    assert backends._explain_import_error(other) == other
+
+
+def test_building_without_torch_says_what_to_do(tmp_path):
+    """setup.py in an environment without torch (pip's isolated build, where torch is
+    deliberately not a build requirement) fails with one line saying what to do,
+    not an ImportError traceback."""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "torch.py").write_text("raise ImportError('No module named torch')\n")
+    run = subprocess.run([sys.executable, str(root / "setup.py"), "--version"], cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "install torch first" in run.stderr and "--no-build-isolation" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_determinism_of_parameter_gradients():

@@ -1,5 +1,7 @@
-"""Restoration ANNs: DnCNN (denoising) and AOD-Net (dehazing), and the chain
-form in which ``spikingir.convert.to_snn`` takes other CNNs."""
+"""Restoration ANNs: DnCNN (denoising) and AOD-Net (dehazing); ``Residual`` for
+your own CNN's global skip (``spikingir.convert.to_snn`` takes an
+``nn.Sequential``, optionally inside it), and ``ConvChain``, the flat form
+``to_snn`` reads such a network into (``conv_chain``)."""
 from .aodnet import AODNet
 from .chain import ConvChain, Residual, conv_chain
 from .dncnn import DnCNN, fold_batchnorm, load_dncnn, load_dncnn_pytorch_bn

@@ -28,7 +28,8 @@ class _MultiStepNeuron(nn.Module):
             from ``v_init``.
 
     After each forward, ``self.v_final`` holds the final membrane potential
-    (float32, shaped like one step, still in the autograd graph), which
+    (float32, float64 for float64 input; shaped like one step, still in the
+    autograd graph), which
     membrane-potential recycling needs.
 
     Training keeps thresholds positive: the neuron uses

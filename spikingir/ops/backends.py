@@ -28,6 +28,18 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     HAS_CPP_OPS = False
     _CPP_ERROR = str(exc)
 
+
+def _explain_import_error(message):
+    """The extension's import error, with the usual cause of an undefined symbol:
+    a build against another torch than the one running."""
+    if "undefined symbol" in message:
+        message += (f" -- spikingir._C was built against another torch than the running "
+                    f"{torch.__version__}; rebuild it with `pip install --no-build-isolation -e .`")
+    return message
+
+
+_CPP_ERROR = _explain_import_error(_CPP_ERROR)
+
 HAS_CUDA_OPS = HAS_CPP_OPS and torch._C._dispatch_has_kernel_for_dispatch_key(
     "spikingir::neuron_fwd", "CUDA")
 

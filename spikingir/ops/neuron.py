@@ -282,7 +282,7 @@ def if_multistep(x_seq, theta, *, v0=None, surrogate="sigmoid", alpha=4.0, detac
     Args:
         x_seq: input currents ``[T, ...]`` (``[T, B, C, ...]`` for per-channel
             parameters), float32 / float16 / bfloat16 (the reference also takes
-            float64). Membrane state is kept in float32.
+            float64). Membrane state is kept in float32 (float64 for float64).
         theta: threshold: a float, a 0-d tensor or a ``[C]`` tensor (C =
             ``x_seq.shape[2]``); finite and > 0. Differentiable.
         v0: initial membrane potential shaped like one step, or None (zeros).
@@ -312,7 +312,8 @@ def if_multistep(x_seq, theta, *, v0=None, surrogate="sigmoid", alpha=4.0, detac
 
     Returns:
         ``(y_seq, v_final)``: ``y_seq`` like ``x_seq`` (or ``SpikeMasks`` of
-        shape ``[T, N, C, H, W]``), ``v_final`` float32 shaped like one step.
+        shape ``[T, N, C, H, W]``), ``v_final`` float32 (float64 for float64
+        input) shaped like one step.
 
     A NaN input makes that neuron's potential NaN from then on: it never fires
     again (``NaN >= theta`` is false) and its ``v_final`` is NaN.

@@ -5,8 +5,9 @@ file was trained and what it scores).
   ``strict=True`` into ``DnCNN(batchnorm=False)``.
 - ``aodnet.pt``: AOD-Net state dict.
 
-Each ``NAME.pt`` has a ``NAME.json`` beside it with its metadata (task, sigma,
-steps, validation figures, ...).
+Each ANN file ``NAME.pt`` has a ``NAME.json`` beside it with its metadata (task,
+sigma, steps, validation figures, ...); the SNN files ``snn_*.pt`` carry theirs
+inside (``spikingir.pipeline.save_snn``).
 """
 from __future__ import annotations
 
