@@ -425,8 +425,8 @@ def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, valida
                                   bias, stride, padding, s)
     cfg = launch_config(DEFAULT_CONFIG, config, s.shape[1])
     if validate and bool(((s != 0) & (s != 1)).any()):
-        raise ValueError("s: expected a binary spike map (only 0 and 1), found other values; "
-                         "pass validate=False to skip this check")
+        raise ValueError("s: expected a binary spike map (only 0 and 1), found other values "
+                         "(validate=False skips this check for inputs known to be binary)")
     N, _, H, W = s.shape
     block_k = cfg["block_k"]
     s8 = padded_spikes(s, padding, block_k)

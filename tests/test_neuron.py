@@ -257,6 +257,8 @@ def test_empty_inputs_give_empty_outputs(backend, shape):
         assert y.shape == x.shape and v.shape == x.shape[1:] and v.dtype == torch.float32
         (y.sum() + v.sum()).backward()
         assert x.grad.shape == x.shape
+        if backend == "torch":  # float64 in, float64 state out, as for a non-empty input
+            assert fn(x.detach().double(), torch.ones(4), backend=backend)[1].dtype == torch.float64
         if len(shape) == 5:
             with torch.no_grad():
                 m, v = fn(x, torch.ones(4), backend=backend, emit="masks")
@@ -888,6 +890,40 @@ def test_module_construction_checks(cls):
         stateful(torch.randn(3, 5, 4))
     stateful.reset()
     assert stateful(torch.randn(3, 5, 4)).shape == (3, 5, 4)
+    # options the op would refuse at the first forward are refused when built
+    for kwargs, exc, match in (
+            (dict(surrogate="foo"), ValueError, "surrogate: expected one of"),
+            (dict(backend="gpu"), ValueError, "backend: expected one of"),
+            (dict(num_channels=0), ValueError, "num_channels: expected None or an int >= 1"),
+            (dict(scale_output=None), TypeError, "scale_output: expected True or False"),
+            (dict(detach_reset="yes"), TypeError, "detach_reset: expected True or False"),
+            (dict(stateful=1), TypeError, "stateful: expected True or False"),
+            (dict(save_dtype=torch.float16), ValueError, "save_dtype")):
+        with pytest.raises(exc, match=match):
+            cls(1.0, **kwargs)
+    if cls is MPRNeuron:
+        for bad in (2.0, 0.5, True):
+            with pytest.raises(ValueError, match=r"reuse_alpha: expected a float in \(0.5, 1\]"):
+                cls(1.0, reuse_alpha=bad)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
+def test_unused_beta_gets_no_gradient(backend):
+    """beta acts only through the reuse step's scaled output: with
+    scale_output=False (and in IF, where beta is not an input) it gets None, on
+    every backend, as autograd of the reference gives; zeros would still be
+    decayed by AdamW. The op refuses a non-bool flag at its boundary."""
+    x = torch.randn(4, 2, 3, 5)
+    theta = torch.full((3,), 0.7, requires_grad=True)
+    beta = torch.full((3,), 0.4, requires_grad=True)
+    y, v = ops.mprn_multistep(x, theta, beta, scale_output=False, backend=backend)
+    (y.sum() + v.sum()).backward()
+    assert beta.grad is None and theta.grad is not None
+    y, v = ops.mprn_multistep(x, theta, beta, backend=backend)
+    (y.sum() + v.sum()).backward()
+    assert beta.grad is not None and beta.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="detach_reset: expected True or False"):
+        ops.if_multistep(x, theta, detach_reset="yes", backend=backend)
 
 
 def test_module_copies_after_a_forward_with_grad():

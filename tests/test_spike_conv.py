@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from spikingir import ops
-from spikingir.nn import SpikeConv2d
+from spikingir.nn import IFNeuron, SeqToBatch, SpikeConv2d
 from spikingir.ops import backends
 from spikingir.ops.reference import spike_conv2d_reference
 
@@ -814,6 +814,21 @@ def test_non_binary_error_names_the_value(backend):
     s[1, 2, 3, 4] = 0.5
     with pytest.raises(ValueError, match=r"found 0\.5 at index \(1, 2, 3, 4\)"):
         ops.spike_conv2d(s, torch.randn(4, 3, 3, 3), padding=1, backend=backend)
+
+
+def test_non_binary_error_points_at_the_feeding_neuron():
+    """The usual cause: a neuron with its default scale_output=True (theta x spikes)
+    in front of SpikeConv2d. It passes while theta is 1.0 and fails after the first
+    optimiser step; the error says what to change, and that validate=False is no
+    way out."""
+    net = torch.nn.Sequential(SeqToBatch(torch.nn.Conv2d(1, 4, 3, padding=1)),
+                              IFNeuron(1.0, num_channels=4), SpikeConv2d(4, 2, 3, padding=1))
+    x = torch.rand(3, 2, 1, 6, 6) * 4
+    net(x)  # theta = 1: theta x spikes are binary
+    with torch.no_grad():
+        net[1].theta.mul_(0.999)
+    with pytest.raises(ValueError, match=r"scale_output=False.*validate=False only skips"):
+        net(x)
 
 
 @pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)

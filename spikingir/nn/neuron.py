@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from spikingir import ops
-from spikingir.ops.neuron import check_values
+from spikingir.ops.neuron import check_options, check_values
 
 
 class _MultiStepNeuron(nn.Module):
@@ -19,7 +19,9 @@ class _MultiStepNeuron(nn.Module):
         trainable: thresholds (and beta) are ``nn.Parameter`` (else buffers).
         v_init: initial potential, ``"zero"`` or ``"half"`` (theta / 2).
         surrogate, alpha, detach_reset, scale_output, save_dtype, backend:
-            passed to the op (see :func:`spikingir.ops.if_multistep`).
+            passed to the op (see :func:`spikingir.ops.if_multistep`). ``alpha``
+            (a float or a per-channel tensor) is configuration, like
+            ``surrogate``: it follows ``.to()`` but is not in the state dict.
         scale_free_surrogate: use ``alpha / theta`` as the surrogate
             sharpness, so the surrogate is a function of (h - theta) / theta
             (DESIGN.md section 3: converted layers have thresholds 0.1 .. 10).
@@ -44,6 +46,16 @@ class _MultiStepNeuron(nn.Module):
         super().__init__()
         if v_init not in ("zero", "half"):
             raise ValueError(f"v_init: expected 'zero' or 'half', got {v_init!r}")
+        # what the op would refuse at the first forward, refused here (and again there:
+        # the attributes may change in between)
+        check_options(surrogate, None, save_dtype, detach_reset, scale_output, backend)
+        if num_channels is not None and (isinstance(num_channels, bool) or not isinstance(
+                num_channels, numbers.Integral) or num_channels < 1):
+            raise ValueError(f"num_channels: expected None or an int >= 1, got {num_channels!r}")
+        for name, flag in (("trainable", trainable), ("scale_free_surrogate", scale_free_surrogate),
+                           ("stateful", stateful)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected True or False, got {flag!r}")
         if num_channels is None and isinstance(theta, torch.Tensor) and theta.numel() > 1:
             num_channels = theta.numel()  # a per-channel tensor of thresholds
         self.num_channels = num_channels
@@ -187,6 +199,12 @@ class MPRNeuron(_MultiStepNeuron):
     a spike of trainable size ``beta`` when the potential left is at least
     ``reuse_alpha * theta``. Input and output have T + 1 steps.
 
+    With ``scale_output=False`` every step emits 0/1, the reuse step too: theta
+    and beta then act only through the layer that reads the spikes, which must
+    weight the IF steps by theta and the reuse step by beta (DESIGN.md section 3;
+    the converted SNNs do this, ``SpikingChain._conv_spikes``), and beta gets no
+    gradient here.
+
     Args:
         beta: initial spike size of the reuse step (default: theta).
         reuse_alpha: reuse threshold fraction in (0.5, 1].
@@ -195,6 +213,8 @@ class MPRNeuron(_MultiStepNeuron):
 
     def __init__(self, theta=1.0, beta=None, reuse_alpha=0.75, **kwargs):
         super().__init__(theta, **kwargs)
+        check_options(self.surrogate, reuse_alpha, self.save_dtype, self.detach_reset,
+                      self.scale_output)
         self._add_param("beta", self.theta.detach() if beta is None else beta)
         self.reuse_alpha = reuse_alpha
 

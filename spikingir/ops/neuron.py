@@ -61,9 +61,13 @@ def _backward_via(bwd_op):
         grad_v = None if grad_v is None else grad_v.float().contiguous()
         if grad_y is None:  # only v_final was used
             grad_y = saved.new_zeros(saved.shape, dtype=ctx.y_dtype)
+        # beta acts only through the reuse step's scaled output: without either, its
+        # gradient is None, as autograd of the reference gives (not zeros, which an
+        # optimiser with weight decay would still apply)
+        beta_used = ctx.reuse_step and ctx.config[3]
         gx, gv0, gth, gbe = bwd_op(grad_y.contiguous(), grad_v, saved, theta, beta, alpha,
-                                   *ctx.config, need[1], need[2] and ctx.reuse_step)
-        return (gx, gth if need[1] else None, gbe if need[2] else None,
+                                   *ctx.config, need[1], need[2] and beta_used)
+        return (gx, gth if need[1] else None, gbe if need[2] and beta_used else None,
                 gv0 if need[3] else None) + (None,) * 8
     return backward
 
@@ -168,6 +172,24 @@ def _mark_checked(value, positive):
             pass
 
 
+def check_options(surrogate, reuse_alpha, save_dtype, detach_reset, scale_output, backend=None):
+    """The neurons' non-tensor options (the ops' and the modules' constructors):
+    ``reuse_alpha`` None when there is no reuse step, ``backend`` None unchecked."""
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate: expected one of {sorted(SURROGATES)}, got {surrogate!r}")
+    if reuse_alpha is not None and not (isinstance(reuse_alpha, numbers.Real)
+                                        and not isinstance(reuse_alpha, bool)
+                                        and 0.5 < float(reuse_alpha) <= 1.0):
+        raise ValueError(f"reuse_alpha: expected a float in (0.5, 1], got {reuse_alpha!r}")
+    if save_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"save_dtype: expected torch.float32 or torch.bfloat16, got {save_dtype}")
+    for name, flag in (("detach_reset", detach_reset), ("scale_output", scale_output)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected True or False, got {flag!r}")
+    if backend is not None and backend not in ("auto",) + backends.BACKENDS:
+        raise ValueError(f"backend: expected one of {('auto',) + backends.BACKENDS}, got {backend!r}")
+
+
 def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate,
             detach_reset, scale_output, save_dtype, backend, op, emit, validate=True):
     _check_x(x_seq, 2 if reuse_step else 1)
@@ -176,13 +198,8 @@ def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate
     if emit == "masks" and x_seq.dim() != 5:
         raise ValueError(f"x_seq: emit='masks' takes [T, N, C, H, W] (the input of a "
                          f"convolution), got shape {tuple(x_seq.shape)}")
-    if surrogate not in SURROGATES:
-        raise ValueError(f"surrogate: expected one of {sorted(SURROGATES)}, got {surrogate!r}")
-    if reuse_step and not (isinstance(reuse_alpha, numbers.Real)
-                           and 0.5 < float(reuse_alpha) <= 1.0):
-        raise ValueError(f"reuse_alpha: expected a float in (0.5, 1], got {reuse_alpha!r}")
-    if save_dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"save_dtype: expected torch.float32 or torch.bfloat16, got {save_dtype}")
+    check_options(surrogate, reuse_alpha if reuse_step else None, save_dtype, detach_reset,
+                  scale_output)
     check = validate and not torch.compiler.is_compiling()
     theta = _param("theta", theta, x_seq, True, check)
     beta = theta if beta is None else _param("beta", beta, x_seq, False, check)
@@ -196,7 +213,8 @@ def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate
                              f"(one step of x_seq), got {tuple(v0.shape)} on {v0.device}")
     chosen = backends.choose(op, x_seq.device, x_seq.dtype, backend)
     if x_seq.numel() == 0:  # an empty batch or image: nothing to simulate, shapes kept
-        v_final = torch.zeros(x_seq.shape[1:], dtype=torch.float32, device=x_seq.device)
+        v_final = torch.zeros(x_seq.shape[1:], device=x_seq.device,
+                              dtype=torch.float64 if x_seq.dtype == torch.float64 else torch.float32)
         if emit == "masks":
             return SpikeMasks.from_dense(torch.zeros_like(x_seq, dtype=torch.bool)), v_final
         return x_seq * 0, v_final  # (x_seq * 0: empty, and connected for autograd)
