@@ -17,6 +17,7 @@ from spikingir.data import add_gaussian_noise, center_crop, list_images, load_gr
 from spikingir.evaluate import Sample
 from spikingir.models import AODNet, DnCNN, load_dncnn
 from spikingir.models.spiking import SpikingAODNet, SpikingChain, SpikingDnCNN, make_neuron
+from spikingir.nn.mapper import READOUT_CLAMPS
 from spikingir.weights import DENOISE_SIGMAS
 
 SIGMAS = DENOISE_SIGMAS  # the noise levels with shipped models
@@ -294,7 +295,8 @@ def snn_config(snn):
              "stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation)}
             for c in snn.convs()]}
     return {"arch": arch, **extra, "timesteps": snn.timesteps, "neuron": snn.neuron_kind,
-            "recycling": snn.recycling, "per_channel": n0.num_channels is not None, "v0": n0.v_init,
+            "recycling": snn.recycling, "readout_clamp": snn.readout_clamp,
+            "per_channel": n0.num_channels is not None, "v0": n0.v_init,
             "reuse_alpha": getattr(n0, "reuse_alpha", 0.75), "surrogate": n0.surrogate,
             # a per-channel tensor of sharpnesses as a list (plain JSON types)
             "alpha": n0.alpha.tolist() if isinstance(n0.alpha, torch.Tensor) else float(n0.alpha)}
@@ -458,6 +460,10 @@ def _build_snn(path, obj, backend, task):
                                    v_init=cfg["v0"], backend=backend, surrogate=cfg["surrogate"],
                                    alpha=alpha, reuse_alpha=cfg["reuse_alpha"]))
     snn = cls(convs, neurons, int(cfg["timesteps"]), cfg["neuron"], bool(cfg["recycling"]), **extra)
+    # files saved before the key existed clamped the residual: they keep doing so
+    snn.readout_clamp = cfg.get("readout_clamp", "residual")
+    if snn.readout_clamp not in READOUT_CLAMPS:
+        raise ValueError(f"{path}: unknown readout_clamp {snn.readout_clamp!r}")
     try:
         snn.load_state_dict(sd)
     except RuntimeError as err:

@@ -120,9 +120,32 @@ def test_bad_conversion_arguments():
 def test_recycled_rate_is_clamped_at_zero():
     y = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     v = torch.tensor([0.4, -0.3])
-    assert torch.allclose(spike_rate(y, v, None, 2, recycling=True), torch.tensor([1.2, 0.0]))
-    assert torch.allclose(spike_rate(y, v, torch.tensor([0.5, 0.5]), 2), torch.tensor([1.0, 0.0]))
-    assert torch.allclose(spike_rate(y, v, None, 2, recycling=False), torch.tensor([1.0, 0.0]))
+    v0 = torch.tensor([0.5, 0.5])
+    for clamp in ("rate", "residual"):
+        assert torch.allclose(spike_rate(y, v, None, 2, clamp=clamp), torch.tensor([1.2, 0.0]))
+        assert torch.allclose(spike_rate(y, v, None, 2, recycling=False, clamp=clamp),
+                              torch.tensor([1.0, 0.0]))
+    # a firing neuron whose last spike overshot (v < v0): "rate" subtracts the
+    # overshoot, "residual" (the files saved before 2026-11-29) ignores it
+    assert torch.allclose(spike_rate(y, v, v0, 2), torch.tensor([0.95, 0.0]))
+    assert torch.allclose(spike_rate(y, v, v0, 2, clamp="residual"), torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="clamp: expected one of"):
+        spike_rate(y, v, v0, 2, clamp="total")
+
+
+def test_recycled_rate_of_a_constant_input_is_its_relu():
+    """IF with v0 = theta / 2 and a constant input x: spikes plus the recycled
+    residual, clamped as a whole, give ReLU(x) exactly (count theta + v_T - v0 =
+    T x); clamping the residual alone rounds up the neurons whose last spike
+    overshot."""
+    T, theta = 10, 0.8
+    x = torch.linspace(-1.0, 2.0, 301, dtype=torch.float64)
+    v0 = torch.full_like(x, theta / 2)
+    y, v = ops.if_multistep(x.expand(T, -1).contiguous(), theta, v0=v0, backend="torch")
+    exact = spike_rate(y, v, v0, T)
+    torch.testing.assert_close(exact, x.clamp_min(0), rtol=0, atol=1e-12)
+    rounded = spike_rate(y, v, v0, T, clamp="residual")
+    assert (rounded - x.clamp_min(0)).max() > theta / (2 * T) * 0.9
 
 
 def test_energy_counts_real_spikes():
@@ -163,6 +186,22 @@ def test_save_and_load_snn(tmp_path):
     torch.save(ann.state_dict(), tmp_path / "ann.pt")
     with pytest.raises(ValueError, match="not a SpikingIR SNN"):
         load_snn(tmp_path / "ann.pt")
+    # the read-out's clamp is saved; a file from before it was (the shipped SNNs)
+    # keeps clamping the residual, as when its figures were measured
+    assert snn.readout_clamp == back.readout_clamp == "rate"
+    obj = torch.load(tmp_path / "snn.pt", weights_only=True)
+    del obj["config"]["readout_clamp"]
+    torch.save(obj, tmp_path / "old.pt")
+    old = load_snn(tmp_path / "old.pt")
+    assert old.readout_clamp == "residual"
+    save_snn(old, tmp_path / "old2.pt")
+    assert load_snn(tmp_path / "old2.pt").readout_clamp == "residual"
+    with torch.no_grad():
+        assert not torch.equal(old(x), back(x))  # the clamp matters on this net
+    obj["config"]["readout_clamp"] = "both"
+    torch.save(obj, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="unknown readout_clamp 'both'"):
+        load_snn(tmp_path / "bad.pt")
 
 
 def test_evaluate_report_format():

@@ -7,7 +7,9 @@ once (``[T*B, ...]`` batches). With MPRN neurons the network runs T + 1 steps
 (T IF steps and the reuse step) and rates are averaged over T.
 
 The read-out is ``Mapper(rate)`` where ``rate`` is the last spiking layer's
-spike rate plus the recycled residual potential (spikingir.nn.mapper). Since the
+spike rate plus the recycled residual potential, kept >= 0 as ``readout_clamp``
+says (spikingir.nn.mapper.spike_rate; "rate" for new conversions, "residual" for
+files saved before 2026-11-29, which keep their published figures). Since the
 mapper is linear, ``Mapper(mean_t y[t]) = mean_t Mapper(y[t])`` up to its bias,
 which is added once.
 
@@ -75,6 +77,8 @@ class _SpikingNet(nn.Module):
         self.timesteps = timesteps
         self.neuron_kind = neuron_kind
         self.recycling = recycling
+        #: spikingir.nn.mapper.spike_rate's clamp (snn_config saves it)
+        self.readout_clamp = "rate"
         self._record = False
         self.stats = None
         self._track_energy = False
@@ -155,7 +159,7 @@ class _SpikingNet(nn.Module):
             # counts are float32; the emitted values would have the layer's dtype
             y = total.unsqueeze(0).to(neuron.theta.dtype)  # one "step" holding the sum
         return spike_rate(y, neuron.v_final, self._v0(neuron, neuron.v_final), self.timesteps,
-                          self.recycling)
+                          self.recycling, self.readout_clamp)
 
     def _input_current(self, x):
         """``conv1(x)``, the constant analog input current of every step. In CPU
