@@ -122,7 +122,8 @@ def _dehaze(args):
     from spikingir.train import held_out_scenes
 
     data = args.data or os.path.join(SHARED, "data", "sots_train")
-    samples = dehaze_samples(data, args.limit, args.crop, held_out_scenes(DehazePairs(data)))
+    scenes = held_out_scenes(DehazePairs(data))
+    samples = dehaze_samples(data, args.limit, args.crop, scenes)
     ann = load_ann("dehaze", None, args.ann_weights)
     calib = calibration_inputs("dehaze", None, data=args.calib or data)
     t0 = time.time()
@@ -149,7 +150,7 @@ def _dehaze(args):
         table.append(f"| {name} | " + " | ".join(cells) + " |")
         print(table[-1], flush=True)
     head = [f"ANN {ann_row['psnr']:.2f} dB / SSIM {ann_row['ssim']:.4f} (AOD-Net, {len(samples)} held-out "
-            f"SOTS images, scenes {' '.join(DEFAULT_VAL_SCENES)}); cells: SNN PSNR / SSIM / energy "
+            f"images, scenes {' '.join(map(str, scenes))} of {data}); cells: SNN PSNR / SSIM / energy "
             "SNN/ANN", "", "| configuration | " + " | ".join(f"T={T}" for T in args.T) + " |",
             "|---|" + "---:|" * len(args.T)]
     _report("\n".join(head + table), t0, args)
