@@ -576,7 +576,7 @@ def _cmd_finetune(args):
                            lr_weights=args.lr_weights,
                            lr_neurons=args.lr_neurons, device=device, seed=args.seed,
                            checkpoint=args.checkpoint, resume=args.resume,
-                           val_crop=64 if args.val_crop is None else args.val_crop,
+                           **({} if args.val_crop is None else {"val_crop": args.val_crop}),
                            time_limit=args.time_limit, train_mapper=not args.freeze_mapper,
                            energy_weight=args.energy_weight, energy_target=args.energy_target,
                            amp=args.amp, val_every=args.val_every,

@@ -117,6 +117,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
               "lr_weights": lr_weights, "lr_neurons": lr_neurons, "batch_size": batch_size,
               "train_mapper": train_mapper, "energy_weight": energy_weight, "amp": bool(amp),
               "warmup": int(warmup), "ssim_weight": ssim_weight, "recycling": snn.recycling,
+              "readout_clamp": snn.readout_clamp,
               "distill": distill, "energy_target": energy_target}
     loss_fn = None
     # Channels-last on the CPU (fit converts model and inputs): oneDNN runs these

@@ -6,6 +6,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,7 +148,7 @@ def test_fused_gradient_from_one_output_only(backend, used):
         grads[be] = (xs.grad, th.grad, bt.grad)
     for f, r, name in zip(grads[backend], grads["torch"], ("x", "theta", "beta")):
         if r is None:  # v_final does not depend on beta (the reset subtracts theta)
-            assert used == "v" and name == "beta" and not f.any()
+            assert used == "v" and name == "beta" and f is None
             continue
         assert_close(f, r, 1e-5, 1e-4, name)
 
@@ -894,6 +895,7 @@ def test_module_construction_checks(cls):
     for kwargs, exc, match in (
             (dict(surrogate="foo"), ValueError, "surrogate: expected one of"),
             (dict(backend="gpu"), ValueError, "backend: expected one of"),
+            (dict(backend=None), ValueError, "backend: expected one of"),
             (dict(num_channels=0), ValueError, "num_channels: expected None or an int >= 1"),
             (dict(scale_output=None), TypeError, "scale_output: expected True or False"),
             (dict(detach_reset="yes"), TypeError, "detach_reset: expected True or False"),
@@ -910,9 +912,9 @@ def test_module_construction_checks(cls):
 @pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
 def test_unused_beta_gets_no_gradient(backend):
     """beta acts only through the reuse step's scaled output: with
-    scale_output=False (and in IF, where beta is not an input) it gets None, on
-    every backend, as autograd of the reference gives; zeros would still be
-    decayed by AdamW. The op refuses a non-bool flag at its boundary."""
+    scale_output=False it gets None, on every backend, as autograd of the
+    reference gives; zeros would still be decayed by AdamW. The op refuses a
+    non-bool flag at its boundary and takes a numpy bool."""
     x = torch.randn(4, 2, 3, 5)
     theta = torch.full((3,), 0.7, requires_grad=True)
     beta = torch.full((3,), 0.4, requires_grad=True)
@@ -924,6 +926,8 @@ def test_unused_beta_gets_no_gradient(backend):
     assert beta.grad is not None and beta.grad.abs().sum() > 0
     with pytest.raises(TypeError, match="detach_reset: expected True or False"):
         ops.if_multistep(x, theta, detach_reset="yes", backend=backend)
+    y_np, _ = ops.if_multistep(x, theta, scale_output=np.False_, backend=backend)
+    assert torch.equal(y_np, ops.if_multistep(x, theta, scale_output=False, backend=backend)[0])
 
 
 def test_module_copies_after_a_forward_with_grad():

@@ -22,8 +22,9 @@
 //     uint8, bit b of byte j = pixel 8 j + b) by pack_kernel, one thread per byte.
 //   backward: grad_s is the dense transposed convolution (cuDNN); grad_weight:
 //     by default (dense_rate < 0) cuDNN's weight gradient of the unpacked spikes,
-//     deterministic under torch's deterministic settings as nn.Conv2d's; with
-//     dense_rate >= 1 the event loop grad_weight_kernel: one block per weight (co,
+//     deterministic under torch's deterministic settings as nn.Conv2d's; in (0, 1)
+//     the firing rate (read back: a sync) picks cuDNN above it; >= 1 the event
+//     loop grad_weight_kernel: one block per weight (co,
 //     ci, ky, kx) sums grad_out over the output pixels whose input spike is set, in
 //     a fixed order (per-thread strided sums, then a fixed shared-memory tree):
 //     deterministic, no atomics, but 40-47x slower than cuDNN (see below).

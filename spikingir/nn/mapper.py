@@ -23,9 +23,10 @@ def spike_rate(y_seq, v_final, v0, timesteps, recycling=True, clamp="rate"):
     exactly ``ReLU(x)``; ``"residual"`` clamps the residual alone, ``rate +
     max(residual, 0) / T``, which rounds every neuron whose last spike
     overshot (v_final < v0) up by up to theta / (2T). Measured on converted
-    DnCNNs (Set12 crops, T=10 / 5 / 4): "rate" gained 0.9-2.2 / 2.0-4.1 /
-    2.7-4.2 dB without layer calibration, -0.03..+0.16 dB with it, and changed
-    a fine-tuned SNN by 0.00 dB (benchmarks/RESULTS.md).
+    DnCNNs (Set12 crops; benchmarks/RESULTS.md): "rate" gained 0.9 / 2.2 dB at
+    T=10 on the sigma 50 / 15 networks without layer calibration (-0.03 at
+    sigma 25), 0.8-4.1 dB at T=5 and 1.7-4.2 at T=4; -0.04..+0.16 dB with the
+    calibration, and 0.00 on a fine-tuned SNN.
     """
     if clamp not in READOUT_CLAMPS:
         raise ValueError(f"clamp: expected one of {READOUT_CLAMPS}, got {clamp!r}")

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from spikingir import ops
-from spikingir.ops.neuron import check_options, check_values
+from spikingir.ops.backends import BACKENDS
+from spikingir.ops.neuron import check_flags, check_options, check_reuse_alpha, check_values
 
 
 class _MultiStepNeuron(nn.Module):
@@ -48,14 +49,14 @@ class _MultiStepNeuron(nn.Module):
             raise ValueError(f"v_init: expected 'zero' or 'half', got {v_init!r}")
         # what the op would refuse at the first forward, refused here (and again there:
         # the attributes may change in between)
-        check_options(surrogate, None, save_dtype, detach_reset, scale_output, backend)
+        check_options(surrogate, save_dtype, detach_reset, scale_output)
+        check_flags(trainable=trainable, scale_free_surrogate=scale_free_surrogate,
+                    stateful=stateful)
+        if backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
         if num_channels is not None and (isinstance(num_channels, bool) or not isinstance(
                 num_channels, numbers.Integral) or num_channels < 1):
             raise ValueError(f"num_channels: expected None or an int >= 1, got {num_channels!r}")
-        for name, flag in (("trainable", trainable), ("scale_free_surrogate", scale_free_surrogate),
-                           ("stateful", stateful)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected True or False, got {flag!r}")
         if num_channels is None and isinstance(theta, torch.Tensor) and theta.numel() > 1:
             num_channels = theta.numel()  # a per-channel tensor of thresholds
         self.num_channels = num_channels
@@ -212,9 +213,8 @@ class MPRNeuron(_MultiStepNeuron):
     """
 
     def __init__(self, theta=1.0, beta=None, reuse_alpha=0.75, **kwargs):
+        check_reuse_alpha(reuse_alpha)
         super().__init__(theta, **kwargs)
-        check_options(self.surrogate, reuse_alpha, self.save_dtype, self.detach_reset,
-                      self.scale_output)
         self._add_param("beta", self.theta.detach() if beta is None else beta)
         self.reuse_alpha = reuse_alpha
 

@@ -11,6 +11,7 @@ Inputs are checked here, once; the kernels trust what reaches them.
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from . import backends
@@ -59,12 +60,13 @@ def _backward_via(bwd_op):
         saved, theta, beta, alpha = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_v = None if grad_v is None else grad_v.float().contiguous()
+        # beta acts only through the reuse step's scaled output (v_final's reset
+        # subtracts theta): without it its gradient is None, as autograd of the
+        # reference gives (not zeros, which an optimiser with weight decay would
+        # still apply)
+        beta_used = ctx.reuse_step and ctx.config[3] and grad_y is not None
         if grad_y is None:  # only v_final was used
             grad_y = saved.new_zeros(saved.shape, dtype=ctx.y_dtype)
-        # beta acts only through the reuse step's scaled output: without either, its
-        # gradient is None, as autograd of the reference gives (not zeros, which an
-        # optimiser with weight decay would still apply)
-        beta_used = ctx.reuse_step and ctx.config[3]
         gx, gv0, gth, gbe = bwd_op(grad_y.contiguous(), grad_v, saved, theta, beta, alpha,
                                    *ctx.config, need[1], need[2] and beta_used)
         return (gx, gth if need[1] else None, gbe if need[2] and beta_used else None,
@@ -172,22 +174,27 @@ def _mark_checked(value, positive):
             pass
 
 
-def check_options(surrogate, reuse_alpha, save_dtype, detach_reset, scale_output, backend=None):
-    """The neurons' non-tensor options (the ops' and the modules' constructors):
-    ``reuse_alpha`` None when there is no reuse step, ``backend`` None unchecked."""
+def check_flags(**flags):
+    """Each keyword is True or False (a numpy bool too)."""
+    for name, flag in flags.items():
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name}: expected True or False, got {flag!r}")
+
+
+def check_reuse_alpha(reuse_alpha):
+    if not (isinstance(reuse_alpha, numbers.Real) and not isinstance(reuse_alpha, (bool, np.bool_))
+            and 0.5 < float(reuse_alpha) <= 1.0):
+        raise ValueError(f"reuse_alpha: expected a float in (0.5, 1], got {reuse_alpha!r}")
+
+
+def check_options(surrogate, save_dtype, detach_reset, scale_output):
+    """The neurons' non-tensor options, checked by the ops and by the modules'
+    constructors."""
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate: expected one of {sorted(SURROGATES)}, got {surrogate!r}")
-    if reuse_alpha is not None and not (isinstance(reuse_alpha, numbers.Real)
-                                        and not isinstance(reuse_alpha, bool)
-                                        and 0.5 < float(reuse_alpha) <= 1.0):
-        raise ValueError(f"reuse_alpha: expected a float in (0.5, 1], got {reuse_alpha!r}")
     if save_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"save_dtype: expected torch.float32 or torch.bfloat16, got {save_dtype}")
-    for name, flag in (("detach_reset", detach_reset), ("scale_output", scale_output)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name}: expected True or False, got {flag!r}")
-    if backend is not None and backend not in ("auto",) + backends.BACKENDS:
-        raise ValueError(f"backend: expected one of {('auto',) + backends.BACKENDS}, got {backend!r}")
+    check_flags(detach_reset=detach_reset, scale_output=scale_output)
 
 
 def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate,
@@ -198,8 +205,10 @@ def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate
     if emit == "masks" and x_seq.dim() != 5:
         raise ValueError(f"x_seq: emit='masks' takes [T, N, C, H, W] (the input of a "
                          f"convolution), got shape {tuple(x_seq.shape)}")
-    check_options(surrogate, reuse_alpha if reuse_step else None, save_dtype, detach_reset,
-                  scale_output)
+    check_options(surrogate, save_dtype, detach_reset, scale_output)
+    if reuse_step:
+        check_reuse_alpha(reuse_alpha)
+    detach_reset, scale_output = bool(detach_reset), bool(scale_output)
     check = validate and not torch.compiler.is_compiling()
     theta = _param("theta", theta, x_seq, True, check)
     beta = theta if beta is None else _param("beta", beta, x_seq, False, check)
