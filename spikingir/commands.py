@@ -188,7 +188,8 @@ def _add_conversion_args(p):
                         "(per-channel bias correction) or weights (least-squares weights, then "
                         "bias; spikingir.convert.calibrate_layers); auto (default): weights for "
                         "DnCNN, none for AOD-Net. Measured on the official s25 weights, T=10, "
-                        "Set12 crops: loss 3.17 dB converted, 1.47 with weights (81 s on 2 "
+                        "Set12 crops (before the read-out clamp of 2026-11-29): loss 3.17 dB "
+                        "converted, 1.47 with weights (81 s on 2 "
                         "cores); after 147 fine-tuning steps 1.56 from none, 1.14 from weights")
     p.add_argument("--backend", default="auto",
                    help="backend of the neurons and of spike_conv2d (auto, cpp, cuda, triton, torch)")
