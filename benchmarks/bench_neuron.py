@@ -12,7 +12,6 @@ import argparse
 import sys
 
 from spikingir.bench import neuron as bn
-from spikingir.cli import check_outputs
 
 
 def main(argv=None):
@@ -28,11 +27,8 @@ def main(argv=None):
                    help="append a Markdown section with the results to PATH")
     p.add_argument("--note", default="", help="a line added under the Markdown header")
     args = p.parse_args(argv)
-    if args.json:  # before the run, which takes minutes
-        try:
-            check_outputs(args.json, option="--json")
-        except ValueError as exc:
-            p.error(str(exc))
+    if args.json:
+        bn.check_json_path(args.json, p.error)
 
     try:
         rows = bn.run(args.device, Ts=args.T, Ns=args.N, modes=args.modes, threads=args.threads,

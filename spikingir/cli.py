@@ -96,11 +96,8 @@ def _cmd_bench_neuron(args):
 
     if cuda_missing(args.device):
         args._parser.error(cuda_missing(args.device))
-    if args.json:  # before the benchmark, which takes minutes
-        try:
-            check_outputs(args.json, option="--json")
-        except _BadInput as err:
-            args._parser.error(str(err))
+    if args.json:
+        bn.check_json_path(args.json, args._parser.error)
     Ts, Ns = args.T, args.N
     if args.quick:
         Ts = Ts or list(bn.QUICK_T)

@@ -374,7 +374,7 @@ def _restore_jobs(inputs, output):
         check_output_folder(output, "-o")
     else:
         check_outputs(output, option="-o")
-    return [(f, o, _image_format(str(o))) for f, o in zip(files, outs)], to_folder
+    return [(f, o, _image_format(str(o))) for f, o in zip(files, outs)]
 
 
 def _cmd_restore(args):
@@ -392,7 +392,7 @@ def _cmd_restore(args):
     _warn_amp(args, device)
     blind = args.task == "denoise" and args.sigma is None
     sigma = None if blind else _sigma_of(args)
-    jobs, _ = _restore_jobs(args.images, args.output)  # before any work
+    jobs = _restore_jobs(args.images, args.output)  # before any work
 
     def read(src):
         img = load_image(src)

@@ -115,10 +115,16 @@ def save_atomic(obj, path) -> Path:
     or the new one, never a partial one, and nothing is left behind on failure.
     Creates the parent folder."""
     with atomic_paths(path) as (tmp,):
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            sync(f)  # the data on disk before the rename makes it the file
+        _save_synced(obj, tmp)
     return Path(path)
+
+
+def _save_synced(obj, tmp):
+    """``torch.save`` to the temporary file ``tmp``, on disk before the rename
+    that makes it the file."""
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        sync(f)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -1014,9 +1020,7 @@ def save_weights(path, state_dict: Mapping, meta: Mapping | None = None) -> Path
     text = json.dumps(_plain(dict(meta), "meta"), indent=1) + "\n"
     # both written before either is renamed: a failure leaves the old pair
     with atomic_paths(path, path.with_suffix(".json")) as (tmp, side):
-        with open(tmp, "wb") as f:
-            torch.save(sd, f)
-            sync(f)
+        _save_synced(sd, tmp)
         with open(side, "w") as f:
             f.write(text)
     return path

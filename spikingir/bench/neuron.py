@@ -520,6 +520,16 @@ def to_markdown(rows, header):
     return "\n".join(out) + "\n"
 
 
+def check_json_path(path, error):
+    """``--json PATH`` checked before the benchmark, which takes minutes:
+    ``error(message)`` (an argparse parser's ``error``) when it cannot be written."""
+    from spikingir.cli import check_outputs
+    try:
+        check_outputs(path, option="--json")
+    except ValueError as exc:
+        error(str(exc))
+
+
 def write_json(path, env, rows):
     """The rows and their environment as JSON at ``path``, atomically (what
     ``--json`` writes, in the CLI and in benchmarks/bench_neuron.py)."""

@@ -216,18 +216,18 @@ def _check(s, weight, bias, stride, padding):
     return stride, padding
 
 
+#: The usual cause of non-binary spikes, and why validate=False is no way out of it.
+NOT_BINARY_HINT = ("a neuron feeding spike_conv2d must emit 0/1 (scale_output=False, its "
+                   "threshold folded into the weights); validate=False only skips this check "
+                   "for inputs known to be binary, the GPU kernels then count any nonzero as 1")
+
+
 def check_binary(s):
     bad = (s != 0) & (s != 1)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"s: expected a binary spike map (only 0 and 1), found {s[idx].item()!r} "
                          f"at index {idx}; {NOT_BINARY_HINT}")
-
-
-#: The usual cause of non-binary spikes, and why validate=False is no way out of it.
-NOT_BINARY_HINT = ("a neuron feeding spike_conv2d must emit 0/1 (scale_output=False, its "
-                   "threshold folded into the weights); validate=False only skips this check "
-                   "for inputs known to be binary, the GPU kernels then count any nonzero as 1")
 
 
 def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, backend="auto",
