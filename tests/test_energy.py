@@ -197,3 +197,105 @@ def test_conv_macs_of_a_converted_snn_names_the_cure():
     assert counted["hidden.0.module"] == snn.steps * 4 * 4 * 9 * 100  # every step, dense
     with pytest.raises(RuntimeError, match="record_stats"):
         snn.firing_rate()
+
+
+def test_spike_count_is_exact_past_float32_integers():
+    """A layer's spike total is an integer count: one that float32 cannot hold
+    (odd and above 2^24, as one DnCNN layer of a 512 x 512 image at T=10 is) is
+    still counted exactly, and the firing rate of an all-firing layer is 1."""
+    from spikingir.models.spiking import SpikingChain, make_neuron
+    H = W = 4097  # 16,785,409 neurons: odd, > 2^24 = 16,777,216
+    convs = [nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1)]
+    snn = SpikingChain(convs, [make_neuron("if", 1.0)], timesteps=1, neuron_kind="if",
+                       recycling=False).record_stats()
+    snn._start_stats(torch.zeros(1, 1, 1, 1).expand(1, 1, H, W), snn.conv1)
+    y = torch.ones(1, 1, 1, H, W)  # [T, B, C, H, W]: every neuron fires once
+    snn._count("l1", snn.neurons_[0], y, [(snn.mapper.conv, slice(None))])
+    layer = snn.stats["layers"][0]
+    assert layer["spikes"] == H * W == 16_785_409
+    assert layer["sops"] == H * W  # 1x1 conv, one output channel: one synapse each
+    assert snn.firing_rate() == 1.0
+
+
+def _reach(n, k, pad):
+    """Per input position along one axis: outputs of a stride-1 conv whose window holds it."""
+    out = torch.zeros(n, dtype=torch.float64)
+    for o in range(n + 2 * pad - k + 1):
+        for t in range(k):
+            if 0 <= o - pad + t < n:
+                out[o - pad + t] += 1
+    return out
+
+
+def _recount(snn, x, targets):
+    """Runs ``snn`` on ``x`` with forward hooks on its neurons and recounts, from
+    the spikes they emit, the spikes, SOPs (each spike's fan-out at its own pixel:
+    fewer outputs at the border) and the firing rate."""
+    caught = []
+    hooks = [n.register_forward_hook(lambda m, i, o: caught.append((o != 0).double().sum(0)))
+             for n in snn.neurons_]
+    try:
+        with torch.no_grad():
+            snn.record_stats()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    spikes, sops = [], 0
+    for counts, convs in zip(caught, targets):  # counts: [B, C, H, W] over all T (+1) steps
+        spikes.append(int(counts.sum()))
+        for conv in convs:
+            k, p = conv.kernel_size[0], conv.padding[0]
+            fan = torch.outer(_reach(counts.shape[-2], k, p), _reach(counts.shape[-1], k, p))
+            sops += int((counts.sum((0, 1)) * fan).sum()) * conv.out_channels
+    rate = sum(spikes) / (sum(c.numel() for c in caught) * snn.timesteps)
+    return spikes, sops, rate
+
+
+def test_dncnn_snn_stats_match_an_independent_recount():
+    """The spikes, SOPs, energy and firing rate evaluate reports for a DnCNN SNN
+    (MPRN: the reuse step counts, its rate over T; recycling: the read-out's
+    MACs) equal a recount from the spikes its neurons emit."""
+    from spikingir.convert import to_snn
+    torch.manual_seed(0)
+    ann = DnCNN(depth=5, channels=6, batchnorm=False).eval()
+    x = torch.rand(2, 1, 13, 11)
+    snn = to_snn(ann, [x], 4, neuron="mprn", per_channel=True, v0="half").eval()
+    snn.use_spike_conv(False)  # the neurons emit float spikes to the hooks
+    targets = [[h.module] for h in snn.hidden] + [[snn.mapper.conv]]
+    spikes, sops, rate = _recount(snn, x, targets)
+    st = snn.stats
+    assert sum(spikes) > 0
+    assert [layer["spikes"] for layer in st["layers"]] == spikes
+    assert st["sops"] == sops
+    B, H, W = 2, 13, 11
+    assert st["first_layer_macs"] == B * 6 * 9 * H * W
+    assert st["readout_macs"] == B * 1 * 6 * 9 * H * W  # mapper on the recycled (analog) residual
+    assert snn.energy_mj() == pytest.approx(((st["first_layer_macs"] + st["readout_macs"]) * 4.6
+                                             + sops * 0.9) * 1e-9, rel=1e-12)
+    assert snn.firing_rate() == pytest.approx(rate, rel=1e-12)
+
+
+def test_aodnet_snn_stats_match_an_independent_recount():
+    """The same for the shipped AOD-Net SNN (spikes of x1..x3 feed several convs;
+    the DC offsets' corrections cost their border band's MACs)."""
+    from spikingir.pipeline import load_shipped_snn
+    snn = load_shipped_snn("dehaze", timesteps=4)
+    x = torch.rand(1, 3, 17, 19, generator=torch.Generator().manual_seed(1))
+    c2, c3, c4, c5 = (snn.conv2.module, snn.conv3.module, snn.conv4.module, snn.mapper.conv)
+    spikes, sops, rate = _recount(snn, x, [[c2, c3, c5], [c3, c4, c5], [c4, c5], [c5]])
+    st = snn.stats
+    assert sum(spikes) > 0
+    assert [layer["spikes"] for layer in st["layers"]] == spikes
+    assert st["sops"] == sops
+    H, W = 17, 19
+    m = snn.offset
+    offset_macs = 0
+    for conv, sl in ((c2, slice(0, 3)), (c3, slice(0, 6)), (c4, slice(3, 9)), (c5, slice(0, 12))):
+        k, p = conv.kernel_size[0], conv.padding[0]
+        border = H * W - (H - 2 * p) * (W - 2 * p)
+        offset_macs += border * conv.out_channels * int((m[sl] != 0).sum()) * k * k
+    assert st["offset_macs"] == offset_macs > 0
+    assert st["first_layer_macs"] == 3 * 3 * H * W and st["readout_macs"] == 0
+    assert snn.energy_mj() == pytest.approx(((3 * 3 * H * W + offset_macs) * 4.6 + sops * 0.9) * 1e-9,
+                                            rel=1e-12)
+    assert snn.firing_rate() == pytest.approx(rate, rel=1e-12)

@@ -201,7 +201,10 @@ class _SpikingNet(nn.Module):
                 counts = y.counts(0)
             else:
                 counts = (y != 0).sum(0, dtype=torch.float32)
-            n_spikes = int(counts.sum().item())
+            # counts per neuron are exact in float32, their total is not: float32
+            # holds every integer only up to 2^24 (16.8M), which one DnCNN layer of a
+            # 512 x 512 image passes at T=10 (off by a few spikes); sum in float64
+            n_spikes = int(counts.sum(dtype=torch.float64).item())
             sops = 0
             for conv, sl in targets:
                 full = counts.new_zeros(counts.shape[0], conv.in_channels, *counts.shape[2:])
