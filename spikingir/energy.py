@@ -13,22 +13,34 @@ input image enters the first conv as a constant current (computed once, so its
 MACs are counted once), every later layer is driven by binary spikes and costs
 one accumulate per synapse a spike reaches.
 
-``SOPs(l) = spikes into layer l x fan-out(l)``. The fan-out of a conv is the
-number of synaptic operations one input spike triggers at an interior pixel::
+``SOPs(l) = spikes into layer l x fan-out(l)``. The fan-out of a conv at an
+interior pixel is::
 
     conv_fanout(conv) = (Cout / groups) * kh * kw          (stride 1)
 
 A spike of input channel ci reaches the Cout/groups output channels of its group
 at each of the kh*kw output positions whose receptive field covers it
 (dilation does not change the count). Near the border fewer positions exist
-(zero padding is outside the image, so nothing is computed there); the model
-count ``spikes x fan-out`` ignores this, overcounting by ~0.35% for a 3x3 conv
-on a 481x321 image (the border pixels' missing third: (2/481 + 2/321) / 3). ``conv_sops(conv, spikes)`` gives the exact,
-border-aware count for a concrete spike tensor if wanted. With stride s > 1 the
-number of outputs a spike reaches depends on its position (kh*kw/s^2 on
-average), so ``conv_fanout`` refuses strides that do not divide the kernel and
-returns the exact ``(Cout/groups) * (kh/sh) * (kw/sw)`` when they do;
-``conv_sops`` is exact for any stride.
+(zero padding is outside the image, so nothing is computed there).
+
+What is reported (``snn.energy_mj()``, ``snn_energy_mj(snn, image)`` and so
+``spikingir evaluate``) counts **each spike's own fan-out**, border included:
+``conv_sops(conv, spikes)`` on the spikes of all T (+1) steps, the MPRN reuse
+step's and those into the pixel mapper included. ``spikes x conv_fanout``
+overcounts that by the border pixels' missing share, ~(2/H + 2/W)/3 for a 3x3
+conv: 0.35 % on 481x321, 0.5 % on 256x256, 1.4 % on 96x96 crops (measured on the
+s25 SNN's spikes); it is what the differentiable fine-tuning estimate
+(``track_energy``) uses. Besides the first layer, two analog inputs are
+counted as MACs at 4.6 pJ, once per image: the read-out of a network with
+membrane potential recycling (the mapper conv applied to the recycled
+residual, ``v_res / T`` is not a spike: its full MACs), and AOD-Net's DC-offset
+corrections ``conv(m)`` in the border band where they differ from a bias
+(DESIGN's formula names neither: without them the DnCNN s25 SNN on a 256x256
+Set12 image at T=10 would read 0.2 % lower, AOD-Net's SNN on 620x460 ~5 %
+lower). With stride s > 1 the number of outputs a spike reaches depends on its
+position (kh*kw/s^2 on average), so ``conv_fanout`` refuses strides that do not
+divide the kernel and returns the exact ``(Cout/groups) * (kh/sh) * (kw/sw)``
+when they do; ``conv_sops`` is exact for any stride.
 """
 from __future__ import annotations
 
