@@ -233,7 +233,7 @@ def _neuron_fwd_masks_kernel(x_ptr, v0_ptr, masks_ptr, vT_ptr, theta_ptr, T_if, 
     word = tl.program_id(1)
     n = pid // n_pb
     c = word * 64 + tl.arange(0, 64)
-    p = (pid % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p = (pid % n_pb).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # int64: P can pass 2^31
     cmask = c < C
     pmask = p < P
     mask = cmask[:, None] & pmask[None, :]

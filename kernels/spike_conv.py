@@ -82,8 +82,11 @@ def _spike_conv2d_fwd_kernel(s_ptr, wq_ptr, scale_ptr, bias_ptr, occ_ptr, out_pt
     valid = (oy < Ho) & (ox < Wo)
     k = tl.arange(0, BLOCK_K)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    plane = KH * KW * Cin_p * Cout_p  # elements per int8 digit plane
-    # 64-bit base offsets: N * Hp * Wp * Cin_p can pass 2^31.
+    # 64-bit base offsets: N * Hp * Wp * Cin_p can pass 2^31, and so can the weights'
+    # three int8 digit planes of KH KW Cin_p Cout_p each (from 2^30: 4800 -> 4800 channels, 7x7).
+    plane = tl.cast(KH * KW * Cin_p, tl.int64) * Cout_p  # elements per int8 digit plane
+    if B_KMAJOR:  # the program's first output channel; offsets from it fit 32 bits
+        wq_ptr += tl.cast(pid_n * BLOCK_N, tl.int64) * (KH * KW * Cin_p)
     pix = (n.to(tl.int64) * Hp + oy * STRIDE) * Wp + ox * STRIDE  # top-left tap, padded coords
     occ_base = occ_ptr + pid_m.to(tl.int64) * (KH * KW * G)
     acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
@@ -126,12 +129,14 @@ def _spike_conv2d_fwd_kernel(s_ptr, wq_ptr, scale_ptr, bias_ptr, occ_ptr, out_pt
                 a = tl.load(s_ptr + a_row[:, None] + (c0 + k)[None, :], mask=valid[:, None],
                             other=0)
             if B_KMAJOR:
-                w_off = co[None, :] * (KH * KW * Cin_p) + (tap * Cin_p + c0 + k)[:, None]
-            else:
-                w_off = (tap * Cin_p + c0 + k)[:, None] * Cout_p + co[None, :]
-            acc0 += tl.dot(a, tl.load(wq_ptr + w_off))
-            acc1 += tl.dot(a, tl.load(wq_ptr + plane + w_off))
-            acc2 += tl.dot(a, tl.load(wq_ptr + 2 * plane + w_off))
+                w_ptr = wq_ptr + (tl.arange(0, BLOCK_N)[None, :] * (KH * KW * Cin_p)
+                                  + (tap * Cin_p + c0 + k)[:, None])
+            else:  # the K-block's first row at a 64-bit offset
+                w_ptr = (wq_ptr + tl.cast(tap * Cin_p + c0, tl.int64) * Cout_p
+                         + (k[:, None] * Cout_p + co[None, :]))
+            acc0 += tl.dot(a, tl.load(w_ptr))
+            acc1 += tl.dot(a, tl.load(w_ptr + plane))
+            acc2 += tl.dot(a, tl.load(w_ptr + 2 * plane))
     total = acc0.to(tl.int64) + acc1.to(tl.int64) * 256 + acc2.to(tl.int64) * 65536
     cmask = co < Cout
     out = total.to(tl.float32) * tl.load(scale_ptr + co, mask=cmask, other=0.0)[None, :]
@@ -185,7 +190,8 @@ def _quantize_weight_kernel(w_ptr, planes_ptr, scale_ptr, Cout, Cin, Cin_p, Cout
     # (zeros past Cin and Cout), so a call needs no other op.
     co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     KP = TAPS * Cin_p  # padded K of one channel: (tap, input channel)
-    plane = Cout_p * KP  # elements per digit plane (both layouts)
+    # elements per digit plane (both layouts); int64: three planes can pass 2^31
+    plane = tl.cast(Cout_p, tl.int64) * KP
     # weights to read per channel: none for a padding channel (co >= Cout)
     row = tl.where(co < Cout, Cin * TAPS, 0)
     w_row = w_ptr + co.to(tl.int64) * (Cin * TAPS)
@@ -548,7 +554,7 @@ def _spike_conv2d_grad_weight_kernel(go_ptr, bits_ptr, part_ptr, Cout, Cin, H, W
     ci = (pid_c % n_ci) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ky = tap // KW
     kx = tap % KW
-    HoWo = Ho * Wo
+    HoWo = tl.cast(Ho, tl.int64) * Wo  # int64: one image can have 2^31 output pixels
     acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
     first = split.to(tl.int64) * blocks_per_split  # int64: N Ho Wo can pass 2^31
     last = tl.minimum(first + blocks_per_split, tl.cdiv(P, BLOCK_P))
@@ -571,7 +577,8 @@ def _spike_conv2d_grad_weight_kernel(go_ptr, bits_ptr, part_ptr, Cout, Cin, H, W
             # spikes are exact at any precision; PRECISION sets how grad_out's float32
             # mantissa enters the products ("tf32x3": three TF32 passes, ~fp32 accurate)
             acc += tl.dot(g, spike.to(tl.float32), input_precision=PRECISION)
-    part_off = ((split * Cout + co[:, None]) * Cin + ci[None, :]) * (KH * KW) + tap
+    # int64: part holds split x Cout x Cin x KH KW floats, which can pass 2^31
+    part_off = ((split.to(tl.int64) * Cout + co[:, None]) * Cin + ci[None, :]) * (KH * KW) + tap
     tl.store(part_ptr + part_off, acc, mask=(co < Cout)[:, None] & (ci < Cin)[None, :])
 
 
