@@ -8,6 +8,8 @@ import torch
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 F32 = (torch.float32,)
+#: Programs a CUDA launch takes along grid axes 1 and 2 (axis 0: 2^31 - 1).
+MAX_GRID_YZ = 65535
 
 
 def require(cond, op, message):

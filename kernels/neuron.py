@@ -292,6 +292,9 @@ def neuron_fwd_masks_triton(x, theta, v0, reuse_alpha, reuse_step, steps):
                        f"v0 must hold one value per neuron ({N * C * P}) or per channel ({C}), "
                        f"got {tuple(v0.shape)}")
     Cw = triton.cdiv(C, 64)
+    # the mask words are grid axis 1, at most MAX_GRID_YZ programs on CUDA
+    checks.require(Cw <= checks.MAX_GRID_YZ, op, f"at most {64 * checks.MAX_GRID_YZ} channels "
+                   f"({checks.MAX_GRID_YZ} words of 64), got {C}")
     masks = torch.empty((T, N) + tuple(x.shape[3:]) + (Cw,), dtype=torch.int64, device=x.device)
     vT = torch.empty(x.shape[1:], dtype=torch.float32, device=x.device)
     if N * P > 0 and C > 0:

@@ -436,7 +436,7 @@ def spike_conv2d_fwd_triton(s, weight, bias, stride, padding, dense_rate, valida
     N, _, H, W = s.shape
     block_k = cfg["block_k"]
     s8 = padded_spikes(s, padding, block_k)
-    out = _launch(s8, False, N, H, W, Ho, Wo, weight, bias, stride, padding, dense_rate,
+    out = _launch(op, s8, False, N, H, W, Ho, Wo, weight, bias, stride, padding, dense_rate,
                   lambda: float(s8.count_nonzero()) / max(1, s.numel()),
                   lambda: spike_groups(s8, block_k), None, cfg)
     packed = pack_bits(s) if save else torch.empty(0, dtype=torch.uint8, device=s.device)
@@ -471,14 +471,14 @@ def spike_conv2d_fwd_masks_triton(masks, channels, weight, bias, stride, padding
         raise ValueError(f"block_k must divide 64 to read channel masks, got {block_k}")
     Cin_p = _round_up(channels, block_k)
     pad = (0, 0, padding, padding, padding, padding)
-    return _launch(masks, True, N, H, W, Ho, Wo, weight, bias, stride, padding, dense_rate,
+    return _launch(op, masks, True, N, H, W, Ho, Wo, weight, bias, stride, padding, dense_rate,
                    lambda: float(popcount(masks).sum()) / max(1, N * H * W * channels),
                    lambda: torch.nn.functional.pad(mask_groups(masks, Cin_p, block_k), pad),
                    out, cfg)
 
 
-def _launch(src, masks, N, H, W, Ho, Wo, weight, bias, stride, padding, dense_rate, rate, groups,
-            out, cfg):
+def _launch(op, src, masks, N, H, W, Ho, Wo, weight, bias, stride, padding, dense_rate, rate,
+            groups, out, cfg):
     """The part both launchers share: weight planes, output, occupancy map, launch.
 
     ``src``: the zero-padded int8 spikes [N, Hp, Wp, Cin_p], or (``masks``) the
@@ -490,6 +490,10 @@ def _launch(src, masks, N, H, W, Ho, Wo, weight, bias, stride, padding, dense_ra
     or the tensor to write (checked by the launcher)."""
     Cout, _, kh, kw = weight.shape
     BLOCK_K, BLOCK_N = cfg["block_k"], cfg["block_n"] or _channel_block(Cout)
+    # the output-channel blocks are grid axis 1, at most MAX_GRID_YZ programs on CUDA
+    checks.require(triton.cdiv(Cout, BLOCK_N) <= checks.MAX_GRID_YZ, op,
+                   f"at most {checks.MAX_GRID_YZ * BLOCK_N} output channels ({checks.MAX_GRID_YZ} "
+                   f"blocks of {BLOCK_N}), got {Cout}")
     tile_h, tile_w = cfg["tile"]
     planes, scale = quantize_weight(weight, BLOCK_K, BLOCK_N, cfg["b_kmajor"])
     Cin_p = _round_up(weight.shape[1], BLOCK_K)
@@ -609,7 +613,7 @@ def spike_conv2d_grad_weight_triton(grad_out, packed, weight_shape, height, widt
             split = max(1, 4 * sms // (channel_blocks * kh * kw))
         else:
             split = 1
-    split = max(1, min(int(split), blocks, 65535))  # grid axis 2's limit on CUDA
+    split = max(1, min(int(split), blocks, checks.MAX_GRID_YZ))  # grid axis 2's limit on CUDA
     per_split = triton.cdiv(blocks, split)
     split = triton.cdiv(blocks, per_split)  # no program without pixels
     part = torch.empty(split, Cout, Cin, kh * kw, dtype=torch.float32, device=grad_out.device)

@@ -775,6 +775,17 @@ def test_masks_bad_input():
         ops.mprn_multistep(x.detach(), theta, 1.0, emit="masks")
 
 
+@pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
+def test_triton_masks_refuse_more_channels_than_a_grid_axis_holds():
+    """The Triton kernel's mask words are grid axis 1, at most 65535 programs on CUDA:
+    more than 64 x 65535 channels get a clear error before any launch (not a failed one)."""
+    C = 64 * 65535 + 1
+    x = torch.zeros(1, 1, C, 1, 1)  # 16 MB
+    with torch.no_grad(), pytest.raises(RuntimeError,
+                                        match=f"at most {64 * 65535} channels .*got {C}"):
+        ops.if_multistep(x, 1.0, emit="masks", backend="triton")
+
+
 def _mask_op_samples():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 2, 70, 3, 5, generator=g)

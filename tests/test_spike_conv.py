@@ -671,6 +671,20 @@ def test_triton_bad_launch_config(config, match):
         spike_conv2d_fwd_triton(s, w, b, 1, 1, -1.0, False, False, config=config)
 
 
+@pytest.mark.skipif("triton" not in CPU_FUSED, reason="Triton interpreter not available")
+def test_triton_refuses_more_output_channels_than_a_grid_axis_holds():
+    """The Triton forward's output-channel blocks (64 channels) are grid axis 1, at most
+    65535 programs on CUDA: a larger Cout gets a clear error before any launch."""
+    cout = 64 * 65535 + 1
+    w = torch.zeros(cout, 1, 1, 1)  # 16 MB
+    s = torch.ones(1, 1, 1, 1)
+    match = f"at most {64 * 65535} output channels .*got {cout}"
+    with pytest.raises(RuntimeError, match=match):
+        ops.spike_conv2d(s, w, backend="triton")
+    with torch.no_grad(), pytest.raises(RuntimeError, match=match):
+        ops.spike_conv2d(ops.SpikeMasks.from_dense(s), w, backend="triton")
+
+
 # ---------------------------------------------------------------------------
 # The module.
 # ---------------------------------------------------------------------------
