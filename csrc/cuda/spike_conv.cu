@@ -249,46 +249,50 @@ __global__ void pack_kernel(const scalar_t* __restrict__ s, uint8_t* __restrict_
 
 __global__ void grad_weight_kernel(const float* __restrict__ go, const uint8_t* __restrict__ bits,
                                    float* __restrict__ gw, Geometry g) {
-  // blockIdx.x = ((co * Cin + ci) * kh + ky) * kw + kx
-  const int64_t idx = blockIdx.x;
-  const int64_t kx = idx % g.kw;
-  const int64_t ky = (idx / g.kw) % g.kh;
-  const int64_t ci = (idx / (g.kw * g.kh)) % g.Cin;
-  const int64_t co = idx / (g.kw * g.kh * g.Cin);
-  const int64_t pixels = g.N * g.Ho * g.Wo;
-  float acc = 0.0f;
-  // Thread t visits the flat pixels p = t, t + blockDim.x, ... (the order, hence the
-  // sums, of the plain loop), with (n, oy, ox) carried forward by additions:
-  // 64-bit divisions only when a step crosses into the next image, not three per pixel.
-  const int64_t step_x = blockDim.x % g.Wo, step_y = blockDim.x / g.Wo;
-  int64_t p = threadIdx.x;
-  int64_t ox = p % g.Wo, oy = (p / g.Wo) % g.Ho, n = p / (g.Wo * g.Ho);
-  for (; p < pixels; p += blockDim.x) {
-    const int64_t iy = oy * g.stride + ky - g.pad;
-    const int64_t ix = ox * g.stride + kx - g.pad;
-    if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) {
-      const uint8_t byte = bits[((n * g.Cin + ci) * g.H + iy) * g.Wb + (ix >> 3)];
-      if ((byte >> (ix & 7)) & 1) acc += go[((n * g.Cout + co) * g.Ho + oy) * g.Wo + ox];
+  // idx = ((co * Cin + ci) * kh + ky) * kw + kx; block-stride loop: the grid is capped
+  // (gridDim.x <= 2^31 - 1, a weight can have more elements); idx is block-uniform.
+  const int64_t weights = g.Cout * g.Cin * g.kh * g.kw;
+  for (int64_t idx = blockIdx.x; idx < weights; idx += gridDim.x) {
+    const int64_t kx = idx % g.kw;
+    const int64_t ky = (idx / g.kw) % g.kh;
+    const int64_t ci = (idx / (g.kw * g.kh)) % g.Cin;
+    const int64_t co = idx / (g.kw * g.kh * g.Cin);
+    const int64_t pixels = g.N * g.Ho * g.Wo;
+    float acc = 0.0f;
+    // Thread t visits the flat pixels p = t, t + blockDim.x, ... (the order, hence the
+    // sums, of the plain loop), with (n, oy, ox) carried forward by additions:
+    // 64-bit divisions only when a step crosses into the next image, not three per pixel.
+    const int64_t step_x = blockDim.x % g.Wo, step_y = blockDim.x / g.Wo;
+    int64_t p = threadIdx.x;
+    int64_t ox = p % g.Wo, oy = (p / g.Wo) % g.Ho, n = p / (g.Wo * g.Ho);
+    for (; p < pixels; p += blockDim.x) {
+      const int64_t iy = oy * g.stride + ky - g.pad;
+      const int64_t ix = ox * g.stride + kx - g.pad;
+      if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) {
+        const uint8_t byte = bits[((n * g.Cin + ci) * g.H + iy) * g.Wb + (ix >> 3)];
+        if ((byte >> (ix & 7)) & 1) acc += go[((n * g.Cout + co) * g.Ho + oy) * g.Wo + ox];
+      }
+      ox += step_x;  // p + blockDim.x as (n, oy, ox)
+      oy += step_y;
+      if (ox >= g.Wo) {
+        ox -= g.Wo;
+        ++oy;
+      }
+      if (oy >= g.Ho) {
+        n += oy / g.Ho;
+        oy %= g.Ho;
+      }
     }
-    ox += step_x;  // p + blockDim.x as (n, oy, ox)
-    oy += step_y;
-    if (ox >= g.Wo) {
-      ox -= g.Wo;
-      ++oy;
-    }
-    if (oy >= g.Ho) {
-      n += oy / g.Ho;
-      oy %= g.Ho;
-    }
-  }
-  __shared__ float partial[kThreads];
-  partial[threadIdx.x] = acc;
-  __syncthreads();
-  for (int step = kThreads / 2; step > 0; step /= 2) {
-    if (threadIdx.x < step) partial[threadIdx.x] += partial[threadIdx.x + step];
+    __shared__ float partial[kThreads];
+    partial[threadIdx.x] = acc;
     __syncthreads();
+    for (int step = kThreads / 2; step > 0; step /= 2) {
+      if (threadIdx.x < step) partial[threadIdx.x] += partial[threadIdx.x + step];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) gw[idx] = partial[0];
+    __syncthreads();  // partial[0] is read before the next weight overwrites it
   }
-  if (threadIdx.x == 0) gw[idx] = partial[0];
 }
 
 void check_weight(const at::Tensor& weight, const at::Tensor& like, int64_t Cin, int64_t stride,
@@ -331,8 +335,12 @@ at::Tensor event_conv(const unsigned long long* masks, int64_t Cw, const Geometr
   if (bias.has_value()) bias_p.narrow(0, 0, g.Cout).copy_(*bias);
   const int64_t n_th = (g.Ho + kTileH - 1) / kTileH, n_tw = (g.Wo + kTileW - 1) / kTileW;
   const int64_t tiles = g.N * n_th * n_tw;
-  TORCH_CHECK(tiles < (int64_t(1) << 31) && Cout_p / 64 <= 65535,
-              "spike_conv2d (cuda): input too large for one launch (", tiles, " tiles)");
+  TORCH_CHECK(tiles < (int64_t(1) << 31),
+              "spike_conv2d (cuda): input too large for one launch (", tiles, " tiles of ",
+              kTileH, "x", kTileW, " output pixels; at most 2^31 - 1)");
+  // the 64-channel blocks are grid axis y, at most 65535 blocks
+  TORCH_CHECK(Cout_p / 64 <= 65535, "spike_conv2d (cuda): at most ", 64 * 65535,
+              " output channels, got ", g.Cout);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(Cout_p / 64));
   event_conv_kernel<<<grid, kEventThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       masks, wt.data_ptr<float>(), bias_p.data_ptr<float>(), out.data_ptr<float>(), g, Cw, Cout_p,
@@ -453,8 +461,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_conv2d_bwd_cuda(
     } else {
       gw = at::empty(weight.sizes(), f32);
       if (gw.numel() > 0) {
-        grad_weight_kernel<<<static_cast<unsigned>(gw.numel()), kThreads, 0,
-                             c10::cuda::getCurrentCUDAStream()>>>(
+        // one block per weight up to gridDim.x's limit; the kernel loops past it
+        const auto blocks =
+            static_cast<unsigned>(std::min<int64_t>(gw.numel(), (int64_t{1} << 31) - 1));
+        grad_weight_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             grad_out.data_ptr<float>(), packed.data_ptr<uint8_t>(), gw.data_ptr<float>(), g);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
