@@ -369,3 +369,60 @@ def test_residual_body_must_keep_the_shape():
     with pytest.raises(ValueError, match="same shape"):
         gray_body(torch.rand(1, 3, 8, 8))
 
+
+
+class _ScaledReLU(nn.ReLU):
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+class _StdConv2d(nn.Conv2d):  # weight standardisation, as in timm's StdConv2d
+    def forward(self, x):
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w / (w.std((1, 2, 3), keepdim=True) + 1e-5), self.bias)
+
+
+class _LeakySequential(nn.Sequential):  # its layers list a ReLU, its forward runs leaky_relu
+    def forward(self, x):
+        return self[2](nn.functional.leaky_relu(self[0](x), 0.2))
+
+
+class _DoubledResidual(Residual):
+    def forward(self, x):
+        return x - 2 * self.body(x)
+
+
+def _plain_body():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
+
+
+@pytest.mark.parametrize("model, match", [
+    (_LeakySequential(*_plain_body()), r"the model \(_LeakySequential\) overrides Sequential"),
+    (_DoubledResidual(_plain_body()), r"the model \(_DoubledResidual\) overrides Residual"),
+    (Residual(_LeakySequential(*_plain_body())), r"the body \(_LeakySequential\) overrides"),
+    (_seq(nn.Conv2d(1, 4, 3), _LeakySequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)),
+          nn.ReLU(), nn.Conv2d(4, 1, 1)), r"layer 1 \(_LeakySequential\) overrides Sequential"),
+    (_seq(_StdConv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 1, 3)), r"layer 0 \(_StdConv2d\) overrides Conv2d"),
+    (_seq(nn.Conv2d(1, 4, 3), _ScaledReLU(), nn.Conv2d(4, 1, 3)), r"layer 1 \(_ScaledReLU\) overrides ReLU"),
+])
+def test_layers_with_their_own_forward_are_refused(model, match):
+    """A subclass whose forward computes something else than its base class would
+    convert silently into the base class's network (measured before: a 0.5-scaled
+    ReLU, a weight-standardised conv, a Sequential running leaky_relu all gave an
+    SNN that did not approach its ANN)."""
+    with pytest.raises(ValueError, match=match):
+        to_snn(model.eval(), images(n=1), 4)
+
+
+def test_subclasses_that_keep_the_forward_convert():
+    """A parametrised conv (weight_norm: a Conv2d subclass computing its weight)
+    keeps Conv2d's forward: it converts, to the weight it computes."""
+    torch.manual_seed(0)
+    wn = nn.utils.parametrizations.weight_norm(nn.Conv2d(1, 8, 3, padding=1))
+    with torch.no_grad():
+        wn.parametrizations.weight.original0.mul_(1.7)
+    ann = Residual(nn.Sequential(wn, nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))).eval()
+    chain = conv_chain(ann)
+    x = images(n=1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(chain(x), ann(x), atol=1e-6, rtol=0)

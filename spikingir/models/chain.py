@@ -82,11 +82,23 @@ class ConvChain(nn.Module):
         return f"residual={self.residual}"
 
 
+def _plain(m, base, where):
+    """Refuses a subclass of ``base`` that overrides ``forward``: the conversion
+    reproduces ``base``'s computation from the layer's parameters, not that code
+    (a weight-standardised conv, a scaled ReLU, a Sequential with its own forward
+    would convert silently into another network)."""
+    if type(m).forward is not base.forward:
+        raise ValueError(f"to_snn: {where} ({_what(m)}) overrides {base.__name__}.forward; "
+                         f"expected a plain {base.__name__} (the conversion reproduces "
+                         f"{base.__name__}'s computation, not that forward)")
+
+
 def _flatten(seq, path=""):
     """(name, module) of an nn.Sequential's leaves in order, nested Sequentials opened."""
     for name, m in seq.named_children():
         full = f"{path}{name}"
         if isinstance(m, nn.Sequential):
+            _plain(m, nn.Sequential, f"layer {full}")
             yield from _flatten(m, full + ".")
         elif not isinstance(m, _SKIPPED):
             yield full, m
@@ -136,8 +148,9 @@ def conv_chain(model: nn.Module) -> ConvChain:
     ``model``: an ``nn.Sequential`` of ``Conv2d [BatchNorm2d] ReLU ... Conv2d``,
     a :class:`Residual` around one, or a ``DnCNN``. Anything else, or a layer
     the spiking form cannot reproduce (another activation, a grouped conv, a
-    BatchNorm not right after a conv, a trailing activation), raises a
-    ValueError (TypeError for another kind of model) that names the layer."""
+    BatchNorm not right after a conv, a trailing activation, a layer class with
+    its own forward), raises a ValueError
+    (TypeError for another kind of model) that names the layer."""
     if isinstance(model, DnCNN):
         return conv_chain(Residual(model.dncnn, subtract=True))
     subtract = None
@@ -148,6 +161,9 @@ def conv_chain(model: nn.Module) -> ConvChain:
         raise TypeError(f"to_snn: expected a DnCNN, an AODNet, an nn.Sequential of Conv2d / "
                         f"BatchNorm2d / ReLU layers or spikingir.models.Residual around one; got "
                         f"{_what(body)}")
+    if subtract is not None:
+        _plain(model, Residual, "the model")
+    _plain(body, nn.Sequential, "the body" if subtract is not None else "the model")
     layers = list(_flatten(body))
     convs, i = [], 0
     while i < len(layers):
@@ -155,9 +171,11 @@ def conv_chain(model: nn.Module) -> ConvChain:
         if not isinstance(m, nn.Conv2d):
             raise ValueError(f"to_snn: layer {name} ({_what(m)}): expected a Conv2d here (the chain "
                              "is Conv2d [BatchNorm2d] ReLU ... Conv2d)")
+        _plain(m, nn.Conv2d, f"layer {name}")
         bn = None
         if i + 1 < len(layers) and isinstance(layers[i + 1][1], nn.BatchNorm2d):
-            bn = layers[i + 1][1]
+            bn_name, bn = layers[i + 1]
+            _plain(bn, nn.BatchNorm2d, f"layer {bn_name}")
             i += 1
         convs.append(_canonical_conv(m, bn, name))
         i += 1
@@ -168,6 +186,7 @@ def conv_chain(model: nn.Module) -> ConvChain:
             raise ValueError(f"to_snn: layer {name} ({_what(m)}) is not supported: spiking neurons "
                              "replace ReLU activations only, and the chain must end with a Conv2d "
                              "(the pixel mapper)")
+        _plain(m, nn.ReLU, f"layer {name}")
         i += 1
         if i == len(layers):
             raise ValueError(f"to_snn: the chain ends with the activation {name}; it must end with "
