@@ -148,8 +148,8 @@ def conv_chain(model: nn.Module) -> ConvChain:
     ``model``: an ``nn.Sequential`` of ``Conv2d [BatchNorm2d] ReLU ... Conv2d``,
     a :class:`Residual` around one, or a ``DnCNN``. Anything else, or a layer
     the spiking form cannot reproduce (another activation, a grouped conv, a
-    BatchNorm not right after a conv, a trailing activation, a layer class with
-    its own forward), raises a ValueError
+    BatchNorm not right after a conv or without running statistics, a trailing
+    activation, a layer class with its own forward), raises a ValueError
     (TypeError for another kind of model) that names the layer."""
     if isinstance(model, DnCNN):
         return conv_chain(Residual(model.dncnn, subtract=True))
@@ -176,6 +176,15 @@ def conv_chain(model: nn.Module) -> ConvChain:
         if i + 1 < len(layers) and isinstance(layers[i + 1][1], nn.BatchNorm2d):
             bn_name, bn = layers[i + 1]
             _plain(bn, nn.BatchNorm2d, f"layer {bn_name}")
+            if bn.num_features != m.out_channels:
+                raise ValueError(f"to_snn: layer {bn_name} (BatchNorm2d): expected "
+                                 f"{m.out_channels} features (its conv's outputs), got "
+                                 f"{bn.num_features}")
+            if bn.running_mean is None or bn.running_var is None:
+                raise ValueError(f"to_snn: layer {bn_name} (BatchNorm2d) has no running "
+                                 "statistics (track_running_stats=False): it normalises every "
+                                 "batch by that batch's own statistics, which no fixed conv "
+                                 "reproduces")
             i += 1
         convs.append(_canonical_conv(m, bn, name))
         i += 1
