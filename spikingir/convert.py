@@ -56,9 +56,10 @@ def _percentile(acts, percentile, per_channel, generator):
 
 @torch.no_grad()
 def calibrate(ann, calib_images, percentile=99.9, per_channel=False, offsets=None):
-    """Thresholds of the spiking layers of ``ann`` (a BN-free DnCNN, an AODNet
-    or a conv chain, :mod:`spikingir.models.chain`): the ``percentile`` of each
-    ReLU's activations on ``calib_images``
+    """Thresholds of the spiking layers of ``ann`` (a DnCNN, an AODNet or a conv
+    chain, :mod:`spikingir.models.chain`; BatchNorm folded with its running
+    statistics, as ``to_snn`` does, whatever ``ann.training`` is, and ``ann``
+    left unchanged): the ``percentile`` of each ReLU's activations on ``calib_images``
     (a [B, C, H, W] tensor or a list of [1, C, H, W] tensors); with ``offsets``
     (from :func:`calibrate_offsets`), of the activations less their offsets."""
     if not 0 < percentile <= 100:
@@ -97,7 +98,9 @@ def _activations(ann, calib_images):
     layer) of lists of [B, C, H, W] tensors (one per calibration input)."""
     if isinstance(ann, AODNet):
         ann = _AODTaps(ann)
-    elif isinstance(ann, (nn.Sequential, Residual)):
+    elif isinstance(ann, (DnCNN, nn.Sequential, Residual)):
+        # BN folded into eval-mode float32 copies: a DnCNN in train mode would
+        # calibrate on batch statistics and update the caller's running ones
         ann = conv_chain(ann)
     relus = _spiking_relus(ann)  # first: a TypeError for another kind of network
     first = next(m for m in ann.modules() if isinstance(m, nn.Conv2d))
@@ -147,8 +150,6 @@ class _Tap(nn.Module):
 
 def _spiking_relus(ann):
     """Modules whose outputs are the activations that neurons replace."""
-    if isinstance(ann, DnCNN):
-        return [m for m in ann.dncnn if isinstance(m, nn.ReLU)]
     if isinstance(ann, _AODTaps):
         return list(ann.taps)
     if isinstance(ann, ConvChain):

@@ -56,6 +56,28 @@ def test_calibration_is_the_activation_percentile():
     assert per_ch[0].shape == (8,) and len(per_ch) == 4
 
 
+def test_calibrating_a_bn_dncnn_in_train_mode_leaves_it_unchanged():
+    """calibrate() on a BN DnCNN in train mode used its batch statistics (other
+    thresholds than to_snn's: 3.1 against 1.2 on a layer) and updated its running
+    statistics; it now calibrates the folded eval-mode network, on a copy."""
+    from spikingir.models import fold_batchnorm
+    ann = tiny_dncnn(batchnorm=True).train()
+    for m in ann.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    before = copy.deepcopy(ann.state_dict())
+    th = calibrate(ann, images(1), percentile=99.0)
+    assert ann.training
+    for k, v in ann.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    folded = calibrate(fold_batchnorm(ann), images(1), percentile=99.0)
+    torch.testing.assert_close(torch.stack(th), torch.stack(folded), rtol=1e-5, atol=0)
+    snn = to_snn(ann, images(1), 4, percentile=99.0)
+    thetas = torch.stack([n.theta.detach() for n in snn.neurons_])
+    torch.testing.assert_close(torch.stack(th), thetas, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_snn_approaches_ann_as_T_grows(neuron):
     ann = tiny_dncnn()
