@@ -62,8 +62,9 @@ def calibrate(ann, calib_images, percentile=99.9, per_channel=False, offsets=Non
     left unchanged): the ``percentile`` of each ReLU's activations on ``calib_images``
     (a [B, C, H, W] tensor or a list of [1, C, H, W] tensors); with ``offsets``
     (from :func:`calibrate_offsets`), of the activations less their offsets."""
-    if not 0 < percentile <= 100:
-        raise ValueError(f"percentile: expected a value in (0, 100], got {percentile}")
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or \
+            not 0 < percentile <= 100:
+        raise ValueError(f"percentile: expected a number in (0, 100], got {percentile!r}")
     acts = _activations(ann, calib_images)
     if offsets is not None:
         acts = [[(x - _per_channel_view(m)).clamp_min(0) for x in a] for a, m in zip(acts, offsets)]

@@ -122,6 +122,9 @@ def test_bad_conversion_arguments():
         to_snn(ann, images(1), 0)
     with pytest.raises(ValueError, match="v0"):
         to_snn(ann, images(1), 4, v0="random")
+    for bad in (0, 100.5, float("nan"), "99", True):  # a str failed on '<', True meant 1 %
+        with pytest.raises(ValueError, match=r"percentile: expected a number in \(0, 100\]"):
+            to_snn(ann, images(1), 4, percentile=bad)
     with pytest.raises(TypeError, match="expected a DnCNN, an AODNet, an nn.Sequential"):
         to_snn(torch.nn.Conv2d(1, 1, 3), images(1), 4)
     with pytest.raises(ValueError, match="calib_images"):
