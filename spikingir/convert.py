@@ -49,7 +49,7 @@ def _percentile(acts, percentile, per_channel, generator):
     out = []
     for row in _rows(acts, per_channel):
         row = row[row > 0]
-        out.append(torch.tensor(1.0) if row.numel() == 0
+        out.append(row.new_tensor(1.0) if row.numel() == 0  # on the activations' device
                    else _quantile(row, percentile / 100.0, generator).clamp_min(1e-3))
     return torch.stack(out) if per_channel else out[0]
 

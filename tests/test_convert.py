@@ -56,6 +56,28 @@ def test_calibration_is_the_activation_percentile():
     assert per_ch[0].shape == (8,) and len(per_ch) == 4
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_a_silent_channel_gets_threshold_one_on_the_networks_device(device):
+    """A channel (or layer) that never fires on the calibration images gets threshold
+    1, on the device of the other thresholds: it was a CPU tensor, which torch.stack
+    refused beside CUDA ones (per channel) or left in a CUDA SNN (per layer)."""
+    ann = tiny_dncnn()
+    with torch.no_grad():
+        ann.dncnn[0].bias[3] = -100.0  # channel 3 of layer 1 never fires
+        ann.dncnn[2].bias.fill_(-100.0)  # nor does any channel of layer 2
+    ann = ann.to(device)
+    per_channel = calibrate(ann, images(1), per_channel=True)
+    per_layer = calibrate(ann, images(1))
+    assert {t.device.type for t in per_channel + per_layer} == {device}
+    assert per_channel[0][3].item() == 1.0 and (per_channel[0] != 1.0).sum() == 7
+    assert (per_channel[1] == 1.0).all() and per_layer[1].item() == 1.0
+    snn = to_snn(ann, images(1), 4, per_channel=True)
+    assert {p.device.type for p in snn.parameters()} == {device}
+    with torch.no_grad():
+        assert torch.isfinite(snn(images(1)[0].to(device))).all()
+
+
 def test_calibrating_a_bn_dncnn_in_train_mode_leaves_it_unchanged():
     """calibrate() on a BN DnCNN in train mode used its batch statistics (other
     thresholds than to_snn's: 3.1 against 1.2 on a layer) and updated its running
