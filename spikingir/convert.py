@@ -271,7 +271,9 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
         offsets = (None if offset_percentile is None else
                    calibrate_offsets(ann, calib_images, offset_percentile, per_channel))
         thetas = calibrate(ann, calib_images, percentile, per_channel, offsets)
-        convs = [copy.deepcopy(c) for c in ann.convs()]
+        # trainable like a conv chain's fresh convs, whatever the ANN's flags (a frozen
+        # ANN's would leave fine-tuning only the neurons, silently)
+        convs = [copy.deepcopy(c).requires_grad_(True) for c in ann.convs()]
         if offsets is not None:
             with torch.no_grad():
                 for conv, m in zip(convs, offsets):  # conv1..conv4 now produce x - m

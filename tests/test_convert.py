@@ -78,6 +78,18 @@ def test_a_silent_channel_gets_threshold_one_on_the_networks_device(device):
         assert torch.isfinite(snn(images(1)[0].to(device))).all()
 
 
+@pytest.mark.parametrize("make", [tiny_dncnn, tiny_aodnet])
+def test_snn_of_a_frozen_ann_is_trainable(make):
+    """Every SNN parameter requires grad, as fine-tuning expects, whatever the
+    ANN's: a converted AOD-Net kept a frozen ANN's flags on conv1..conv4 (only the
+    neurons and the mapper were then fine-tuned), a DnCNN did not; the ANN keeps its own."""
+    ann = make().requires_grad_(False)
+    snn = to_snn(ann, images(ann.convs()[0].in_channels), 4)
+    frozen = [n for n, p in snn.named_parameters() if not p.requires_grad]
+    assert frozen == []
+    assert not any(p.requires_grad for p in ann.parameters())
+
+
 def test_calibrating_a_bn_dncnn_in_train_mode_leaves_it_unchanged():
     """calibrate() on a BN DnCNN in train mode used its batch statistics (other
     thresholds than to_snn's: 3.1 against 1.2 on a layer) and updated its running
