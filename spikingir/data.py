@@ -354,8 +354,8 @@ class DnCNNPatches(Dataset):
 
         sources = self._sources(images)
         self.images: list[torch.Tensor] = []  # scaled images, uint8 or float32
-        index = []
-        for src in sources:
+        index, too_small = [], []
+        for n, src in enumerate(sources):
             from_file = isinstance(src, (str, os.PathLike))
             arr = load_gray(src) if from_file else src
             # 8-bit sources are re-quantised as the reference generator does; 16-bit
@@ -363,6 +363,7 @@ class DnCNNPatches(Dataset):
             quantize = (not is_16bit_gray(src)) if from_file else arr.dtype == np.uint8
             base = torch.from_numpy(np.asarray(arr, dtype=np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0))
             h, w = base.shape
+            before = len(index)
             for s in scales:
                 hs, ws = int(h * s), int(w * s)  # int(): as the reference (180*0.7 -> 125)
                 if hs < self.patch or ws < self.patch:
@@ -374,8 +375,15 @@ class DnCNNPatches(Dataset):
                 self.images.append(img)
                 index += [(k, i, j) for i in range(0, hs - self.patch + 1, self.stride)
                           for j in range(0, ws - self.patch + 1, self.stride)]
+            if len(index) == before:
+                too_small.append(f"{src if from_file else f'image {n}'} ({h}x{w})")
         if not index:
             raise ValueError(f"DnCNNPatches: no {patch} x {patch} patch fits in the given images at scales {scales}")
+        if too_small:  # never silent: a folder of mostly small images trains on the few others
+            warnings.warn(f"DnCNNPatches: {len(too_small)} of {len(sources)} images are too small for "
+                          f"a {patch} x {patch} patch at any of the scales {scales} and give none: "
+                          + ", ".join(too_small[:3]) + (" ..." if len(too_small) > 3 else ""),
+                          stacklevel=2)
         self.index = torch.tensor(index, dtype=torch.int64)
 
     @staticmethod

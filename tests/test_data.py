@@ -197,6 +197,21 @@ def test_dncnn_patches_checks(tmp_path):
         DnCNNPatches(tmp_path / "missing")
 
 
+def test_dncnn_patches_name_the_images_too_small_for_a_patch(tmp_path):
+    """Images that give no patch at any scale are named in a warning (they were
+    dropped silently: a folder of mostly small images trained on the few others);
+    a folder where every image fits says nothing."""
+    import warnings
+    for i, side in enumerate((30, 30, 48)):
+        Image.fromarray(np.full((side, side), 100 + i, np.uint8)).save(tmp_path / f"{i}.png")
+    with pytest.warns(UserWarning, match=r"2 of 3 images are too small for a 40 x 40 patch") as rec:
+        ds = DnCNNPatches(tmp_path, augment=False)
+    assert "0.png (30x30)" in str(rec[0].message) and "2.png" not in str(rec[0].message)
+    assert all(float(ds[n].mean()) == pytest.approx(102 / 255) for n in range(len(ds)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DnCNNPatches(tmp_path, patch=24, augment=False)
+
 def test_dncnn_patches_from_train400_files():
     files = list_images(_need(DATA / "train400"))[:3]
     ds = DnCNNPatches(files)
