@@ -107,6 +107,10 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
             raise ValueError("distill > 0 needs the teacher ANN")
         make_batch = _distilled(make_batch, teacher.to(device).eval(), distill)
     ts = _timestep_list(snn.timesteps if timesteps is None else timesteps)
+    if len(dataset) < batch_size:  # else fit's "train_loader yields no batch"
+        what = f"{patch} x {patch} patches" if task == "denoise" else "training pairs"
+        raise ValueError(f"{data}: {len(dataset)} {what}, fewer than the batch size {batch_size}; "
+                         "pass more images or a smaller batch size")
     snn.timesteps = max(ts)
     val_fn = _with_energy(snn, val_fn)
     if len(ts) > 1:

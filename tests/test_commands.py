@@ -554,6 +554,25 @@ def test_finetune_patch_size(files, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_finetune_with_fewer_patches_than_the_batch_says_so(files, tmp_path, capsys):
+    """A training folder of one image gives 2 patches of 40 x 40: with the default
+    batch of 8 the error names the patches and the batch size (it was fit's
+    "train_loader yields no batch (... drop_last?)")."""
+    from spikingir.convert import to_snn
+    from spikingir.finetune import finetune_snn
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "t0.png").write_bytes((files / "gray48" / "t0.png").read_bytes())
+    snn = to_snn(DnCNN(depth=4, channels=8, batchnorm=False).eval(), [torch.rand(1, 1, 16, 16)], 2)
+    with pytest.raises(ValueError, match=r"one: 2 40 x 40 patches, fewer than the batch size 8"):
+        finetune_snn(snn, "denoise", sigma=25, data=one, val_data=one, steps=1, progress=False)
+    code, _, err = run(["finetune", "--task", "denoise", "--sigma", "25", "--ann-weights",
+                        str(files / "dncnn.pt"), "--timesteps", "2", "--steps", "1", "--data", str(one),
+                        "--val-data", str(one), "--out", str(tmp_path / "a.pt")], capsys)
+    assert code == 2 and "fewer than the batch size 8" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a.pt").exists()
+
+
 def test_finetune_refuses_what_it_could_only_fail_at_the_end(files, tmp_path, capsys):
     """Output paths and numbers that a fine-tuning run would only trip over when it
     writes its results (hours later), or that would overwrite a run's checkpoint,
