@@ -559,6 +559,8 @@ def _cmd_finetune(args):
         raise UserError("--val-crop applies to --task denoise only")
     if args.resume and args.checkpoint is None:
         raise UserError("--resume needs --checkpoint PATH (the run to continue)")
+    if args.energy_target > 0 and args.energy_weight == 0:  # before the conversion's minutes
+        raise UserError("--energy-target is a budget for the energy term: it needs --energy-weight > 0")
     check_outputs(args.out, args.checkpoint, args.resume)
     check_distinct(("--out", args.out), ("--checkpoint", args.checkpoint))
     teacher = load_ann(args.task, sigma, args.ann_weights, args.ann_module) if args.distill > 0 else None

@@ -100,6 +100,9 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
                     ("energy_target", energy_target)):
         if not w >= 0:  # also rejects NaN
             raise ValueError(f"{name}: expected a number >= 0, got {w!r}")
+    if energy_target > 0 and energy_weight == 0:  # a budget of no term: silently nothing
+        raise ValueError(f"energy_target {energy_target!r} is a budget for the energy term: it "
+                         "needs energy_weight > 0 (--energy-weight)")
     if not 0 <= distill <= 1:
         raise ValueError(f"distill: expected a weight in [0, 1], got {distill!r}")
     if distill > 0:

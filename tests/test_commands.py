@@ -598,6 +598,8 @@ def test_finetune_refuses_what_it_could_only_fail_at_the_end(files, tmp_path, ca
         (["--offset-percentile", "100", "--out", str(tmp_path / "a.pt")], "[0, 100)"),
         (["--checkpoint", str(tmp_path / "a.pt"), "--out", str(tmp_path / "a.pt")],
          "--out and --checkpoint both name"),  # the SNN overwrote the checkpoint
+        (["--energy-target", "0.45", "--out", str(tmp_path / "a.pt")],
+         "it needs --energy-weight > 0"),  # trained without the term, recorded as a budget
     ]
     for extra, message in cases:
         code, out, err = run(base + extra, capsys)
@@ -836,6 +838,8 @@ def test_finetune_energy_target_penalises_only_the_excess(files):
     assert not all(torch.equal(plain[k], penalised[k]) for k in plain)
     with pytest.raises(ValueError, match="energy_target"):
         run(energy_weight=1.0, energy_target=-0.5)
+    with pytest.raises(ValueError, match=r"needs energy_weight > 0"):  # was silently no term
+        run(energy_target=0.45)
 
 
 def test_finetune_distills_towards_the_ann(files, tmp_path, capsys):
