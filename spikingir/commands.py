@@ -550,6 +550,7 @@ def _cmd_finetune(args):
     import torch
 
     from spikingir.finetune import DEFAULT_PATCH, finetune_snn, timesteps_record
+    from spikingir.models import conv_chain
     from spikingir.pipeline import load_ann, save_snn
 
     device = _device(args)
@@ -563,14 +564,19 @@ def _cmd_finetune(args):
         raise UserError("--energy-target is a budget for the energy term: it needs --energy-weight > 0")
     check_outputs(args.out, args.checkpoint, args.resume)
     check_distinct(("--out", args.out), ("--checkpoint", args.checkpoint))
-    teacher = load_ann(args.task, sigma, args.ann_weights, args.ann_module) if args.distill > 0 else None
+    ann = (load_ann(args.task, sigma, args.ann_weights, args.ann_module)
+           if args.distill > 0 or not args.snn_weights else None)
+    teacher = ann if args.distill > 0 else None
     if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
         snn = _load_converted(args.snn_weights, args.task, args)  # finetune_snn sets its T
     else:
         # the teacher, when distilling, is this same ANN (to_snn converts a copy of it);
         # resuming, the checkpoint replaces every weight: no layer calibration to redo
         resuming = args.resume and os.path.exists(args.checkpoint)
-        snn, _ = _convert_ann(args, sigma, max(args.timesteps), ann=teacher, layers=not resuming)
+        snn, _ = _convert_ann(args, sigma, max(args.timesteps), ann=ann, layers=not resuming)
+        if args.freeze_mapper and _layer_calibration(args) == "weights" and not resuming:
+            # layer calibration refits the mapper too; the ablation keeps the ANN's output conv
+            snn.mapper.conv.load_state_dict(conv_chain(ann).convs()[-1].state_dict())
     fingerprint = snn.meta.get("ann_fingerprint")  # the ANN it came from, when recorded
     t0 = time.time()
     try:
@@ -650,7 +656,8 @@ def _add_finetune(sub):
                    help="stop after this long, write the SNN and the checkpoint (--resume continues)")
     p.add_argument("--out", required=True, help="where to write the fine-tuned SNN")
     p.add_argument("--freeze-mapper", action="store_true",
-                   help="keep the pixel mapper = the ANN's output conv (ablation)")
+                   help="keep the pixel mapper = the ANN's output conv (ablation; with "
+                        "--snn-weights, the file's mapper)")
     p.add_argument("--energy-weight", type=_nonneg_float, default=0.0,
                    help="add this x the estimated SOP part of the SNN/ANN energy ratio to the MSE "
                         "loss: trades PSNR for fewer spikes (default 0: off)")

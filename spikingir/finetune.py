@@ -28,8 +28,10 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
     Denoising: DnCNN patches of ``data`` (default ``../shared/data/train400``),
     ``patch`` x ``patch`` pixels (default 40, the ANN's training patches), with
     fresh Gaussian noise each batch, validated on ``val_data`` (Set12)
-    center crops. ``train_mapper=False`` keeps the pixel mapper fixed (the
-    ANN's output conv). Dehazing: random crops of the training scenes of
+    center crops. ``train_mapper=False`` keeps the pixel mapper fixed as it is
+    (the ANN's output conv after :func:`~spikingir.convert.to_snn`, unless its
+    ``layer_calibration="weights"`` refitted it; ``spikingir finetune
+    --freeze-mapper`` restores the ANN's). Dehazing: random crops of the training scenes of
     ``data`` (default ``../shared/data/sots_train``, the scenes of
     :func:`~spikingir.train.held_out_scenes` held out for validation), ``patch`` x ``patch`` pixels
     (default 160). ``energy_weight`` > 0 adds

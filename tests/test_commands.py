@@ -554,6 +554,27 @@ def test_finetune_patch_size(files, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_finetune_freeze_mapper_keeps_the_anns_output_conv(files, tmp_path, capsys):
+    """--freeze-mapper (the "without mapper" ablation) keeps the ANN's output conv
+    as the mapper also after the default layer calibration, which refits the
+    mapper (the frozen mapper was that fit, 0.25 away from the ANN's conv)."""
+    ann = DnCNN(depth=4, channels=8, batchnorm=False)
+    ann.load_state_dict(torch.load(files / "dncnn.pt", weights_only=True))
+    out = tmp_path / "snn.pt"
+    code, _, err = run(["finetune", "--task", "denoise", "--sigma", "25", "--ann-weights",
+                        str(files / "dncnn.pt"), "--timesteps", "2", "--steps", "1", "--batch-size", "2",
+                        "--patch-size", "16", "--data", str(files / "gray48"), "--val-data",
+                        str(files / "gray48"), "--val-crop", "16", "--no-progress", "--freeze-mapper",
+                        "--out", str(out)], capsys)
+    assert code == 0, err
+    saved = torch.load(out, weights_only=True)
+    assert saved["meta"]["layer_calibration"] == "weights" and saved["meta"]["train_mapper"] is False
+    last = ann.convs()[-1]
+    assert torch.equal(saved["state_dict"]["mapper.conv.weight"], last.weight.detach())
+    assert torch.equal(saved["state_dict"]["mapper.conv.bias"], last.bias.detach())
+    assert not torch.equal(saved["state_dict"]["hidden.0.module.weight"], ann.convs()[1].weight)
+
+
 def test_finetune_with_fewer_patches_than_the_batch_says_so(files, tmp_path, capsys):
     """A training folder of one image gives 2 patches of 40 x 40: with the default
     batch of 8 the error names the patches and the batch size (it was fit's

@@ -245,8 +245,9 @@ class _SpikingNet(nn.Module):
     def param_groups(self, lr_weights, lr_neurons, train_mapper=True):
         """Optimiser groups for fine-tuning: conv weights (incl. the mapper) at
         ``lr_weights``, thresholds and beta at ``lr_neurons``. With
-        ``train_mapper=False`` the pixel mapper stays the ANN's output conv (its
-        parameters stop requiring grad): the "without mapper" ablation."""
+        ``train_mapper=False`` the pixel mapper stays as it is (its parameters stop
+        requiring grad): after ``to_snn`` the ANN's output conv, the "without
+        mapper" ablation, unless layer calibration ``"weights"`` refitted it."""
         for p in self.mapper.parameters():
             p.requires_grad_(train_mapper)
         neuron_params = [p for n in self.neurons() for p in n.parameters()]
