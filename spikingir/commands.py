@@ -551,7 +551,7 @@ def _cmd_finetune(args):
 
     from spikingir.finetune import DEFAULT_PATCH, finetune_snn, timesteps_record
     from spikingir.models import conv_chain
-    from spikingir.pipeline import load_ann, save_snn
+    from spikingir.pipeline import ann_fingerprint, load_ann, save_snn
 
     device = _device(args)
     _set_threads(args)
@@ -569,6 +569,12 @@ def _cmd_finetune(args):
     teacher = ann if args.distill > 0 else None
     if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
         snn = _load_converted(args.snn_weights, args.task, args)  # finetune_snn sets its T
+        _note_sigma(args, args.snn_weights, snn.meta.get("sigma"), sigma, "fine-tuned")
+        source = snn.meta.get("ann_fingerprint")
+        if teacher is not None and source is not None and source != ann_fingerprint(teacher):
+            print(f"spikingir finetune: note: {args.snn_weights} was converted from another ANN "
+                  f"than {args.ann_weights or 'the shipped ANN'}, which --distill trains towards",
+                  file=sys.stderr)
     else:
         # the teacher, when distilling, is this same ANN (to_snn converts a copy of it);
         # resuming, the checkpoint replaces every weight: no layer calibration to redo

@@ -594,6 +594,33 @@ def test_finetune_with_fewer_patches_than_the_batch_says_so(files, tmp_path, cap
     assert not (tmp_path / "a.pt").exists()
 
 
+def test_finetune_of_an_snn_file_notes_another_sigma_and_another_teacher(files, tmp_path, capsys):
+    """finetune --snn-weights says, as evaluate does, when the file was fine-tuned
+    at another sigma, and when --distill trains towards another ANN than the one
+    the SNN was converted from (both were silent)."""
+    from spikingir.convert import to_snn
+    from spikingir.pipeline import ann_fingerprint, save_snn
+    ann = DnCNN(depth=4, channels=8, batchnorm=False)
+    ann.load_state_dict(torch.load(files / "dncnn.pt", weights_only=True))
+    path = tmp_path / "s25.pt"
+    save_snn(to_snn(ann.eval(), [torch.rand(1, 1, 16, 16)], 2), path,
+             {"sigma": 25, "ann_fingerprint": ann_fingerprint(ann)})
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    torch.save(DnCNN(depth=4, channels=8, batchnorm=False).state_dict(), other)
+    base = ["finetune", "--task", "denoise", "--snn-weights", str(path), "--timesteps", "2",
+            "--steps", "1", "--batch-size", "2", "--patch-size", "16", "--data", str(files / "gray48"),
+            "--val-data", str(files / "gray48"), "--val-crop", "16", "--no-progress"]
+    code, _, err = run(base + ["--sigma", "50", "--distill", "1", "--ann-weights", str(other),
+                               "--out", str(tmp_path / "a.pt")], capsys)
+    assert code == 0, err
+    assert f"{path} was fine-tuned at sigma 25, used here at sigma 50" in err
+    assert f"{path} was converted from another ANN than {other}" in err
+    code, _, err = run(base + ["--sigma", "25", "--distill", "1", "--ann-weights",
+                               str(files / "dncnn.pt"), "--out", str(tmp_path / "b.pt")], capsys)
+    assert code == 0 and "note" not in err, err
+
+
 def test_finetune_refuses_what_it_could_only_fail_at_the_end(files, tmp_path, capsys):
     """Output paths and numbers that a fine-tuning run would only trip over when it
     writes its results (hours later), or that would overwrite a run's checkpoint,
