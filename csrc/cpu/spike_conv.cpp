@@ -19,7 +19,7 @@
 //      threads, [16, 64, 96, 96] 3x3: 1.14x the AVX2 kernel at 10 % firing, 1.3x
 //      at 30 %, 1.4x at 70 %; benchmarks/RESULTS.md), else 8 with AVX2
 //      (accumulate_isa, isa.h).
-// Each output value is summed in a fixed order (bias, ky, kx, ci) that does
+// Each output value is summed in a fixed order ((ky, kx, ci), then bias) that does
 // not depend on the thread count: the result is bitwise reproducible.
 //
 // Backward: grad_s is dense (at::conv_transpose2d); grad_weight walks the
@@ -198,7 +198,7 @@ void with_vectors(int64_t width, const F& f) {
 }
 
 // Forward pass 2 (event-driven sum, tap by tap): output row (n, oy) lives in
-// a [Wo, Cout_p] scratch row that starts at the bias. For each tap (ky, kx) the
+// a [Wo, Cout_p] scratch row that starts at zero. For each tap (ky, kx) the
 // weight slice wt[tap][:, c0 : c0 + 8 NV] (weights pre-transposed to
 // [kh kw, Cin, Cout_p], contiguous over output channels; 16 KB for 64 -> 64)
 // stays in L1 while every output pixel of the row adds, for each spike ci under
@@ -207,8 +207,10 @@ void with_vectors(int64_t width, const F& f) {
 // tap that has a spike). Loads and adds only; work proportional to the spikes.
 // Tap-major beats pixel-major (all 9 taps per pixel in registers) by 15-35 %
 // at 10-30 % firing: pixel-major streams the whole 147 KB weight tensor from L2.
-// Each output value is summed in the fixed order bias, (ky, kx), ci: bitwise
-// reproducible for any thread count.
+// Each output value is summed in the fixed order (ky, kx), ci, then the bias is
+// added: bitwise reproducible for any thread count. (Starting from the bias, each
+// add rounded to the bias's magnitude: up to 16x oneDNN's error where a large bias
+// met hundreds of small terms, e.g. 127 -> 31 channels 7x7 on a 3-row image.)
 //
 // Output pixels ox in [lo, hi) read input column ix = ox * stride + kx - pad.
 // (Divisions only of non-negative numbers: C++ rounds toward zero.)
@@ -361,7 +363,8 @@ void tap_row_generic(const uint64_t* __restrict__ mrow, const float* __restrict_
   }
 }
 
-// Forward pass 2 for output rows [r0, r1) of [N * Ho]; row is a Wo * Cout_p scratch.
+// Forward pass 2 for output rows [r0, r1) of [N * Ho]; row is a Wo * Cout_p scratch;
+// bias: [Cout_p] or nullptr.
 void accumulate_rows(const uint64_t* masks, const float* wt, const float* bias, float* out,
                      float* row, const Geometry& g, int64_t Cw, int64_t Cout_p, Isa isa,
                      int64_t r0, int64_t r1) {
@@ -369,7 +372,7 @@ void accumulate_rows(const uint64_t* masks, const float* wt, const float* bias, 
   const int64_t plane = g.Ho * g.Wo;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / g.Ho, oy = r % g.Ho;
-    for (int64_t ox = 0; ox < g.Wo; ++ox) std::copy(bias, bias + Cout_p, row + ox * Cout_p);
+    std::fill(row, row + g.Wo * Cout_p, 0.0f);
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       const int64_t iy = oy * g.stride + ky - g.pad;
       if (iy < 0 || iy >= g.H) continue;
@@ -398,6 +401,12 @@ void accumulate_rows(const uint64_t* masks, const float* wt, const float* bias, 
 #endif
           tap_row_generic(mrow, wtap + c0, row + c0, g, Cw, Cout_p, kx, lo, hi, width);
         }
+      }
+    }
+    if (bias) {  // last: added first, it set the rounding step of every add after it
+      for (int64_t ox = 0; ox < g.Wo; ++ox) {
+        float* r = row + ox * Cout_p;
+        for (int64_t co = 0; co < Cout_p; ++co) r[co] += bias[co];
       }
     }
     // row[ox][co] -> out[n][co][oy][ox]
@@ -588,7 +597,7 @@ at::Tensor event_conv(const uint64_t* mp, int64_t Cw, const Geometry& g, const a
   auto bias_p = at::zeros({Cout_p}, weight.options());
   if (bp) std::copy(bp, bp + g.Cout, bias_p.data_ptr<float>());
   const float* wtp = wt.data_ptr<float>();
-  const float* bpp = bias_p.data_ptr<float>();
+  const float* bpp = bp ? bias_p.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const Isa isa = accumulate_isa();
   at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t r0, int64_t r1) {

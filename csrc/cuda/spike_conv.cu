@@ -14,9 +14,10 @@
 //        shared memory; per pixel the warp lists the word's set channels (the
 //        same word for every lane: no divergence) and adds the weight rows
 //        w[tap][ci][l] (conflict-free shared loads). Adds only, work
-//        proportional to the spikes. Order per output value: bias, then (word,
-//        tap, ci) ascending: fixed, so bitwise reproducible; for Cin <= 64 it is
-//        the CPU kernel's order (bias, ky, kx, ci), so the two agree bit for bit.
+//        proportional to the spikes. Order per output value: (word, tap, ci)
+//        ascending, then the bias: fixed, so bitwise reproducible; for Cin <= 64 it
+//        is the CPU kernel's order ((ky, kx, ci), then bias), so the two agree bit
+//        for bit.
 //        The tile is written through shared memory (coalesced rows).
 //     The spikes for backward are packed 1 bit per spike ([N, Cin, H, ceil(W/8)]
 //     uint8, bit b of byte j = pixel 8 j + b) by pack_kernel, one thread per byte.
@@ -151,12 +152,11 @@ __global__ void __launch_bounds__(kEventThreads)
   const int FH = (kTileH - 1) * static_cast<int>(g.stride) + static_cast<int>(g.kh);
   const int FW = (kTileW - 1) * static_cast<int>(g.stride) + static_cast<int>(g.kw);
   const int64_t iy0 = ty0 * g.stride - g.pad, ix0 = tx0 * g.stride - g.pad;
-  float acc[kTileW][2];
-  const float b0 = bias_p[c0 + lane], b1 = bias_p[c0 + lane + 32];
+  float acc[kTileW][2];  // from zero: the bias is added last, as on the CPU
 #pragma unroll
   for (int p = 0; p < kTileW; ++p) {
-    acc[p][0] = b0;
-    acc[p][1] = b1;
+    acc[p][0] = 0.0f;
+    acc[p][1] = 0.0f;
   }
   const int taps = static_cast<int>(g.kh * g.kw);
   const int64_t steps = Cw * taps;
@@ -225,7 +225,8 @@ __global__ void __launch_bounds__(kEventThreads)
     const int co_l = i / (kTileH * kTileW), pix = i % (kTileH * kTileW);
     const int64_t co = c0 + co_l, oy = ty0 + pix / kTileW, ox = tx0 + pix % kTileW;
     if (co < g.Cout && oy < g.Ho && ox < g.Wo) {
-      out[((n * g.Cout + co) * g.Ho + oy) * g.Wo + ox] = o_s[co_l * kStageStride + pix];
+      out[((n * g.Cout + co) * g.Ho + oy) * g.Wo + ox] =
+          o_s[co_l * kStageStride + pix] + bias_p[co];
     }
   }
 }
