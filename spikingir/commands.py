@@ -89,6 +89,28 @@ def _note_sigma(args, path, trained, sigma, verb):
               f"used here at sigma {sigma:g}", file=sys.stderr)
 
 
+def _note_snn_source(args, path, snn, sigma, ann, consequence):
+    """Notes on stderr about the SNN file at ``path``: fine-tuned at another sigma
+    than ``sigma``; converted from another ANN than ``ann`` (``consequence``: what
+    that means for this command); or, for a user's file (--snn-weights), recording
+    no source ANN, so that the check could not be made. ``ann`` None: no ANN check."""
+    from spikingir.pipeline import ann_fingerprint
+    _note_sigma(args, path, snn.meta.get("sigma"), sigma, "fine-tuned")
+    if ann is None:
+        return
+    source = snn.meta.get("ann_fingerprint")
+    compared = getattr(args, "ann_weights", None) or "the shipped ANN"
+    if source is not None and source != ann_fingerprint(ann):
+        print(f"spikingir {args.command}: note: {path} was converted from another ANN than "
+              f"{compared}: {consequence}", file=sys.stderr)
+    elif source is None and getattr(args, "snn_weights", None):
+        # a user's file without the record (the shipped pairs are documented in
+        # spikingir/weights/README.md): say the check could not be made
+        print(f"spikingir {args.command}: note: {path} does not record the ANN it was "
+              f"converted from (files written by `spikingir convert` and `finetune` do): "
+              f"cannot check that it is a conversion of {compared}", file=sys.stderr)
+
+
 def _device(args):
     """--device as a torch.device (argparse allowed cpu or cuda), or a one-line
     error when there is no GPU; called first, before any work."""
@@ -228,7 +250,7 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
     """``--snn-weights``; else the shipped fine-tuned SNN when it applies (the
     shipped ANN and no conversion option given); else a fresh conversion of ``ann``
     with the conversion options."""
-    from spikingir.pipeline import ann_fingerprint, calibration_inputs, for_inference
+    from spikingir.pipeline import calibration_inputs, for_inference
     from spikingir.weights import SNN_FILES, WEIGHTS_DIR
 
     path = getattr(args, "snn_weights", None)
@@ -238,19 +260,8 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
             path = WEIGHTS_DIR / name
     if path is not None:
         snn = _load_converted(path, task, args)
-        _note_sigma(args, path, snn.meta.get("sigma"), sigma, "fine-tuned")
-        source = snn.meta.get("ann_fingerprint")
-        compared = getattr(args, "ann_weights", None) or "the shipped ANN"
-        if ann is not None and source is not None and source != ann_fingerprint(ann):
-            print(f"spikingir {args.command}: note: {path} was converted from another ANN than "
-                  f"{compared}: the PSNR loss and conversion rate compare different networks "
-                  f"(pass --ann-weights with the SNN's own ANN)", file=sys.stderr)
-        elif ann is not None and source is None and getattr(args, "snn_weights", None):
-            # a user's file without the record (the shipped pairs are documented in
-            # spikingir/weights/README.md): say the check could not be made
-            print(f"spikingir {args.command}: note: {path} does not record the ANN it was "
-                  f"converted from (files written by `spikingir convert` and `finetune` do): "
-                  f"cannot check that it is a conversion of {compared}", file=sys.stderr)
+        _note_snn_source(args, path, snn, sigma, ann, "the PSNR loss and conversion rate compare "
+                         "different networks (pass --ann-weights with the SNN's own ANN)")
         snn.timesteps = timesteps
         origin = f"SNN weights {path}"
     else:
@@ -551,7 +562,7 @@ def _cmd_finetune(args):
 
     from spikingir.finetune import DEFAULT_PATCH, finetune_snn, timesteps_record
     from spikingir.models import conv_chain
-    from spikingir.pipeline import ann_fingerprint, load_ann, save_snn
+    from spikingir.pipeline import load_ann, save_snn
 
     device = _device(args)
     _set_threads(args)
@@ -562,6 +573,7 @@ def _cmd_finetune(args):
         raise UserError("--resume needs --checkpoint PATH (the run to continue)")
     if args.energy_target > 0 and args.energy_weight == 0:  # before the conversion's minutes
         raise UserError("--energy-target is a budget for the energy term: it needs --energy-weight > 0")
+    _layer_calibration(args)  # refuses a dehazing calibration before any ANN file (or code) loads
     check_outputs(args.out, args.checkpoint, args.resume)
     check_distinct(("--out", args.out), ("--checkpoint", args.checkpoint))
     ann = (load_ann(args.task, sigma, args.ann_weights, args.ann_module)
@@ -569,12 +581,8 @@ def _cmd_finetune(args):
     teacher = ann if args.distill > 0 else None
     if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
         snn = _load_converted(args.snn_weights, args.task, args)  # finetune_snn sets its T
-        _note_sigma(args, args.snn_weights, snn.meta.get("sigma"), sigma, "fine-tuned")
-        source = snn.meta.get("ann_fingerprint")
-        if teacher is not None and source is not None and source != ann_fingerprint(teacher):
-            print(f"spikingir finetune: note: {args.snn_weights} was converted from another ANN "
-                  f"than {args.ann_weights or 'the shipped ANN'}, which --distill trains towards",
-                  file=sys.stderr)
+        _note_snn_source(args, args.snn_weights, snn, sigma, teacher,
+                         "--distill trains it towards the latter")
     else:
         # the teacher, when distilling, is this same ANN (to_snn converts a copy of it);
         # resuming, the checkpoint replaces every weight: no layer calibration to redo

@@ -29,8 +29,8 @@ What is reported (``snn.energy_mj()``, ``snn_energy_mj(snn, image)`` and so
 step's and those into the pixel mapper included. ``spikes x conv_fanout``
 overcounts that by the border pixels' missing share, ~(2/H + 2/W)/3 for a 3x3
 conv: 0.35 % on 481x321, 0.5 % on 256x256, 1.4 % on 96x96 crops (measured on the
-s25 SNN's spikes); it is what the differentiable fine-tuning estimate
-(``track_energy``) uses. Besides the first layer, two analog inputs are
+s25 SNN's spikes); the differentiable fine-tuning estimate (``track_energy``)
+counts spikes x ``conv_mean_fanout`` (the same where the stride divides the kernel). Besides the first layer, two analog inputs are
 counted as MACs at 4.6 pJ, once per image: the read-out of a network with
 membrane potential recycling (the mapper conv applied to the recycled
 residual, ``v_res / T`` is not a spike: its full MACs), and AOD-Net's DC-offset

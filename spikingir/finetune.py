@@ -8,7 +8,7 @@ Adam, 2e-5 for weights and 1e-3 for thresholds/beta).
 """
 import torch
 
-from spikingir.train import (held_out_scenes, _CachedCrops, _loader, default_data_dir,
+from spikingir.train import (held_out_scenes, _CachedCrops, _loader, _Repeat, default_data_dir,
                              denoise_validator, dehaze_validator, fit)
 
 
@@ -87,10 +87,16 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
             raise FileNotFoundError("fine-tuning needs training data: pass --data DIR (hazy/ + gt/)")
         pairs = DehazePairs(data)
         if val_data is None:
-            train_pairs, val_pairs = pairs.split(held_out_scenes(pairs))
+            held_out = held_out_scenes(pairs)
+            train_pairs, val_pairs = pairs.split(held_out)
+            if len(train_pairs) == 0:
+                raise ValueError(f"{data}: every scene is held out for validation ({held_out}); "
+                                 "nothing to train on (pass --val-data)")
         else:
             train_pairs, val_pairs = pairs, DehazePairs(val_data)
         dataset = _CachedCrops(train_pairs, patch)
+        if len(dataset) < batch_size:  # each sample is a random crop: pass over the pairs again
+            dataset = _Repeat(dataset, -(-batch_size // len(dataset)))
 
         def make_batch(batch, dev):
             hazy, clean = batch
@@ -112,10 +118,9 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
             raise ValueError("distill > 0 needs the teacher ANN")
         make_batch = _distilled(make_batch, teacher.to(device).eval(), distill)
     ts = _timestep_list(snn.timesteps if timesteps is None else timesteps)
-    if len(dataset) < batch_size:  # else fit's "train_loader yields no batch"
-        what = f"{patch} x {patch} patches" if task == "denoise" else "training pairs"
-        raise ValueError(f"{data}: {len(dataset)} {what}, fewer than the batch size {batch_size}; "
-                         "pass more images or a smaller batch size")
+    if len(dataset) < batch_size:  # denoise; else fit's "train_loader yields no batch"
+        raise ValueError(f"{data}: {len(dataset)} {patch} x {patch} patches, fewer than the batch "
+                         f"size {batch_size}; pass more images or a smaller batch size")
     snn.timesteps = max(ts)
     val_fn = _with_energy(snn, val_fn)
     if len(ts) > 1:

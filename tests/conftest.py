@@ -13,7 +13,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def _from_this_checkout():
-    """``spikingir.kernels`` is ``kernels/`` mapped in by setup.py's package_dir. Tests
+    """``spikingir.kernels`` is ``kernels/`` mapped in by setup.py's package_dir (and
+    ``spikingir._C`` can resolve the same way). Tests
     run from another checkout (PYTHONPATH=clone while an editable install of a
     different checkout is active) would import this checkout's ``spikingir`` but the
     other one's Triton kernels, and pass or fail for the wrong code: refuse that."""
@@ -26,6 +27,12 @@ def _from_this_checkout():
             raise RuntimeError(f"tests of {root} would import {name} from {got}, not {want}: "
                                "install this checkout (pip install --no-build-isolation -e .) "
                                "or run the tests of the checkout that is installed")
+    # the compiled kernels: none is allowed (their tests skip), another checkout's is not
+    spec = importlib.util.find_spec("spikingir._C")
+    if spec is not None and not os.path.samefile(os.path.dirname(spec.origin),
+                                                 os.path.join(root, "spikingir")):
+        raise RuntimeError(f"tests of {root} would import spikingir._C from {spec.origin}: build "
+                           "this checkout (pip install --no-build-isolation -e .)")
 
 
 _from_this_checkout()

@@ -391,6 +391,12 @@ class _LeakySequential(nn.Sequential):  # its layers list a ReLU, its forward ru
         return self[2](nn.functional.leaky_relu(self[0](x), 0.2))
 
 
+class _CircularConv2d(nn.Conv2d):  # Conv2d.forward kept, _conv_forward pads circularly
+    def _conv_forward(self, x, weight, bias):
+        x = nn.functional.pad(x, (1, 1, 1, 1), mode="circular")
+        return nn.functional.conv2d(x, weight, bias)
+
+
 class _DoubledResidual(Residual):
     def forward(self, x):
         return x - 2 * self.body(x)
@@ -401,13 +407,15 @@ def _plain_body():
 
 
 @pytest.mark.parametrize("model, match", [
-    (_LeakySequential(*_plain_body()), r"the model \(_LeakySequential\) overrides Sequential"),
-    (_DoubledResidual(_plain_body()), r"the model \(_DoubledResidual\) overrides Residual"),
-    (Residual(_LeakySequential(*_plain_body())), r"the body \(_LeakySequential\) overrides"),
+    (_LeakySequential(*_plain_body()), r"the model \([\w.]*_LeakySequential\) overrides Sequential"),
+    (_DoubledResidual(_plain_body()), r"the model \([\w.]*_DoubledResidual\) overrides Residual"),
+    (Residual(_LeakySequential(*_plain_body())), r"the body \([\w.]*_LeakySequential\) overrides"),
     (_seq(nn.Conv2d(1, 4, 3), _LeakySequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)),
-          nn.ReLU(), nn.Conv2d(4, 1, 1)), r"layer 1 \(_LeakySequential\) overrides Sequential"),
-    (_seq(_StdConv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 1, 3)), r"layer 0 \(_StdConv2d\) overrides Conv2d"),
-    (_seq(nn.Conv2d(1, 4, 3), _ScaledReLU(), nn.Conv2d(4, 1, 3)), r"layer 1 \(_ScaledReLU\) overrides ReLU"),
+          nn.ReLU(), nn.Conv2d(4, 1, 1)), r"layer 1 \([\w.]*_LeakySequential\) overrides Sequential"),
+    (_seq(_StdConv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 1, 3)), r"layer 0 \([\w.]*_StdConv2d\) overrides Conv2d"),
+    (_seq(nn.Conv2d(1, 4, 3), _ScaledReLU(), nn.Conv2d(4, 1, 3)), r"layer 1 \([\w.]*_ScaledReLU\) overrides ReLU"),
+    (_seq(_CircularConv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 1, 3)),
+     r"layer 0 \([\w.]*_CircularConv2d\) overrides Conv2d._conv_forward"),
 ])
 def test_layers_with_their_own_forward_are_refused(model, match):
     """A subclass whose forward computes something else than its base class would

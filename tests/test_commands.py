@@ -594,6 +594,25 @@ def test_finetune_with_fewer_patches_than_the_batch_says_so(files, tmp_path, cap
     assert not (tmp_path / "a.pt").exists()
 
 
+def test_finetune_dehaze_with_fewer_pairs_than_the_batch_repeats_them(tmp_path):
+    """Dehazing samples are random crops: a folder with fewer training pairs than
+    the batch passes over them again in one batch (as train-ann does), rather than
+    failing with fit's "train_loader yields no batch"."""
+    from spikingir.convert import to_snn
+    from spikingir.finetune import finetune_snn
+    rng = np.random.default_rng(0)
+    d = tmp_path / "pairs"
+    (d / "hazy").mkdir(parents=True)
+    (d / "gt").mkdir()
+    for scene in ("1", "2"):  # scene 2 is held out for validation: one training pair
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(d / "gt" / f"{scene}.png")
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(d / "hazy" / f"{scene}_1.png")
+    torch.manual_seed(0)
+    snn = to_snn(AODNet().eval(), [torch.rand(1, 3, 16, 16)], 2)
+    res = finetune_snn(snn, "dehaze", data=d, steps=1, batch_size=4, patch=16, progress=False)
+    assert res.step == 1 and all(torch.isfinite(p).all() for p in snn.parameters())
+
+
 def test_finetune_of_an_snn_file_notes_another_sigma_and_another_teacher(files, tmp_path, capsys):
     """finetune --snn-weights says, as evaluate does, when the file was fine-tuned
     at another sigma, and when --distill trains towards another ANN than the one

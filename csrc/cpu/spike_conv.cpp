@@ -403,7 +403,7 @@ void accumulate_rows(const uint64_t* masks, const float* wt, const float* bias, 
         }
       }
     }
-    if (bias) {  // last: added first, it set the rounding step of every add after it
+    if (bias) {  // added last: added first, it would set the rounding step of every add
       for (int64_t ox = 0; ox < g.Wo; ++ox) {
         float* r = row + ox * Cout_p;
         for (int64_t co = 0; co < Cout_p; ++co) r[co] += bias[co];

@@ -26,7 +26,7 @@
 //     deterministic under torch's deterministic settings as nn.Conv2d's; in (0, 1)
 //     the firing rate (read back: a sync) picks cuDNN above it; >= 1 the event
 //     loop grad_weight_kernel: one block per weight (co,
-//     ci, ky, kx) sums grad_out over the output pixels whose input spike is set, in
+//     ci, ky, kx; blocks loop past gridDim.x's limit) sums grad_out over the output pixels whose input spike is set, in
 //     a fixed order (per-thread strided sums, then a fixed shared-memory tree):
 //     deterministic, no atomics, but 40-47x slower than cuDNN (see below).
 // Offsets are int64; launches go on the current stream.

@@ -83,14 +83,18 @@ class ConvChain(nn.Module):
 
 
 def _plain(m, base, where):
-    """Refuses a subclass of ``base`` that overrides ``forward``: the conversion
-    reproduces ``base``'s computation from the layer's parameters, not that code
-    (a weight-standardised conv, a scaled ReLU, a Sequential with its own forward
-    would convert silently into another network)."""
-    if type(m).forward is not base.forward:
-        raise ValueError(f"to_snn: {where} ({_what(m)}) overrides {base.__name__}.forward; "
-                         f"expected a plain {base.__name__} (the conversion reproduces "
-                         f"{base.__name__}'s computation, not that forward)")
+    """Refuses a subclass of ``base`` that overrides ``forward`` (or, for a conv,
+    ``_conv_forward``, which ``Conv2d.forward`` calls): the conversion reproduces
+    ``base``'s computation from the layer's parameters, not that code (a
+    weight-standardised conv, a circular-padding conv, a scaled ReLU, a Sequential
+    with its own forward would convert silently into another network)."""
+    own = [f for f in ("forward", "_conv_forward")
+           if hasattr(base, f) and getattr(type(m), f) is not getattr(base, f)]
+    if own:
+        cls = type(m)
+        raise ValueError(f"to_snn: {where} ({cls.__module__}.{cls.__qualname__}) overrides "
+                         f"{base.__name__}.{own[0]}; expected a plain {base.__name__} (the "
+                         f"conversion reproduces {base.__name__}'s computation, not that code)")
 
 
 def _flatten(seq, path=""):
