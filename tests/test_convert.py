@@ -56,8 +56,8 @@ def test_calibration_is_the_activation_percentile():
     assert per_ch[0].shape == (8,) and len(per_ch) == 4
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 def test_a_silent_channel_gets_threshold_one_on_the_networks_device(device):
     """A channel (or layer) that never fires on the calibration images gets threshold
     1, on the device of the other thresholds: it was a CPU tensor, which torch.stack
