@@ -626,6 +626,30 @@ def test_stateful_neuron_in_chunks_and_tensor_alpha_moves_with_the_module():
     assert torch.equal(e.alpha, torch.tensor([2.0, 4.0, 8.0]))  # not in the state dict: kept
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("cls", [IFNeuron, MPRNeuron])
+def test_checkpoint_recomputes_stateless_neurons_and_refuses_stateful_ones(cls, use_reentrant):
+    """torch.utils.checkpoint reruns the neuron in backward. A stateless one gives the
+    gradients of the plain run; a stateful one would restart from the v_final its first
+    run left (silently wrong gradients, 10x off here): an error instead."""
+    from torch.utils.checkpoint import checkpoint
+    x = torch.randn(4, 2, 3, 5, 5)
+    grads = []
+    for ckpt in (False, True):
+        n = cls(0.5, num_channels=3, backend="cpp" if CPU_FUSED else "torch")
+        xx = x.clone().requires_grad_()
+        y = checkpoint(n, xx, use_reentrant=use_reentrant) if ckpt else n(xx)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append((xx.grad, n.theta.grad))
+    for plain, ckpt in zip(*grads):
+        assert torch.equal(plain, ckpt)
+    n = cls(0.5, num_channels=3, stateful=True)
+    xx = x.clone().requires_grad_()
+    y = checkpoint(n, xx, use_reentrant=use_reentrant)
+    with pytest.raises(RuntimeError, match="stateful neuron run during backward"):
+        y.sum().backward()
+
+
 # ---------------------------------------------------------------------------
 # GPU (skipped without one).
 # ---------------------------------------------------------------------------

@@ -28,7 +28,8 @@ class _MultiStepNeuron(nn.Module):
             (DESIGN.md section 3: converted layers have thresholds 0.1 .. 10).
         stateful: start each call from the previous call's ``v_final`` until
             :meth:`reset` (SpikingJelly semantics); default: every call starts
-            from ``v_init``.
+            from ``v_init``. A stateful neuron cannot be recomputed by
+            ``torch.utils.checkpoint`` (an error; stateless ones can).
 
     After each forward, ``self.v_final`` holds the final membrane potential
     (float32, float64 for float64 input; shaped like one step, still in the
@@ -135,6 +136,15 @@ class _MultiStepNeuron(nn.Module):
     def _step_params(self, x_seq):
         """(v0, alpha) for one call on ``x_seq``."""
         if self.stateful and self.v_final is not None:
+            if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+                # Called while autograd runs a backward: torch.utils.checkpoint recomputing
+                # the block. The recomputation would start from the state the first run
+                # left, not from the one that run started from: wrong gradients.
+                raise RuntimeError(
+                    "stateful neuron run during backward (torch.utils.checkpoint recomputing "
+                    "it?): the recomputation would start from the potential its first run "
+                    "left, so its gradients would be wrong; keep stateful neurons outside "
+                    "checkpointed blocks, or use stateful=False there")
             v0 = self.v_final
             if v0.shape != x_seq.shape[1:]:
                 raise ValueError(
