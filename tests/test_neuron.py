@@ -997,6 +997,52 @@ def test_double_backward_is_an_error(backend, op):
     torch.testing.assert_close(g.double(), g_ref.double(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("op", ["if", "mprn"])
+def test_reference_under_torch_func(op):
+    """The reference runs under torch.func: grad and jacrev give autograd's gradients,
+    jacfwd (forward mode) the same straight-through derivative, vmap the per-sample
+    results (its surrogate autograd.Function lacked setup_context: every transform
+    raised)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 2, 3, dtype=torch.float64, generator=g)
+    theta = torch.tensor([0.5, 0.7], dtype=torch.float64)
+
+    def outputs(theta, x):
+        y, v = run(op, "torch", x, theta, 1.2 * theta, surrogate="atan")
+        return torch.cat([y.flatten(), v.flatten()])
+    jac = torch.autograd.functional.jacobian(outputs, (theta, x))
+    for argnum in (0, 1):
+        for transform in (torch.func.jacrev, torch.func.jacfwd):
+            assert_close(transform(outputs, argnums=argnum)(theta, x), jac[argnum], 1e-12, 1e-12,
+                         transform.__name__)
+    gx = torch.func.grad(lambda x: outputs(theta, x).sum())(x)
+    assert_close(gx, jac[1].sum(0), 1e-12, 1e-12, "grad")
+    batched = torch.func.vmap(lambda x: outputs(theta, x))(torch.stack([x, -x]))
+    assert torch.equal(batched, torch.stack([outputs(theta, x), outputs(theta, -x)]))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("op", ["if", "mprn"])
+def test_fused_refuses_other_autodiff_with_a_clear_error(backend, op):
+    """The fused ops have reverse-mode gradients only: forward-mode AD dropped the
+    tangent silently (a zero derivative) and torch.func.grad failed deep in torch;
+    both now raise saying what works. vmap, and grad of what does not flow through
+    the op, still work."""
+    import torch.autograd.forward_ad as fwAD
+    x = torch.randn(3, 2, 4)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="forward-mode AD .* backend='torch'"):
+            run(op, backend, dual, 0.5, 0.5)
+    with pytest.raises(RuntimeError, match="torch.func.grad .* backend='torch'"):
+        torch.func.grad(lambda t: run(op, backend, x, t, 0.5)[0].sum())(torch.tensor(0.5))
+    w = torch.randn(2, 4)
+    gw = torch.func.grad(lambda w: (run(op, backend, x, 0.5, 0.5)[0] * w).sum())(w)
+    assert torch.equal(gw, run(op, "torch", x, 0.5, 0.5)[0].sum(0))
+    batched = torch.func.vmap(lambda x: run(op, backend, x, 0.5, 0.5)[0])(torch.stack([x, -x]))
+    assert torch.equal(batched[1], run(op, "torch", -x, 0.5, 0.5)[0])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_FUSED, reason="needs a CUDA GPU and a GPU backend")
 @pytest.mark.parametrize("backend", GPU_FUSED)

@@ -885,6 +885,27 @@ def test_double_backward_is_an_error(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)
+def test_other_autodiff_is_a_clear_error(backend):
+    """Reverse mode only: forward-mode AD dropped the weight's tangent silently (a zero
+    derivative) and torch.func.grad failed deep in torch; both now say what works.
+    The reference runs under both."""
+    import torch.autograd.forward_ad as fwAD
+    s = spikes(2, 3, 6, 6, rate=0.3)
+    w = torch.randn(4, 3, 3, 3)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(w, torch.ones_like(w))
+        with pytest.raises(RuntimeError, match="forward-mode AD .* backend='torch'"):
+            ops.spike_conv2d(s, dual, padding=1, backend=backend)
+        out = ops.spike_conv2d(s, dual, padding=1, backend="torch")
+        assert torch.equal(fwAD.unpack_dual(out).tangent,
+                           F.conv2d(s, torch.ones_like(w), padding=1))
+    with pytest.raises(RuntimeError, match="torch.func.grad .* backend='torch'"):
+        torch.func.grad(lambda w: ops.spike_conv2d(s, w, padding=1, backend=backend).sum())(w)
+    gw = torch.func.grad(lambda w: ops.spike_conv2d(s, w, padding=1, backend="torch").sum())(w)
+    assert torch.equal(gw, torch.func.grad(lambda w: F.conv2d(s, w, padding=1).sum())(w))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
 def test_raw_ops_refuse_inconsistent_arguments(backend):
     """torch.ops.spikingir.spike_conv2d_* check what their kernels trust (these
     used to crash, return a value where F.conv2d raises, or compute with the wrong

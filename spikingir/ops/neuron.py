@@ -16,7 +16,8 @@ import torch
 
 from . import backends
 from .masks import SpikeMasks
-from .registry import fused_forward, fused_op, register_fused_op, register_inference_op
+from .registry import (fused_forward, fused_op, refuse_other_autodiff, register_fused_op,
+                       register_inference_op)
 from .reference import neuron_reference
 from .surrogate import SURROGATES
 
@@ -239,6 +240,7 @@ def _neuron(x_seq, theta, beta, alpha, *, reuse_step, reuse_alpha, v0, surrogate
         return _neuron_masks(x_seq, theta_c, beta_c, v0, alpha_c, surrogate, flags, chosen)
     if chosen == "torch":
         return neuron_reference(x_seq, theta_c, beta_c, v0, alpha_c, surrogate, *flags)
+    refuse_other_autodiff(op, chosen, x_seq, theta_c, beta_c, v0)
     theta_c, beta_c, alpha_c = (p.float().contiguous() for p in (theta_c, beta_c, alpha_c))
     # Channels-last input ([T, N, C, *spatial] with C innermost in memory, what a
     # channels-last convolution returns): the kernels run on the permuted view
@@ -345,8 +347,10 @@ def if_multistep(x_seq, theta, *, v0=None, surrogate="sigmoid", alpha=4.0, detac
     A NaN input makes that neuron's potential NaN from then on: it never fires
     again (``NaN >= theta`` is false) and its ``v_final`` is NaN.
 
-    The fused backends give first-order gradients: differentiating a gradient
-    taken with ``create_graph=True`` raises (``backend="torch"`` supports it).
+    The fused backends give first-order reverse-mode gradients: differentiating a
+    gradient taken with ``create_graph=True``, forward-mode AD and
+    ``torch.func.grad`` / ``jacrev`` / ``jvp`` raise (``backend="torch"``
+    supports them; ``torch.func.vmap`` runs on every backend).
     """
     return _neuron(x_seq, theta, None, alpha, reuse_step=False, reuse_alpha=0.75, v0=v0,
                    surrogate=surrogate, detach_reset=detach_reset, scale_output=scale_output,

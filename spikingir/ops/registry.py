@@ -54,6 +54,34 @@ def _no_double_backward(stem):
     return backward
 
 
+def refuse_other_autodiff(op, backend, *tensors):
+    """A clear error when a fused op's input is differentiated by something other than
+    reverse-mode autograd. The fused ops' formula (register_autograd) is reverse mode
+    only: forward-mode AD (torch.autograd.forward_ad) dropped the tangents silently (a
+    zero derivative), and torch.func.grad / jacrev / jvp / jacfwd failed inside torch
+    with a message about autograd.Function.setup_context."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is None:
+            continue
+        tangent = torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+        if torch._C._functorch.is_gradtrackingtensor(t):
+            # every tensor made inside a torch.func transform is wrapped: only those
+            # that carry a derivative there are refused
+            if not (t.requires_grad or tangent):
+                continue
+            what = "torch.func.grad / jacrev / jvp / jacfwd"
+        elif tangent:
+            what = "forward-mode AD (torch.autograd.forward_ad)"
+        else:
+            continue
+        raise RuntimeError(
+            f"spikingir: {op} on the fused {backend!r} backend has reverse-mode gradients "
+            f"only (loss.backward(), torch.autograd.grad); {what} is not supported there: "
+            "use backend='torch' for it (torch.func.vmap runs on every backend)")
+
+
 def register_inference_op(name, kernel_module, fake):
     """Registers ``spikingir::<name>`` and its Triton twin ``<name>_triton``: fake
     kernels and the Triton implementation, no autograd (inference-only ops, e.g.

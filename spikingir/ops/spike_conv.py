@@ -15,7 +15,8 @@ import torch
 
 from . import backends
 from .masks import SpikeMasks
-from .registry import fused_forward, fused_op, register_fused_op, register_inference_op
+from .registry import (fused_forward, fused_op, refuse_other_autodiff, register_fused_op,
+                       register_inference_op)
 from .reference import spike_conv2d_reference
 
 #: Kernel sizes the fused backends take (AOD-Net uses all four).
@@ -262,8 +263,9 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
         The fused backends compute in float32 (triton: exact integer
         accumulation of a 23-bit per-channel fixed point), equal to ``F.conv2d``
         to float32 rounding and bitwise reproducible run to run. For backward
-        the spikes are kept bit-packed (1 bit per spike); first-order gradients
-        only (double backward raises on the fused backends). On a GPU the
+        the spikes are kept bit-packed (1 bit per spike); first-order reverse-mode
+        gradients only (double backward, forward-mode AD and ``torch.func.grad``
+        raise on the fused backends). On a GPU the
         gradient of ``s`` (both backends) and of ``weight`` (``cuda``) are
         cuDNN's, reproducible under ``torch.use_deterministic_algorithms(True)``
         or ``torch.backends.cudnn.deterministic = True`` as for ``nn.Conv2d``.
@@ -282,6 +284,7 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
         check_binary(s)
     if chosen == "torch":
         return spike_conv2d_reference(s, weight, bias, stride, padding)
+    refuse_other_autodiff("spike_conv2d", chosen, s, weight, bias)
     out_dtype = torch.promote_types(s.dtype, weight.dtype)
     w = weight.float().contiguous()
     b = None if bias is None else bias.float().contiguous()

@@ -71,13 +71,29 @@ def spike(u: torch.Tensor, a: torch.Tensor, name: str, smooth: bool = False) -> 
 
 
 class _Heaviside(torch.autograd.Function):
-    """H(u) = [u >= 0] (0 for NaN u, as in the kernels), gradient sigma_a'(u)."""
+    """H(u) = [u >= 0] (0 for NaN u, as in the kernels), gradient sigma_a'(u).
+    Written with setup_context and a generated vmap rule so that the reference
+    also runs under torch.func (grad, vmap, jacrev, functional_call), and a jvp
+    for forward mode."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, u, a, name):
-        ctx.save_for_backward(u, a)
-        ctx.name = name
+    def forward(u, a, name):
         return (u >= 0).to(u.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, a, name = inputs
+        ctx.save_for_backward(u, a)
+        ctx.save_for_forward(u, a)
+        ctx.name = name
+
+    @staticmethod
+    def jvp(ctx, u_t, _a_t, _name_t):
+        """Forward mode (torch.func.jvp, jacfwd): the same straight-through derivative."""
+        u, a = ctx.saved_tensors
+        return u_t * surrogate_grad(ctx.name, u, a)
 
     @staticmethod
     def backward(ctx, grad):
