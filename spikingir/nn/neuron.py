@@ -10,6 +10,14 @@ from spikingir.ops.backends import BACKENDS
 from spikingir.ops.neuron import check_flags, check_options, check_reuse_alpha, check_values
 
 
+def _in_backward():
+    """True while autograd runs a backward (torch.utils.checkpoint recomputes its
+    block there). The id is torch's private hook, which checkpoint itself uses; a
+    torch without it is taken as "not in backward"."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 class _MultiStepNeuron(nn.Module):
     """Shared parameter handling of IFNeuron / MPRNeuron.
 
@@ -136,7 +144,7 @@ class _MultiStepNeuron(nn.Module):
     def _step_params(self, x_seq):
         """(v0, alpha) for one call on ``x_seq``."""
         if self.stateful and self.v_final is not None:
-            if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            if not torch.compiler.is_compiling() and _in_backward():
                 # Called while autograd runs a backward: torch.utils.checkpoint recomputing
                 # the block. The recomputation would start from the state the first run
                 # left, not from the one that run started from: wrong gradients.

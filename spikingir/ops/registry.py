@@ -62,6 +62,11 @@ def refuse_other_autodiff(op, backend, *tensors):
     with a message about autograd.Function.setup_context."""
     if torch.compiler.is_compiling():
         return
+    # fast path (0.5 us against 7 us for the per-tensor test: a GPU call's host time
+    # matters): no forward-AD level and no torch.func transform active
+    if torch.autograd.forward_ad._current_level < 0 and \
+            torch._C._functorch.maybe_current_level() is None:
+        return
     for t in tensors:
         if t is None:
             continue
