@@ -251,7 +251,10 @@ def spike_conv2d(s, weight, bias=None, stride=1, padding=0, *, validate=True, ba
             fused GPU backends read any nonzero as a spike); the ``cpp``
             kernel still refuses non-binary values wherever it reads ``s``
             anyway (its event path, and the packing of spikes saved for
-            backward). A neuron emits 0/1 with ``scale_output=False``.
+            backward). A neuron emits 0/1 with ``scale_output=False``. Under
+            ``torch.func.vmap`` the check (data-dependent control flow) raises on
+            the ``torch`` and ``cuda`` backends: validate the spikes before
+            vmapping and pass False there.
         backend: ``"auto" | "torch" | "cpp" | "cuda" | "triton"`` (see
             :mod:`spikingir.ops.backends`).
         out: SpikeMasks input only: a contiguous float32 ``[N, Cout, Ho, Wo]``
