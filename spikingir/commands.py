@@ -573,7 +573,7 @@ def _cmd_finetune(args):
         raise UserError("--resume needs --checkpoint PATH (the run to continue)")
     if args.energy_target > 0 and args.energy_weight == 0:  # before the conversion's minutes
         raise UserError("--energy-target is a budget for the energy term: it needs --energy-weight > 0")
-    _layer_calibration(args)  # refuses a dehazing calibration before any ANN file (or code) loads
+    calibration = _layer_calibration(args)  # refuses a dehazing one before any ANN loads
     check_outputs(args.out, args.checkpoint, args.resume)
     check_distinct(("--out", args.out), ("--checkpoint", args.checkpoint))
     ann = (load_ann(args.task, sigma, args.ann_weights, args.ann_module)
@@ -588,7 +588,7 @@ def _cmd_finetune(args):
         # resuming, the checkpoint replaces every weight: no layer calibration to redo
         resuming = args.resume and os.path.exists(args.checkpoint)
         snn, _ = _convert_ann(args, sigma, max(args.timesteps), ann=ann, layers=not resuming)
-        if args.freeze_mapper and _layer_calibration(args) == "weights" and not resuming:
+        if args.freeze_mapper and calibration == "weights" and not resuming:
             # layer calibration refits the mapper too; the ablation keeps the ANN's output conv
             snn.mapper.conv.load_state_dict(conv_chain(ann).convs()[-1].state_dict())
     fingerprint = snn.meta.get("ann_fingerprint")  # the ANN it came from, when recorded

@@ -9,7 +9,7 @@ Adam, 2e-5 for weights and 1e-3 for thresholds/beta).
 import torch
 
 from spikingir.train import (held_out_scenes, _CachedCrops, _loader, _Repeat, default_data_dir,
-                             denoise_validator, dehaze_validator, fit)
+                             denoise_validator, dehaze_validator, fit, split_held_out)
 
 
 #: training patch side per task: DnCNN's 40 x 40 patches (what the ANN saw);
@@ -87,11 +87,7 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
             raise FileNotFoundError("fine-tuning needs training data: pass --data DIR (hazy/ + gt/)")
         pairs = DehazePairs(data)
         if val_data is None:
-            held_out = held_out_scenes(pairs)
-            train_pairs, val_pairs = pairs.split(held_out)
-            if len(train_pairs) == 0:
-                raise ValueError(f"{data}: every scene is held out for validation ({held_out}); "
-                                 "nothing to train on (pass --val-data)")
+            train_pairs, val_pairs = split_held_out(pairs, held_out_scenes(pairs), data)
         else:
             train_pairs, val_pairs = pairs, DehazePairs(val_data)
         dataset = _CachedCrops(train_pairs, patch)
@@ -118,7 +114,8 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
             raise ValueError("distill > 0 needs the teacher ANN")
         make_batch = _distilled(make_batch, teacher.to(device).eval(), distill)
     ts = _timestep_list(snn.timesteps if timesteps is None else timesteps)
-    if len(dataset) < batch_size:  # denoise; else fit's "train_loader yields no batch"
+    if len(dataset) < batch_size:  # denoise (dehazing repeats its pairs); else fit's
+        # "train_loader yields no batch"
         raise ValueError(f"{data}: {len(dataset)} {patch} x {patch} patches, fewer than the batch "
                          f"size {batch_size}; pass more images or a smaller batch size")
     snn.timesteps = max(ts)

@@ -596,6 +596,16 @@ DEFAULT_VAL_SCENES = ("1420", "1421", "1422", "1423", "1424")
 DENOISE_SIGMAS = (15, 25, 50)
 
 
+def split_held_out(pairs, held_out, data):
+    """(training, validation) pairs of ``pairs`` (from the folder ``data``), the
+    scenes ``held_out`` for validation; ValueError when no scene is left to train on."""
+    train_pairs, val_pairs = pairs.split(held_out)
+    if len(train_pairs) == 0:
+        raise ValueError(f"{data}: every scene is held out for validation ({held_out}); "
+                         "nothing to train on (pass --val-data)")
+    return train_pairs, val_pairs
+
+
 def held_out_scenes(pairs) -> list:
     """The validation scenes a dehazing folder (``DehazePairs``) holds out when
     none are named: ``DEFAULT_VAL_SCENES`` where the folder has them all
@@ -962,9 +972,7 @@ def train_dehazer(*, data=None, val_data=None, val_scenes=None, steps: int | Non
     else:
         held_out = [str(s) for s in val_scenes] if val_scenes is not None else \
             held_out_scenes(pairs)
-        train_pairs, val_pairs = pairs.split(held_out)
-        if len(train_pairs) == 0:
-            raise ValueError(f"{data}: every scene is held out for validation ({held_out}); nothing to train on")
+        train_pairs, val_pairs = split_held_out(pairs, held_out, data)
     val_fn = dehaze_validator(val_pairs, device=device)
     train_ds = _CachedCrops(train_pairs, crop)
     if len(train_ds) * repeat < batch_size:

@@ -14,10 +14,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 def _from_this_checkout():
     """``spikingir.kernels`` is ``kernels/`` mapped in by setup.py's package_dir (and
-    ``spikingir._C`` can resolve the same way). Tests
-    run from another checkout (PYTHONPATH=clone while an editable install of a
-    different checkout is active) would import this checkout's ``spikingir`` but the
-    other one's Triton kernels, and pass or fail for the wrong code: refuse that."""
+    ``spikingir._C`` can resolve the same way). Tests run from another checkout
+    (PYTHONPATH=clone while an editable install of a different checkout is active)
+    would import this checkout's ``spikingir`` but the other one's kernels, and pass
+    or fail for the wrong code: refuse that."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name, want in (("spikingir", os.path.join(root, "spikingir", "__init__.py")),
                        ("spikingir.kernels", os.path.join(root, "kernels", "__init__.py"))):
