@@ -450,6 +450,56 @@ def test_masks_inference_reuses_one_conv_buffer(neuron, monkeypatch):
     assert last is not None and last.shape[0] == x.shape[0] and last.shape[2:] == x.shape[2:]
 
 
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_user_hooks_on_a_spike_conv_snn_see_the_dense_networks_tensors(neuron):
+    """Hooks a user registers on a spike-conv SNN in inference: the neurons' input
+    currents a pre-hook keeps are not overwritten by later layers (the masks path
+    reuses one buffer for every hidden conv: kept currents all read as the last
+    layer's), and a hooked hidden conv is called, its hooks seeing the dense
+    network's values; the output stays the dense one. Found by a lifecycle audit."""
+    snn, x = dyadic_snn(neuron, 4, seed=7)
+
+    def run(spike_conv):
+        snn.use_spike_conv(spike_conv, backend="cpp")
+        currents, convs = [], {}
+        handles = [n.register_forward_pre_hook(lambda m, a: currents.append(a[0]))
+                   for n in snn.neurons_]
+        handles.append(snn.hidden[1].register_forward_hook(
+            lambda m, a, out: convs.update(inp=a[0], out=out)))
+        try:
+            with torch.no_grad():
+                out = snn(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return out, currents, convs
+
+    ref, ref_currents, ref_conv = run(False)
+    out, currents, conv = run(True)
+    assert torch.equal(out, ref)
+    assert len(currents) == len(ref_currents) == len(snn.neurons_)
+    for got, want in zip(currents, ref_currents):
+        assert torch.equal(got, want)
+    assert conv.keys() == {"inp", "out"}  # the hooked conv ran as a module
+    assert torch.equal(conv["inp"], ref_conv["inp"]) and torch.equal(conv["out"], ref_conv["out"])
+
+
+def test_float64_spike_conv_snn_computes_in_float64():
+    """A .double() SNN in spike-conv mode runs its hidden convs in float64 (the
+    reference) in inference too: the masks path's fused kernels compute in float32,
+    and it gave every hidden layer float32 currents (3e-8 from the float64 dense SNN)."""
+    snn = to_snn(tiny_dncnn(), images(1), 4, per_channel=True, v0="half").double()
+    x = images(1, n=1, seed=3)[0].double()
+    with torch.no_grad():
+        ref = snn(x)
+        seen = []
+        hook = snn.neurons_[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+        out = snn.use_spike_conv(True)(x)
+        hook.remove()
+    assert seen == [torch.float64] and out.dtype == torch.float64
+    assert float((out - ref).abs().max()) < 1e-12
+
+
 @pytest.mark.parametrize("arch", ["dncnn", "aodnet"])
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_energy_ratio_estimate_matches_counted_sops(arch, neuron):

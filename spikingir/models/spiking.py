@@ -305,8 +305,10 @@ class SpikingChain(_SpikingNet):
         over as channel bit masks (:class:`~spikingir.ops.SpikeMasks`; the same
         result), else as float tensors; the hidden neurons then keep no ``v_final``
         after a forward (only the read-out layer's is needed; memory). A hidden conv
-        that spike_conv2d does not support (see the class docstring) stays dense.
-        Returns ``self``."""
+        that spike_conv2d does not support (see the class docstring) stays dense, and
+        so does one with forward hooks (on it or its ``SeqToBatch``; global ones too):
+        it is called as a module, on the ``theta * s`` values, so its hooks run and
+        see what they see without spike_conv2d. Returns ``self``."""
         self.spike_conv = bool(on)
         self.spike_masks = bool(masks)
         self.spike_conv_backend = backend
@@ -327,6 +329,15 @@ class SpikingChain(_SpikingNet):
     def _on_spike_conv(self, conv):
         """Whether ``conv`` (a hidden one) runs on spike_conv2d."""
         return self.spike_conv and spike_conv_supports(conv)
+
+    def _spike_values(self, neuron, s):
+        """The values ``neuron`` would emit with ``scale_output`` for its 0/1 spikes
+        ``s`` [steps, B, C, H, W]: theta per IF-step spike, beta per reuse-step one."""
+        theta = _per_channel(neuron.effective_theta())
+        T = self.timesteps
+        if s.shape[0] > T:  # MPRN reuse step
+            return torch.cat([s[:T] * theta, s[T:] * _per_channel(neuron.beta)])
+        return s * theta
 
     def _conv_spikes(self, conv, s, neuron, buf=None):
         """``conv`` of the binary spikes ``s`` [steps, B, C, H, W] (a tensor or
@@ -380,8 +391,10 @@ class SpikingChain(_SpikingNet):
         # (1 bit per spike) that spike_conv2d reads directly (no float spikes);
         # only when a fused kernel would take them: the reference (cuDNN /
         # oneDNN) would unpack them again.
+        # The fused kernels compute in float32: a float64 network (.double()) runs
+        # on float spikes, through the reference in float64.
         masks = (self.spike_conv and self.spike_masks and not torch.is_grad_enabled()
-                 and not self._track_energy
+                 and not self._track_energy and current.dtype in ops.backends.FUSED_DTYPES
                  and ops.backends.choose("spike_conv2d_masks", x.device, torch.float32,
                                          self.spike_conv_backend) != "torch")
         # With masks, a hidden conv's output is read only by the next neurons,
@@ -389,14 +402,19 @@ class SpikingChain(_SpikingNet):
         # serves every layer of its shape. A fresh [steps, B, C, H, W] tensor
         # per layer is paid again in page faults on the CPU, where glibc maps
         # tensors this large anew each time (measured: benchmarks/RESULTS.md).
+        # Not a tensor a hook was handed (it may keep it: collected activations
+        # would all be overwritten by the last layer's), nor conv1's expanded view.
         # The last neurons emit masks too: the read-out needs only their spike
         # counts, not a float [steps, B, C, H, W] of spikes beside that buffer.
-        y = None
+        y, reusable = None, False
         for i, neuron in enumerate(self.neurons_):
             last = i == len(self.hidden)
             nxt = self.mapper.conv if last else self.hidden[i].module
+            # a hooked hidden conv is called as a module, so its hooks run
+            hooked = not last and (_has_hooks(self.hidden[i]) or _has_hooks(nxt))
             on_spikes = not last and self._on_spike_conv(nxt)
-            y = neuron(cur, emit="masks" if masks and (on_spikes or last) else "values")
+            fused = on_spikes and not hooked
+            y = neuron(cur, emit="masks" if masks and (fused or last) else "values")
             if masks and not last and not neuron.stateful:
                 # the read-out needs the last layer's leftover potential only; one
                 # [B, C, H, W] per hidden layer kept as state was the largest
@@ -404,8 +422,12 @@ class SpikingChain(_SpikingNet):
                 neuron.v_final = None
             self._count(f"neuron{i + 1}", neuron, y, [(nxt, slice(None))])
             if not last:
-                buf = cur if masks and cur.stride(0) != 0 else None  # never conv1's expanded view
-                cur = self._conv_spikes(nxt, y, neuron, buf) if on_spikes else self.hidden[i](y)
+                buf = cur if masks and reusable and not _has_hooks(neuron) else None
+                if fused:
+                    cur = self._conv_spikes(nxt, y, neuron, buf)
+                else:  # 0/1 spikes (scale_output off for spike_conv2d) back to theta * s
+                    cur = self.hidden[i](self._spike_values(neuron, y) if on_spikes else y)
+                reusable = not hooked
         rate = self._rate(self.neurons_[-1], y)
         self._finish_stats(self.mapper.conv, tuple(rate.shape))
         out = self.mapper(rate)
