@@ -624,6 +624,10 @@ def test_stateful_neuron_in_chunks_and_tensor_alpha_moves_with_the_module():
     assert d.alpha.dtype == torch.float64
     e = IFNeuron(0.5, num_channels=3, alpha=torch.tensor([2.0, 4.0, 8.0])).to_empty(device="cpu")
     assert torch.equal(e.alpha, torch.tensor([2.0, 4.0, 8.0]))  # not in the state dict: kept
+    # also by to_empty of a module holding the neuron (an SNN): that reaches the
+    # neuron's _apply only, which gave alpha uninitialised memory (lifecycle audit)
+    net = torch.nn.Sequential(IFNeuron(0.5, num_channels=3, alpha=torch.tensor([2.0, 4.0, 8.0])))
+    assert torch.equal(net.to_empty(device="cpu")[0].alpha, torch.tensor([2.0, 4.0, 8.0]))
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

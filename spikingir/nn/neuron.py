@@ -115,18 +115,15 @@ class _MultiStepNeuron(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # A per-channel tensor alpha is a plain attribute (it may also be a float),
         # so it is moved here with the parameters (.to("cuda"), .double(), ...).
+        # fn gives the device and dtype, a conversion the values: fn may be
+        # to_empty's empty_like (on this neuron or on a module holding it), which
+        # leaves parameters for a load_state_dict to fill, but alpha is not in the
+        # state dict. A meta alpha has no values to keep.
         super()._apply(fn, *args, **kwargs)
         if isinstance(self.alpha, torch.Tensor):
-            self.alpha = fn(self.alpha)
-        return self
-
-    def to_empty(self, *, device, recurse=True):
-        # to_empty leaves parameters uninitialised for a load_state_dict to fill;
-        # alpha is not in the state dict, so it keeps its values.
-        alpha = self.alpha
-        super().to_empty(device=device, recurse=recurse)
-        if isinstance(alpha, torch.Tensor):
-            self.alpha = alpha.to(device)
+            moved = fn(self.alpha)
+            self.alpha = moved if self.alpha.is_meta else \
+                self.alpha.to(device=moved.device, dtype=moved.dtype)
         return self
 
     def __getstate__(self):
