@@ -484,6 +484,19 @@ def test_user_hooks_on_a_spike_conv_snn_see_the_dense_networks_tensors(neuron):
     assert torch.equal(conv["inp"], ref_conv["inp"]) and torch.equal(conv["out"], ref_conv["out"])
 
 
+def test_repr_names_the_snns_settings():
+    """print(snn) shows T, the neuron kind, the read-out and the spike-conv mode,
+    and the neurons' non-default options (it showed layers only)."""
+    snn = to_snn(tiny_dncnn(), images(1), 6, neuron="if")
+    text = repr(snn)
+    assert "timesteps=6, neuron_kind='if', recycling=True, readout_clamp='rate'" in text
+    assert "spike_conv" not in text and "scale_output" not in text
+    text = repr(snn.use_spike_conv(True, backend="torch"))
+    assert "spike_conv=True, spike_conv_backend='torch'" in text
+    assert all("scale_output=False" in repr(n) for n in snn.neurons_[:-1])  # they emit 0/1
+    assert "scale_output" not in repr(snn.neurons_[-1])
+
+
 def test_float64_spike_conv_snn_computes_in_float64():
     """A .double() SNN in spike-conv mode runs its hidden convs in float64 (the
     reference) in inference too: the masks path's fused kernels compute in float32,

@@ -103,6 +103,10 @@ class _SpikingNet(nn.Module):
         self.energy_ratio = None
         return self
 
+    def extra_repr(self):
+        return (f"timesteps={self.timesteps}, neuron_kind={self.neuron_kind!r}, "
+                f"recycling={self.recycling}, readout_clamp={self.readout_clamp!r}")
+
     def _spike_total(self, neuron, y):
         """Spikes of one layer over all its neurons and steps, a differentiable
         scalar: ``y`` holds ``theta * s`` (IF steps) and ``beta * s`` (reuse
@@ -280,6 +284,11 @@ class SpikingChain(_SpikingNet):
         self.spike_conv = False
         self.spike_conv_backend = "auto"
         self.spike_masks = True
+
+    def extra_repr(self):
+        on = (f", spike_conv=True, spike_conv_backend={self.spike_conv_backend!r}, "
+              f"spike_masks={self.spike_masks}") if self.spike_conv else ""
+        return super().extra_repr() + f", residual={self.residual}" + on
 
     def convs(self):
         """The convolutions in the ANN's order: conv1, the hidden ones, the mapper's."""

@@ -193,9 +193,16 @@ class _MultiStepNeuron(nn.Module):
 
     def extra_repr(self):
         shape = "scalar" if self.num_channels is None else f"C={self.num_channels}"
-        return (f"theta={shape}, v_init={self.v_init!r}, surrogate={self.surrogate!r}, "
+        text = (f"theta={shape}, v_init={self.v_init!r}, surrogate={self.surrogate!r}, "
                 f"alpha={self.alpha}, scale_free_surrogate={self.scale_free_surrogate}, "
                 f"backend={self.backend!r}")
+        # the other options where they are not the defaults (spike-conv SNNs turn
+        # scale_output off in their hidden neurons)
+        for name, default in (("trainable", True), ("detach_reset", False), ("scale_output", True),
+                              ("save_dtype", torch.float32), ("stateful", False)):
+            if getattr(self, name) != default:
+                text += f", {name}={getattr(self, name)}"
+        return text
 
 
 class IFNeuron(_MultiStepNeuron):
