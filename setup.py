@@ -87,7 +87,11 @@ def extensions():
     sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fno-trapping-math lets gcc if-convert float compares, so the neuron loops vectorise.
     # -g0: Python's CFLAGS add -g, 9 of the extension's 10 MB (a wheel ships it).
-    cxx = ["-O3", "-std=c++20", "-fno-trapping-math", "-g0"]
+    # No -std: when none is given, BuildExtension adds the standard the installed torch's
+    # headers need, for g++ and nvcc alike (C++17 in older torch, C++20 in torch 2.13).
+    # The sources compile as either. A fixed -std=c++20 broke the CUDA build on torch
+    # 2.6's CUDA 11.8 toolchain: nvcc knows C++20 only from CUDA 12.0.
+    cxx = ["-O3", "-fno-trapping-math", "-g0"]
     # at::parallel_for is a header template: without the compiler's OpenMP flag
     # (_OPENMP undefined) it silently runs every CPU kernel on one thread.
     # Linked with -fopenmp, the extension shares the libgomp.so.1 torch loaded.
@@ -95,7 +99,7 @@ def extensions():
     cxx += omp
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"] + _cuda_arch_flags()
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + _cuda_arch_flags()
         return [CUDAExtension("spikingir._C", sources,
                               extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                               extra_link_args=omp)]
