@@ -1,6 +1,7 @@
 """Tests of the fused IF / MPRN neuron ops against the float64 reference."""
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -480,6 +481,19 @@ def test_extension_built_against_another_torch_is_explained():
     assert "--no-build-isolation" in msg
     other = "libfoo.so: cannot open shared object file"
     assert backends._explain_import_error(other) == other
+
+
+def test_a_torch_older_than_the_floor_is_refused_at_import():
+    """A torch older than the floor in pyproject.toml is one ImportError naming both
+    versions (an older torch failed in the op registration with an AttributeError
+    from torch.library); a pre-release or local build of a supported release passes."""
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    floor = re.search(r'"torch>=(\d+)\.(\d+)"', pyproject.read_text())
+    assert tuple(map(int, floor.groups())) == backends.TORCH_MIN
+    with pytest.raises(ImportError, match=r"needs torch >= 2\.6, found torch 2\.5\.1\+cu124"):
+        backends._check_torch_version("2.5.1+cu124")
+    for supported in ("2.6.0", "2.6.0a0+ecf3bae40a", "2.13.0+cpu", "3.0.0", torch.__version__):
+        backends._check_torch_version(supported)
 
 
 def test_building_without_torch_says_what_to_do(tmp_path):

@@ -15,9 +15,30 @@ explicitly is used or refused with an error that says why, never swapped.
 """
 import functools
 import os
+import re
 import warnings
 
 import torch
+
+#: The oldest torch spikingir supports (pyproject.toml's floor). The ops register
+#: with torch.library.register_fake / register_autograd and look for torch.func
+#: transforms with torch._C._functorch.maybe_current_level, all torch 2.4 APIs: an
+#: older torch failed at import with an AttributeError from inside the registration.
+TORCH_MIN = (2, 6)
+
+
+def _check_torch_version(version):
+    """ImportError unless ``version`` (``torch.__version__``) is at least
+    :data:`TORCH_MIN`; a pre-release or local build counts as its release
+    (``2.6.0a0+git...`` is 2.6)."""
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    if m and (int(m[1]), int(m[2])) < TORCH_MIN:
+        raise ImportError(f"spikingir needs torch >= {TORCH_MIN[0]}.{TORCH_MIN[1]}, found torch "
+                          f"{version}: upgrade torch, then rebuild spikingir's extension against "
+                          "it (pip install --no-build-isolation -e .)")
+
+
+_check_torch_version(torch.__version__)
 
 try:  # importing the extension runs its TORCH_LIBRARY registrations
     from spikingir import _C  # noqa: F401
