@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["E_MAC_PJ", "E_SOP_PJ", "conv_macs", "ann_macs", "ann_energy_mj", "mac_energy_mj",
-           "sop_energy_mj", "snn_energy_mj", "conv_fanout", "conv_mean_fanout", "conv_sops"]
+__all__ = ["E_MAC_PJ", "E_SOP_PJ", "conv_macs", "counted_conv_macs", "ann_macs", "ann_energy_mj",
+           "mac_energy_mj", "sop_energy_mj", "snn_energy_mj", "conv_fanout", "conv_mean_fanout",
+           "conv_sops"]
 
 E_MAC_PJ = 4.6  # pJ per multiply-accumulate (45 nm, 32-bit float; Horowitz 2014)
 E_SOP_PJ = 0.9  # pJ per synaptic (accumulate-only) operation
@@ -115,18 +116,7 @@ def conv_macs(model: nn.Module, input_shape, device="meta") -> list[tuple[str, n
         run = copy.deepcopy(model).to("meta")
     else:
         run = model
-    names = {m: n for n, m in run.named_modules()}
-    records: list[tuple[str, nn.Conv2d, int]] = []
-
-    def hook(mod, inputs, output):
-        kh, kw = mod.kernel_size
-        macs = output.numel() * (mod.in_channels // mod.groups) * kh * kw
-        records.append((names[mod], mod, int(macs)))
-
-    handles = [m.register_forward_hook(hook) for m in run.modules() if isinstance(m, nn.Conv2d)]
-    if not handles:
-        raise ValueError(f"conv_macs: {type(model).__name__} has no nn.Conv2d layers")
-    try:
+    with counted_conv_macs(run, "conv_macs") as records:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         x = torch.zeros(shape, device=device, dtype=dtype)
         with torch.no_grad(), kept_modes(run):
@@ -140,13 +130,36 @@ def conv_macs(model: nn.Module, input_shape, device="meta") -> list[tuple[str, n
                 raise RuntimeError(f"conv_macs: the forward of {type(model).__name__} fails on the "
                                    f"meta device ({err}); if it runs on real tensors, pass "
                                    "device='cpu'") from err
-    finally:
-        for h in handles:
-            h.remove()
     if run is not model:  # report the caller's modules, not the meta copy's
         orig = dict(model.named_modules())
         records = [(n, orig[n], m) for n, _, m in records]
     return records
+
+
+@contextlib.contextmanager
+def counted_conv_macs(model: nn.Module, caller="counted_conv_macs"):
+    """Counts conv MACs of the forwards that run in the ``with`` block: yields the
+    list ``[(name, conv, macs), ...]`` (:func:`conv_macs`' records, in call order)
+    that every ``nn.Conv2d`` call of ``model`` appends to. Counting the forward a
+    caller runs anyway gives ``conv_macs``' figure for that input's shape without
+    a second forward (``spikingir evaluate``: the first meta-device forward took
+    3.4 s on the 2-core VM, importing torch._dynamo for its elementwise ops)."""
+    names = {m: n for n, m in model.named_modules()}
+    records: list[tuple[str, nn.Conv2d, int]] = []
+
+    def hook(mod, inputs, output):
+        kh, kw = mod.kernel_size
+        macs = output.numel() * (mod.in_channels // mod.groups) * kh * kw
+        records.append((names[mod], mod, int(macs)))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not handles:
+        raise ValueError(f"{caller}: {type(model).__name__} has no nn.Conv2d layers")
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def conv_call_macs(conv: nn.Conv2d, batch: int, height: int, width: int):

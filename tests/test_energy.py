@@ -299,3 +299,33 @@ def test_aodnet_snn_stats_match_an_independent_recount():
     assert snn.energy_mj() == pytest.approx(((3 * 3 * H * W + offset_macs) * 4.6 + sops * 0.9) * 1e-9,
                                             rel=1e-12)
     assert snn.firing_rate() == pytest.approx(rate, rel=1e-12)
+
+
+def test_counted_conv_macs_is_conv_macs_of_the_forward_run():
+    """Counting the forward a caller runs (evaluate's ANN energy) gives conv_macs'
+    records for that input's shape; the hooks are gone afterwards."""
+    from spikingir.energy import counted_conv_macs
+    m = AODNet().eval()
+    with counted_conv_macs(m) as calls:
+        with torch.no_grad():
+            m(torch.rand(1, 3, 20, 24))
+    assert [(n, c, macs) for n, c, macs in calls] == conv_macs(m, (1, 3, 20, 24))
+    assert not any(c._forward_hooks for c in m.modules())
+    with pytest.raises(ValueError, match="evaluate: ReLU has no nn.Conv2d"):
+        with counted_conv_macs(nn.ReLU(), "evaluate"):
+            pass
+
+
+def test_evaluate_ann_energy_is_ann_energy_mj():
+    """evaluate's ANN energy (counted on its forward) is ann_energy_mj's (a meta forward)."""
+    from spikingir.convert import to_snn
+    from spikingir.evaluate import Sample, evaluate
+    torch.manual_seed(0)
+    ann = DnCNN(depth=4, channels=6, batchnorm=False).eval()
+    samples = [Sample(f"s{i}", torch.rand(1, 1, 16 + i, 13), np.random.default_rng(i).random((16 + i, 13)))
+               for i in range(2)]
+    snn = to_snn(ann, [samples[0].inputs], 2)
+    report = evaluate("denoise", ann, snn, samples, [2], sigma=25)
+    expected = np.mean([ann_energy_mj(ann, tuple(s.inputs.shape)) for s in samples])
+    assert report["ann"]["energy_mj"] == float(expected)
+
