@@ -275,13 +275,24 @@ def conv_sops(conv: nn.Conv2d, spikes: torch.Tensor) -> int:
     if spikes.dim() != 4 or spikes.shape[1] != conv.in_channels:
         raise ValueError(f"conv_sops: spikes must be [B, {conv.in_channels}, H, W] or "
                          f"[T, B, {conv.in_channels}, H, W], got {tuple(spikes.shape)}")
+    g = conv.groups
+    # per group: sum of spikes over the group's channels, then count per output window
+    s = spikes.detach().to(torch.float64).unflatten(1, (g, conv.in_channels // g)).sum(2)
+    return _window_sops(conv, s)
+
+
+def _window_sops(conv: nn.Conv2d, group_sums: torch.Tensor) -> int:
+    """:func:`conv_sops` from the spikes summed per pixel over each group's input
+    channels, ``group_sums`` [N, groups, H, W] (any dtype holding the counts
+    exactly; summed in float64): for every output element, the spikes in its
+    receptive field, times the group's Cout / groups outputs. A caller that
+    has these sums (e.g. ``SpikeMasks.pixel_counts`` for ``groups == 1``) skips
+    the per-channel counts."""
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         raise ValueError("conv_sops: only numeric zero padding is supported")
     kh, kw = _pair(conv.kernel_size)
     g = conv.groups
-    cin_g, cout_g = conv.in_channels // g, conv.out_channels // g
-    # per group: sum of spikes over the group's channels, then count per output window
-    s = spikes.detach().to(torch.float64).unflatten(1, (g, cin_g)).sum(2)  # [N, g, H, W]
+    s = group_sums.to(torch.float64)  # integers < 2^53: every sum below is exact
     ones = torch.ones(g, 1, kh, kw, dtype=torch.float64, device=s.device)
     per_out = F.conv2d(s, ones, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=g)
-    return int(round(per_out.sum().item() * cout_g))
+    return int(round(per_out.sum().item() * (conv.out_channels // g)))

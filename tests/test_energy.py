@@ -329,3 +329,27 @@ def test_evaluate_ann_energy_is_ann_energy_mj():
     expected = np.mean([ann_energy_mj(ann, tuple(s.inputs.shape)) for s in samples])
     assert report["ann"]["energy_mj"] == float(expected)
 
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_stats_of_masks_and_float_spikes_agree(groups):
+    """A layer's recorded spikes and SOPs are the same integers whether its spikes
+    come as SpikeMasks or float values, and equal conv_sops of the spikes (groups 1:
+    from the per-pixel counts; groups 2: from the per-neuron counts)."""
+    from spikingir.models.spiking import SpikingChain, make_neuron
+    from spikingir.ops import SpikeMasks
+    s = (torch.rand(5, 2, 6, 9, 7, generator=torch.Generator().manual_seed(4)) < 0.4).float()
+    convs = [nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1, groups=groups)]
+    targets = [(convs[1], slice(None)), (nn.Conv2d(8, 3, 5, padding=2), slice(2, 8))]
+    stats = []
+    for y in (SpikeMasks.from_dense(s), s * 0.7):
+        snn = SpikingChain(convs, [make_neuron("if", 1.0)], timesteps=5, neuron_kind="if",
+                           recycling=False).record_stats()
+        snn._start_stats(torch.zeros(2, 1, 9, 7), snn.conv1)
+        snn._count("l1", snn.neurons_[0], y, targets)
+        stats.append(snn.stats["layers"][0])
+    full = torch.zeros(5, 2, 8, 9, 7)
+    full[:, :, 2:] = s
+    assert stats[0] == stats[1] == {
+        "name": "l1", "spikes": int(s.sum()), "neurons": 2 * 6 * 9 * 7,
+        "firing_rate": int(s.sum()) / (2 * 6 * 9 * 7 * 5),
+        "sops": conv_sops(convs[1], s) + conv_sops(targets[1][0], full)}

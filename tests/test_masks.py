@@ -72,6 +72,27 @@ def test_counts_per_neuron(shape, dim):
     assert torch.equal(counts, s.sum(dim % (len(shape) - 3)))
 
 
+def test_popcount_random_words():
+    """The per-byte SWAR count equals Python's bit count on any int64 (the sign bit too)."""
+    words = torch.randint(-2 ** 63, 2 ** 63 - 1, (7, 9), generator=torch.Generator().manual_seed(3))
+    assert popcount(words).tolist() == [[bin(w & (2 ** 64 - 1)).count("1") for w in row]
+                                        for row in words.tolist()]
+
+
+@pytest.mark.parametrize("shape,dim", [((11, 2, 64, 5, 7), 0), ((3, 4, 130, 2, 9), 1),
+                                       ((300, 1, 3, 2, 2), 0), ((2, 5, 1, 3, 3), -1)])
+def test_pixel_counts_are_counts_summed_over_channels(shape, dim):
+    """pixel_counts(dim) == counts(dim).sum over the channels, as int64 (300 steps at
+    90 % firing: no byte lane overflows)."""
+    s = (torch.rand(shape, generator=torch.Generator().manual_seed(2)) < 0.9).float()
+    m = SpikeMasks.from_dense(s)
+    got = m.pixel_counts(dim)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, m.counts(dim).sum(-3).to(torch.int64))
+    with pytest.raises(IndexError, match="not a lead dimension"):
+        m.pixel_counts(len(shape) - 3)
+
+
 def test_counts_bad_dim():
     with pytest.raises(IndexError, match="not a lead dimension"):
         SpikeMasks.from_dense(torch.zeros(2, 3, 4, 4)).counts(1)

@@ -29,11 +29,24 @@ def _interleave(planes):
     return torch.stack(planes, -1).flatten(-2)
 
 
+def _byte_popcounts(words):
+    """Set bits of every byte of the int64 ``words`` [..., K]: uint8 [..., 8 K]
+    (byte 8 k + q: byte q of word k). The SWAR bit count on bytes: each 2-bit
+    field becomes its count (``v - v // 2``), then each nibble the sum of its
+    two fields, then the byte the sum of its nibbles; no field overflows (2, 4,
+    8 fit) and uint8 shifts are logical. Measured on the 2-core VM (1 thread,
+    [11, 1, 160, 160, 1] words): popcount 13 ms against 20 ms from the eight bit
+    planes, SpikeMasks.pixel_counts 5-7 ms against 17 ms for counts(0).sum(-3)."""
+    b = words.contiguous().view(torch.uint8)
+    b = b - ((b >> 1) & 0x55)
+    b = (b & 0x33) + ((b >> 2) & 0x33)
+    return (b + (b >> 4)) & 0x0F
+
+
 def popcount(words):
-    """Set bits of each int64 of ``words`` (int64 tensor, same shape): the bit
-    planes summed (<= 8 per byte), then the 8 bytes of each word."""
-    lanes = sum(_bit_planes(words))
-    return lanes.view(torch.uint8).view(*words.shape, 8).sum(-1, dtype=torch.int64)
+    """Set bits of each int64 of ``words`` (int64 tensor, same shape): the bytes'
+    bit counts summed per word."""
+    return _byte_popcounts(words).view(*words.shape, 8).sum(-1, dtype=torch.int64)
 
 
 class SpikeMasks:
@@ -116,6 +129,19 @@ class SpikeMasks:
                       for part in plane.split(255, dim))
                   for plane in _bit_planes(self.bits)]
         return _interleave(planes)[..., :self.channels].movedim(-1, -3)
+
+    def pixel_counts(self, dim=0):
+        """Spikes per pixel summed over the channels and lead dimension ``dim``
+        (e.g. the steps): int64 ``[*lead without dim, H, W]``, exactly
+        ``counts(dim).sum(-3)`` (what a convolution's synaptic operations need,
+        :func:`spikingir.energy.conv_sops`), without the per-channel counts: the
+        bytes' bit counts (<= 8) summed over ``dim``, then over the pixel's bytes."""
+        lead = self.bits.dim() - 3
+        if not -lead <= dim < lead:
+            raise IndexError(f"SpikeMasks.pixel_counts: dim {dim} is not a lead dimension "
+                             f"(there are {lead})")
+        return _byte_popcounts(self.bits).sum(dim % lead, dtype=torch.int32).sum(
+            -1, dtype=torch.int64)
 
     @classmethod
     def from_dense(cls, s):
