@@ -49,6 +49,22 @@ def test_psnr_matches_convention():
     assert psnr(clean, restored) == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(32, 40), (17, 23, 3), (1, 3, 20, 26)])
+def test_psnr_is_skimages_bit_for_bit(shape):
+    """psnr computes skimage's peak_signal_noise_ratio itself (skimage's imports
+    scipy.stats, ~1 s of every command): the same float, not just close, for
+    gray, RGB and a non-contiguous 1 x C x H x W tensor (its H x W x C view)."""
+    for seed in range(4):
+        clean, restored = _pair(shape, seed=seed, noise=0.02 * (seed + 1))
+        if len(shape) == 4:
+            clean, restored = torch.from_numpy(clean), torch.from_numpy(restored)
+        c8 = to_uint8(clean)
+        c8 = np.moveaxis(c8[0], 0, -1) if c8.ndim == 4 else c8
+        r8 = to_uint8(restored)
+        r8 = np.moveaxis(r8[0], 0, -1) if r8.ndim == 4 else r8
+        assert psnr(clean, restored) == peak_signal_noise_ratio(c8, r8, data_range=255)
+
+
 def test_ssim_matches_convention():
     clean, restored = _pair((32, 40))
     c8, r8 = to_uint8(clean), to_uint8(restored)
