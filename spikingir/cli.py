@@ -63,7 +63,7 @@ def _unit_float(text):
 # --------------------------------------------------------------------------
 
 def _add_bench_neuron(bench_sub):
-    from spikingir.bench import neuron as bn  # light: torch is imported anyway
+    from spikingir.bench import neuron_args as bn  # no torch: --help stays fast
 
     p = bench_sub.add_parser(
         "neuron", help="time the multistep IF neuron: naive loop, torch.compile, every backend",

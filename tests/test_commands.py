@@ -427,6 +427,22 @@ def test_cli_sets_huge_pages_before_torch_loads():
     assert out.stdout.split() == ["False", "0"]
 
 
+def test_parser_does_not_import_torch():
+    """The parser is built for every command: `spikingir --help` (and a usage error)
+    answers without importing torch (~3 s; it imported spikingir.bench.neuron for
+    the bench options' defaults), and those defaults are the bench's."""
+    import subprocess
+    import sys
+    code = ("import sys; from spikingir.cli import _build_parser; p = _build_parser(); "
+            "p.parse_args(['bench', 'neuron']); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]
+    from spikingir.bench import neuron as bn
+    from spikingir.cli import _build_parser
+    args = _build_parser().parse_args(["bench", "neuron"])
+    assert args.modes == list(bn.MODES) and args.T is None and args.N is None
+
+
 @pytest.mark.parametrize("amp", [False, True])
 def test_finetune_continues_an_snn_with_an_energy_term(files, tmp_path, capsys, amp):
     """finetune --snn-weights starts from a saved SNN (no conversion), and

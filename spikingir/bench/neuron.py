@@ -48,20 +48,15 @@ import time
 
 import torch
 
+from spikingir.bench.neuron_args import (DEFAULT_N, DEFAULT_T, MODES, QUICK_N, QUICK_T,  # noqa: F401
+                                         SKIPPABLE)
 from spikingir.ops import SpikeMasks, backends, if_multistep
 
-MODES = ("fwd", "fwdbwd")
 MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward+backward"}
-DEFAULT_T = (4, 10, 32)
-DEFAULT_N = {"cpu": (100_000, 1_000_000), "cuda": (1_000_000, 8_000_000)}
-QUICK_T = (10,)
-QUICK_N = {"cpu": (100_000, 1_000_000), "cuda": (1_000_000, 8_000_000)}
 #: Byte floor per neuron-step, fp32 (see the module docstring).
 BYTES_PER_NEURON_STEP = {"fwd": 8, "fwdbwd": 24}
 #: Assumed achievable GPU memory bandwidth for the floor (H100 SXM: 3.35 TB/s nominal).
 GPU_PEAK_BYTES_PER_S = 3.0e12
-#: Columns that ``skip`` may leave out (the naive loop is the baseline of every ratio).
-SKIPPABLE = ("compile", "torch", "cpp", "cuda", "triton", "spikingjelly")
 THETA = 1.0
 ALPHA = 4.0
 
