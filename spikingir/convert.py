@@ -400,8 +400,9 @@ def _calibrate_chain(snn, ann_convs, images, method, bias_iters, ridge, target_f
             read from the neuron's state right after that image's run."""
             out = []
             for cur in currents:
-                y = neuron(cur)
-                out.append((y, snn._rate(neuron, y) if readout else y.sum(0) / T))
+                v_final = []
+                y = neuron(cur, v_final_out=v_final)
+                out.append((y, snn._rate(neuron, y, v_final[0]) if readout else y.sum(0) / T))
             return out
 
         spikes, rates = map(list, zip(*_correct_bias(convs[i], currents, layer_outputs, z,

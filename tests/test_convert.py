@@ -513,6 +513,51 @@ def test_float64_spike_conv_snn_computes_in_float64():
     assert float((out - ref).abs().max()) < 1e-12
 
 
+@pytest.mark.parametrize("arch", ["dncnn", "dncnn-masks", "aodnet"])
+def test_one_snn_serves_calls_that_interleave(arch):
+    """Threads sharing one SNN: another call that runs between a forward's neurons
+    and its read-out (here, deterministically, from a hook on the last neurons)
+    leaves that forward's output as it was. The read-out read the neurons'
+    ``v_final`` attribute, which the other call had overwritten: with threads,
+    outputs of another image's potential (same sizes) or a shape error."""
+    ann, c = (tiny_dncnn(), 1) if arch.startswith("dncnn") else (tiny_aodnet(), 3)
+    snn = to_snn(ann, images(c), 4, backend="cpp")
+    if arch.startswith("dncnn"):
+        snn.use_spike_conv(arch == "dncnn-masks", backend="cpp")
+    x, other, smaller = (torch.rand(1, c, s, s, generator=torch.Generator().manual_seed(k))
+                         for k, s in ((0, 12), (1, 12), (2, 10)))
+    with torch.no_grad():
+        ref = snn(x)
+        for between in (other, smaller):
+            hook = snn.neurons_[-1].register_forward_hook(
+                lambda m, i, o, between=between: (hook.remove(), snn(between)) and None)
+            out = snn(x)
+            hook.remove()
+            assert torch.equal(out, ref)
+    # and with real threads, each on its own image, against a single-thread run
+    import threading
+    xs = images(c, n=4, size=12, seed=3) + images(c, n=2, size=10, seed=4)
+    with torch.no_grad():
+        refs = [snn(im) for im in xs]
+    got, errors = {}, []
+
+    def work(k):
+        try:
+            with torch.no_grad():
+                got[k] = [snn(xs[k]) for _ in range(3)]
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k, outs in got.items():
+        assert all(torch.equal(o, refs[k]) for o in outs), f"image {k}"
+
+
 @pytest.mark.parametrize("arch", ["dncnn", "aodnet"])
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_energy_ratio_estimate_matches_counted_sops(arch, neuron):

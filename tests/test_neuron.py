@@ -595,6 +595,13 @@ def test_modules():
     assert n.theta.grad.shape == (3,)
     n.reset()
     assert n.v_final is None
+    own = []  # this call's v_final, whatever another thread's call sets the attribute to
+    for neuron in (n, MPRNeuron(1.0, num_channels=3)):
+        own.clear()
+        neuron(x, v_final_out=own)
+        assert len(own) == 1 and own[0] is neuron.v_final
+    with pytest.raises(TypeError, match="v_final_out: expected None or a list"):
+        n(x, v_final_out=())
     frozen = IFNeuron(1.0, trainable=False)
     assert "theta" in frozen.state_dict() and not list(frozen.parameters())
     m = MPRNeuron(1.0, beta=0.5, num_channels=3)

@@ -13,6 +13,12 @@ files saved before 2026-11-29, which keep their published figures). Since the
 mapper is linear, ``Mapper(mean_t y[t]) = mean_t Mapper(y[t])`` up to its bias,
 which is added once.
 
+Several threads can run one network at once, each on its own input: a forward
+reads the final potentials of its own neurons' runs (their ``v_final_out``), not
+the ``v_final`` attributes another thread's call may have set in between. Not
+with stateful neurons, ``record_stats`` or ``track_energy``, whose state is the
+module's (one network per thread there).
+
 ``record_stats()`` turns on counting of spikes and synaptic operations (for
 firing rates and energy); ``stats`` then holds them for the last forward.
 ``track_energy()`` makes each forward also leave ``energy_ratio``: a
@@ -152,7 +158,9 @@ class _SpikingNet(nn.Module):
             return None
         return (_per_channel(neuron.effective_theta()) / 2).expand(like.shape)
 
-    def _rate(self, neuron, y):
+    def _rate(self, neuron, y, v_final):
+        """The read-out rate of ``neuron``'s spikes ``y`` and final potential
+        ``v_final`` (that call's, see the module docstring on threads)."""
         if isinstance(y, ops.SpikeMasks):
             # the values the neuron would have emitted, summed over the steps:
             # theta per IF-step spike, beta per reuse-step spike
@@ -162,7 +170,7 @@ class _SpikingNet(nn.Module):
                 total = total + y[T:].counts(0) * _per_channel(neuron.beta)
             # counts are float32; the emitted values would have the layer's dtype
             y = total.unsqueeze(0).to(neuron.theta.dtype)  # one "step" holding the sum
-        return spike_rate(y, neuron.v_final, self._v0(neuron, neuron.v_final), self.timesteps,
+        return spike_rate(y, v_final, self._v0(neuron, v_final), self.timesteps,
                           self.recycling, self.readout_clamp)
 
     def _input_current(self, x):
@@ -428,7 +436,7 @@ class SpikingChain(_SpikingNet):
         # would all be overwritten by the last layer's), nor conv1's expanded view.
         # The last neurons emit masks too: the read-out needs only their spike
         # counts, not a float [steps, B, C, H, W] of spikes beside that buffer.
-        y, reusable = None, False
+        y, reusable, v_final = None, False, []
         for i, neuron in enumerate(self.neurons_):
             last = i == len(self.hidden)
             nxt = self.mapper.conv if last else self.hidden[i].module
@@ -436,7 +444,8 @@ class SpikingChain(_SpikingNet):
             hooked = not last and (_has_hooks(self.hidden[i]) or _has_hooks(nxt))
             on_spikes = not last and self._on_spike_conv(nxt)
             fused = on_spikes and not hooked
-            y = neuron(cur, emit="masks" if masks and (fused or last) else "values")
+            y = neuron(cur, emit="masks" if masks and (fused or last) else "values",
+                       v_final_out=v_final if last else None)
             if masks and not last and not neuron.stateful:
                 # the read-out needs the last layer's leftover potential only; one
                 # [B, C, H, W] per hidden layer kept as state was the largest
@@ -450,7 +459,7 @@ class SpikingChain(_SpikingNet):
                 else:  # 0/1 spikes (scale_output off for spike_conv2d) back to theta * s
                     cur = self.hidden[i](self._spike_values(neuron, y) if on_spikes else y)
                 reusable = not hooked
-        rate = self._rate(self.neurons_[-1], y)
+        rate = self._rate(self.neurons_[-1], y, v_final[0])
         self._finish_stats(self.mapper.conv, tuple(rate.shape))
         out = self.mapper(rate)
         return skip(x, out) if self.residual else out
@@ -529,15 +538,17 @@ class SpikingAODNet(_SpikingNet):
             return cur if shift is None else cur + shift
 
         c1 = self._input_current(x)
-        y1 = n1(c1.unsqueeze(0).expand(self.steps, *c1.shape))
-        y2 = n2(add_offsets(self.conv2(y1), c2, slice(0, 3)))
-        y3 = n3(add_offsets(self.conv3(torch.cat([y1, y2], 2)), c3, slice(0, 6)))
-        y4 = n4(add_offsets(self.conv4(torch.cat([y2, y3], 2)), c4, slice(3, 9)))
+        v = []  # this call's final potentials of n1..n4 (the module docstring on threads)
+        y1 = n1(c1.unsqueeze(0).expand(self.steps, *c1.shape), v_final_out=v)
+        y2 = n2(add_offsets(self.conv2(y1), c2, slice(0, 3)), v_final_out=v)
+        y3 = n3(add_offsets(self.conv3(torch.cat([y1, y2], 2)), c3, slice(0, 6)), v_final_out=v)
+        y4 = n4(add_offsets(self.conv4(torch.cat([y2, y3], 2)), c4, slice(3, 9)), v_final_out=v)
         self._count("x1", n1, y1, [(c2, slice(0, 3)), (c3, slice(0, 3)), (c5, slice(0, 3))])
         self._count("x2", n2, y2, [(c3, slice(3, 6)), (c4, slice(0, 3)), (c5, slice(3, 6))])
         self._count("x3", n3, y3, [(c4, slice(3, 6)), (c5, slice(6, 9))])
         self._count("x4", n4, y4, [(c5, slice(9, 12))])
-        rates = torch.cat([self._rate(n, y) for n, y in zip(self.neurons_, (y1, y2, y3, y4))], 1)
+        rates = torch.cat([self._rate(n, y, vf) for n, y, vf in
+                           zip(self.neurons_, (y1, y2, y3, y4), v)], 1)
         self._finish_stats(self.mapper.conv, tuple(rates.shape))
         k = torch.relu(add_offsets(self.mapper(rates), c5, slice(0, 12)))
         return torch.relu(k * x - k + 1.0)

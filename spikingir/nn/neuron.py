@@ -42,7 +42,9 @@ class _MultiStepNeuron(nn.Module):
     After each forward, ``self.v_final`` holds the final membrane potential
     (float32, float64 for float64 input; shaped like one step, still in the
     autograd graph), which
-    membrane-potential recycling needs.
+    membrane-potential recycling needs. It is the last call's, whichever thread
+    made it: code that shares a neuron between threads passes ``v_final_out``
+    (a list) to ``forward`` and reads its own call's there.
 
     Training keeps thresholds positive: the neuron uses
     ``max(theta, theta_floor)`` with ``theta_floor`` = 1% of the initial
@@ -191,6 +193,19 @@ class _MultiStepNeuron(nn.Module):
                     scale_output=self.scale_output, save_dtype=self.save_dtype,
                     backend=self.backend, validate=False)
 
+    def _keep(self, y, v_final, v_final_out):
+        """Sets ``self.v_final`` (and appends it to the list ``v_final_out``); returns
+        ``y``. The attribute is shared by every thread that calls this module, the list
+        is the caller's own: a spiking net that several threads run at once reads its
+        read-out's potential there, not another call's."""
+        if v_final_out is not None and not isinstance(v_final_out, list):
+            raise TypeError(f"v_final_out: expected None or a list, got "
+                            f"{type(v_final_out).__name__}")
+        self.v_final = v_final
+        if v_final_out is not None:
+            v_final_out.append(v_final)
+        return y
+
     def extra_repr(self):
         shape = "scalar" if self.num_channels is None else f"C={self.num_channels}"
         text = (f"theta={shape}, v_init={self.v_init!r}, surrogate={self.surrogate!r}, "
@@ -209,12 +224,13 @@ class IFNeuron(_MultiStepNeuron):
     """Integrate-and-fire neuron with soft reset: ``[T, B, ...]`` in, spikes
     (``theta * s``, or ``s`` with ``scale_output=False``) out."""
 
-    def forward(self, x_seq, emit="values"):
+    def forward(self, x_seq, emit="values", v_final_out=None):
         """``emit="masks"``: the spikes as :class:`~spikingir.ops.SpikeMasks`
-        (inference only; see :func:`spikingir.ops.if_multistep`)."""
-        y, self.v_final = ops.if_multistep(x_seq, self.effective_theta(), emit=emit,
-                                           **self._kwargs(x_seq))
-        return y
+        (inference only; see :func:`spikingir.ops.if_multistep`). ``v_final_out``:
+        None or a list that this call's ``v_final`` is appended to."""
+        y, v_final = ops.if_multistep(x_seq, self.effective_theta(), emit=emit,
+                                      **self._kwargs(x_seq))
+        return self._keep(y, v_final, v_final_out)
 
 
 class MPRNeuron(_MultiStepNeuron):
@@ -240,13 +256,14 @@ class MPRNeuron(_MultiStepNeuron):
         self._add_param("beta", self.theta.detach() if beta is None else beta)
         self.reuse_alpha = reuse_alpha
 
-    def forward(self, x_seq, emit="values"):
+    def forward(self, x_seq, emit="values", v_final_out=None):
         """``emit="masks"``: the spikes as :class:`~spikingir.ops.SpikeMasks`
-        (inference only; see :func:`spikingir.ops.mprn_multistep`)."""
-        y, self.v_final = ops.mprn_multistep(x_seq, self.effective_theta(), self.beta,
-                                             reuse_alpha=self.reuse_alpha, emit=emit,
-                                             **self._kwargs(x_seq))
-        return y
+        (inference only; see :func:`spikingir.ops.mprn_multistep`). ``v_final_out``:
+        as :meth:`IFNeuron.forward`."""
+        y, v_final = ops.mprn_multistep(x_seq, self.effective_theta(), self.beta,
+                                        reuse_alpha=self.reuse_alpha, emit=emit,
+                                        **self._kwargs(x_seq))
+        return self._keep(y, v_final, v_final_out)
 
     def extra_repr(self):
         return super().extra_repr() + f", reuse_alpha={self.reuse_alpha}"
