@@ -724,6 +724,49 @@ def test_gpu_int64_offsets(backend):
     assert_close(gx[:, tail], gxt, 1e-5, 1e-4, "grad_x tail")
 
 
+def _forward_backward(op, backend, seed, shape=(3, 2, 4, 5, 6)):
+    """y, v_final and every gradient (x, theta, beta, v0) of one per-channel call."""
+    g = torch.Generator().manual_seed(seed)
+    C = shape[2]
+    x = torch.randn(shape, generator=g).requires_grad_()
+    theta = (torch.rand(C, generator=g) + 0.5).requires_grad_()
+    beta = (torch.rand(C, generator=g) + 0.5).requires_grad_()
+    v0 = (torch.rand(shape[1:], generator=g) * 0.3).requires_grad_()
+    y, v = run(op, backend, x, theta, beta if op == "mprn" else None, v0=v0)
+    loss_of(y, v, g).backward()
+    out = [y.detach(), v.detach(), x.grad, theta.grad, v0.grad]
+    return out + ([beta.grad] if op == "mprn" else [])
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_fused_ops_run_in_several_threads_at_once(backend):
+    """Python threads calling a fused op at once, each on its own input, get what a
+    single thread gets. Triton's interpreter is not thread-safe (it patches
+    triton.language during a launch): concurrent launches failed with "Did you
+    forget to add @triton.jit?" until spikingir serialised them."""
+    import threading
+
+    seeds = range(3)
+    ref = {k: _forward_backward("mprn", backend, k) for k in seeds}
+    got, errors = {}, []
+
+    def work(k):
+        try:
+            got[k] = [_forward_backward("mprn", backend, k) for _ in range(2)]
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in seeds:
+        for outs in got[k]:
+            assert all(torch.equal(a, b) for a, b in zip(outs, ref[k])), f"thread {k}"
+
+
 @pytest.mark.skipif(not backends.HAS_CPP_OPS, reason="the C++ extension is not built")
 @pytest.mark.skipif("parallel backend: OpenMP" not in torch.__config__.parallel_info(),
                     reason="torch does not use OpenMP here")

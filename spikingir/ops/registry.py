@@ -9,6 +9,7 @@ autograd formula, whose backward calls the matching backward op.
 """
 import functools
 import importlib
+import threading
 
 import torch
 
@@ -124,14 +125,23 @@ def _register_triton(name, kernel_module):
     torch.library.impl(f"spikingir::{name}_triton", "CUDA")(_on_input_device(impl))
 
 
+#: Serialises the interpreted Triton kernels: the interpreter patches triton.language
+#: for the duration of a launch and keeps the program id in one global builder, so two
+#: threads launching at once broke each other's runs ("Did you forget to add
+#: @triton.jit?"). Reentrant: a launcher may call another op.
+_INTERPRETER_LOCK = threading.RLock()
+
+
 def _on_interpreter(name, impl):
-    """``impl`` for CPU tensors: only Triton's interpreter runs kernels on the CPU."""
+    """``impl`` for CPU tensors: only Triton's interpreter runs kernels on the CPU
+    (one call at a time, see ``_INTERPRETER_LOCK``)."""
     @functools.wraps(impl)
     def checked(*args, **kwargs):
         if not backends.TRITON_INTERPRET:
             raise RuntimeError(f"spikingir::{name}_triton runs on CPU tensors only under Triton's "
                                "interpreter: set TRITON_INTERPRET=1 before importing spikingir")
-        return impl(*args, **kwargs)
+        with _INTERPRETER_LOCK:
+            return impl(*args, **kwargs)
     return checked
 
 
