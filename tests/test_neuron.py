@@ -768,6 +768,27 @@ def test_fused_ops_run_in_several_threads_at_once(backend):
 
 
 @pytest.mark.skipif(not backends.HAS_CPP_OPS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("op", ["if", "mprn"])
+def test_cpp_results_do_not_depend_on_the_thread_count(op):
+    """Every output and gradient of the cpp neurons is bitwise the same on 1, 2 and 3
+    threads: each neuron is simulated by one task, and the per-channel sums of
+    grad_theta / grad_beta run in a fixed order (channel_sum). 2 x 12 x 9 x 10 neurons
+    per step: several kChunk = 1024 neuron tasks."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_forward_backward(op, "cpp", 4, shape=(4, 2, 12, 9, 10)))
+    finally:
+        torch.set_num_threads(threads)
+    names = ["y", "v_final", "grad_x", "grad_theta", "grad_v0", "grad_beta"]
+    for other in results[1:]:
+        for name, a, b in zip(names, results[0], other):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(not backends.HAS_CPP_OPS, reason="the C++ extension is not built")
 @pytest.mark.skipif("parallel backend: OpenMP" not in torch.__config__.parallel_info(),
                     reason="torch does not use OpenMP here")
 def test_cpp_kernels_are_compiled_with_openmp():

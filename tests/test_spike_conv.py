@@ -240,6 +240,35 @@ def test_deterministic(backend):
         assert torch.equal(gs[0][0], gs[1][0]) and torch.equal(gs[0][1], gs[1][1])
 
 
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="the C++ extension is not built")
+@pytest.mark.parametrize("rate", [0.1, 0.9])
+def test_cpp_results_do_not_depend_on_the_thread_count(rate):
+    """What the docstring promises across thread counts: the forward (event path at
+    10 %, oneDNN's dense path at 90 %; from float spikes and from SpikeMasks) and,
+    up to 25 % firing, the event kernel's weight gradient are bitwise the same on
+    1, 2 and 3 threads. (grad_s and the dense weight gradient are oneDNN's, which
+    may differ in the last bits between thread counts.)"""
+    s = spikes(6, 24, 16, 16, rate=rate, seed=8)
+    w, b = conv_params(32, 24, 3)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            wr = w.clone().requires_grad_()
+            y = ops.spike_conv2d(s, wr, b, 1, 1, backend="cpp")
+            y.square().sum().backward()
+            with torch.no_grad():
+                ym = ops.spike_conv2d(ops.SpikeMasks.from_dense(s), w, b, 1, 1, backend="cpp")
+            results.append((y.detach(), ym, wr.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert torch.equal(results[0][0], other[0]) and torch.equal(results[0][1], other[1])
+        if rate <= 0.25:
+            assert torch.equal(results[0][2], other[2])
+
+
 # ---------------------------------------------------------------------------
 # Gradients.
 # ---------------------------------------------------------------------------
