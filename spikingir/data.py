@@ -272,7 +272,17 @@ def noisy(batch: torch.Tensor, sigma, generator: torch.Generator | None = None) 
 class NoiseCollate:
     """DataLoader ``collate_fn`` that stacks clean patches and adds fresh noise:
     returns ``(noisy, clean)``, both ``[B, 1, h, w]``. See ``noisy`` for
-    ``sigma`` and ``generator``."""
+    ``sigma`` and ``generator``.
+
+    In DataLoader workers (``num_workers > 0``) a ``generator`` is not used as it
+    is: every worker would start from a copy of it in the same state, so the
+    workers' batches (and every epoch's, the workers being new copies) would get
+    the same noise. Each worker draws from a generator seeded with the
+    generator's initial seed and the worker's seed
+    (``torch.utils.data.get_worker_info().seed``, new for every worker and
+    epoch, and reproducible when the DataLoader's seed is: ``torch.manual_seed``
+    or its ``generator``). Without a generator the noise comes from torch's
+    global generator, which the DataLoader seeds per worker anyway."""
 
     def __init__(self, sigma, generator: torch.Generator | None = None):
         if isinstance(sigma, (tuple, list)):
@@ -282,10 +292,43 @@ class NoiseCollate:
         else:
             sigma = _check_sigma(sigma)
         self.sigma, self.generator = sigma, generator
+        self._worker = None  # (worker seed, the generator that worker draws from)
+
+    def _generator(self):
+        info = torch.utils.data.get_worker_info()
+        if self.generator is None or info is None:
+            return self.generator
+        if self._worker is None or self._worker[0] != info.seed:
+            # SeedSequence mixes the two seeds (a plain sum would let worker k of one
+            # epoch repeat worker k + 1 of another, whose seed is one more)
+            words = np.random.SeedSequence([self.generator.initial_seed(), info.seed % 2 ** 64])
+            seed = int(words.generate_state(1, np.uint64)[0]) >> 1  # < 2^63: manual_seed's range
+            self._worker = (info.seed, torch.Generator(self.generator.device).manual_seed(seed))
+        return self._worker[1]
 
     def __call__(self, samples):
         clean = torch.stack(list(samples))
-        return noisy(clean, self.sigma, self.generator), clean
+        return noisy(clean, self.sigma, self._generator()), clean
+
+    def __getstate__(self):
+        # The generator travels as its device, seed and state in bytes: a
+        # torch.Generator sent to a spawn / forkserver DataLoader worker as itself
+        # lost its state tensor on the way (pytorch/pytorch#146828; the workers
+        # died with "unable to resize file").
+        state = dict(self.__dict__, _worker=None)
+        g = state.pop("generator")
+        state["generator"] = None if g is None else \
+            (str(g.device), g.initial_seed(), g.get_state().numpy().tobytes())
+        return state
+
+    def __setstate__(self, state):
+        saved = state.pop("generator")
+        self.__dict__.update(state)
+        self.generator = None
+        if saved is not None:
+            device, seed, rng_state = saved
+            self.generator = torch.Generator(device).manual_seed(seed)
+            self.generator.set_state(torch.frombuffer(bytearray(rng_state), dtype=torch.uint8))
 
 
 def _augment(x: torch.Tensor, mode: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Image folders, DnCNN noise and patches, dehazing pairs, synthetic haze."""
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,49 @@ def test_noisy_and_collate():
     collate = NoiseCollate(15, torch.Generator().manual_seed(0))
     n, c = collate([torch.rand(1, 8, 8) for _ in range(4)])
     assert n.shape == c.shape == (4, 1, 8, 8)
+
+
+def test_noise_collate_with_a_generator_in_workers():
+    """NoiseCollate(generator=...) in DataLoader workers: every worker started from a
+    copy of the generator in the same state, so the two workers' batches got the same
+    noise (and so did every epoch). Now: different noise per worker and epoch, the
+    same again for the same torch.manual_seed."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork start method here (spawn workers take seconds to start)")
+    zeros = [np.zeros((8, 8), np.float32)] * 4
+    ds = DnCNNPatches(zeros, patch=8, stride=8, scales=(1,), augment=False)
+    loader = DataLoader(ds, batch_size=1, num_workers=2, multiprocessing_context="fork",
+                        collate_fn=NoiseCollate(25, torch.Generator().manual_seed(3)))
+
+    def epoch():  # the noise of each batch (clean patches are zero)
+        return [n for n, _ in loader]
+
+    torch.manual_seed(0)
+    first, second = epoch(), epoch()
+    torch.manual_seed(0)
+    again = epoch()
+    noise = first + second
+    assert all(not torch.equal(a, b) for i, a in enumerate(noise) for b in noise[i + 1:])
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_noise_collate_pickles_its_generator_as_bytes():
+    """A torch.Generator sent to a spawn / forkserver worker as itself loses its state
+    tensor on the way (pytorch/pytorch#146828: the workers died with "unable to resize
+    file"); NoiseCollate sends it as seed and state bytes: nothing goes through shared
+    memory, and the copy draws what the original draws."""
+    from multiprocessing.reduction import ForkingPickler
+
+    collate = NoiseCollate(25, torch.Generator().manual_seed(3))
+    torch.randn(5, generator=collate.generator)
+    data = bytes(ForkingPickler.dumps(collate))  # what a spawn worker is sent
+    assert b"rebuild_storage" not in data
+    twin = pickle.loads(data)
+    assert twin.generator.initial_seed() == 3
+    assert torch.equal(torch.randn(4, generator=twin.generator),
+                       torch.randn(4, generator=collate.generator))
 
 
 # ----------------------------------------------------------------------------- DnCNN patches
