@@ -356,7 +356,10 @@ def restore(image, snn, *, tile=None, amp=False):
     whole image's result in bounded memory; default ``DEFAULT_TILE``, 0: whole),
     without autograd; ``amp``: bf16 autocast, channels-last
     (:func:`spikingir.evaluate.bf16_inference`; on a GPU ~3x faster, not bit-exact;
-    the network's settings are restored afterwards).
+    the network's settings are restored afterwards). Threads may share one network
+    (each call's result is its own image's), except with ``amp``, which switches the
+    network's settings for the call: another thread's call then runs with them, and
+    two overlapping ``amp`` calls can leave the network switched (a copy per thread).
     Returns float32 numpy of the image's layout, not clipped."""
     from spikingir.evaluate import amp_context, bf16_inference_scope
     from spikingir.tiling import DEFAULT_TILE, receptive_radius, run_tiled
