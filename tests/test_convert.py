@@ -558,6 +558,32 @@ def test_one_snn_serves_calls_that_interleave(arch):
         assert all(torch.equal(o, refs[k]) for o in outs), f"image {k}"
 
 
+def test_masks_inference_leaves_inputs_a_neuron_hook_kept_intact(neuron):
+    """The conv buffer is not a neuron input that a hook of that neuron may hold:
+    before, a forward hook keeping each neuron's input (layer currents, as
+    calibration hooks do) found every hidden layer's overwritten by the next
+    conv (the s25 SNN: 14 of its 16 neurons' held inputs wrong, all one tensor)."""
+    snn, x = dyadic_snn(neuron, 3, seed=6)
+    snn.use_spike_conv(True, backend="cpp", masks=True)
+
+    def run(clone):
+        held = []
+        hooks = [n.register_forward_hook(
+            lambda m, i, o: held.append(i[0].clone() if clone else i[0])) for n in snn.neurons_]
+        with torch.no_grad():
+            out = snn(x)
+        for h in hooks:
+            h.remove()
+        return held, out
+
+    kept, out = run(clone=False)
+    copies, ref = run(clone=True)
+    assert torch.equal(out, ref)
+    assert len(kept) == len(snn.neurons_)
+    for i, (a, b) in enumerate(zip(kept, copies)):
+        assert torch.equal(a, b), f"neuron {i}: the input its hook kept was overwritten"
+
+
 @pytest.mark.parametrize("arch", ["dncnn", "aodnet"])
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_energy_ratio_estimate_matches_counted_sops(arch, neuron):
