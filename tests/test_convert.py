@@ -1,6 +1,8 @@
 """Conversion, spiking models, read-out, energy accounting, evaluation report."""
 import copy
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -582,6 +584,38 @@ def test_masks_inference_leaves_inputs_a_neuron_hook_kept_intact(neuron):
     assert len(kept) == len(snn.neurons_)
     for i, (a, b) in enumerate(zip(kept, copies)):
         assert torch.equal(a, b), f"neuron {i}: the input its hook kept was overwritten"
+
+
+@pytest.mark.parametrize("arch", ["dncnn", "aodnet"])
+def test_forward_without_backward_frees_its_graph_with_the_output(arch):
+    """An SNN forward with autograd on and no backward (an evaluation without
+    torch.no_grad()) frees what it saved for backward once its output is
+    dropped: before, the neurons' v_final attributes held the whole graph until
+    the next forward (the s25 SNN, 128x128, T=4: 340 MiB kept; two graphs at
+    the next forward's peak). v_final keeps its value, and training still
+    reaches every parameter."""
+    ann, c = (tiny_dncnn(), 1) if arch == "dncnn" else (tiny_aodnet(), 3)
+    x = images(c, n=1, size=16)[0]
+    snn = to_snn(ann, [x], 3, neuron="mprn", backend="cpp")
+    saved = []
+
+    def pack(t):  # a detached alias: a weak reference that lives as long as the graph's
+        d = t.detach()
+        saved.append(weakref.ref(d))
+        return d
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = snn(x)
+    params = {p.data_ptr() for p in snn.parameters()}
+    activations = [w for w in saved if w() is not None and w().data_ptr() not in params]
+    assert out.requires_grad and activations
+    del out
+    gc.collect()
+    assert all(w() is None for w in activations)
+    v = snn.neurons_[-1].v_final
+    assert v is not None and v.grad_fn is None and v.shape[-2:] == x.shape[-2:]
+    torch.nn.functional.mse_loss(snn(x), x).backward()
+    assert all(p.grad is not None for p in snn.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("arch", ["dncnn", "aodnet"])

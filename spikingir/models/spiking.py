@@ -19,6 +19,9 @@ the ``v_final`` attributes another thread's call may have set in between. Not
 with stateful neurons, ``record_stats`` or ``track_energy``, whose state is the
 module's (one network per thread there).
 
+After a forward the neurons' ``v_final`` hold values without the autograd
+graph (a stateful neuron's is left as it is): the graph lives as long as the output.
+
 ``record_stats()`` turns on counting of spikes and synaptic operations (for
 firing rates and energy); ``stats`` then holds them for the last forward.
 ``track_energy()`` makes each forward also leave ``energy_ratio``: a
@@ -172,6 +175,20 @@ class _SpikingNet(nn.Module):
             y = total.unsqueeze(0).to(neuron.theta.dtype)  # one "step" holding the sum
         return spike_rate(y, v_final, self._v0(neuron, v_final), self.timesteps,
                           self.recycling, self.readout_clamp)
+
+    def _release_graph(self):
+        """Called once the read-out has used the neurons' ``v_final``: each keeps
+        its value without the forward's autograd graph (``out`` holds what the
+        read-out needs). Kept in the graph by a module attribute, the last
+        layer's ``v_final`` held every tensor the forward saved for backward
+        beyond ``out``'s life: a forward with autograd on and no backward (an
+        evaluation without ``torch.no_grad()``) kept them until the next forward
+        replaced it (the s25 SNN, 128x128 at T=4: 340 MiB). A stateful neuron
+        keeps its state as it is (its next call starts from it; see
+        ``detach_state``)."""
+        for n in self.neurons():
+            if not n.stateful and n.v_final is not None:
+                n.v_final = n.v_final.detach()
 
     def _input_current(self, x):
         """``conv1(x)``, the constant analog input current of every step. In CPU
@@ -460,6 +477,7 @@ class SpikingChain(_SpikingNet):
                     cur = self.hidden[i](self._spike_values(neuron, y) if on_spikes else y)
                 reusable = not hooked
         rate = self._rate(self.neurons_[-1], y, v_final[0])
+        self._release_graph()
         self._finish_stats(self.mapper.conv, tuple(rate.shape))
         out = self.mapper(rate)
         return skip(x, out) if self.residual else out
@@ -549,6 +567,7 @@ class SpikingAODNet(_SpikingNet):
         self._count("x4", n4, y4, [(c5, slice(9, 12))])
         rates = torch.cat([self._rate(n, y, vf) for n, y, vf in
                            zip(self.neurons_, (y1, y2, y3, y4), v)], 1)
+        self._release_graph()
         self._finish_stats(self.mapper.conv, tuple(rates.shape))
         k = torch.relu(add_offsets(self.mapper(rates), c5, slice(0, 12)))
         return torch.relu(k * x - k + 1.0)
