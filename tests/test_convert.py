@@ -560,8 +560,7 @@ def test_one_snn_serves_calls_that_interleave(arch):
         assert all(torch.equal(o, refs[k]) for o in outs), f"image {k}"
 
 
-
-
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_masks_inference_frees_the_conv_buffer_before_the_readout(neuron, monkeypatch):
     """The conv buffer (the last neurons' input) is freed before the read-out
     makes its temporaries, not at return: before, it sat beside them (the s25
@@ -574,9 +573,9 @@ def test_masks_inference_frees_the_conv_buffer_before_the_readout(neuron, monkey
         buffers.append(weakref.ref(out._base if out._base is not None else out))
         return real_conv(*args, out=out, **kw)
 
-    def rate(neuron, y):
+    def rate(neuron, y, v_final):
         assert buffers and all(b() is None for b in buffers), "conv buffer alive at the read-out"
-        return real_rate(neuron, y)
+        return real_rate(neuron, y, v_final)
 
     monkeypatch.setattr(ops, "spike_conv2d", spy)
     monkeypatch.setattr(snn, "_rate", rate)
