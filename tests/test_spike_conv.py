@@ -192,6 +192,31 @@ def test_cpp_instruction_sets_agree_bitwise(cout, monkeypatch):
             assert torch.equal(a, c), (isa, name, (a - c).abs().max().item())
 
 
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="spikingir._C not built")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_event_path_reads_spikes_in_blocks_of_rows(threads):
+    """The forward's first pass reads blocks of up to 16 input rows of an image
+    (height 37: blocks of 16 rows on one thread, 13 on two, the last one
+    shorter): the saved bits (bit b of byte j = pixel 8 j + b) and the forward
+    are those of the whole input, and a value that is not 0 or 1 in the last
+    row of the last block is still refused."""
+    s = spikes(3, 70, 37, 21, rate=0.2, seed=4)
+    w, b = conv_params(9, 70, 3, seed=5)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, packed = torch.ops.spikingir.spike_conv2d_fwd(s, w, b, 1, 1, 2.0, False, True)
+        bad = s.clone()
+        bad[-1, -1, -1, -1] = 0.5
+        with pytest.raises(ValueError, match="binary"):
+            torch.ops.spikingir.spike_conv2d_fwd(bad, w, b, 1, 1, 2.0, False, False)
+    finally:
+        torch.set_num_threads(old)
+    check_conv(out, s, w, b, 1, 1)
+    bits = F.pad(s, (0, 3)).unflatten(-1, (3, 8)).to(torch.uint8) << torch.arange(8)
+    assert torch.equal(packed, bits.sum(-1).to(torch.uint8))
+
+
 @pytest.mark.parametrize("backend", ["torch"] + CPU_FUSED)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_spikes(backend, dtype):

@@ -153,31 +153,41 @@ inline uint64_t transpose8x8(uint64_t x) {
   return x;
 }
 
-// Forward pass 1 for input row (n, iy): packs each channel's row to bits
-// (into `rows`, row ci at rows + ci * row_stride: the saved tensor itself when
-// backward needs it), then transposes them, 8 channels x 8 pixels at a time,
-// into the channel masks of each pixel: masks[n][iy][ix] is Cw words, bit c of
-// word k = spike of channel 64 k + c. Returns the spike count, sets `bad` when
-// a value is neither 0 nor 1.
+// Forward pass 1 for input rows [iy0, iy1) of image n: packs each channel's
+// rows to bits (into `rows`: row iy0 + y of channel ci at rows + ci * ch_stride
+// + y * Wb; the saved tensor itself when backward needs it), then transposes
+// them, 8 channels x 8 pixels at a time, into the channel masks of each pixel:
+// masks[n][iy][ix] is Cw words, bit c of word k = spike of channel 64 k + c.
+// Several rows at a time, so that each channel's plane is read in runs of
+// (iy1 - iy0) W contiguous values rather than one row each (one row: 64
+// concurrent 384-byte streams for 64 channels of width 96, which the hardware
+// prefetchers follow poorly). Returns the spike count, sets `bad` when a value
+// is neither 0 nor 1. (kPackRows 16 against one row: 84.4 -> 77.2 ms a call from
+// float spikes, AVX2 EPYC, one thread, [16, 64, 96, 96] at 10 % firing.)
+constexpr int64_t kPackRows = 16;
 template <typename scalar_t>
-int64_t masks_row(const scalar_t* s, uint8_t* rows, int64_t row_stride, uint64_t* masks,
-                  const Geometry& g, int64_t Cw, int64_t n, int64_t iy, bool avx2, bool& bad) {
+int64_t masks_rows(const scalar_t* s, uint8_t* rows, int64_t ch_stride, uint64_t* masks,
+                   const Geometry& g, int64_t Cw, int64_t n, int64_t iy0, int64_t iy1, bool avx2,
+                   bool& bad) {
   int64_t count = 0;
   for (int64_t ci = 0; ci < g.Cin; ++ci) {
-    count += pack_rows_best(s + ((n * g.Cin + ci) * g.H + iy) * g.W, rows + ci * row_stride,
-                            g.W, g.Wb, 0, 1, bad, avx2);
+    count += pack_rows_best(s + ((n * g.Cin + ci) * g.H + iy0) * g.W, rows + ci * ch_stride,
+                            g.W, g.Wb, 0, iy1 - iy0, bad, avx2);
   }
-  uint8_t* m = reinterpret_cast<uint8_t*>(masks + (n * g.H + iy) * g.W * Cw);
-  std::fill(m, m + g.W * Cw * 8, uint8_t{0});
-  for (int64_t cg = 0; cg < (g.Cin + 7) / 8; ++cg) {
-    const int64_t nc = std::min<int64_t>(8, g.Cin - 8 * cg);
-    for (int64_t j = 0; j < g.Wb; ++j) {
-      uint64_t x = 0;
-      for (int64_t i = 0; i < nc; ++i) x |= static_cast<uint64_t>(rows[(8 * cg + i) * row_stride + j]) << (8 * i);
-      if (!x) continue;
-      x = transpose8x8(x);  // byte b: channels 8 cg .. 8 cg + 7 of pixel 8 j + b
-      const int64_t nb = std::min<int64_t>(8, g.W - 8 * j);
-      for (int64_t b = 0; b < nb; ++b) m[(8 * j + b) * Cw * 8 + cg] = static_cast<uint8_t>(x >> (8 * b));
+  for (int64_t iy = iy0; iy < iy1; ++iy) {
+    const uint8_t* r = rows + (iy - iy0) * g.Wb;
+    uint8_t* m = reinterpret_cast<uint8_t*>(masks + (n * g.H + iy) * g.W * Cw);
+    std::fill(m, m + g.W * Cw * 8, uint8_t{0});
+    for (int64_t cg = 0; cg < (g.Cin + 7) / 8; ++cg) {
+      const int64_t nc = std::min<int64_t>(8, g.Cin - 8 * cg);
+      for (int64_t j = 0; j < g.Wb; ++j) {
+        uint64_t x = 0;
+        for (int64_t i = 0; i < nc; ++i) x |= static_cast<uint64_t>(r[(8 * cg + i) * ch_stride + j]) << (8 * i);
+        if (!x) continue;
+        x = transpose8x8(x);  // byte b: channels 8 cg .. 8 cg + 7 of pixel 8 j + b
+        const int64_t nb = std::min<int64_t>(8, g.W - 8 * j);
+        for (int64_t b = 0; b < nb; ++b) m[(8 * j + b) * Cw * 8 + cg] = static_cast<uint8_t>(x >> (8 * b));
+      }
     }
   }
   return count;
@@ -250,6 +260,32 @@ __attribute__((always_inline)) inline void tap_row_vec(const uint64_t* __restric
                                                        int64_t Cout_p, int64_t kx, int64_t lo,
                                                        int64_t hi) {
   constexpr int kW = sizeof(V) / sizeof(float);
+  // Cin <= 64: one word per pixel, and a loop without the loop over words (the
+  // same adds in the same order). Measured on the AVX2 EPYC, one thread,
+  // [16, 64, 96, 96] 3x3 at 10 % firing from masks: 36.9 -> 29.6 ms a call.
+  if (Cw == 1) {
+    for (int64_t ox = lo; ox < hi; ++ox) {
+      uint64_t bits = mrow[ox * g.stride + kx - g.pad];
+      if (!bits) continue;
+      float* r = row + ox * Cout_p;
+      V acc[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) load_vec(acc[v], r + kW * v);
+      do {
+        const float* wc = wtap + __builtin_ctzll(bits) * Cout_p;
+        bits &= bits - 1;
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) {
+          V w;
+          load_vec(w, wc + kW * v);
+          acc[v] += w;
+        }
+      } while (bits);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) store_vec(r + kW * v, acc[v]);
+    }
+    return;
+  }
   for (int64_t ox = lo; ox < hi; ++ox) {
     const uint64_t* m = mrow + (ox * g.stride + kx - g.pad) * Cw;
     uint64_t any = 0;
@@ -297,12 +333,16 @@ __attribute__((target("avx512f"))) void tap_row_avx512(const uint64_t* mrow, con
   tap_row_vec<Vec16, NV>(mrow, wtap, row, g, Cw, Cout_p, kx, lo, hi);
 }
 
-// out[co][x] = row[x][co] for an 8 x 8 block: row has stride Cout_p, out
-// (one output channel plane each) stride plane.
+// out[co][x] = row[x][co] + b[co] for an 8 x 8 block: row has stride Cout_p,
+// out (one output channel plane each) stride plane; b: the 8 channels' bias
+// (zeros without one). The bias is added here, after the sum of the spikes as
+// before, instead of in a pass of its own over the row: one add per value either
+// way, so the same bits, and one pass over the row less.
 __attribute__((target("avx2"))) inline void transpose8x8_store(const float* row, int64_t Cout_p,
-                                                               float* out, int64_t plane) {
+                                                               float* out, int64_t plane,
+                                                               __m256 b) {
   __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(row + i * Cout_p);
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_add_ps(_mm256_loadu_ps(row + i * Cout_p), b);
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
     t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -321,21 +361,27 @@ __attribute__((target("avx2"))) inline void transpose8x8_store(const float* row,
   }
 }
 
-// row[ox][co] -> o[co][ox] (o: output plane of channel 0 at this row).
-__attribute__((target("avx2"))) void store_row_avx2(const float* row, float* o,
+// row[ox][co] + bias[co] -> o[co][ox] (o: output plane of channel 0 at this
+// row; bias: [Cout_p] or nullptr).
+__attribute__((target("avx2"))) void store_row_avx2(const float* row, const float* bias, float* o,
                                                     const Geometry& g, int64_t Cout_p,
                                                     int64_t plane) {
   const int64_t co8 = g.Cout / 8 * 8, ox8 = g.Wo / 8 * 8;
   for (int64_t co = 0; co < co8; co += 8) {
+    const __m256 b = bias ? _mm256_loadu_ps(bias + co) : _mm256_setzero_ps();
     for (int64_t ox = 0; ox < ox8; ox += 8) {
-      transpose8x8_store(row + ox * Cout_p + co, Cout_p, o + co * plane + ox, plane);
+      transpose8x8_store(row + ox * Cout_p + co, Cout_p, o + co * plane + ox, plane, b);
     }
     for (int64_t c = co; c < co + 8; ++c) {
-      for (int64_t ox = ox8; ox < g.Wo; ++ox) o[c * plane + ox] = row[ox * Cout_p + c];
+      for (int64_t ox = ox8; ox < g.Wo; ++ox) {
+        o[c * plane + ox] = bias ? row[ox * Cout_p + c] + bias[c] : row[ox * Cout_p + c];
+      }
     }
   }
   for (int64_t c = co8; c < g.Cout; ++c) {
-    for (int64_t ox = 0; ox < g.Wo; ++ox) o[c * plane + ox] = row[ox * Cout_p + c];
+    for (int64_t ox = 0; ox < g.Wo; ++ox) {
+      o[c * plane + ox] = bias ? row[ox * Cout_p + c] + bias[c] : row[ox * Cout_p + c];
+    }
   }
 }
 
@@ -403,20 +449,21 @@ void accumulate_rows(const uint64_t* masks, const float* wt, const float* bias, 
         }
       }
     }
-    if (bias) {  // added last: added first, it would set the rounding step of every add
+    // row[ox][co] (+ bias[co]) -> out[n][co][oy][ox]. The bias is added last:
+    // added first, it would set the rounding step of every add.
+    float* o = out + n * g.Cout * plane + oy * g.Wo;
+#ifdef SPK_HAVE_AVX2_GATHER
+    if (avx2) {
+      store_row_avx2(row, bias, o, g, Cout_p, plane);
+      continue;
+    }
+#endif
+    if (bias) {
       for (int64_t ox = 0; ox < g.Wo; ++ox) {
         float* r = row + ox * Cout_p;
         for (int64_t co = 0; co < Cout_p; ++co) r[co] += bias[co];
       }
     }
-    // row[ox][co] -> out[n][co][oy][ox]
-    float* o = out + n * g.Cout * plane + oy * g.Wo;
-#ifdef SPK_HAVE_AVX2_GATHER
-    if (avx2) {
-      store_row_avx2(row, o, g, Cout_p, plane);
-      continue;
-    }
-#endif
     for (int64_t co = 0; co < g.Cout; ++co) {
       for (int64_t ox = 0; ox < g.Wo; ++ox) o[co * plane + ox] = row[ox * Cout_p + co];
     }
@@ -710,17 +757,23 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_fwd_cpu(const at::Tensor& s,
   const int64_t Cw = (g.Cin + 63) / 64;
   auto masks = at::empty({g.N, g.H, g.W, Cw}, s.options().dtype(at::kLong));
   uint64_t* mp = reinterpret_cast<uint64_t*>(masks.data_ptr<int64_t>());
-  std::vector<char> bads(g.N * g.H, 0);
+  // Blocks of up to kPackRows input rows of one image (see masks_rows), at
+  // least 4 blocks a thread.
+  const int64_t block_rows =
+      std::clamp<int64_t>(g.N * g.H / (4 * at::get_num_threads()), 1, kPackRows);
+  const int64_t blocks = (g.H + block_rows - 1) / block_rows;
+  std::vector<char> bads(g.N * blocks, 0);
   SPK_DISPATCH_FLOATS(s.scalar_type(), "spike_conv2d_masks", [&] {
     const scalar_t* sp = s.data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.H, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<uint8_t> local(save ? 0 : g.Cin * g.Wb);
+    at::parallel_for(0, g.N * blocks, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<uint8_t> local(save ? 0 : g.Cin * block_rows * g.Wb);
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / g.H, iy = r % g.H;
-        uint8_t* rows = save ? pk + (n * g.Cin * g.H + iy) * g.Wb : local.data();
-        const int64_t row_stride = save ? g.H * g.Wb : g.Wb;
+        const int64_t n = r / blocks, iy0 = r % blocks * block_rows;
+        const int64_t iy1 = std::min(g.H, iy0 + block_rows);
+        uint8_t* rows = save ? pk + (n * g.Cin * g.H + iy0) * g.Wb : local.data();
+        const int64_t ch_stride = save ? g.H * g.Wb : block_rows * g.Wb;
         bool b = false;
-        masks_row(sp, rows, row_stride, mp, g, Cw, n, iy, avx2_pack, b);
+        masks_rows(sp, rows, ch_stride, mp, g, Cw, n, iy0, iy1, avx2_pack, b);
         bads[r] = b;
       }
     });
