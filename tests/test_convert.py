@@ -486,6 +486,62 @@ def test_user_hooks_on_a_spike_conv_snn_see_the_dense_networks_tensors(neuron):
     assert torch.equal(conv["inp"], ref_conv["inp"]) and torch.equal(conv["out"], ref_conv["out"])
 
 
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_backward_hooks_on_a_spike_conv_snns_hidden_conv_run(neuron):
+    """A full backward hook on a hidden conv (or its SeqToBatch) of a spike-conv SNN
+    in training runs and sees the dense network's gradients: spike_conv2d bypassed
+    the module, so such hooks never ran (found by the review of the merged hook
+    fix, which covered forward hooks only)."""
+    snn, x = dyadic_snn(neuron, 3, seed=5)
+
+    def run(spike_conv):
+        snn.use_spike_conv(spike_conv, backend="cpp")
+        seen = {}
+        handles = [snn.hidden[1].module.register_full_backward_hook(
+                       lambda m, gi, go: seen.update(conv=go[0].clone())),
+                   snn.hidden[2].register_full_backward_pre_hook(
+                       lambda m, go: seen.update(seq=go[0].clone()))]
+        try:
+            out = snn(x)
+            out.square().sum().backward()
+        finally:
+            for h in handles:
+                h.remove()
+        return out.detach(), seen
+
+    ref, ref_seen = run(False)
+    out, seen = run(True)
+    assert torch.equal(out, ref)
+    assert seen.keys() == {"conv", "seq"}  # both hooks ran
+    for k in seen:
+        assert torch.allclose(seen[k], ref_seen[k], rtol=1e-5, atol=1e-7), k
+
+
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_hooks_on_a_spike_conv_snn_under_autocast_see_the_dense_networks_tensors(neuron):
+    """Under bf16 autocast hooked hidden convs of a spike-conv SNN get the bf16
+    spike values the dense network's neurons emit: they got float32 theta * s
+    (theta unrounded), which the dense network never has (found by the review)."""
+    snn = to_snn(tiny_dncnn(), images(1), 3, neuron=neuron, per_channel=True, backend="cpp")
+    x = images(1, n=1, seed=4)[0]
+
+    def run(spike_conv):
+        snn.use_spike_conv(spike_conv, backend="cpp")
+        seen = []
+        handles = [h.register_forward_hook(lambda m, a, out: seen.append(a[0]))
+                   for h in snn.hidden]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            snn(x)
+        for h in handles:
+            h.remove()
+        return seen
+
+    ref, got = run(False), run(True)
+    assert len(got) == len(ref) == len(snn.hidden)
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
 def test_repr_names_the_snns_settings():
     """print(snn) shows T, the neuron kind, the read-out and the spike-conv mode,
     and the neurons' non-default options (it showed layers only)."""

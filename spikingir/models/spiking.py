@@ -69,11 +69,16 @@ def _inside(n_in, n_out, k, pad, stride):
     return max(0, hi - lo + 1)
 
 
-def _has_hooks(module):
-    """Whether calling ``module`` would run forward hooks (its own or global ones)."""
+def _has_hooks(module, backward=False):
+    """Whether calling ``module`` would run forward hooks (its own or global ones);
+    with ``backward``, or backward hooks."""
     from torch.nn.modules import module as m
-    return bool(module._forward_hooks or module._forward_pre_hooks or m._global_forward_hooks
-                or m._global_forward_pre_hooks)
+    hooks = [module._forward_hooks, module._forward_pre_hooks, m._global_forward_hooks,
+             m._global_forward_pre_hooks]
+    if backward:
+        hooks += [module._backward_hooks, module._backward_pre_hooks, m._global_backward_hooks,
+                  m._global_backward_pre_hooks]
+    return any(hooks)
 
 
 class _SpikingNet(nn.Module):
@@ -187,8 +192,9 @@ class _SpikingNet(nn.Module):
         keeps its state as it is (its next call starts from it; see
         ``detach_state``)."""
         for n in self.neurons():
-            if not n.stateful and n.v_final is not None:
-                n.v_final = n.v_final.detach()
+            v = n.v_final  # read once: another thread's call may set it to None meanwhile
+            if not n.stateful and v is not None:
+                n.v_final = v.detach()
 
     def _input_current(self, x):
         """``conv1(x)``, the constant analog input current of every step. In CPU
@@ -353,9 +359,10 @@ class SpikingChain(_SpikingNet):
         result), else as float tensors; the hidden neurons then keep no ``v_final``
         after a forward (only the read-out layer's is needed; memory). A hidden conv
         that spike_conv2d does not support (see the class docstring) stays dense, and
-        so does one with forward hooks (on it or its ``SeqToBatch``; global ones too):
-        it is called as a module, on the ``theta * s`` values, so its hooks run and
-        see what they see without spike_conv2d. Returns ``self``."""
+        so does one with forward hooks (on it or its ``SeqToBatch``; global ones too),
+        or backward hooks when autograd is on: it is called as a module, on the
+        ``theta * s`` values, so its hooks run and see what they see without
+        spike_conv2d. Returns ``self``."""
         self.spike_conv = bool(on)
         self.spike_masks = bool(masks)
         self.spike_conv_backend = backend
@@ -379,12 +386,13 @@ class SpikingChain(_SpikingNet):
 
     def _spike_values(self, neuron, s):
         """The values ``neuron`` would emit with ``scale_output`` for its 0/1 spikes
-        ``s`` [steps, B, C, H, W]: theta per IF-step spike, beta per reuse-step one."""
+        ``s`` [steps, B, C, H, W]: theta per IF-step spike, beta per reuse-step one,
+        in ``s``'s dtype (bf16 under autocast, as the neuron's would be)."""
         theta = _per_channel(neuron.effective_theta())
         T = self.timesteps
         if s.shape[0] > T:  # MPRN reuse step
-            return torch.cat([s[:T] * theta, s[T:] * _per_channel(neuron.beta)])
-        return s * theta
+            return torch.cat([s[:T] * theta, s[T:] * _per_channel(neuron.beta)]).to(s.dtype)
+        return (s * theta).to(s.dtype)
 
     def _conv_spikes(self, conv, s, neuron, buf=None):
         """``conv`` of the binary spikes ``s`` [steps, B, C, H, W] (a tensor or
@@ -456,11 +464,12 @@ class SpikingChain(_SpikingNet):
         # counts, not a float [steps, B, C, H, W] of spikes beside that buffer.
         y = buf = None
         reusable, v_final = False, []
+        grad = torch.is_grad_enabled()  # backward hooks run only with a backward
         for i, neuron in enumerate(self.neurons_):
             last = i == len(self.hidden)
             nxt = self.mapper.conv if last else self.hidden[i].module
             # a hooked hidden conv is called as a module, so its hooks run
-            hooked = not last and (_has_hooks(self.hidden[i]) or _has_hooks(nxt))
+            hooked = not last and (_has_hooks(self.hidden[i], grad) or _has_hooks(nxt, grad))
             on_spikes = not last and self._on_spike_conv(nxt)
             fused = on_spikes and not hooked
             y = neuron(cur, emit="masks" if masks and (fused or last) else "values",
