@@ -250,6 +250,19 @@ __attribute__((always_inline)) inline void store_vec(float* p, const V& x) {
   __builtin_memcpy(p, &x, sizeof(V));
 }
 
+// acc[v] += the weight column wc (NV vectors: one spike's contribution to a
+// pixel's Cout_p outputs, in order).
+template <typename V, int NV>
+__attribute__((always_inline)) inline void add_column(V* acc, const float* __restrict__ wc) {
+  constexpr int kW = sizeof(V) / sizeof(float);
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    V w;
+    load_vec(w, wc + kW * v);
+    acc[v] += w;
+  }
+}
+
 // acc[v] = row[8 NV] or [16 NV] floats at r, per pixel: the accumulation of
 // one tap over the output pixels [lo, hi) of a row (see accumulate_rows).
 template <typename V, int NV>
@@ -272,14 +285,8 @@ __attribute__((always_inline)) inline void tap_row_vec(const uint64_t* __restric
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) load_vec(acc[v], r + kW * v);
       do {
-        const float* wc = wtap + __builtin_ctzll(bits) * Cout_p;
+        add_column<V, NV>(acc, wtap + __builtin_ctzll(bits) * Cout_p);
         bits &= bits - 1;
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) {
-          V w;
-          load_vec(w, wc + kW * v);
-          acc[v] += w;
-        }
       } while (bits);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) store_vec(r + kW * v, acc[v]);
@@ -298,14 +305,8 @@ __attribute__((always_inline)) inline void tap_row_vec(const uint64_t* __restric
     for (int64_t word = 0; word < Cw; ++word) {
       uint64_t bits = m[word];
       while (bits) {
-        const float* wc = wtap + (64 * word + __builtin_ctzll(bits)) * Cout_p;
+        add_column<V, NV>(acc, wtap + (64 * word + __builtin_ctzll(bits)) * Cout_p);
         bits &= bits - 1;
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) {
-          V w;
-          load_vec(w, wc + kW * v);
-          acc[v] += w;
-        }
       }
     }
 #pragma GCC unroll 8
