@@ -120,11 +120,7 @@ class SpikeMasks:
         """Spikes per neuron summed over lead dimension ``dim`` (e.g. the steps;
         negative: counted from the last lead dimension): float32 ``[*lead
         without dim, C, H, W]``."""
-        lead = self.bits.dim() - 3
-        if not -lead <= dim < lead:
-            raise IndexError(f"SpikeMasks.counts: dim {dim} is not a lead dimension "
-                             f"(there are {lead})")
-        dim %= lead  # -1: the last lead dimension
+        dim = self._lead_dim(dim, "counts")
         planes = [sum(part.sum(dim).view(torch.uint8).float()  # <= 255 per byte lane
                       for part in plane.split(255, dim))
                   for plane in _bit_planes(self.bits)]
@@ -136,12 +132,17 @@ class SpikeMasks:
         ``counts(dim).sum(-3)`` (what a convolution's synaptic operations need,
         :func:`spikingir.energy.conv_sops`), without the per-channel counts: the
         bytes' bit counts (<= 8) summed over ``dim``, then over the pixel's bytes."""
+        return _byte_popcounts(self.bits).sum(self._lead_dim(dim, "pixel_counts"),
+                                              dtype=torch.int32).sum(-1, dtype=torch.int64)
+
+    def _lead_dim(self, dim, method):
+        """``dim`` as a non-negative lead dimension (-1: the last one); IndexError
+        naming ``method`` when it is not one."""
         lead = self.bits.dim() - 3
         if not -lead <= dim < lead:
-            raise IndexError(f"SpikeMasks.pixel_counts: dim {dim} is not a lead dimension "
+            raise IndexError(f"SpikeMasks.{method}: dim {dim} is not a lead dimension "
                              f"(there are {lead})")
-        return _byte_popcounts(self.bits).sum(dim % lead, dtype=torch.int32).sum(
-            -1, dtype=torch.int64)
+        return dim % lead
 
     @classmethod
     def from_dense(cls, s):
