@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spikingir.models import AODNet, ConvChain, DnCNN, Residual, conv_chain
+from spikingir.models.graph import GraphNet, SpikingGraph, graph_net
 from spikingir.models.spiking import (SpikingAODNet, SpikingChain, SpikingDnCNN, _per_channel,
                                       make_neuron)
 
@@ -56,8 +57,9 @@ def _percentile(acts, percentile, per_channel, generator):
 
 @torch.no_grad()
 def calibrate(ann, calib_images, percentile=99.9, per_channel=False, offsets=None):
-    """Thresholds of the spiking layers of ``ann`` (a DnCNN, an AODNet or a conv
-    chain, :mod:`spikingir.models.chain`; BatchNorm folded with its running
+    """Thresholds of the spiking layers of ``ann`` (a DnCNN, an AODNet, a conv
+    chain, :mod:`spikingir.models.chain`, or another CNN, in ReLU order in its
+    traced graph, :mod:`spikingir.models.graph`; BatchNorm folded with its running
     statistics, as ``to_snn`` does, whatever ``ann.training`` is, and ``ann``
     left unchanged): the ``percentile`` of each ReLU's activations on ``calib_images``
     (a [B, C, H, W] tensor or a list of [1, C, H, W] tensors); with ``offsets``
@@ -99,13 +101,16 @@ def _activations(ann, calib_images):
     layer) of lists of [B, C, H, W] tensors (one per calibration input)."""
     if isinstance(ann, AODNet):
         ann = _AODTaps(ann)
-    elif isinstance(ann, (DnCNN, nn.Sequential, Residual)):
+    elif _is_chain(ann):
         # BN folded into eval-mode float32 copies: a DnCNN in train mode would
         # calibrate on batch statistics and update the caller's running ones
         ann = conv_chain(ann)
+    elif not isinstance(ann, (ConvChain, GraphNet, _AODTaps)):
+        ann = _graph_net(ann)  # any other CNN, read through torch.fx
     relus = _spiking_relus(ann)  # first: a TypeError for another kind of network
-    first = next(m for m in ann.modules() if isinstance(m, nn.Conv2d))
-    images = _calib_inputs(calib_images, first.in_channels, first.weight.device)
+    first = next(m for m in ann.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+    channels = ann.in_channels if isinstance(ann, GraphNet) else first.in_channels
+    images = _calib_inputs(calib_images, channels, first.weight.device)
     acts = [[] for _ in relus]
     hooks = [r.register_forward_hook(lambda m, i, o, k=k: acts[k].append(o.detach().float()))
              for k, r in enumerate(relus)]
@@ -120,7 +125,8 @@ def _activations(ann, calib_images):
 
 def _calib_inputs(calib_images, channels, device):
     """``calib_images`` (a [B, C, H, W] tensor or a list of them) as a list of
-    float32 tensors on ``device`` (where the network is), checked once."""
+    float32 tensors on ``device`` (where the network is), checked once (``channels``
+    None: a network whose input channels no conv reads directly, any C)."""
     if isinstance(calib_images, (torch.Tensor, np.ndarray)):
         calib_images = [calib_images]
     calib_images = [torch.from_numpy(img) if isinstance(img, np.ndarray) else img
@@ -128,9 +134,9 @@ def _calib_inputs(calib_images, channels, device):
     if not calib_images:
         raise ValueError("calib_images: expected at least one image")
     for img in calib_images:
-        if (not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[1] != channels
-                or img.shape[0] == 0):
-            raise ValueError(f"calib_images: expected [B, {channels}, H, W] tensors, got "
+        if (not isinstance(img, torch.Tensor) or img.dim() != 4
+                or (channels is not None and img.shape[1] != channels) or img.shape[0] == 0):
+            raise ValueError(f"calib_images: expected [B, {channels or 'C'}, H, W] tensors, got "
                              f"{tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__}")
         if not img.is_floating_point():
             # uint8 images unscaled would give thresholds ~255x too high
@@ -153,16 +159,37 @@ def _spiking_relus(ann):
     """Modules whose outputs are the activations that neurons replace."""
     if isinstance(ann, _AODTaps):
         return list(ann.taps)
-    if isinstance(ann, ConvChain):
+    if isinstance(ann, (ConvChain, GraphNet)):
         return list(ann.relus)
     raise TypeError(_unsupported(ann))
 
 
 def _unsupported(ann):
     return (f"to_snn: expected a DnCNN, an AODNet, an nn.Sequential of Conv2d / BatchNorm2d / ReLU "
-            f"layers or spikingir.models.Residual around one; got {type(ann).__name__}. Other "
+            f"layers, spikingir.models.Residual around one, or another CNN nn.Module that "
+            f"torch.fx traces (spikingir.models.graph); got {type(ann).__name__}. Other "
             "networks can be built from spikingir.nn's layers (SeqToBatch, IFNeuron, MPRNeuron, "
             "SpikeConv2d)")
+
+
+def _is_chain(ann):
+    """Whether ``ann`` takes the conv-chain path: a DnCNN, a ``Residual``, or an
+    ``nn.Sequential`` of torch.nn layers. A Sequential holding blocks of the
+    user's own (residual blocks: modules of no torch.nn class) is a graph
+    (:mod:`spikingir.models.graph`), which the chain form would refuse."""
+    if isinstance(ann, (DnCNN, Residual)):
+        return True
+    return isinstance(ann, nn.Sequential) and all(
+        any(c is not nn.Module and c.__module__.startswith("torch.nn.") for c in type(m).__mro__)
+        for m in ann.modules())
+
+
+def _graph_net(ann):
+    """:func:`~spikingir.models.graph.graph_net` of a CNN of the user's; one
+    torch.nn layer (a Conv2d, a ReLU) is no network to convert."""
+    if type(ann).__module__.startswith("torch.nn.") and not isinstance(ann, nn.Sequential):
+        raise TypeError(_unsupported(ann))
+    return graph_net(ann)
 
 
 class _AODTaps(nn.Module):
@@ -185,13 +212,16 @@ class _AODTaps(nn.Module):
 def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_channel=False,
            v0="zero", recycling=True, backend="auto", surrogate="sigmoid", alpha=4.0,
            reuse_alpha=0.75, offset_percentile="auto", layer_calibration=None):
-    """Converts a trained DnCNN, AODNet or conv chain into a spiking network.
+    """Converts a trained DnCNN, AODNet, conv chain or other CNN into a spiking network.
 
     Args:
         ann: ``spikingir.models.DnCNN`` (BN or folded form), ``AODNet``, or your
             own CNN as an ``nn.Sequential`` of ``Conv2d [BatchNorm2d] ReLU ...
             Conv2d`` (optionally in ``spikingir.models.Residual`` for a global
-            skip ``x -/+ body(x)``; see :mod:`spikingir.models.chain`).
+            skip ``x -/+ body(x)``; see :mod:`spikingir.models.chain`), or any
+            other ``nn.Module`` that ``torch.fx`` traces, with skips,
+            concatenations, pooling and upsampling (:mod:`spikingir.models.graph`
+            lists what it converts; anything else is refused with the node named).
         calib_images: degraded inputs for threshold calibration, [B, C, H, W]
             or a list of [1, C, H, W] tensors.
         timesteps: T, the number of IF steps (MPRN adds the reuse step).
@@ -217,14 +247,14 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
             convs reading the spikes add the offsets' contribution back
             (``SpikingAODNet``). ``"auto"`` (default): ``DEFAULT_OFFSET_PERCENTILE``
             for AOD-Net, None (no offsets) for DnCNN.
-        layer_calibration: DnCNN and conv chains: after conversion, ``"bias"`` or
+        layer_calibration: DnCNN and conv chains only: after conversion, ``"bias"`` or
             ``"weights"`` runs :func:`calibrate_layers` with that method on
             ``calib_images`` at ``timesteps`` (None: thresholds only).
 
     Returns:
-        ``SpikingDnCNN``, ``SpikingAODNet`` or (for a conv chain)
-        ``SpikingChain``: an ``nn.Module`` in eval mode that maps images like
-        ``ann``.
+        ``SpikingDnCNN``, ``SpikingAODNet``, (for a conv chain) ``SpikingChain``
+        or (another CNN) ``spikingir.models.graph.SpikingGraph``: an ``nn.Module``
+        in eval mode that maps images like ``ann``.
     """
     if neuron not in ("if", "mprn"):
         raise ValueError(f"neuron: expected 'if' or 'mprn', got {neuron!r}")
@@ -258,7 +288,7 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
     from spikingir.pipeline import ann_fingerprint
     ann = copy.deepcopy(ann).eval().float()
     fingerprint = ann_fingerprint(ann)
-    if isinstance(ann, (DnCNN, nn.Sequential, Residual)):
+    if _is_chain(ann):
         if offset_percentile is not None:
             raise ValueError("offset_percentile: for AOD-Net only (DnCNN's hidden activations are "
                              "zero often enough to need no offsets)")
@@ -280,8 +310,15 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
                     conv.bias -= m.expand_as(conv.bias)
             offsets = torch.cat([m.expand(conv.out_channels) for conv, m in zip(convs, offsets)])
         cls, extra = SpikingAODNet, {"offset": offsets}
-    else:
-        raise TypeError(_unsupported(ann))
+    else:  # any other CNN, read through torch.fx (spikingir.models.graph)
+        if offset_percentile is not None:
+            raise ValueError("offset_percentile: for AOD-Net only")
+        if layer_calibration is not None:
+            raise ValueError("layer_calibration: for DnCNN and conv chains only (a network with "
+                             "skips or concatenations has no layer order to calibrate in)")
+        net = _graph_net(ann)  # BN folded, float32 copies
+        thetas = calibrate(net, calib_images, percentile, per_channel)
+        convs, cls, extra = net, SpikingGraph, {}
     neurons = [make_neuron(neuron, th, num_channels=th.numel() if per_channel else None,
                            v_init=v0, backend=backend, surrogate=surrogate, alpha=alpha,
                            reuse_alpha=reuse_alpha) for th in thetas]

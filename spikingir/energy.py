@@ -41,6 +41,13 @@ lower). With stride s > 1 the number of outputs a spike reaches depends on its
 position (kh*kw/s^2 on average), so ``conv_fanout`` refuses strides that do not
 divide the kernel and returns the exact ``(Cout/groups) * (kh/sh) * (kw/sw)``
 when they do; ``conv_sops`` is exact for any stride.
+
+A converted graph (``spikingir.models.graph.SpikingGraph``: skips, pooling,
+concatenations) extends this: every conv that depends on the image through
+linear ops only counts its MACs once (the first layer's rule), a conv fed by
+spikes (a neuron layer's, concatenated or nearest-upsampled) their SOPs, and a
+per-step conv of analog values (a sum or an average of spike trains) its MACs
+at every step (``stats["analog_macs"]``).
 """
 from __future__ import annotations
 
@@ -223,8 +230,8 @@ def snn_energy_mj(snn_or_macs, image_or_sops, pj_per_mac: float = E_MAC_PJ,
             snn.record_stats(was)
         st = snn.stats
         # the same count as snn.energy_mj() (what evaluate reports), at these prices
-        return snn_energy_mj(st["first_layer_macs"] + st["readout_macs"] + st.get("offset_macs", 0),
-                             st["sops"], pj_per_mac, pj_per_sop)
+        return snn_energy_mj(st["first_layer_macs"] + st["readout_macs"] + st.get("offset_macs", 0)
+                             + st.get("analog_macs", 0), st["sops"], pj_per_mac, pj_per_sop)
     return mac_energy_mj(snn_or_macs, pj_per_mac) + sop_energy_mj(image_or_sops, pj_per_sop)
 
 

@@ -285,6 +285,11 @@ def ann_fingerprint(ann) -> str:
 
 def snn_config(snn):
     """What is needed, besides the state dict, to rebuild a converted SNN."""
+    if not isinstance(snn, SpikingChain | SpikingAODNet):
+        # a converted graph network (spikingir.models.graph) is rebuilt from its ANN's code
+        raise TypeError(f"save_snn: a {type(snn).__name__} cannot be saved as a file (its "
+                        "structure is the traced code of its ANN); save snn.state_dict() and "
+                        "rebuild it with to_snn(ann, ...) and load_state_dict")
     n0 = snn.neurons_[0]
     arch = ("dncnn" if isinstance(snn, SpikingDnCNN) else "aodnet" if isinstance(snn, SpikingAODNet)
             else "chain")

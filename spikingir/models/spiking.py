@@ -196,15 +196,15 @@ class _SpikingNet(nn.Module):
             if not n.stateful and v is not None:
                 n.v_final = v.detach()
 
-    def _input_current(self, x):
-        """``conv1(x)``, the constant analog input current of every step. In CPU
+    def _input_current(self, x, conv=None):
+        """``conv1(x)`` (or ``conv(x)``), the constant analog input current of every step. In CPU
         float32 inference it is summed in float64 and rounded once: oneDNN's float32
         sums differ by an ulp with the input's size (its blocking), and a potential
         that lands on a threshold then flips a spike, so a tile of an image would not
         give what the whole image gives (README, tiled restore). Rounded once, the
         current is the same whatever the size. Cost: 12 ms instead of 2.8 ms for a
         256 x 256 DnCNN input, whose SNN forward (T=10) takes ~2.9 s (AVX2 EPYC, 2 threads)."""
-        c = self.conv1
+        c = self.conv1 if conv is None else conv
         if (x.device.type == "cpu" and x.dtype == torch.float32 and c.padding_mode == "zeros"
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
                 and not _has_hooks(c)):  # a hooked conv1 (conv_macs, profilers) is called
@@ -275,8 +275,8 @@ class _SpikingNet(nn.Module):
         if self.stats is None:
             raise RuntimeError("energy_mj: run a forward after record_stats() first")
         st = self.stats
-        return snn_energy_mj(st["first_layer_macs"] + st["readout_macs"] + st.get("offset_macs", 0),
-                             st["sops"])
+        return snn_energy_mj(st["first_layer_macs"] + st["readout_macs"] + st.get("offset_macs", 0)
+                             + st.get("analog_macs", 0), st["sops"])
 
     def firing_rate(self):
         """Mean firing rate (spikes per neuron per step, over T) of the last recorded forward."""

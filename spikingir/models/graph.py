@@ -1,0 +1,789 @@
+"""Your own CNN with skip connections, concatenations and functional ReLUs,
+in the form ``spikingir.convert.to_snn`` converts (through ``torch.fx``).
+
+``to_snn`` takes DnCNN, AOD-Net and conv chains (:mod:`spikingir.models.chain`)
+as they are; any other ``nn.Module`` is traced with ``torch.fx.symbolic_trace``
+and read into :class:`GraphNet`, a canonical form of the same computation:
+BatchNorm folded into the conv before it (a BatchNorm elsewhere becomes a 1x1
+depthwise conv, its eval-mode affine map), identities and dropouts removed,
+in-place ops resolved (a later reader of a tensor that ``relu_`` or
+``ReLU(inplace=True)`` changed reads the changed value), every conv a float32
+copy with a bias. Everything the spiking form cannot reproduce is refused, with
+the node named: an untraceable model (data-dependent control flow), another
+nonlinearity (max pooling, sigmoid, ReLU6, LeakyReLU, ...), a product of two
+tensors, a concatenation along another dim than the channels.
+
+:class:`SpikingGraph` is the converted network (rate coding, as
+:class:`~spikingir.models.spiking.SpikingChain`): every ReLU becomes a spiking
+neuron layer; the linear ops run on ``[steps, B, C, H, W]`` sequences, one step
+at a time (merged into the batch). A node that depends on the input through
+linear ops only (the first conv, a skip from the input) is computed once and
+fed to every step: the analog input current. The output is the mean over the T
+steps of the output node. The output is linear in the rates of the neurons
+whose spikes reach it through linear ops only, so it is computed once, on their
+rates (``sum_t y[t] / T`` over all steps, the MPRN reuse step included, plus
+the recycled residual ``v_res / T``; :func:`spikingir.nn.mapper.spike_rate`):
+biases are added once, as by the chain's pixel mapper. For a chain this is the
+chain SNN's read-out, bit for bit.
+"""
+import copy
+import numbers
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from spikingir.energy import E_MAC_PJ, E_SOP_PJ, conv_call_macs, conv_mean_fanout, conv_sops
+from spikingir.ops.spike_conv import supports as spike_conv_supports
+
+from .chain import _SKIPPED, _numeric_padding, _plain
+from .dncnn import _fold_conv_bn
+from .spiking import SpikingChain, _has_hooks, _SpikingNet
+
+__all__ = ["GraphNet", "SpikingGraph", "graph_net", "SUPPORTED"]
+
+#: What the graph conversion reads (the refusals list it).
+SUPPORTED = ("nn.Conv2d (any groups; a BatchNorm2d right after it is folded in), "
+             "nn.ConvTranspose2d, nn.BatchNorm2d (eval statistics), nn.ReLU / F.relu / "
+             "torch.relu / .relu() (in-place too), + and - of tensors and numbers, * and / by "
+             "numbers, torch.cat along dim 1, nn.AvgPool2d / F.avg_pool2d, nn.Upsample / "
+             "F.interpolate in mode 'nearest', nn.Identity, dropouts, x.shape / x.size()")
+
+
+class _Ref:
+    """A reference to another node's value in a program's arguments."""
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getstate__(self):
+        return self.name
+
+    def __setstate__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"%{self.name}"
+
+
+def _refs(args):
+    """The node names referenced (at any depth) in ``args``."""
+    if isinstance(args, _Ref):
+        return [args.name]
+    if isinstance(args, (list, tuple)):
+        return [n for a in args for n in _refs(a)]
+    if isinstance(args, dict):
+        return [n for a in args.values() for n in _refs(a)]
+    return []
+
+
+def _resolve(args, env):
+    """``args`` with every reference replaced by its value in ``env``."""
+    if isinstance(args, _Ref):
+        return env[args.name]
+    if isinstance(args, (list, tuple)):
+        return type(args)(_resolve(a, env) for a in args)
+    if isinstance(args, dict):
+        return {k: _resolve(a, env) for k, a in args.items()}
+    return args
+
+
+def _is_number(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
+_ARITH = {operator.add: "add", operator.iadd: "add", torch.add: "add",
+          operator.sub: "sub", operator.isub: "sub", torch.sub: "sub",
+          operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
+          operator.truediv: "div", operator.itruediv: "div", torch.div: "div"}
+_ARITH_METHODS = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul": "mul",
+                  "mul_": "mul", "div": "div", "div_": "div"}
+_IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_, F.relu_,
+             "add_", "sub_", "mul_", "div_", "relu_"}
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+
+
+class _Builder:
+    """Reads a traced ``fx.GraphModule`` into a program: a list of
+    ``(name, kind, args, info)`` in evaluation order, with the layers it uses."""
+
+    def __init__(self, gm, what):
+        self.gm, self.what = gm, what
+        self.modules = dict(gm.named_modules())
+        self.program, self.layers = [], {}
+        self.root, self.version = {}, {}  # in-place ops: the tensor a name aliases, its latest value
+        self.kind = {}  # name -> kind, for BN folding
+        self.n_relus = 0
+
+    def refuse(self, node, why):
+        raise ValueError(f"to_snn: {self.what}: node {node.name!r} ({self.describe(node)}): {why}. "
+                         f"The graph conversion supports {SUPPORTED}")
+
+    def describe(self, node):
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            return f"{type(m).__name__} {node.target}"
+        if node.op == "call_function":
+            t = node.target
+            mod = getattr(t, "__module__", None) or ""
+            prefix = f"{mod}." if mod and mod != "_operator" else "operator."
+            return prefix + getattr(t, "__name__", str(t))
+        if node.op == "call_method":
+            return f"Tensor.{node.target}"
+        return f"{node.op} {node.target}"
+
+    def read(self, a):
+        """Argument ``a`` of a node as the program sees it (nodes as references to
+        their latest value: an in-place op changed what later readers see)."""
+        if isinstance(a, fx.Node):
+            return _Ref(self.version[self.root[a.name]])
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.read(x) for x in a)
+        if isinstance(a, dict):
+            return {k: self.read(x) for k, x in a.items()}
+        if isinstance(a, slice):
+            return slice(self.read(a.start), self.read(a.stop), self.read(a.step))
+        return a
+
+    def emit(self, node, kind, args, info=None, in_place_of=None):
+        name = node.name
+        self.program.append((name, kind, args, info))
+        self.kind[name] = kind
+        if in_place_of is not None and isinstance(in_place_of, fx.Node):
+            # the op changed its input tensor: every later reader of it (or of an
+            # alias of it) reads this node's value
+            r = self.root[in_place_of.name]
+            self.root[name] = r
+            self.version[r] = name
+        else:
+            self.root[name] = self.version[name] = name
+
+    def alias(self, node, src):
+        """``node`` is ``src`` (an identity in eval mode)."""
+        if not isinstance(src, fx.Node):
+            self.refuse(node, "expected a tensor input")
+        self.root[node.name] = self.root[src.name]
+
+    def tensor_arg(self, node, a):
+        if not isinstance(a, fx.Node):
+            self.refuse(node, f"expected a tensor, got {a!r}")
+        return self.read(a)
+
+    def build(self):
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise ValueError(f"to_snn: {self.what}: forward takes {len(placeholders)} inputs "
+                             f"({', '.join(n.name for n in placeholders)}); expected one image batch")
+        for node in self.gm.graph.nodes:
+            getattr(self, "_" + node.op)(node)
+        return self.program, self.layers
+
+    def _placeholder(self, node):
+        self.emit(node, "input", ())
+
+    def _get_attr(self, node):
+        self.refuse(node, "forward reads a parameter or buffer directly; only the listed layers "
+                          "and ops are reproduced")
+
+    def _output(self, node):
+        out = node.args[0]
+        if not isinstance(out, fx.Node):
+            self.refuse(node, f"expected forward to return one tensor, got {type(out).__name__}")
+        self.emit(node, "output", (self.read(out),))
+
+    def _call_module(self, node):
+        m = self.modules[node.target]
+        where = f"layer {node.target}"
+        if len(node.args) != 1 or node.kwargs:
+            self.refuse(node, "expected a call with one tensor argument")
+        src = node.args[0]
+        if isinstance(m, _SKIPPED):
+            return self.alias(node, src)
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            base = nn.ConvTranspose2d if isinstance(m, nn.ConvTranspose2d) else nn.Conv2d
+            _plain(m, base, where)
+            if m.padding_mode != "zeros":
+                self.refuse(node, f"padding_mode={m.padding_mode!r}: zero padding only")
+            self.layers[node.name] = (m, None)
+            return self.emit(node, "conv", (self.tensor_arg(node, src),))
+        if isinstance(m, nn.BatchNorm2d):
+            _plain(m, nn.BatchNorm2d, where)
+            if m.running_mean is None or m.running_var is None:
+                self.refuse(node, "a BatchNorm2d without running statistics "
+                                  "(track_running_stats=False) normalises every batch by its own "
+                                  "statistics, which no fixed conv reproduces")
+            ref = self.tensor_arg(node, src)
+            prev = next((p for p in self.program if p[0] == ref.name), None)
+            conv = self.layers.get(ref.name)
+            if prev is not None and prev[1] == "conv" and conv is not None and \
+                    isinstance(conv[0], nn.Conv2d) and conv[1] is None:
+                # folded: conv then BN is one conv (the plain conv stays for other readers)
+                self.layers[node.name] = (conv[0], m)
+                return self.emit(node, "conv", prev[2])
+            self.layers[node.name] = (None, m)  # its affine map, a 1x1 depthwise conv
+            return self.emit(node, "conv", (ref,))
+        if isinstance(m, nn.ReLU):
+            _plain(m, nn.ReLU, where)
+            return self.relu(node, src, m.inplace)
+        if isinstance(m, nn.AvgPool2d):
+            _plain(m, nn.AvgPool2d, where)
+            info = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                        ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad,
+                        divisor_override=m.divisor_override)
+            return self.emit(node, "avgpool", (self.tensor_arg(node, src),), info)
+        if isinstance(m, nn.Upsample):
+            _plain(m, nn.Upsample, where)
+            return self.upsample(node, src, dict(size=m.size, scale_factor=m.scale_factor,
+                                                 mode=m.mode,
+                                                 recompute_scale_factor=m.recompute_scale_factor))
+        self.refuse(node, self.nonlinear_hint(type(m).__name__))
+
+    def nonlinear_hint(self, name):
+        low = name.lower()
+        if any(k in low for k in ("relu", "elu", "gelu", "silu", "sigmoid", "tanh", "softplus",
+                                  "hardswish", "mish", "prelu", "maxpool", "max_pool", "softmax")):
+            return (f"{name} is not supported: spiking neurons replace ReLU activations only "
+                    "(rate coding reproduces max(x, 0), not other nonlinearities; use ReLU, or "
+                    "average pooling instead of max pooling)")
+        return f"{name} is not supported"
+
+    def relu(self, node, src, in_place):
+        ref = self.tensor_arg(node, src)
+        self.emit(node, "relu", (ref,), self.n_relus, in_place_of=src if in_place else None)
+        self.n_relus += 1
+
+    def upsample(self, node, src, kw):
+        if kw.get("mode", "nearest") not in ("nearest", "nearest-exact"):
+            self.refuse(node, f"upsampling mode {kw.get('mode')!r}: 'nearest' only")
+        if kw.get("antialias"):
+            self.refuse(node, "antialias=True")
+        kw = {k: self.read(v) for k, v in kw.items() if k in
+              ("size", "scale_factor", "mode", "recompute_scale_factor")}
+        self.emit(node, "upsample", (self.tensor_arg(node, src),), kw)
+
+    def _call_method(self, node):
+        t = node.target
+        if t in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs:
+            return self.relu(node, node.args[0], t == "relu_")
+        if t in _ARITH_METHODS:
+            return self.arith(node, _ARITH_METHODS[t], node.args, node.kwargs,
+                              in_place=t.endswith("_"))
+        if t == "neg" and len(node.args) == 1:
+            return self.emit(node, "mul", (self.tensor_arg(node, node.args[0]), -1), None)
+        if t == "size":
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            return self.emit(node, "shape", (self.tensor_arg(node, node.args[0]),), dim)
+        if t in ("contiguous",) and len(node.args) == 1:
+            return self.alias(node, node.args[0])
+        self.refuse(node, self.nonlinear_hint(f"Tensor.{t}"))
+
+    def _call_function(self, node):
+        t, args, kw = node.target, node.args, node.kwargs
+        if t in _RELU_FUNCTIONS:
+            if len(args) != 1 or set(kw) - {"inplace"}:
+                self.refuse(node, "expected relu(x) or relu(x, inplace=...)")
+            return self.relu(node, args[0], t in _IN_PLACE or bool(kw.get("inplace", False)))
+        if t in _ARITH:
+            return self.arith(node, _ARITH[t], args, kw, in_place=t in _IN_PLACE)
+        if t is operator.neg:
+            return self.emit(node, "mul", (self.tensor_arg(node, args[0]), -1), None)
+        if t is operator.pos:
+            return self.alias(node, args[0])
+        if t in _CATS:
+            tensors = args[0] if args else kw.get("tensors")
+            dim = args[1] if len(args) > 1 else kw.get("dim", 0)
+            if dim not in (1, -3):
+                self.refuse(node, f"a concatenation along dim {dim!r}: along the channels "
+                                  "(dim=1) only")
+            if not isinstance(tensors, (list, tuple)) or not all(isinstance(a, fx.Node)
+                                                                 for a in tensors):
+                self.refuse(node, "expected a list of tensors")
+            return self.emit(node, "cat", ([self.read(a) for a in tensors],))
+        if t is F.avg_pool2d:
+            names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                     "divisor_override")
+            info = dict(zip(names, args[1:]), **kw)
+            if any(isinstance(v, fx.Node) for v in info.values()):
+                self.refuse(node, "pooling sizes computed in forward")
+            return self.emit(node, "avgpool", (self.tensor_arg(node, args[0]),), info)
+        if t is F.interpolate:
+            names = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+                     "antialias")
+            return self.upsample(node, args[0], dict(dict(zip(names, args[1:])), **kw))
+        if t in (F.dropout, F.dropout2d, F.dropout1d, F.dropout3d, F.alpha_dropout):
+            training = args[2] if len(args) > 2 else kw.get("training", True)
+            if training is not False:
+                self.refuse(node, "a functional dropout that is on in eval mode (pass "
+                                  "training=self.training, or use nn.Dropout)")
+            return self.alias(node, args[0])
+        if t is getattr and len(args) == 2 and args[1] == "shape":
+            return self.emit(node, "shape", (self.tensor_arg(node, args[0]),), None)
+        if t is operator.getitem and isinstance(args[0], fx.Node) and \
+                self.kind.get(self.version.get(self.root.get(args[0].name))) in ("shape", "item"):
+            return self.emit(node, "item", (self.read(args[0]), self.read(args[1])))
+        self.refuse(node, self.nonlinear_hint(getattr(t, "__name__", str(t))))
+
+    def arith(self, node, op, args, kw, in_place):
+        if len(args) != 2 or set(kw) - ({"alpha"} if op in ("add", "sub") else set()) or \
+                kw.get("alpha", 1) != 1:
+            self.refuse(node, "expected a binary + - * / (no alpha, no rounding_mode)")
+        a, b = args
+        shapes = [isinstance(x, fx.Node) and self.kind.get(self.version.get(self.root.get(x.name)))
+                  in ("shape", "item") for x in (a, b)]
+        if any(shapes):  # arithmetic on sizes (e.g. x.shape[-1] * 2): Python numbers
+            return self.emit(node, "size_arith", (self.read(a), self.read(b)), op)
+        tensors = [isinstance(x, fx.Node) for x in (a, b)]
+        if not any(tensors) or not all(isinstance(x, fx.Node) or _is_number(x) for x in (a, b)):
+            self.refuse(node, f"expected tensors and Python numbers, got {a!r} and {b!r}")
+        if op in ("mul", "div"):
+            if all(tensors):
+                self.refuse(node, "a product or quotient of two tensors is not linear in the "
+                                  "spikes; multiply or divide by Python numbers only")
+            if op == "div" and not tensors[0]:
+                self.refuse(node, "a number divided by a tensor is not linear")
+        self.emit(node, op, (self.read(a), self.read(b)), None,
+                  in_place_of=a if in_place and tensors[0] else None)
+
+
+class _Structure:
+    """What a program's nodes are (built once per network): ``static`` nodes depend
+    on the input through linear ops only; ``seq`` nodes are computed per step
+    (some neuron reads them); ``rate`` nodes are computed once on the read-out
+    neurons' rates (the output reads them)."""
+
+    def __init__(self, program):
+        self.ops = {p[0]: p for p in program}
+        self.order = [p[0] for p in program]
+        self.static = set()
+        for name, kind, args, info in program:
+            if kind == "input" or (kind not in ("relu", "output") and
+                                   all(r in self.static for r in _refs((args, info)))):
+                self.static.add(name)
+        self.relus = [p[0] for p in program if p[1] == "relu"]
+        self.seq = self._closure([self.deps(r) for r in self.relus])
+        out = next(p for p in program if p[1] == "output")
+        self.output = out[2][0].name
+        self.rate = self._closure([[self.output]])
+        self.readout = [r for r in self.relus if r in self.rate]
+        # per-step values are freed after their last reader there (the chain SNN holds
+        # one layer's at a time); static values and read-out spikes are kept
+        self.keep = self.static | set(self.readout)
+        self.last_read = {}
+        for n in self.order:
+            if n in self.seq or n in self.static or self.ops[n][1] == "relu":
+                for d in self.deps(n):
+                    self.last_read[d] = n
+
+    def _closure(self, starts):
+        """The nodes those in ``starts`` need, down to neurons (whose outputs
+        come from the neuron) and static nodes (computed once, first)."""
+        seen, todo = set(), [n for s in starts for n in s]
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if self.ops[n][1] != "relu" and n not in self.static:
+                todo += self.deps(n)
+        return seen
+
+    def needed(self):
+        """Every node the network computes (the static ones included)."""
+        todo, seen = [n for n in self.order if self.ops[n][1] == "output"], set()
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo += self.deps(n)
+        return seen
+
+    def deps(self, name):
+        """The nodes node ``name`` reads (sizes in its options included)."""
+        _, _, args, info = self.ops[name]
+        return _refs((args, info))
+
+
+def _canonical(conv, bn, name):
+    """A float32, trainable copy of a layer for the program: a Conv2d with a bias and
+    numeric padding (``bn`` folded in), a ConvTranspose2d, or (``conv`` None) a
+    BatchNorm2d's eval-mode affine map as a 1x1 depthwise conv."""
+    if conv is None:
+        c = bn.num_features
+        out = nn.Conv2d(c, c, 1, groups=c, device=bn.running_mean.device)
+        with torch.no_grad():
+            scale = (bn.weight.detach().double() if bn.weight is not None else 1.0) / \
+                torch.sqrt(bn.running_var.double() + bn.eps)
+            shift = (bn.bias.detach().double() if bn.bias is not None else 0.0) - \
+                bn.running_mean.double() * scale
+            out.weight.copy_(scale.view(c, 1, 1, 1).float())
+            out.bias.copy_(shift.float())
+        return out
+    if isinstance(conv, nn.ConvTranspose2d):
+        out = copy.deepcopy(conv).float().requires_grad_(True)
+        if out.bias is None:
+            out.bias = nn.Parameter(torch.zeros(out.out_channels, device=out.weight.device))
+        return out
+    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                    padding=_numeric_padding(conv, f"node {name!r}"), dilation=conv.dilation,
+                    groups=conv.groups, bias=True, device=conv.weight.device)
+    with torch.no_grad():
+        if bn is not None:
+            w, b = _fold_conv_bn(conv, bn)
+        else:
+            w = conv.weight.detach()
+            b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(out.bias)
+        out.weight.copy_(w.float())
+        out.bias.copy_(b.float())
+    return out
+
+
+def _upsample(x, info):
+    kw = {k: (tuple(v) if isinstance(v, (list, torch.Size)) else v) for k, v in info.items()}
+    return F.interpolate(x, **kw)
+
+
+def _apply(kind, layer, args, info):
+    """One op of the program on [N, C, H, W] tensors (and Python numbers)."""
+    if kind == "conv":
+        return layer(args[0])
+    if kind in ("add", "sub", "mul", "div"):
+        a, b = args
+        return {"add": operator.add, "sub": operator.sub, "mul": operator.mul,
+                "div": operator.truediv}[kind](a, b)
+    if kind == "cat":
+        return torch.cat(args[0], 1)
+    if kind == "avgpool":
+        return F.avg_pool2d(args[0], **info)
+    if kind == "upsample":
+        return _upsample(args[0], info)
+    raise AssertionError(kind)
+
+
+def _size_op(kind, args, info, shape_of):
+    """The value of a size node: a shape, an element of one, or arithmetic on them."""
+    if kind == "shape":
+        size = shape_of(args[0])
+        return size if info is None else size[info]
+    if kind == "item":
+        return args[0][args[1]]
+    return {"add": operator.add, "sub": operator.sub, "mul": operator.mul,
+            "div": operator.truediv}[info](*args)
+
+
+class GraphNet(nn.Module):
+    """The canonical form of a traced CNN (build it with :func:`graph_net`): the
+    same computation, as a program of convs (BatchNorm folded, float32 copies),
+    ReLUs (``relus``, in graph order: the layers that become neurons) and linear
+    ops. ``in_channels``: the input's channels where a conv reads the input
+    (else None)."""
+
+    def __init__(self, program, layers, in_channels=None):
+        super().__init__()
+        self.program = program
+        self.layers = nn.ModuleDict(layers)
+        self.relus = nn.ModuleList(nn.ReLU() for p in program if p[1] == "relu")
+        self.in_channels = in_channels
+
+    def forward(self, x):
+        env = {}
+        for name, kind, args, info in self.program:
+            if kind == "input":
+                env[name] = x
+            elif kind == "output":
+                return env[args[0].name]
+            elif kind == "relu":
+                env[name] = self.relus[info](env[args[0].name])
+            elif kind in ("shape", "item", "size_arith"):
+                env[name] = _size_op(kind, _resolve(args, env), info, lambda t: t.shape)
+            else:
+                env[name] = _apply(kind, self.layers[name] if kind == "conv" else None,
+                                   _resolve(args, env), _resolve(info, env))
+        raise AssertionError("no output")
+
+
+def graph_net(model: nn.Module) -> GraphNet:
+    """The canonical form (:class:`GraphNet`, eval mode, float32 copies; ``model``
+    left unchanged) of any ``nn.Module`` that ``torch.fx.symbolic_trace`` traces
+    and that uses only the layers and ops in ``SUPPORTED``. A model fx cannot
+    trace raises a TypeError; an op the spiking form cannot reproduce a
+    ValueError that names the node and lists what is supported."""
+    what = type(model).__name__
+    model = copy.deepcopy(model).eval()  # traced in eval mode: dropouts off, BN statistics
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as err:  # fx raises TraceError, TypeError, ... for what it cannot follow
+        raise TypeError(f"to_snn: torch.fx cannot trace {what} ({type(err).__name__}: {err}); "
+                        "the graph conversion needs a forward without data-dependent control "
+                        "flow (if / for on tensor values), or a DnCNN, AODNet, or an "
+                        "nn.Sequential conv chain") from err
+    program, sources = _Builder(gm, what).build()
+    st = _Structure(program)
+    needed = st.needed()
+    program = [p for p in program if p[0] in needed]
+    if not st.readout:
+        raise ValueError(f"to_snn: {what}: no ReLU reaches the output through linear ops; the "
+                         "spiking layers replace ReLUs, so the network needs at least one")
+    # neurons numbered in graph order among the ReLUs the network computes
+    relu_names = [p[0] for p in program if p[1] == "relu"]
+    program = [(n, k, a, relu_names.index(n) if k == "relu" else i) for n, k, a, i in program]
+    layers = {n: _canonical(*sources[n], n) for n, k, _, _ in program if k == "conv"}
+    inputs = {p[0] for p in program if p[1] == "input"}
+    in_channels = next((layers[n].in_channels for n, k, a, _ in program
+                        if k == "conv" and a[0].name in inputs), None)
+    return GraphNet(program, layers, in_channels).eval()
+
+
+def _layer_macs(conv, shape):
+    """MACs of one call of ``conv`` (Conv2d or ConvTranspose2d) on ``shape`` [B, C, H, W]."""
+    B, _, H, W = shape
+    if isinstance(conv, nn.ConvTranspose2d):  # each input element scatters into a kernel window
+        kh, kw = conv.kernel_size
+        return B * conv.in_channels * H * W * (conv.out_channels // conv.groups) * kh * kw
+    return conv_call_macs(conv, B, H, W)[0]
+
+
+def _layer_sops(conv, counts):
+    """Synaptic operations of ``conv`` driven by spike ``counts`` [B, C, H, W]
+    (:func:`spikingir.energy.conv_sops`; a transposed conv: each spike reaches
+    Cout/groups outputs at every kernel tap that lands inside the output)."""
+    if not isinstance(conv, nn.ConvTranspose2d):
+        return conv_sops(conv, counts)
+    g = conv.groups
+    s = counts.detach().double().unflatten(1, (g, conv.in_channels // g)).sum(2)
+    ones = torch.ones(g, 1, *conv.kernel_size, dtype=torch.float64, device=s.device)
+    per_out = F.conv_transpose2d(s, ones, None, conv.stride, conv.padding, conv.output_padding, g,
+                                 conv.dilation)
+    return int(round(per_out.sum().item() * (conv.out_channels // g)))
+
+
+def _mean_fanout(conv):
+    if isinstance(conv, nn.ConvTranspose2d):
+        kh, kw = conv.kernel_size
+        return conv.out_channels // conv.groups * kh * kw
+    return conv_mean_fanout(conv)
+
+
+class _Value:
+    """A node's value in the SNN: ``t`` is [B, C, H, W] (static or a rate) or, with
+    ``seq``, [steps, B, C, H, W]; ``sources`` (spike-valued nodes: neuron
+    outputs, concatenated or upsampled) lists (neuron index, spikes per source
+    spike) of the spikes it holds, None for analog values; ``counts`` (a rate of
+    spike-valued inputs, when recording) the spike counts behind it."""
+    __slots__ = ("t", "seq", "sources", "counts")
+
+    def __init__(self, t, seq=False, sources=None, counts=None):
+        self.t, self.seq, self.sources, self.counts = t, seq, sources, counts
+
+    @property
+    def shape(self):
+        """The ANN's [B, C, H, W] shape of this value."""
+        return self.t.shape[1:] if self.seq else self.t.shape
+
+
+class SpikingGraph(_SpikingNet):
+    """A converted :class:`GraphNet` (see the module docstring): takes and returns
+    images like the ANN.
+
+    Energy (``record_stats``, ``energy_mj``, :func:`spikingir.energy.snn_energy_mj`),
+    the DESIGN's model extended to graphs: static convs (the input's analog
+    current) count their MACs once (``first_layer_macs``); a per-step conv fed
+    by spikes (neuron outputs, concatenated or nearest-upsampled) counts the
+    synaptic operations of the spikes of all steps (``sops``); a per-step conv
+    of analog values (sums or averages of spike trains) its MACs at every step
+    (``analog_macs``); a read-out conv (computed once on rates) counts the SOPs of
+    the spikes into it unless they were counted per step, and its MACs once
+    with recycling (the chain's read-out rule) or when its input is analog
+    (``readout_macs``).
+
+    ``use_spike_conv()``: per-step convs that read one neuron layer's spikes
+    directly (groups=1, a kernel :func:`spikingir.ops.spike_conv2d` supports)
+    run on it in inference (without autograd); the others stay dense, since
+    sums of spike trains are not binary."""
+
+    def __init__(self, net: GraphNet, neurons, timesteps, neuron_kind="mprn", recycling=True):
+        super().__init__(timesteps, neuron_kind, recycling)
+        if not isinstance(net, GraphNet):
+            raise TypeError(f"SpikingGraph: expected a GraphNet, got {type(net).__name__}")
+        if len(neurons) != len(net.relus):
+            raise ValueError(f"SpikingGraph: expected {len(net.relus)} neuron layers (one per "
+                             f"ReLU), got {len(neurons)}")
+        self.program = copy.deepcopy(net.program)
+        self.layers = copy.deepcopy(net.layers)
+        self.neurons_ = nn.ModuleList(neurons)
+        self.in_channels = net.in_channels
+        self.spike_conv = False
+        self.spike_conv_backend = "auto"
+        self.spike_masks = True
+        self._structure = _Structure(self.program)
+
+    def extra_repr(self):
+        return super().extra_repr() + (f", spike_conv=True, spike_conv_backend="
+                                       f"{self.spike_conv_backend!r}" if self.spike_conv else "")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._structure = _Structure(self.program)
+
+    @property
+    def mapper(self):
+        """The read-out convs (run once on the rates), as a ModuleList: what
+        ``param_groups(train_mapper=False)`` and fine-tuning's ``train_mapper``
+        keep fixed, like a chain's pixel mapper."""
+        st = self._structure
+        return nn.ModuleList(self.layers[n] for n in st.order
+                             if n in st.rate and n not in st.seq and st.ops[n][1] == "conv")
+
+    def use_spike_conv(self, on=True, backend="auto", masks=True):
+        """See the class docstring (``masks`` is accepted for the chain's
+        signature; the spikes are handed over as float tensors). Returns ``self``."""
+        self.spike_conv = bool(on)
+        self.spike_masks = bool(masks)
+        self.spike_conv_backend = backend
+        return self
+
+    def kept_spike_conv(self):
+        """Restores the :meth:`use_spike_conv` setting on exit."""
+        return SpikingChain.kept_spike_conv(self)
+
+    def _on_spike_conv(self, conv, value):
+        return (self.spike_conv and not torch.is_grad_enabled() and type(conv) is nn.Conv2d
+                and value.sources is not None and len(value.sources) == 1
+                and value.sources[0][1] == 1.0 and spike_conv_supports(conv)
+                and not _has_hooks(conv))
+
+    def forward(self, x):
+        c = self.in_channels
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or (c is not None and x.shape[1] != c):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"SpikingGraph: input must be [B, {c if c is not None else 'C'}, H, "
+                             f"W], got {got}")
+        st, S, T = self._structure, self.steps, self.timesteps
+        record, track = self._record, self._track_energy
+        if record:
+            self.stats = {"first_layer_macs": 0, "sops": 0, "readout_macs": 0, "analog_macs": 0,
+                          "layers": []}
+        ann_shapes = {}  # conv node -> its input's [B, C, H, W] (the ANN's MACs)
+        sop_terms = []  # differentiable SOP estimate (track_energy)
+        spike_totals = {}
+        seq_env, ys, v_final = {}, {}, {}
+
+        def count_conv(name, conv, v, steps, rate_mode):
+            ann_shapes[name] = v.shape
+            in_seq = name in st.seq
+            spiky = v.sources is not None
+            if track and spiky and not (rate_mode and in_seq):
+                fan = _mean_fanout(conv)
+                sop_terms.extend(spike_totals[i] * (k * fan) for i, k in v.sources)
+            if not record:
+                return
+            with torch.no_grad():
+                macs = _layer_macs(conv, v.shape)
+                if name in st.static:
+                    self.stats["first_layer_macs"] += macs
+                elif not rate_mode:
+                    if spiky:
+                        counts = (v.t != 0).sum(0, dtype=torch.float32)  # spikes per neuron
+                        self.stats["sops"] += _layer_sops(conv, counts)
+                    else:
+                        self.stats["analog_macs"] += macs * steps
+                else:
+                    if spiky and not in_seq:
+                        self.stats["sops"] += _layer_sops(conv, v.counts)
+                    if self.recycling or not spiky:
+                        self.stats["readout_macs"] += macs
+
+        def run(name, env, rate_mode):
+            _, kind, args, info = st.ops[name]
+            vals = _resolve(args, env)
+            if kind in ("shape", "item", "size_arith"):
+                return _size_op(kind, vals, info, lambda v: v.shape)
+            info = _resolve(info, env)
+            tensors = [v for v in (vals[0] if kind == "cat" else vals) if isinstance(v, _Value)]
+            seq = any(v.seq for v in tensors)
+            if kind == "conv":
+                v, conv = vals[0], self.layers[name]
+                count_conv(name, conv, v, S, rate_mode)
+                if name in st.static and type(conv) is nn.Conv2d:
+                    return _Value(self._input_current(v.t, conv))
+                if seq and self._on_spike_conv(conv, v):
+                    i = v.sources[0][0]
+                    neuron = self.neurons_[i]
+                    s = (v.t != 0).to(v.t.dtype)
+                    return _Value(SpikingChain._conv_spikes(self, conv, s, neuron), True)
+                t = conv(v.t.flatten(0, 1)).unflatten(0, v.t.shape[:2]) if seq else conv(v.t)
+                return _Value(t, seq)
+            if kind == "cat":
+                parts = [v.t.unsqueeze(0).expand(S, *v.t.shape) if seq and not v.seq else v.t
+                         for v in vals[0]]
+                t = torch.cat(parts, 2 if seq else 1)
+                spiky = all(v.sources is not None for v in vals[0])
+                sources = [s for v in vals[0] for s in v.sources] if spiky else None
+                counts = (torch.cat([v.counts for v in vals[0]], 1)
+                          if spiky and rate_mode and record else None)
+                return _Value(t, seq, sources, counts)
+            if kind == "upsample":
+                v = vals[0]
+                flat = v.t.flatten(0, 1) if seq else v.t
+                t = _upsample(flat, info)
+                area = (t.shape[-2] * t.shape[-1]) / (flat.shape[-2] * flat.shape[-1])
+                t = t.unflatten(0, v.t.shape[:2]) if seq else t
+                sources = None if v.sources is None else [(i, k * area) for i, k in v.sources]
+                counts = (_upsample(v.counts, info) if v.counts is not None else None)
+                return _Value(t, seq, sources, counts)
+            if kind == "avgpool":
+                v = vals[0]
+                t = F.avg_pool2d(v.t.flatten(0, 1) if seq else v.t, **info)
+                return _Value(t.unflatten(0, v.t.shape[:2]) if seq else t, seq)
+            # + - * /: a static [B, C, H, W] broadcasts over the steps of a sequence
+            a, b = (v.t if isinstance(v, _Value) else v for v in vals)
+            return _Value(_apply(kind, None, (a, b), None), seq)
+
+        # 1. per step: the neurons, in graph order, and what they read
+        for name in st.order:
+            kind = st.ops[name][1]
+            if kind == "input":
+                seq_env[name] = _Value(x)
+            elif kind == "relu":
+                i = st.ops[name][3]
+                neuron = self.neurons_[i]
+                cur = seq_env[st.ops[name][2][0].name]
+                cur = cur.t if cur.seq else cur.t.unsqueeze(0).expand(S, *cur.t.shape)
+                out = []
+                y = neuron(cur, v_final_out=out)
+                cur = None
+                if name in st.keep:
+                    ys[i], v_final[i] = y, out[0]
+                seq_env[name] = _Value(y, True, [(i, 1.0)])
+                if track:
+                    spike_totals[i] = self._spike_total(neuron, y)
+                if record:
+                    with torch.no_grad():
+                        n_spikes = int((y != 0).sum(dtype=torch.float64).item())
+                        neurons = y.shape[1:].numel()
+                        self.stats["layers"].append({
+                            "name": name, "spikes": n_spikes, "neurons": neurons,
+                            "firing_rate": n_spikes / (neurons * T)})
+            elif name in st.seq or name in st.static:
+                seq_env[name] = run(name, seq_env, False)
+            for d in st.deps(name):
+                if st.last_read.get(d) == name and d not in st.keep:
+                    seq_env.pop(d, None)
+        # 2. the read-out, once, on the rates of the neurons whose spikes reach the output
+        rate_env = {n: seq_env[n] for n in st.static if n in seq_env}
+        for name in st.readout:
+            i = st.ops[name][3]
+            counts = ((ys[i] != 0).sum(0, dtype=torch.float32) if record else None)
+            rate_env[name] = _Value(self._rate(self.neurons_[i], ys[i], v_final[i]),
+                                    sources=[(i, 1.0)], counts=counts)
+        for name in st.order:
+            if name in st.rate and name not in rate_env and st.ops[name][1] != "output":
+                rate_env[name] = run(name, rate_env, True)
+        out = rate_env[st.output].t
+        self._release_graph()
+        if track:  # the SOP part of the SNN/ANN energy ratio, differentiable in the spikes
+            ann = sum(_layer_macs(self.layers[n], s) for n, s in ann_shapes.items())
+            self.energy_ratio = sum(sop_terms, x.new_zeros(())) * (E_SOP_PJ / (E_MAC_PJ * ann))
+        return out

@@ -1,0 +1,404 @@
+"""Converting your own CNN with skips, concatenations and functional ReLUs
+(spikingir.models.graph, through torch.fx) with to_snn: the canonical form,
+the spiking network's outputs, gradients, energy and the refusals."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from spikingir.convert import to_snn
+from spikingir.energy import conv_call_macs, snn_energy_mj
+from spikingir.models import Residual
+from spikingir.models.graph import GraphNet, SpikingGraph, graph_net
+from spikingir.models.spiking import SpikingChain
+
+from helpers import ran_ops
+
+torch.set_num_threads(1)
+
+
+def _randomise_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.1)
+    return model
+
+
+class PlainChain(nn.Module):
+    """A conv chain written as a module with functional ReLUs: x - c3(...)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 6, 5, padding=2, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.c3 = nn.Conv2d(6, 1, 3, padding=1)
+        _randomise_bn(self)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h = torch.relu(self.bn(self.c2(h)))
+        return x - self.c3(h)
+
+    def as_chain(self):
+        return Residual(nn.Sequential(self.c1, nn.ReLU(), self.c2, self.bn, nn.ReLU(), self.c3))
+
+
+class ResBlocks(nn.Module):
+    """Residual blocks (EDSR style, a BN folded into one conv) and a global skip."""
+
+    def __init__(self, w=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Conv2d(1, w, 3, padding=1)
+        self.a1, self.b1 = nn.Conv2d(w, w, 3, padding=1, bias=False), nn.Conv2d(w, w, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.a2, self.b2 = nn.Conv2d(w, w, 3, padding=1), nn.Conv2d(w, w, 1)
+        self.tail = nn.Conv2d(w, 1, 3, padding=1)
+        self.drop = nn.Dropout(0.1)
+        _randomise_bn(self)
+
+    def forward(self, x):
+        h = self.head(x).relu()
+        h = F.relu(h + self.b1(F.relu(self.bn1(self.a1(h)))))
+        h = F.relu(h + 0.5 * self.b2(self.drop(torch.relu(self.a2(h)))))
+        return x - self.tail(h)
+
+
+class TinyUNet(nn.Module):
+    """Average pooling (module and function), nearest upsampling (a module, and
+    F.interpolate to a size read from a shape), a transposed conv,
+    concatenations, in-place ReLUs, and an analog branch in the read-out."""
+
+    def __init__(self, w=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e1 = nn.Conv2d(1, w, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.e2 = nn.Conv2d(w, 2 * w, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2)
+        self.t = nn.ConvTranspose2d(2 * w, w, 2, stride=2)
+        self.d1 = nn.Conv2d(4 * w, w, 3, padding=1)
+        self.out, self.smooth = nn.Conv2d(w, 1, 1), nn.Conv2d(w, 1, 3, padding=1)
+        self.r = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        e1 = self.r(self.e1(x))
+        e2 = self.r(self.e2(self.pool(e1)))
+        u = torch.cat([self.up(e2), F.relu(self.t(e2))], dim=1)
+        d = self.r(self.d1(torch.cat([e1, u], 1)))
+        coarse = F.interpolate(F.avg_pool2d(d, 2), size=d.shape[-2:])
+        return x - self.out(d) / 2 - self.smooth(coarse)
+
+
+class OddOps(nn.Module):
+    """A grouped conv, a BatchNorm after a sum (its own affine layer), the input
+    concatenated with spikes, arithmetic with numbers and a trailing ReLU."""
+
+    def __init__(self, w=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(1, w, 3, padding=1)
+        self.g = nn.Conv2d(w, w, 3, padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(w)
+        self.c2 = nn.Conv2d(w + 1, w, 3, padding="same")
+        self.c3 = nn.Conv2d(w, 1, 3, padding=1)
+        _randomise_bn(self)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h = F.relu(self.bn(h + self.g(h)), inplace=True)
+        h = torch.relu(self.c2(torch.cat((x, h), dim=1)) * 0.5 - 0.01)
+        return F.relu(1.0 - x + self.c3(h) / 4)
+
+
+def images(n=3, size=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(1, 1, size, size, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("make", [PlainChain, ResBlocks, TinyUNet, OddOps])
+def test_graph_form_computes_the_network(make):
+    ann = make().eval()
+    before = {k: v.clone() for k, v in ann.state_dict().items()}
+    net = graph_net(ann)
+    assert isinstance(net, GraphNet) and net.in_channels == 1
+    x = torch.rand(2, 1, 16, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ann(x), rtol=1e-5, atol=1e-5)
+    after = ann.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout)) for m in net.modules())
+
+
+class Block(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(w, w, 3, padding=1), nn.Conv2d(w, w, 3, padding=1)
+
+    def forward(self, h):
+        return F.relu(h + self.b(F.relu(self.a(h))))
+
+
+def test_a_sequential_of_your_own_blocks_is_a_graph():
+    """An nn.Sequential holding blocks of the user's own converts through the graph
+    path (the chain form refuses them); one of torch.nn layers stays a chain."""
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), Block(8), Block(8),
+                        nn.Conv2d(8, 1, 3, padding=1)).eval()
+    calib, x = images(), images(n=1, seed=5)[0]
+    snn = to_snn(ann, calib, 64, neuron="if", percentile=100)
+    assert type(snn) is SpikingGraph and len(snn.neurons()) == 5
+    with torch.no_grad():
+        torch.testing.assert_close(graph_net(ann)(x), ann(x))
+        assert float((snn(x) - ann(x)).abs().mean()) < 0.1 * float(ann(x).abs().mean())
+    assert type(to_snn(PlainChain().as_chain().body, calib, 2)) is SpikingChain
+
+
+def test_in_place_relus_change_what_later_readers_see():
+    """``relu_`` and ``ReLU(inplace=True)`` change their input tensor: a reader
+    after them (here a skip and a BN's conv) sees the rectified value, one
+    before them the original."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.c3, self.r = nn.Conv2d(8, 1, 3, padding=1), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            y = self.c1(x)
+            before = y * 1.0  # reads y before the in-place ReLU
+            self.r(y)
+            z = self.c2(y).relu_()
+            return self.c3(torch.cat([z + y, F.relu(before)], 1))
+
+    ann = M().eval()
+    x = torch.randn(1, 1, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(graph_net(ann)(x), ann(x))
+
+
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_a_chain_as_a_module_converts_as_the_chain(neuron):
+    """The graph path on a chain written as a module gives the chain path's SNN:
+    the same thresholds, outputs, counted energy and energy estimate."""
+    plain = PlainChain().eval()
+    calib, x = images(), images(n=1, seed=7)[0]
+    kw = dict(neuron=neuron, per_channel=True, v0="half")
+    a, b = to_snn(plain.as_chain(), calib, 4, **kw), to_snn(plain, calib, 4, **kw)
+    assert type(a) is SpikingChain and type(b) is SpikingGraph
+    for na, nb in zip(a.neurons(), b.neurons(), strict=True):
+        assert torch.equal(na.theta, nb.theta)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+        assert snn_energy_mj(a, x) == snn_energy_mj(b, x)
+    assert a.stats["sops"] == b.stats["sops"] and a.firing_rate() == b.firing_rate()
+    a.track_energy(), b.track_energy()
+    a(x), b(x)
+    torch.testing.assert_close(a.energy_ratio, b.energy_ratio)
+
+
+@pytest.mark.parametrize("make", [ResBlocks, TinyUNet, OddOps])
+def test_graph_snn_approaches_its_ann(make):
+    ann, calib = make().eval(), images(n=4)
+    x = images(n=1, seed=9)[0]
+    with torch.no_grad():
+        want = ann(x)
+        for neuron in ("if", "mprn"):
+            errs = []
+            for T in (4, 64):
+                out = to_snn(ann, calib, T, neuron=neuron, percentile=100)(x)
+                assert out.shape == want.shape
+                errs.append(float((out - want).abs().mean()))
+            assert errs[1] < 0.25 * errs[0], (neuron, errs)
+            assert errs[1] < 0.02 * float(want.abs().mean()), (neuron, errs)
+
+
+def test_gradients_reach_thresholds_and_weights():
+    ann = TinyUNet().eval()
+    snn = to_snn(ann, images(), 3).train()
+    snn.track_energy()
+    x = images(n=2, seed=3)
+    loss = F.mse_loss(snn(torch.cat(x)), ann(torch.cat(x)).detach()) + 0.1 * snn.energy_ratio
+    loss.backward()
+    grads = {n: p.grad for n, p in snn.named_parameters()}
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads.values()), \
+        [n for n, g in grads.items() if g is None]
+    assert any(float(g.abs().sum()) > 0 for n, g in grads.items() if n.endswith("theta"))
+    # the read-out convs play the pixel mapper's part (fine-tuning's train_mapper)
+    assert list(snn.mapper) == [snn.layers["out"], snn.layers["smooth"]]
+    groups = snn.param_groups(1e-4, 1e-3, train_mapper=False)
+    assert not snn.layers["smooth"].weight.requires_grad and len(groups[1]["params"]) == 4 * 2
+
+
+def test_static_part_runs_once():
+    """Nodes that depend on the image through linear ops only (the head conv, the
+    global skip) run once per forward on [B, ...], not on every step; convs
+    fed by spikes run on all steps at once ([steps * B, ...])."""
+    ann = ResBlocks().eval()
+    snn = to_snn(ann, images(), 5, neuron="mprn")
+    seen = {}
+    for name in ("head", "bn1", "tail"):  # a1's conv with bn1 folded in is named bn1
+        snn.layers[name].register_forward_hook(
+            lambda m, i, o, name=name: seen.setdefault(name, []).append(i[0].shape[0]))
+    with torch.no_grad():
+        snn(torch.rand(2, 1, 10, 10))
+    assert seen == {"head": [2], "bn1": [6 * 2], "tail": [2]}
+
+
+def test_graph_energy_counts():
+    """Average pooling of spikes is analog: the conv after it counts its MACs at
+    every step; the transposed conv and the nearest-upsampled spikes count SOPs."""
+    ann = TinyUNet().eval()
+    snn = to_snn(ann, images(), 4, neuron="if").record_stats()
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        snn(x)
+    st = snn.stats
+    assert st["analog_macs"] == 4 * conv_call_macs(snn.layers["e2"], 1, 8, 8)[0]
+    assert st["first_layer_macs"] == conv_call_macs(snn.layers["e1"], 1, 16, 16)[0]
+    # with recycling, the read-out conv of spikes counts its MACs once, as a chain's
+    # mapper does; the one of the analog branch counts them (only) once
+    assert st["readout_macs"] == sum(conv_call_macs(snn.layers[n], 1, 16, 16)[0]
+                                     for n in ("out", "smooth"))
+    assert st["sops"] > 0 and [layer["name"] for layer in st["layers"]] == \
+        ["r", "r_1", "relu", "r_2"]
+    assert snn.energy_mj() == snn_energy_mj(snn, x) > 0
+
+
+def test_graph_snn_on_spike_conv(monkeypatch):
+    """use_spike_conv: the per-step convs that read one layer's spikes (here all
+    four in the blocks) run on spike_conv2d in inference; on dyadic values
+    (exact potentials) the output is the dense one."""
+    from spikingir import ops
+    ann = ResBlocks().eval()
+    snn = to_snn(ann, images(), 4, neuron="mprn")
+    with torch.no_grad():
+        for conv in snn.layers.values():
+            conv.weight.copy_((conv.weight * 16).round() / 16)
+            conv.bias.copy_((conv.bias * 16).round() / 16)
+        for n in snn.neurons():
+            n.theta.copy_(2.0 ** torch.round(torch.log2(n.theta)))
+            n.beta.copy_(n.theta * 0.5)
+        x = (torch.rand(1, 1, 12, 12) * 16).round() / 16
+        dense = snn(x)
+        calls, spike_conv2d = [], ops.spike_conv2d
+        monkeypatch.setattr(ops, "spike_conv2d", lambda s, w, *a, **k: calls.append(w.shape)
+                            or spike_conv2d(s, w, *a, **k))
+        with snn.kept_spike_conv():
+            snn.use_spike_conv(True, backend="cpp")
+            ran = ran_ops(lambda: snn(x))
+            assert torch.equal(snn(x), dense)
+        assert not snn.spike_conv
+    assert "spikingir::spike_conv2d_fwd" in ran
+    # bn1 (a1 folded), b1, a2, b2; each twice: the IF steps and the reuse step's beta
+    assert sorted(calls[:8]) == sorted([(8, 8, 3, 3)] * 6 + [(8, 8, 1, 1)] * 2), calls
+
+
+def test_graph_snn_finetunes_and_evaluates(tmp_path):
+    """finetune_snn and evaluate take the graph SNN as they take a chain's."""
+    from spikingir.evaluate import evaluate
+    from spikingir.finetune import finetune_snn
+    from spikingir.pipeline import denoise_samples
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(tmp_path / f"t{i}.png")
+    ann = ResBlocks().eval()
+    snn = to_snn(ann, images(n=2), 3, backend="cpp")
+    before = {k: v.clone() for k, v in snn.state_dict().items()}
+    finetune_snn(snn, "denoise", sigma=25, data=tmp_path, val_data=tmp_path, steps=2, batch_size=2,
+                 val_crop=32, progress=False, log=lambda _: None, energy_weight=0.1)
+    assert any(not torch.equal(before[k], v) for k, v in snn.state_dict().items())
+    report = evaluate("denoise", ann, snn, denoise_samples(25, tmp_path, crop=32), [2, 3], sigma=25)
+    assert [r["timesteps"] for r in report["snn"]] == [2, 3]
+    assert all(0 < r["energy_mj"] < report["ann"]["energy_mj"] for r in report["snn"])
+
+
+class _Net(nn.Module):
+    """A conv, then ``fn`` (the part under test), then a conv."""
+
+    def __init__(self, fn, extra=None, channels=4):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, channels, 3, padding=1), nn.Conv2d(channels, 1, 3, padding=1)
+        self.fn, self.extra = fn, extra
+
+    def forward(self, x):
+        return self.c2(self.fn(self, self.c1(x)))
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.mean() > 0:  # data-dependent control flow
+            return F.relu(self.c(x))
+        return self.c(x)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 1, 3)
+
+    def forward(self, x, y):
+        return self.c(F.relu(x + y))
+
+
+@pytest.mark.parametrize("fn, error, match", [
+    (lambda s, h: F.max_pool2d(F.relu(h), 1), ValueError, "max_pool2d.*ReLU activations only"),
+    ((lambda s, h: s.extra(F.relu(h)), nn.MaxPool2d(1)), ValueError,
+     "MaxPool2d extra.*ReLU activations only"),
+    ((lambda s, h: s.extra(h), nn.LeakyReLU()), ValueError, "LeakyReLU extra.*ReLU activations only"),
+    ((lambda s, h: s.extra(F.relu(h)), nn.Upsample(scale_factor=2, mode="bilinear")), ValueError,
+     "mode 'bilinear'"),
+    (lambda s, h: torch.sigmoid(h), ValueError, "sigmoid.*ReLU activations only"),
+    (lambda s, h: F.relu6(h), ValueError, "relu6.*ReLU activations only"),
+    (lambda s, h: F.leaky_relu(h), ValueError, "leaky_relu.*ReLU activations only"),
+    (lambda s, h: torch.cat([F.relu(h), h], 0), ValueError, "along dim 0: along the channels"),
+    (lambda s, h: F.relu(h) * h, ValueError, "product or quotient of two tensors"),
+    (lambda s, h: F.relu(h) / F.relu(-h), ValueError, "product or quotient of two tensors"),
+    (lambda s, h: F.interpolate(F.relu(h), scale_factor=1, mode="bilinear"), ValueError,
+     "mode 'bilinear': 'nearest' only"),
+    (lambda s, h: F.dropout(F.relu(h), 0.5), ValueError, "functional dropout that is on"),
+    (lambda s, h: F.relu(h) + s.c1.bias.view(1, -1, 1, 1), ValueError, "parameter or buffer"),
+    (lambda s, h: h, ValueError, "no ReLU reaches the output"),
+])
+def test_unsupported_nodes_are_refused_by_name(fn, error, match):
+    ann = (_Net(*fn) if isinstance(fn, tuple) else _Net(fn)).eval()
+    with pytest.raises(error, match=match) as info:
+        to_snn(ann, images(n=1), 2)
+    assert "_Net" in str(info.value)
+    if "no ReLU" not in match:
+        assert "node '" in str(info.value) and "supports nn.Conv2d" in str(info.value)
+
+
+def test_untraceable_and_odd_models_are_refused():
+    with pytest.raises(TypeError, match="torch.fx cannot trace _Branchy.*control flow"):
+        to_snn(_Branchy().eval(), images(n=1), 2)
+    with pytest.raises(ValueError, match="forward takes 2 inputs"):
+        to_snn(_TwoInputs().eval(), images(n=1), 2)
+    bn = _Net(lambda s, h: F.relu(s.bn(h)))
+    bn.bn = nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(ValueError, match="without running statistics"):
+        to_snn(bn.eval(), images(n=1), 2)
+    for kw, match in ((dict(layer_calibration="weights"), "layer_calibration: for DnCNN"),
+                      (dict(offset_percentile=1.0), "offset_percentile: for AOD-Net only")):
+        with pytest.raises(ValueError, match=match):
+            to_snn(ResBlocks(), images(n=1), 2, **kw)
+    snn = to_snn(ResBlocks(), images(n=1), 2)
+    with pytest.raises(ValueError, match=r"input must be \[B, 1, H, W\]"):
+        snn(torch.rand(1, 3, 8, 8))
+    from spikingir.pipeline import save_snn
+    with pytest.raises(TypeError, match="cannot be saved as a file"):
+        save_snn(snn, "unused.pt")
+
