@@ -395,11 +395,14 @@ def restore(image, snn, *, tile=None, amp=False):
     fmt = torch.contiguous_format
     if amp:  # bf16 for this call only: the network comes back as it came
         fmt, dtype = torch.channels_last, torch.float32
+    tile = DEFAULT_TILE if tile is None else tile
+    # the margin only where the image is tiled: a network whose reach has no
+    # simple radius (strides, pooling) restores an image of one tile
+    tiled = tile > 0 and max(image.shape[:2]) > tile
     with torch.no_grad(), bf16_inference_scope(snn, amp), amp_context(device, amp):
         out = run_tiled(lambda t: snn(t.to(device, dtype).contiguous(memory_format=fmt))
                         .float().cpu(),
-                        _to_input(image), DEFAULT_TILE if tile is None else tile,
-                        receptive_radius(snn))[0].numpy()
+                        _to_input(image), tile, receptive_radius(snn) if tiled else 0)[0].numpy()
     return out[0] if out.shape[0] == 1 and image.ndim == 2 else out.transpose(1, 2, 0)
 
 

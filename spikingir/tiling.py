@@ -33,10 +33,17 @@ def receptive_radius(model) -> int:
     ``padding="same"`` torch pads ``d (k - 1) // 2`` before and the rest after, so
     an even kernel reaches one pixel further on one side): the receptive radius
     of a network of stride-1 convolutions and per-pixel operations (an upper
-    bound when not every conv lies on one path)."""
+    bound when not every conv lies on one path). A network that changes scale
+    inside (pooling, upsampling, transposed convs: a converted graph,
+    spikingir.models.graph) raises a ValueError: its reach is not this sum, and
+    tiles must line up with its scales."""
     from torch import nn
     r = 0
     for m in model.modules():
+        kinds = {op[1] for op in getattr(m, "program", ())}  # a graph's ops (GraphNet, SpikingGraph)
+        if isinstance(m, nn.ConvTranspose2d) or kinds & {"avgpool", "upsample"}:
+            raise ValueError("receptive_radius: pooling, upsampling and transposed convolutions "
+                             "are not supported; pass margin= explicitly (or restore with tile=0)")
         if isinstance(m, nn.Conv2d):
             if any(s != 1 for s in m.stride):
                 raise ValueError("receptive_radius: strided convolutions are not supported; "

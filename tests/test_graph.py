@@ -402,3 +402,16 @@ def test_untraceable_and_odd_models_are_refused():
     with pytest.raises(TypeError, match="cannot be saved as a file"):
         save_snn(snn, "unused.pt")
 
+
+def test_restore_with_a_graph_snn():
+    """restore tiles a graph of stride-1 convs (its receptive radius bounds every
+    path) to the whole image's result; a U-Net's reach is no such radius, so it
+    restores an image of one tile and refuses to tile a larger one."""
+    from spikingir.pipeline import restore
+    img = np.random.default_rng(0).random((40, 36)).astype(np.float32)
+    snn = to_snn(ResBlocks().eval(), images(), 3)
+    np.testing.assert_array_equal(restore(img, snn, tile=16), restore(img, snn, tile=0))
+    unet = to_snn(TinyUNet().eval(), images(), 3)
+    assert restore(img, unet, tile=0).shape == img.shape == restore(img, unet).shape
+    with pytest.raises(ValueError, match="pooling, upsampling and transposed convolutions"):
+        restore(img, unet, tile=16)

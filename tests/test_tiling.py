@@ -15,6 +15,9 @@ def test_receptive_radius():
     assert receptive_radius(snn) == receptive_radius(tiny_dncnn())  # mapper = the last conv
     with pytest.raises(ValueError, match="strided"):
         receptive_radius(nn.Conv2d(1, 1, 3, stride=2))
+    # a change of scale has no radius (a transposed conv was skipped: a seam per tile)
+    with pytest.raises(ValueError, match="pooling, upsampling and transposed convolutions"):
+        receptive_radius(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ConvTranspose2d(2, 1, 2, stride=2)))
 
 
 def test_receptive_radius_of_even_kernels_and_one_sided_padding():
