@@ -162,6 +162,30 @@ def test_a_sequential_of_your_own_blocks_is_a_graph():
     assert type(to_snn(PlainChain().as_chain().body, calib, 2)) is SpikingChain
 
 
+def test_a_residual_inside_your_network():
+    """spikingir.models.Residual (DnCNN's skip) inside a network of the user's is
+    one subtraction of the graph; a body that changes the shape is refused as
+    Residual refuses it (not broadcast)."""
+    class Net(nn.Module):
+        def __init__(self, out=1):
+            super().__init__()
+            torch.manual_seed(0)
+            self.res = Residual(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                                              nn.Conv2d(8, out, 3, padding=1)))
+            self.c = nn.Conv2d(1, 1, 1)
+
+        def forward(self, x):
+            return self.c(self.res(x))
+
+    ann, x = Net().eval(), images(n=1, seed=4)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(graph_net(ann)(x), ann(x))
+        snn = to_snn(ann, images(), 64, neuron="if", percentile=100)
+        assert float((snn(x) - ann(x)).abs().mean()) < 0.02 * float(ann(x).abs().mean())
+    with pytest.raises(ValueError, match="Residual: the body maps"):
+        to_snn(Net(out=3).eval(), images(), 2)
+
+
 def test_in_place_relus_change_what_later_readers_see():
     """``relu_`` and ``ReLU(inplace=True)`` change their input tensor: a reader
     after them (here a skip and a BN's conv) sees the rectified value, one

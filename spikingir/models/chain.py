@@ -38,6 +38,11 @@ def skip(x, y, subtract=True):
     return x - y if subtract else x + y
 
 
+# one call in a torch.fx trace (its shape check is Python control flow): a Residual
+# inside a network of the user's converts through spikingir.models.graph
+torch.fx.wrap("skip")
+
+
 class Residual(nn.Module):
     """A global skip around ``body``: ``x - body(x)`` with ``subtract=True``
     (DnCNN's form) or ``x + body(x)``. ``body``'s output must have ``x``'s shape."""

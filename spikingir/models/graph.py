@@ -37,7 +37,7 @@ from torch import fx, nn
 from spikingir.energy import E_MAC_PJ, E_SOP_PJ, conv_call_macs, conv_mean_fanout, conv_sops
 from spikingir.ops.spike_conv import supports as spike_conv_supports
 
-from .chain import _SKIPPED, _numeric_padding, _plain
+from .chain import _SKIPPED, _numeric_padding, _plain, skip
 from .dncnn import _fold_conv_bn
 from .spiking import SpikingChain, _has_hooks, _SpikingNet
 
@@ -48,7 +48,8 @@ SUPPORTED = ("nn.Conv2d (any groups; a BatchNorm2d right after it is folded in),
              "nn.ConvTranspose2d, nn.BatchNorm2d (eval statistics), nn.ReLU / F.relu / "
              "torch.relu / .relu() (in-place too), + and - of tensors and numbers, * and / by "
              "numbers, torch.cat along dim 1, nn.AvgPool2d / F.avg_pool2d, nn.Upsample / "
-             "F.interpolate in mode 'nearest', nn.Identity, dropouts, x.shape / x.size()")
+             "F.interpolate in mode 'nearest', nn.Identity, dropouts, spikingir.models.Residual, "
+             "x.shape / x.size()")
 
 
 class _Ref:
@@ -288,6 +289,11 @@ class _Builder:
             return self.relu(node, args[0], t in _IN_PLACE or bool(kw.get("inplace", False)))
         if t in _ARITH:
             return self.arith(node, _ARITH[t], args, kw, in_place=t in _IN_PLACE)
+        if t is skip:  # spikingir.models.Residual's x -/+ body(x), its shape checked in the ANN
+            subtract = args[2] if len(args) > 2 else kw.get("subtract", True)
+            return self.emit(node, "sub" if subtract else "add",
+                             (self.tensor_arg(node, args[0]), self.tensor_arg(node, args[1])),
+                             "same shape")
         if t is operator.neg:
             return self.emit(node, "mul", (self.tensor_arg(node, args[0]), -1), None)
         if t is operator.pos:
@@ -451,6 +457,8 @@ def _apply(kind, layer, args, info):
         return layer(args[0])
     if kind in ("add", "sub", "mul", "div"):
         a, b = args
+        if info == "same shape":  # a Residual: its shape check (a broadcast would hide a bug)
+            return skip(a, b, kind == "sub")
         return {"add": operator.add, "sub": operator.sub, "mul": operator.mul,
                 "div": operator.truediv}[kind](a, b)
     if kind == "cat":
