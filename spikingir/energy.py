@@ -1,7 +1,8 @@
 """Energy model of the paper (DESIGN §5, "Energy").
 
 ANN: conv MACs only (no ReLU, BN, additions or the AOD-Net formula), one full
-image, ``E_ANN = E_MAC_PJ * MACs``. With every ``nn.Conv2d`` counted (AOD-Net's
+image, ``E_ANN = E_MAC_PJ * MACs`` (a ``ConvTranspose2d``, in a U-Net, counts
+``input elements x (Cout / groups) x kh x kw``). With every ``nn.Conv2d`` counted (AOD-Net's
 1x1 conv1 included) this reproduces the paper's figures exactly:
 
 - DnCNN-17 on 481x321 (BSD68 size): 85,555,446,912 MACs -> 393.555 mJ
@@ -106,8 +107,9 @@ def kept_modes(*nets):
 
 
 def conv_macs(model: nn.Module, input_shape, device="meta") -> list[tuple[str, nn.Conv2d, int]]:
-    """MACs of every ``nn.Conv2d`` call in one forward pass of ``model`` on a
-    zero input of ``input_shape``, in call order: ``[(name, conv, macs), ...]``.
+    """MACs of every ``nn.Conv2d`` (and ``nn.ConvTranspose2d``) call in one forward
+    pass of ``model`` on a zero input of ``input_shape``, in call order:
+    ``[(name, conv, macs), ...]``.
 
     A conv's MACs are ``out_elements * (Cin / groups) * kh * kw`` (batch
     included). A conv called twice appears twice. By default the forward runs
@@ -156,10 +158,14 @@ def counted_conv_macs(model: nn.Module, caller="counted_conv_macs"):
 
     def hook(mod, inputs, output):
         kh, kw = mod.kernel_size
-        macs = output.numel() * (mod.in_channels // mod.groups) * kh * kw
+        if isinstance(mod, nn.ConvTranspose2d):  # every input element scatters into a window
+            macs = inputs[0].numel() * (mod.out_channels // mod.groups) * kh * kw
+        else:
+            macs = output.numel() * (mod.in_channels // mod.groups) * kh * kw
         records.append((names[mod], mod, int(macs)))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     if not handles:
         raise ValueError(f"{caller}: {type(model).__name__} has no nn.Conv2d layers")
     try:

@@ -47,6 +47,14 @@ def test_grouped_strided_conv_macs():
     assert ann_macs(m, (1, 4, 10, 12)) == 8 * 5 * 6 * 18
 
 
+def test_transposed_conv_macs():
+    """A U-Net's ConvTranspose2d counts too (it was skipped: a converted U-Net's
+    SNN/ANN energy ratio came out too high): each of its input elements is
+    multiplied into a (Cout / groups) x kh x kw window."""
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2))
+    assert ann_macs(m, (1, 1, 5, 7)) == 4 * 35 * 9 + 4 * 35 * 3 * 4
+
+
 @pytest.mark.parametrize("conv", [
     nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 6, 5, stride=2, padding=1, bias=False),
     nn.Conv2d(4, 8, 3, dilation=2, groups=2), nn.Conv2d(2, 5, (3, 4), padding="same"),
