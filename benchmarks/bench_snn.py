@@ -34,7 +34,6 @@ through later layers and steps (measured on CPU, 160x160 crops: max |diff| ~0.25
 between F.conv2d on theta*s and F.conv2d with theta folded into the weights, both
 fp32, with PSNR equal within 0.03 dB); PSNR is the meaningful comparison.
 """
-import argparse
 import contextlib
 import os
 import sys
@@ -43,7 +42,8 @@ import time
 import numpy as np
 import torch
 
-from spikingir.bench.neuron import environment, markdown_header, timed_backends
+from spikingir.bench.neuron import (cli_module, command, command_note, environment,
+                                    markdown_header, timed_backends)
 from spikingir.data import add_gaussian_noise
 from spikingir.metrics import psnr
 from spikingir.pipeline import load_snn
@@ -113,9 +113,9 @@ def train_step_table(args):
     backend (forward and its backward: grad_s dense, grad_weight from the
     bit-packed spikes)."""
     dev = args.device
-    x, _ = _image(args.shape)
+    x, clean = _image(args.shape)
     x = x.to(dev)
-    target = x.clamp(0, 1)
+    target = torch.from_numpy(clean)[None, None].expand_as(x).to(dev)
     rows = []
     settings = [("contiguous_format", torch.contiguous_format, False),
                 ("channels_last", torch.channels_last, False),
@@ -138,27 +138,29 @@ def train_step_table(args):
             opt.step()
         with _tf32(False):
             rows.append((name, _time(step, dev, args.repeats)))
-    env = environment(dev, args.threads)
+    env = environment(dev, args.threads, args.command)
     lines = [f"Fine-tuning step of the SNN ({args.snn_weights.split('/')[-1]}), input "
              f"{args.shape}, Adam", "", "| layout | ms | x NCHW |", "|---|---|---|"]
     lines += [f"| {name} | {ms:.1f} | {rows[0][1] / ms:.2f} |" for name, ms in rows]
     header = markdown_header(env)
     print(header)
+    print(command_note(env))
     print("\n".join(lines))
     if args.markdown_append:
         with open(args.markdown_append, "a") as f:
             f.write(f"\n## SNN fine-tuning step (`benchmarks/bench_snn.py --train`) — {header}\n\n"
-                    + "\n".join(lines) + "\n")
+                    f"`{command_note(env)}`\n\n" + "\n".join(lines) + "\n")
     return 0
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli = cli_module()  # the spikingir command's parser and argument types
+    p = cli._Parser(description=__doc__.splitlines()[0])  # usage errors: one line, exit 2
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--shape", type=int, nargs=4, default=[1, 1, 321, 481],
+    p.add_argument("--shape", type=cli._positive_int, nargs=4, default=[1, 1, 321, 481],
                    metavar=("B", "C", "H", "W"))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=cli._positive_int, default=2)
+    p.add_argument("--repeats", type=cli._positive_int, default=3)
     p.add_argument("--snn-weights", default=os.path.join(WEIGHTS_DIR, "snn_dncnn_s25.pt"),
                    help="SNN from `spikingir finetune` (default: the shipped DnCNN s25 SNN)")
     p.add_argument("--train", action="store_true",
@@ -170,19 +172,33 @@ def main(argv=None):
                         'e.g. \'{"masks": {"block_k": 64, "tile": [16, 16], "num_warps": 8}}\' '
                         '(see kernels/spike_conv.py DEFAULT_CONFIG; the same result bit for bit)')
     args = p.parse_args(argv)
+    args.command = command(__file__, argv)  # what the table says it ran
+    if cli.cuda_missing(args.device):
+        p.error(cli.cuda_missing(args.device))
+    if not os.path.isfile(args.snn_weights):
+        p.error(f"--snn-weights {args.snn_weights}: no such file")
     torch.set_num_threads(args.threads)
     dev = args.device
     if args.triton_config:
         import json
 
+        from spikingir.ops import backends
+        if not backends.HAS_TRITON:
+            p.error("--triton-config: triton is not installed")
         from spikingir.kernels import spike_conv as K
-        cfg = json.loads(args.triton_config)
-        if not set(cfg) <= {"float", "masks"}:
-            cfg = {"float": cfg, "masks": cfg}
-        for kind, base in (("float", K.DEFAULT_CONFIG), ("masks", K.MASKS_CONFIG)):
-            part = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get(kind, {}).items()}
-            K.launch_config(base, part, 64)  # unknown options fail here, not mid-run
-            base.update(part)
+        try:
+            cfg = json.loads(args.triton_config)
+            if not isinstance(cfg, dict):
+                raise ValueError(f"expected a JSON object, got {args.triton_config}")
+            if not set(cfg) <= {"float", "masks"}:
+                cfg = {"float": cfg, "masks": cfg}
+            for kind, base in (("float", K.DEFAULT_CONFIG), ("masks", K.MASKS_CONFIG)):
+                part = {k: tuple(v) if isinstance(v, list) else v
+                        for k, v in cfg.get(kind, {}).items()}
+                K.launch_config(base, part, 64)  # unknown options fail here, not mid-run
+                base.update(part)
+        except (ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+            p.error(f"--triton-config: {str(exc).splitlines()[0]}")
     if args.train:
         return train_step_table(args)
     x, clean = _image(args.shape)
@@ -252,9 +268,10 @@ def main(argv=None):
                 graph_column("SNN dense bf16 cl", lambda: snn_cl(x_cl))
             quality["SNN dense bf16 cl"] = score(out)
     base = ms["ANN fp32"]
-    env = environment(dev, args.threads)
+    env = environment(dev, args.threads, args.command)
     header = markdown_header(env)
-    lines = [f"DnCNN s25 SNN (shipped, T={snn.timesteps}, {snn.neuron_kind}) vs ANN, input "
+    lines = [f"DnCNN SNN {os.path.basename(args.snn_weights)} (T={snn.timesteps}, "
+             f"{snn.neuron_kind}) vs the shipped s25 ANN, input "
              f"{args.shape}, mean firing rate {100 * rate:.1f}%"
              + (f", Triton launch options {args.triton_config}" if args.triton_config else ""),
              "", "| column | ms | ratio to ANN fp32 | PSNR (dB) |", "|---|---|---|---|"]
@@ -264,10 +281,12 @@ def main(argv=None):
     lines += [f"| {k} | {note} | - | - |" for k, note in notes.items()]
     table = "\n".join(lines)
     print(header)
+    print(command_note(env))
     print(table)
     if args.markdown_append:
         with open(args.markdown_append, "a") as f:
-            f.write(f"\n## SNN end to end (`benchmarks/bench_snn.py`) — {header}\n\n{table}\n")
+            f.write(f"\n## SNN end to end (`benchmarks/bench_snn.py`) — {header}\n\n"
+                    f"`{command_note(env)}`\n\n{table}\n")
     return 0
 
 

@@ -26,7 +26,6 @@ images (96x96 centre crops, noise sigma 25, numpy seed 0); the first conv's
 output is the constant input current of every step. The spikes entering
 layers 2, 9 and 16 (64 -> 64 3x3) are benchmarked.
 """
-import argparse
 import contextlib
 import os
 import sys
@@ -36,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from spikingir import ops
-from spikingir.bench.neuron import environment, markdown_header, timed_backends
+from spikingir.bench.neuron import (cli_module, command, command_note, environment,
+                                    markdown_header, timed_backends)
 from spikingir.ops import backends
 
 RATES = (0.01, 0.05, 0.10, 0.20, 0.50)
@@ -130,12 +130,16 @@ def bench_one(name, s, w, b, device, repeats):
                 err=err)
 
 
+#: What --dncnn reads (not shipped: ../shared beside the checkout, DESIGN.md section 5).
+DNCNN_FILES = (os.path.join(SHARED, "weights", "dncnn_s25_official.pt"),
+               os.path.join(SHARED, "data", "set12"))
+
+
 def dncnn_spike_maps(device, T=10, layers=(2, 9, 16)):
     """{layer: spikes [T * B, 64, 96, 96]} entering DnCNN conv `layer` (1-based)."""
     import numpy as np
     from spikingir.data import add_gaussian_noise, list_images, load_image
-    sd = torch.load(os.path.join(SHARED, "weights", "dncnn_s25_official.pt"), map_location="cpu",
-                    weights_only=True)
+    sd = torch.load(DNCNN_FILES[0], map_location="cpu", weights_only=True)
     convs = []
     for i in range(17):
         w, bb = sd[f"dncnn.{2 * i}.weight"], sd[f"dncnn.{2 * i}.bias"]
@@ -144,7 +148,7 @@ def dncnn_spike_maps(device, T=10, layers=(2, 9, 16)):
         conv.bias.data.copy_(bb)
         convs.append(conv.to(device))
     imgs = []
-    for path in list_images(os.path.join(SHARED, "data", "set12")):
+    for path in list_images(DNCNN_FILES[1]):
         clean = load_image(path, gray=True)
         h, w_ = clean.shape
         crop = clean[(h - 96) // 2:(h - 96) // 2 + 96, (w_ - 96) // 2:(w_ - 96) // 2 + 96]
@@ -315,13 +319,16 @@ def fmt_table(rows, cols):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli = cli_module()  # the spikingir command's parser and argument types
+    p = cli._Parser(description=__doc__.splitlines()[0])  # usage errors: one line, exit 2
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--shape", type=int, nargs=4, default=None, metavar=("N", "C", "H", "W"),
+    p.add_argument("--shape", type=cli._positive_int, nargs=4, default=None,
+                   metavar=("N", "C", "H", "W"),
                    help="input shape (default 16 64 96 96 on CPU, 80 64 128 128 on CUDA)")
-    p.add_argument("--rates", type=float, nargs="+", default=list(RATES))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rates", type=cli._unit_float, nargs="+", default=list(RATES),
+                   help="firing rates of the random spike maps, in [0, 1]")
+    p.add_argument("--threads", type=cli._positive_int, default=2)
+    p.add_argument("--repeats", type=cli._positive_int, default=5)
     p.add_argument("--dncnn", action="store_true", help="add real DnCNN spike maps")
     p.add_argument("--triton-sweep", action="store_true",
                    help="GPU: also time Triton launch configurations at 10%% firing")
@@ -330,15 +337,23 @@ def main(argv=None):
                         "the dense one), a second table")
     p.add_argument("--markdown-append", metavar="PATH")
     p.add_argument("--note", default="")
-    p.add_argument("--once", type=float, default=None, metavar="RATE",
+    p.add_argument("--once", type=cli._unit_float, default=None, metavar="RATE",
                    help="for a profiler (ncu): one call of each fused backend from SpikeMasks "
                         "at this firing rate, after one warm-up call, and no timing")
-    p.add_argument("--profile", type=float, default=None, metavar="RATE",
+    p.add_argument("--profile", type=cli._unit_float, default=None, metavar="RATE",
                    help="where a call's time goes: for each fused backend, from float spikes "
                         "and from SpikeMasks at this firing rate, the host time to issue a "
                         "call against the time until its result is ready, and the torch "
                         "profiler's op table (no comparison table)")
     args = p.parse_args(argv)
+    if cli.cuda_missing(args.device):
+        p.error(cli.cuda_missing(args.device))
+    if args.triton_sweep and args.device != "cuda":
+        p.error("--triton-sweep times the Triton kernels on a GPU: it needs --device cuda")
+    missing = [f for f in DNCNN_FILES if not os.path.exists(f)] if args.dncnn else []
+    if missing:  # checked now, not after the random rows have been timed
+        p.error(f"--dncnn reads {' and '.join(missing)} (the official DnCNN-S weights and "
+                "Set12, not shipped with spikingir), which are missing")
     torch.set_num_threads(args.threads)
     dev = args.device
     shape = args.shape or ([16, 64, 96, 96] if dev == "cpu" else [80, 64, 128, 128])
@@ -386,7 +401,7 @@ def main(argv=None):
             sweep = triton_sweep(shape, w, b, g)
         except Exception as exc:  # noqa: BLE001
             sweep = f"\n\nTriton sweep failed: {type(exc).__name__}: {exc}"
-    env = environment(dev, args.threads)
+    env = environment(dev, args.threads, command(__file__, argv))
     header = markdown_header(env)
     if dev == "cpu":
         # Other processes skew the ratios (oneDNN slows down more than the event
@@ -401,9 +416,11 @@ def main(argv=None):
                   + fmt_table(back, list(back[0]["ms"])))
     table += sweep
     print(header)
+    print(command_note(env))
     print(table)
     if args.markdown_append:
         note = f"\n{args.note}\n" if args.note else ""
+        note += f"\n`{command_note(env)}`\n"
         with open(args.markdown_append, "a") as f:
             f.write(f"\n## spike_conv2d (`benchmarks/bench_spike_conv.py`) — {header}\n{note}\n"
                     "Forward only, 64 -> 64 3x3, stride 1, padding 1, bias; ms = min over "

@@ -107,6 +107,7 @@ def _cmd_bench_neuron(args):
                   progress=lambda s: print(f"[bench neuron] {s}", file=sys.stderr, flush=True))
     env = bn.environment(args.device, args.threads)
     print(bn.markdown_header(env))
+    print(bn.command_note(env))
     print(bn.format_table(rows))
     if args.json:
         bn.write_json(args.json, env, rows)

@@ -23,6 +23,7 @@ def test_bench_neuron_cli_tiny(capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "T=2  N=1,000" in out
+    assert "\ncommand: " in out  # the run's configuration, under the header
     for backend in ("naive", "torch", "cpp", "cpp masks"):  # the first (forward) block
         ms, speedup, gbps, maxdiff, reps = _row(out, backend)
         assert all(math.isfinite(v) for v in (ms, speedup, gbps, maxdiff)), out
@@ -64,13 +65,17 @@ def test_tables_of_gpu_rows():
 
 
 def _bench_spike_conv():
-    """benchmarks/bench_spike_conv.py as a module (benchmarks/ is not a package)."""
+    return _bench_script("bench_spike_conv")
+
+
+def _bench_script(name):
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
     import importlib.util
     import pathlib
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_spike_conv.py"
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
     if not path.is_file():  # tests copied away from a checkout (or an sdist)
         pytest.skip(f"{path} not present: benchmarks/ ships in a checkout and the sdist only")
-    spec = importlib.util.spec_from_file_location("bench_spike_conv", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -98,6 +103,84 @@ def test_bench_spike_conv_tiny_with_backward(capsys):
         assert all(c in head for c in cols), head
         row = next(line for line in table.splitlines() if line.startswith("| random"))
         assert float(row.strip(" |").split("|")[-1]) < 1e-5, row
+
+
+_NO_GPU = "no CUDA device" if not backends.torch.cuda.is_available() else None
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("bench_spike_conv", ["--rates", "0.1", "-0.1"], "--rates: expected a number in [0, 1], got -0.1"),
+    ("bench_spike_conv", ["--threads", "0"], "--threads: expected a positive integer, got 0"),
+    ("bench_spike_conv", ["--repeats", "0"], "--repeats: expected a positive integer, got 0"),
+    ("bench_spike_conv", ["--shape", "1", "0", "8", "8"], "--shape: expected a positive integer"),
+    ("bench_spike_conv", ["--once", "1.5"], "--once: expected a number in [0, 1]"),
+    ("bench_spike_conv", ["--device", "cuda"], _NO_GPU),
+    ("bench_spike_conv", ["--triton-sweep"], "--triton-sweep times the Triton kernels on a GPU"),
+    ("bench_snn", ["--threads", "-1"], "--threads: expected a positive integer, got -1"),
+    ("bench_snn", ["--shape", "1", "1", "0", "16"], "--shape: expected a positive integer, got 0"),
+    ("bench_snn", ["--repeats", "0"], "--repeats: expected a positive integer, got 0"),
+    ("bench_snn", ["--snn-weights", "missing.pt"], "--snn-weights missing.pt: no such file"),
+    ("bench_snn", ["--triton-config", "{bad"], "--triton-config: "),
+    ("bench_snn", ["--device", "cuda"], _NO_GPU),
+    ("bench_neuron", ["--threads", "0"], "--threads: expected a positive integer, got 0"),
+    ("bench_neuron", ["--T", "0"], "T: expected positive integers, got [0]"),
+    ("bench_neuron", ["--device", "cuda"], _NO_GPU),
+])
+def test_bench_scripts_refuse_bad_arguments_in_one_line(script, argv, message, capsys):
+    """A bad argument is one line and exit status 2 before any work: the threads,
+    repeats, shapes, negative firing rates and `--device cuda` on a machine without a
+    GPU failed with tracebacks (a zero thread count from torch.set_num_threads), or
+    ran and printed nonsense (0 repeats: inf ms; a rate of -0.1: a 0 % row)."""
+    if message is None:
+        pytest.skip("a GPU is present: --device cuda is no error here")
+    with pytest.raises(SystemExit) as exc:
+        _bench_script(script).main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_bench_spike_conv_dncnn_checks_its_files_first(tmp_path, monkeypatch, capsys):
+    """--dncnn without the official weights and Set12 (not shipped) failed with a
+    FileNotFoundError after timing the random rows; now one line before them."""
+    bench = _bench_spike_conv()
+    monkeypatch.setattr(bench, "DNCNN_FILES", (str(tmp_path / "w.pt"), str(tmp_path / "set12")))
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--dncnn", "--shape", "1", "8", "8", "8"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dncnn reads" in err and "w.pt" in err and "| random" not in err, err
+
+
+def test_bench_json_does_not_switch_huge_pages_on():
+    """bench_neuron.py --json imported spikingir.cli, which sets THP_MEM_ALLOC_ENABLE=1
+    for the command: after torch's import, before its first allocation, so that run
+    had huge pages and the same run without --json had none."""
+    import os
+    import subprocess
+    import sys
+    code = ("import os; import torch; from spikingir.bench import neuron as bn; "
+            "bn.check_json_path('x.json', print); bn.cli_module(); "
+            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    assert out.stdout.split() == ["None"], out.stdout
+
+
+def test_environment_names_what_the_numbers_depend_on():
+    """Each table's header names the CPU kernels' instruction set (AVX-512, AVX2 or
+    generic paths differ in speed) and Triton's version on a GPU, and the run's
+    command line (its exact configuration) is recorded and printed."""
+    from spikingir.bench import neuron as bn
+    env = bn.environment("cpu", 1, bn.command("benchmarks/bench_x.py", ["--threads", "1"]))
+    assert env["command"] == "python benchmarks/bench_x.py --threads 1"
+    assert bn.command_note(env) == "command: python benchmarks/bench_x.py --threads 1"
+    assert env["triton"] == (backends.triton.__version__ if backends.HAS_TRITON else None)
+    if backends.HAS_CPP_OPS:
+        assert f"({backends._C.cpu_isa()} kernels), 1 thread(s)" in bn.markdown_header(env)
+    gpu = dict(env, device="cuda:0", device_name="NVIDIA H200", triton="3.6.0")
+    assert "torch" in bn.markdown_header(gpu) and bn.markdown_header(gpu).endswith("triton 3.6.0")
 
 
 @pytest.mark.skipif("triton" not in backends.available_backends("cpu", op="spike_conv2d"),

@@ -42,8 +42,10 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -420,18 +422,37 @@ def device_name(device):
     return platform.processor() or platform.machine()
 
 
-def environment(device, threads=None):
+def command(script=None, argv=None):
+    """The command line that made a table: ``python SCRIPT ARGV`` for a benchmark
+    script's ``main(argv)`` (``argv`` None: this process's arguments), else this
+    process's own (``spikingir`` for the console script and ``python -m spikingir``)."""
+    if script is not None:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        where = os.path.relpath(os.path.abspath(script), root)
+        return shlex.join(["python", where, *(sys.argv[1:] if argv is None else argv)])
+    args = list(sys.argv) or [""]
+    if os.path.basename(args[0]) == "spikingir" or args[0].endswith(
+            os.path.join("spikingir", "__main__.py")):
+        args[0] = "spikingir"
+    return shlex.join(args)
+
+
+def environment(device, threads=None, command_line=None):
     """date, commit (``+dirty`` when the op code differs from it), device name,
-    torch version and thread count: what every results row is labelled with.
+    torch and Triton versions, the instruction set of the CPU kernels, thread
+    count and the command line (``command_line``, default :func:`command`): what
+    every results row is labelled with.
     ``SPIKINGIR_COMMIT`` overrides the commit (a copy of the tree whose ``.git``
     is stale, as on a lent GPU machine: benchmarks/gpu_check.sh sets it)."""
     commit = os.environ.get("SPIKINGIR_COMMIT")
     dirty = None
     if not commit:
         commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-        # Only changes to code that runs in the benchmark make the numbers "dirty".
+        # Only changes to code that runs in the benchmarks make the numbers "dirty": the
+        # ops, the scripts themselves and the networks bench_snn.py times (not RESULTS.md).
         dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "kernels",
-                     "spikingir/ops", "spikingir/bench", "setup.py")
+                     "spikingir/ops", "spikingir/bench", "setup.py", "benchmarks/*.py",
+                     "spikingir/models", "spikingir/nn")
     if dirty:
         commit += "+dirty"
     return dict(
@@ -440,11 +461,16 @@ def environment(device, threads=None):
         device=str(torch.device(device)),
         device_name=device_name(device),
         torch=torch.__version__,
+        triton=backends.triton.__version__ if backends.HAS_TRITON else None,
+        # the CPU kernels pick AVX-512, AVX2 or generic paths at run time (SPIKINGIR_CPU_ISA
+        # caps them), and their speed differs by the path (benchmarks/RESULTS.md)
+        cpu_isa=backends._C.cpu_isa() if backends.HAS_CPP_OPS else None,
         threads=int(threads) if threads is not None else torch.get_num_threads(),
         cpu_count=os.cpu_count(),
         # torch's CPU allocator with transparent huge pages (read at torch's first
         # allocation; the spikingir command turns it on): fewer page faults.
         huge_pages=os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1",
+        command=command_line or command(),
     )
 
 
@@ -515,12 +541,25 @@ def to_markdown(rows, header):
     return "\n".join(out) + "\n"
 
 
+def cli_module():
+    """``spikingir.cli`` (its argument types and output checks) for a benchmark
+    script, without its import's side effect there: the module sets
+    ``THP_MEM_ALLOC_ENABLE=1`` for the ``spikingir`` command, and torch, imported
+    by the script already, reads the variable at its first allocation. So
+    ``bench_neuron.py --json PATH`` ran with huge pages and the same run without
+    ``--json`` without them (a 200 MB tensor: 188 MB in huge pages against none)."""
+    before = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    from spikingir import cli
+    if before is None:
+        os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
+    return cli
+
+
 def check_json_path(path, error):
     """``--json PATH`` checked before the benchmark, which takes minutes:
     ``error(message)`` (an argparse parser's ``error``) when it cannot be written."""
-    from spikingir.cli import check_outputs
     try:
-        check_outputs(path, option="--json")
+        cli_module().check_outputs(path, option="--json")
     except ValueError as exc:
         error(str(exc))
 
@@ -533,10 +572,21 @@ def write_json(path, env, rows):
 
 
 def markdown_header(env):
-    """One line naming what produced the rows: device, commit, date, torch, threads."""
+    """One line naming what produced the rows: device (on the CPU with the kernels'
+    instruction set), threads, huge pages, commit, date, torch (and Triton on a GPU)."""
     where = env["device_name"]
-    if env["device"].startswith("cuda"):
+    gpu = env["device"].startswith("cuda")
+    if gpu:
         where += f" (floor at {GPU_PEAK_BYTES_PER_S / 1e12:.1f} TB/s assumed)"
+    elif env.get("cpu_isa"):
+        where += f" ({env['cpu_isa']} kernels)"
     pages = ", THP_MEM_ALLOC_ENABLE=1" if env.get("huge_pages") else ""
+    triton = f", triton {env.get('triton') or '(none)'}" if gpu else ""
     return (f"{where}, {env['threads']} thread(s){pages} — commit {env['commit']}, "
-            f"{env['date']}, torch {env['torch']}")
+            f"{env['date']}, torch {env['torch']}{triton}")
+
+
+def command_note(env):
+    """The line that says how the table was made (``env["command"]``), printed under
+    the header: its options are the run's exact configuration."""
+    return f"command: {env['command']}"
