@@ -11,7 +11,6 @@ thresholds calibrated on 8 Train400 images; cells: PSNR (loss). Dehazing: the
 shipped AOD-Net on the held-out SOTS scenes (full images), calibrated on 8 hazy
 training images; cells: PSNR / SSIM / SNN-to-ANN energy. A script, not a test.
 """
-import argparse
 import datetime
 import os
 import subprocess
@@ -30,7 +29,9 @@ def main(argv=None):
     from spikingir.metrics import psnr
     from spikingir.pipeline import calibration_inputs, denoise_samples, load_ann
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from spikingir.bench.neuron import cli_module
+    cli = cli_module()  # the spikingir command's parser and argument types
+    p = cli._Parser(description=__doc__.splitlines()[0])  # usage errors: one line, exit 2
     p.add_argument("--task", choices=("denoise", "dehaze"), default="denoise")
     p.add_argument("--ann-weights", default=None,
                    help="default: the official DnCNN-S s25 (denoise), the shipped AOD-Net (dehaze)")
@@ -39,10 +40,10 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="default: Set12 (denoise), SOTS (dehaze)")
     p.add_argument("--calib", default=None, help="default: Train400 (denoise), SOTS (dehaze)")
     p.add_argument("--sigma", type=float, default=25)
-    p.add_argument("--crop", type=int, default=None, help="center crops (default 96 denoise, none dehaze)")
-    p.add_argument("--limit", type=int, default=None, help="first N images (default 12 denoise, all dehaze)")
-    p.add_argument("--T", type=int, nargs="+", default=[2, 4, 5, 8, 10, 15])
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--crop", type=cli._positive_int, default=None, help="center crops (default 96 denoise, none dehaze)")
+    p.add_argument("--limit", type=cli._positive_int, default=None, help="first N images (default 12 denoise, all dehaze)")
+    p.add_argument("--T", type=cli._positive_int, nargs="+", default=[2, 4, 5, 8, 10, 15])
+    p.add_argument("--threads", type=cli._positive_int, default=None)
     p.add_argument("--markdown-append", default=None)
     args = p.parse_args(argv)
     if args.threads:

@@ -12,7 +12,6 @@ gradients, T=5 and 10, distilled from the ANN) and evaluated again.
 
 A script, not a test; needs ../shared/data (train400, set12).
 """
-import argparse
 import json
 import os
 import time
@@ -43,21 +42,23 @@ def main(argv=None):
     from spikingir.pipeline import calibration_inputs, denoise_samples
     from spikingir.train import denoise_validator, fit
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from spikingir.bench.neuron import cli_module
+    cli = cli_module()  # the spikingir command's parser and argument types
+    p = cli._Parser(description=__doc__.splitlines()[0])  # usage errors: one line, exit 2
     p.add_argument("--data", default=os.path.join(SHARED, "data", "train400"))
     p.add_argument("--val-data", default=os.path.join(SHARED, "data", "set12"))
     p.add_argument("--sigma", type=float, default=25)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--width", type=int, default=48)
-    p.add_argument("--T", type=int, nargs="+", default=[4, 10])
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=cli._positive_int, default=1500)
+    p.add_argument("--batch-size", type=cli._positive_int, default=32)
+    p.add_argument("--width", type=cli._positive_int, default=48)
+    p.add_argument("--T", type=cli._positive_int, nargs="+", default=[4, 10])
+    p.add_argument("--threads", type=cli._positive_int, default=1)
     p.add_argument("--amp", action="store_true", help="train the ANN in bf16 autocast")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N images")
+    p.add_argument("--limit", type=cli._positive_int, default=None, help="evaluate on the first N images")
     p.add_argument("--json", default=None)
     p.add_argument("--save-ann", default=None, help="write the trained ANN's state dict here")
     p.add_argument("--ann", default=None, help="a state dict of this chain: skip the training")
-    p.add_argument("--finetune-steps", type=int, default=0)
+    p.add_argument("--finetune-steps", type=cli._nonneg_int, default=0)
     p.add_argument("--only-finetuned", action="store_true",
                    help="with --finetune-steps: skip the rows before fine-tuning")
     args = p.parse_args(argv)

@@ -13,7 +13,6 @@ fit of ``noisy - clean`` from its input rates on --probe-images Train400 crops a
 each of --probe-T (benchmarks/RESULTS.md; `spikingir refit-mapper` writes such a
 file). A script, not a test.
 """
-import argparse
 import os
 import time
 
@@ -29,7 +28,9 @@ def main(argv=None):
     from spikingir.metrics import psnr
     from spikingir.pipeline import calibration_inputs, denoise_samples, load_ann, load_snn
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from spikingir.bench.neuron import cli_module
+    cli = cli_module()  # the spikingir command's parser and argument types
+    p = cli._Parser(description=__doc__.splitlines()[0])  # usage errors: one line, exit 2
     p.add_argument("--ann-weights", default=os.path.join(SHARED, "weights", "dncnn_s25_official.pt"))
     p.add_argument("--sigma", type=float, default=25)
     p.add_argument("--method", choices=("weights", "bias"), default="weights")
@@ -37,12 +38,12 @@ def main(argv=None):
     p.add_argument("--percentile", type=float, default=99.9, help="to_snn's threshold percentile")
     p.add_argument("--floor", type=float, default=0.3, help="calibrate_layers' target_floor")
     p.add_argument("--ridge", type=float, default=1e-3)
-    p.add_argument("--T", type=int, default=10)
-    p.add_argument("--crop", type=int, default=96)
+    p.add_argument("--T", type=cli._positive_int, default=10)
+    p.add_argument("--crop", type=cli._positive_int, default=96)
     p.add_argument("--mapper-probe", default=None, metavar="SNN.pt")
-    p.add_argument("--probe-images", type=int, default=48)
-    p.add_argument("--probe-T", type=int, nargs="+", default=[5, 10])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--probe-images", type=cli._positive_int, default=48)
+    p.add_argument("--probe-T", type=cli._positive_int, nargs="+", default=[5, 10])
+    p.add_argument("--threads", type=cli._positive_int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     samples = denoise_samples(args.sigma, os.path.join(SHARED, "data", "set12"), 12, args.crop)

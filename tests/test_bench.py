@@ -125,12 +125,17 @@ _NO_GPU = "no CUDA device" if not backends.torch.cuda.is_available() else None
     ("bench_neuron", ["--threads", "0"], "--threads: expected a positive integer, got 0"),
     ("bench_neuron", ["--T", "0"], "T: expected positive integers, got [0]"),
     ("bench_neuron", ["--device", "cuda"], _NO_GPU),
+    ("ablation", ["--threads", "-1"], "--threads: expected a positive integer, got -1"),
+    ("ablation", ["--T", "2", "0"], "--T: expected a positive integer, got 0"),
+    ("convert_chain", ["--threads", "0"], "--threads: expected a positive integer, got 0"),
+    ("layer_calibration", ["--probe-T", "0"], "--probe-T: expected a positive integer, got 0"),
 ])
 def test_bench_scripts_refuse_bad_arguments_in_one_line(script, argv, message, capsys):
     """A bad argument is one line and exit status 2 before any work: the threads,
     repeats, shapes, negative firing rates and `--device cuda` on a machine without a
     GPU failed with tracebacks (a zero thread count from torch.set_num_threads), or
-    ran and printed nonsense (0 repeats: inf ms; a rate of -0.1: a 0 % row)."""
+    ran and printed nonsense (0 repeats: inf ms; a rate of -0.1: a 0 % row); in the
+    accuracy scripts --T 0 failed with a traceback after loading the data."""
     if message is None:
         pytest.skip("a GPU is present: --device cuda is no error here")
     with pytest.raises(SystemExit) as exc:
