@@ -199,6 +199,8 @@ def main(argv=None):
                 base.update(part)
         except (ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
             p.error(f"--triton-config: {str(exc).splitlines()[0]}")
+        if dev != "cuda":  # the CPU runs no Triton kernel: the options would change nothing
+            p.error("--triton-config sets the Triton kernels' launch on a GPU: it needs --device cuda")
     if args.train:
         return train_step_table(args)
     x, clean = _image(args.shape)
