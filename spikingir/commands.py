@@ -132,8 +132,10 @@ def _add_model_args(p, snn_weights=True):
     p.add_argument("--ann-weights", default=None, help="ANN state dict (default: the shipped one)")
     p.add_argument("--ann-module", default=None, metavar="FILE.py:FUNCTION",
                    help="your own network: FUNCTION() in FILE.py returns it (an nn.Sequential "
-                        "conv chain, optionally in spikingir.models.Residual) and --ann-weights "
-                        "is loaded into it (runs that file's code)")
+                        "conv chain, optionally in spikingir.models.Residual, or any CNN to_snn "
+                        "converts through torch.fx: skips, concatenations, average pooling, "
+                        "nearest upsampling) and --ann-weights is loaded into it (runs that "
+                        "file's code)")
     if snn_weights:
         p.add_argument("--snn-weights", default=None,
                        help="SNN file from `spikingir convert` or `finetune` (default: the shipped "
@@ -143,11 +145,13 @@ def _add_model_args(p, snn_weights=True):
                             "on training images)")
 
 
-def _layer_calibration(args):
+def _layer_calibration(args, chain=True):
     """--layer-calibration as to_snn's argument (None for none; auto: weights for
-    denoising, none for dehazing); bias or weights refused for dehazing."""
+    denoising with a DnCNN or conv chain, none for dehazing and for a network of
+    the graph conversion, ``chain`` False, which has no layer order to calibrate
+    in); bias or weights refused for dehazing."""
     if args.layer_calibration == "auto":
-        return "weights" if args.task == "denoise" else None
+        return "weights" if args.task == "denoise" and chain else None
     if args.layer_calibration == "none":
         return None
     if args.task != "denoise":
@@ -163,7 +167,14 @@ def _convert(ann, calib, timesteps, args, layers=True):
     return to_snn(ann, calib, timesteps, neuron=args.neuron, percentile=args.percentile,
                   per_channel=not args.per_layer, v0=args.v0, recycling=not args.no_recycling,
                   backend=args.backend, offset_percentile=args.offset_percentile,
-                  layer_calibration=_layer_calibration(args) if layers else None)
+                  layer_calibration=_layer_calibration(args, _is_chain(ann)) if layers else None)
+
+
+def _is_chain(ann):
+    """Whether to_snn converts ``ann`` as a conv chain (DnCNN, your own chain)
+    rather than through the graph conversion (``spikingir.models.graph``)."""
+    from spikingir.convert import _is_chain as is_chain
+    return is_chain(ann)
 
 
 def _warn_amp(args, device):
@@ -209,7 +220,8 @@ def _add_conversion_args(p):
                         "images so each spiking layer reproduces its ANN activation: bias "
                         "(per-channel bias correction) or weights (least-squares weights, then "
                         "bias; spikingir.convert.calibrate_layers); auto (default): weights for "
-                        "DnCNN, none for AOD-Net. Measured on the official s25 weights, T=10, "
+                        "DnCNN and conv chains, none for AOD-Net and networks with skips "
+                        "(--ann-module). Measured on the official s25 weights, T=10, "
                         "Set12 crops (before the read-out clamp of 2026-11-29): loss 3.17 dB "
                         "converted, 1.47 with weights (81 s on 2 "
                         "cores); after 147 fine-tuning steps 1.56 from none, 1.14 from weights")
@@ -267,7 +279,7 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
     else:
         calib = calibration_inputs(task, sigma)
         snn = _convert(ann, calib, timesteps, args)
-        method = _layer_calibration(args)
+        method = _layer_calibration(args, _is_chain(ann))
         layers = "" if method is None else f", layer calibration: {method}"
         origin = (f"converted ANN ({args.neuron}, p{args.percentile:g}, v0={args.v0}{layers}, "
                   f"calibrated on {len(calib)} built-in images, not fine-tuned)")
@@ -516,13 +528,14 @@ def _convert_ann(args, sigma, timesteps, ann=None, layers=True):
 
 
 def _cmd_convert(args):
+    from spikingir.models.graph import SpikingGraph
     from spikingir.pipeline import save_snn
 
     _set_threads(args)
     sigma = _sigma_of(args)
     check_outputs(args.out)
     snn, source = _convert_ann(args, sigma, args.timesteps)
-    method = _layer_calibration(args)
+    method = _layer_calibration(args, not isinstance(snn, SpikingGraph))
     meta = {"task": args.task, "sigma": sigma, "steps": 0, "timesteps": args.timesteps,
             "init": "conversion", "ann": str(args.ann_weights or "shipped"),
             "ann_module": args.ann_module,
@@ -588,6 +601,7 @@ def _cmd_finetune(args):
         # resuming, the checkpoint replaces every weight: no layer calibration to redo
         resuming = args.resume and os.path.exists(args.checkpoint)
         snn, _ = _convert_ann(args, sigma, max(args.timesteps), ann=ann, layers=not resuming)
+        calibration = _layer_calibration(args, _is_chain(ann))  # none for a graph network
         if args.freeze_mapper and calibration == "weights" and not resuming:
             # layer calibration refits the mapper too; the ablation keeps the ANN's output conv
             snn.mapper.conv.load_state_dict(conv_chain(ann).convs()[-1].state_dict())
@@ -618,7 +632,7 @@ def _cmd_finetune(args):
             "ssim_weight": args.ssim_weight, "recycling": snn.recycling, "amp": args.amp,
             "distill": args.distill,
             "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
-            "layer_calibration": None if args.snn_weights else _layer_calibration(args),
+            "layer_calibration": None if args.snn_weights else calibration,
             "ann_fingerprint": fingerprint, "ann_module": args.ann_module,
             "wall_s": round(time.time() - t0, 1), "torch": str(torch.__version__)}
     if res.history:

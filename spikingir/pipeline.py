@@ -153,10 +153,10 @@ def denoise_pairs(sigma, data, n, crop=128, seed=100):
 def load_ann(task, sigma=None, path=None, module=None):
     """The ANN: from ``path`` (a state dict), else the shipped weights. With
     ``module`` (``"FILE.py:FUNCTION"``), ``FUNCTION()`` from FILE.py builds the
-    network (your own conv chain, :mod:`spikingir.models.chain`) and ``path``
-    is loaded into it."""
+    network (your own conv chain, :mod:`spikingir.models.chain`, or another CNN
+    ``to_snn`` converts, :mod:`spikingir.models.graph`) and ``path`` is loaded into it."""
     if module is not None:
-        return _load_ann_module(module, path)
+        return _load_ann_module(module, path, task)
     if path is None:
         from spikingir.weights import load_shipped_ann
         return load_shipped_ann(task, sigma).eval()
@@ -208,10 +208,13 @@ def _read_state_dict(path):
     return sd
 
 
-def _load_ann_module(spec, path):
+def _load_ann_module(spec, path, task=None):
     """``FUNCTION()`` of ``FILE.py`` (``spec`` = "FILE.py:FUNCTION") with the
-    state dict ``path`` loaded, checked to be a network ``to_snn`` converts. The
-    file is the user's code: whatever fails in it is reported in one line."""
+    state dict ``path`` loaded, checked to be a network ``to_snn`` converts (a
+    conv chain, or any CNN of the graph conversion, :mod:`spikingir.models.graph`)
+    and to take an image of its input channels (``task``'s where no conv reads the
+    input directly). The file is the user's code: whatever fails in it is
+    reported in one line."""
     import importlib.util
     import os
 
@@ -240,10 +243,20 @@ def _load_ann_module(spec, path):
         raise ValueError(f"{spec}: calling it failed ({type(err).__name__}: {err})") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec}: returned a {type(model).__name__}, not an nn.Module")
+    # refuse a network to_snn cannot convert, before any work, with the refusal of the
+    # path to_snn takes: a conv chain's, or (any other CNN) the graph conversion's
+    from spikingir.convert import _graph_net, _is_chain
     try:
-        conv_chain(model)  # refuse a network to_snn cannot convert, before any work
-    except TypeError as err:
+        if _is_chain(model):
+            channels = conv_chain(model).convs()[0].in_channels
+        elif isinstance(model, AODNet):
+            channels = 3
+        else:  # None: no conv reads the input directly; the task's image channels
+            channels = _graph_net(model).in_channels
+    except (TypeError, ValueError) as err:
         raise ValueError(str(err)) from None
+    if channels is None:
+        channels = 3 if task == "dehaze" else 1
     try:
         model.load_state_dict(_read_state_dict(path))
     except (RuntimeError, KeyError, TypeError, AttributeError) as err:
@@ -253,7 +266,7 @@ def _load_ann_module(spec, path):
     # One small forward before any work: a network that cannot take an image (a
     # residual whose body changes the size, channels that do not chain) fails here
     # in one line instead of deep inside the conversion.
-    probe = torch.zeros(1, conv_chain(model).convs()[0].in_channels, 48, 48)
+    probe = torch.zeros(1, channels, 48, 48)
     try:
         with torch.no_grad():
             model(probe)
@@ -285,15 +298,16 @@ def ann_fingerprint(ann) -> str:
 
 def snn_config(snn):
     """What is needed, besides the state dict, to rebuild a converted SNN."""
-    if not isinstance(snn, SpikingChain | SpikingAODNet):
-        # a converted graph network (spikingir.models.graph) is rebuilt from its ANN's code
-        raise TypeError(f"save_snn: a {type(snn).__name__} cannot be saved as a file (its "
-                        "structure is the traced code of its ANN); save snn.state_dict() and "
-                        "rebuild it with to_snn(ann, ...) and load_state_dict")
+    from spikingir.models.graph import SpikingGraph, graph_config
+    if not isinstance(snn, SpikingChain | SpikingAODNet | SpikingGraph):
+        raise TypeError(f"save_snn: expected an SNN from to_snn or load_snn, got "
+                        f"{type(snn).__name__}")
     n0 = snn.neurons_[0]
     arch = ("dncnn" if isinstance(snn, SpikingDnCNN) else "aodnet" if isinstance(snn, SpikingAODNet)
-            else "chain")
+            else "graph" if isinstance(snn, SpikingGraph) else "chain")
     extra = {}
+    if arch == "graph":  # its program (the traced computation) and layer geometry, plain data
+        extra = graph_config(snn)
     if arch == "chain":  # the geometry of every conv, in order, and the skip
         extra = {"residual": snn.residual, "layers": [
             {"in": c.in_channels, "out": c.out_channels, "kernel": list(c.kernel_size),
@@ -453,17 +467,27 @@ def _build_snn(path, obj, backend, task):
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: malformed conv chain config ({err!r})") from None
         cls, extra = SpikingChain, {"residual": bool(cfg.get("residual", False))}
+    elif cfg["arch"] == "graph":  # a converted network of the user's (spikingir.models.graph)
+        from spikingir.models.graph import SpikingGraph, graph_from_config
+        try:
+            convs = graph_from_config(cfg)
+        except ValueError as err:
+            raise ValueError(f"{path}: malformed graph network config "
+                             f"({_first_line(err)})") from None
+        cls = SpikingGraph
     else:
         raise ValueError(f"{path}: unknown SNN architecture {cfg['arch']!r}")
     alpha = torch.tensor(cfg["alpha"]) if isinstance(cfg["alpha"], list) else cfg["alpha"]
     neurons = []
-    for i in range(len(convs) - 1):
+    # each neuron layer follows its conv (in a graph, where a conv feeds it directly): a
+    # per-channel size that differs would load, then fail inside the first forward
+    widths = (convs.relu_channels() if cfg["arch"] == "graph" else
+              [c.out_channels for c in convs[:-1]])
+    for i, width in enumerate(widths):
         th = sd[f"neurons_.{i}.theta"]
-        # each neuron layer follows its conv: a per-channel size that differs would
-        # load, then fail inside the first forward
-        width = convs[i].out_channels
         for name, value in (("theta", th), ("alpha", alpha)):
-            if isinstance(value, torch.Tensor) and value.numel() not in (1, width):
+            if isinstance(value, torch.Tensor) and width is not None and \
+                    value.numel() not in (1, width):
                 raise ValueError(f"{path}: neuron layer {i} has {value.numel()} {name} values for "
                                  f"the {width} channels of its conv")
         neurons.append(make_neuron(cfg["neuron"], 1.0,

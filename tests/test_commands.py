@@ -989,6 +989,28 @@ def two_out():  # two output channels: no image format for them
 
 def shrinks():  # unpadded: the body's output is smaller than the image it subtracts from
     return Residual(nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 1, 3)))
+
+import torch.nn.functional as F
+
+class Skips(nn.Module):  # a residual block and a global skip: the graph conversion
+    def __init__(self, pool=False):
+        super().__init__()
+        self.head, self.tail = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 1, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.pool = pool
+
+    def forward(self, x):
+        h = F.relu(self.head(x))
+        if self.pool:
+            h = F.max_pool2d(h, 3, 1, 1)
+        h = F.relu(h + self.b(F.relu(self.a(h))))
+        return x - self.tail(h)
+
+def skips():
+    return Skips()
+
+def max_pooled():
+    return Skips(pool=True)
 """
 
 
@@ -1048,6 +1070,51 @@ def test_ann_module_takes_your_own_network_through_the_cli(files, tmp_path, caps
         code, _, err = run(args, capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1, (module, err)
         assert re.search(expected, err), (expected, err)
+
+
+def test_ann_module_takes_a_network_with_skips(files, tmp_path, capsys):
+    """--ann-module takes a network of the graph conversion (skips): convert writes a
+    graph SNN file (no layer calibration by default: it has no layer order) that
+    evaluate, restore and finetune take with --snn-weights; max pooling in it is
+    refused in one line before any work."""
+    import importlib.util
+    net = tmp_path / "mynet.py"
+    net.write_text(_MY_NET)
+    spec = importlib.util.spec_from_file_location("mynet_for_skips", net)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    torch.save(mod.skips().state_dict(), tmp_path / "w.pt")
+    common = ["--task", "denoise", "--sigma", "25", "--ann-module", f"{net}:skips",
+              "--ann-weights", str(tmp_path / "w.pt")]
+    snn_file = tmp_path / "snn.pt"
+    code, out, err = run(["convert", *common, "--timesteps", "2", "--out", str(snn_file),
+                          "--threads", "1"], capsys)
+    assert code == 0, err
+    saved = torch.load(snn_file, weights_only=True)
+    assert saved["config"]["arch"] == "graph" and saved["meta"]["layer_calibration"] is None
+    code, out, err = run(["evaluate", *common, "--snn-weights", str(snn_file), "--data",
+                          str(files / "gray"), "--timesteps", "2", "--threads", "1"], capsys)
+    assert code == 0 and "| SNN | 2 |" in out, err
+    assert "another ANN" not in err
+    dst = tmp_path / "out.png"
+    code, out, err = run(["restore", str(files / "gray" / "im0.png"), "-o", str(dst), "--task",
+                          "denoise", "--sigma", "25", "--timesteps", "2", "--snn-weights",
+                          str(snn_file)], capsys)
+    assert code == 0, err
+    assert np.asarray(Image.open(dst)).shape == (20, 24)
+    code, _, err = run(["finetune", "--task", "denoise", "--sigma", "25", "--snn-weights",
+                        str(snn_file), "--timesteps", "2", "--steps", "1", "--batch-size", "2",
+                        "--data", str(files / "gray48"), "--val-data", str(files / "gray48"),
+                        "--val-crop", "32", "--no-progress", "--out", str(tmp_path / "ft.pt")],
+                       capsys)
+    assert code == 0, err
+    assert torch.load(tmp_path / "ft.pt", weights_only=True)["config"]["arch"] == "graph"
+    code, _, err = run(["evaluate", "--task", "denoise", "--sigma", "25", "--ann-module",
+                        f"{net}:max_pooled", "--ann-weights", str(tmp_path / "w.pt"), "--data",
+                        str(files / "gray"), "--timesteps", "2"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"node 'max_pool2d'.*ReLU activations only", err), err
 
 
 def test_closed_stdout_is_not_a_traceback():

@@ -422,9 +422,58 @@ def test_untraceable_and_odd_models_are_refused():
     snn = to_snn(ResBlocks(), images(n=1), 2)
     with pytest.raises(ValueError, match=r"input must be \[B, 1, H, W\]"):
         snn(torch.rand(1, 3, 8, 8))
-    from spikingir.pipeline import save_snn
-    with pytest.raises(TypeError, match="cannot be saved as a file"):
-        save_snn(snn, "unused.pt")
+
+
+@pytest.mark.parametrize("make, neuron, per_channel, recycling", [
+    (ResBlocks, "if", True, False), (ResBlocks, "mprn", False, True),
+    (TinyUNet, "mprn", True, True), (TinyUNet, "if", False, False)])
+def test_a_graph_snn_saves_and_loads(tmp_path, make, neuron, per_channel, recycling):
+    """save_snn writes the program (plain data: the file loads with
+    weights_only=True, its config is JSON) and load_snn rebuilds the same
+    network without the ANN's code: outputs bit for bit."""
+    import json
+
+    from spikingir.pipeline import load_snn, save_snn
+    snn = to_snn(make().eval(), images(), 3, neuron=neuron, per_channel=per_channel,
+                 recycling=recycling, v0="zero")
+    save_snn(snn, tmp_path / "g.pt")
+    cfg = torch.load(tmp_path / "g.pt", weights_only=True)["config"]
+    assert cfg["arch"] == "graph" and json.loads(json.dumps(cfg)) == cfg
+    back = load_snn(tmp_path / "g.pt")
+    assert type(back) is SpikingGraph and back.meta == snn.meta
+    assert back.recycling == recycling and back.neuron_kind == neuron
+    x = torch.rand(2, 1, 16, 12)
+    with torch.no_grad():
+        assert torch.equal(back(x), snn(x))
+
+
+def test_a_corrupt_graph_snn_file_is_a_clear_error(tmp_path):
+    """A program cut short, reading a node no earlier one computes, of an unknown op,
+    or without a conv's layer: load_snn's ValueError naming the file."""
+    from spikingir.pipeline import load_snn, save_snn
+    save_snn(to_snn(ResBlocks().eval(), images(n=1), 2), tmp_path / "g.pt")
+    good = torch.load(tmp_path / "g.pt", weights_only=True)
+    prog = good["config"]["program"]
+    bad_ref = [list(p) for p in prog]
+    bad_ref[2][2] = {"tuple": [{"ref": "nowhere"}]}
+    layers = dict(good["config"]["layers"])
+    layers.pop(next(iter(layers)))
+    for change, match in [({"program": prog[:-3]}, "one input and one output"),
+                          ({"program": bad_ref}, "reads 'nowhere'"),
+                          ({"program": [*prog[:2], ["z", "maxpool", [], None], *prog[2:]]},
+                           "is not \\[name, kind"),
+                          ({"program": [*prog[:2], ["z", "conv", {"set": 1}, None], *prog[2:]]},
+                           "unknown program value"),
+                          ({"layers": layers}, "conv nodes and its layers differ"),
+                          ({"program": "x"}, "expected a list")]:
+        torch.save({**good, "config": {**good["config"], **change}}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match=f"bad.pt: .*{match}"):
+            load_snn(tmp_path / "bad.pt")
+    cfg = dict(good["config"])
+    del cfg["program"]
+    torch.save({**good, "config": cfg}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt: not a complete SpikingIR SNN checkpoint"):
+        load_snn(tmp_path / "bad.pt")
 
 
 def test_restore_with_a_graph_snn():

@@ -41,7 +41,8 @@ from .chain import _SKIPPED, _numeric_padding, _plain, skip
 from .dncnn import _fold_conv_bn
 from .spiking import SpikingChain, _has_hooks, _SpikingNet
 
-__all__ = ["GraphNet", "SpikingGraph", "graph_net", "SUPPORTED"]
+__all__ = ["GraphNet", "SpikingGraph", "graph_net", "graph_config", "graph_from_config",
+           "SUPPORTED"]
 
 #: What the graph conversion reads (the refusals list it).
 SUPPORTED = ("nn.Conv2d (any groups; a BatchNorm2d right after it is folded in), "
@@ -511,6 +512,12 @@ class GraphNet(nn.Module):
                                    _resolve(args, env), _resolve(info, env))
         raise AssertionError("no output")
 
+    def relu_channels(self):
+        """Per ReLU (neuron layer), in order: the channels of its input where a
+        conv feeds it directly, else None (a sum's, a concatenation's)."""
+        return [self.layers[p[2][0].name].out_channels if p[2][0].name in self.layers else None
+                for p in self.program if p[1] == "relu"]
+
 
 def graph_net(model: nn.Module) -> GraphNet:
     """The canonical form (:class:`GraphNet`, eval mode, float32 copies; ``model``
@@ -542,6 +549,141 @@ def graph_net(model: nn.Module) -> GraphNet:
     in_channels = next((layers[n].in_channels for n, k, a, _ in program
                         if k == "conv" and a[0].name in inputs), None)
     return GraphNet(program, layers, in_channels).eval()
+
+
+# -------------------------------------------------- the program as plain data (SNN files)
+
+_KINDS = ("input", "output", "conv", "relu", "add", "sub", "mul", "div", "cat", "avgpool",
+          "upsample", "shape", "item", "size_arith")
+_ONE_TENSOR = ("conv", "relu", "output", "avgpool", "upsample", "shape")
+
+
+def _encode(v):
+    """A program value as plain JSON types (what ``torch.load(weights_only=True)``
+    reads back, no pickled classes): a reference as ``{"ref": name}``, a tuple as
+    ``{"tuple": [...]}``, a slice as ``{"slice": [start, stop, step]}``, a dict as
+    ``{"dict": {...}}`` (so every dict in the encoding is one of these tags);
+    lists, numbers, strings, bools and None as they are."""
+    if isinstance(v, _Ref):
+        return {"ref": v.name}
+    if isinstance(v, tuple):  # torch.Size too (a size read from a shape)
+        return {"tuple": [_encode(a) for a in v]}
+    if isinstance(v, list):
+        return [_encode(a) for a in v]
+    if isinstance(v, dict):
+        return {"dict": {str(k): _encode(a) for k, a in v.items()}}
+    if isinstance(v, slice):
+        return {"slice": [_encode(v.start), _encode(v.stop), _encode(v.step)]}
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    raise TypeError(f"graph program: cannot save a value of type {type(v).__name__} ({v!r})")
+
+
+def _decode(v):
+    """:func:`_encode`'s inverse; a ValueError for anything it does not write."""
+    if isinstance(v, list):
+        return [_decode(a) for a in v]
+    if isinstance(v, dict):
+        tag, a = next(iter(v.items())) if len(v) == 1 else (None, None)
+        if tag == "ref" and isinstance(a, str):
+            return _Ref(a)
+        if tag == "tuple" and isinstance(a, list):
+            return tuple(_decode(x) for x in a)
+        if tag == "dict" and isinstance(a, dict):
+            return {k: _decode(x) for k, x in a.items()}
+        if tag == "slice" and isinstance(a, list) and len(a) == 3:
+            return slice(*(_decode(x) for x in a))
+        raise ValueError(f"unknown program value {str(v)[:80]}")
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise ValueError(f"unknown program value of type {type(v).__name__}")
+
+
+def _layer_config(m):
+    c = {"type": type(m).__name__, "in": m.in_channels, "out": m.out_channels,
+         "kernel": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
+         "dilation": list(m.dilation), "groups": m.groups}
+    if isinstance(m, nn.ConvTranspose2d):
+        c["output_padding"] = list(m.output_padding)
+    return c
+
+
+def _layer_from_config(c):
+    kw = dict(stride=tuple(c["stride"]), padding=tuple(c["padding"]),
+              dilation=tuple(c["dilation"]), groups=c["groups"])
+    if c["type"] == "Conv2d":
+        return nn.Conv2d(c["in"], c["out"], tuple(c["kernel"]), **kw)
+    if c["type"] == "ConvTranspose2d":
+        return nn.ConvTranspose2d(c["in"], c["out"], tuple(c["kernel"]),
+                                  output_padding=tuple(c["output_padding"]), **kw)
+    raise ValueError(f"unknown layer type {c['type']!r}")
+
+
+def graph_config(net) -> dict:
+    """What rebuilds ``net`` (a :class:`GraphNet` or :class:`SpikingGraph`) without
+    the code it was traced from, as plain JSON types (``spikingir.pipeline.save_snn``
+    stores it): ``program``, a list of ``[name, kind, args, info]`` (references to
+    other nodes as ``{"ref": name}``, see :func:`_encode`), ``layers``, the geometry
+    of each conv by node name, and ``in_channels``."""
+    return {"program": [[n, k, _encode(a), _encode(i)] for n, k, a, i in net.program],
+            "layers": {n: _layer_config(m) for n, m in net.layers.items()},
+            "in_channels": net.in_channels}
+
+
+def graph_from_config(cfg) -> GraphNet:
+    """The :class:`GraphNet` (fresh layers of the saved geometry, to load a state
+    dict into) of a :func:`graph_config`. A program that is not one (cut short,
+    a reference to no earlier node, an unknown op, a conv without its layer)
+    raises a ValueError that says what is wrong."""
+    raw = cfg["program"]
+    if not isinstance(raw, list):
+        raise ValueError(f"graph program: expected a list, got {type(raw).__name__}")
+    program, seen = [], set()
+    for k, entry in enumerate(raw):
+        if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
+                and entry[1] in _KINDS):
+            raise ValueError(f"graph program: entry {k} is not [name, kind, args, info] with a "
+                             f"kind in {_KINDS}: {str(entry)[:80]}")
+        name, kind = entry[0], entry[1]
+        args, info = _decode(entry[2]), _decode(entry[3])
+        if name in seen or not isinstance(args, tuple):
+            raise ValueError(f"graph program: entry {k} ({name!r}): a repeated name or args "
+                             "that are not a tuple")
+        missing = [r for r in _refs((args, info)) if r not in seen]
+        if missing:
+            raise ValueError(f"graph program: node {name!r} reads {missing[0]!r}, which no "
+                             "earlier node computes")
+        tensors = (args[0] if kind == "cat" and args and isinstance(args[0], list) else
+                   args[:1] if kind in _ONE_TENSOR else [])
+        if (kind in _ONE_TENSOR + ("cat",) and
+                (len(args) != 1 or not tensors or not all(isinstance(a, _Ref) for a in tensors))) \
+                or (kind in ("add", "sub", "mul", "div", "item", "size_arith") and len(args) != 2):
+            raise ValueError(f"graph program: node {name!r}: wrong arguments for a {kind}")
+        seen.add(name)
+        program.append((name, kind, args, info))
+    kinds = [p[1] for p in program]
+    relus = [p[3] for p in program if p[1] == "relu"]
+    if kinds.count("input") != 1 or kinds.count("output") != 1 or kinds[-1] != "output":
+        raise ValueError("graph program: expected one input and one output node, the output last "
+                         "(cut short?)")
+    if relus != list(range(len(relus))):
+        raise ValueError(f"graph program: the ReLUs are numbered {relus}, expected 0, 1, ...")
+    layers = cfg["layers"]
+    convs = [p[0] for p in program if p[1] == "conv"]
+    if not isinstance(layers, dict) or sorted(layers) != sorted(convs):
+        raise ValueError("graph program: its conv nodes and its layers differ")
+    if not _Structure(program).readout:
+        raise ValueError("graph program: no ReLU reaches the output")
+    in_channels = cfg["in_channels"]
+    if in_channels is not None and (isinstance(in_channels, bool) or
+                                    not isinstance(in_channels, int) or in_channels < 1):
+        raise ValueError(f"graph program: in_channels: expected None or an int >= 1, got "
+                         f"{in_channels!r}")
+    return GraphNet(program, {n: _layer_from_config(layers[n]) for n in convs}, in_channels).eval()
 
 
 def _layer_macs(conv, shape):
