@@ -228,6 +228,10 @@ def test_a_chain_as_a_module_converts_as_the_chain(neuron):
     a.track_energy(), b.track_energy()
     a(x), b(x)
     torch.testing.assert_close(a.energy_ratio, b.energy_ratio)
+    a.track_energy(False), b.track_energy(False)
+    with torch.no_grad():  # on spike_conv2d from channel masks, both
+        a.use_spike_conv(True, backend="cpp"), b.use_spike_conv(True, backend="cpp")
+        assert torch.equal(a(x), b(x))
 
 
 @pytest.mark.parametrize("make", [ResBlocks, TinyUNet, OddOps])
@@ -325,6 +329,36 @@ def test_graph_snn_on_spike_conv(monkeypatch):
     assert "spikingir::spike_conv2d_fwd" in ran
     # bn1 (a1 folded), b1, a2, b2; each twice: the IF steps and the reuse step's beta
     assert sorted(calls[:8]) == sorted([(8, 8, 3, 3)] * 6 + [(8, 8, 1, 1)] * 2), calls
+
+
+@pytest.mark.parametrize("make", [ResBlocks, TinyUNet, OddOps])
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_graph_snn_hands_over_masks(make, neuron):
+    """In inference on spike_conv2d, a neuron layer whose spikes only convs on
+    spike_conv2d read per step (or only the read-out) emits channel masks, as the
+    chain's hidden layers do: the output of float spikes up to float32 rounding.
+    With masks=False, or recording statistics, the spikes are float tensors (the
+    same statistics)."""
+    snn = to_snn(make().eval(), images(), 4, neuron=neuron)
+    x = images(n=1, seed=11)[0]
+
+    def run(masks, record=False):
+        snn.use_spike_conv(True, backend="cpp", masks=masks).record_stats(record)
+        with torch.no_grad():
+            return snn(x), ran_ops(lambda: snn(x)), snn.stats
+
+    floats, ran_floats, stats = run(False, record=True)
+    masks, ran_masks, _ = run(True)
+    torch.testing.assert_close(masks, floats, rtol=1e-5, atol=1e-6)
+    assert "spikingir::neuron_fwd_masks" in ran_masks
+    assert "spikingir::neuron_fwd_masks" not in ran_floats
+    # the U-Net's neurons are read through pooling, upsampling, a transposed conv or
+    # the read-out only: no spike_conv2d; in the others some conv reads masks
+    assert any(k.startswith("spikingir::spike_conv2d_fwd_masks") for k in ran_masks) == \
+        (make is not TinyUNet)
+    recorded, ran_recorded, recorded_stats = run(True, record=True)
+    assert "spikingir::neuron_fwd_masks" not in ran_recorded
+    assert torch.equal(recorded, floats) and recorded_stats == stats
 
 
 def test_graph_snn_finetunes_and_evaluates(tmp_path):

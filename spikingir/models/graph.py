@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from spikingir import ops
 from spikingir.energy import E_MAC_PJ, E_SOP_PJ, conv_call_macs, conv_mean_fanout, conv_sops
 from spikingir.ops.spike_conv import supports as spike_conv_supports
 
@@ -379,10 +380,13 @@ class _Structure:
         # one layer's at a time); static values and read-out spikes are kept
         self.keep = self.static | set(self.readout)
         self.last_read = {}
+        self.seq_readers = {n: [] for n in self.order}  # who reads a node per step
         for n in self.order:
             if n in self.seq or n in self.static or self.ops[n][1] == "relu":
                 for d in self.deps(n):
                     self.last_read[d] = n
+                    if n in self.seq:
+                        self.seq_readers[d].append(n)
 
     def _closure(self, starts):
         """The nodes those in ``starts`` need, down to neurons (whose outputs
@@ -751,7 +755,11 @@ class SpikingGraph(_SpikingNet):
     ``use_spike_conv()``: per-step convs that read one neuron layer's spikes
     directly (groups=1, a kernel :func:`spikingir.ops.spike_conv2d` supports)
     run on it in inference (without autograd); the others stay dense, since
-    sums of spike trains are not binary."""
+    sums of spike trains are not binary. A neuron layer whose spikes only such
+    convs read per step (the read-out takes spike counts) emits them as channel
+    masks (:class:`~spikingir.ops.SpikeMasks`, as the chain's hidden layers do)
+    when a fused spike_conv2d backend takes masks and no statistics are
+    recorded: no float spike tensor is written and re-read."""
 
     def __init__(self, net: GraphNet, neurons, timesteps, neuron_kind="mprn", recycling=True):
         super().__init__(timesteps, neuron_kind, recycling)
@@ -787,8 +795,8 @@ class SpikingGraph(_SpikingNet):
                              if n in st.rate and n not in st.seq and st.ops[n][1] == "conv")
 
     def use_spike_conv(self, on=True, backend="auto", masks=True):
-        """See the class docstring (``masks`` is accepted for the chain's
-        signature; the spikes are handed over as float tensors). Returns ``self``."""
+        """See the class docstring; ``masks=False``: the spikes go over as float
+        tensors. Returns ``self``."""
         self.spike_conv = bool(on)
         self.spike_masks = bool(masks)
         self.spike_conv_backend = backend
@@ -798,11 +806,27 @@ class SpikingGraph(_SpikingNet):
         """Restores the :meth:`use_spike_conv` setting on exit."""
         return SpikingChain.kept_spike_conv(self)
 
-    def _on_spike_conv(self, conv, value):
+    def _spike_conv_layer(self, conv):
+        """Whether ``conv`` runs on spike_conv2d when it reads one layer's spikes."""
         return (self.spike_conv and not torch.is_grad_enabled() and type(conv) is nn.Conv2d
-                and value.sources is not None and len(value.sources) == 1
-                and value.sources[0][1] == 1.0 and spike_conv_supports(conv)
-                and not _has_hooks(conv))
+                and spike_conv_supports(conv) and not _has_hooks(conv))
+
+    def _on_spike_conv(self, conv, value):
+        return (value.sources is not None and len(value.sources) == 1
+                and value.sources[0][1] == 1.0 and self._spike_conv_layer(conv))
+
+    def _emits_masks(self, name, neuron, cur):
+        """Whether neuron layer ``name`` (input current ``cur``) emits channel masks:
+        every per-step reader of its spikes is a conv on spike_conv2d reading them
+        directly; the chain's conditions for masks otherwise (SpikingChain.forward)."""
+        st = self._structure
+        return (self.spike_conv and self.spike_masks and not torch.is_grad_enabled()
+                and not self._record and not self._track_energy and not _has_hooks(neuron)
+                and cur.dtype in ops.backends.FUSED_DTYPES
+                and all(st.ops[r][1] == "conv" and st.ops[r][2][0].name == name
+                        and self._spike_conv_layer(self.layers[r]) for r in st.seq_readers[name])
+                and ops.backends.choose("spike_conv2d_masks", cur.device, torch.float32,
+                                        self.spike_conv_backend) != "torch")
 
     def forward(self, x):
         c = self.in_channels
@@ -861,7 +885,7 @@ class SpikingGraph(_SpikingNet):
                 if seq and self._on_spike_conv(conv, v):
                     i = v.sources[0][0]
                     neuron = self.neurons_[i]
-                    s = (v.t != 0).to(v.t.dtype)
+                    s = v.t if isinstance(v.t, ops.SpikeMasks) else (v.t != 0).to(v.t.dtype)
                     return _Value(SpikingChain._conv_spikes(self, conv, s, neuron), True)
                 t = conv(v.t.flatten(0, 1)).unflatten(0, v.t.shape[:2]) if seq else conv(v.t)
                 return _Value(t, seq)
@@ -902,7 +926,8 @@ class SpikingGraph(_SpikingNet):
                 cur = seq_env[st.ops[name][2][0].name]
                 cur = cur.t if cur.seq else cur.t.unsqueeze(0).expand(S, *cur.t.shape)
                 out = []
-                y = neuron(cur, v_final_out=out)
+                emit = "masks" if self._emits_masks(name, neuron, cur) else "values"
+                y = neuron(cur, emit=emit, v_final_out=out)
                 cur = None
                 if name in st.keep:
                     ys[i], v_final[i] = y, out[0]
