@@ -833,6 +833,24 @@ def test_masks_match_values(backend, op, shape):
     _masks_vs_values(op, backend, x, 0.7, 0.5 if op == "mprn" else None)  # scalar parameters
 
 
+@pytest.mark.skipif("cpp" not in CPU_FUSED, reason="needs the C++ kernels")
+@pytest.mark.parametrize("shape", [(3, 2, 3, 17, 19), (2, 1, 70, 20, 27), (5, 1, 1, 16, 33)])
+def test_masks_over_several_pixel_tiles(shape):
+    """The cpp kernel walks 256-pixel tiles and prefetches the input of the
+    channel 4 ahead (of the next step past the last channel): images of several
+    tiles with a partial last one, fewer channels than that distance, two mask
+    words, give the values path's spikes and v_final bit for bit."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g) * 0.8 + 0.7
+    theta = torch.rand(shape[2], generator=g) + 0.4
+    v0 = torch.randn(shape[1:], generator=g) * 0.3
+    for op in ("if", "mprn"):
+        m = _masks_vs_values(op, "cpp", x, theta, theta * 0.6, v0=v0)
+        assert 0 < m.count() < x.numel()
+    m = _masks_vs_values("mprn", "cpp", x[:1].expand(shape), theta, 0.5)  # one input, all steps
+    assert 0 < m.count() < x.numel()
+
+
 @pytest.mark.parametrize("backend", CPU_FUSED)
 def test_masks_noncontiguous_and_half(backend):
     g = torch.Generator().manual_seed(3)

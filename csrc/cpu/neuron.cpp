@@ -281,7 +281,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> neuron_bwd_cpu(
 // words (bit c % 64 of word c / 64), written once per step: 1/32 of the bytes
 // of a float32 spike tensor. The arithmetic is that of fwd_range, so the
 // spikes are bitwise those of neuron_fwd.
-constexpr int64_t kMaskTile = 64;
+// The tile reads x as C short runs per step, one per channel plane, planes
+// P floats apart: the hardware prefetchers do not follow 64 such streams, and
+// the loads waited on memory. Hence 256-pixel tiles (1 KB runs) and a software
+// prefetch of the run kMaskPrefetch channels ahead. Measured on the AVX2 EPYC,
+// one thread, the s25 DnCNN's [11, 1, 64, 256, 256] layers: 106-134 -> 43-53 ms
+// a call (64-pixel tiles without prefetch before; 256 alone: 73-90 ms).
+constexpr int64_t kMaskTile = 256;
+constexpr int64_t kMaskPrefetch = 4;
 
 struct MaskShape {
   int64_t T, N, C, P, Cw;  // x [T, N, C, P] (or [1, ...]), masks [T, N, P, Cw]
@@ -310,6 +317,18 @@ SPK_CPU_CLONES void fwd_masks_tile(const scalar_t* __restrict__ x, const float* 
       const float th = theta[per_channel ? c : 0];
       const scalar_t* __restrict__ xt = x + t * d.x_step + (n * d.C + c) * d.P + p0;
       float* __restrict__ vc = v + c * kMaskTile;
+#if defined(__GNUC__)
+      {  // the run of channel c + kMaskPrefetch (past the last channel: of the next step)
+        const int64_t ahead = c + kMaskPrefetch, pt = t + ahead / d.C, pc = ahead % d.C;
+        if (pt < d.T) {
+          const char* next = reinterpret_cast<const char*>(x + pt * d.x_step +
+                                                           (n * d.C + pc) * d.P + p0);
+          for (int64_t b = 0; b < np * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+            __builtin_prefetch(next + b);
+          }
+        }
+      }
+#endif
       uint64_t* __restrict__ wc = words + c / 64;
       const int bit = static_cast<int>(c % 64);
       for (int64_t i = 0; i < np; ++i) {
