@@ -172,16 +172,24 @@ def _unsupported(ann):
             "SpikeConv2d)")
 
 
+#: torch.nn layers the graph conversion reads and the chain form never takes
+_GRAPH_LAYERS = (nn.AvgPool2d, nn.Upsample, nn.ConvTranspose2d)
+
+
 def _is_chain(ann):
-    """Whether ``ann`` takes the conv-chain path: a DnCNN, a ``Residual``, or an
-    ``nn.Sequential`` of torch.nn layers. A Sequential holding blocks of the
-    user's own (residual blocks: modules of no torch.nn class) is a graph
+    """Whether ``ann`` takes the conv-chain path: a DnCNN, or an ``nn.Sequential``
+    of torch.nn layers (or a ``Residual`` around one, or around one layer). A
+    Sequential holding blocks of the user's own (residual blocks: modules of no
+    torch.nn class) or pooling, upsampling or transposed convs is a graph
     (:mod:`spikingir.models.graph`), which the chain form would refuse."""
-    if isinstance(ann, (DnCNN, Residual)):
+    if isinstance(ann, DnCNN):
         return True
-    return isinstance(ann, nn.Sequential) and all(
-        any(c is not nn.Module and c.__module__.startswith("torch.nn.") for c in type(m).__mro__)
-        for m in ann.modules())
+    if not isinstance(ann, (nn.Sequential, Residual)):
+        return False
+    body = ann.body if isinstance(ann, Residual) else ann
+    return all(not isinstance(m, _GRAPH_LAYERS) and any(
+        c is not nn.Module and c.__module__.startswith("torch.nn.") for c in type(m).__mro__)
+        for m in body.modules())
 
 
 def _graph_net(ann):

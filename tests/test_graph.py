@@ -162,6 +162,27 @@ def test_a_sequential_of_your_own_blocks_is_a_graph():
     assert type(to_snn(PlainChain().as_chain().body, calib, 2)) is SpikingChain
 
 
+def test_a_sequential_with_pooling_or_a_transposed_conv_is_a_graph():
+    """An nn.Sequential (or a Residual around one) of torch.nn layers that holds
+    average pooling, upsampling or a transposed conv, which the chain form refuses
+    ("expected a Conv2d here"), converts through the graph path (found in review:
+    every Sequential of torch.nn layers took the chain path)."""
+    torch.manual_seed(0)
+    pooled = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                           nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2),
+                           nn.Conv2d(4, 1, 3, padding=1))
+    transposed = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+                               nn.ConvTranspose2d(4, 4, 3, padding=1), nn.ReLU(),
+                               nn.Conv2d(4, 1, 3, padding=1))
+    x = images(n=1, seed=5)[0]
+    for ann in (pooled, transposed, Residual(pooled)):
+        ann = ann.eval()
+        snn = to_snn(ann, images(), 64, neuron="if", percentile=100)
+        assert type(snn) is SpikingGraph
+        with torch.no_grad():
+            assert float((snn(x) - ann(x)).abs().mean()) < 0.05 * float(ann(x).abs().mean())
+
+
 def test_a_residual_inside_your_network():
     """spikingir.models.Residual (DnCNN's skip) inside a network of the user's is
     one subtraction of the graph; a body that changes the shape is refused as
@@ -522,3 +543,4 @@ def test_restore_with_a_graph_snn():
     assert restore(img, unet, tile=0).shape == img.shape == restore(img, unet).shape
     with pytest.raises(ValueError, match="pooling, upsampling and transposed convolutions"):
         restore(img, unet, tile=16)
+
