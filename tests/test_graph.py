@@ -207,6 +207,32 @@ def test_a_residual_inside_your_network():
         to_snn(Net(out=3).eval(), images(), 2)
 
 
+def test_layers_named_like_module_dict_attributes(tmp_path):
+    """Convs whose names are attributes of nn.ModuleDict (``values``, ``update``,
+    ``keys``), which holds the graph's layers by node name, convert, save and load
+    (found in review: a KeyError "attribute 'values' already exists")."""
+    from spikingir.pipeline import load_snn, save_snn
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.values, self.update = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.keys, self.update_ = nn.Conv2d(4, 1, 3, padding=1), nn.Conv2d(1, 1, 1)
+
+        def forward(self, x):
+            h = F.relu(self.values(x))
+            return self.update_(self.keys(F.relu(self.update(h)) + h))
+
+    ann, x = M().eval(), images(n=1, seed=4)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(graph_net(ann)(x), ann(x))
+    snn = to_snn(ann, images(), 3)
+    save_snn(snn, tmp_path / "m.pt")
+    with torch.no_grad():
+        assert torch.equal(load_snn(tmp_path / "m.pt")(x), snn(x))
+
+
 def test_in_place_relus_change_what_later_readers_see():
     """``relu_`` and ``ReLU(inplace=True)`` change their input tensor: a reader
     after them (here a skip and a BN's conv) sees the rectified value, one

@@ -93,6 +93,17 @@ def _resolve(args, env):
     return args
 
 
+def _renamed(args, names):
+    """``args`` with every reference to a node in ``names`` renamed to ``names[node]``."""
+    if isinstance(args, _Ref):
+        return _Ref(names.get(args.name, args.name))
+    if isinstance(args, (list, tuple)):
+        return type(args)(_renamed(a, names) for a in args)
+    if isinstance(args, dict):
+        return {k: _renamed(a, names) for k, a in args.items()}
+    return args
+
+
 def _is_number(v):
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -548,6 +559,19 @@ def graph_net(model: nn.Module) -> GraphNet:
     # neurons numbered in graph order among the ReLUs the network computes
     relu_names = [p[0] for p in program if p[1] == "relu"]
     program = [(n, k, a, relu_names.index(n) if k == "relu" else i) for n, k, a, i in program]
+    # the convs are kept in an nn.ModuleDict by node name (the model's attribute name):
+    # a name that is one of its attributes ("values", "update", "keys", ...) gets a suffix
+    taken, names, held = {p[0] for p in program}, {}, nn.ModuleDict()
+    for n, k, _, _ in program:
+        if k == "conv" and hasattr(held, n):
+            new = n + "_"
+            while new in taken or hasattr(held, new):
+                new += "_"
+            taken.add(new)
+            names[n] = new
+    program = [(names.get(n, n), k, _renamed(a, names), _renamed(i, names))
+               for n, k, a, i in program]
+    sources = {names.get(n, n): v for n, v in sources.items()}
     layers = {n: _canonical(*sources[n], n) for n, k, _, _ in program if k == "conv"}
     inputs = {p[0] for p in program if p[1] == "input"}
     in_channels = next((layers[n].in_channels for n, k, a, _ in program
