@@ -398,7 +398,13 @@ def restore(image, snn, *, tile=None, amp=False):
                              or tile < 0):
         raise ValueError(f"restore: tile: expected None or an int >= 0 (0: the whole image at "
                          f"once), got {tile!r}")
+    from spikingir.models.graph import GraphNet, SpikingGraph
     channels = first.in_channels
+    if isinstance(snn, (GraphNet, SpikingGraph)):
+        # a graph's first Conv2d need not read the image (a transposed conv or a
+        # concatenation before it): its input channels, or (None: no conv reads
+        # the image directly) the image's own
+        channels = snn.in_channels or (1 if image.ndim == 2 else image.shape[2])
     if image.ndim == 2 and channels == 3:
         image = np.repeat(image[..., None], 3, 2)
     if (image.ndim == 2 and channels != 1) or (image.ndim == 3 and image.shape[2] != channels):

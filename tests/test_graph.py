@@ -570,3 +570,36 @@ def test_restore_with_a_graph_snn():
     with pytest.raises(ValueError, match="pooling, upsampling and transposed convolutions"):
         restore(img, unet, tile=16)
 
+
+def test_restore_takes_the_graph_input_channels():
+    """restore checks the image against the channels the graph reads, not those of
+    its first Conv2d, which need not read the image (found in review: a network
+    starting with a transposed conv, or concatenating the image with itself, was
+    refused as taking 4 or 2 channels)."""
+    from spikingir.pipeline import restore
+
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t, self.c = nn.ConvTranspose2d(1, 4, 3, padding=1), nn.Conv2d(4, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.c(F.relu(self.t(x)))
+
+    class Doubled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.c(F.relu(self.a(torch.cat([x, 2 * x], 1))))
+
+    img = np.random.default_rng(0).random((12, 10)).astype(np.float32)
+    for make in (Doubled, Transposed):
+        torch.manual_seed(0)
+        snn = to_snn(make().eval(), images(), 3)
+        with torch.no_grad():
+            want = snn(torch.from_numpy(img)[None, None])[0, 0].numpy()
+        np.testing.assert_array_equal(restore(img, snn, tile=0), want)
+    with pytest.raises(ValueError, match=r"takes 1 channel\(s\)"):  # Transposed's in_channels
+        restore(np.zeros((8, 8, 3), np.float32), snn)
