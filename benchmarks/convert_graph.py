@@ -11,7 +11,6 @@ SSIM, loss and the SNN/ANN energy ratio per T.
 
 A script, not a test; needs ../shared/data (train400, set12).
 """
-import argparse
 import json
 import os
 import time
@@ -49,18 +48,22 @@ def main(argv=None):
     from spikingir.pipeline import calibration_inputs, denoise_samples
     from spikingir.train import denoise_validator, fit
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from spikingir.bench.neuron import cli_module
+    cli = cli_module()  # the spikingir command's parser and argument types
+    p = cli._Parser(description=__doc__.splitlines()[0])  # usage errors: one line, exit 2
     p.add_argument("--data", default=os.path.join(SHARED, "data", "train400"))
     p.add_argument("--val-data", default=os.path.join(SHARED, "data", "set12"))
     p.add_argument("--sigma", type=float, default=25)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--blocks", type=int, default=3)
-    p.add_argument("--T", type=int, nargs="+", default=[4, 10])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--limit", type=int, default=4, help="evaluate on the first N images")
-    p.add_argument("--crop", type=int, default=128, help="centre crops of this side")
+    p.add_argument("--steps", type=cli._positive_int, default=400)
+    p.add_argument("--batch-size", type=cli._positive_int, default=16)
+    p.add_argument("--width", type=cli._positive_int, default=32)
+    p.add_argument("--blocks", type=cli._positive_int, default=3)
+    p.add_argument("--T", type=cli._positive_int, nargs="+", default=[4, 10])
+    p.add_argument("--threads", type=cli._positive_int, default=1)
+    p.add_argument("--limit", type=cli._positive_int, default=4,
+                   help="evaluate on the first N images")
+    p.add_argument("--crop", type=cli._positive_int, default=128,
+                   help="centre crops of this side")
     p.add_argument("--json", default=None)
     p.add_argument("--save-ann", default=None, help="write the trained ANN's state dict here")
     p.add_argument("--ann", default=None, help="a state dict of this network: skip the training")
