@@ -200,6 +200,29 @@ def _graph_net(ann):
     return graph_net(ann)
 
 
+def _check_traced(ann, net, calib_images):
+    """Refuses a graph form ``net`` that does not compute what ``ann`` computes on
+    the first calibration image. torch.fx records an augmented assignment on a
+    traced tensor (``h += y``, ``h *= 2``) as ``h = h + y``: where another name
+    still refers to the tensor (``skip = h`` before it), eager PyTorch changes
+    that one too and the trace does not, so the conversion would silently be of
+    another network. (Methods such as ``h.add_(y)`` are traced as in-place.)"""
+    device = next(net.parameters()).device
+    x = _calib_inputs(calib_images, net.in_channels, device)[0][:1]
+    with torch.no_grad():
+        want, got = ann(x.clone()), net(x.clone())  # clones: either may change its input
+    # BN folded in float64 and rounded once: a float32 rounding apart, not more
+    tol = 1e-4 * max(float(want.abs().max()), 1.0) if got.shape == want.shape else 0.0
+    if got.shape != want.shape or float((got - want).abs().max()) > tol:
+        diff = (f"max |difference| {float((got - want).abs().max()):.3g}"
+                if got.shape == want.shape else f"shape {tuple(got.shape)}, not {tuple(want.shape)}")
+        raise ValueError(f"to_snn: {type(ann).__name__}: its traced graph (torch.fx) computes "
+                         f"something else than the network on a calibration image ({diff}). "
+                         "torch.fx traces h += y (and -=, *=, /=) as h = h + y: an in-place update "
+                         "that another name for the same tensor would see is lost; write "
+                         "h = h + y (a new tensor) or h.add_(y) (in place) in forward")
+
+
 class _AODTaps(nn.Module):
     """AOD-Net with taps on x1..x4 (its ReLU module is shared, so hook taps)."""
 
@@ -325,6 +348,7 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
             raise ValueError("layer_calibration: for DnCNN and conv chains only (a network with "
                              "skips or concatenations has no layer order to calibrate in)")
         net = _graph_net(ann)  # BN folded, float32 copies
+        _check_traced(ann, net, calib_images)
         thetas = calibrate(net, calib_images, percentile, per_channel)
         convs, cls, extra = net, SpikingGraph, {}
     neurons = [make_neuron(neuron, th, num_channels=th.numel() if per_channel else None,

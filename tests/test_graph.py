@@ -257,6 +257,34 @@ def test_in_place_relus_change_what_later_readers_see():
         torch.testing.assert_close(graph_net(ann)(x), ann(x))
 
 
+def test_an_augmented_assignment_on_an_aliased_tensor_is_refused():
+    """torch.fx traces ``h2 *= 3`` as ``h2 = h2 * 3``: eager PyTorch changes the
+    tensor in place, so ``h`` (the same tensor) changes too, and the trace does not.
+    to_snn checks the graph form against the network on a calibration image and
+    refuses the difference (found in review: it converted another network
+    silently, its graph form 0.2 off on outputs of ~0.25); ``h.mul_(3)`` is traced
+    in place and converts."""
+    class M(nn.Module):
+        def __init__(self, method):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 1, 3, padding=1)
+            self.method = method
+
+        def forward(self, x):
+            h = F.relu(self.c1(x))
+            h2 = h
+            if self.method:
+                h2.mul_(3)
+            else:
+                h2 *= 3
+            return self.c2(F.relu(h))
+
+    with pytest.raises(ValueError, match=r"M: its traced graph .* h \+= y"):
+        to_snn(M(False).eval(), images(n=1), 2)
+    assert type(to_snn(M(True).eval(), images(n=1), 2)) is SpikingGraph
+
+
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_a_chain_as_a_module_converts_as_the_chain(neuron):
     """The graph path on a chain written as a module gives the chain path's SNN:

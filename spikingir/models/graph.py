@@ -7,7 +7,9 @@ and read into :class:`GraphNet`, a canonical form of the same computation:
 BatchNorm folded into the conv before it (a BatchNorm elsewhere becomes a 1x1
 depthwise conv, its eval-mode affine map), identities and dropouts removed,
 in-place ops resolved (a later reader of a tensor that ``relu_`` or
-``ReLU(inplace=True)`` changed reads the changed value), every conv a float32
+``ReLU(inplace=True)`` changed reads the changed value; torch.fx traces
+``h += y`` as ``h = h + y``, so ``to_snn`` checks the form against the network
+on a calibration image and refuses a difference), every conv a float32
 copy with a bias. Everything the spiking form cannot reproduce is refused, with
 the node named: an untraceable model (data-dependent control flow), another
 nonlinearity (max pooling, sigmoid, ReLU6, LeakyReLU, ...), a product of two
