@@ -38,10 +38,14 @@ def receptive_radius(model) -> int:
     spikingir.models.graph) raises a ValueError: its reach is not this sum, and
     tiles must line up with its scales."""
     from torch import nn
+    # layers that change scale (or, adaptive pooling, read the whole image): a U-Net ANN
+    # of the user's holds them as modules
+    rescaling = (nn.ConvTranspose2d, nn.Upsample, nn.AvgPool2d, nn.MaxPool2d,
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.PixelShuffle, nn.PixelUnshuffle)
     r = 0
     for m in model.modules():
         kinds = {op[1] for op in getattr(m, "program", ())}  # a graph's ops (GraphNet, SpikingGraph)
-        if isinstance(m, nn.ConvTranspose2d) or kinds & {"avgpool", "upsample"}:
+        if isinstance(m, rescaling) or kinds & {"avgpool", "upsample"}:
             raise ValueError("receptive_radius: pooling, upsampling and transposed convolutions "
                              "are not supported; pass margin= explicitly (or restore with tile=0)")
         if isinstance(m, nn.Conv2d):

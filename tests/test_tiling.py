@@ -18,6 +18,11 @@ def test_receptive_radius():
     # a change of scale has no radius (a transposed conv was skipped: a seam per tile)
     with pytest.raises(ValueError, match="pooling, upsampling and transposed convolutions"):
         receptive_radius(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ConvTranspose2d(2, 1, 2, stride=2)))
+    # nor an ANN's pooling and upsampling modules (found in review: restore(image, ann) of
+    # a U-Net of the user's tiled it with the convs' radius, a seam per tile)
+    for layer in (nn.AvgPool2d(2), nn.MaxPool2d(2), nn.Upsample(scale_factor=2)):
+        with pytest.raises(ValueError, match="pooling, upsampling and transposed convolutions"):
+            receptive_radius(nn.Sequential(nn.Conv2d(1, 2, 3), layer, nn.Conv2d(2, 1, 3)))
 
 
 def test_receptive_radius_of_even_kernels_and_one_sided_padding():
