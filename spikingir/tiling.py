@@ -51,7 +51,7 @@ def receptive_radius(model) -> int:
         if isinstance(m, nn.Conv2d):
             if any(s != 1 for s in m.stride):
                 raise ValueError("receptive_radius: strided convolutions are not supported; "
-                                 "pass margin= explicitly")
+                                 "pass margin= explicitly (or restore with tile=0)")
             reach = []
             for i, (d, k) in enumerate(zip(m.dilation, m.kernel_size)):
                 span = d * (k - 1)
