@@ -28,3 +28,16 @@ def ran_ops(fn):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     return {e.key for e in prof.key_averages() if e.key.startswith("spikingir::")}
+
+
+def randomise_bn(model, seed=0):
+    """``model`` with random (seeded) running statistics and affine parameters in
+    every BatchNorm2d, so that folding BN is not the identity; returned."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.1)
+    return model

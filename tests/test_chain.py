@@ -12,18 +12,9 @@ from spikingir.models import ConvChain, DnCNN, Residual, conv_chain
 from spikingir.models.spiking import SpikingChain, SpikingDnCNN
 from spikingir.pipeline import for_inference, load_snn, save_snn
 
+from helpers import randomise_bn
+
 torch.set_num_threads(1)
-
-
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.1)
-    return model
 
 
 def odd_body(seed=0):
@@ -37,7 +28,7 @@ def odd_body(seed=0):
         nn.Conv2d(10, 8, 1), nn.Dropout2d(0.2), nn.ReLU(),
         nn.Conv2d(8, 12, 3, padding="same"), nn.Identity(), nn.ReLU(),
         nn.Conv2d(12, 1, 3, padding=1))
-    return _randomise_bn(body, seed).eval()
+    return randomise_bn(body, seed).eval()
 
 
 def strided_chain(seed=0):
@@ -77,7 +68,7 @@ def test_dncnn_converts_as_the_same_chain():
     """to_snn(DnCNN) and to_snn(Residual(dncnn.dncnn)) are one conversion: the
     same thresholds, weights and outputs, bit for bit."""
     torch.manual_seed(0)
-    ann = _randomise_bn(DnCNN(depth=5, channels=8, batchnorm=True)).eval()
+    ann = randomise_bn(DnCNN(depth=5, channels=8, batchnorm=True)).eval()
     calib = images()
     a = to_snn(ann, calib, 4)
     b = to_snn(Residual(ann.dncnn), calib, 4)

@@ -14,20 +14,9 @@ from spikingir.models import Residual
 from spikingir.models.graph import GraphNet, SpikingGraph, graph_net
 from spikingir.models.spiking import SpikingChain
 
-from helpers import ran_ops
+from helpers import randomise_bn, ran_ops
 
 torch.set_num_threads(1)
-
-
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.1)
-    return model
 
 
 class PlainChain(nn.Module):
@@ -40,7 +29,7 @@ class PlainChain(nn.Module):
         self.c2 = nn.Conv2d(8, 6, 5, padding=2, bias=False)
         self.bn = nn.BatchNorm2d(6)
         self.c3 = nn.Conv2d(6, 1, 3, padding=1)
-        _randomise_bn(self)
+        randomise_bn(self)
 
     def forward(self, x):
         h = F.relu(self.c1(x))
@@ -63,7 +52,7 @@ class ResBlocks(nn.Module):
         self.a2, self.b2 = nn.Conv2d(w, w, 3, padding=1), nn.Conv2d(w, w, 1)
         self.tail = nn.Conv2d(w, 1, 3, padding=1)
         self.drop = nn.Dropout(0.1)
-        _randomise_bn(self)
+        randomise_bn(self)
 
     def forward(self, x):
         h = self.head(x).relu()
@@ -110,7 +99,7 @@ class OddOps(nn.Module):
         self.bn = nn.BatchNorm2d(w)
         self.c2 = nn.Conv2d(w + 1, w, 3, padding="same")
         self.c3 = nn.Conv2d(w, 1, 3, padding=1)
-        _randomise_bn(self)
+        randomise_bn(self)
 
     def forward(self, x):
         h = F.relu(self.c1(x))

@@ -134,8 +134,14 @@ def _canonical_conv(conv, bn, name):
     if conv.padding_mode != "zeros":
         raise ValueError(f"to_snn: {name}: padding_mode={conv.padding_mode!r} is not supported "
                          "(zero padding only)")
+    return folded_copy(conv, bn, _numeric_padding(conv, name))
+
+
+def folded_copy(conv, bn, padding):
+    """A float32 ``nn.Conv2d`` copy of ``conv`` (its groups, stride, dilation) with
+    ``bn`` (or None) folded in, a bias, and ``padding`` (numeric, zeros)."""
     out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                    padding=_numeric_padding(conv, name), dilation=conv.dilation, bias=True,
+                    padding=padding, dilation=conv.dilation, groups=conv.groups, bias=True,
                     device=conv.weight.device)
     with torch.no_grad():
         if bn is not None:

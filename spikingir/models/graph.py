@@ -40,8 +40,7 @@ from spikingir import ops
 from spikingir.energy import E_MAC_PJ, E_SOP_PJ, conv_call_macs, conv_mean_fanout, conv_sops
 from spikingir.ops.spike_conv import supports as spike_conv_supports
 
-from .chain import _SKIPPED, _numeric_padding, _plain, skip
-from .dncnn import _fold_conv_bn
+from .chain import _SKIPPED, _numeric_padding, _plain, folded_copy, skip
 from .spiking import SpikingChain, _has_hooks, _SpikingNet
 
 __all__ = ["GraphNet", "SpikingGraph", "graph_net", "graph_config", "graph_from_config",
@@ -450,18 +449,7 @@ def _canonical(conv, bn, name):
         if out.bias is None:
             out.bias = nn.Parameter(torch.zeros(out.out_channels, device=out.weight.device))
         return out
-    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                    padding=_numeric_padding(conv, f"node {name!r}"), dilation=conv.dilation,
-                    groups=conv.groups, bias=True, device=conv.weight.device)
-    with torch.no_grad():
-        if bn is not None:
-            w, b = _fold_conv_bn(conv, bn)
-        else:
-            w = conv.weight.detach()
-            b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(out.bias)
-        out.weight.copy_(w.float())
-        out.bias.copy_(b.float())
-    return out
+    return folded_copy(conv, bn, _numeric_padding(conv, f"node {name!r}"))
 
 
 def _upsample(x, info):
