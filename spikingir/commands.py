@@ -192,6 +192,15 @@ def _add_amp_arg(p, what):
                         "PSNR; not bit-exact; slower on CPUs without AVX512-BF16/AMX")
 
 
+def _add_step_chunk_arg(p):
+    p.add_argument("--step-chunk", type=_positive_int, default=None, metavar="N",
+                   help="run the SNN's T steps in chunks of N (every layer, then the next "
+                        "chunk): memory no longer grows with T but holds a potential per neuron "
+                        "layer; pays for T above ~20 with the DnCNN SNN (16 layers). The same "
+                        "output: bit for bit for the denoising SNNs on the CPU, up to float32 "
+                        "rounding otherwise (default: all T at once)")
+
+
 def _add_conversion_args(p):
     p.add_argument("--neuron", choices=["mprn", "if"], default=CONVERSION_DEFAULTS["neuron"],
                    help="spiking neuron: mprn (membrane potential reuse, default) or if")
@@ -283,6 +292,7 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
         layers = "" if method is None else f", layer calibration: {method}"
         origin = (f"converted ANN ({args.neuron}, p{args.percentile:g}, v0={args.v0}{layers}, "
                   f"calibrated on {len(calib)} built-in images, not fine-tuned)")
+    snn.step_chunk = getattr(args, "step_chunk", None)  # restore and evaluate's --step-chunk
     return for_inference(snn, args.backend), origin
 
 
@@ -359,6 +369,7 @@ def _add_evaluate(sub):
                    help="write the paper-style table (Markdown)")
     p.add_argument("--figures", default=None, help="folder for side-by-side PNGs and PSNR-vs-T")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default) or cuda")
+    _add_step_chunk_arg(p)
     _add_amp_arg(p, "both networks")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_evaluate))
@@ -493,6 +504,7 @@ def _add_restore(sub):
                         f"on the CPU bit for bit, otherwise up to float32 rounding) to bound memory: the "
                         f"DnCNN SNN holds ~3 GB per megapixel per layer at T=10 (default "
                         f"{DEFAULT_TILE}; 0: the whole image at once)")
+    _add_step_chunk_arg(p)
     _add_amp_arg(p, "the SNN")
     _add_conversion_args(p)
     p.set_defaults(func=_guard(_cmd_restore))

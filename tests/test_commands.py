@@ -104,6 +104,37 @@ def test_restore_in_tiles_is_the_whole_image(files, tmp_path, capsys, task, imag
 
 @pytest.mark.parametrize("task,image,weights", [("denoise", "gray/im0.png", "dncnn.pt"),
                                                 ("dehaze", "rgb/c.png", "aod.pt")])
+def test_restore_and_evaluate_in_step_chunks(files, tmp_path, capsys, task, image, weights):
+    """--step-chunk N (the SNN's steps in chunks: memory bounded independently of T)
+    writes the image and the evaluation of all steps at once; 0 is refused."""
+    extra = ["--ann-weights", str(files / weights), "--timesteps", "3"] + \
+        (["--sigma", "25"] if task == "denoise" else [])
+    outs, reports = [], []
+    for chunk in ([], ["--step-chunk", "2"]):
+        out = tmp_path / f"r{len(outs)}.png"
+        code, _, err = run(["restore", str(files / image), "-o", str(out), "--task", task]
+                           + extra + chunk, capsys)
+        assert code == 0, err
+        outs.append(np.asarray(Image.open(out)))
+        if task == "denoise":
+            js = tmp_path / f"e{len(reports)}.json"
+            code, _, err = run(["evaluate", "--task", task, "--data", str(files / "gray"),
+                                "--json", str(js)] + extra + chunk, capsys)
+            assert code == 0, err
+            reports.append(json.loads(js.read_text())["snn"])
+    assert np.array_equal(outs[0], outs[1])
+    if reports:
+        keys = ("psnr", "ssim", "firing_rate", "energy_mj")
+        assert [{k: r.get(k) for k in keys} for r in reports[0]] == \
+            [{k: r.get(k) for k in keys} for r in reports[1]]
+        assert all(r[k] is not None for r in reports[0] for k in keys)
+    code, _, err = run(["restore", str(files / image), "-o", str(tmp_path / "x.png"), "--task",
+                        task, "--step-chunk", "0"] + extra, capsys)
+    assert code == 2 and "--step-chunk" in err and "positive integer" in err
+
+
+@pytest.mark.parametrize("task,image,weights", [("denoise", "gray/im0.png", "dncnn.pt"),
+                                                ("dehaze", "rgb/c.png", "aod.pt")])
 def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weights):
     """--amp (bf16 autocast, channels-last, the SNN's convs on F.conv2d): an image
     close to the exact one, and evaluate's figures close to the exact ones."""

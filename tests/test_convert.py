@@ -571,6 +571,74 @@ def test_float64_spike_conv_snn_computes_in_float64():
     assert float((out - ref).abs().max()) < 1e-12
 
 
+@pytest.mark.parametrize("arch", ["dncnn", "aodnet"])
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_step_chunks_compute_the_unchunked_forward(arch, neuron):
+    """step_chunk = N runs every layer over N steps before the next chunk, each
+    neuron starting from the potential the chunk before left (the MPRN reuse
+    step ends the last chunk): the same spikes, statistics and final potential as
+    all steps at once. The output is bit for bit the same when the last layer
+    emits masks (its spikes are counted, exact) and when N >= T (one chunk:
+    today's path); with spike values it is up to float rounding (their sum over
+    the steps is summed chunk by chunk). spike_conv2d on float spikes ("values")
+    picks its dense or event path by the firing rate of what it is given, a
+    chunk's here: the potentials are equal up to float rounding there."""
+    ann, c = (tiny_dncnn(), 1) if arch == "dncnn" else (tiny_aodnet(), 3)
+    x = images(c, n=2, size=13, seed=5)
+    snn = to_snn(ann, x, 5, neuron=neuron, backend="cpp").record_stats()
+    x = torch.cat(x)
+    modes = ("dense", "values", "masks") if arch == "dncnn" else ("dense",)
+    for mode in modes:
+        if arch == "dncnn":
+            snn.use_spike_conv(mode != "dense", backend="cpp", masks=mode == "masks")
+        snn.step_chunk = None
+        with torch.no_grad():
+            ref = snn(x)
+        ref_stats, ref_v = snn.stats, snn.neurons_[-1].v_final
+        assert 0 < snn.firing_rate() < 1
+        for n in (1, 2, 3, 5, 8):  # 2 and 3 do not divide T = 5
+            snn.step_chunk = n
+            with torch.no_grad():
+                out = snn(x)
+            assert snn.stats == ref_stats, (mode, n)
+            v = snn.neurons_[-1].v_final
+            assert torch.equal(v, ref_v) if mode != "values" or n >= 5 else \
+                torch.allclose(v, ref_v, rtol=0, atol=1e-6), (mode, n)
+            if mode == "masks" or n >= 5:
+                assert torch.equal(out, ref), (mode, n)
+            else:
+                assert torch.allclose(out, ref, rtol=0, atol=1e-6), (mode, n)
+    assert "step_chunk=8" in repr(snn)
+    for bad in (0, -1, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="step_chunk: expected None or an int >= 1"):
+            snn.step_chunk = bad
+
+
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_step_chunks_with_autograd_give_the_unchunked_gradients(neuron):
+    """With autograd the chunks chain through each neuron's start potential (v0
+    carries the gradient back to the chunk before): the same gradients and
+    energy estimate (track_energy: summed per chunk) up to float rounding."""
+    snn, x = dyadic_snn(neuron, 4, seed=8)
+    snn.track_energy()
+    got = []
+    for n in (None, 1, 3):
+        snn.step_chunk = n
+        snn.zero_grad()
+        y = snn(x)
+        (y.square().sum() + snn.energy_ratio).backward()
+        got.append((y.detach(), float(snn.energy_ratio.detach()),
+                    {k: p.grad.clone() for k, p in snn.named_parameters()}))
+    (ref, ref_energy, ref_grads), *chunked = got
+    assert ref_energy > 0
+    for out, energy, grads in chunked:
+        assert torch.allclose(out, ref, rtol=0, atol=1e-6)
+        assert energy == pytest.approx(ref_energy, rel=1e-6)
+        for k in ref_grads:
+            assert torch.allclose(grads[k], ref_grads[k], rtol=1e-5, atol=1e-6), k
+    assert any(g.abs().sum() > 0 for k, g in ref_grads.items() if "theta" in k)
+
+
 @pytest.mark.parametrize("arch", ["dncnn", "dncnn-masks", "aodnet"])
 def test_one_snn_serves_calls_that_interleave(arch):
     """Threads sharing one SNN: another call that runs between a forward's neurons

@@ -651,6 +651,33 @@ def test_stateful_neuron_in_chunks_and_tensor_alpha_moves_with_the_module():
     assert torch.equal(net.to_empty(device="cpu")[0].alpha, torch.tensor([2.0, 4.0, 8.0]))
 
 
+@pytest.mark.parametrize("emit", ["values", "masks"])
+@pytest.mark.parametrize("cls", [IFNeuron, MPRNeuron])
+def test_module_continues_from_a_given_start_potential(cls, emit):
+    """forward(v0=...) starts from the given potential instead of v_init (the SNNs'
+    step chunks: each chunk starts where the one before left), and an MPRNeuron with
+    reuse_step=False runs IF steps only: chunks give the whole run's spikes and
+    final potential bit for bit, the reuse step ending the last chunk."""
+    n = cls(0.3, num_channels=3, v_init="half", backend="cpp")
+    x = torch.randn(6, 2, 3, 4, 5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = n(x, emit=emit)
+        v_whole = n.v_final
+        parts, v = [], None
+        reuse = cls is MPRNeuron  # its x holds 5 IF steps and the reuse step
+        for a, b in ((0, 2), (2, 3), (3, 6)):
+            kw = {"reuse_step": False} if reuse and b < 6 else {}
+            out = []
+            parts.append(n(x[a:b], emit=emit, v0=v, v_final_out=out, **kw))
+            v = out[0]
+    dense = [p.to_dense() if emit == "masks" else p for p in parts]
+    assert torch.equal(torch.cat(dense), whole.to_dense() if emit == "masks" else whole)
+    assert torch.equal(v, v_whole) and torch.equal(n.v_final, v_whole)
+    if reuse:
+        with pytest.raises(TypeError, match="reuse_step: expected True or False"):
+            n(x, reuse_step=None)
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("cls", [IFNeuron, MPRNeuron])
 def test_checkpoint_recomputes_stateless_neurons_and_refuses_stateful_ones(cls, use_reentrant):

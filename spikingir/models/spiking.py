@@ -22,6 +22,21 @@ module's (one network per thread there).
 After a forward the neurons' ``v_final`` hold values without the autograd
 graph (a stateful neuron's is left as it is): the graph lives as long as the output.
 
+``step_chunk = N`` runs the T steps in chunks of N: every layer runs steps
+[k, k + N) before the next chunk starts, each neuron continuing from the
+potential the chunk before left (the neurons' ``v0``); the MPRN reuse step ends
+the last chunk. Memory then holds N steps' currents and one potential per neuron
+layer instead of T (+1) steps' currents: it no longer grows with T, but a
+potential per layer costs about a step's current each, so chunks save memory
+only once T (+1) exceeds the number of neuron layers (16 in DnCNN) plus N and a
+few. The same spikes, potentials and statistics (integers) as all at once; the
+output bit for bit when the last layer emits masks (the shipped denoising SNNs
+with ``for_inference``: spike counts are summed, exact), up to float rounding
+otherwise (the read-out's sum of spike values over the steps is summed per
+chunk: ~1e-7). Hooks run once per chunk, on its steps. ``energy_ratio`` is the
+sum of the chunks' (up to rounding); with autograd the gradients are the
+unchunked ones up to that rounding, but the graph keeps every chunk's tensors.
+
 ``record_stats()`` turns on counting of spikes and synaptic operations (for
 firing rates and energy); ``stats`` then holds them for the last forward.
 ``track_energy()`` makes each forward also leave ``energy_ratio``: a
@@ -97,9 +112,38 @@ class _SpikingNet(nn.Module):
         self.stats = None
         self._track_energy = False
         self.energy_ratio = None
+        self.step_chunk = None
         #: what :func:`spikingir.pipeline.save_snn` records besides the state
         #: (``to_snn`` sets ``ann_fingerprint``; ``load_snn`` the file's record)
         self.meta = {}
+
+    @property
+    def step_chunk(self):
+        """Steps per chunk (see the module docstring), or None: all T at once."""
+        return self.__dict__.get("_step_chunk")  # networks pickled before it: None
+
+    @step_chunk.setter
+    def step_chunk(self, n):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"step_chunk: expected None or an int >= 1, got {n!r}")
+        self._step_chunk = n
+
+    def _chunks(self):
+        """The chunks of a forward as (IF steps, steps) pairs: the T IF steps in
+        chunks of ``step_chunk`` (the last one shorter when N does not divide T),
+        and the MPRN reuse step, which follows the T IF steps, at the end of the
+        last chunk. One chunk, (T, steps), without ``step_chunk`` or when it is >= T."""
+        T, n = self.timesteps, self.step_chunk or self.timesteps
+        sizes = [min(n, T - k) for k in range(0, T, n)]
+        return [(t, t) for t in sizes[:-1]] + [(sizes[-1], sizes[-1] + self.steps - T)]
+
+    def _neuron(self, neuron, x, T, v0, **kwargs):
+        """``neuron`` on one chunk: ``x`` holds T IF steps (and the reuse step after
+        them when it has more), started from ``v0``, the potential the chunk before
+        left (None: the neuron's own start)."""
+        if isinstance(neuron, MPRNeuron):
+            kwargs["reuse_step"] = x.shape[0] > T
+        return neuron(x, v0=v0, **kwargs)
 
     @property
     def steps(self):
@@ -118,12 +162,14 @@ class _SpikingNet(nn.Module):
         return self
 
     def extra_repr(self):
+        chunk = "" if self.step_chunk is None else f", step_chunk={self.step_chunk}"
         return (f"timesteps={self.timesteps}, neuron_kind={self.neuron_kind!r}, "
-                f"recycling={self.recycling}, readout_clamp={self.readout_clamp!r}")
+                f"recycling={self.recycling}, readout_clamp={self.readout_clamp!r}{chunk}")
 
-    def _spike_total(self, neuron, y):
+    def _spike_total(self, neuron, y, T=None):
         """Spikes of one layer over all its neurons and steps, a differentiable
-        scalar: ``y`` holds ``theta * s`` (IF steps) and ``beta * s`` (reuse
+        scalar: ``y`` holds T IF steps (default: the network's; and the reuse step
+        when it has more), ``theta * s`` (IF steps) and ``beta * s`` (reuse
         step) when the neuron scales its output, else ``s``. Each channel's
         values are summed first and then divided by that channel's spike size:
         the same value and gradients as dividing every element, without
@@ -132,7 +178,7 @@ class _SpikingNet(nn.Module):
         if not neuron.scale_output:
             return y.sum().float()
 
-        T = self.timesteps
+        T = self.timesteps if T is None else T
         theta = neuron.effective_theta()
         # Sums per step (and channel, for per-channel sizes): slicing this small
         # tensor keeps slice gradients off the [steps, B, C, H, W] one. Summed in
@@ -166,19 +212,38 @@ class _SpikingNet(nn.Module):
             return None
         return (_per_channel(neuron.effective_theta()) / 2).expand(like.shape)
 
-    def _rate(self, neuron, y, v_final):
-        """The read-out rate of ``neuron``'s spikes ``y`` and final potential
-        ``v_final`` (that call's, see the module docstring on threads)."""
+    @staticmethod
+    def _spike_sum(y, T, acc=None):
+        """``acc`` plus the spikes ``y`` of one chunk (T IF steps, and the reuse
+        step when it has more) summed over its steps, what the read-out needs of
+        them: SpikeMasks as their counts, [IF steps, reuse step or None] (integers,
+        exact in float32: the chunks add up to the whole run's bit for bit), values
+        as their sum [1, B, C, H, W] (one chunk: the sum of all steps at once)."""
         if isinstance(y, ops.SpikeMasks):
+            part = [y[:T].counts(0), y[T:].counts(0) if y.shape[0] > T else None]
+            if acc is None:
+                return part
+            acc[0] += part[0]  # in place (masks are inference only): no new tensor per chunk
+            return [acc[0], part[1]]  # the reuse step is the last chunk's
+        part = y.sum(0, keepdim=True)
+        return part if acc is None else acc + part
+
+    def _rate(self, neuron, total, v_final):
+        """The read-out rate of ``neuron``'s spikes ``total`` (those of all steps, a
+        tensor or SpikeMasks, or their sum from :meth:`_spike_sum`) and final
+        potential ``v_final`` (that call's, see the module docstring on threads)."""
+        if isinstance(total, ops.SpikeMasks):
+            total = self._spike_sum(total, self.timesteps)
+        if isinstance(total, list):
             # the values the neuron would have emitted, summed over the steps:
             # theta per IF-step spike, beta per reuse-step spike
-            T = self.timesteps
-            total = y[:T].counts(0) * _per_channel(neuron.effective_theta())
-            if y.shape[0] > T:
-                total = total + y[T:].counts(0) * _per_channel(neuron.beta)
+            counts, reuse = total
+            total = counts * _per_channel(neuron.effective_theta())
+            if reuse is not None:
+                total = total + reuse * _per_channel(neuron.beta)
             # counts are float32; the emitted values would have the layer's dtype
-            y = total.unsqueeze(0).to(neuron.theta.dtype)  # one "step" holding the sum
-        return spike_rate(y, v_final, self._v0(neuron, v_final), self.timesteps,
+            total = total.unsqueeze(0).to(neuron.theta.dtype)  # one "step" holding the sum
+        return spike_rate(total, v_final, self._v0(neuron, v_final), self.timesteps,
                           self.recycling, self.readout_clamp)
 
     def _release_graph(self):
@@ -222,11 +287,13 @@ class _SpikingNet(nn.Module):
             self.stats = {"first_layer_macs": macs, "sops": 0, "readout_macs": 0,
                           "layers": []}
 
-    def _count(self, name, neuron, y, targets):
-        """Spikes of one layer (all steps) and the SOPs they cause in ``targets``
-        (list of (conv, channel slice) they feed)."""
+    def _count(self, name, neuron, y, targets, T=None):
+        """Spikes of one layer (all steps of a chunk: T IF steps, default the
+        network's, and the reuse step when ``y`` has more) and the SOPs they cause
+        in ``targets`` (list of (conv, channel slice) they feed); a layer's later
+        chunks add to its first's entry."""
         if self._track_energy:
-            spikes = self._spike_total(neuron, y)
+            spikes = self._spike_total(neuron, y, T)
             fan = sum(conv_mean_fanout(conv) for conv, _ in targets)  # SOPs per interior spike
             self.energy_ratio = self.energy_ratio + spikes * fan * self._energy_norm
         if not self._record:
@@ -259,9 +326,14 @@ class _SpikingNet(nn.Module):
                     sops += conv_sops(conv, full)
             neurons = y.shape[1:].numel()  # [B, C, H, W]
             self.stats["sops"] += sops
-            self.stats["layers"].append({
-                "name": name, "spikes": n_spikes, "neurons": neurons,
-                "firing_rate": n_spikes / (neurons * self.timesteps), "sops": sops})
+            layer = next((e for e in self.stats["layers"] if e["name"] == name), None)
+            if layer is None:
+                layer = {"name": name, "spikes": 0, "neurons": neurons, "firing_rate": 0.0,
+                         "sops": 0}
+                self.stats["layers"].append(layer)
+            layer["spikes"] += n_spikes
+            layer["sops"] += sops  # integers: the same totals whatever the chunks
+            layer["firing_rate"] = layer["spikes"] / (neurons * self.timesteps)
 
     def _finish_stats(self, readout_conv, rate_shape):
         if self._record and self.recycling:
@@ -384,20 +456,20 @@ class SpikingChain(_SpikingNet):
         """Whether ``conv`` (a hidden one) runs on spike_conv2d."""
         return self.spike_conv and spike_conv_supports(conv)
 
-    def _spike_values(self, neuron, s):
+    def _spike_values(self, neuron, s, T):
         """The values ``neuron`` would emit with ``scale_output`` for its 0/1 spikes
-        ``s`` [steps, B, C, H, W]: theta per IF-step spike, beta per reuse-step one,
-        in ``s``'s dtype (bf16 under autocast, as the neuron's would be)."""
+        ``s`` [steps, B, C, H, W] (T IF steps, then the reuse step when it has more):
+        theta per IF-step spike, beta per reuse-step one, in ``s``'s dtype (bf16 under
+        autocast, as the neuron's would be)."""
         theta = _per_channel(neuron.effective_theta())
-        T = self.timesteps
         if s.shape[0] > T:  # MPRN reuse step
             return torch.cat([s[:T] * theta, s[T:] * _per_channel(neuron.beta)]).to(s.dtype)
         return (s * theta).to(s.dtype)
 
-    def _conv_spikes(self, conv, s, neuron, buf=None):
+    def _conv_spikes(self, conv, s, neuron, T, buf=None):
         """``conv`` of the binary spikes ``s`` [steps, B, C, H, W] (a tensor or
-        SpikeMasks) of ``neuron``: IF steps carry ``theta`` per spike, the MPRN
-        reuse step ``beta``. SpikeMasks input (inference) writes into ``buf``
+        SpikeMasks) of ``neuron``: its T IF steps carry ``theta`` per spike, the MPRN
+        reuse step (a step after them) ``beta``. SpikeMasks input (inference) writes into ``buf``
         when it is a float32 tensor of the output's shape (see ``forward``)."""
         def folded(size):  # w[:, c] * size[c]
             return conv.weight * _per_channel(size)
@@ -419,7 +491,6 @@ class SpikingChain(_SpikingNet):
             y = buf.view(shape) if fits else torch.empty(shape, device=conv.weight.device)
             # MPRN: two weight sets written into one output, the IF steps (theta)
             # and the reuse step (beta); no correction pass, no concatenation
-            T = self.timesteps if self.neuron_kind == "mprn" else steps
             parts = ((s[:T], theta, y[:T * B]),) + \
                 (((s[T:], neuron.beta, y[T * B:]),) if steps > T else ())
             for spikes, size, out in parts:
@@ -427,11 +498,10 @@ class SpikingChain(_SpikingNet):
                                  validate=False, backend=self.spike_conv_backend, out=out)
             return y.unflatten(0, (steps, B))
         y = run(s, theta, conv.bias)  # every step as if its spikes had size theta
-        if self.neuron_kind == "mprn":
+        if s.shape[0] > T:
             # reuse step: spikes of size beta = theta + (beta - theta); adding the
             # difference in place avoids concatenating two outputs (measured on
             # the CPU: the torch.cat cost 9 % of the SNN's time)
-            T = self.timesteps
             y[T:] += run(s[T:], neuron.beta - theta, None)
         return y
 
@@ -440,9 +510,7 @@ class SpikingChain(_SpikingNet):
             raise ValueError(f"{type(self).__name__}: input must be [B, {self.conv1.in_channels}, H, W], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         self._start_stats(x, self.conv1)
-        cur = self._input_current(x)
-        # the same current every step (a view: freed when the first conv replaces it)
-        cur = cur.unsqueeze(0).expand(self.steps, *cur.shape)
+        current = self._input_current(x)
         # Inference with spike_conv2d: the hidden neurons emit channel masks
         # (1 bit per spike) that spike_conv2d reads directly (no float spikes);
         # only when a fused kernel would take them: the reference (cuDNN /
@@ -450,7 +518,7 @@ class SpikingChain(_SpikingNet):
         # The fused kernels compute in float32: a float64 network (.double()) runs
         # on float spikes, through the reference in float64.
         masks = (self.spike_conv and self.spike_masks and not torch.is_grad_enabled()
-                 and not self._track_energy and cur.dtype in ops.backends.FUSED_DTYPES
+                 and not self._track_energy and current.dtype in ops.backends.FUSED_DTYPES
                  and ops.backends.choose("spike_conv2d_masks", x.device, torch.float32,
                                          self.spike_conv_backend) != "torch")
         # With masks, a hidden conv's output is read only by the next neurons,
@@ -462,36 +530,51 @@ class SpikingChain(_SpikingNet):
         # would all be overwritten by the last layer's), nor conv1's expanded view.
         # The last neurons emit masks too: the read-out needs only their spike
         # counts, not a float [steps, B, C, H, W] of spikes beside that buffer.
-        y = buf = None
-        reusable, v_final = False, []
+        chunks = self._chunks()
+        v = [None] * len(self.neurons_)  # each layer's potential, carried to the next chunk
+        total = None  # the last layer's spikes summed over the steps (_spike_sum)
         grad = torch.is_grad_enabled()  # backward hooks run only with a backward
-        for i, neuron in enumerate(self.neurons_):
-            last = i == len(self.hidden)
-            nxt = self.mapper.conv if last else self.hidden[i].module
-            # a hooked hidden conv is called as a module, so its hooks run
-            hooked = not last and (_has_hooks(self.hidden[i], grad) or _has_hooks(nxt, grad))
-            on_spikes = not last and self._on_spike_conv(nxt)
-            fused = on_spikes and not hooked
-            y = neuron(cur, emit="masks" if masks and (fused or last) else "values",
-                       v_final_out=v_final if last else None)
-            if masks and not last and not neuron.stateful:
-                # the read-out needs the last layer's leftover potential only; one
-                # [B, C, H, W] per hidden layer kept as state was the largest
-                # memory left in this loop (16 of them: 1.2 GB per 512x512 tile)
-                neuron.v_final = None
-            self._count(f"neuron{i + 1}", neuron, y, [(nxt, slice(None))])
-            if not last:
-                buf = cur if masks and reusable and not _has_hooks(neuron) else None
-                if fused:
-                    cur = self._conv_spikes(nxt, y, neuron, buf)
-                else:  # 0/1 spikes (scale_output off for spike_conv2d) back to theta * s
-                    cur = self.hidden[i](self._spike_values(neuron, y) if on_spikes else y)
-                reusable = not hooked
-        # The last neurons' input (the conv buffer) is spent: freed here, not at
-        # return, it is not beside the read-out's temporaries (the s25 SNN, 256x256,
-        # T=10: peak RSS ~350 -> ~235 MiB above the model's)
-        del cur, buf
-        rate = self._rate(self.neurons_[-1], y, v_final[0])
+        for c, (T, steps) in enumerate(chunks):
+            # the same current every step (a view: after the last chunk's view, freed
+            # when the first conv replaces it)
+            cur = current.unsqueeze(0).expand(steps, *current.shape)
+            if c + 1 == len(chunks):
+                del current
+            y = buf = None
+            reusable = False
+            for i, neuron in enumerate(self.neurons_):
+                last = i == len(self.hidden)
+                nxt = self.mapper.conv if last else self.hidden[i].module
+                # a hooked hidden conv is called as a module, so its hooks run
+                hooked = not last and (_has_hooks(self.hidden[i], grad) or _has_hooks(nxt, grad))
+                on_spikes = not last and self._on_spike_conv(nxt)
+                fused = on_spikes and not hooked
+                out = []
+                y = self._neuron(neuron, cur, T, v[i], v_final_out=out,
+                                 emit="masks" if masks and (fused or last) else "values")
+                # the next chunk starts from this one's potential; after the last
+                # chunk the read-out needs the last layer's only
+                v[i] = out[0] if last or c + 1 < len(chunks) else None
+                if masks and not last and not neuron.stateful:
+                    # one [B, C, H, W] per hidden layer kept as state was the largest
+                    # memory left in this loop (16 of them: 1.2 GB per 512x512 tile)
+                    neuron.v_final = None
+                self._count(f"neuron{i + 1}", neuron, y, [(nxt, slice(None))], T)
+                if not last:
+                    buf = cur if masks and reusable and not _has_hooks(neuron) else None
+                    if fused:
+                        cur = self._conv_spikes(nxt, y, neuron, T, buf)
+                    else:  # 0/1 spikes (scale_output off for spike_conv2d) back to theta * s
+                        cur = self.hidden[i](self._spike_values(neuron, y, T) if on_spikes
+                                             else y)
+                    reusable = not hooked
+            # The last neurons' input (the conv buffer) is spent: freed here, not at
+            # return, it is not beside the read-out's temporaries (the s25 SNN, 256x256,
+            # T=10: peak RSS ~350 -> ~235 MiB above the model's)
+            del cur, buf
+            total = self._spike_sum(y, T, total)
+            del y
+        rate = self._rate(self.neurons_[-1], total, v[-1])
         self._release_graph()
         self._finish_stats(self.mapper.conv, tuple(rate.shape))
         out = self.mapper(rate)
@@ -566,23 +649,33 @@ class SpikingAODNet(_SpikingNet):
         n1, n2, n3, n4 = self.neurons_
         c2, c3, c4, c5 = (self.conv2.module, self.conv3.module, self.conv4.module,
                           self.mapper.conv)
-        def add_offsets(cur, conv, sl):  # cur + conv(m) (same map for every step and image)
-            shift = self._offset_map(conv, sl, x.shape)
+        def add_offsets(cur, shift):  # cur + conv(m) (same map for every step and image)
             return cur if shift is None else cur + shift
 
         c1 = self._input_current(x)
-        v = []  # this call's final potentials of n1..n4 (the module docstring on threads)
-        y1 = n1(c1.unsqueeze(0).expand(self.steps, *c1.shape), v_final_out=v)
-        y2 = n2(add_offsets(self.conv2(y1), c2, slice(0, 3)), v_final_out=v)
-        y3 = n3(add_offsets(self.conv3(torch.cat([y1, y2], 2)), c3, slice(0, 6)), v_final_out=v)
-        y4 = n4(add_offsets(self.conv4(torch.cat([y2, y3], 2)), c4, slice(3, 9)), v_final_out=v)
-        self._count("x1", n1, y1, [(c2, slice(0, 3)), (c3, slice(0, 3)), (c5, slice(0, 3))])
-        self._count("x2", n2, y2, [(c3, slice(3, 6)), (c4, slice(0, 3)), (c5, slice(3, 6))])
-        self._count("x3", n3, y3, [(c4, slice(3, 6)), (c5, slice(6, 9))])
-        self._count("x4", n4, y4, [(c5, slice(9, 12))])
-        rates = torch.cat([self._rate(n, y, vf) for n, y, vf in
-                           zip(self.neurons_, (y1, y2, y3, y4), v)], 1)
+        # conv(m) of the convs that read the spikes: once, whatever the chunks
+        s2, s3, s4 = (self._offset_map(conv, sl, x.shape) for conv, sl in
+                      ((c2, slice(0, 3)), (c3, slice(0, 6)), (c4, slice(3, 9))))
+        v = [None] * 4  # this call's potentials of n1..n4 (the module docstring on threads)
+        totals = [None] * 4  # their spikes summed over the steps (_spike_sum)
+        for T, steps in self._chunks():
+            vf = []  # this chunk's final potentials, where the next one starts
+            y1 = self._neuron(n1, c1.unsqueeze(0).expand(steps, *c1.shape), T, v[0],
+                              v_final_out=vf)
+            y2 = self._neuron(n2, add_offsets(self.conv2(y1), s2), T, v[1], v_final_out=vf)
+            y3 = self._neuron(n3, add_offsets(self.conv3(torch.cat([y1, y2], 2)), s3), T, v[2],
+                              v_final_out=vf)
+            y4 = self._neuron(n4, add_offsets(self.conv4(torch.cat([y2, y3], 2)), s4), T, v[3],
+                              v_final_out=vf)
+            v = vf
+            self._count("x1", n1, y1, [(c2, slice(0, 3)), (c3, slice(0, 3)), (c5, slice(0, 3))], T)
+            self._count("x2", n2, y2, [(c3, slice(3, 6)), (c4, slice(0, 3)), (c5, slice(3, 6))], T)
+            self._count("x3", n3, y3, [(c4, slice(3, 6)), (c5, slice(6, 9))], T)
+            self._count("x4", n4, y4, [(c5, slice(9, 12))], T)
+            totals = [self._spike_sum(y, T, t) for y, t in zip((y1, y2, y3, y4), totals)]
+            del y1, y2, y3, y4
+        rates = torch.cat([self._rate(n, t, vf) for n, t, vf in zip(self.neurons_, totals, v)], 1)
         self._release_graph()
         self._finish_stats(self.mapper.conv, tuple(rates.shape))
-        k = torch.relu(add_offsets(self.mapper(rates), c5, slice(0, 12)))
+        k = torch.relu(add_offsets(self.mapper(rates), self._offset_map(c5, slice(0, 12), x.shape)))
         return torch.relu(k * x - k + 1.0)

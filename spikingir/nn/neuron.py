@@ -140,9 +140,11 @@ class _MultiStepNeuron(nn.Module):
         """The threshold the neuron uses: ``max(theta, theta_floor)``."""
         return torch.maximum(self.theta, self.theta_floor)
 
-    def _step_params(self, x_seq):
-        """(v0, alpha) for one call on ``x_seq``."""
-        if self.stateful and self.v_final is not None:
+    def _step_params(self, x_seq, v0=None):
+        """(v0, alpha) for one call on ``x_seq``; a given ``v0`` is the start."""
+        if v0 is not None:
+            pass  # the caller's start potential: a call that continues an earlier one
+        elif self.stateful and self.v_final is not None:
             if not torch.compiler.is_compiling() and _in_backward():
                 # Called while autograd runs a backward: torch.utils.checkpoint recomputing
                 # the block. The recomputation would start from the state the first run
@@ -186,9 +188,9 @@ class _MultiStepNeuron(nn.Module):
         if hasattr(self, "beta"):
             check_values("beta", self.beta, positive=False)
 
-    def _kwargs(self, x_seq):
+    def _kwargs(self, x_seq, v0=None):
         self._check_params()
-        v0, alpha = self._step_params(x_seq)
+        v0, alpha = self._step_params(x_seq, v0)
         return dict(v0=v0, surrogate=self.surrogate, alpha=alpha, detach_reset=self.detach_reset,
                     scale_output=self.scale_output, save_dtype=self.save_dtype,
                     backend=self.backend, validate=False)
@@ -224,12 +226,16 @@ class IFNeuron(_MultiStepNeuron):
     """Integrate-and-fire neuron with soft reset: ``[T, B, ...]`` in, spikes
     (``theta * s``, or ``s`` with ``scale_output=False``) out."""
 
-    def forward(self, x_seq, emit="values", v_final_out=None):
+    def forward(self, x_seq, emit="values", v_final_out=None, v0=None):
         """``emit="masks"``: the spikes as :class:`~spikingir.ops.SpikeMasks`
         (inference only; see :func:`spikingir.ops.if_multistep`). ``v_final_out``:
-        None or a list that this call's ``v_final`` is appended to."""
+        None or a list that this call's ``v_final`` is appended to. ``v0``: the
+        potential to start from instead of ``v_init`` (or a stateful neuron's kept
+        state), e.g. the ``v_final`` of a call on the steps before these: the steps
+        in chunks give the same spikes and potentials as all at once (the SNNs'
+        ``step_chunk``)."""
         y, v_final = ops.if_multistep(x_seq, self.effective_theta(), emit=emit,
-                                      **self._kwargs(x_seq))
+                                      **self._kwargs(x_seq, v0))
         return self._keep(y, v_final, v_final_out)
 
 
@@ -256,13 +262,20 @@ class MPRNeuron(_MultiStepNeuron):
         self._add_param("beta", self.theta.detach() if beta is None else beta)
         self.reuse_alpha = reuse_alpha
 
-    def forward(self, x_seq, emit="values", v_final_out=None):
+    def forward(self, x_seq, emit="values", v_final_out=None, v0=None, reuse_step=True):
         """``emit="masks"``: the spikes as :class:`~spikingir.ops.SpikeMasks`
-        (inference only; see :func:`spikingir.ops.mprn_multistep`). ``v_final_out``:
-        as :meth:`IFNeuron.forward`."""
+        (inference only; see :func:`spikingir.ops.mprn_multistep`). ``v_final_out``
+        and ``v0``: as :meth:`IFNeuron.forward`. ``reuse_step=False``: ``x_seq``
+        holds IF steps only (the T IF steps run in chunks: every chunk but the
+        last, which ends with the reuse step)."""
+        check_flags(reuse_step=reuse_step)
+        if not reuse_step:
+            y, v_final = ops.if_multistep(x_seq, self.effective_theta(), emit=emit,
+                                          **self._kwargs(x_seq, v0))
+            return self._keep(y, v_final, v_final_out)
         y, v_final = ops.mprn_multistep(x_seq, self.effective_theta(), self.beta,
                                         reuse_alpha=self.reuse_alpha, emit=emit,
-                                        **self._kwargs(x_seq))
+                                        **self._kwargs(x_seq, v0))
         return self._keep(y, v_final, v_final_out)
 
     def extra_repr(self):
