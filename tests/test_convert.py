@@ -615,6 +615,34 @@ def test_step_chunks_compute_the_unchunked_forward(arch, neuron):
 
 
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_hooks_run_once_per_step_chunk_on_its_steps(neuron):
+    """With step_chunk, a neuron's forward hook runs once per chunk and sees that
+    chunk's input currents: kept (not copied) by the hook, they are not
+    overwritten by later layers or chunks (the masks path reuses conv buffers),
+    and put together they are the currents of all steps at once."""
+    snn, x = dyadic_snn(neuron, 5, seed=9)
+    snn.use_spike_conv(True, backend="cpp", masks=True)
+
+    def run(n):
+        snn.step_chunk = n
+        held = [[] for _ in snn.neurons_]
+        hooks = [m.register_forward_hook(lambda m, i, o, k=k: held[k].append(i[0]))
+                 for k, m in enumerate(snn.neurons_)]
+        with torch.no_grad():
+            out = snn(x)
+        for h in hooks:
+            h.remove()
+        return held, out
+
+    (whole, ref), (parts, out) = run(None), run(2)
+    assert torch.equal(out, ref)
+    steps = [2, 2, 1 + (neuron == "mprn")]  # T = 5 in chunks of 2; the reuse step last
+    for k, (a, b) in enumerate(zip(whole, parts)):
+        assert [t.shape[0] for t in b] == steps, k
+        assert torch.equal(torch.cat(b), a[0]), f"neuron {k}: a chunk's kept input changed"
+
+
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_step_chunks_with_autograd_give_the_unchunked_gradients(neuron):
     """With autograd the chunks chain through each neuron's start potential (v0
     carries the gradient back to the chunk before): the same gradients and
