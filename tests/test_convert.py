@@ -574,10 +574,10 @@ def test_float64_spike_conv_snn_computes_in_float64():
 @pytest.mark.parametrize("arch", ["dncnn", "aodnet"])
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_step_chunks_compute_the_unchunked_forward(arch, neuron):
-    """step_chunk = N runs every layer over N steps before the next chunk, each
-    neuron starting from the potential the chunk before left (the MPRN reuse
-    step ends the last chunk): the same spikes, statistics and final potential as
-    all steps at once. The output is bit for bit the same when the last layer
+    """step_chunk = N runs each layer's steps N at a time (the layers one after
+    another), each chunk starting from the potential the chunk before left (the
+    MPRN reuse step ends the last chunk): the same spikes, statistics and final
+    potential as all steps at once. The output is bit for bit the same when the last layer
     emits masks (its spikes are counted, exact) and when N >= T (one chunk:
     today's path); with spike values it is up to float rounding (their sum over
     the steps is summed chunk by chunk). spike_conv2d on float spikes ("values")
@@ -619,27 +619,78 @@ def test_hooks_run_once_per_step_chunk_on_its_steps(neuron):
     """With step_chunk, a neuron's forward hook runs once per chunk and sees that
     chunk's input currents: kept (not copied) by the hook, they are not
     overwritten by later layers or chunks (the masks path reuses conv buffers),
-    and put together they are the currents of all steps at once."""
+    and put together they are the currents of all steps at once. Layer after
+    layer: every chunk of a layer runs before the next layer's first."""
     snn, x = dyadic_snn(neuron, 5, seed=9)
     snn.use_spike_conv(True, backend="cpp", masks=True)
 
     def run(n):
         snn.step_chunk = n
-        held = [[] for _ in snn.neurons_]
-        hooks = [m.register_forward_hook(lambda m, i, o, k=k: held[k].append(i[0]))
+        held, order = [[] for _ in snn.neurons_], []
+        hooks = [m.register_forward_hook(
+                     lambda m, i, o, k=k: (held[k].append(i[0]), order.append(k)) and None)
                  for k, m in enumerate(snn.neurons_)]
         with torch.no_grad():
             out = snn(x)
         for h in hooks:
             h.remove()
-        return held, out
+        return held, out, order
 
-    (whole, ref), (parts, out) = run(None), run(2)
+    (whole, ref, _), (parts, out, order) = run(None), run(2)
     assert torch.equal(out, ref)
     steps = [2, 2, 1 + (neuron == "mprn")]  # T = 5 in chunks of 2; the reuse step last
+    assert order == [k for k in range(len(snn.neurons_)) for _ in steps]
     for k, (a, b) in enumerate(zip(whole, parts)):
         assert [t.shape[0] for t in b] == steps, k
         assert torch.equal(torch.cat(b), a[0]), f"neuron {k}: a chunk's kept input changed"
+
+
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_step_chunks_hold_one_potential_and_one_chunk_of_currents(neuron, monkeypatch):
+    """What makes step chunks save memory at any T (masks inference): every hidden
+    spike_conv2d writes into one buffer of the largest chunk's steps (not T + 1),
+    and when a neuron runs, the only potential of the forward still alive is the
+    one it starts from (the chunk before's, of its own layer): earlier layers'
+    and chunks' potentials are freed."""
+    snn, x = dyadic_snn(neuron, 5, seed=4)
+    snn.use_spike_conv(True, backend="cpp", masks=True)
+    with torch.no_grad():
+        ref = snn(x)
+    snn.step_chunk = 2  # chunks of 2, 2 and 1 IF steps; MPRN: the last with the reuse step
+    storages, real = [], ops.spike_conv2d
+
+    def spy(*args, out=None, **kw):
+        storages.append(out.untyped_storage())
+        return real(*args, out=out, **kw)
+
+    monkeypatch.setattr(ops, "spike_conv2d", spy)
+    with torch.no_grad():
+        assert torch.equal(snn(x), ref)
+    monkeypatch.undo()
+    assert len({st.data_ptr() for st in storages}) == 1
+    B, C, H, W = x.shape[0], snn.hidden[0].module.out_channels, *x.shape[2:]
+    assert storages[0].nbytes() == 2 * B * C * H * W * 4  # 2 steps of currents
+
+    potentials = []  # (layer, weak reference to a call's final potential)
+
+    def kept(m, args, out, k):
+        v = m.v_final
+        potentials.append((k, weakref.ref(v if v._base is None else v._base)))
+
+    def starts(m, args, k):
+        alive = [layer for layer, ref in potentials if ref() is not None]
+        assert alive in ([], [k]), f"neuron {k} starts with potentials of layers {alive} alive"
+
+    hooks = [h for k, n in enumerate(snn.neurons_)
+             for h in (n.register_forward_hook(lambda m, a, o, k=k: kept(m, a, o, k)),
+                       n.register_forward_pre_hook(lambda m, a, k=k: starts(m, a, k)))]
+    try:
+        with torch.no_grad():
+            assert torch.equal(snn(x), ref)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(potentials) == 3 * len(snn.neurons_)
 
 
 @pytest.mark.parametrize("neuron", ["if", "mprn"])

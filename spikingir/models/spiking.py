@@ -3,8 +3,9 @@
 Both take and return images like their ANN. The first convolution sees the
 image, an analog constant current, so it is computed once and fed to the first
 neurons at every step. Hidden convolutions run on the spikes of all steps at
-once (``[T*B, ...]`` batches). With MPRN neurons the network runs T + 1 steps
-(T IF steps and the reuse step) and rates are averaged over T.
+once (``[T*B, ...]`` batches; N steps at a time with ``step_chunk``). With MPRN
+neurons the network runs T + 1 steps (T IF steps and the reuse step) and rates
+are averaged over T.
 
 The read-out is ``Mapper(rate)`` where ``rate`` is the last spiking layer's
 spike rate plus the recycled residual potential, kept >= 0 as ``readout_clamp``
@@ -22,20 +23,22 @@ module's (one network per thread there).
 After a forward the neurons' ``v_final`` hold values without the autograd
 graph (a stateful neuron's is left as it is): the graph lives as long as the output.
 
-``step_chunk = N`` runs the T steps in chunks of N: every layer runs steps
-[k, k + N) before the next chunk starts, each neuron continuing from the
-potential the chunk before left (the neurons' ``v0``); the MPRN reuse step ends
-the last chunk. Memory then holds N steps' currents and one potential per neuron
-layer instead of T (+1) steps' currents: it no longer grows with T, but a
-potential per layer costs about a step's current each, so chunks save memory
-only once T (+1) exceeds the number of neuron layers (16 in DnCNN) plus N and a
-few. The same spikes, potentials and statistics (integers) as all at once; the
-output bit for bit when the last layer emits masks (the shipped denoising SNNs
-with ``for_inference``: spike counts are summed, exact), up to float rounding
-otherwise (the read-out's sum of spike values over the steps is summed per
-chunk: ~1e-7). Hooks run once per chunk, on its steps. ``energy_ratio`` is the
-sum of the chunks' (up to rounding); with autograd the gradients are the
-unchunked ones up to that rounding, but the graph keeps every chunk's tensors.
+``step_chunk = N`` runs each layer's T steps in chunks of N: the layers still
+run one after another, each over all steps, but a layer computes its conv's
+currents for steps [k, k + N) only, runs its neurons on them from the potential
+the chunk before left (the neurons' ``v0``), and hands their spikes to the next
+layer, which reads every step's (the MPRN reuse step ends the last chunk). Alive
+are then N (+1) steps' currents, one potential, the spikes of the layer before
+and of this one (SpikeMasks in inference: 1/32 of a float step each; float
+spikes otherwise) instead of T (+1) steps' currents: less memory at every T
+(see the README for figures). The same spikes, potentials and statistics
+(integers) as all at once; the output bit for bit when the last layer emits
+masks (the shipped denoising SNNs with ``for_inference``: spike counts are
+summed, exact), up to float rounding otherwise (the read-out's sum of spike
+values over the steps is summed per chunk: ~1e-7). Hooks run once per chunk, on
+its steps. ``energy_ratio`` is the sum of the chunks' (up to rounding); with
+autograd the gradients are the unchunked ones up to that rounding, but the graph
+keeps every chunk's tensors.
 
 ``record_stats()`` turns on counting of spikes and synaptic operations (for
 firing rates and energy); ``stats`` then holds them for the last forward.
@@ -236,11 +239,16 @@ class _SpikingNet(nn.Module):
             total = self._spike_sum(total, self.timesteps)
         if isinstance(total, list):
             # the values the neuron would have emitted, summed over the steps:
-            # theta per IF-step spike, beta per reuse-step spike
+            # theta per IF-step spike, beta per reuse-step spike. In place (the
+            # counts are this call's, inference only) and taken out of the list:
+            # with step chunks the read-out is the forward's memory peak, and the
+            # counts, their scaled copies and their sum were all alive there
             counts, reuse = total
-            total = counts * _per_channel(neuron.effective_theta())
+            total.clear()
+            total = counts.mul_(_per_channel(neuron.effective_theta()))
             if reuse is not None:
-                total = total + reuse * _per_channel(neuron.beta)
+                total += reuse.mul_(_per_channel(neuron.beta))
+            del reuse
             # counts are float32; the emitted values would have the layer's dtype
             total = total.unsqueeze(0).to(neuron.theta.dtype)  # one "step" holding the sum
         return spike_rate(total, v_final, self._v0(neuron, v_final), self.timesteps,
@@ -466,11 +474,25 @@ class SpikingChain(_SpikingNet):
             return torch.cat([s[:T] * theta, s[T:] * _per_channel(neuron.beta)]).to(s.dtype)
         return (s * theta).to(s.dtype)
 
+    @staticmethod
+    def _conv_buffer(conv, s, steps, buf=None):
+        """A float32 buffer [steps, B, C_out, H', W'] for ``conv``'s output on the
+        spikes ``s`` (SpikeMasks [., B, C, H, W]) on ``conv``'s device: ``buf`` when it
+        is one (reused), else a new one."""
+        B = s.shape[1]
+        shape = (steps, B, conv.out_channels,
+                 *conv_out_hw(*s.shape[3:], *conv.kernel_size, conv.stride[0], conv.padding[0]))
+        if buf is not None and buf.shape == shape and buf.dtype == torch.float32 and \
+                buf.is_contiguous() and buf.device == conv.weight.device:
+            return buf
+        return torch.empty(shape, device=conv.weight.device)
+
     def _conv_spikes(self, conv, s, neuron, T, buf=None):
         """``conv`` of the binary spikes ``s`` [steps, B, C, H, W] (a tensor or
         SpikeMasks) of ``neuron``: its T IF steps carry ``theta`` per spike, the MPRN
-        reuse step (a step after them) ``beta``. SpikeMasks input (inference) writes into ``buf``
-        when it is a float32 tensor of the output's shape (see ``forward``)."""
+        reuse step (a step after them) ``beta``. SpikeMasks input (inference) writes
+        into the first steps of ``buf`` (a :meth:`_conv_buffer` with at least as
+        many steps; see ``forward``), or a new tensor without one."""
         def folded(size):  # w[:, c] * size[c]
             return conv.weight * _per_channel(size)
 
@@ -483,12 +505,9 @@ class SpikingChain(_SpikingNet):
         if isinstance(s, ops.SpikeMasks):
             steps, B = s.shape[:2]
             st, pad = conv.stride[0], conv.padding[0]
-            shape = (steps * B, conv.out_channels,
-                     *conv_out_hw(*s.shape[3:], *conv.kernel_size, st, pad))
-            fits = buf is not None and buf.shape == (steps, B, *shape[1:]) and \
-                buf.dtype == torch.float32 and buf.is_contiguous() and \
-                buf.device == conv.weight.device
-            y = buf.view(shape) if fits else torch.empty(shape, device=conv.weight.device)
+            if buf is None:
+                buf = self._conv_buffer(conv, s, steps)
+            y = buf[:steps].flatten(0, 1)  # contiguous: the first steps of a contiguous buffer
             # MPRN: two weight sets written into one output, the IF steps (theta)
             # and the reuse step (beta); no correction pass, no concatenation
             parts = ((s[:T], theta, y[:T * B]),) + \
@@ -521,60 +540,76 @@ class SpikingChain(_SpikingNet):
                  and not self._track_energy and current.dtype in ops.backends.FUSED_DTYPES
                  and ops.backends.choose("spike_conv2d_masks", x.device, torch.float32,
                                          self.spike_conv_backend) != "torch")
+        grad = torch.is_grad_enabled()  # backward hooks run only with a backward
+        # How each hidden conv runs: on spike_conv2d, and fused (the neurons'
+        # spikes straight in) unless hooked: a hooked one is called as a module,
+        # so its hooks run. Decided once per forward, so that every chunk of a
+        # layer hands its spikes over in one form.
+        on_spikes = [self._on_spike_conv(h.module) for h in self.hidden]
+        fused = [on and not (_has_hooks(h, grad) or _has_hooks(h.module, grad))
+                 for on, h in zip(on_spikes, self.hidden)]
+        chunks = self._chunks()  # the same in every layer: chunk k's spikes feed chunk k
+        room = max(steps for _, steps in chunks)
         # With masks, a hidden conv's output is read only by the next neurons,
-        # which are done with it before the conv after them writes: one buffer
-        # serves every layer of its shape. A fresh [steps, B, C, H, W] tensor
-        # per layer is paid again in page faults on the CPU, where glibc maps
-        # tensors this large anew each time (measured: benchmarks/RESULTS.md).
-        # Not a tensor a hook was handed (it may keep it: collected activations
-        # would all be overwritten by the last layer's), nor conv1's expanded view.
+        # which are done with it before the conv writes again: one buffer of the
+        # largest chunk's steps serves every chunk and every layer of its shape. A
+        # fresh [steps, B, C, H, W] tensor per conv call is paid again in page
+        # faults on the CPU, where glibc maps tensors this large anew each time
+        # (measured: benchmarks/RESULTS.md). Not once a hook was handed it (it may
+        # keep it: collected activations would all be overwritten by the last
+        # layer's); conv1's current is never in it.
         # The last neurons emit masks too: the read-out needs only their spike
         # counts, not a float [steps, B, C, H, W] of spikes beside that buffer.
-        chunks = self._chunks()
-        v = [None] * len(self.neurons_)  # each layer's potential, carried to the next chunk
-        total = None  # the last layer's spikes summed over the steps (_spike_sum)
-        grad = torch.is_grad_enabled()  # backward hooks run only with a backward
-        for c, (T, steps) in enumerate(chunks):
-            # the same current every step (a view: after the last chunk's view, freed
-            # when the first conv replaces it)
-            cur = current.unsqueeze(0).expand(steps, *current.shape)
-            if c + 1 == len(chunks):
-                del current
-            y = buf = None
-            reusable = False
-            for i, neuron in enumerate(self.neurons_):
-                last = i == len(self.hidden)
-                nxt = self.mapper.conv if last else self.hidden[i].module
-                # a hooked hidden conv is called as a module, so its hooks run
-                hooked = not last and (_has_hooks(self.hidden[i], grad) or _has_hooks(nxt, grad))
-                on_spikes = not last and self._on_spike_conv(nxt)
-                fused = on_spikes and not hooked
-                out = []
-                y = self._neuron(neuron, cur, T, v[i], v_final_out=out,
-                                 emit="masks" if masks and (fused or last) else "values")
-                # the next chunk starts from this one's potential; after the last
-                # chunk the read-out needs the last layer's only
-                v[i] = out[0] if last or c + 1 < len(chunks) else None
-                if masks and not last and not neuron.stateful:
-                    # one [B, C, H, W] per hidden layer kept as state was the largest
-                    # memory left in this loop (16 of them: 1.2 GB per 512x512 tile)
-                    neuron.v_final = None
-                self._count(f"neuron{i + 1}", neuron, y, [(nxt, slice(None))], T)
-                if not last:
-                    buf = cur if masks and reusable and not _has_hooks(neuron) else None
-                    if fused:
-                        cur = self._conv_spikes(nxt, y, neuron, T, buf)
+        buf = None
+        spikes = None  # the layer before's spikes, one entry per chunk (SpikeMasks or tensors)
+        for i, neuron in enumerate(self.neurons_):
+            last = i == len(self.hidden)
+            emit = "masks" if masks and (last or fused[i]) else "values"
+            nxt = self.mapper.conv if last else self.hidden[i].module
+            v = None  # the potential the chunk before left: this layer's only
+            out, total = [], None  # this layer's spikes per chunk; the last layer's sum
+            for k, (T, steps) in enumerate(chunks):
+                if i == 0:  # the same current every step (a view of conv1's)
+                    cur = current.unsqueeze(0).expand(steps, *current.shape)
+                else:
+                    s, spikes[k] = spikes[k], None  # freed once read (unless a hook kept it)
+                    if fused[i - 1] and isinstance(s, ops.SpikeMasks):
+                        buf = self._conv_buffer(self.hidden[i - 1].module, s, room, buf)
+                        cur = self._conv_spikes(self.hidden[i - 1].module, s, self.neurons_[i - 1],
+                                                T, buf)
+                    elif fused[i - 1]:
+                        cur = self._conv_spikes(self.hidden[i - 1].module, s, self.neurons_[i - 1],
+                                                T)
                     else:  # 0/1 spikes (scale_output off for spike_conv2d) back to theta * s
-                        cur = self.hidden[i](self._spike_values(neuron, y, T) if on_spikes
-                                             else y)
-                    reusable = not hooked
-            # The last neurons' input (the conv buffer) is spent: freed here, not at
-            # return, it is not beside the read-out's temporaries (the s25 SNN, 256x256,
-            # T=10: peak RSS ~350 -> ~235 MiB above the model's)
-            del cur, buf
-            total = self._spike_sum(y, T, total)
-            del y
-        rate = self._rate(self.neurons_[-1], total, v[-1])
+                        cur = self.hidden[i - 1](self._spike_values(self.neurons_[i - 1], s, T)
+                                                 if on_spikes[i - 1] else s)
+                    del s
+                vf = []
+                y = self._neuron(neuron, cur, T, v, v_final_out=vf, emit=emit)
+                v = vf.pop()  # (not kept by vf into the next layer's conv)
+                if buf is not None and (_has_hooks(neuron) or (last and k + 1 == len(chunks))):
+                    # its hooks were handed the buffer (they may keep it), or it is spent:
+                    # freed before the read-out's spike counts are made, not beside them
+                    buf = None
+                del cur
+                self._count(f"neuron{i + 1}", neuron, y, [(nxt, slice(None))], T)
+                if last:
+                    total = self._spike_sum(y, T, total)
+                else:
+                    out.append(y)
+                del y
+            if i == 0:
+                del current  # conv1's current is spent
+            if masks and not last and not neuron.stateful:
+                # one [B, C, H, W] per hidden layer kept as state was the largest
+                # memory left after the forward (16 of them: 1.2 GB per 512x512 tile)
+                neuron.v_final = None
+            spikes = out
+        # (The last neurons' input, the conv buffer, was freed once spent, not at
+        # return: it is not beside the read-out's temporaries; the s25 SNN, 256x256,
+        # T=10: peak RSS ~350 -> ~235 MiB above the model's.)
+        del spikes, out
+        rate = self._rate(self.neurons_[-1], total, v)
         self._release_graph()
         self._finish_stats(self.mapper.conv, tuple(rate.shape))
         out = self.mapper(rate)
@@ -656,24 +691,38 @@ class SpikingAODNet(_SpikingNet):
         # conv(m) of the convs that read the spikes: once, whatever the chunks
         s2, s3, s4 = (self._offset_map(conv, sl, x.shape) for conv, sl in
                       ((c2, slice(0, 3)), (c3, slice(0, 6)), (c4, slice(3, 9))))
-        v = [None] * 4  # this call's potentials of n1..n4 (the module docstring on threads)
-        totals = [None] * 4  # their spikes summed over the steps (_spike_sum)
-        for T, steps in self._chunks():
-            vf = []  # this chunk's final potentials, where the next one starts
-            y1 = self._neuron(n1, c1.unsqueeze(0).expand(steps, *c1.shape), T, v[0],
-                              v_final_out=vf)
-            y2 = self._neuron(n2, add_offsets(self.conv2(y1), s2), T, v[1], v_final_out=vf)
-            y3 = self._neuron(n3, add_offsets(self.conv3(torch.cat([y1, y2], 2)), s3), T, v[2],
-                              v_final_out=vf)
-            y4 = self._neuron(n4, add_offsets(self.conv4(torch.cat([y2, y3], 2)), s4), T, v[3],
-                              v_final_out=vf)
-            v = vf
-            self._count("x1", n1, y1, [(c2, slice(0, 3)), (c3, slice(0, 3)), (c5, slice(0, 3))], T)
-            self._count("x2", n2, y2, [(c3, slice(3, 6)), (c4, slice(0, 3)), (c5, slice(3, 6))], T)
-            self._count("x3", n3, y3, [(c4, slice(3, 6)), (c5, slice(6, 9))], T)
-            self._count("x4", n4, y4, [(c5, slice(9, 12))], T)
-            totals = [self._spike_sum(y, T, t) for y, t in zip((y1, y2, y3, y4), totals)]
-            del y1, y2, y3, y4
+        chunks = self._chunks()  # the same in every layer: chunk k's spikes feed chunk k
+
+        def layer(name, neuron, current, targets, keep=True):
+            """``neuron`` over the chunks, each from the potential the one before
+            left, on ``current(k, steps)``: (its spikes per chunk (None unless
+            ``keep``), their sum over the steps (_spike_sum), its final potential)."""
+            v, ys, total = None, [], None
+            for k, (T, steps) in enumerate(chunks):
+                vf = []  # this call's potential (the module docstring on threads)
+                y = self._neuron(neuron, current(k, steps), T, v, v_final_out=vf)
+                v = vf[0]
+                self._count(name, neuron, y, targets, T)
+                total = self._spike_sum(y, T, total)
+                if keep:
+                    ys.append(y)
+            return (ys if keep else None), total, v
+
+        # x1..x3 are read by several later convs: their spikes of every chunk are
+        # kept until the last of these has run; only each conv's currents come a
+        # chunk at a time
+        y1, t1, v1 = layer("x1", n1, lambda k, steps: c1.unsqueeze(0).expand(steps, *c1.shape),
+                           [(c2, slice(0, 3)), (c3, slice(0, 3)), (c5, slice(0, 3))])
+        c1 = None  # spent (each name is freed once its last reader has run)
+        y2, t2, v2 = layer("x2", n2, lambda k, _: add_offsets(self.conv2(y1[k]), s2),
+                           [(c3, slice(3, 6)), (c4, slice(0, 3)), (c5, slice(3, 6))])
+        y3, t3, v3 = layer("x3", n3, lambda k, _: add_offsets(
+            self.conv3(torch.cat([y1[k], y2[k]], 2)), s3), [(c4, slice(3, 6)), (c5, slice(6, 9))])
+        y1 = None
+        _, t4, v4 = layer("x4", n4, lambda k, _: add_offsets(
+            self.conv4(torch.cat([y2[k], y3[k]], 2)), s4), [(c5, slice(9, 12))], keep=False)
+        y2 = y3 = None
+        totals, v = (t1, t2, t3, t4), (v1, v2, v3, v4)
         rates = torch.cat([self._rate(n, t, vf) for n, t, vf in zip(self.neurons_, totals, v)], 1)
         self._release_graph()
         self._finish_stats(self.mapper.conv, tuple(rates.shape))
