@@ -520,6 +520,11 @@ def test_untraceable_and_odd_models_are_refused():
     snn = to_snn(ResBlocks(), images(n=1), 2)
     with pytest.raises(ValueError, match=r"input must be \[B, 1, H, W\]"):
         snn(torch.rand(1, 3, 8, 8))
+    # step chunks are the chain's and AOD-Net's: refused, not silently ignored
+    with pytest.raises(ValueError, match="step_chunk: not supported by a graph SNN"):
+        snn.step_chunk = 2
+    snn.step_chunk = None
+    assert snn.step_chunk is None
 
 
 @pytest.mark.parametrize("make, neuron, per_channel, recycling", [

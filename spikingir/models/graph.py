@@ -791,6 +791,21 @@ class SpikingGraph(_SpikingNet):
         self.spike_masks = True
         self._structure = _Structure(self.program)
 
+    @property
+    def step_chunk(self):
+        """Always None: a graph SNN runs its T steps at once."""
+        return None
+
+    @step_chunk.setter
+    def step_chunk(self, n):
+        # the chunked forward is the chain's and AOD-Net's; running a graph's
+        # steps in chunks would need its own loop (not written): refuse rather
+        # than ignore, so memory is not thought bounded when it is not
+        if n is not None:
+            raise ValueError(f"step_chunk: not supported by a graph SNN ({type(self).__name__}) "
+                             "yet; its T steps run at once (restore smaller images, or tiles "
+                             "where its network has a receptive radius)")
+
     def extra_repr(self):
         return super().extra_repr() + (f", spike_conv=True, spike_conv_backend="
                                        f"{self.spike_conv_backend!r}" if self.spike_conv else "")
@@ -900,7 +915,8 @@ class SpikingGraph(_SpikingNet):
                     i = v.sources[0][0]
                     neuron = self.neurons_[i]
                     s = v.t if isinstance(v.t, ops.SpikeMasks) else (v.t != 0).to(v.t.dtype)
-                    return _Value(SpikingChain._conv_spikes(self, conv, s, neuron), True)
+                    return _Value(SpikingChain._conv_spikes(self, conv, s, neuron, self.timesteps),
+                                  True)
                 t = conv(v.t.flatten(0, 1)).unflatten(0, v.t.shape[:2]) if seq else conv(v.t)
                 return _Value(t, seq)
             if kind == "cat":

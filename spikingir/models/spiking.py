@@ -505,8 +505,8 @@ class SpikingChain(_SpikingNet):
         if isinstance(s, ops.SpikeMasks):
             steps, B = s.shape[:2]
             st, pad = conv.stride[0], conv.padding[0]
-            if buf is None:
-                buf = self._conv_buffer(conv, s, steps)
+            if buf is None:  # (by name: SpikingGraph borrows this method)
+                buf = SpikingChain._conv_buffer(conv, s, steps)
             y = buf[:steps].flatten(0, 1)  # contiguous: the first steps of a contiguous buffer
             # MPRN: two weight sets written into one output, the IF steps (theta)
             # and the reuse step (beta); no correction pass, no concatenation
