@@ -1045,16 +1045,23 @@ def max_pooled():
 """
 
 
+def _my_net(tmp_path, name):
+    """``_MY_NET`` written to ``tmp_path/mynet.py`` and imported as module ``name``:
+    (its path, the module)."""
+    import importlib.util
+    net = tmp_path / "mynet.py"
+    net.write_text(_MY_NET)
+    spec = importlib.util.spec_from_file_location(name, net)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return net, mod
+
+
 def test_ann_module_takes_your_own_network_through_the_cli(files, tmp_path, capsys):
     """--ann-module FILE.py:FUNCTION builds your network and --ann-weights loads into it:
     convert, evaluate (against that ANN: no note about another ANN) and finetune run on
     it; each mistake is one line and exit status 2."""
-    import importlib.util
-    net = tmp_path / "mynet.py"
-    net.write_text(_MY_NET)
-    spec = importlib.util.spec_from_file_location("mynet_for_test", net)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    net, mod = _my_net(tmp_path, "mynet_for_test")
     torch.manual_seed(0)
     torch.save(mod.make().state_dict(), tmp_path / "w.pt")
     torch.save(mod.shrinks().state_dict(), tmp_path / "shrinks.pt")
@@ -1108,12 +1115,7 @@ def test_ann_module_takes_a_network_with_skips(files, tmp_path, capsys):
     graph SNN file (no layer calibration by default: it has no layer order) that
     evaluate, restore and finetune take with --snn-weights; max pooling in it is
     refused in one line before any work."""
-    import importlib.util
-    net = tmp_path / "mynet.py"
-    net.write_text(_MY_NET)
-    spec = importlib.util.spec_from_file_location("mynet_for_skips", net)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    net, mod = _my_net(tmp_path, "mynet_for_skips")
     torch.manual_seed(0)
     torch.save(mod.skips().state_dict(), tmp_path / "w.pt")
     common = ["--task", "denoise", "--sigma", "25", "--ann-module", f"{net}:skips",
