@@ -158,8 +158,8 @@ def counted_conv_macs(model: nn.Module, caller="counted_conv_macs"):
 
     def hook(mod, inputs, output):
         kh, kw = mod.kernel_size
-        if isinstance(mod, nn.ConvTranspose2d):  # every input element scatters into a window
-            macs = inputs[0].numel() * (mod.out_channels // mod.groups) * kh * kw
+        if isinstance(mod, nn.ConvTranspose2d):
+            macs = transposed_conv_macs(mod, inputs[0].numel())
         else:
             macs = output.numel() * (mod.in_channels // mod.groups) * kh * kw
         records.append((names[mod], mod, int(macs)))
@@ -173,6 +173,14 @@ def counted_conv_macs(model: nn.Module, caller="counted_conv_macs"):
     finally:
         for h in handles:
             h.remove()
+
+
+def transposed_conv_macs(conv: nn.ConvTranspose2d, in_elements: int) -> int:
+    """MACs of one call of a transposed ``conv`` on ``in_elements`` input elements
+    (batch included): every input element scatters into a ``kh x kw`` window of
+    its group's ``Cout / groups`` output channels."""
+    kh, kw = conv.kernel_size
+    return in_elements * (conv.out_channels // conv.groups) * kh * kw
 
 
 def conv_call_macs(conv: nn.Conv2d, batch: int, height: int, width: int):

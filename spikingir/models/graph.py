@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from spikingir import ops
-from spikingir.energy import E_MAC_PJ, E_SOP_PJ, conv_call_macs, conv_mean_fanout, conv_sops
+from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, conv_call_macs, conv_mean_fanout, conv_sops,
+                              transposed_conv_macs)
 from spikingir.ops.spike_conv import supports as spike_conv_supports
 
 from .chain import _SKIPPED, _numeric_padding, _plain, folded_copy, skip
@@ -707,9 +708,8 @@ def graph_from_config(cfg) -> GraphNet:
 def _layer_macs(conv, shape):
     """MACs of one call of ``conv`` (Conv2d or ConvTranspose2d) on ``shape`` [B, C, H, W]."""
     B, _, H, W = shape
-    if isinstance(conv, nn.ConvTranspose2d):  # each input element scatters into a kernel window
-        kh, kw = conv.kernel_size
-        return B * conv.in_channels * H * W * (conv.out_channels // conv.groups) * kh * kw
+    if isinstance(conv, nn.ConvTranspose2d):
+        return transposed_conv_macs(conv, B * conv.in_channels * H * W)
     return conv_call_macs(conv, B, H, W)[0]
 
 
