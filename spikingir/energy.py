@@ -46,9 +46,11 @@ when they do; ``conv_sops`` is exact for any stride.
 A converted graph (``spikingir.models.graph.SpikingGraph``: skips, pooling,
 concatenations) extends this: every conv that depends on the image through
 linear ops only counts its MACs once (the first layer's rule), a conv fed by
-spikes (a neuron layer's, concatenated or nearest-upsampled) their SOPs, and a
-per-step conv of analog values (a sum or an average of spike trains) its MACs
-at every step (``stats["analog_macs"]``).
+spikes (a neuron layer's, concatenated, nearest-upsampled, times a number, summed
+with another layer's, or averaged in windows that do not overlap: one event per
+spike, the numbers folded into the weights) their SOPs, and a per-step conv of
+analog values (spikes plus a number or the input, averages over overlapping
+windows) its MACs at every step (``stats["analog_macs"]``).
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """Converting your own CNN with skips, concatenations and functional ReLUs
 (spikingir.models.graph, through torch.fx) with to_snn: the canonical form,
 the spiking network's outputs, gradients, energy and the refusals."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -347,15 +349,15 @@ def test_static_part_runs_once():
 
 
 def test_graph_energy_counts():
-    """Average pooling of spikes is analog: the conv after it counts its MACs at
-    every step; the transposed conv and the nearest-upsampled spikes count SOPs."""
+    """Average pooling of spikes over windows that do not overlap, the transposed
+    conv and the nearest-upsampled spikes count SOPs (no analog MACs per step)."""
     ann = TinyUNet().eval()
     snn = to_snn(ann, images(), 4, neuron="if").record_stats()
     x = torch.rand(1, 1, 16, 16)
     with torch.no_grad():
         snn(x)
     st = snn.stats
-    assert st["analog_macs"] == 4 * conv_call_macs(snn.layers["e2"], 1, 8, 8)[0]
+    assert st["analog_macs"] == 0
     assert st["first_layer_macs"] == conv_call_macs(snn.layers["e1"], 1, 16, 16)[0]
     # with recycling, the read-out conv of spikes counts its MACs once, as a chain's
     # mapper does; the one of the analog branch counts them (only) once
@@ -364,6 +366,150 @@ def test_graph_energy_counts():
     assert st["sops"] > 0 and [layer["name"] for layer in st["layers"]] == \
         ["r", "r_1", "relu", "r_2"]
     assert snn.energy_mj() == snn_energy_mj(snn, x) > 0
+
+
+def _dyadic(snn):
+    """Weights, biases and thresholds on a dyadic grid (with dyadic inputs every
+    potential is exact: a sum in another order, or spike_conv2d, is bit for bit
+    the same)."""
+    with torch.no_grad():
+        for conv in snn.layers.values():
+            conv.weight.copy_((conv.weight * 16).round() / 16)
+            conv.bias.copy_((conv.bias * 16).round() / 16)
+        for n in snn.neurons():
+            n.theta.copy_(2.0 ** torch.round(torch.log2(n.theta)))
+            if hasattr(n, "beta"):
+                n.beta.copy_(n.theta * 0.5)
+    return snn
+
+
+class _Scaled(nn.Module):
+    """Spikes times and divided by numbers before the convs that read them (per
+    step and in the read-out); ``fold``: the numbers in those convs' weights."""
+
+    def __init__(self, fold=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.c3, self.fold = nn.Conv2d(6, 1, 3, padding=1), fold
+        if fold:
+            with torch.no_grad():
+                self.c2.weight *= 0.5
+                self.c3.weight /= -4
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        g = F.relu(self.c2(h if self.fold else 0.5 * h))
+        return x - self.c3(g if self.fold else -g / 4)
+
+
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+@pytest.mark.parametrize("recycling", [True, False])
+def test_scaled_spikes_count_as_the_folded_weights(neuron, recycling):
+    """A spike times a number is still one event (the number folds into the
+    weights of the conv that reads it): ``0.5 * h`` and ``-g / 4`` count the
+    SOPs, energy estimate and outputs of the same network with the numbers in
+    the next convs' weights, and the per-step conv runs on spike_conv2d with the
+    number folded in (found: they were analog MACs at every step and no SOPs, the
+    energy estimate 0 instead of 0.077 for the IF net at T=4)."""
+    calib, x = images(), images(n=1, seed=7)[0]
+    a, b = (to_snn(_Scaled(fold).eval(), calib, 4, neuron=neuron, recycling=recycling)
+            for fold in (False, True))
+    with torch.no_grad():
+        a.record_stats(), b.record_stats()
+        assert torch.equal(a(x), b(x))
+        assert a.stats == b.stats and a.stats["sops"] > 0 and a.stats["analog_macs"] == 0
+        a.record_stats(False), b.record_stats(False)
+    a.track_energy(), b.track_energy()
+    a(x), b(x)
+    assert float(a.energy_ratio.detach()) == float(b.energy_ratio.detach()) > 0
+    a.track_energy(False), b.track_energy(False)
+    with torch.no_grad():  # float spikes in both (b's h could go over as masks, a's not)
+        a.use_spike_conv(True, backend="cpp", masks=False)
+        b.use_spike_conv(True, backend="cpp", masks=False)
+        assert "spikingir::spike_conv2d_fwd" in ran_ops(lambda: a(x))
+        assert torch.equal(a(x), b(x))
+
+
+class _Summed(nn.Module):
+    """A sum of two layers' spike trains read per step, and a difference read
+    by the read-out; ``split``: each train through its own conv (the sums'
+    convs, one without its bias)."""
+
+    def __init__(self, split=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 1, 3, padding=1)
+        self.split = split
+        if split:
+            self.c3b = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+            self.c4b = nn.Conv2d(6, 1, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        h1 = F.relu(self.c1(x))
+        h2 = F.relu(self.c2(h1))
+        if self.split:
+            h3 = F.relu(self.c3(h1) + self.c3b(h2))
+            return x - (self.c4(h2) + self.c4b(h3))
+        h3 = F.relu(self.c3(h1 + h2))
+        return x - self.c4(h2 - h3)
+
+
+class _Pooled(nn.Module):
+    """A conv on the 2x2 averages of spikes (``stride=1``: windows that overlap);
+    ``fold``: a conv on the spikes that computes the same (set its weights)."""
+
+    def __init__(self, stride=2, fold=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        if fold:
+            self.c2 = nn.Conv2d(6, 6, 6, stride=2, padding=2)
+        self.c3, self.stride, self.fold = nn.Conv2d(6, 1, 1), stride, fold
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        return self.c3(F.relu(self.c2(h if self.fold else F.avg_pool2d(h, 2, self.stride))))
+
+
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_summed_and_pooled_spikes_count_sops(neuron):
+    """conv(h1 + h2) = conv(h1) + conv(h2) without a second bias: the SOPs of both
+    layers' spikes, as the network with a conv per train counts them; a conv on
+    averages of spikes over windows that do not overlap is a conv on the spikes
+    (weights / 4, kernel 6, stride 2): its SOPs. Dyadic values make both forms
+    exact, so they give the same spikes. The sum is not one layer's spikes, so
+    it is not run on spike_conv2d (found: both counted analog MACs at every step,
+    the sum's read-out its MACs without recycling)."""
+    calib = images()
+    x = (images(n=1, seed=7)[0] * 16).round() / 16
+    a, b = (_dyadic(to_snn(_Summed(split).eval(), calib, 4, neuron=neuron, recycling=False))
+            for split in (False, True))
+    p, q = (_dyadic(to_snn(_Pooled(fold=fold).eval(), calib, 4, neuron=neuron, recycling=False))
+            for fold in (False, True))
+    with torch.no_grad():
+        for one, two in ((a, b), (p, q)):
+            for n, m in zip(one.neurons(), two.neurons(), strict=True):
+                m.load_state_dict(n.state_dict())
+        b.layers["c3b"].weight.copy_(a.layers["c3"].weight)
+        b.layers["c4b"].weight.copy_(-a.layers["c4"].weight)
+        q.layers["c2"].weight.copy_(
+            p.layers["c2"].weight.repeat_interleave(2, 2).repeat_interleave(2, 3) / 4)
+        for name in ("c1", "c3"):
+            q.layers[name].load_state_dict(p.layers[name].state_dict())
+        q.layers["c2"].bias.copy_(p.layers["c2"].bias)
+    with torch.no_grad():
+        for one, two in ((a, b), (p, q)):
+            one.record_stats(), two.record_stats()
+            assert torch.equal(one(x), two(x))
+            assert one.stats == two.stats and one.stats["analog_macs"] == 0, (one.stats, two.stats)
+            one.use_spike_conv(True, backend="cpp").record_stats(False)
+            assert torch.equal(one(x), two(x))  # the sum stays dense: still exact
+        # overlapping windows: analog, the conv's MACs at every step
+        r = to_snn(_Pooled(stride=1).eval(), calib, 4, neuron=neuron).record_stats()
+        r(x)
+        assert r.stats["analog_macs"] == r.steps * conv_call_macs(r.layers["c2"], 1, 15, 15)[0]
 
 
 def test_graph_snn_on_spike_conv(monkeypatch):
@@ -625,3 +771,121 @@ def test_restore_takes_the_graph_input_channels():
         np.testing.assert_array_equal(restore(img, snn, tile=0), want)
     with pytest.raises(ValueError, match=r"takes 1 channel\(s\)"):  # Transposed's in_channels
         restore(np.zeros((8, 8, 3), np.float32), snn)
+
+
+class _Tied(nn.Module):
+    """One conv called twice (tied weights); ``tied=False``: a second conv that
+    starts as its copy."""
+
+    def __init__(self, tied=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.out, self.tied = nn.Conv2d(6, 1, 3, padding=1), tied
+        if not tied:
+            self.again = copy.deepcopy(self.c)
+
+    def forward(self, x):
+        h = F.relu(self.c(F.relu(self.c1(x))))
+        return x - self.out(F.relu(self.c(h) if self.tied else self.again(h)))
+
+
+def test_a_conv_called_twice_stays_one_layer(tmp_path):
+    """A conv called twice is one layer at both call sites: one parameter, whose
+    gradient sums both uses, kept tied through save_snn / load_snn; outputs and
+    energy those of the untied network (found: the SNN held two copies, which
+    fine-tuning trained apart and the file stored twice)."""
+    from spikingir.pipeline import load_snn, save_snn
+    calib, x = images(), torch.rand(2, 1, 12, 12)
+    a, b = (to_snn(_Tied(tied).eval(), calib, 3) for tied in (True, False))
+    assert a.layers["c"] is a.layers["c_1"]
+    assert len(a.param_groups(1e-4, 1e-3)[0]["params"]) == 3 * 2  # c1, c, out
+    with torch.no_grad():
+        a.record_stats(), b.record_stats()
+        assert torch.equal(a(x), b(x)) and a.stats == b.stats
+        a.record_stats(False), b.record_stats(False)
+    for snn in (a, b):
+        F.mse_loss(snn.train()(x), x).backward()
+    torch.testing.assert_close(a.layers["c"].weight.grad,
+                               b.layers["c"].weight.grad + b.layers["again"].weight.grad)
+    save_snn(a.eval(), tmp_path / "t.pt")
+    back = load_snn(tmp_path / "t.pt")
+    assert back.layers["c"] is back.layers["c_1"]
+    with torch.no_grad():
+        assert torch.equal(back(x), a(x))
+    # a file whose tie names no layer of the same geometry: a clear error
+    good = torch.load(tmp_path / "t.pt", weights_only=True)
+    layers = {**good["config"]["layers"]}
+    layers["out"] = {**layers["out"], "tied": "c"}
+    torch.save({**good, "config": {**good["config"], "layers": layers}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt: .*layer 'out' is tied to 'c'"):
+        load_snn(tmp_path / "bad.pt")
+
+
+def test_a_conv_and_batchnorm_called_twice():
+    """The same conv and BatchNorm called twice fold into one tied layer; the same
+    conv followed by two different BatchNorms cannot share one folded layer:
+    copies (the docstring of graph_net says so); both compute the network."""
+    class M(nn.Module):
+        def __init__(self, same):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+            self.c = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+            self.out, self.same = nn.Conv2d(4, 1, 3, padding=1), same
+            randomise_bn(self)
+
+        def forward(self, x):
+            h = F.relu(self.bn1(self.c(F.relu(self.c1(x)))))
+            return self.out(F.relu((self.bn1 if self.same else self.bn2)(self.c(h))))
+
+    x = torch.rand(1, 1, 10, 10)
+    for same in (True, False):
+        ann = M(same).eval()
+        net = graph_net(ann)
+        convs = [net.layers[n] for n, k, _, _ in net.program if k == "conv"]
+        assert len(convs) == 4 and (convs[1] is convs[2]) == same
+        assert len({id(p) for p in net.parameters()}) == (6 if same else 8)
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), ann(x), rtol=1e-5, atol=1e-5)
+
+
+class _NoDirectRead(nn.Module):
+    """No conv reads the image directly: it is pooled, concatenated with itself, or
+    shifted by a number first."""
+
+    def __init__(self, how, c=1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(2 * c if how == "cat" else c, 4, 3, padding=1)
+        self.out, self.how = nn.Conv2d(4, 1, 3, padding=1), how
+
+    def forward(self, x):
+        h = (F.avg_pool2d(x, 2) if self.how == "pool" else
+             torch.cat([x, x], 1) if self.how == "cat" else x - 0.5)
+        return self.out(F.relu(self.a(h)))
+
+
+@pytest.mark.parametrize("how", ["pool", "cat", "shift"])
+def test_input_channels_through_pooling_cat_and_numbers(tmp_path, how):
+    """The input channels come from the first conv that depends on the image through
+    ops that keep (or, concatenated, add) channels: an image of other channels is
+    the SNN's clear ValueError and restore's refusal, also for a file saved without
+    them (found: in_channels was None, so the SNN took any channel count and failed
+    inside its first conv, or restore replicated a grey image nowhere)."""
+    from spikingir.pipeline import load_snn, restore, save_snn
+    for c in (1, 3):
+        ann = _NoDirectRead(how, c).eval()
+        assert graph_net(ann).in_channels == c
+        snn = to_snn(ann, [torch.rand(1, c, 8, 8)], 2)
+        assert snn.in_channels == c
+        with pytest.raises(ValueError, match=rf"input must be \[B, {c}, H, W\], got \(1, 2, 8"):
+            snn(torch.rand(1, 2, 8, 8))
+    with pytest.raises(ValueError, match=r"takes 3 channel\(s\)"):
+        restore(np.zeros((8, 8, 2), np.float32), snn)
+    save_snn(snn, tmp_path / "s.pt")
+    obj = torch.load(tmp_path / "s.pt", weights_only=True)
+    obj["config"]["in_channels"] = None  # as saved before: found from the program
+    torch.save(obj, tmp_path / "old.pt")
+    assert load_snn(tmp_path / "old.pt").in_channels == 3

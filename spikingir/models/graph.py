@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from spikingir import ops
-from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, conv_call_macs, conv_mean_fanout, conv_sops,
-                              transposed_conv_macs)
+from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, _pair, conv_call_macs, conv_mean_fanout,
+                              conv_sops, transposed_conv_macs)
 from spikingir.ops.spike_conv import supports as spike_conv_supports
 
 from .chain import _SKIPPED, _numeric_padding, _plain, folded_copy, skip
@@ -492,8 +492,9 @@ class GraphNet(nn.Module):
     """The canonical form of a traced CNN (build it with :func:`graph_net`): the
     same computation, as a program of convs (BatchNorm folded, float32 copies),
     ReLUs (``relus``, in graph order: the layers that become neurons) and linear
-    ops. ``in_channels``: the input's channels where a conv reads the input
-    (else None)."""
+    ops. ``in_channels``: the input's channels, as the first conv that depends on
+    the input needs them (also through pooling, sums and concatenations:
+    :func:`_input_channels`), else None."""
 
     def __init__(self, program, layers, in_channels=None):
         super().__init__()
@@ -530,7 +531,16 @@ def graph_net(model: nn.Module) -> GraphNet:
     left unchanged) of any ``nn.Module`` that ``torch.fx.symbolic_trace`` traces
     and that uses only the layers and ops in ``SUPPORTED``. A model fx cannot
     trace raises a TypeError; an op the spiking form cannot reproduce a
-    ValueError that names the node and lists what is supported."""
+    ValueError that names the node and lists what is supported.
+
+    A layer that forward calls more than once (tied weights) is one layer of
+    the form, held by every call site's node: its parameters stay tied in the
+    SNN (one parameter, the gradients of all uses summed; saved and loaded
+    tied), while each call site keeps its own place (per step, static, read-out)
+    and energy count. A conv with a BatchNorm folded in is tied where the same
+    conv and the same BatchNorm are called again; the same conv followed by
+    different BatchNorms (or by one and by none) are different layers, so those
+    call sites get copies, which fine-tuning trains apart."""
     what = type(model).__name__
     model = copy.deepcopy(model).eval()  # traced in eval mode: dropouts off, BN statistics
     try:
@@ -563,11 +573,43 @@ def graph_net(model: nn.Module) -> GraphNet:
     program = [(names.get(n, n), k, _renamed(a, names), _renamed(i, names))
                for n, k, a, i in program]
     sources = {names.get(n, n): v for n, v in sources.items()}
-    layers = {n: _canonical(*sources[n], n) for n, k, _, _ in program if k == "conv"}
-    inputs = {p[0] for p in program if p[1] == "input"}
-    in_channels = next((layers[n].in_channels for n, k, a, _ in program
-                        if k == "conv" and a[0].name in inputs), None)
-    return GraphNet(program, layers, in_channels).eval()
+    # tied weights: one canonical layer per (conv, BatchNorm) pair of the model's modules
+    layers, canonical = {}, {}
+    for n, k, _, _ in program:
+        if k == "conv":
+            key = tuple(id(m) for m in sources[n])
+            if key not in canonical:
+                canonical[key] = _canonical(*sources[n], n)
+            layers[n] = canonical[key]
+    return GraphNet(program, layers, _input_channels(program, layers)).eval()
+
+
+def _input_channels(program, layers):
+    """The channels of the input that ``program`` (its convs ``layers``) takes:
+    those the first conv that depends on it needs, through ops that keep the
+    channels (ReLU, pooling, upsampling, + - * / by numbers, sums of tensors of
+    the same channels) and concatenations (their channels summed); None where
+    no conv's channels say (e.g. only broadcasting sums reach one). Each
+    tensor's channels are ``a * C + b`` of the input's C: a conv's output has
+    ``(0, out_channels)``; a conv that reads ``a * C + b`` with a > 0 needs
+    ``C = (in_channels - b) / a``."""
+    ch = {}  # node -> (a, b), or None: not known
+    for name, kind, args, info in program:
+        refs = [ch.get(r) for r in _refs(args)]
+        if kind == "input":
+            ch[name] = (1, 0)
+        elif kind == "conv":
+            if refs[0] is not None and refs[0][0] > 0:
+                (a, b), need = refs[0], layers[name].in_channels
+                if (need - b) % a == 0 and need - b > 0:
+                    return (need - b) // a
+            ch[name] = (0, layers[name].out_channels)
+        elif kind == "cat":
+            ch[name] = (None if None in refs else
+                        (sum(r[0] for r in refs), sum(r[1] for r in refs)))
+        elif kind in ("relu", "avgpool", "upsample", "add", "sub", "mul", "div"):
+            ch[name] = refs[0] if len(set(refs)) == 1 else None  # a broadcast: not known
+    return None
 
 
 # -------------------------------------------------- the program as plain data (SNN files)
@@ -647,10 +689,16 @@ def graph_config(net) -> dict:
     the code it was traced from, as plain JSON types (``spikingir.pipeline.save_snn``
     stores it): ``program``, a list of ``[name, kind, args, info]`` (references to
     other nodes as ``{"ref": name}``, see :func:`_encode`), ``layers``, the geometry
-    of each conv by node name, and ``in_channels``."""
+    of each conv by node name (a layer called at several nodes, tied weights: at
+    each later one also ``"tied": first node``), and ``in_channels``."""
+    layers, first = {}, {}
+    for n, m in net.layers.items():
+        layers[n] = _layer_config(m)
+        if id(m) in first:
+            layers[n]["tied"] = first[id(m)]
+        first.setdefault(id(m), n)
     return {"program": [[n, k, _encode(a), _encode(i)] for n, k, a, i in net.program],
-            "layers": {n: _layer_config(m) for n, m in net.layers.items()},
-            "in_channels": net.in_channels}
+            "layers": layers, "in_channels": net.in_channels}
 
 
 def graph_from_config(cfg) -> GraphNet:
@@ -702,7 +750,20 @@ def graph_from_config(cfg) -> GraphNet:
                                     not isinstance(in_channels, int) or in_channels < 1):
         raise ValueError(f"graph program: in_channels: expected None or an int >= 1, got "
                          f"{in_channels!r}")
-    return GraphNet(program, {n: _layer_from_config(layers[n]) for n in convs}, in_channels).eval()
+    built = {n: _layer_from_config(layers[n]) for n in convs if "tied" not in layers[n]}
+    for n in convs:
+        tied = layers[n].get("tied")
+        if tied is None:
+            continue
+        if not isinstance(tied, str) or tied not in built or \
+                {**layers[n], "tied": None} != {**layers[tied], "tied": None}:
+            raise ValueError(f"graph program: layer {n!r} is tied to {tied!r}, which is no untied "
+                             "layer of the same geometry")
+        built[n] = built[tied]  # one module at both nodes: the weights stay tied
+    built = {n: built[n] for n in convs}
+    if in_channels is None:  # saved before the channels were found through pooling, sums, ...
+        in_channels = _input_channels(program, built)
+    return GraphNet(program, built, in_channels).eval()
 
 
 def _layer_macs(conv, shape):
@@ -737,18 +798,71 @@ def _mean_fanout(conv):
 class _Value:
     """A node's value in the SNN: ``t`` is [B, C, H, W] (static or a rate) or, with
     ``seq``, [steps, B, C, H, W]; ``sources`` (spike-valued nodes: neuron
-    outputs, concatenated or upsampled) lists (neuron index, spikes per source
-    spike) of the spikes it holds, None for analog values; ``counts`` (a rate of
-    spike-valued inputs, when recording) the spike counts behind it."""
-    __slots__ = ("t", "seq", "sources", "counts")
+    outputs, concatenated, upsampled, multiplied or divided by a number, or
+    summed) lists (neuron index, spikes per source spike) of the spikes it
+    holds, None for analog values; ``counts`` (a rate of spike-valued inputs,
+    when recording; or a sum of spike trains) the spike counts behind it;
+    ``scale`` the number its spikes are multiplied by (1.0: the neurons' own
+    values; None: a sum of spike trains, whose values are no spikes of one size)."""
+    __slots__ = ("t", "seq", "sources", "counts", "scale")
 
-    def __init__(self, t, seq=False, sources=None, counts=None):
+    def __init__(self, t, seq=False, sources=None, counts=None, scale=1.0):
         self.t, self.seq, self.sources, self.counts = t, seq, sources, counts
+        self.scale = scale
 
     @property
     def shape(self):
         """The ANN's [B, C, H, W] shape of this value."""
         return self.t.shape[1:] if self.seq else self.t.shape
+
+
+def _spike_counts(v):
+    """The spike counts [B, C, H, W] behind a spike-valued per-step value ``v``:
+    its ``counts`` where a sum set them (an element of a sum can hold two
+    spikes, or none where two cancel), else its nonzero elements over the steps."""
+    return v.counts if v.counts is not None else (v.t != 0).sum(0, dtype=torch.float32)
+
+
+def _arith_spikes(kind, vals, record):
+    """``(sources, counts, scale)`` of the value ``a <kind> b`` (``vals``) where it
+    is spike-valued, else ``(None, None, 1.0)``. A spike train times (or divided
+    by) a number c is still one event per spike: conv(c * s) is the conv with c
+    folded into its weights on the spikes s, so SOPs, not MACs. A sum (or
+    difference) of two spike trains of one shape drives a conv as both do,
+    conv(a + b) = conv(a) + conv(b) (the bias once): the SOPs of the spikes of
+    both (DESIGN: SOPs = spikes into a layer x fan-out), counted from the
+    summed counts (a nonzero of the sum is not one spike)."""
+    a, b = vals
+    if kind in ("mul", "div"):
+        v, c = (a, b) if isinstance(a, _Value) else (b, a)
+        if v.sources is not None and _is_number(c) and not (kind == "div" and c == 0):
+            scale = None if v.scale is None else v.scale * c if kind == "mul" else v.scale / c
+            return v.sources, v.counts, scale
+    elif all(isinstance(v, _Value) and v.sources is not None for v in vals) and \
+            a.seq == b.seq and a.t.shape == b.t.shape:
+        counts = _spike_counts(a) + _spike_counts(b) if record else None
+        return a.sources + b.sources, counts, None
+    return None, None, 1.0
+
+
+def _pooled_spikes(v, info, record):
+    """``(sources, counts, scale)`` of the average pooling (options ``info``) of
+    ``v`` where it is spike-valued, else ``(None, None, 1.0)``. Where no two
+    windows overlap (stride >= kernel) a spike lands in one window, and a conv
+    reading the averages is a conv on the spikes (its weights / divisor spread
+    over each window, its stride times the pooling's): one event per spike,
+    whose SOPs conv_sops counts from the spikes summed per window. Overlapping
+    windows: analog (a spike that reaches an output through two windows is one
+    synapse there, not two)."""
+    kernel = _pair(info["kernel_size"])
+    stride = _pair(info.get("stride") or kernel)
+    if v.sources is None or any(s < k for s, k in zip(stride, kernel)):
+        return None, None, 1.0
+    counts = None
+    if record:
+        sums = dict(info, divisor_override=1)
+        counts = F.avg_pool2d(_spike_counts(v), **sums)
+    return v.sources, counts, None
 
 
 class SpikingGraph(_SpikingNet):
@@ -758,22 +872,25 @@ class SpikingGraph(_SpikingNet):
     Energy (``record_stats``, ``energy_mj``, :func:`spikingir.energy.snn_energy_mj`),
     the DESIGN's model extended to graphs: static convs (the input's analog
     current) count their MACs once (``first_layer_macs``); a per-step conv fed
-    by spikes (neuron outputs, concatenated or nearest-upsampled) counts the
-    synaptic operations of the spikes of all steps (``sops``); a per-step conv
-    of analog values (sums or averages of spike trains) its MACs at every step
-    (``analog_macs``); a read-out conv (computed once on rates) counts the SOPs of
-    the spikes into it unless they were counted per step, and its MACs once
-    with recycling (the chain's read-out rule) or when its input is analog
-    (``readout_macs``).
+    by spikes (neuron outputs, concatenated, nearest-upsampled, times or divided
+    by a number, summed with other spikes, or averaged in windows that do not
+    overlap: each spike one event, the numbers folded into the weights) counts
+    the synaptic operations of the spikes of all steps (``sops``); a per-step
+    conv of analog values (spikes plus the input current or a number, averages
+    over overlapping windows) its MACs at every step (``analog_macs``); a
+    read-out conv (computed once on rates) counts the SOPs of the spikes into
+    it unless they were counted per step, and its MACs once with recycling (the
+    chain's read-out rule) or when its input is analog (``readout_macs``).
 
     ``use_spike_conv()``: per-step convs that read one neuron layer's spikes
-    directly (groups=1, a kernel :func:`spikingir.ops.spike_conv2d` supports)
-    run on it in inference (without autograd); the others stay dense, since
-    sums of spike trains are not binary. A neuron layer whose spikes only such
-    convs read per step (the read-out takes spike counts) emits them as channel
-    masks (:class:`~spikingir.ops.SpikeMasks`, as the chain's hidden layers do)
-    when a fused spike_conv2d backend takes masks and no statistics are
-    recorded: no float spike tensor is written and re-read."""
+    directly or times a number (folded into the weights with the spike sizes;
+    groups=1, a kernel :func:`spikingir.ops.spike_conv2d` supports) run on it
+    in inference (without autograd); the others stay dense, since sums and
+    averages of spike trains are not spikes of one size. A neuron layer whose
+    spikes only such convs read per step (the read-out takes spike counts)
+    emits them as channel masks (:class:`~spikingir.ops.SpikeMasks`, as the
+    chain's hidden layers do) when a fused spike_conv2d backend takes masks and
+    no statistics are recorded: no float spike tensor is written and re-read."""
 
     def __init__(self, net: GraphNet, neurons, timesteps, neuron_kind="mprn", recycling=True):
         super().__init__(timesteps, neuron_kind, recycling)
@@ -841,8 +958,11 @@ class SpikingGraph(_SpikingNet):
                 and spike_conv_supports(conv) and not _has_hooks(conv))
 
     def _on_spike_conv(self, conv, value):
+        # one layer's spikes, or those times a number (folded into the weights with
+        # the spike sizes by _conv_spikes); not a sum of spike trains (scale None)
         return (value.sources is not None and len(value.sources) == 1
-                and value.sources[0][1] == 1.0 and self._spike_conv_layer(conv))
+                and value.sources[0][1] == 1.0 and value.scale is not None
+                and self._spike_conv_layer(conv))
 
     def _emits_masks(self, name, neuron, cur):
         """Whether neuron layer ``name`` (input current ``cur``) emits channel masks:
@@ -888,7 +1008,7 @@ class SpikingGraph(_SpikingNet):
                     self.stats["first_layer_macs"] += macs
                 elif not rate_mode:
                     if spiky:
-                        counts = (v.t != 0).sum(0, dtype=torch.float32)  # spikes per neuron
+                        counts = _spike_counts(v)  # spikes per neuron
                         self.stats["sops"] += _layer_sops(conv, counts)
                     else:
                         self.stats["analog_macs"] += macs * steps
@@ -915,8 +1035,8 @@ class SpikingGraph(_SpikingNet):
                     i = v.sources[0][0]
                     neuron = self.neurons_[i]
                     s = v.t if isinstance(v.t, ops.SpikeMasks) else (v.t != 0).to(v.t.dtype)
-                    return _Value(SpikingChain._conv_spikes(self, conv, s, neuron, self.timesteps),
-                                  True)
+                    return _Value(SpikingChain._conv_spikes(self, conv, s, neuron, self.timesteps,
+                                                            scale=v.scale), True)
                 t = conv(v.t.flatten(0, 1)).unflatten(0, v.t.shape[:2]) if seq else conv(v.t)
                 return _Value(t, seq)
             if kind == "cat":
@@ -925,9 +1045,11 @@ class SpikingGraph(_SpikingNet):
                 t = torch.cat(parts, 2 if seq else 1)
                 spiky = all(v.sources is not None for v in vals[0])
                 sources = [s for v in vals[0] for s in v.sources] if spiky else None
-                counts = (torch.cat([v.counts for v in vals[0]], 1)
-                          if spiky and rate_mode and record else None)
-                return _Value(t, seq, sources, counts)
+                # per step, a summed part's counts (the others' are read from the spikes)
+                counts = (torch.cat([_spike_counts(v) for v in vals[0]], 1) if spiky and record
+                          and (rate_mode or any(v.counts is not None for v in vals[0])) else None)
+                scales = {v.scale for v in vals[0]}
+                return _Value(t, seq, sources, counts, scales.pop() if len(scales) == 1 else None)
             if kind == "upsample":
                 v = vals[0]
                 flat = v.t.flatten(0, 1) if seq else v.t
@@ -936,14 +1058,16 @@ class SpikingGraph(_SpikingNet):
                 t = t.unflatten(0, v.t.shape[:2]) if seq else t
                 sources = None if v.sources is None else [(i, k * area) for i, k in v.sources]
                 counts = (_upsample(v.counts, info) if v.counts is not None else None)
-                return _Value(t, seq, sources, counts)
+                return _Value(t, seq, sources, counts, v.scale)
             if kind == "avgpool":
                 v = vals[0]
                 t = F.avg_pool2d(v.t.flatten(0, 1) if seq else v.t, **info)
-                return _Value(t.unflatten(0, v.t.shape[:2]) if seq else t, seq)
+                return _Value(t.unflatten(0, v.t.shape[:2]) if seq else t, seq,
+                              *_pooled_spikes(v, info, record))
             # + - * /: a static [B, C, H, W] broadcasts over the steps of a sequence
             a, b = (v.t if isinstance(v, _Value) else v for v in vals)
-            return _Value(_apply(kind, None, (a, b), None), seq)
+            return _Value(_apply(kind, None, (a, b), None), seq,
+                          *_arith_spikes(kind, vals, record))
 
         # 1. per step: the neurons, in graph order, and what they read
         for name in st.order:

@@ -487,12 +487,14 @@ class SpikingChain(_SpikingNet):
             return buf
         return torch.empty(shape, device=conv.weight.device)
 
-    def _conv_spikes(self, conv, s, neuron, T, buf=None):
+    def _conv_spikes(self, conv, s, neuron, T, buf=None, scale=1.0):
         """``conv`` of the binary spikes ``s`` [steps, B, C, H, W] (a tensor or
         SpikeMasks) of ``neuron``: its T IF steps carry ``theta`` per spike, the MPRN
         reuse step (a step after them) ``beta``. SpikeMasks input (inference) writes
         into the first steps of ``buf`` (a :meth:`_conv_buffer` with at least as
-        many steps; see ``forward``), or a new tensor without one."""
+        many steps; see ``forward``), or a new tensor without one. ``scale``: the
+        spikes multiplied by that number (a graph's ``0.5 * h``), spikes of size
+        ``scale * theta`` (``scale * beta``), folded into the weights like theta."""
         def folded(size):  # w[:, c] * size[c]
             return conv.weight * _per_channel(size)
 
@@ -501,7 +503,10 @@ class SpikingChain(_SpikingNet):
                                     conv.padding[0], validate=False,
                                     backend=self.spike_conv_backend).unflatten(0, spikes.shape[:2])
 
-        theta = neuron.effective_theta()
+        theta, beta = neuron.effective_theta(), getattr(neuron, "beta", None)
+        if scale != 1.0:
+            theta = theta * scale
+            beta = None if beta is None else beta * scale
         if isinstance(s, ops.SpikeMasks):
             steps, B = s.shape[:2]
             st, pad = conv.stride[0], conv.padding[0]
@@ -511,7 +516,7 @@ class SpikingChain(_SpikingNet):
             # MPRN: two weight sets written into one output, the IF steps (theta)
             # and the reuse step (beta); no correction pass, no concatenation
             parts = ((s[:T], theta, y[:T * B]),) + \
-                (((s[T:], neuron.beta, y[T * B:]),) if steps > T else ())
+                (((s[T:], beta, y[T * B:]),) if steps > T else ())
             for spikes, size, out in parts:
                 ops.spike_conv2d(spikes.flatten(0, 1), folded(size), conv.bias, st, pad,
                                  validate=False, backend=self.spike_conv_backend, out=out)
@@ -521,7 +526,7 @@ class SpikingChain(_SpikingNet):
             # reuse step: spikes of size beta = theta + (beta - theta); adding the
             # difference in place avoids concatenating two outputs (measured on
             # the CPU: the torch.cat cost 9 % of the SNN's time)
-            y[T:] += run(s[T:], neuron.beta - theta, None)
+            y[T:] += run(s[T:], beta - theta, None)
         return y
 
     def forward(self, x):
