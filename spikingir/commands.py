@@ -202,6 +202,37 @@ def _add_step_chunk_arg(p):
                         "all T at once)")
 
 
+def _add_colour_arg(p, what):
+    p.add_argument("--colour", "--color", choices=["per-channel"], default=None, dest="colour",
+                   help=f"per-channel: {what}. Default: an RGB image is refused. Alpha is "
+                        "dropped; a 16-bit colour PNG is read at 8 bits (Pillow's limit)")
+
+
+def _colour_of(args):
+    """--colour, refused for dehazing (AOD-Net takes RGB as it is), before any work."""
+    if args.colour and args.task != "denoise":
+        raise UserError(f"--colour {args.colour} applies to --task denoise only: the dehazing "
+                        "model (AOD-Net) restores RGB images as they are")
+    return args.colour
+
+
+def _check_gray_model(args, net):
+    """--colour per-channel needs a grayscale model: a colour one (3 input channels:
+    --snn-weights, --ann-weights or --ann-module of a colour network) is a one-line
+    error. ``net``: the SNN, or the ANN before its conversion where its first conv
+    reads the image (a DnCNN or conv chain; None: nothing to check)."""
+    from spikingir.models.graph import SpikingGraph
+    from spikingir.models.spiking import SpikingChain
+    from spikingir.pipeline import _image_channels
+    if not args.colour or net is None or not (isinstance(net, (SpikingChain, SpikingGraph))
+                                              or _is_chain(net)):
+        return
+    channels = _image_channels(net)
+    if channels not in (None, 1):
+        raise UserError(f"--colour {args.colour} runs a grayscale model on each RGB channel; this "
+                        f"one takes {channels} channels (a colour model)")
+
+
 def _add_conversion_args(p):
     p.add_argument("--neuron", choices=["mprn", "if"], default=CONVERSION_DEFAULTS["neuron"],
                    help="spiking neuron: mprn (membrane potential reuse, default) or if")
@@ -314,6 +345,7 @@ def _cmd_evaluate(args):
     _set_threads(args)
     _warn_amp(args, device)
     sigma = _sigma_of(args)
+    colour = _colour_of(args)
     if args.task == "denoise" and args.scenes is not None:  # as train-ann's --val-scenes
         raise UserError("--scenes applies to --task dehaze only")
     for option, path in (("--json", args.json), ("--markdown", args.markdown)):
@@ -323,7 +355,7 @@ def _cmd_evaluate(args):
         check_output_folder(args.figures, "--figures")
     check_distinct(("--json", args.json), ("--markdown", args.markdown), ("--figures", args.figures))
     if args.task == "denoise":
-        samples = denoise_samples(sigma, args.data, args.limit, args.crop)
+        samples = denoise_samples(sigma, args.data, args.limit, args.crop, colour)
     else:
         samples = dehaze_samples(args.data, args.limit, args.crop, args.scenes)
     if args.figures is not None:  # one figure per image name
@@ -333,11 +365,18 @@ def _cmd_evaluate(args):
             raise UserError(f"two images are named {dup} (other extensions): their --figures "
                             "would overwrite each other")
     ann = load_ann(args.task, sigma, args.ann_weights, args.ann_module)
+    _check_gray_model(args, ann)  # before its conversion
     snn, origin = _get_snn(args.task, sigma, ann, max(args.timesteps), args, args.ann_weights is not None)
-    print(f"# {args.task}: {len(samples)} images; SNN: {origin}", flush=True)
+    _check_gray_model(args, snn)
+    # in colour per channel: the inputs are batches of the three channels
+    in_colour = sum(s.inputs.shape[0] > 1 for s in samples)
+    shown = f" ({in_colour} in colour, each channel on its own)" if colour else ""
+    print(f"# {args.task}: {len(samples)} images{shown}; SNN: {origin}", flush=True)
     outputs = {} if args.figures else None
     report = evaluate(args.task, ann, snn, samples, args.timesteps, sigma, outputs, device=device,
                       amp=args.amp)
+    if colour:
+        report.update(colour=colour, colour_images=in_colour)
     table = markdown_table(report)
     print(table)
     # All outputs or none: the report files are renamed into place only after the
@@ -370,6 +409,10 @@ def _add_evaluate(sub):
                    help="write the paper-style table (Markdown)")
     p.add_argument("--figures", default=None, help="folder for side-by-side PNGs and PSNR-vs-T")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default) or cuda")
+    _add_colour_arg(p, "evaluate RGB images in RGB, the grayscale model denoising each channel "
+                       "on its own (the three as one batch): noise sigma/255 x randn(H, W, 3) at "
+                       "numpy seed 0, PSNR over all the channels' pixels, SSIM the channels' "
+                       "mean, the energy the whole image's; gray images stay gray")
     _add_step_chunk_arg(p)
     _add_amp_arg(p, "both networks")
     _add_conversion_args(p)
@@ -417,22 +460,23 @@ def _cmd_restore(args):
 
     from PIL import Image
 
-    from spikingir.data import estimate_noise_sigma, is_16bit_gray, load_image
+    from spikingir.data import _header, estimate_noise_sigma, is_16bit_gray, load_image
     from spikingir.atomic import write_atomic
     from spikingir.metrics import to_uint8, to_uint16
-    from spikingir.pipeline import load_ann, nearest_sigma, restore
+    from spikingir.pipeline import RGB_FOR_GRAY, load_ann, nearest_sigma, restore
 
     device = _device(args)
     _set_threads(args)
     _warn_amp(args, device)
     blind = args.task == "denoise" and args.sigma is None
     sigma = None if blind else _sigma_of(args)
+    colour = _colour_of(args)
     jobs = _restore_jobs(args.images, args.output)  # before any work
 
     def read(src):
         img = load_image(src)
-        if args.task == "denoise" and img.ndim == 3:
-            raise UserError(f"{src}: an RGB image for the grayscale denoising model")
+        if args.task == "denoise" and img.ndim == 3 and not colour:
+            raise UserError(f"{src}: {RGB_FOR_GRAY}")
         if blind and min(img.shape[:2]) < 2:
             raise UserError(f"{src}: a {img.shape[0]}x{img.shape[1]} image is too small to "
                             "estimate its noise level; pass --sigma")
@@ -445,6 +489,9 @@ def _cmd_restore(args):
     nets = {}  # one network per noise level
     for src, dst, fmt in jobs:
         img = read(src)
+        if _header(src)[0] in ("RGBA", "RGBa", "LA", "La", "PA"):  # load_image drops alpha
+            print(f"spikingir restore: note: {src}: its alpha channel is dropped (the output "
+                  "has none)", file=sys.stderr)
         level = sigma
         if blind:  # no --sigma: the shipped model nearest to the image's estimated noise
             estimate = estimate_noise_sigma(img)
@@ -455,11 +502,14 @@ def _cmd_restore(args):
             print(f"{src}: estimated noise sigma {estimate:.1f}{chosen}")
         if level not in nets:
             ann = None if args.snn_weights else load_ann(args.task, level, args.ann_weights, args.ann_module)
+            _check_gray_model(args, ann)  # before its conversion
             snn, origin = _get_snn(args.task, level, ann, args.timesteps, args,
                                    args.ann_weights is not None)
+            _check_gray_model(args, snn)
             nets[level] = snn.to(device), origin
         snn, origin = nets[level]
-        out = restore(img, snn, tile=args.tile, amp=args.amp)  # gray -> RGB for AOD-Net
+        # gray -> RGB for AOD-Net; --colour per-channel: an RGB image's channels as 3 gray ones
+        out = restore(img, snn, tile=args.tile, amp=args.amp, colour=colour)
         if out.ndim == 3 and out.shape[2] != 3:  # an own network (--ann-module) of other width
             raise UserError(f"the network returns {out.shape[2]} channels; restore writes images "
                             "of 1 (gray) or 3 (RGB)")
@@ -468,7 +518,8 @@ def _cmd_restore(args):
         buf = io.BytesIO()
         Image.fromarray(to_uint16(out) if deep else to_uint8(out)).save(buf, format=fmt)
         write_atomic(dst, buf.getvalue())
-        print(f"wrote {dst} ({args.task}, T={args.timesteps}; {origin})")
+        how = ", each RGB channel on its own" if colour and img.ndim == 3 else ""
+        print(f"wrote {dst} ({args.task}{how}, T={args.timesteps}; {origin})")
     return 0
 
 
@@ -505,6 +556,9 @@ def _add_restore(sub):
                         f"on the CPU bit for bit, otherwise up to float32 rounding) to bound memory: the "
                         f"DnCNN SNN holds ~3 GB per megapixel per layer at T=10 (default "
                         f"{DEFAULT_TILE}; 0: the whole image at once)")
+    _add_colour_arg(p, "denoise an RGB image into an 8-bit RGB image, the grayscale model on "
+                       "each channel on its own (the three as one batch: 3x the memory of a gray "
+                       "image; --tile bounds it)")
     _add_step_chunk_arg(p)
     _add_amp_arg(p, "the SNN")
     _add_conversion_args(p)

@@ -23,14 +23,20 @@ from spikingir.metrics import psnr, ssim, to_uint8
 
 @dataclass
 class Sample:
-    """One evaluation image: network input [1, C, H, W] and clean target (H x W [x 3])."""
+    """One evaluation image: network input [1, C, H, W], or [C, 1, H, W] for an
+    image whose C channels a grayscale network restores each on its own
+    (``denoise_samples(colour="per-channel")``), and clean target (H x W [x C])."""
     name: str
     inputs: torch.Tensor
     clean: np.ndarray
 
 
 def _to_image(t):
-    a = t.detach()[0].float().cpu().numpy()
+    """A network's output as an image: [1, C, H, W] -> H x W (C = 1) or H x W x C;
+    [C, 1, H, W] (C > 1: an image's channels restored as a batch of gray images)
+    -> H x W x C."""
+    a = t.detach().float().cpu().numpy()
+    a = a[:, 0] if a.shape[0] > 1 else a[0]  # [C, H, W]
     return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
 
 
@@ -98,7 +104,11 @@ def evaluate(task, ann, snn, samples, timesteps, sigma=None, outputs=None, devic
                                 and T >= 1 for T in timesteps):
         raise ValueError(f"timesteps: expected ints >= 1, got {timesteps!r}")
     from spikingir.metrics import _SSIM_WIN
-    for sm in samples:  # before any work: SSIM needs a whole window
+    for sm in samples:  # before any work: one image each; SSIM needs a whole window
+        shape = tuple(getattr(sm.inputs, "shape", ()))
+        if len(shape) != 4 or (shape[0] != 1 and shape[1] != 1):
+            raise ValueError(f"{sm.name}: inputs: expected [1, C, H, W] (one image) or "
+                             f"[C, 1, H, W] (its channels for a grayscale network), got {shape}")
         h, w = sm.clean.shape[:2]
         if min(h, w) < _SSIM_WIN:
             raise ValueError(f"{sm.name}: {h} x {w} is smaller than SSIM's {_SSIM_WIN} x "
@@ -164,7 +174,8 @@ def markdown_table(report, title=None):
     a = report["ann"]
     head = title or (f"{report['task']}" + (f", sigma={report['sigma']:g}"
                                             if report["sigma"] is not None else "")
-                     + f", {report['images']} images")
+                     + f", {report['images']} images"
+                     + (f" (colour: {report['colour']})" if report.get("colour") else ""))
     lines = [f"**{head}**", "",
              "| Network | T | PSNR (dB) | SSIM | PSNR loss (dB) | Conversion rate (%) | "
              "Energy (mJ) | SNN/ANN energy | Firing rate |",

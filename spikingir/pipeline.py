@@ -47,6 +47,8 @@ def _to_input(a):
 
 
 def _skimage_photo(name, gray):
+    """A scikit-image photo as 8-bit values in [0, 1]: ``gray`` True in gray (luma),
+    False in RGB (a gray photo replicated), None in its own kind."""
     import skimage.data
     from skimage.color import rgb2gray
 
@@ -54,28 +56,59 @@ def _skimage_photo(name, gray):
     a = img.astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0)
     if gray and a.ndim == 3:
         a = rgb2gray(a[..., :3]).astype(np.float32)
-    if not gray and a.ndim == 2:
+    if gray is False and a.ndim == 2:
         a = np.repeat(a[..., None], 3, 2)
     return np.round(a * 255) / 255  # 8-bit values, as an image file would give
 
 
-def denoise_samples(sigma, data=None, limit=None, crop=None):
-    """Noisy/clean samples: PNG/JPG/BMP files in ``data`` (grayscale), or the
-    built-in photos. Noise ``sigma/255 * N(0, 1)``, numpy seed 0 per image."""
+#: The ways a grayscale denoising model can take a colour image (``colour=``; the
+#: CLI's ``--colour``): None refuses it; "per-channel" denoises each RGB channel on
+#: its own, the three as one batch of gray images through the model.
+COLOUR_MODES = (None, "per-channel")
+#: The refusal of a colour image by a grayscale denoising model, with the way out.
+RGB_FOR_GRAY = ("an RGB image for the grayscale denoising model (--colour per-channel "
+                "denoises each RGB channel on its own)")
+
+
+def _check_colour(colour, who):
+    """Whether ``colour`` (one of COLOUR_MODES) asks for per-channel restoration."""
+    if colour not in COLOUR_MODES:
+        raise ValueError(f"{who}: colour: expected None or 'per-channel', got {colour!r}")
+    return colour == "per-channel"
+
+
+def denoise_samples(sigma, data=None, limit=None, crop=None, colour=None):
+    """Noisy/clean samples: PNG/JPG/BMP/TIFF files in ``data`` (grayscale; an RGB
+    file raises a ValueError), or the built-in photos in gray. Noise
+    ``sigma/255 * N(0, 1)``, numpy seed 0 per image, not clipped.
+
+    ``colour="per-channel"``: RGB files (and the built-in photos that are in colour)
+    are evaluated in RGB, each channel denoised on its own by the grayscale model.
+    The noise is ``add_gaussian_noise`` of the H x W x 3 image (the protocol's one
+    seed-0 draw, here of H x W x 3 normals: i.i.d. over pixels and channels); the
+    input is the noisy channels as a batch of gray images, ``[3, 1, H, W]``; the clean target stays H x W x 3, so PSNR is
+    over all the channels' pixels (one MSE), SSIM the mean of the channels' SSIMs
+    (``channel_axis=-1``, :mod:`spikingir.metrics`) and the energy the whole
+    image's (three channels' operations). Gray files stay gray. Alpha is dropped
+    and a 16-bit colour PNG read at 8 bits, as :func:`spikingir.data.load_image` does."""
+    per_channel = _check_colour(colour, "denoise_samples")
     if data is None:
-        named = [(n, _skimage_photo(n, gray=True)) for n in DENOISE_EVAL]
+        # gray=None: each photo in its own kind (camera stays gray)
+        named = [(n, _skimage_photo(n, gray=None if per_channel else True)) for n in DENOISE_EVAL]
     else:
         named = []
         for p in list_images(data):
             img = load_image(p)
-            if img.ndim == 3:
-                raise ValueError(f"{p}: an RGB image for a grayscale denoising model")
+            if img.ndim == 3 and not per_channel:
+                raise ValueError(f"{p}: {RGB_FOR_GRAY}")
             named.append((p.stem, img))
     named = named[:limit] if limit else named
     out = []
     for name, clean in named:
         clean = center_crop(clean, crop)
-        out.append(Sample(name, _to_input(add_gaussian_noise(clean, sigma, seed=0)), clean))
+        x = _to_input(add_gaussian_noise(clean, sigma, seed=0))  # [1, C, H, W]
+        # RGB: the channels as a batch of three gray images, [3, 1, H, W]
+        out.append(Sample(name, x.transpose(0, 1).contiguous() if x.shape[1] > 1 else x, clean))
     return out
 
 
@@ -366,14 +399,34 @@ def load_shipped_snn(task, sigma=None, timesteps=10, backend="auto"):
     return for_inference(snn, backend)
 
 
-def restore(image, snn, *, tile=None, amp=False):
+def _image_channels(net):
+    """The image channels ``net`` takes: its first Conv2d's input channels; for a
+    converted graph (:mod:`spikingir.models.graph`), whose first Conv2d need not
+    read the image (a transposed conv or a concatenation before it), its
+    ``in_channels``, None where no conv reads the image directly (any number)."""
+    from spikingir.models.graph import GraphNet, SpikingGraph
+    if isinstance(net, (GraphNet, SpikingGraph)):
+        return net.in_channels
+    first = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels
+
+
+def restore(image, snn, *, tile=None, amp=False, colour=None):
     """Restores one image with ``snn`` (or any model that maps [1, C, H, W] to
     [1, C, H, W]) on the device its parameters are on: ``image`` a float numpy
     array in [0, 1], H x W (DnCNN) or H x W x 3 (AOD-Net; a gray image is
-    replicated to three channels). Runs in overlapping tiles of ``tile`` pixels
-    plus the network's receptive radius (:func:`spikingir.tiling.run_tiled`; the
-    whole image's result in bounded memory; default ``DEFAULT_TILE``, 0: whole),
-    without autograd; ``amp``: bf16 autocast, channels-last
+    replicated to three channels). ``colour="per-channel"``: a grayscale network
+    (one input channel, e.g. the shipped DnCNNs) restores each channel of an
+    H x W x C image on its own, the C channels as one batch of gray images (one
+    forward, C times the memory of a gray image's; a smaller ``tile`` bounds it),
+    into an H x W x C result: each channel restored alone as a gray image, up to
+    float32 rounding (the denoising SNNs on the CPU spike the same; oneDNN's
+    float32 convolutions, their read-out's or an ANN's, can round a batch one ulp
+    apart from one image); a network of more input channels raises a ValueError.
+    Runs in overlapping tiles of ``tile`` pixels plus the network's
+    receptive radius (:func:`spikingir.tiling.run_tiled`; the whole image's result
+    in bounded memory; default ``DEFAULT_TILE``, 0: whole), without autograd;
+    ``amp``: bf16 autocast, channels-last
     (:func:`spikingir.evaluate.bf16_inference`; on a GPU ~3x faster, not bit-exact;
     the network's settings are restored afterwards). Threads may share one network
     (each call's result is its own image's), except with ``amp``, which switches the
@@ -398,18 +451,22 @@ def restore(image, snn, *, tile=None, amp=False):
                              or tile < 0):
         raise ValueError(f"restore: tile: expected None or an int >= 0 (0: the whole image at "
                          f"once), got {tile!r}")
-    from spikingir.models.graph import GraphNet, SpikingGraph
-    channels = first.in_channels
-    if isinstance(snn, (GraphNet, SpikingGraph)):
-        # a graph's first Conv2d need not read the image (a transposed conv or a
-        # concatenation before it): its input channels, or (None: no conv reads
-        # the image directly) the image's own
-        channels = snn.in_channels or (1 if image.ndim == 2 else image.shape[2])
-    if image.ndim == 2 and channels == 3:
-        image = np.repeat(image[..., None], 3, 2)
-    if (image.ndim == 2 and channels != 1) or (image.ndim == 3 and image.shape[2] != channels):
-        raise ValueError(f"restore: the network takes {channels} channel(s), got an image of "
-                         f"shape {image.shape}")
+    per_channel = _check_colour(colour, "restore")
+    channels = _image_channels(snn)
+    if per_channel and channels not in (None, 1):  # each channel goes in as a gray image
+        raise ValueError(f"restore: colour='per-channel' runs a grayscale network on each "
+                         f"colour channel; this one takes {channels} channels (a colour "
+                         "model: pass the RGB image without colour=)")
+    if not per_channel:
+        if channels is None:  # no conv reads the image directly: the image's own
+            channels = 1 if image.ndim == 2 else image.shape[2]
+        if image.ndim == 2 and channels == 3:
+            image = np.repeat(image[..., None], 3, 2)
+        if (image.ndim == 2 and channels != 1) or (image.ndim == 3 and image.shape[2] != channels):
+            hint = (" (colour='per-channel' restores each channel on its own)"
+                    if channels == 1 else "")
+            raise ValueError(f"restore: the network takes {channels} channel(s), got an image of "
+                             f"shape {image.shape}{hint}")
     param = next(snn.parameters())
     device, dtype = param.device, param.dtype  # e.g. a .double() or .half() network
     fmt = torch.contiguous_format
@@ -419,10 +476,14 @@ def restore(image, snn, *, tile=None, amp=False):
     # the margin only where the image is tiled: a network whose reach has no
     # simple radius (strides, pooling) restores an image of one tile
     tiled = tile > 0 and max(image.shape[:2]) > tile
+    x = _to_input(image)  # [1, C, H, W]
+    if per_channel:  # the channels as a batch of gray images: [C, 1, H, W]
+        x = x.transpose(0, 1)
     with torch.no_grad(), bf16_inference_scope(snn, amp), amp_context(device, amp):
         out = run_tiled(lambda t: snn(t.to(device, dtype).contiguous(memory_format=fmt))
                         .float().cpu(),
-                        _to_input(image), tile, receptive_radius(snn) if tiled else 0)[0].numpy()
+                        x, tile, receptive_radius(snn) if tiled else 0)
+    out = (out[:, 0] if per_channel else out[0]).numpy()  # [C, H, W]
     return out[0] if out.shape[0] == 1 and image.ndim == 2 else out.transpose(1, 2, 0)
 
 

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from spikingir.cli import main
+from spikingir.convert import to_snn
 from spikingir.models import AODNet, DnCNN
+from spikingir.pipeline import save_snn
 from spikingir.weights import WEIGHTS_DIR
 
 torch.set_num_threads(1)
@@ -32,6 +34,9 @@ def files(tmp_path_factory):
     dn = DnCNN(depth=4, channels=8, batchnorm=False)
     torch.save(dn.state_dict(), d / "dncnn.pt")
     torch.save(AODNet().state_dict(), d / "aod.pt")
+    colour_dn = DnCNN(depth=3, channels=4, image_channels=3, batchnorm=False).eval()
+    torch.save(colour_dn.state_dict(), d / "dncnn3.pt")  # a colour model, and its SNN
+    save_snn(to_snn(colour_dn, [torch.rand(1, 3, 16, 16)], 2), d / "snn3.pt")
     gray = d / "gray"
     gray.mkdir()
     rng = np.random.default_rng(0)
@@ -77,6 +82,69 @@ def test_restore_writes_an_image(files, tmp_path, capsys):
                         str(files / "dncnn.pt")], capsys)
     assert code == 0, err
     assert np.asarray(Image.open(out)).shape == (20, 24)
+
+
+def test_restore_colour_per_channel_is_each_channel_as_gray(files, tmp_path, capsys):
+    """--colour per-channel: an RGB image's channels through the shipped grayscale
+    SNN as one batch (here in tiles and step chunks) give an RGB PNG whose channels
+    are, bit for bit, each channel restored alone as a gray image (whole, all steps
+    at once); a gray image in the same run stays gray; alpha is dropped, saying so."""
+    rgb = np.asarray(Image.open(files / "rgb" / "c.png"))
+    big = np.tile(rgb, (4, 3, 1))[:75, :70]  # more than one 64-pixel tile
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.concatenate([big, np.full((75, 70, 1), 128, np.uint8)], 2)).save(src / "c.png")
+    for c in range(3):
+        Image.fromarray(np.ascontiguousarray(big[..., c])).save(src / f"g{c}.png")
+    common = ["--task", "denoise", "--sigma", "25", "--timesteps", "3"]
+    code, out, err = run(["restore", str(src), "-o", str(tmp_path / "a") + "/", "--colour",
+                          "per-channel", "--tile", "64", "--step-chunk", "2"] + common, capsys)
+    assert code == 0, err
+    assert "c.png (denoise, each RGB channel on its own" in out
+    assert "c.png: its alpha channel is dropped" in err
+    code, _, err = run(["restore", *(str(src / f"g{c}.png") for c in range(3)), "-o",
+                        str(tmp_path / "b") + "/", "--tile", "0"] + common, capsys)
+    assert code == 0, err
+    got = Image.open(tmp_path / "a" / "c.png")
+    want = np.stack([np.asarray(Image.open(tmp_path / "b" / f"g{c}.png")) for c in range(3)], -1)
+    assert got.mode == "RGB" and want.shape == (75, 70, 3)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    for c in range(3):  # the gray inputs of the --colour run: gray, as without it
+        gray = Image.open(tmp_path / "a" / f"g{c}.png")
+        assert gray.mode == "L" and np.array_equal(np.asarray(gray), want[..., c])
+
+
+def test_evaluate_colour_per_channel(files, tmp_path, capsys):
+    """evaluate --colour per-channel: RGB images in RGB (a gray one in the folder
+    stays gray); the JSON has the usual fields and says so; the energy is the
+    whole image's: an RGB image's ANN MACs are three gray images' of its size; the
+    figures of the RGB image are RGB."""
+    data = tmp_path / "mixed"
+    data.mkdir()
+    Image.open(files / "rgb" / "c.png").save(data / "c.png")  # 20 x 24, as gray/im0.png
+    Image.open(files / "gray" / "im0.png").save(data / "g.png")
+    common = ["--task", "denoise", "--sigma", "25", "--timesteps", "2", "--ann-weights",
+              str(files / "dncnn.pt")]
+    js = tmp_path / "r.json"
+    code, out, err = run(["evaluate", "--data", str(data), "--color", "per-channel", "--json",
+                          str(js), "--figures", str(tmp_path / "fig")] + common, capsys)
+    assert code == 0, err
+    assert "2 images (1 in colour, each channel on its own)" in out
+    r = json.loads(js.read_text())
+    assert r["task"] == "denoise" and r["images"] == 2
+    assert r["colour"] == "per-channel" and r["colour_images"] == 1
+    assert set(r["ann"]) == {"psnr", "ssim", "energy_mj"}
+    assert {"timesteps", "psnr", "ssim", "psnr_loss", "conversion_rate", "energy_mj",
+            "firing_rate"} <= set(r["snn"][0])
+    assert all(np.isfinite(v) for v in (r["ann"]["psnr"], r["ann"]["ssim"], r["snn"][0]["psnr"]))
+    gray = tmp_path / "g.json"
+    code, _, err = run(["evaluate", "--data", str(files / "gray"), "--json", str(gray)] + common,
+                       capsys)
+    assert code == 0, err
+    one = json.loads(gray.read_text())["ann"]["energy_mj"]  # a 20 x 24 gray image
+    assert r["ann"]["energy_mj"] == pytest.approx((3 * one + one) / 2, rel=1e-12)
+    assert np.asarray(Image.open(tmp_path / "fig" / "c_noisy_ann_snn_clean.png")).ndim == 3
+    assert np.asarray(Image.open(tmp_path / "fig" / "g_noisy_ann_snn_clean.png")).ndim == 2
 
 
 @pytest.mark.parametrize("task,image,weights", [("denoise", "gray/im0.png", "dncnn.pt"),
@@ -175,7 +243,9 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
 @pytest.mark.parametrize("argv,match", [
     (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/nowhere"], "no such directory"),
     (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/empty"], "no image files"),
-    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/rgb"], "RGB image"),
+    # an RGB image for the grayscale model: refused by default, naming the option
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/rgb"],
+     "c.png: an RGB image .*--colour per-channel"),
     (["evaluate", "--task", "denoise", "--sigma", "30", "--data", "{d}/gray"], "unknown sigma"),
     (["evaluate", "--task", "denoise", "--data", "{d}/gray"], "--sigma is required"),
     (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/gray", "--ann-weights",
@@ -187,7 +257,20 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
     (["restore", "{d}/gray/missing.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25"],
      "no such image"),
     (["restore", "{d}/rgb/c.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
-      "--ann-weights", "{d}/dncnn.pt"], "RGB image"),
+      "--ann-weights", "{d}/dncnn.pt"], "c.png: an RGB image .*--colour per-channel"),
+    # --colour per-channel: for a grayscale denoising model only
+    (["restore", "{d}/rgb/c.png", "-o", "{o}/x.png", "--task", "dehaze", "--colour",
+      "per-channel"], "--colour per-channel applies to --task denoise only"),
+    (["evaluate", "--task", "dehaze", "--data", "{d}/haze", "--color", "per-channel"],
+     "--colour per-channel applies to --task denoise only"),
+    (["restore", "{d}/rgb/c.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
+      "--colour", "per-channel", "--snn-weights", "{d}/snn3.pt"], r"takes 3 channels \(a colour"),
+    (["restore", "{d}/rgb/c.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
+      "--colour", "per-channel", "--ann-weights", "{d}/dncnn3.pt"], r"takes 3 channels \(a colour"),
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/rgb", "--colour",
+      "per-channel", "--ann-weights", "{d}/dncnn3.pt"], r"takes 3 channels \(a colour"),
+    (["restore", "{d}/rgb/c.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
+      "--colour", "rgb"], "--colour.*invalid choice"),
     (["restore", "{d}/gray/im0.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
       "--ann-weights", "{d}/missing.pt"], "No such file|no such"),
     (["restore", "{d}/gray/im0.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",

@@ -1131,6 +1131,69 @@ def test_restore_is_the_network_on_the_image(arch):
         restore((img * 255).astype(np.uint8), snn)
 
 
+def test_restore_per_channel_is_each_channel_as_gray():
+    """restore(colour="per-channel"): a grayscale network restores an H x W x 3
+    image's channels as one batch of three: each channel as restored alone (whole
+    or in tiles), the 8-bit image bit for bit; the floats up to float32 rounding
+    (oneDNN's float32 convolutions, the SNN's read-out and the ANN's, can round a
+    batch of three apart from one image by an ulp; the spikes are the same); a
+    gray image is restored as without it; without it an RGB image is refused with
+    the hint; a colour network and an unknown mode raise."""
+    import numpy as np
+    from spikingir.metrics import to_uint8
+    from spikingir.pipeline import for_inference, restore
+    ann = tiny_dncnn()
+    snn = for_inference(to_snn(ann, images(1, n=1), 3))
+    img = np.random.default_rng(0).random((19, 23, 3)).astype(np.float32)
+    for net in (snn, ann):
+        want = np.stack([restore(np.ascontiguousarray(img[..., c]), net, tile=0)
+                         for c in range(3)], -1)
+        for tile in (0, 8):
+            out = restore(img, net, tile=tile, colour="per-channel")
+            assert out.shape == img.shape and out.dtype == np.float32
+            np.testing.assert_allclose(out, want, atol=1e-6, rtol=0)
+            np.testing.assert_array_equal(to_uint8(out), to_uint8(want))
+    gray = np.ascontiguousarray(img[..., 1])
+    np.testing.assert_array_equal(restore(gray, snn, colour="per-channel"), restore(gray, snn))
+    with pytest.raises(ValueError, match="colour='per-channel' restores each channel"):
+        restore(img, snn)
+    colour_net = DnCNN(depth=3, channels=4, image_channels=3, batchnorm=False).eval()
+    with pytest.raises(ValueError, match="takes 3 channels"):
+        restore(img, colour_net, colour="per-channel")
+    with pytest.raises(ValueError, match="takes 3 channels"):
+        restore(img, tiny_aodnet(), colour="per-channel")
+    with pytest.raises(ValueError, match="colour: expected None or 'per-channel'"):
+        restore(img, snn, colour="rgb")
+
+
+def test_denoise_samples_in_colour(tmp_path):
+    """denoise_samples(colour="per-channel"): an RGB file keeps its three channels,
+    with the protocol's noise drawn over H x W x 3 at seed 0, its input the noisy
+    channels as a batch [3, 1, H, W]; a gray file stays gray; the built-in photos
+    keep their own kind. Without it an RGB file is refused, naming --colour."""
+    import numpy as np
+    from PIL import Image
+    from spikingir.data import add_gaussian_noise
+    from spikingir.pipeline import denoise_samples
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (14, 17, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.png")
+    c, g = denoise_samples(25, tmp_path, colour="per-channel")
+    assert c.clean.shape == (14, 17, 3) and np.array_equal(c.clean, rgb / np.float32(255))
+    noisy = add_gaussian_noise(c.clean, 25, seed=0)
+    assert c.inputs.shape == (3, 1, 14, 17)
+    assert torch.equal(c.inputs[:, 0], torch.from_numpy(noisy).permute(2, 0, 1))
+    assert g.clean.shape == (14, 17) and g.inputs.shape == (1, 1, 14, 17)
+    with pytest.raises(ValueError, match="c.png: an RGB image .*--colour per-channel"):
+        denoise_samples(25, tmp_path)
+    with pytest.raises(ValueError, match="colour: expected None or 'per-channel'"):
+        denoise_samples(25, tmp_path, colour="luma")
+    built_in = {s.name: s for s in denoise_samples(25, crop=16, colour="per-channel")}
+    assert built_in["camera"].clean.shape == (16, 16)            # a gray photo
+    assert built_in["astronaut"].inputs.shape == (3, 1, 16, 16)  # a colour one
+
+
 # ------------------------------------------------------------ layer calibration
 
 def _output_mse(snn, ann, xs):
@@ -1250,6 +1313,9 @@ def test_bad_conversion_and_restore_arguments_are_clear_errors():
     for bad in ([2.5], [0], [], [True]):
         with pytest.raises(ValueError, match="timesteps: expected ints >= 1"):
             evaluate("denoise", ann, snn, samples, bad, sigma=25)
+    batch = [Sample("b", torch.rand(2, 3, 16, 16), np.zeros((16, 16, 3), np.float32))]
+    with pytest.raises(ValueError, match=r"b: inputs: expected \[1, C, H, W\]"):
+        evaluate("denoise", ann, snn, batch, [2], sigma=25)  # not one image
 
 
 def test_bad_layer_calibration_arguments():
