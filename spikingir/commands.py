@@ -145,13 +145,12 @@ def _add_model_args(p, snn_weights=True):
                             "on training images)")
 
 
-def _layer_calibration(args, chain=True):
+def _layer_calibration(args):
     """--layer-calibration as to_snn's argument (None for none; auto: weights for
-    denoising with a DnCNN or conv chain, none for dehazing and for a network of
-    the graph conversion, ``chain`` False, which has no layer order to calibrate
-    in); bias or weights refused for dehazing."""
+    denoising, with a DnCNN, a conv chain or another CNN of the graph conversion,
+    none for dehazing); bias or weights refused for dehazing."""
     if args.layer_calibration == "auto":
-        return "weights" if args.task == "denoise" and chain else None
+        return "weights" if args.task == "denoise" else None
     if args.layer_calibration == "none":
         return None
     if args.task != "denoise":
@@ -167,14 +166,7 @@ def _convert(ann, calib, timesteps, args, layers=True):
     return to_snn(ann, calib, timesteps, neuron=args.neuron, percentile=args.percentile,
                   per_channel=not args.per_layer, v0=args.v0, recycling=not args.no_recycling,
                   backend=args.backend, offset_percentile=args.offset_percentile,
-                  layer_calibration=_layer_calibration(args, _is_chain(ann)) if layers else None)
-
-
-def _is_chain(ann):
-    """Whether to_snn converts ``ann`` as a conv chain (DnCNN, your own chain)
-    rather than through the graph conversion (``spikingir.models.graph``)."""
-    from spikingir.convert import _is_chain as is_chain
-    return is_chain(ann)
+                  layer_calibration=_layer_calibration(args) if layers else None)
 
 
 def _warn_amp(args, device):
@@ -261,8 +253,8 @@ def _add_conversion_args(p):
                         "images so each spiking layer reproduces its ANN activation: bias "
                         "(per-channel bias correction) or weights (least-squares weights, then "
                         "bias; spikingir.convert.calibrate_layers); auto (default): weights for "
-                        "DnCNN and conv chains, none for AOD-Net and networks with skips "
-                        "(--ann-module). Measured on the official s25 weights, T=10, "
+                        "denoising (DnCNN, conv chains, networks with skips from --ann-module), "
+                        "none for AOD-Net. Measured on the official s25 weights, T=10, "
                         "Set12 crops (before the read-out clamp of 2026-11-29): loss 3.17 dB "
                         "converted, 1.47 with weights (81 s on 2 "
                         "cores); after 147 fine-tuning steps 1.56 from none, 1.14 from weights")
@@ -320,7 +312,7 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
     else:
         calib = calibration_inputs(task, sigma)
         snn = _convert(ann, calib, timesteps, args)
-        method = _layer_calibration(args, _is_chain(ann))
+        method = _layer_calibration(args)
         layers = "" if method is None else f", layer calibration: {method}"
         origin = (f"converted ANN ({args.neuron}, p{args.percentile:g}, v0={args.v0}{layers}, "
                   f"calibrated on {len(calib)} built-in images, not fine-tuned)")
@@ -595,14 +587,13 @@ def _convert_ann(args, sigma, timesteps, ann=None, layers=True):
 
 
 def _cmd_convert(args):
-    from spikingir.models.graph import SpikingGraph
     from spikingir.pipeline import save_snn
 
     _set_threads(args)
     sigma = _sigma_of(args)
     check_outputs(args.out)
     snn, source = _convert_ann(args, sigma, args.timesteps)
-    method = _layer_calibration(args, not isinstance(snn, SpikingGraph))
+    method = _layer_calibration(args)
     meta = {"task": args.task, "sigma": sigma, "steps": 0, "timesteps": args.timesteps,
             "init": "conversion", "ann": str(args.ann_weights or "shipped"),
             "ann_module": args.ann_module,
@@ -642,6 +633,7 @@ def _cmd_finetune(args):
 
     from spikingir.finetune import DEFAULT_PATCH, finetune_snn, timesteps_record
     from spikingir.models import conv_chain
+    from spikingir.models.graph import SpikingGraph, graph_net
     from spikingir.pipeline import load_ann, save_snn
 
     device = _device(args)
@@ -668,10 +660,16 @@ def _cmd_finetune(args):
         # resuming, the checkpoint replaces every weight: no layer calibration to redo
         resuming = args.resume and os.path.exists(args.checkpoint)
         snn, _ = _convert_ann(args, sigma, max(args.timesteps), ann=ann, layers=not resuming)
-        calibration = _layer_calibration(args, _is_chain(ann))  # none for a graph network
         if args.freeze_mapper and calibration == "weights" and not resuming:
             # layer calibration refits the mapper too; the ablation keeps the ANN's output conv
-            snn.mapper.conv.load_state_dict(conv_chain(ann).convs()[-1].state_dict())
+            # (a graph SNN's read-out convs: the ANN's, by node name)
+            if isinstance(snn, SpikingGraph):
+                ann_layers, mapper = graph_net(ann).layers, {id(m) for m in snn.mapper}
+                for name, conv in snn.layers.items():
+                    if id(conv) in mapper:
+                        conv.load_state_dict(ann_layers[name].state_dict())
+            else:
+                snn.mapper.conv.load_state_dict(conv_chain(ann).convs()[-1].state_dict())
     fingerprint = snn.meta.get("ann_fingerprint")  # the ANN it came from, when recorded
     t0 = time.time()
     try:

@@ -278,7 +278,7 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
             convs reading the spikes add the offsets' contribution back
             (``SpikingAODNet``). ``"auto"`` (default): ``DEFAULT_OFFSET_PERCENTILE``
             for AOD-Net, None (no offsets) for DnCNN.
-        layer_calibration: DnCNN and conv chains only: after conversion, ``"bias"`` or
+        layer_calibration: not for AOD-Net: after conversion, ``"bias"`` or
             ``"weights"`` runs :func:`calibrate_layers` with that method on
             ``calib_images`` at ``timesteps`` (None: thresholds only).
 
@@ -312,8 +312,8 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
     if layer_calibration not in (None, "bias", "weights"):
         raise ValueError(f"layer_calibration: expected None, 'bias' or 'weights', got {layer_calibration!r}")
     if layer_calibration is not None and isinstance(ann, AODNet):
-        raise ValueError("layer_calibration: for DnCNN and conv chains only (a converted AOD-Net "
-                         "already matches its ANN: benchmarks/RESULTS.md)")
+        raise ValueError("layer_calibration: not for AOD-Net (a converted AOD-Net already "
+                         "matches its ANN: benchmarks/RESULTS.md)")
     if offset_percentile == "auto":
         offset_percentile = DEFAULT_OFFSET_PERCENTILE if isinstance(ann, AODNet) else None
     from spikingir.pipeline import ann_fingerprint
@@ -344,9 +344,6 @@ def to_snn(ann, calib_images, timesteps, neuron="mprn", percentile=99.9, per_cha
     else:  # any other CNN, read through torch.fx (spikingir.models.graph)
         if offset_percentile is not None:
             raise ValueError("offset_percentile: for AOD-Net only")
-        if layer_calibration is not None:
-            raise ValueError("layer_calibration: for DnCNN and conv chains only (a network with "
-                             "skips or concatenations has no layer order to calibrate in)")
         net = _graph_net(ann)  # BN folded, float32 copies
         _check_traced(ann, net, calib_images)
         thetas = calibrate(net, calib_images, percentile, per_channel)
@@ -394,7 +391,8 @@ def _fit_conv(conv, inputs, targets, ridge):
 @torch.no_grad()
 def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, ridge=_RIDGE,
                      target_floor=_TARGET_FLOOR):
-    """Layer-wise post-conversion calibration of a converted DnCNN or conv chain, in place
+    """Layer-wise post-conversion calibration of a converted DnCNN, conv chain or other
+    CNN (:mod:`spikingir.models.graph`), in place
     (after Li et al. 2021, "A free lunch from ANN: towards efficient, accurate
     spiking neural networks calibration"; no backpropagation through time).
 
@@ -416,9 +414,31 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
       The pixel mapper is fitted the same way to the ANN's output conv.
 
     The first conv sees the image, as in the ANN, so it only gets the bias
-    correction. ``snn`` is the ``SpikingDnCNN`` (or ``SpikingChain``) that
-    ``to_snn`` made of ``ann`` (same layers); it is calibrated at its
-    ``timesteps`` and returned.
+    correction. ``snn`` is the ``SpikingDnCNN`` (or ``SpikingChain``, or
+    ``SpikingGraph``) that ``to_snn`` made of ``ann`` (same layers; where the SNN
+    records the ANN's fingerprint, the same weights too; for a graph SNN also the
+    ``GraphNet`` of it); it is calibrated at its ``timesteps`` and returned.
+
+    A graph SNN (skips, concatenations, pooling, upsampling) is calibrated neuron
+    layer by neuron layer in graph order. A layer's input current is a linear
+    expression of conv outputs and other values (``h + conv(y)``, a
+    concatenation of convs, ...). The convs calibrated there are the ones whose
+    outputs reach it through linear ops only and that nothing below has read
+    yet (a conv feeding two layers is calibrated for the first). Such a conv ``u``
+    that enters channels ``[o, o + C_u)`` of the current as ``alpha * u`` plus other
+    terms (``+``, ``-``, ``*`` and ``/`` by numbers, ``cat``) is fitted as above to
+    ``(max(z, floor) - rest) / alpha``, ``rest`` the other terms computed from the
+    SNN's rates (so a skip's quantisation error is corrected by the conv beside
+    it); several such convs on the same channels are fitted one after another,
+    each given the others. Its bias is then corrected, each channel of the
+    current by one conv. Bias correction only: a conv that reads the input, a
+    grouped or transposed conv (a BatchNorm that is not after a conv is a
+    grouped 1x1 conv), and one whose output is pooled or upsampled on the way
+    (a per-channel shift passes through, the pixels do not). The read-out convs
+    (``snn.mapper``) are fitted in the same way to the ANN's output (with
+    ``"weights"`` only; one that cannot be fitted gets the mean error's bias
+    shift). Other convs are kept. ``snn.meta["calibrated_layers"]`` then says
+    what happened to each conv, by node name.
     Measured (benchmarks/RESULTS.md, official DnCNN-S s25, per-channel thresholds,
     Set12 crops): PSNR loss at T=10 3.17 dB converted, 2.71 with ``bias``, 1.47
     with ``weights`` (T=5: 4.90, 4.42, 3.32), in 81 s on 2 CPU cores.
@@ -427,10 +447,22 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
         raise ValueError(f"method: expected 'bias' or 'weights', got {method!r}")
     if not isinstance(bias_iters, int) or bias_iters < 0:
         raise ValueError(f"bias_iters: expected an int >= 0, got {bias_iters!r}")
+    if isinstance(snn, SpikingGraph):
+        net = _graph_of(snn, ann)
+        if net is not ann:  # a GraphNet's state dict is not the network's it was made of
+            _check_fingerprint(snn, ann)
+        device = next(snn.parameters()).device
+        images = _calib_inputs(calib_images, snn.in_channels, device)
+        with snn.kept_spike_conv():
+            snn.use_spike_conv(False)  # the convs read theta * s: rates in activation units
+            report = _calibrate_graph(snn, net.to(device), images, method, bias_iters, ridge,
+                                      target_floor)
+        snn.meta["calibrated_layers"] = report
+        return snn
     if not isinstance(snn, SpikingChain):
-        raise TypeError(f"calibrate_layers: expected a SpikingDnCNN or SpikingChain (from to_snn), "
-                        f"got {type(snn).__name__}; a converted AOD-Net already matches its ANN "
-                        "(benchmarks/RESULTS.md)")
+        raise TypeError(f"calibrate_layers: expected a SpikingDnCNN, SpikingChain or SpikingGraph "
+                        f"(from to_snn), got {type(snn).__name__}; a converted AOD-Net already "
+                        "matches its ANN (benchmarks/RESULTS.md)")
     if not isinstance(ann, (DnCNN, nn.Sequential, Residual)):
         raise TypeError(f"calibrate_layers: expected the DnCNN or conv chain the SNN was converted "
                         f"from, got {type(ann).__name__}")
@@ -441,6 +473,7 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
         raise ValueError("calibrate_layers: the ANN's convolutions do not match the SNN's "
                          "(another depth, width or geometry): pass the network it was converted "
                          "from")
+    _check_fingerprint(snn, ann)
     device = snn.conv1.weight.device
     images = _calib_inputs(calib_images, snn.conv1.in_channels, device)
     ann_convs = [c.to(device) for c in ann_convs]
@@ -474,17 +507,28 @@ def _calibrate_chain(snn, ann_convs, images, method, bias_iters, ridge, target_f
                 out.append((y, snn._rate(neuron, y, v_final[0]) if readout else y.sum(0) / T))
             return out
 
-        spikes, rates = map(list, zip(*_correct_bias(convs[i], currents, layer_outputs, z,
-                                                     bias_iters)))
+        spikes, rates = map(list, zip(*_correct_bias(_shift_bias(convs[i]), currents,
+                                                     layer_outputs, z, bias_iters)))
         h = [torch.relu(zi) for zi in z]
     if method == "weights":
         _fit_conv(convs[-1], rates, [ann_convs[-1](a) for a in h], ridge)
 
 
-def _correct_bias(conv, currents, layer_outputs, z, iters):
-    """Shifts ``conv``'s bias (and the ``currents`` it made) per channel until the
-    mean rate of the layer equals the mean of ``ReLU(z)`` over all images and
-    pixels; returns the layer's (y, rate) per image at the chosen shift.
+def _shift_bias(conv):
+    """``_correct_bias``'s ``move`` where ``conv`` alone makes the currents (a chain's
+    layer): its bias and the currents move by the same per-channel shift."""
+    def move(currents, delta):
+        conv.bias += delta
+        return [cur + delta.view(1, 1, -1, 1, 1) for cur in currents]
+    return move
+
+
+def _correct_bias(move, currents, layer_outputs, z, iters):
+    """Shifts the bias of the conv(s) feeding a layer per channel until the mean
+    rate of the layer equals the mean of ``ReLU(z)`` over all images and pixels;
+    returns the layer's (y, rate) per image at the chosen shift. ``move(currents,
+    delta)`` shifts the biases so that channel c of the layer's input current
+    moves by ``delta[c]``, and returns the moved ``currents``.
 
     Newton steps on the per-channel error: d(mean rate)/d(bias) is first the
     ANN's (its fraction of active pixels), then the secant of the last step; a
@@ -498,8 +542,7 @@ def _correct_bias(conv, currents, layer_outputs, z, iters):
     best_err, best_shift = torch.full_like(target, float("inf")), shift
 
     def moved_by(delta):
-        conv.bias += delta
-        return [cur + delta.view(1, 1, -1, 1, 1) for cur in currents]
+        return move(currents, delta)
 
     out = layer_outputs(currents)
     for it in range(iters + 1):
@@ -520,3 +563,362 @@ def _correct_bias(conv, currents, layer_outputs, z, iters):
     if not torch.equal(best_shift, shift):
         out = layer_outputs(moved_by(best_shift - shift))
     return out
+
+
+def _check_fingerprint(snn, ann):
+    """Refuses an ``ann`` of the right layers but other weights than the ANN that
+    ``snn`` records it was converted from (``meta["ann_fingerprint"]``, set by
+    ``to_snn``): calibrating towards another network's activations would quietly
+    make the SNN a worse copy of both."""
+    from spikingir.pipeline import ann_fingerprint
+    recorded = snn.meta.get("ann_fingerprint")
+    if recorded is not None and recorded != ann_fingerprint(ann):
+        raise ValueError("calibrate_layers: the ANN has the SNN's layers but other weights than "
+                         "the ANN it was converted from (its fingerprint differs): pass the "
+                         "network it was converted from")
+
+
+def _graph_of(snn, ann):
+    """The :class:`GraphNet` of ``ann`` (BN folded, float32 copies), refused unless it
+    is the network of ``snn`` (a SpikingGraph): the same traced ops and convs."""
+    from spikingir.models.graph import graph_config
+    if not isinstance(ann, nn.Module):
+        raise TypeError(f"calibrate_layers: expected the nn.Module the SNN was converted from, "
+                        f"got {type(ann).__name__}")
+    net = ann if isinstance(ann, GraphNet) else _graph_net(ann)
+    if graph_config(net) != graph_config(snn):
+        raise ValueError(f"calibrate_layers: the ANN's traced graph ({type(ann).__name__}: its "
+                         "ops and convolutions) does not match the SNN's: pass the network it "
+                         "was converted from")
+    return net
+
+
+_SIZE_KINDS = ("shape", "item", "size_arith")
+
+
+def _graph_targets(net, images):
+    """Per image, the ANN's pre-activations at each ReLU (a list per neuron layer)
+    and its output; and every tensor node's [C, H, W] (of the first image)."""
+    from spikingir.models.graph import _apply, _resolve, _size_op
+    zs, outs, shapes = [[] for _ in net.relus], [], {}
+    for k, x in enumerate(images):
+        env = {}
+        for name, kind, args, info in net.program:
+            if kind == "input":
+                env[name] = x
+            elif kind == "output":
+                outs.append(env[args[0].name])
+            elif kind == "relu":
+                zs[info].append(env[args[0].name])
+                env[name] = torch.relu(env[args[0].name])
+            elif kind in _SIZE_KINDS:
+                env[name] = _size_op(kind, _resolve(args, env), info, lambda t: t.shape)
+            else:
+                env[name] = _apply(kind, net.layers[name] if kind == "conv" else None,
+                                   _resolve(args, env), _resolve(info, env))
+        if k == 0:
+            shapes = {n: tuple(v.shape[1:]) for n, v in env.items() if isinstance(v, torch.Tensor)}
+    return zs, outs, shapes
+
+
+def _graph_value(snn, name, env):
+    """Node ``name`` of ``snn``'s program on the values in ``env`` (node -> ``_Value``),
+    as ``SpikingGraph.forward`` computes it: per step ([steps, B, C, H, W]) when a
+    value it reads is per step, else once (static values; rates); a static conv
+    as the input current."""
+    from spikingir.models.graph import _apply, _resolve, _size_op, _Value
+    st = snn._structure
+    _, kind, args, info = st.ops[name]
+    vals = _resolve(args, env)
+    if kind in _SIZE_KINDS:
+        return _size_op(kind, vals, info, lambda v: v.shape)
+    info = _resolve(info, env)
+    tensors = [v for v in (vals[0] if kind == "cat" else vals) if isinstance(v, _Value)]
+    seq = any(v.seq for v in tensors)
+    if kind == "cat":
+        return _Value(torch.cat([v.t.expand(snn.steps, *v.t.shape) if seq and not v.seq else v.t
+                                 for v in vals[0]], 2 if seq else 1), seq)
+    if kind in ("add", "sub", "mul", "div"):  # a static value broadcasts over the steps
+        a, b = (v.t if isinstance(v, _Value) else v for v in vals)
+        return _Value(_apply(kind, None, (a, b), None), seq)
+    x = vals[0].t
+    flat = x.flatten(0, 1) if seq else x
+    if kind == "conv":
+        conv = snn.layers[name]
+        out = (snn._input_current(flat, conv) if name in st.static and type(conv) is nn.Conv2d
+               else conv(flat))
+    else:  # avgpool, upsample
+        out = _apply(kind, None, (flat,), info)
+    return _Value(out.unflatten(0, x.shape[:2]) if seq else out, seq)
+
+
+def _ensure(snn, envs, names):
+    """Computes the nodes ``names`` and the ones they need that are missing, in
+    program order, in every image's ``env`` (neuron outputs are there already)."""
+    st, need, todo = snn._structure, set(), list(names)
+    while todo:
+        n = todo.pop()
+        if n in need or n in envs[0]:
+            continue
+        assert st.ops[n][1] != "relu", n  # neurons run in graph order, before their readers
+        need.add(n)
+        todo += st.deps(n)
+    for n in st.order:
+        if n in need:
+            for env in envs:
+                env[n] = _graph_value(snn, n, env)
+
+
+def _merge(parts):
+    """How ``u`` enters a sum or concatenation (see :func:`_reach`) from its parts'."""
+    hits = [p for p in parts if p != 0]
+    if not hits:
+        return 0
+    if any(p is None for p in hits) or len({p[1] for p in hits}) > 1:
+        return None
+    alpha = sum(p[0] for p in hits)
+    return None if alpha == 0 else (alpha, hits[0][1], all(p[2] for p in hits))
+
+
+def _reach(st, top, u, cone, shapes):
+    """How conv node ``u`` enters node ``top`` through the linear ops of ``cone``:
+    ``(alpha, offset, exact)`` when channels ``offset .. offset + C_u`` of ``top``
+    are ``alpha * u`` plus terms without ``u`` (``exact``: through +, -, * and / by
+    numbers and cat only; else an avgpool or upsample lies between, which moves a
+    per-channel constant as it is but mixes pixels); 0 when ``u`` does not reach
+    ``top``; None otherwise (at two channel offsets, broadcast, scaled by a size)."""
+    from spikingir.models.graph import _is_number, _Ref
+    memo = {}
+
+    def tensor(a):
+        return isinstance(a, _Ref) and st.ops[a.name][1] not in _SIZE_KINDS
+
+    def walk(n):
+        if n == u:
+            return (1.0, 0, True)
+        if n not in cone:
+            return 0
+        if n not in memo:
+            _, kind, args, _ = st.ops[n]
+            if kind in ("add", "sub"):
+                parts = []
+                for j, a in enumerate(args):
+                    m = walk(a.name) if tensor(a) else 0
+                    if m and shapes.get(a.name) != shapes.get(n):
+                        m = None  # broadcast over channels or pixels
+                    parts.append((-m[0], m[1], m[2]) if m and kind == "sub" and j == 1 else m)
+                r = _merge(parts)
+            elif kind in ("mul", "div"):
+                t, k = args if tensor(args[0]) else args[::-1]
+                m = walk(t.name)
+                r = (m if not m else None if not _is_number(k) else
+                     (m[0] * (k if kind == "mul" else 1.0 / k), m[1], m[2]))
+            elif kind == "cat":
+                parts, off = [], 0
+                for a in args[0]:
+                    m = walk(a.name)
+                    parts.append(m and (m[0], m[1] + off, m[2]))
+                    off += shapes[a.name][0]
+                r = _merge(parts)
+            else:  # avgpool, upsample
+                m = walk(args[0].name)
+                r = m and (m[0], m[1], False)
+            memo[n] = r
+        return memo[n]
+
+    return walk(top)
+
+
+def _feeders(st, top, done, shapes, readers):
+    """The convs that make node ``top`` (a neuron layer's input current, or the
+    output) and can be calibrated for it. Returns ``(late, fresh, cone)``:
+    ``cone``, the nodes between ``top`` and the convs, neurons and input it is a
+    linear expression of; ``fresh``, ``[(conv, how it enters top: see _reach)]``
+    for the convs of that boundary that nothing computed so far (``done``) reads,
+    directly or through other nodes, and whose outputs reach nothing but the cone
+    on the way to ``top`` (changing them changes nothing below); ``late``, the
+    fresh convs and the cone nodes after them, in program order, computed once
+    they are calibrated."""
+    cone, bound, todo = set(), set(), [top]
+    while todo:
+        n = todo.pop()
+        if n in cone or n in bound:
+            continue
+        if st.ops[n][1] in ("conv", "relu", "input") + _SIZE_KINDS or n in done:
+            bound.add(n)
+        else:
+            cone.add(n)
+            todo += st.deps(n)
+    need, todo = set(), [top]  # what computing top needs
+    while todo:
+        n = todo.pop()
+        if n not in need and n not in done and st.ops[n][1] != "relu":
+            need.add(n)
+            todo += st.deps(n)
+    fresh, late = [], set()
+    for u in (n for n in st.order if n in bound and n not in done and st.ops[n][1] == "conv"):
+        after, todo = set(), [u]
+        while todo:
+            for r in readers[todo.pop()]:
+                if r in need and r not in after:
+                    after.add(r)
+                    todo.append(r)
+        if after <= cone:
+            fresh.append((u, _reach(st, top, u, cone, shapes)))
+            late |= after | {u}
+    return [n for n in st.order if n in late], fresh, cone
+
+
+def _calibrate_graph(snn, net, images, method, bias_iters, ridge, target_floor):
+    """:func:`calibrate_layers` of a ``SpikingGraph`` (see there); returns what was
+    done to each conv. Two environments per image follow the SNN: ``seq``, every
+    node's value as the SNN computes it (per step, or once for static nodes), and
+    ``rates``, the values on the neurons' rates (``sum_t y[t] / T``), the ANN's
+    computation on what the SNN's layers emit: the fits' inputs and other terms."""
+    from spikingir.models.graph import _Value
+    st, T, S = snn._structure, snn.timesteps, snn.steps
+    zs, outs, shapes = _graph_targets(net, images)
+    readers = {n: [] for n in st.order}
+    for m in st.order:
+        for d in set(st.deps(m)):
+            readers[d].append(m)
+    per_step = {n: [m for m in rs if m in st.seq or m in st.static or st.ops[m][1] == "relu"]
+                for n, rs in readers.items()}
+    source = next(n for n in st.order if st.ops[n][1] == "input")
+    seq = [{source: _Value(x)} for x in images]
+    rates = [{source: _Value(x)} for x in images]
+    readout = [{} for _ in images]  # the read-out neurons' rates (recycling included)
+    done = {source}  # nodes computed: their convs are fixed from then on
+    report = {n: "kept (no neuron or output reads it through linear ops only)" for n in snn.layers}
+
+    def fit(top, goal, late, fresh, cone, envs):
+        """Fits the fresh convs that can be fitted to ``goal`` (per image, top's
+        target), one after another, each given the others (``envs``: the rates)."""
+        late_cone = [n for n in late if n in cone]
+        _ensure(snn, envs, {d for n in late for d in st.deps(n)} - set(late))
+        fitted = []
+        for u, how in fresh:
+            conv = snn.layers[u]
+            if (how and how[2] and u not in st.static and type(conv) is nn.Conv2d
+                    and conv.groups == 1):
+                alpha, off = how[0], how[1]
+                ch = slice(off, off + conv.out_channels)
+                targets = []
+                for env, g in zip(envs, goal):
+                    if u == top:  # the conv alone: its target is top's, as in the chain
+                        targets.append(g)
+                        continue
+                    tmp = dict(env)
+                    for f, _ in fresh:
+                        tmp[f] = _graph_value(snn, f, tmp)
+                    tmp[u] = _Value(torch.zeros_like(tmp[u].t))
+                    for n in late_cone:
+                        tmp[n] = _graph_value(snn, n, tmp)
+                    targets.append((g[:, ch] - tmp[top].t[:, ch]) / alpha)
+                _fit_conv(conv, [env[st.ops[u][2][0].name].t for env in envs], targets, ridge)
+                fitted.append(u)
+        return fitted
+
+    for i, relu in enumerate(st.relus):
+        neuron, top = snn.neurons_[i], st.ops[relu][2][0].name
+        late, fresh, cone = _feeders(st, top, done, shapes, readers)
+        _ensure(snn, seq, [n for n in st.deps(relu) if n not in late] +
+                [d for n in late for d in st.deps(n) if d not in late])
+        fitted = []
+        if method == "weights" and any(how for _, how in fresh):
+            floor = -target_floor * _per_channel(neuron.effective_theta().detach())
+            fitted = fit(top, [torch.maximum(z, floor) for z in zs[i]], late, fresh, cone, rates)
+        for n in late:
+            for env in seq:
+                env[n] = _graph_value(snn, n, env)
+        done.update(n for n in seq[0])
+        # bias correction: each channel of the current moved by the first fresh conv on it
+        moves, taken = [], torch.zeros(shapes[top][0], dtype=torch.bool)
+        for u, how in fresh:
+            if not how:
+                report[u] = "kept (reaches the neuron layer other than per channel)"
+                continue
+            alpha, off = how[0], how[1]
+            c_u = snn.layers[u].out_channels
+            free = ~taken[off:off + c_u]
+            taken[off:off + c_u] = True
+            ch = torch.nonzero(free).flatten().to(snn.layers[u].bias.device)
+            if len(ch) == 0:  # a sum of convs: the bias of the first one moves
+                report[u] = "weights" if u in fitted else "kept (another conv's bias moves)"
+                continue
+            moves.append((u, alpha, ch + off, ch))
+            kind = "transposed" if isinstance(snn.layers[u], nn.ConvTranspose2d) else "grouped"
+            report[u] = ("weights, bias" if u in fitted else "bias" if method == "bias" else
+                         "bias (reads the input)" if u in st.static else
+                         "bias (pooled or upsampled on the way)" if not how[2] else
+                         f"bias ({kind} conv)")
+        late_cone = [n for n in late if n in cone]
+
+        def currents():
+            return [v.t if v.seq else v.t.unsqueeze(0).expand(S, *v.t.shape)
+                    for v in (env[top] for env in seq)]
+
+        def move(_, delta):
+            for u, alpha, ch_top, ch_u in moves:
+                d = delta.new_zeros(snn.layers[u].out_channels)
+                d[ch_u] = delta[ch_top] / alpha
+                snn.layers[u].bias += d
+                for env in seq:
+                    v = env[u]
+                    env[u] = _Value(v.t + d.view(-1, 1, 1), v.seq)
+            for n in late_cone:
+                for env in seq:
+                    env[n] = _graph_value(snn, n, env)
+            return currents()
+
+        def layer_outputs(cur, neuron=neuron, read_out=relu in st.readout):
+            """(y, rate) per image; a read-out layer's rate recycles its residual."""
+            out = []
+            for c in cur:
+                v_final = []
+                y = neuron(c, v_final_out=v_final)
+                out.append((y, snn._rate(neuron, y, v_final[0]) if read_out else y.sum(0) / T))
+            return out
+
+        result = (_correct_bias(move, currents(), layer_outputs, zs[i], bias_iters) if moves
+                  else layer_outputs(currents()))
+        for k, (y, r) in enumerate(result):
+            seq[k][relu] = _Value(y, True)
+            rates[k][relu] = _Value(y.sum(0) / T)
+            if relu in st.readout:
+                readout[k][relu] = _Value(r)
+        done.add(relu)
+        for env in rates:  # values on the rates of convs that have moved since
+            for n in late:
+                env.pop(n, None)
+        for n in [n for n, v in seq[0].items()  # per-step values nothing will read again
+                  if getattr(v, "seq", False) and all(r in done for r in per_step[n])]:
+            for env in seq:
+                del env[n]
+
+    # the read-out: computed once on the read-out neurons' rates, fitted to the ANN's output
+    envs = [{**{n: v for n, v in s.items() if n in st.static and isinstance(v, _Value)}, **r}
+            for s, r in zip(seq, readout)]
+    late, fresh, cone = _feeders(st, st.output, done | set(envs[0]), shapes, readers)
+    fitted = fit(st.output, outs, late, fresh, cone, envs) if method == "weights" else []
+    for u, how in fresh:
+        if u in st.static:
+            report[u] = "kept (a read-out conv of the input, as the ANN's)"
+        elif method == "bias":
+            report[u] = "kept (read-out: fitted by method 'weights' only)"
+        elif u in fitted:
+            report[u] = "weights (read-out)"
+        elif how:  # the bias shift that zeroes the mean error of its channels
+            alpha, off = how[0], how[1]
+            ch = slice(off, off + snn.layers[u].out_channels)
+            tmp = [dict(env) for env in envs]
+            for n in late:
+                for env in tmp:
+                    env[n] = _graph_value(snn, n, env)
+            err = sum((o - env[st.output].t)[:, ch].sum((0, 2, 3)) for o, env in zip(outs, tmp))
+            pixels = sum(o[:, ch].numel() // o[:, ch].shape[1] for o in outs)
+            snn.layers[u].bias += err / pixels / alpha
+            report[u] = "bias (read-out)"
+        else:
+            report[u] = "kept (reaches the output other than per channel)"
+    return report

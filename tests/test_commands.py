@@ -1195,20 +1195,38 @@ def test_ann_module_takes_your_own_network_through_the_cli(files, tmp_path, caps
 
 def test_ann_module_takes_a_network_with_skips(files, tmp_path, capsys):
     """--ann-module takes a network of the graph conversion (skips): convert writes a
-    graph SNN file (no layer calibration by default: it has no layer order) that
-    evaluate, restore and finetune take with --snn-weights; max pooling in it is
-    refused in one line before any work."""
+    graph SNN file (layer-calibrated by default, as to_snn with layer_calibration=
+    "weights" makes it) that evaluate, restore and finetune take with
+    --snn-weights; finetune --freeze-mapper keeps the ANN's read-out conv after
+    the calibration; max pooling in it is refused in one line before any work."""
+    from spikingir.convert import to_snn
+    from spikingir.pipeline import calibration_inputs, load_snn
     net, mod = _my_net(tmp_path, "mynet_for_skips")
     torch.manual_seed(0)
-    torch.save(mod.skips().state_dict(), tmp_path / "w.pt")
+    ann = mod.skips()
+    torch.save(ann.state_dict(), tmp_path / "w.pt")
     common = ["--task", "denoise", "--sigma", "25", "--ann-module", f"{net}:skips",
               "--ann-weights", str(tmp_path / "w.pt")]
     snn_file = tmp_path / "snn.pt"
     code, out, err = run(["convert", *common, "--timesteps", "2", "--out", str(snn_file),
-                          "--threads", "1"], capsys)
-    assert code == 0, err
+                          "--data", str(files / "gray48"), "--threads", "1"], capsys)
+    assert code == 0 and "and layer calibration (weights)" in out, err
     saved = torch.load(snn_file, weights_only=True)
-    assert saved["config"]["arch"] == "graph" and saved["meta"]["layer_calibration"] is None
+    assert saved["config"]["arch"] == "graph" and saved["meta"]["layer_calibration"] == "weights"
+    ref = to_snn(ann.eval(), calibration_inputs("denoise", 25, data=files / "gray48"), 2,
+                 per_channel=True, v0="half", layer_calibration="weights")
+    x = torch.rand(1, 1, 20, 22)
+    with torch.no_grad():
+        torch.testing.assert_close(load_snn(snn_file).eval()(x), ref(x), rtol=0, atol=1e-6)
+    code, _, err = run(["finetune", *common, "--timesteps", "2", "--steps", "1", "--batch-size",
+                        "2", "--data", str(files / "gray48"), "--val-data", str(files / "gray48"),
+                        "--val-crop", "32", "--no-progress", "--freeze-mapper", "--out",
+                        str(tmp_path / "frozen.pt")], capsys)
+    assert code == 0, err
+    frozen = torch.load(tmp_path / "frozen.pt", weights_only=True)
+    assert frozen["meta"]["layer_calibration"] == "weights"
+    assert torch.equal(frozen["state_dict"]["layers.tail.weight"], ann.tail.weight.detach())
+    assert not torch.equal(frozen["state_dict"]["layers.b.weight"], ann.b.weight.detach())
     code, out, err = run(["evaluate", *common, "--snn-weights", str(snn_file), "--data",
                           str(files / "gray"), "--timesteps", "2", "--threads", "1"], capsys)
     assert code == 0 and "| SNN | 2 |" in out, err

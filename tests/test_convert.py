@@ -1336,8 +1336,13 @@ def test_bad_layer_calibration_arguments():
     aod = tiny_aodnet()
     with pytest.raises(TypeError, match="expected a SpikingDnCNN"):
         calibrate_layers(to_snn(aod, images(3, n=2, size=16), 2), ann, calib)
-    with pytest.raises(ValueError, match="for DnCNN and conv chains only"):
+    with pytest.raises(ValueError, match="layer_calibration: not for AOD-Net"):
         to_snn(aod, images(3, n=2, size=16), 2, layer_calibration="weights")
+    other = copy.deepcopy(ann)  # the same layers, other weights: not the ANN converted
+    with torch.no_grad():
+        other.convs()[-1].weight.mul_(2)
+    with pytest.raises(ValueError, match="other weights than the ANN it was converted from"):
+        calibrate_layers(snn, other, calib)
     with pytest.raises(ValueError, match="layer_calibration: expected"):
         to_snn(ann, calib, 2, layer_calibration="yes")
 
