@@ -3,11 +3,17 @@ denoiser (EDSR-style blocks ``h + conv(ReLU(conv(h)))``, written as a plain
 nn.Module with functional ReLUs, and a global skip ``x - body(x)``), trained
 here on Train400, converted with to_snn's graph path (torch.fx;
 spikingir.models.graph) and evaluated against its ANN on Set12 crops: PSNR,
-SSIM, loss and the SNN/ANN energy ratio per T.
+SSIM, loss and the SNN/ANN energy ratio per T. With --layer-calibration M, the
+per-channel conversion is also calibrated layer by layer
+(spikingir.convert.calibrate_layers, method M) at each T and evaluated at that
+T (its wall time printed); with --finetune-steps N, the SNN calibrated at the
+largest T is then fine-tuned N steps (surrogate gradients at the T given,
+distilled from the ANN) and evaluated again.
 
     python benchmarks/convert_graph.py [--steps 400] [--width 32] [--blocks 3] [--T 4 10]
         [--threads 1] [--limit 4] [--crop 128] [--json OUT.json]
         [--save-ann ANN.pt] [--ann ANN.pt (skip training)]
+        [--layer-calibration {bias,weights} [--finetune-steps N]]
 
 A script, not a test; needs ../shared/data (train400, set12).
 """
@@ -41,8 +47,18 @@ class ResBlockDenoiser(nn.Module):
         return x - self.tail(h)
 
 
+def _print_row(name, rep, seconds):
+    a = rep["ann"]
+    print(f"\n{name} ({seconds}): ANN {a['psnr']:.2f} dB / {a['ssim']:.4f}")
+    for r in rep["snn"]:
+        print(f"  T={r['timesteps']}: {r['psnr']:.2f} dB / {r['ssim']:.4f} (loss "
+              f"{r['psnr_loss']:.2f}), energy {r['energy_mj'] / a['energy_mj']:.3f} of the ANN, "
+              f"firing {r['firing_rate']:.3f}")
+
+
 def main(argv=None):
-    from spikingir.convert import to_snn
+    from spikingir.convert import calibrate_layers, to_snn
+    from spikingir.finetune import finetune_snn
     from spikingir.data import DnCNNPatches, noisy
     from spikingir.evaluate import evaluate
     from spikingir.pipeline import calibration_inputs, denoise_samples
@@ -67,7 +83,13 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--save-ann", default=None, help="write the trained ANN's state dict here")
     p.add_argument("--ann", default=None, help="a state dict of this network: skip the training")
+    p.add_argument("--layer-calibration", choices=["bias", "weights"], default=None,
+                   help="add rows calibrated layer by layer with this method, one per T")
+    p.add_argument("--finetune-steps", type=cli._nonneg_int, default=0,
+                   help="with --layer-calibration: fine-tune the SNN calibrated at the largest T")
     args = p.parse_args(argv)
+    if args.finetune_steps and not args.layer_calibration:
+        p.error("--finetune-steps needs --layer-calibration (it starts from the calibrated SNN)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -104,13 +126,32 @@ def main(argv=None):
         rep = evaluate("denoise", ann, snn, samples, args.T, sigma=args.sigma)
         eval_s = time.time() - t0
         rows[name] = {"convert_s": conv_s, "eval_s": eval_s, "report": rep}
-        a = rep["ann"]
-        print(f"\n{name} (convert {conv_s:.1f} s, evaluate {eval_s:.0f} s): "
-              f"ANN {a['psnr']:.2f} dB / {a['ssim']:.4f}")
-        for r in rep["snn"]:
-            print(f"  T={r['timesteps']}: {r['psnr']:.2f} dB / {r['ssim']:.4f} (loss "
-                  f"{r['psnr_loss']:.2f}), energy {r['energy_mj'] / a['energy_mj']:.3f} of the ANN, "
-                  f"firing {r['firing_rate']:.3f}")
+        _print_row(name, rep, f"convert {conv_s:.1f} s, evaluate {eval_s:.0f} s")
+    snn = None
+    for T in args.T if args.layer_calibration else []:  # calibrated at the T it runs at
+        name = f"per channel, v0 theta/2, layer calibration ({args.layer_calibration}) at T={T}"
+        t0 = time.time()
+        snn = to_snn(ann, calib, T, per_channel=True, v0="half")
+        conv_s = time.time() - t0
+        t0 = time.time()
+        calibrate_layers(snn, ann, calib, method=args.layer_calibration)
+        calib_s = time.time() - t0
+        rep = evaluate("denoise", ann, snn, samples, [T], sigma=args.sigma)
+        rows[name] = {"convert_s": conv_s, "calibrate_s": calib_s, "report": rep,
+                      "calibrated_layers": snn.meta["calibrated_layers"]}
+        _print_row(name, rep, f"convert {conv_s:.1f} s, calibrate {calib_s:.1f} s")
+    if args.finetune_steps:  # from the SNN calibrated at the largest T
+        name = f"{name} + {args.finetune_steps} fine-tuning steps"
+        t0 = time.time()
+        finetune_snn(snn, "denoise", sigma=args.sigma, data=args.data, val_data=args.val_data,
+                     steps=args.finetune_steps, batch_size=8, timesteps=args.T, teacher=ann,
+                     distill=1.0, val_every=args.finetune_steps,
+                     log_every=max(1, args.finetune_steps // 10), progress=False)
+        tune_s = time.time() - t0
+        snn.timesteps = max(args.T)
+        rep = evaluate("denoise", ann, snn.eval(), samples, args.T, sigma=args.sigma)
+        rows[name] = {"finetune_s": tune_s, "report": rep}
+        _print_row(name, rep, f"fine-tune {tune_s:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "train_s": train_s, "rows": rows}, f, indent=1)

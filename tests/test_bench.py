@@ -132,6 +132,7 @@ _NO_GPU = "no CUDA device" if not backends.torch.cuda.is_available() else None
     ("convert_chain", ["--threads", "0"], "--threads: expected a positive integer, got 0"),
     ("convert_graph", ["--T", "4", "0"], "--T: expected a positive integer, got 0"),
     ("convert_graph", ["--threads", "0"], "--threads: expected a positive integer, got 0"),
+    ("convert_graph", ["--finetune-steps", "5"], "--finetune-steps needs --layer-calibration"),
     ("layer_calibration", ["--probe-T", "0"], "--probe-T: expected a positive integer, got 0"),
 ])
 def test_bench_scripts_refuse_bad_arguments_in_one_line(script, argv, message, capsys):
