@@ -437,7 +437,8 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
     (a per-channel shift passes through, the pixels do not). The read-out convs
     (``snn.mapper``) are fitted in the same way to the ANN's output (with
     ``"weights"`` only; one that cannot be fitted gets the mean error's bias
-    shift). Other convs are kept. ``snn.meta["calibrated_layers"]`` then says
+    shift). Other convs are kept, and so is a conv called at several nodes
+    (tied weights): fitting it for one call site would change the others. ``snn.meta["calibrated_layers"]`` then says
     what happened to each conv, by node name.
     Measured (benchmarks/RESULTS.md, official DnCNN-S s25, per-channel thresholds,
     Set12 crops): PSNR loss at T=10 3.17 dB converted, 2.71 with ``bias``, 1.47
@@ -790,6 +791,14 @@ def _calibrate_graph(snn, net, images, method, bias_iters, ridge, target_floor):
     readout = [{} for _ in images]  # the read-out neurons' rates (recycling included)
     done = {source}  # nodes computed: their convs are fixed from then on
     report = {n: "kept (no neuron or output reads it through linear ops only)" for n in snn.layers}
+    # tied weights (one layer called at several nodes): a fit or a bias move made
+    # for one call site would change the others' values behind the calibration's
+    # back (already computed ones, or a second term of the same sum), so such a
+    # layer keeps its converted weights
+    sites = {}
+    for n in snn.layers:
+        sites.setdefault(id(snn.layers[n]), []).append(n)
+    tied = {n: s for s in sites.values() if len(s) > 1 for n in s}
 
     def fit(top, goal, late, fresh, cone, envs):
         """Fits the fresh convs that can be fitted to ``goal`` (per image, top's
@@ -800,7 +809,7 @@ def _calibrate_graph(snn, net, images, method, bias_iters, ridge, target_floor):
         for u, how in fresh:
             conv = snn.layers[u]
             if (how and how[2] and u not in st.static and type(conv) is nn.Conv2d
-                    and conv.groups == 1):
+                    and conv.groups == 1 and u not in tied):
                 alpha, off = how[0], how[1]
                 ch = slice(off, off + conv.out_channels)
                 targets = []
@@ -837,6 +846,9 @@ def _calibrate_graph(snn, net, images, method, bias_iters, ridge, target_floor):
         for u, how in fresh:
             if not how:
                 report[u] = "kept (reaches the neuron layer other than per channel)"
+                continue
+            if u in tied:
+                report[u] = "kept (tied weights, also called at " + ", ".join(m for m in tied[u] if m != u) + ")"
                 continue
             alpha, off = how[0], how[1]
             c_u = snn.layers[u].out_channels
@@ -902,7 +914,9 @@ def _calibrate_graph(snn, net, images, method, bias_iters, ridge, target_floor):
     late, fresh, cone = _feeders(st, st.output, done | set(envs[0]), shapes, readers)
     fitted = fit(st.output, outs, late, fresh, cone, envs) if method == "weights" else []
     for u, how in fresh:
-        if u in st.static:
+        if u in tied:
+            report[u] = "kept (tied weights, also called at " + ", ".join(m for m in tied[u] if m != u) + ")"
+        elif u in st.static:
             report[u] = "kept (a read-out conv of the input, as the ANN's)"
         elif method == "bias":
             report[u] = "kept (read-out: fitted by method 'weights' only)"

@@ -929,6 +929,26 @@ def test_a_conv_called_twice_stays_one_layer(tmp_path):
         load_snn(tmp_path / "bad.pt")
 
 
+@pytest.mark.parametrize("method", ["bias", "weights"])
+def test_layer_calibration_keeps_a_tied_conv(method):
+    """calibrate_layers on a graph SNN with a conv called twice: the tied layer
+    keeps its converted weights and bias (a fit or bias move for one call site
+    would change the other's values behind the calibration; found when tied
+    weights and graph calibration met), stays one layer, and the others are
+    calibrated as usual."""
+    calib = images()
+    plain = to_snn(_Tied().eval(), calib, 4, per_channel=True, v0="half")
+    cal = to_snn(_Tied().eval(), calib, 4, per_channel=True, v0="half",
+                 layer_calibration=method)
+    report = cal.meta["calibrated_layers"]
+    assert cal.layers["c"] is cal.layers["c_1"]
+    assert report["c"] == "kept (tied weights, also called at c_1)"
+    assert report["c_1"] == "kept (tied weights, also called at c)"
+    for p, q in zip(plain.layers["c"].parameters(), cal.layers["c"].parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert not torch.equal(plain.layers["c1"].bias, cal.layers["c1"].bias)
+
+
 def test_a_conv_and_batchnorm_called_twice():
     """The same conv and BatchNorm called twice fold into one tied layer; the same
     conv followed by two different BatchNorms cannot share one folded layer:
