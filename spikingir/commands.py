@@ -213,6 +213,7 @@ def _check_gray_model(args, net):
     --snn-weights, --ann-weights or --ann-module of a colour network) is a one-line
     error. ``net``: the SNN, or the ANN before its conversion where its first conv
     reads the image (a DnCNN or conv chain; None: nothing to check)."""
+    from spikingir.convert import _is_chain
     from spikingir.models.graph import SpikingGraph
     from spikingir.models.spiking import SpikingChain
     from spikingir.pipeline import _image_channels
