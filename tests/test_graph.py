@@ -1016,3 +1016,36 @@ def test_input_channels_through_pooling_cat_and_numbers(tmp_path, how):
     obj["config"]["in_channels"] = None  # as saved before: found from the program
     torch.save(obj, tmp_path / "old.pt")
     assert load_snn(tmp_path / "old.pt").in_channels == 3
+
+
+class SharedAndStacked(nn.Module):
+    """A per-step value read by the currents of two neuron layers (``y``: made once
+    per chunk, kept until the second has run), and a ReLU of a ReLU."""
+
+    def __init__(self, w=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(1, w, 3, padding=1), nn.Conv2d(w, w, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(w, w, 3, padding=1), nn.Conv2d(2 * w, 1, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c2(F.relu(self.c1(x))) * 0.9
+        a = F.relu(y)
+        b = F.relu(y + self.c3(a))
+        return x - self.c4(torch.cat([a, F.relu(F.relu(b))], 1))
+
+
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_a_relu_of_a_relu_runs_on_masks(neuron):
+    """A neuron layer read directly by another one (``relu(relu(h))``, e.g. a
+    pre-activation block after a ReLU'd output) hands it float values, not masks
+    (found in review: in inference on spike_conv2d, for_inference's default, the
+    first emitted masks for the second: AttributeError 'SpikeMasks' object has no
+    attribute 'dtype')."""
+    snn = to_snn(SharedAndStacked().eval(), images(), 4, neuron=neuron, backend="cpp")
+    x = images(n=1, seed=11)[0]
+    with torch.no_grad():
+        floats = snn.use_spike_conv(True, backend="cpp", masks=False)(x)
+        masks = snn.use_spike_conv(True, backend="cpp", masks=True)(x)
+    torch.testing.assert_close(masks, floats, rtol=1e-5, atol=1e-6)
+

@@ -398,8 +398,8 @@ class _Structure:
             if n in self.seq or n in self.static or self.ops[n][1] == "relu":
                 for d in self.deps(n):
                     self.last_read[d] = n
-                    if n in self.seq:
-                        self.seq_readers[d].append(n)
+                    if n in self.seq or self.ops[n][1] == "relu":  # a neuron reads its input
+                        self.seq_readers[d].append(n)  # per step (relu(relu(h)) too)
 
     def _closure(self, starts):
         """The nodes those in ``starts`` need, down to neurons (whose outputs
