@@ -1237,6 +1237,13 @@ def test_ann_module_takes_a_network_with_skips(files, tmp_path, capsys):
                           str(snn_file)], capsys)
     assert code == 0, err
     assert np.asarray(Image.open(dst)).shape == (20, 24)
+    code, out, err = run(["restore", str(files / "gray" / "im0.png"), "-o",  # graphs chunk too
+                          str(tmp_path / "chunked.png"), "--task", "denoise", "--sigma", "25",
+                          "--timesteps", "2", "--snn-weights", str(snn_file), "--step-chunk",
+                          "1"], capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "chunked.png")),
+                          np.asarray(Image.open(dst)))
     code, _, err = run(["finetune", "--task", "denoise", "--sigma", "25", "--snn-weights",
                         str(snn_file), "--timesteps", "2", "--steps", "1", "--batch-size", "2",
                         "--data", str(files / "gray48"), "--val-data", str(files / "gray48"),

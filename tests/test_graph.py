@@ -773,11 +773,9 @@ def test_untraceable_and_odd_models_are_refused():
     snn = to_snn(ResBlocks(), images(n=1), 2)
     with pytest.raises(ValueError, match=r"input must be \[B, 1, H, W\]"):
         snn(torch.rand(1, 3, 8, 8))
-    # step chunks are the chain's and AOD-Net's: refused, not silently ignored
-    with pytest.raises(ValueError, match="step_chunk: not supported by a graph SNN"):
-        snn.step_chunk = 2
-    snn.step_chunk = None
-    assert snn.step_chunk is None
+    for bad in (0, 2.0, True):  # step_chunk: the chain's check
+        with pytest.raises(ValueError, match="step_chunk: expected None or an int >= 1"):
+            snn.step_chunk = bad
 
 
 @pytest.mark.parametrize("make, neuron, per_channel, recycling", [
@@ -1049,3 +1047,95 @@ def test_a_relu_of_a_relu_runs_on_masks(neuron):
         masks = snn.use_spike_conv(True, backend="cpp", masks=True)(x)
     torch.testing.assert_close(masks, floats, rtol=1e-5, atol=1e-6)
 
+
+@pytest.mark.parametrize("make", [ResBlocks, TinyUNet, OddOps, SharedAndStacked,
+                                  _Scaled, _Summed, _Pooled, _Tied])
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_graph_step_chunks_compute_the_unchunked_forward(make, neuron):
+    """step_chunk = N on a graph SNN (layer-major, as the chain's): each neuron
+    layer's current (a conv of spikes, a sum with a skip, a concatenation, pooled
+    or upsampled spikes, a transposed conv) is made N steps at a time and the
+    neurons continue from the chunk before's potential. The same statistics
+    (recorded: float spikes) and read-out potentials as all steps at once; the
+    output bit for bit in inference on masks (spikes read as values by a skip are
+    kept as masks and turned back into the same values) and up to float rounding
+    elsewhere (spike values summed per chunk); N >= T is one chunk. Hooks run once
+    per chunk, on its currents."""
+    snn = to_snn(make().eval(), images(), 5, neuron=neuron, backend="cpp")
+    x = torch.cat(images(n=2, seed=11))
+    readout = [snn.neurons_[snn._structure.ops[r][3]] for r in snn._structure.readout]
+
+    def run(n, mode):
+        snn.step_chunk = n
+        snn.use_spike_conv(mode != "dense", backend="cpp", masks=mode == "masks")
+        snn.record_stats(mode == "dense")
+        with torch.no_grad():
+            return snn(x), snn.stats, [m.v_final for m in readout]
+
+    for mode in ("dense", "values", "masks"):
+        ref, ref_stats, ref_v = run(None, mode)
+        for n in (1, 2, 3, 5, 8):  # 2 and 3 do not divide T = 5
+            out, stats, v = run(n, mode)
+            assert stats == ref_stats and all(map(torch.equal, v, ref_v)), (mode, n)
+            if mode == "masks" or n >= 5:
+                assert torch.equal(out, ref), (mode, n)
+            else:
+                torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert 0 < snn.firing_rate() < 1
+    snn.record_stats(False).use_spike_conv(False)
+    whole, parts = [], []
+    for n, held in ((None, whole), (2, parts)):
+        hooks = [m.register_forward_hook(lambda m, i, o, held=held: held.append(i[0]))
+                 for m in snn.neurons_]
+        run(n, "dense")
+        for h in hooks:
+            h.remove()
+    assert [p.shape[0] for p in parts] == [2, 2, 1 + (neuron == "mprn")] * len(snn.neurons_)
+    for k, a in enumerate(whole):
+        assert torch.equal(torch.cat(parts[3 * k:3 * k + 3]), a), k
+
+
+def test_graph_step_chunks_keep_skipped_spikes_as_masks():
+    """In inference on masks with step_chunk, a neuron layer whose spikes a skip
+    reads as values (here every block's output: read by the next block's conv and
+    its sum) emits masks too, kept for all steps at 1 bit a spike, and its readers
+    get the values back: every neuron layer runs the masks kernel, none the
+    float one. Its hidden layers keep no potential after the forward (as the
+    chain's); the read-out layer its own."""
+    snn = to_snn(ResBlocks().eval(), images(), 5, backend="cpp")
+    snn.use_spike_conv(True, backend="cpp")
+    x = images(n=1, seed=3)[0]
+    with torch.no_grad():
+        ref, ran_ref = snn(x), ran_ops(lambda: snn(x))
+        snn.step_chunk = 2
+        out, ran = snn(x), ran_ops(lambda: snn(x))
+    assert torch.equal(out, ref)
+    assert "spikingir::neuron_fwd" in ran_ref and "spikingir::neuron_fwd" not in ran
+    assert "spikingir::neuron_fwd_masks" in ran
+    assert [n.v_final is None for n in snn.neurons_] == [True] * 4 + [False]
+
+
+@pytest.mark.parametrize("make", [ResBlocks, TinyUNet, _Scaled, _Summed, _Tied])
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_graph_step_chunks_with_autograd_give_the_unchunked_gradients(make, neuron):
+    """With autograd the chunks chain through each neuron's start potential: the
+    same output and gradients (float64: no rounding in the network; the energy
+    estimate's spike sums are float32) and energy estimate (summed per chunk)."""
+    snn = to_snn(make().eval(), images(), 4, neuron=neuron, backend="torch").double()
+    snn.track_energy()
+    x = torch.cat(images(n=2, seed=8)).double()
+    got = []
+    for n in (None, 1, 3):
+        snn.step_chunk = n
+        snn.zero_grad()
+        y = snn(x)
+        (y.square().sum() + snn.energy_ratio).backward()
+        got.append((y.detach(), float(snn.energy_ratio.detach()),
+                    {k: p.grad.clone() for k, p in snn.named_parameters()}))
+    (ref, ref_energy, ref_grads), *chunked = got
+    assert ref_energy > 0 and any(g.abs().sum() > 0 for k, g in ref_grads.items() if "theta" in k)
+    for out, energy, grads in chunked:
+        assert torch.equal(out, ref)
+        assert energy == pytest.approx(ref_energy, rel=1e-6)
+        for k in ref_grads:
+            torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7)
