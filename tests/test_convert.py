@@ -194,6 +194,46 @@ def test_recycled_rate_is_clamped_at_zero():
         spike_rate(y, v, v0, 2, clamp="total")
 
 
+@pytest.mark.parametrize("clamp", ["rate", "residual"])
+def test_recycled_rate_in_place_is_the_same_bits(clamp):
+    """spike_rate(in_place=True), the masks read-out's (inference): the same
+    arithmetic on the caller's [1, ...] sum, so the same bits, with v0 or without,
+    recycling or not; the sum is overwritten. Under autograd it is not in place."""
+    g = torch.Generator().manual_seed(0)
+    for T, recycling, half in ((10, True, True), (7, True, False), (3, False, True)):
+        y = torch.randint(0, T + 2, (1, 2, 5, 7, 9), generator=g) * (torch.rand(5, 1, 1) + 0.3)
+        v = torch.randn(2, 5, 7, 9, generator=g)
+        v0 = (torch.rand(5, 1, 1, generator=g) / 2).expand(2, 5, 7, 9) if half else None
+        want = spike_rate(y, v, v0, T, recycling, clamp)
+        mine = y.clone()
+        with torch.no_grad():
+            got = spike_rate(mine, v, v0, T, recycling, clamp, in_place=True)
+        assert torch.equal(got, want) and got.data_ptr() == mine.data_ptr()
+    kept = y.clone()
+    assert torch.equal(spike_rate(y, v, v0, T, recycling, clamp, in_place=True), want)
+    assert torch.equal(y, kept)
+
+
+def test_mask_counts_of_chunks_are_the_counts_of_all_steps():
+    """The read-out's spike counts of SpikeMasks, added chunk by chunk into byte
+    lanes (_MaskCounts, a byte per neuron): the counts of all steps at once
+    (SpikeMasks.counts), for channel counts that fill no byte or word, and past
+    255 steps (a byte lane's limit: then added into floats)."""
+    from spikingir.models.spiking import _MaskCounts
+    g = torch.Generator().manual_seed(1)
+    for steps, C, sizes in ((5, 64, (2, 2, 1)), (9, 5, (4, 5)), (7, 70, (1,) * 7),
+                            (300, 3, (100, 200)), (600, 9, (600,))):
+        s = torch.rand(steps, 2, C, 3, 4, generator=g) < 0.4
+        masks = ops.SpikeMasks.from_dense(s)
+        acc, k = _MaskCounts(C), 0
+        for n in sizes:
+            acc.add(masks[k:k + n])
+            k += n
+        got = acc.counts()
+        assert got.is_contiguous() and got.dtype == torch.float32
+        assert torch.equal(got, masks.counts(0)) and torch.equal(got, s.sum(0).float())
+
+
 def test_recycled_rate_of_a_constant_input_is_its_relu():
     """IF with v0 = theta / 2 and a constant input x: spikes plus the recycled
     residual, clamped as a whole, give ReLU(x) exactly (count theta + v_T - v0 =

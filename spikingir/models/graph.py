@@ -969,8 +969,8 @@ class SpikingGraph(_SpikingNet):
     masks, up to float rounding otherwise; hooks run once per chunk. In inference
     on masks the hidden neuron layers keep no ``v_final`` then (memory, as the
     chain's). Measured: a 3-block width-32 residual net at 512 x 512, T=10
-    (1 thread, peak RSS above the model): 1303 MiB all at once, 573 with N=4,
-    381 with N=1."""
+    (1 thread, peak RSS above the model): 1303 MiB all at once, 539 with N=4,
+    351 with N=1."""
 
     def __init__(self, net: GraphNet, neurons, timesteps, neuron_kind="mprn", recycling=True):
         super().__init__(timesteps, neuron_kind, recycling)

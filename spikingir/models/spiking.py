@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spikingir import ops
+from spikingir.ops.masks import _BYTE_LOW_BITS
 from spikingir.ops.spike_conv import conv_out_hw, supports as spike_conv_supports
 from spikingir.energy import (E_MAC_PJ, E_SOP_PJ, _window_sops, conv_call_macs, conv_mean_fanout,
                               conv_sops, snn_energy_mj)
@@ -97,6 +98,70 @@ def _has_hooks(module, backward=False):
         hooks += [module._backward_hooks, module._backward_pre_hooks, m._global_backward_hooks,
                   m._global_backward_pre_hooks]
     return any(hooks)
+
+
+class _MaskCounts:
+    """Spikes per neuron of SpikeMasks summed over their steps, chunk by chunk, in
+    little memory: the read-out's spike counts (:meth:`_SpikingNet._spike_sum`).
+
+    Held as 8 int64 "lanes" [B, H, W, words], as ``SpikeMasks.counts`` makes them
+    (``ops.masks._bit_planes``): byte q of lane j's word k counts channel
+    64 k + 8 q + j, at most 255 steps (then they are added into float32
+    ``floats``). A chunk adds each lane's sum over its steps in place: a byte per
+    neuron (1/4 of a float step) alive across the chunks, and 1/32 of a chunk's
+    float steps (C = 64) per lane while it is made. ``counts()`` turns the lanes
+    into float32 counts, contiguous [B, C, H, W] (as the sum over the steps
+    was): one new step, no other temporaries. Before, every chunk made float32
+    counts (the 8 lanes as floats, then stacked: ~2 steps) and added them into a
+    float32 sum: with N=1 the peak of the s25 SNN's forward (benchmarks/RESULTS.md).
+    ``reuse``: the MPRN reuse step's masks, the last chunk's (counted at the
+    read-out). The same integers. With the in-place rate (``spike_rate``'s
+    ``in_place``), the s25 SNN at 1000 x 1000, T=10 (peak RSS above the model,
+    fresh process, 1 thread): N=1 1922 -> 1211 MiB, N=4 2500 -> 1783, all steps
+    3263 -> 3264 (its peak is elsewhere); outputs bit for bit."""
+
+    __slots__ = ("lanes", "steps", "floats", "channels", "reuse")
+
+    def __init__(self, channels):
+        self.lanes, self.steps, self.floats, self.reuse = None, 0, None, None
+        self.channels = channels
+
+    def add(self, masks):
+        """Adds the counts of ``masks`` [steps, B, C, H, W] (IF steps)."""
+        for bits in masks.bits.split(255, 0):  # a byte lane holds up to 255
+            if self.steps + bits.shape[0] > 255:
+                self.floats = self.counts()
+                self.lanes, self.steps = None, 0
+            bits = bits.contiguous()
+            lanes = self.lanes or []
+            for j in range(8):  # one lane's temporary at a time
+                lane = ((bits >> j) & _BYTE_LOW_BITS).sum(0)
+                if len(lanes) > j:
+                    lanes[j] += lane
+                else:
+                    lanes.append(lane)
+            self.lanes = lanes
+            self.steps += bits.shape[0]
+
+    def counts(self):
+        """Float32 counts [B, C, H, W] (contiguous) of everything added."""
+        if self.lanes is None:
+            return self.floats
+        out = _lane_counts(self.lanes, self.channels)
+        return out if self.floats is None else out.add_(self.floats)
+
+
+def _lane_counts(lanes, C):
+    """Float32 counts [B, C, H, W], contiguous, of ``C`` channels from 8 byte lanes
+    (see :class:`_MaskCounts`): lane j's bytes are channels j, j + 8, ..., each
+    copied into its channels (uint8 to float32, straight into the output)."""
+    B, H, W, _ = lanes[0].shape
+    out = torch.empty(B, C, H, W, device=lanes[0].device)
+    for j, lane in enumerate(lanes):
+        k = len(range(j, C, 8))
+        if k:
+            out[:, j::8].copy_(lane.view(torch.uint8).movedim(-1, 1)[:, :k])
+    return out
 
 
 class _SpikingNet(nn.Module):
@@ -219,15 +284,15 @@ class _SpikingNet(nn.Module):
     def _spike_sum(y, T, acc=None):
         """``acc`` plus the spikes ``y`` of one chunk (T IF steps, and the reuse
         step when it has more) summed over its steps, what the read-out needs of
-        them: SpikeMasks as their counts, [IF steps, reuse step or None] (integers,
-        exact in float32: the chunks add up to the whole run's bit for bit), values
-        as their sum [1, B, C, H, W] (one chunk: the sum of all steps at once)."""
+        them: SpikeMasks as their counts (a :class:`_MaskCounts`, added to in
+        place: masks are inference only; integers, exact in float32: the chunks
+        add up to the whole run's bit for bit), values as their sum [1, B, C, H, W]
+        (one chunk: the sum of all steps at once)."""
         if isinstance(y, ops.SpikeMasks):
-            part = [y[:T].counts(0), y[T:].counts(0) if y.shape[0] > T else None]
-            if acc is None:
-                return part
-            acc[0] += part[0]  # in place (masks are inference only): no new tensor per chunk
-            return [acc[0], part[1]]  # the reuse step is the last chunk's
+            acc = _MaskCounts(y.shape[2]) if acc is None else acc
+            acc.add(y[:T])
+            acc.reuse = y[T:] if y.shape[0] > T else None  # the reuse step is the last chunk's
+            return acc
         part = y.sum(0, keepdim=True)
         return part if acc is None else acc + part
 
@@ -237,22 +302,24 @@ class _SpikingNet(nn.Module):
         potential ``v_final`` (that call's, see the module docstring on threads)."""
         if isinstance(total, ops.SpikeMasks):
             total = self._spike_sum(total, self.timesteps)
-        if isinstance(total, list):
+        in_place = isinstance(total, _MaskCounts)
+        if in_place:
             # the values the neuron would have emitted, summed over the steps:
             # theta per IF-step spike, beta per reuse-step spike. In place (the
-            # counts are this call's, inference only) and taken out of the list:
-            # with step chunks the read-out is the forward's memory peak, and the
-            # counts, their scaled copies and their sum were all alive there
-            counts, reuse = total
-            total.clear()
+            # counts are this call's, inference only), the lanes dropped once
+            # counted: with step chunks the read-out is the forward's memory peak
+            counts, reuse = total.counts(), total.reuse
+            total.lanes = total.floats = total.reuse = None
             total = counts.mul_(_per_channel(neuron.effective_theta()))
             if reuse is not None:
-                total += reuse.mul_(_per_channel(neuron.beta))
+                once = _MaskCounts(reuse.shape[2])
+                once.add(reuse)
+                total += once.counts().mul_(_per_channel(neuron.beta))
             del reuse
             # counts are float32; the emitted values would have the layer's dtype
             total = total.unsqueeze(0).to(neuron.theta.dtype)  # one "step" holding the sum
         return spike_rate(total, v_final, self._v0(neuron, v_final), self.timesteps,
-                          self.recycling, self.readout_clamp)
+                          self.recycling, self.readout_clamp, in_place=in_place)
 
     def _release_graph(self):
         """Called once the read-out has used the neurons' ``v_final``: each keeps
