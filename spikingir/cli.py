@@ -138,6 +138,11 @@ def _add_train_ann(sub):
     p.add_argument("--val-data", metavar="DIR", help="validation data: Set12-like folder (denoise; "
                    "default ../shared/data/set12) or a paired folder (dehaze; default: the scenes "
                    "--val-scenes of --data, held out of training)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="denoise: 1 (default) trains a grayscale DnCNN; 3 a colour one "
+                        "(image_channels=3) on RGB patches, noise drawn per channel, validated in "
+                        "RGB: pass colour --data and --val-data (gray images are replicated to "
+                        "RGB, with a warning)")
     p.add_argument("--val-scenes", nargs="+", metavar="ID",
                    help="dehaze: scene ids of --data held out for validation (default: 1420 ... "
                         "1424 where --data has them all, as sots_train; else its last tenth)")
@@ -200,6 +205,8 @@ def _check_train_args(args):
         args.sigma = int(sigma)
         if args.val_scenes:
             raise _BadInput("--val-scenes applies to --task dehaze only")
+    elif args.channels is not None:
+        raise _BadInput("--channels applies to --task denoise only (AOD-Net takes RGB)")
     else:
         if args.sigma is not None:
             raise _BadInput("--sigma applies to --task denoise only")
@@ -334,7 +341,7 @@ def _cmd_train_ann(args):
             if args.steps is None and args.epochs is None:
                 common["epochs"] = 20
             res = train.train_denoiser(args.sigma, batch_size=args.batch_size or 128, val_crop=args.val_crop,
-                                       **common)
+                                       channels=args.channels or 1, **common)
         else:
             if args.steps is None and args.epochs is None:
                 common["epochs"] = 100

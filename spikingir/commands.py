@@ -1,9 +1,10 @@
 """Restoration commands of the ``spikingir`` CLI: evaluate, restore, finetune, demo.
 
 Errors a user can cause (missing or unreadable files, an RGB image for a
-grayscale model, unknown sigma, T < 1, a checkpoint of another model, an empty
-or mismatched data folder) print one line on stderr and exit with status 2;
-outputs are written only after everything succeeded, each atomically.
+grayscale model or a gray one for a colour model, unknown sigma, T < 1, a
+checkpoint of another model, an empty or mismatched data folder) print one line
+on stderr and exit with status 2; outputs are written only after everything
+succeeded, each atomically.
 """
 import argparse
 import os
@@ -125,7 +126,8 @@ def _device(args):
 def _add_model_args(p, snn_weights=True):
     """--task, --sigma and the weights files, shared by evaluate/restore/finetune."""
     p.add_argument("--task", choices=["denoise", "dehaze"], required=True,
-                   help="denoise (DnCNN, grayscale) or dehaze (AOD-Net, RGB)")
+                   help="denoise (DnCNN: the shipped ones grayscale; a model of yours of 3 "
+                        "input channels takes RGB images) or dehaze (AOD-Net, RGB)")
     p.add_argument("--sigma", type=float, default=None,
                    help="noise level (denoise): 15, 25 or 50 (restore: estimated from the image "
                         "when omitted, and the nearest model used)")
@@ -196,7 +198,8 @@ def _add_step_chunk_arg(p):
 
 def _add_colour_arg(p, what):
     p.add_argument("--colour", "--color", choices=["per-channel"], default=None, dest="colour",
-                   help=f"per-channel: {what}. Default: an RGB image is refused. Alpha is "
+                   help=f"per-channel: {what}. Default: a grayscale model refuses an RGB image "
+                        "(a colour model, of 3 input channels, takes it as it is). Alpha is "
                         "dropped; a 16-bit colour PNG is read at 8 bits (Pillow's limit)")
 
 
@@ -208,22 +211,48 @@ def _colour_of(args):
     return args.colour
 
 
-def _check_gray_model(args, net):
-    """--colour per-channel needs a grayscale model: a colour one (3 input channels:
-    --snn-weights, --ann-weights or --ann-module of a colour network) is a one-line
-    error. ``net``: the SNN, or the ANN before its conversion where its first conv
-    reads the image (a DnCNN or conv chain; None: nothing to check)."""
-    from spikingir.convert import _is_chain
-    from spikingir.models.graph import SpikingGraph
-    from spikingir.models.spiking import SpikingChain
-    from spikingir.pipeline import _image_channels
-    if not args.colour or net is None or not (isinstance(net, (SpikingChain, SpikingGraph))
-                                              or _is_chain(net)):
-        return
-    channels = _image_channels(net)
-    if channels not in (None, 1):
-        raise UserError(f"--colour {args.colour} runs a grayscale model on each RGB channel; this "
-                        f"one takes {channels} channels (a colour model)")
+def _denoise_channels(args, *nets):
+    """The image channels of the denoising model, read from the networks before any
+    image is (and before a conversion): 1 (grayscale: an RGB image needs --colour
+    per-channel) or 3 (a colour model: RGB images as they are, --colour refused).
+    ``nets``: (name, network) pairs that must agree, e.g. the --snn-weights SNN and
+    the ANN it is compared with; network None: a shipped one (grayscale). Another
+    count, or networks that disagree, are one-line errors. None for dehazing
+    (AOD-Net takes RGB images, a gray one replicated)."""
+    from spikingir.pipeline import input_channels
+    if args.task != "denoise":
+        return None
+    counts = []
+    for name, net in nets:
+        # None: no conv reads the image directly; the task's (gray), as --ann-module's probe
+        channels = 1 if net is None else input_channels(net) or 1
+        if channels not in (1, 3):
+            raise UserError(f"{name}: a denoising model of {channels} input channels; images "
+                            "have 1 (gray) or 3 (RGB)")
+        counts.append((name, channels))
+    (first, channels), *rest = counts
+    for name, other in rest:
+        if other != channels:
+            raise UserError(f"{first} takes {channels} image channel(s), {name} {other} (pass "
+                            "--ann-weights with the SNN's own ANN)")
+    colour = getattr(args, "colour", None)
+    if colour and channels != 1:
+        raise UserError(f"--colour {colour} runs a grayscale model on each RGB channel; this "
+                        f"one takes {channels} channels (a colour model: RGB images go in as "
+                        "they are, without --colour)")
+    return channels
+
+
+def _ann_name(args):
+    """How messages name the ANN: its file, or the shipped one."""
+    return args.ann_weights or "the shipped ANN"
+
+
+def _calib_channels(task, ann):
+    """The image channels to calibrate ``ann``'s conversion on: a denoising model's
+    own (1 where no conv reads the image); 1 for dehazing (its inputs are RGB anyway)."""
+    from spikingir.pipeline import input_channels
+    return (input_channels(ann) or 1) if task == "denoise" else 1
 
 
 def _add_conversion_args(p):
@@ -292,10 +321,10 @@ def _load_converted(path, task, args):
     return snn
 
 
-def _get_snn(task, sigma, ann, timesteps, args, ann_given):
-    """``--snn-weights``; else the shipped fine-tuned SNN when it applies (the
-    shipped ANN and no conversion option given); else a fresh conversion of ``ann``
-    with the conversion options."""
+def _get_snn(task, sigma, ann, timesteps, args, ann_given, loaded=None):
+    """``--snn-weights`` (``loaded``: that file, loaded already); else the shipped
+    fine-tuned SNN when it applies (the shipped ANN and no conversion option
+    given); else a fresh conversion of ``ann`` with the conversion options."""
     from spikingir.pipeline import calibration_inputs, for_inference
     from spikingir.weights import SNN_FILES, WEIGHTS_DIR
 
@@ -305,13 +334,13 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given):
         if name and (WEIGHTS_DIR / name).exists():
             path = WEIGHTS_DIR / name
     if path is not None:
-        snn = _load_converted(path, task, args)
+        snn = loaded if loaded is not None else _load_converted(path, task, args)
         _note_snn_source(args, path, snn, sigma, ann, "the PSNR loss and conversion rate compare "
                          "different networks (pass --ann-weights with the SNN's own ANN)")
         snn.timesteps = timesteps
         origin = f"SNN weights {path}"
     else:
-        calib = calibration_inputs(task, sigma)
+        calib = calibration_inputs(task, sigma, channels=_calib_channels(task, ann))
         snn = _convert(ann, calib, timesteps, args)
         method = _layer_calibration(args)
         layers = "" if method is None else f", layer calibration: {method}"
@@ -347,8 +376,13 @@ def _cmd_evaluate(args):
     if args.figures is not None:
         check_output_folder(args.figures, "--figures")
     check_distinct(("--json", args.json), ("--markdown", args.markdown), ("--figures", args.figures))
+    # the networks before the images: a colour model takes them in RGB
+    ann = load_ann(args.task, sigma, args.ann_weights, args.ann_module)
+    loaded = _load_converted(args.snn_weights, args.task, args) if args.snn_weights else None
+    channels = _denoise_channels(args, *([(args.snn_weights, loaded)] if loaded else []),
+                                 (_ann_name(args), ann))
     if args.task == "denoise":
-        samples = denoise_samples(sigma, args.data, args.limit, args.crop, colour)
+        samples = denoise_samples(sigma, args.data, args.limit, args.crop, colour, channels)
     else:
         samples = dehaze_samples(args.data, args.limit, args.crop, args.scenes)
     if args.figures is not None:  # one figure per image name
@@ -357,13 +391,12 @@ def _cmd_evaluate(args):
         if dup is not None:
             raise UserError(f"two images are named {dup} (other extensions): their --figures "
                             "would overwrite each other")
-    ann = load_ann(args.task, sigma, args.ann_weights, args.ann_module)
-    _check_gray_model(args, ann)  # before its conversion
-    snn, origin = _get_snn(args.task, sigma, ann, max(args.timesteps), args, args.ann_weights is not None)
-    _check_gray_model(args, snn)
+    snn, origin = _get_snn(args.task, sigma, ann, max(args.timesteps), args,
+                           args.ann_weights is not None, loaded)
     # in colour per channel: the inputs are batches of the three channels
     in_colour = sum(s.inputs.shape[0] > 1 for s in samples)
-    shown = f" ({in_colour} in colour, each channel on its own)" if colour else ""
+    shown = (f" ({in_colour} in colour, each channel on its own)" if colour else
+             " (in RGB: a colour model)" if channels == 3 else "")
     print(f"# {args.task}: {len(samples)} images{shown}; SNN: {origin}", flush=True)
     outputs = {} if args.figures else None
     report = evaluate(args.task, ann, snn, samples, args.timesteps, sigma, outputs, device=device,
@@ -456,7 +489,7 @@ def _cmd_restore(args):
     from spikingir.data import _header, estimate_noise_sigma, is_16bit_gray, load_image
     from spikingir.atomic import write_atomic
     from spikingir.metrics import to_uint8, to_uint16
-    from spikingir.pipeline import RGB_FOR_GRAY, load_ann, nearest_sigma, restore
+    from spikingir.pipeline import GRAY_FOR_RGB, RGB_FOR_GRAY, load_ann, nearest_sigma, restore
 
     device = _device(args)
     _set_threads(args)
@@ -465,11 +498,21 @@ def _cmd_restore(args):
     sigma = None if blind else _sigma_of(args)
     colour = _colour_of(args)
     jobs = _restore_jobs(args.images, args.output)  # before any work
+    # The network before the images, once: a colour model takes RGB ones. A file
+    # (--snn-weights, --ann-weights, --ann-module) serves every noise level; the
+    # shipped models (one per level, loaded below) are grayscale.
+    loaded = _load_converted(args.snn_weights, args.task, args) if args.snn_weights else None
+    own_ann = (load_ann(args.task, sigma, args.ann_weights, args.ann_module)
+               if not args.snn_weights and (args.ann_weights or args.ann_module) else None)
+    channels = _denoise_channels(args, (args.snn_weights, loaded) if loaded else
+                                 (_ann_name(args), own_ann))
 
     def read(src):
         img = load_image(src)
-        if args.task == "denoise" and img.ndim == 3 and not colour:
+        if channels == 1 and img.ndim == 3 and not colour:
             raise UserError(f"{src}: {RGB_FOR_GRAY}")
+        if channels == 3 and img.ndim == 2:
+            raise UserError(f"{src}: {GRAY_FOR_RGB}")
         if blind and min(img.shape[:2]) < 2:
             raise UserError(f"{src}: a {img.shape[0]}x{img.shape[1]} image is too small to "
                             "estimate its noise level; pass --sigma")
@@ -494,11 +537,9 @@ def _cmd_restore(args):
             chosen = "" if args.snn_weights else f": the sigma {level} model (--sigma chooses)"
             print(f"{src}: estimated noise sigma {estimate:.1f}{chosen}")
         if level not in nets:
-            ann = None if args.snn_weights else load_ann(args.task, level, args.ann_weights, args.ann_module)
-            _check_gray_model(args, ann)  # before its conversion
+            ann = own_ann if own_ann is not None or args.snn_weights else load_ann(args.task, level)
             snn, origin = _get_snn(args.task, level, ann, args.timesteps, args,
-                                   args.ann_weights is not None)
-            _check_gray_model(args, snn)
+                                   args.ann_weights is not None, loaded)
             nets[level] = snn.to(device), origin
         snn, origin = nets[level]
         # gray -> RGB for AOD-Net; --colour per-channel: an RGB image's channels as 3 gray ones
@@ -581,8 +622,10 @@ def _convert_ann(args, sigma, timesteps, ann=None, layers=True):
     _layer_calibration(args)  # refused before any loading
     if ann is None:
         ann = load_ann(args.task, sigma, args.ann_weights, args.ann_module)
+    _denoise_channels(args, (_ann_name(args), ann))  # 1 or 3
     calib_dir = _data_dir(args, "train400" if args.task == "denoise" else "sots_train")
-    calib = calibration_inputs(args.task, sigma, data=calib_dir)
+    calib = calibration_inputs(args.task, sigma, data=calib_dir,
+                               channels=_calib_channels(args.task, ann))
     source = f"{len(calib)} images of {calib_dir}" if calib_dir else f"{len(calib)} built-in photos"
     return _convert(ann, calib, timesteps, args, layers), source
 
@@ -654,6 +697,8 @@ def _cmd_finetune(args):
     teacher = ann if args.distill > 0 else None
     if args.snn_weights:  # continue from a fine-tuned SNN: no conversion
         snn = _load_converted(args.snn_weights, args.task, args)  # finetune_snn sets its T
+        if teacher is not None:  # the teacher takes the SNN's inputs
+            _denoise_channels(args, (args.snn_weights, snn), (_ann_name(args), teacher))
         _note_snn_source(args, args.snn_weights, snn, sigma, teacher,
                          "--distill trains it towards the latter")
     else:
@@ -850,7 +895,8 @@ def _cmd_refit_mapper(args):
     if data is None:
         raise UserError("no training data: pass --data DIR (clean images; ../shared/data/train400 "
                         "was not found)")
-    noisy, clean = denoise_pairs(sigma, data, args.images, args.crop)
+    channels = _denoise_channels(args, (path, snn))  # a colour SNN fits on RGB crops
+    noisy, clean = denoise_pairs(sigma, data, args.images, args.crop, channels=channels)
     t0 = time.time()
     refit_mapper(snn, noisy, clean, args.timesteps)
     ts = sorted(set(args.timesteps))

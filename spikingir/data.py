@@ -149,6 +149,25 @@ def load_gray(path) -> np.ndarray:
     return load_image(path, gray=True)
 
 
+_GRAY_FOLDERS_NOTED = set()
+
+
+def load_rgb(path) -> np.ndarray:
+    """A training or calibration image for a colour model (3 input channels):
+    ``load_image(path, gray=False)``, with one warning per folder when a file is
+    gray (replicated to the three channels: the model then learns or calibrates
+    on achromatic content only), as :func:`load_gray` warns of the reverse."""
+    img = load_image(path, gray=None)
+    if img.ndim == 3:
+        return img
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if folder not in _GRAY_FOLDERS_NOTED:
+        _GRAY_FOLDERS_NOTED.add(folder)
+        warnings.warn(f"{folder}: gray images are replicated to RGB for the colour denoising "
+                      "model (it sees no colour in them)", stacklevel=2)
+    return np.repeat(img[..., None], 3, 2)
+
+
 def _png_ihdr(path) -> tuple[int | None, int | None]:
     """(bit depth, colour type) from a PNG's IHDR chunk; (None, None) for other files."""
     try:
@@ -354,16 +373,17 @@ def _augment(x: torch.Tensor, mode: int) -> torch.Tensor:
 
 
 def _resize_bicubic(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Bicubic resize of an [H, W] float tensor, a = -0.75 and half-pixel centres
-    without antialiasing: OpenCV's INTER_CUBIC, used by the DnCNN generator."""
-    if (h, w) == tuple(img.shape):
+    """Bicubic resize of a [C, H, W] float tensor (each channel on its own), a =
+    -0.75 and half-pixel centres without antialiasing: OpenCV's INTER_CUBIC, used
+    by the DnCNN generator."""
+    if (h, w) == tuple(img.shape[-2:]):
         return img.clone()
-    return F.interpolate(img[None, None].double(), size=(h, w), mode="bicubic", align_corners=False,
-                         antialias=False)[0, 0].float()
+    return F.interpolate(img[None].double(), size=(h, w), mode="bicubic", align_corners=False,
+                         antialias=False)[0].float()
 
 
 class DnCNNPatches(Dataset):
-    """Clean training patches of the DnCNN data generator, as ``[1, patch,
+    """Clean training patches of the DnCNN data generator, as ``[channels, patch,
     patch]`` float32 tensors in [0, 1].
 
     Every image is resized by each of ``scales`` (size ``int(h*s) x int(w*s)``,
@@ -377,11 +397,16 @@ class DnCNNPatches(Dataset):
 
     Args:
         images: a directory, a sequence of image paths, or a sequence of
-            grayscale arrays (``H x W`` float in [0, 1] or uint8).
+            grayscale arrays (``H x W`` float in [0, 1] or uint8; ``H x W x 3``
+            with ``channels=3``).
+        channels: 1 (gray patches; colour files converted to luma, with a
+            warning) or 3 (RGB patches for a colour model; gray files replicated,
+            with a warning).
     """
 
     def __init__(self, images, patch: int = 40, stride: int = 10,
-                 scales: Sequence[float] = (1, 0.9, 0.8, 0.7), augment: bool = True):
+                 scales: Sequence[float] = (1, 0.9, 0.8, 0.7), augment: bool = True,
+                 channels: int = 1):
         for name, v in (("patch", patch), ("stride", stride)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"DnCNNPatches: {name} must be an int, got {type(v).__name__}")
@@ -393,19 +418,24 @@ class DnCNNPatches(Dataset):
         if not scales or not all(isinstance(s, numbers.Real) and not isinstance(s, bool) and 0 < s <= 8
                                  for s in scales):
             raise ValueError(f"DnCNNPatches: scales must be a non-empty sequence of numbers in (0, 8], got {scales}")
+        if isinstance(channels, bool) or channels not in (1, 3):
+            raise ValueError(f"DnCNNPatches: channels must be 1 (gray) or 3 (RGB), got "
+                             f"{channels!r}")
         self.patch, self.stride, self.scales, self.augment = int(patch), int(stride), scales, bool(augment)
+        self.channels = channels
 
-        sources = self._sources(images)
-        self.images: list[torch.Tensor] = []  # scaled images, uint8 or float32
+        sources = self._sources(images, channels)
+        self.images: list[torch.Tensor] = []  # scaled images [C, h, w], uint8 or float32
         index, too_small = [], []
         for n, src in enumerate(sources):
             from_file = isinstance(src, (str, os.PathLike))
-            arr = load_gray(src) if from_file else src
+            arr = (load_gray(src) if channels == 1 else load_rgb(src)) if from_file else src
             # 8-bit sources are re-quantised as the reference generator does; 16-bit
             # gray files keep their precision, as float arrays do
             quantize = (not is_16bit_gray(src)) if from_file else arr.dtype == np.uint8
             base = torch.from_numpy(np.asarray(arr, dtype=np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0))
-            h, w = base.shape
+            base = base[None] if base.dim() == 2 else base.permute(2, 0, 1)  # [C, H, W]
+            h, w = base.shape[1:]
             before = len(index)
             for s in scales:
                 hs, ws = int(h * s), int(w * s)  # int(): as the reference (180*0.7 -> 125)
@@ -430,10 +460,12 @@ class DnCNNPatches(Dataset):
         self.index = torch.tensor(index, dtype=torch.int64)
 
     @staticmethod
-    def _sources(images) -> list:
+    def _sources(images, channels=1) -> list:
         if isinstance(images, (str, os.PathLike)):
             return list(list_images(images))
-        if isinstance(images, np.ndarray):
+        if isinstance(images, np.ndarray) and channels == 3:
+            images = [images] if images.ndim == 3 else list(images)
+        elif isinstance(images, np.ndarray):
             if images.ndim == 3 and images.shape[-1] in (3, 4):
                 raise ValueError(f"DnCNNPatches: an array of shape {images.shape} looks like a colour "
                                  "image; pass grayscale H x W arrays (a 3-D array is a stack [N, H, W])")
@@ -445,7 +477,10 @@ class DnCNNPatches(Dataset):
             if isinstance(im, (str, os.PathLike)):
                 out.append(im)
             elif isinstance(im, np.ndarray):
-                if im.ndim != 2:
+                if channels == 3 and (im.ndim != 3 or im.shape[2] != 3):
+                    raise ValueError(f"DnCNNPatches: image {k} must be an H x W x 3 RGB array "
+                                     f"(channels=3), got shape {im.shape}")
+                if channels == 1 and im.ndim != 2:
                     raise ValueError(f"DnCNNPatches: image {k} must be a 2-D grayscale array, got shape {im.shape}")
                 if im.dtype != np.uint8 and not np.issubdtype(im.dtype, np.floating):
                     raise TypeError(f"DnCNNPatches: image {k} must be uint8 or float, got {im.dtype}")
@@ -461,11 +496,11 @@ class DnCNNPatches(Dataset):
         if not -len(self) <= n < len(self):
             raise IndexError(f"DnCNNPatches: index {n} out of range for {len(self)} patches")
         k, i, j = (int(v) for v in self.index[n])
-        x = self.images[k][i:i + self.patch, j:j + self.patch]
+        x = self.images[k][:, i:i + self.patch, j:j + self.patch]
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.clone()
         if self.augment:
             x = _augment(x, int(torch.randint(0, 8, ())))
-        return x.unsqueeze(0).contiguous()
+        return x.contiguous()
 
 
 # ----------------------------------------------------------------------------- dehazing pairs

@@ -25,8 +25,9 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
                  teacher=None, distill=0.0, energy_target=0.0):
     """Fine-tunes ``snn`` (from :func:`spikingir.convert.to_snn`) in place.
 
-    Denoising: DnCNN patches of ``data`` (default ``../shared/data/train400``),
-    ``patch`` x ``patch`` pixels (default 40, the ANN's training patches), with
+    Denoising: DnCNN patches of ``data`` (default ``../shared/data/train400``;
+    in RGB for a colour SNN, 3 input channels), ``patch`` x ``patch`` pixels
+    (default 40, the ANN's training patches), with
     fresh Gaussian noise each batch, validated on ``val_data`` (Set12)
     center crops. ``train_mapper=False`` keeps the pixel mapper fixed as it is
     (the ANN's output conv after :func:`~spikingir.convert.to_snn`, unless its
@@ -75,12 +76,18 @@ def finetune_snn(snn, task, *, sigma=None, data=None, val_data=None, steps=200, 
         if sigma is None:
             raise ValueError("sigma: denoising needs the noise level to train at (e.g. sigma=25)")
         s = _check_sigma(sigma)
-        dataset = DnCNNPatches(data, patch=patch)
+        # a colour SNN (3 input channels) trains and validates on RGB images
+        from spikingir.pipeline import input_channels
+        channels = input_channels(snn) or 1
+        if channels not in (1, 3):
+            raise ValueError(f"finetune: a denoising SNN of {channels} input channels; the "
+                             "training images have 1 (gray) or 3 (RGB)")
+        dataset = DnCNNPatches(data, patch=patch, channels=channels)
 
         def make_batch(clean, dev):
             clean = clean.to(dev)
             return noisy(clean, s), clean
-        val_fn = denoise_validator(val_data, s, crop=val_crop, device=device)
+        val_fn = denoise_validator(val_data, s, crop=val_crop, device=device, channels=channels)
     elif task == "dehaze":
         data = data or default_data_dir("sots_train")
         if data is None:

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from spikingir.data import add_gaussian_noise, center_crop, list_images, load_gray, load_image
+from spikingir.data import (add_gaussian_noise, center_crop, list_images, load_gray, load_image,
+                            load_rgb)
 from spikingir.evaluate import Sample
 from spikingir.models import AODNet, DnCNN, load_dncnn
 from spikingir.models.spiking import SpikingAODNet, SpikingChain, SpikingDnCNN, make_neuron
@@ -69,6 +70,12 @@ COLOUR_MODES = (None, "per-channel")
 RGB_FOR_GRAY = ("an RGB image for the grayscale denoising model (--colour per-channel "
                 "denoises each RGB channel on its own)")
 
+#: The refusal of a gray photo by a colour denoising model: replicated to RGB, its
+#: noise would be the same in the three channels, not the independent noise per
+#: channel such a model is trained to remove.
+GRAY_FOR_RGB = ("a grayscale image for the colour denoising model (3 input channels; its noise "
+                "would be the same in all three): use a grayscale model")
+
 
 def _check_colour(colour, who):
     """Whether ``colour`` (one of COLOUR_MODES) asks for per-channel restoration."""
@@ -77,10 +84,27 @@ def _check_colour(colour, who):
     return colour == "per-channel"
 
 
-def denoise_samples(sigma, data=None, limit=None, crop=None, colour=None):
+def _check_image_channels(channels, who):
+    """``channels``, the image channels of a denoising model: 1 (gray) or 3 (RGB)."""
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ValueError(f"{who}: channels: expected 1 (a grayscale model) or 3 (a colour "
+                         f"model), got {channels!r}")
+    return channels
+
+
+def denoise_samples(sigma, data=None, limit=None, crop=None, colour=None, channels=1):
     """Noisy/clean samples: PNG/JPG/BMP/TIFF files in ``data`` (grayscale; an RGB
     file raises a ValueError), or the built-in photos in gray. Noise
     ``sigma/255 * N(0, 1)``, numpy seed 0 per image, not clipped.
+
+    ``channels=3``, for a colour model (3 input channels, e.g. ``DnCNN(image_channels=3)``):
+    every image in RGB, input ``[1, 3, H, W]``, noise ``add_gaussian_noise`` of the
+    H x W x 3 image (i.i.d. over pixels and channels, one seed-0 draw), PSNR over
+    all the channels' pixels and SSIM their mean, as below. A gray file (and the
+    built-in ``camera``) is replicated to RGB before the noise is drawn: the noisy
+    input is then a true colour one (independent noise per channel), which is what
+    a colour model expects (``spikingir restore`` refuses a gray photo instead: its
+    noise is already there, the same in the three channels).
 
     ``colour="per-channel"``: RGB files (and the built-in photos that are in colour)
     are evaluated in RGB, each channel denoised on its own by the grayscale model.
@@ -92,14 +116,19 @@ def denoise_samples(sigma, data=None, limit=None, crop=None, colour=None):
     image's (three channels' operations). Gray files stay gray. Alpha is dropped
     and a 16-bit colour PNG read at 8 bits, as :func:`spikingir.data.load_image` does."""
     per_channel = _check_colour(colour, "denoise_samples")
+    rgb = _check_image_channels(channels, "denoise_samples") == 3
+    if per_channel and rgb:
+        raise ValueError("denoise_samples: colour='per-channel' runs a grayscale model on each "
+                         "channel; a colour model (channels=3) takes the RGB images as they are")
     if data is None:
-        # gray=None: each photo in its own kind (camera stays gray)
-        named = [(n, _skimage_photo(n, gray=None if per_channel else True)) for n in DENOISE_EVAL]
+        # gray=None: each photo in its own kind (camera stays gray); False: all RGB
+        kind = False if rgb else None if per_channel else True
+        named = [(n, _skimage_photo(n, gray=kind)) for n in DENOISE_EVAL]
     else:
         named = []
         for p in list_images(data):
-            img = load_image(p)
-            if img.ndim == 3 and not per_channel:
+            img = load_image(p, gray=False if rgb else None)
+            if img.ndim == 3 and not (per_channel or rgb):
                 raise ValueError(f"{p}: {RGB_FOR_GRAY}")
             named.append((p.stem, img))
     named = named[:limit] if limit else named
@@ -107,8 +136,9 @@ def denoise_samples(sigma, data=None, limit=None, crop=None, colour=None):
     for name, clean in named:
         clean = center_crop(clean, crop)
         x = _to_input(add_gaussian_noise(clean, sigma, seed=0))  # [1, C, H, W]
-        # RGB: the channels as a batch of three gray images, [3, 1, H, W]
-        out.append(Sample(name, x.transpose(0, 1).contiguous() if x.shape[1] > 1 else x, clean))
+        # per channel: an RGB image's channels as a batch of three gray images, [3, 1, H, W]
+        out.append(Sample(name, x.transpose(0, 1).contiguous() if per_channel and x.shape[1] > 1
+                          else x, clean))
     return out
 
 
@@ -138,27 +168,37 @@ def dehaze_samples(data=None, limit=None, crop=None, scenes=None):
 MIN_CALIB_SIDE = 16
 
 
-def _calib_image(path, gray, crop):
-    """``path`` loaded for calibration (gray: via load_gray), centre-cropped to
-    ``crop``; a ValueError naming the file when it is smaller than MIN_CALIB_SIDE."""
-    img = load_gray(path) if gray else load_image(path, gray=False)
+def _calib_image(path, load, crop):
+    """``path`` read by ``load`` (load_gray, load_rgb, or load_image in RGB for
+    dehazing), centre-cropped to ``crop``; a ValueError naming the file when it is
+    smaller than MIN_CALIB_SIDE."""
+    img = load(path)
     if min(img.shape[:2]) < MIN_CALIB_SIDE:
         raise ValueError(f"{path}: {img.shape[0]} x {img.shape[1]} is too small to calibrate on "
                          f"(at least {MIN_CALIB_SIDE} x {MIN_CALIB_SIDE})")
     return center_crop(img, crop)
 
 
-def calibration_inputs(task, sigma=None, crop=128, data=None):
+def _load_rgb_as_is(path):
+    """A dehazing image in RGB (a gray one replicated, as AOD-Net's restore does)."""
+    return load_image(path, gray=False)
+
+
+def calibration_inputs(task, sigma=None, crop=128, data=None, channels=1):
     """Degraded inputs for threshold calibration, disjoint from the evaluation
     images: from the training data ``data`` (Train400 with noise; dehazing:
-    hazy images of the training scenes) or built-in photos."""
+    hazy images of the training scenes) or built-in photos. ``channels``: the
+    denoising model's image channels, 1 (images in gray, colour files as luma) or
+    3 (a colour model: images in RGB, gray ones replicated, noise drawn per channel)."""
     from spikingir.data import synthesize_haze
 
     if task == "denoise":
+        gray = _check_image_channels(channels, "calibration_inputs") == 1
         if data is not None:
-            cleans = [_calib_image(p, True, crop) for p in list_images(data)[:8]]
+            cleans = [_calib_image(p, load_gray if gray else load_rgb, crop)
+                      for p in list_images(data)[:8]]
         else:
-            cleans = [center_crop(_skimage_photo(n, gray=True), crop) for n in DENOISE_CALIB]
+            cleans = [center_crop(_skimage_photo(n, gray=gray), crop) for n in DENOISE_CALIB]
         return [_to_input(add_gaussian_noise(c, sigma, seed=i)) for i, c in enumerate(cleans)]
     if data is not None:  # hazy images of the training scenes (validation scenes held out)
         from spikingir.data import DehazePairs
@@ -166,19 +206,21 @@ def calibration_inputs(task, sigma=None, crop=128, data=None):
         pairs = DehazePairs(data)
         # a folder of one scene calibrates on it (there is nothing to hold out)
         train_pairs = pairs.split(held_out_scenes(pairs))[0] if len(pairs.scenes) > 1 else pairs
-        return [_to_input(_calib_image(h, False, crop * 2))
+        return [_to_input(_calib_image(h, _load_rgb_as_is, crop * 2))
                 for h, _, _ in train_pairs.pairs[::max(1, len(train_pairs.pairs) // 8)][:8]]
     cleans = [center_crop(_skimage_photo(n, gray=False), crop) for n in DEHAZE_CALIB]
     return [_to_input(synthesize_haze(c, rng=i).hazy) for i, c in enumerate(cleans)]
 
 
-def denoise_pairs(sigma, data, n, crop=128, seed=100):
-    """(noisy, clean) lists of ``n`` [1, 1, crop, crop] centre crops of images
-    spread over the folder ``data``, with noise by the evaluation protocol at
+def denoise_pairs(sigma, data, n, crop=128, seed=100, channels=1):
+    """(noisy, clean) lists of ``n`` [1, channels, crop, crop] centre crops of images
+    spread over the folder ``data`` (``channels`` 1: gray, 3: RGB for a colour
+    model, as :func:`calibration_inputs`), with noise by the evaluation protocol at
     seeds ``seed``, ``seed + 1``, ... (other noise than :func:`calibration_inputs`')."""
+    gray = _check_image_channels(channels, "denoise_pairs") == 1
     paths = list_images(data)
     paths = paths[::max(1, len(paths) // n)][:n]
-    cleans = [_calib_image(p, True, crop) for p in paths]
+    cleans = [_calib_image(p, load_gray if gray else load_rgb, crop) for p in paths]
     return ([_to_input(add_gaussian_noise(c, sigma, seed=seed + k)) for k, c in enumerate(cleans)],
             [_to_input(c) for c in cleans])
 
@@ -251,7 +293,6 @@ def _load_ann_module(spec, path, task=None):
     import importlib.util
     import os
 
-    from spikingir.models import conv_chain
     file, sep, func = str(spec).rpartition(":")
     if not sep or not file or not func:
         raise ValueError(f"--ann-module: expected FILE.py:FUNCTION, got {spec!r}")
@@ -278,17 +319,11 @@ def _load_ann_module(spec, path, task=None):
         raise ValueError(f"{spec}: returned a {type(model).__name__}, not an nn.Module")
     # refuse a network to_snn cannot convert, before any work, with the refusal of the
     # path to_snn takes: a conv chain's, or (any other CNN) the graph conversion's
-    from spikingir.convert import _graph_net, _is_chain
     try:
-        if _is_chain(model):
-            channels = conv_chain(model).convs()[0].in_channels
-        elif isinstance(model, AODNet):
-            channels = 3
-        else:  # None: no conv reads the input directly; the task's image channels
-            channels = _graph_net(model).in_channels
+        channels = input_channels(model)
     except (TypeError, ValueError) as err:
         raise ValueError(str(err)) from None
-    if channels is None:
+    if channels is None:  # no conv reads the input directly: the task's image channels
         channels = 3 if task == "dehaze" else 1
     try:
         model.load_state_dict(_read_state_dict(path))
@@ -307,6 +342,26 @@ def _load_ann_module(spec, path, task=None):
         raise ValueError(f"{spec}: the network fails on a {tuple(probe.shape)} image "
                          f"({type(err).__name__}: {_first_line(err)})") from None
     return model
+
+
+def input_channels(net):
+    """The image channels ``net`` takes, as ``to_snn`` sees them: a conv chain's
+    (DnCNN's) first conv's input channels, AOD-Net's 3, another CNN's through its
+    traced graph (:mod:`spikingir.models.graph`; its first Conv2d need not read the
+    image), an SNN's those of the network it was converted from; None where no conv
+    reads the image directly. A network ``to_snn`` cannot convert raises its
+    TypeError or ValueError. The CLI reads it before any image, to take gray
+    images for a 1-channel denoiser and RGB ones for a 3-channel one."""
+    from spikingir.convert import _graph_net, _is_chain
+    from spikingir.models import conv_chain
+    from spikingir.models.graph import GraphNet, SpikingGraph
+    if isinstance(net, (SpikingChain, SpikingAODNet, GraphNet, SpikingGraph)):
+        return _image_channels(net)
+    if _is_chain(net):
+        return conv_chain(net).convs()[0].in_channels
+    if isinstance(net, AODNet):
+        return 3
+    return _graph_net(net).in_channels
 
 
 def ann_fingerprint(ann) -> str:
@@ -414,8 +469,11 @@ def _image_channels(net):
 def restore(image, snn, *, tile=None, amp=False, colour=None):
     """Restores one image with ``snn`` (or any model that maps [1, C, H, W] to
     [1, C, H, W]) on the device its parameters are on: ``image`` a float numpy
-    array in [0, 1], H x W (DnCNN) or H x W x 3 (AOD-Net; a gray image is
-    replicated to three channels). ``colour="per-channel"``: a grayscale network
+    array in [0, 1], H x W for a network of one input channel (the shipped
+    DnCNNs) or H x W x 3 for one of three (AOD-Net, a colour DnCNN; a gray image
+    is replicated to three channels: ``spikingir restore`` refuses a gray photo
+    for a colour denoiser, whose noise would be the same in the three channels;
+    other mismatches raise a ValueError). ``colour="per-channel"``: a grayscale network
     (one input channel, e.g. the shipped DnCNNs) restores each channel of an
     H x W x C image on its own, the C channels as one batch of gray images (one
     forward, C times the memory of a gray image's; a smaller ``tile`` bounds it),

@@ -636,28 +636,36 @@ def _predict(model, x: torch.Tensor, device) -> torch.Tensor:
     return model(x.to(device)).float().cpu()
 
 
-def denoise_validator(images, sigma, crop: int | None = None, device="cpu", seed: int = 0) -> Callable:
+def denoise_validator(images, sigma, crop: int | None = None, device="cpu", seed: int = 0,
+                      channels: int = 1) -> Callable:
     """``val_fn`` for :func:`fit`: mean PSNR/SSIM over ``images`` (a folder or
     paths; grayscale) by the DESIGN protocol: center crop (``crop``, None for the
     full image), noise ``sigma/255 * randn`` with numpy seed ``seed`` per image,
-    not clipped; output clipped and rounded to uint8. Images are read now, so a
+    not clipped; output clipped and rounded to uint8. ``channels=3``: for a colour
+    model, the images in RGB (gray ones replicated, with a warning), noise drawn
+    per channel, PSNR over all channels, SSIM their mean. Images are read now, so a
     bad folder fails before training. The returned function also has ``.noisy``,
     the figures of the noisy inputs."""
-    from .data import add_gaussian_noise, center_crop, list_images, load_gray
+    from .data import add_gaussian_noise, center_crop, list_images, load_gray, load_rgb
     from .metrics import psnr, ssim
 
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise ValueError(f"denoise_validator: channels must be 1 (gray) or 3 (RGB), got "
+                         f"{channels!r}")
     paths = list_images(images) if isinstance(images, (str, os.PathLike)) else list(images)
     if not paths:
         raise ValueError("denoise_validator: no validation images")
     pairs = []
     for p in paths:
-        clean = center_crop(load_gray(p), crop)
+        clean = center_crop(load_gray(p) if channels == 1 else load_rgb(p), crop)
         pairs.append((clean, add_gaussian_noise(clean, sigma, seed=seed)))
 
     def val_fn(model):
         ps, ss = [], []
         for clean, noisy_img in pairs:
-            out = _predict(model, torch.from_numpy(noisy_img)[None, None], device)
+            x = torch.from_numpy(noisy_img)
+            x = x[None, None] if x.dim() == 2 else x.permute(2, 0, 1)[None]  # [1, C, H, W]
+            out = _predict(model, x, device)
             ps.append(psnr(clean, out))
             ss.append(ssim(clean, out))
         return {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss))}
@@ -767,7 +775,7 @@ def train_denoiser(sigma: float = 25, *, data=None, val_data=None, steps: int | 
                    val_crop: int | None = None, val_every: int | None = None, checkpoint_every=None,
                    amp: bool = False, workers: int = 0, log_every: int = 50, progress: bool = True,
                    bn_recalibration: int = 20, stop_after=None, time_limit=None, log=None,
-                   depth: int = 17, init=None) -> TrainResult:
+                   depth: int = 17, init=None, channels: int = 1) -> TrainResult:
     """DnCNN-S (BN form) for Gaussian noise ``sigma`` on Train400 patches (40 x 40,
     stride 10, 4 scales, flips/rotations; fresh noise every batch), Adam with a
     decaying learning rate, validated on Set12 (DESIGN protocol; ``val_crop``
@@ -781,6 +789,11 @@ def train_denoiser(sigma: float = 25, *, data=None, val_data=None, steps: int | 
     sigma's run) instead of the random initialisation. The patch order and the
     noise depend on ``seed`` only, so give another seed than the run ``init``
     comes from to see other patches.
+
+    ``channels=3`` trains a colour DnCNN (``image_channels=3``) on RGB patches
+    with noise drawn per channel, validated in RGB (PSNR over all channels, SSIM
+    their mean); gray files in either folder are replicated to RGB with a warning
+    (the defaults, Train400 and Set12, are gray: pass colour folders).
 
     ``data`` / ``val_data`` default to ``../shared/data/train400`` and ``set12``.
     """
@@ -800,11 +813,13 @@ def train_denoiser(sigma: float = 25, *, data=None, val_data=None, steps: int | 
     log = log or _default_log
     device = torch.device(device)
     torch.manual_seed(seed)
-    model = DnCNN(depth=depth, batchnorm=True)
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise ValueError(f"channels: expected 1 (gray) or 3 (RGB), got {channels!r}")
+    model = DnCNN(depth=depth, image_channels=channels, batchnorm=True)
     if init is not None:
         _load_init(model, init)
-    val_fn = denoise_validator(val_data, sigma, crop=val_crop, device=device)
-    patches = DnCNNPatches(data)
+    val_fn = denoise_validator(val_data, sigma, crop=val_crop, device=device, channels=channels)
+    patches = DnCNNPatches(data, channels=channels)
     log(f"[train denoise s{sigma:g}] {len(patches)} patches from {data}; validation: {val_fn.images} images "
         f"of {val_data} ({'center ' + str(val_crop) + ' px' if val_crop else 'full'}), noisy input "
         f"PSNR {val_fn.noisy['psnr']:.2f} dB")
@@ -818,6 +833,8 @@ def train_denoiser(sigma: float = 25, *, data=None, val_data=None, steps: int | 
     config = {"task": "denoise", "sigma": s, "data": str(data), "val_data": str(val_data), "val_crop": val_crop,
               "batch_size": batch_size, "lr": lr, "schedule": schedule if isinstance(schedule, str) else "custom",
               "seed": seed, "depth": depth, "init": None if init is None else str(init)}
+    if channels != 1:  # only then: a gray run's checkpoint of before the option resumes as it was
+        config["channels"] = channels
     res = fit(model, loader, make_batch, val_fn, steps=steps, epochs=epochs, lr=lr, schedule=schedule,
               checkpoint=checkpoint, resume=resume, checkpoint_every=checkpoint_every, val_every=val_every,
               seed=seed, device=device, log_every=log_every, progress=progress, amp=amp, config=config,
@@ -842,12 +859,14 @@ def train_denoiser(sigma: float = 25, *, data=None, val_data=None, steps: int | 
     folded = folded.cpu().float().eval()
     full = None
     if val_crop and res.finished:  # the figures to report: full images
-        full_fn = denoise_validator(val_data, sigma, crop=None, device="cpu")
+        full_fn = denoise_validator(val_data, sigma, crop=None, device="cpu", channels=channels)
         full = _val_eval(full_fn, folded)
         log(f"[train denoise s{sigma:g}] full-image validation ({full_fn.images} images): "
             f"PSNR {full['psnr']:.4f} dB, SSIM {full['ssim']:.4f} (noisy {full_fn.noisy['psnr']:.2f} dB)")
     meta = _common_meta("denoise", res, batch_size, lr, seed, device, amp)
-    meta.update({"sigma": int(s) if s.is_integer() else s, "model": "DnCNN(depth=%d, batchnorm=False)" % depth, "form": "bn-folded",
+    arch = f"DnCNN(depth={depth}{', image_channels=3' if channels == 3 else ''}, batchnorm=False)"
+    meta.update({"sigma": int(s) if s.is_integer() else s, "model": arch, "form": "bn-folded",
+                 "channels": channels,
                  "train_data": str(data), "patches": len(patches), "val_data": str(val_data),
                  "val_crop": val_crop, "val_images": val_fn.images, "val_psnr": val["psnr"],
                  "val_ssim": val["ssim"], "val_noisy_psnr": val_fn.noisy["psnr"],

@@ -1,4 +1,5 @@
 """The restoration commands of the CLI: outputs, and one-line errors with exit status 2."""
+import importlib.util
 import json
 import os
 import re
@@ -57,6 +58,9 @@ def files(tmp_path_factory):
     train.mkdir()
     for i in range(2):
         Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(train / f"t{i}.png")
+    for c in (2, 4):  # models of neither gray nor RGB images
+        odd = DnCNN(depth=3, channels=4, image_channels=c, batchnorm=False)
+        torch.save(odd.state_dict(), d / f"dncnn{c}.pt")
     return d
 
 
@@ -145,6 +149,104 @@ def test_evaluate_colour_per_channel(files, tmp_path, capsys):
     assert r["ann"]["energy_mj"] == pytest.approx((3 * one + one) / 2, rel=1e-12)
     assert np.asarray(Image.open(tmp_path / "fig" / "c_noisy_ann_snn_clean.png")).ndim == 3
     assert np.asarray(Image.open(tmp_path / "fig" / "g_noisy_ann_snn_clean.png")).ndim == 2
+
+
+_COLOUR_NET = """
+import torch.nn.functional as F
+from torch import nn
+
+class Colour(nn.Module):  # a colour denoiser with a skip: the graph conversion
+    def __init__(self):
+        super().__init__()
+        self.head, self.body = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.tail = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self.head(x))
+        return x - self.tail(F.relu(h + self.body(h)))
+
+def colour():
+    return Colour()
+"""
+
+
+def test_a_colour_model_restores_rgb_images(files, tmp_path, capsys):
+    """A colour denoiser (3 input channels) takes RGB images as they are, however it
+    is given: --snn-weights, whole and in tiles, writes the Python API's restore()
+    of that SNN into an RGB PNG, bit for bit (blind sigma too: that file runs
+    whatever the estimate); --ann-weights and --ann-module (a network with a skip)
+    are converted, calibrated on RGB photos, into RGB results."""
+    from spikingir.data import load_image
+    from spikingir.metrics import to_uint8
+    from spikingir.pipeline import for_inference, load_snn, restore
+    big = np.tile(np.asarray(Image.open(files / "rgb" / "c.png")), (4, 3, 1))[:75, :70]
+    src = tmp_path / "big.png"
+    Image.fromarray(big).save(src)
+    snn = for_inference(load_snn(files / "snn3.pt"))
+    snn.timesteps = 3
+    want = to_uint8(restore(load_image(src), snn, tile=0))
+    assert want.shape == (75, 70, 3)
+    for extra in (["--tile", "0"], ["--tile", "64"], ["--tile", "64", "--sigma", "25"]):
+        out = tmp_path / "o.png"
+        code, stdout, err = run(["restore", str(src), "-o", str(out), "--task", "denoise",
+                                 "--timesteps", "3", "--snn-weights", str(files / "snn3.pt")]
+                                + extra, capsys)
+        assert code == 0, err
+        assert "each RGB channel" not in stdout
+        got = Image.open(out)
+        assert got.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(got), want)
+    net = tmp_path / "colour.py"
+    net.write_text(_COLOUR_NET)
+    spec = importlib.util.spec_from_file_location("colour_net", net)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.save(mod.colour().state_dict(), tmp_path / "colour.pt")
+    for weights in (["--ann-weights", str(files / "dncnn3.pt")],
+                    ["--ann-weights", str(tmp_path / "colour.pt"), "--ann-module",
+                     f"{net}:colour"]):
+        out = tmp_path / "a.png"
+        code, stdout, err = run(["restore", str(src), "-o", str(out), "--task", "denoise",
+                                 "--sigma", "25", "--timesteps", "2", "--layer-calibration",
+                                 "none"] + weights, capsys)
+        assert code == 0, err
+        assert "converted ANN" in stdout
+        got = np.asarray(Image.open(out))
+        assert got.shape == (75, 70, 3) and not np.array_equal(got, big)
+
+
+def test_evaluate_a_colour_model_in_rgb(files, tmp_path, capsys):
+    """evaluate with a colour model (--ann-weights, and its SNN from --snn-weights):
+    the images in RGB, noise add_gaussian_noise of H x W x 3 at seed 0; a gray image
+    in the folder replicated to RGB before its noise is drawn; the ANN's PSNR and
+    SSIM those of the ANN on these inputs over the three channels."""
+    from spikingir.data import add_gaussian_noise, load_image
+    from spikingir.metrics import psnr, ssim
+    from spikingir.models import load_dncnn
+    data = tmp_path / "mixed"
+    data.mkdir()
+    Image.open(files / "rgb" / "c.png").save(data / "c.png")
+    Image.open(files / "gray" / "im0.png").save(data / "g.png")
+    js = tmp_path / "r.json"
+    code, out, err = run(["evaluate", "--task", "denoise", "--sigma", "25", "--data", str(data),
+                          "--timesteps", "2", "--ann-weights", str(files / "dncnn3.pt"),
+                          "--snn-weights", str(files / "snn3.pt"), "--json", str(js)], capsys)
+    assert code == 0, err
+    assert "2 images (in RGB: a colour model)" in out
+    r = json.loads(js.read_text())
+    assert r["images"] == 2 and "colour" not in r
+    ann = load_dncnn(str(files / "dncnn3.pt"))
+    ps, ss = [], []
+    for name in ("c.png", "g.png"):
+        clean = load_image(data / name, gray=False)  # the gray one as R = G = B
+        noisy = add_gaussian_noise(clean, 25, seed=0)
+        with torch.no_grad():
+            y = ann(torch.from_numpy(noisy).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+        ps.append(psnr(clean, y))
+        ss.append(ssim(clean, y))
+    assert r["ann"]["psnr"] == pytest.approx(np.mean(ps), abs=1e-9)
+    assert r["ann"]["ssim"] == pytest.approx(np.mean(ss), abs=1e-9)
+    assert np.isfinite(r["snn"][0]["psnr"]) and r["snn"][0]["energy_mj"] > 0
 
 
 @pytest.mark.parametrize("task,image,weights", [("denoise", "gray/im0.png", "dncnn.pt"),
@@ -271,12 +373,31 @@ def test_restore_and_evaluate_in_bf16(files, tmp_path, capsys, task, image, weig
       "per-channel", "--ann-weights", "{d}/dncnn3.pt"], r"takes 3 channels \(a colour"),
     (["restore", "{d}/rgb/c.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
       "--colour", "rgb"], "--colour.*invalid choice"),
+    # a colour model (3 input channels): a gray photo is refused (its noise is the same
+    # in the three channels), before any conversion; its SNN needs its own ANN to compare
+    (["restore", "{d}/rgb/c.png", "{d}/gray/im0.png", "-o", "{o}/", "--task", "denoise",
+      "--sigma", "25", "--snn-weights", "{d}/snn3.pt"],
+     "im0.png: a grayscale image for the colour denoising model"),
+    (["restore", "{d}/gray/im0.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
+      "--ann-weights", "{d}/dncnn3.pt"], "im0.png: a grayscale image for the colour denoising"),
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/rgb", "--snn-weights",
+      "{d}/snn3.pt"], r"snn3.pt takes 3 image channel\(s\), the shipped ANN 1"),
+    # models of neither 1 nor 3 input channels
+    (["restore", "{d}/rgb/c.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
+      "--ann-weights", "{d}/dncnn4.pt"], "dncnn4.pt: a denoising model of 4 input channels"),
+    (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/rgb", "--ann-weights",
+      "{d}/dncnn2.pt"], "dncnn2.pt: a denoising model of 2 input channels"),
+    (["convert", "--task", "denoise", "--sigma", "25", "--ann-weights", "{d}/dncnn4.pt",
+      "--out", "{o}/x.pt"], "dncnn4.pt: a denoising model of 4 input channels"),
     (["restore", "{d}/gray/im0.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
       "--ann-weights", "{d}/missing.pt"], "No such file|no such"),
     (["restore", "{d}/gray/im0.png", "-o", "{o}/x.png", "--task", "denoise", "--sigma", "25",
       "--snn-weights", "{d}/dncnn.pt"], "not a SpikingIR SNN"),
     (["finetune", "--task", "denoise", "--sigma", "25", "--snn-weights", "{d}/dncnn.pt",
       "--data", "{d}/gray", "--val-data", "{d}/gray", "--out", "{o}/x.pt"], "not a SpikingIR SNN"),
+    (["finetune", "--task", "denoise", "--sigma", "25", "--snn-weights", "{d}/snn3.pt",
+      "--distill", "0.5", "--data", "{d}/gray48", "--val-data", "{d}/gray", "--out", "{o}/x.pt"],
+     r"snn3.pt takes 3 image channel\(s\), the shipped ANN 1"),
     (["finetune", "--task", "denoise", "--sigma", "25", "--energy-weight", "-1",
       "--out", "{o}/x.pt"], "--energy-weight.*>= 0"),
     (["evaluate", "--task", "denoise", "--sigma", "25", "--data", "{d}/gray", "--ann-weights",
@@ -682,6 +803,32 @@ def test_finetune_patch_size(files, tmp_path, capsys):
     code, _, err = run(args + ["--patch-size", "49"], capsys)
     assert code == 2 and "no 49 x 49 patch fits" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_finetune_and_refit_a_colour_snn(files, tmp_path, capsys):
+    """A colour SNN (3 input channels) fine-tunes on RGB patches and validates in
+    RGB (gray training files replicated, with a warning; it failed on gray patches
+    after the conversion); refit-mapper fits its mapper on RGB crops."""
+    train = tmp_path / "train"
+    train.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(train / "c.png")
+    out = tmp_path / "snn.pt"
+    with pytest.warns(UserWarning, match="gray images are replicated to RGB"):
+        code, stdout, err = run(["finetune", "--task", "denoise", "--sigma", "25", "--ann-weights",
+                                 str(files / "dncnn3.pt"), "--timesteps", "2", "--steps", "1",
+                                 "--batch-size", "2", "--patch-size", "16", "--data", str(train),
+                                 "--val-data", str(files / "gray"), "--val-crop", "16",
+                                 "--no-progress", "--out", str(out)], capsys)
+    assert code == 0, err
+    saved = torch.load(out, weights_only=True)
+    assert saved["state_dict"]["conv1.weight"].shape[1] == 3
+    assert np.isfinite(saved["meta"]["val_psnr"])
+    code, stdout, err = run(["refit-mapper", "--sigma", "25", "--snn-weights", str(out), "--data",
+                             str(train), "--images", "1", "--crop", "32", "--timesteps", "2",
+                             "--out", str(tmp_path / "refit.pt")], capsys)
+    assert code == 0, err
+    assert "fitted by least squares on 1 crops" in stdout
 
 
 def test_finetune_freeze_mapper_keeps_the_anns_output_conv(files, tmp_path, capsys):

@@ -1234,6 +1234,40 @@ def test_denoise_samples_in_colour(tmp_path):
     assert built_in["astronaut"].inputs.shape == (3, 1, 16, 16)  # a colour one
 
 
+def test_samples_and_calibration_for_a_colour_model(tmp_path):
+    """channels=3 (a colour model): denoise_samples gives every image in RGB, input
+    [1, 3, H, W] with the protocol's seed-0 noise over H x W x 3, a gray file (and
+    the built-in camera) replicated before the noise; calibration_inputs RGB crops;
+    input_channels reads 3 from the ANN and from its SNN. Per-channel colour with a
+    colour model, and other counts, raise."""
+    import numpy as np
+    from PIL import Image
+    from spikingir.data import add_gaussian_noise
+    from spikingir.pipeline import calibration_inputs, denoise_samples, input_channels
+    rgb = np.random.default_rng(0).integers(0, 256, (14, 17, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.png")
+    c, g = denoise_samples(25, tmp_path, channels=3)
+    assert c.clean.shape == g.clean.shape == (14, 17, 3)
+    noisy = add_gaussian_noise(rgb / np.float32(255), 25, seed=0)
+    assert c.inputs.shape == (1, 3, 14, 17)
+    assert torch.equal(c.inputs[0], torch.from_numpy(noisy).permute(2, 0, 1))
+    assert np.array_equal(g.clean, np.repeat(rgb[..., :1], 3, 2) / np.float32(255))
+    assert {s.clean.shape for s in denoise_samples(25, crop=16, channels=3)} == {(16, 16, 3)}
+    assert [tuple(x.shape) for x in calibration_inputs("denoise", 25, crop=16, channels=3)] == \
+        [(1, 3, 16, 16)] * 4
+    with pytest.raises(ValueError, match="a colour model .channels=3. takes the RGB images"):
+        denoise_samples(25, tmp_path, colour="per-channel", channels=3)
+    for bad in (2, 4, True):
+        with pytest.raises(ValueError, match="channels: expected 1 .* or 3"):
+            denoise_samples(25, tmp_path, channels=bad)
+    ann = DnCNN(depth=3, channels=4, image_channels=3, batchnorm=False).eval()
+    assert input_channels(ann) == 3
+    assert input_channels(to_snn(ann, calibration_inputs("denoise", 25, crop=16, channels=3),
+                                 2)) == 3
+    assert input_channels(tiny_dncnn()) == 1
+
+
 # ------------------------------------------------------------ layer calibration
 
 def _output_mse(snn, ann, xs):

@@ -198,7 +198,8 @@ def test_dncnn_patches_count_and_crops():
     img = _rand_u8((180, 180))
     ds = DnCNNPatches([img], augment=False)
     assert len(ds) == 225 + 169 + 121 + 81 == 596  # int(180*0.7) = 125 -> 9 x 9 patches
-    assert [tuple(t.shape) for t in ds.images] == [(180, 180), (162, 162), (144, 144), (125, 125)]
+    assert [tuple(t.shape) for t in ds.images] == [(1, 180, 180), (1, 162, 162), (1, 144, 144),
+                                                   (1, 125, 125)]
     x = ds[0]
     assert x.shape == (1, 40, 40) and x.dtype == torch.float32
     assert torch.equal(x[0], torch.from_numpy(img[:40, :40].astype(np.float32) / 255))
@@ -239,6 +240,37 @@ def test_dncnn_patches_checks(tmp_path):
         DnCNNPatches([np.zeros((50, 50), np.float32)], patch=40.0)
     with pytest.raises(FileNotFoundError):
         DnCNNPatches(tmp_path / "missing")
+
+
+def test_dncnn_patches_in_colour(tmp_path):
+    """channels=3 (a colour DnCNN's training patches): [3, p, p], each channel the
+    patch of that channel alone as a gray image (resized and re-quantised on its
+    own), the flip/rotation the same for the three; a gray file is replicated,
+    with a warning; a gray array or another count is refused."""
+    rgb = _rand_u8((50, 46, 3))
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    ds = DnCNNPatches(tmp_path, scales=(1, 0.9), augment=False, channels=3)
+    gray = [DnCNNPatches([np.ascontiguousarray(rgb[..., c])], scales=(1, 0.9), augment=False)
+            for c in range(3)]
+    assert len(ds) == len(gray[0]) > 1
+    for n in (0, len(ds) - 1):  # the last: a 0.9-scaled patch
+        assert ds[n].shape == (3, 40, 40)
+        assert torch.equal(ds[n], torch.cat([g[n] for g in gray]))
+    aug = DnCNNPatches([rgb], scales=(1,), augment=True, channels=3)
+    torch.manual_seed(0)
+    x = aug[1]
+    torch.manual_seed(0)
+    one = DnCNNPatches([np.ascontiguousarray(rgb[..., 2])], scales=(1,), augment=True)[1]
+    assert torch.equal(x[2:], one)  # the same mode drawn: the same flip/rotation
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.png")
+    with pytest.warns(UserWarning, match="gray images are replicated to RGB"):
+        both = DnCNNPatches(tmp_path, scales=(1,), augment=False, channels=3)
+    g = both[len(both) - 1]
+    assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
+    with pytest.raises(ValueError, match="H x W x 3 RGB array"):
+        DnCNNPatches([rgb[..., 0]], channels=3)
+    with pytest.raises(ValueError, match="channels must be 1 .gray. or 3"):
+        DnCNNPatches([rgb[..., 0]], channels=2)
 
 
 def test_dncnn_patches_name_the_images_too_small_for_a_patch(tmp_path):

@@ -340,6 +340,29 @@ def test_cli_train_denoise_writes_folded_weights_and_resumes(tmp_path, capsys, o
     assert torch.load(str(out) + ".ckpt", weights_only=True)["step"] == 3
 
 
+def test_cli_train_a_colour_denoiser(tmp_path, capsys, one_thread):
+    """train-ann --channels 3: a colour DnCNN (image_channels=3) on RGB patches,
+    validated in RGB; the weights load into DnCNN(image_channels=3) and the
+    metadata say so. --channels for dehazing is refused."""
+    import json
+    rng = np.random.default_rng(0)
+    data = tmp_path / "rgb"
+    data.mkdir()
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 256, (50, 50, 3), dtype=np.uint8)).save(data / f"{k}.png")
+    out = tmp_path / "dncnn3.pt"
+    assert main(["train-ann", "--task", "denoise", "--channels", "3", "--data", str(data),
+                 "--val-data", str(data), "--val-crop", "24", "--batch-size", "4", "--steps", "2",
+                 "--out", str(out), "--no-progress", "--log-every", "0"]) == 0
+    DnCNN(image_channels=3, batchnorm=False).load_state_dict(torch.load(out, weights_only=True))
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["channels"] == 3 and "image_channels=3" in meta["model"]
+    assert np.isfinite(meta["val_psnr"]) and np.isfinite(meta["val_full_psnr"])
+    capsys.readouterr()
+    msg = _bad_cli(capsys, tmp_path / "none", ["--task", "dehaze", "--channels", "3"])
+    assert "--channels applies to --task denoise only" in msg
+
+
 def test_cli_train_dehaze(tmp_path, one_thread):
     haze = _haze_folder(tmp_path / "haze", scenes=(1, 2, 3))
     out = tmp_path / "aod.pt"
