@@ -190,8 +190,8 @@ def _add_step_chunk_arg(p):
     p.add_argument("--step-chunk", type=_positive_int, default=None, metavar="N",
                    help="run each SNN layer's T steps in chunks of N (its conv's currents N "
                         "steps at a time; the spikes handed on stay 1-bit masks): memory hardly "
-                        "grows with T (the DnCNN SNN at 1000x1000, T=10: 1.8 GiB with N=1, 3.2 "
-                        "all at once; T=32: 2.0 and 8.8). The same output: bit for bit for the "
+                        "grows with T (the DnCNN SNN at 1000x1000, T=10: 1.2 GiB with N=1, 3.2 "
+                        "all at once). The same output: bit for bit for the "
                         "denoising SNNs on the CPU, up to float32 rounding otherwise (default: "
                         "all T at once)")
 
