@@ -49,8 +49,11 @@ linear ops only counts its MACs once (the first layer's rule), a conv fed by
 spikes (a neuron layer's, concatenated, nearest-upsampled, times a number, summed
 with another layer's, or averaged in windows that do not overlap: one event per
 spike, the numbers folded into the weights) their SOPs, and a per-step conv of
-analog values (spikes plus a number or the input, averages over overlapping
-windows) its MACs at every step (``stats["analog_macs"]``).
+analog values (spikes plus a number, averages over overlapping windows) its MACs
+at every step (``stats["analog_macs"]``). A conv of the input concatenated with
+(or added to) spikes is linear in each part, conv(cat(x, h)) = conv_x(x) +
+conv_h(h): the input's channels count their MACs once, the spikes' SOPs, other
+per-step channels their MACs at every step.
 """
 from __future__ import annotations
 

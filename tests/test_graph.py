@@ -2,6 +2,7 @@
 (spikingir.models.graph, through torch.fx) with to_snn: the canonical form,
 the spiking network's outputs, gradients, energy and the refusals."""
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -510,6 +511,109 @@ def test_summed_and_pooled_spikes_count_sops(neuron):
         r = to_snn(_Pooled(stride=1).eval(), calib, 4, neuron=neuron).record_stats()
         r(x)
         assert r.stats["analog_macs"] == r.steps * conv_call_macs(r.layers["c2"], 1, 15, 15)[0]
+
+
+class _InputSkip(nn.Module):
+    """A conv that reads the image concatenated with spikes (``how="cat"``, a U-Net's
+    input skip), the image plus spikes (``"image"``, an image of ``w`` channels) or
+    the input current minus scaled spikes (``"sum"``); ``split``: the same network
+    with that conv split by hand, a static conv of the input part (with the bias)
+    plus a conv of the spikes (without)."""
+
+    def __init__(self, how="cat", split=False, w=6):
+        super().__init__()
+        torch.manual_seed(0)
+        c = w if how == "image" else 1  # the image's channels
+        self.c0, self.c1 = nn.Conv2d(c, w, 3, padding=1), nn.Conv2d(c, w, 3, padding=1)
+        self.c2 = nn.Conv2d(w + 1 if how == "cat" else w, w, 3, padding=1)
+        self.c3, self.how, self.split = nn.Conv2d(w, c, 3, padding=1), how, split
+        if split:
+            self.sx = nn.Conv2d(1 if how == "cat" else w, w, 3, padding=1)
+            self.sh = nn.Conv2d(w, w, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        a = self.c0(x) if self.how == "sum" else x
+        if self.split:
+            z = self.sx(a) + self.sh(h)
+        else:
+            z = self.c2(torch.cat((x, h), 1) if self.how == "cat" else
+                        a - h / 2 if self.how == "sum" else x + h)
+        return x - self.c3(F.relu(z))
+
+
+def _split_by_hand(mixed, split, how):
+    """``split`` (an _InputSkip(how, split=True) SNN) computing what ``mixed`` does:
+    its neurons, c0, c1, c3, and c2's weights split between sx and sh."""
+    with torch.no_grad():
+        for n, m in zip(mixed.neurons(), split.neurons(), strict=True):
+            m.load_state_dict(n.state_dict())
+        for name in set(mixed.layers) & {"c0", "c1", "c3"}:  # c0: "sum" only
+            split.layers[name].load_state_dict(mixed.layers[name].state_dict())
+        w = mixed.layers["c2"].weight
+        split.layers["sx"].weight.copy_(w[:, :1] if how == "cat" else w)
+        split.layers["sx"].bias.copy_(mixed.layers["c2"].bias)
+        split.layers["sh"].weight.copy_(w[:, 1:] if how == "cat" else
+                                        -w / 2 if how == "sum" else w)
+
+
+@pytest.mark.parametrize("how", ["cat", "image", "sum"])
+@pytest.mark.parametrize("neuron", ["if", "mprn"])
+def test_the_input_mixed_with_spikes_counts_and_runs_split(how, neuron):
+    """conv(cat(x, h)) = conv_x(x) + conv_h(h), conv(x + h) = conv(x) + conv(h),
+    conv(a - h / 2) = conv(a) + conv(-h / 2): the image's (the input current's)
+    part once, with the bias, its
+    MACs once; the spikes' part per step, their SOPs (on spike_conv2d when that
+    is on). Counts, energy estimate and outputs are those of the network with
+    the conv split by hand; on dyadic values (exact potentials) the outputs are
+    those of the conv of the whole input (a hooked conv runs so, as before),
+    otherwise up to float32 rounding (found: such a conv was analog MACs at every
+    step over all its channels, 97 % of the OddOps net's energy at 64x64, T=4)."""
+    from spikingir.energy import ann_macs
+    c = 6 if how == "image" else 1
+    calib = [torch.cat(images(n=c, seed=s)[:c], 1) for s in (1, 2, 3)]
+    x = (torch.cat(images(n=c, seed=7)[:c], 1) * 16).round() / 16
+    anns = [_InputSkip(how, split).eval() for split in (False, True)]
+    a, b = (_dyadic(to_snn(ann, calib, 4, neuron=neuron)) for ann in anns)
+    _split_by_hand(a, b, how)
+    with torch.no_grad():
+        a.record_stats(), b.record_stats()
+        out = a(x)
+        assert torch.equal(out, b(x)) and a.stats == b.stats, (a.stats, b.stats)
+        st = a.stats
+        assert st["analog_macs"] == 0 and st["sops"] > 0
+        # c2's MACs of the static channels (the image's one of 7, or all 6)
+        c2 = conv_call_macs(a.layers["c2"], 1, 16, 16)[0] // (7 if how == "cat" else 1)
+        assert st["first_layer_macs"] == c2 + sum(conv_call_macs(a.layers[n], 1, 16, 16)[0]
+                                                  for n in (("c0", "c1") if how == "sum" else
+                                                            ("c1",)))
+        a.record_stats(False), b.record_stats(False)
+        handle = a.layers["c2"].register_forward_hook(lambda *_: None)  # the whole input
+        assert torch.equal(a(x), out)
+        handle.remove()
+    a.track_energy(), b.track_energy()
+    a(x), b(x)
+    # the same SOP estimate; each ratio over its own ANN's MACs (the hand-split
+    # "sum" net has one conv more)
+    sops_a, sops_b = (float(s.energy_ratio.detach()) * ann_macs(n, x.shape)
+                      for s, n in ((a, anns[0]), (b, anns[1])))
+    assert sops_a == pytest.approx(sops_b, rel=1e-6) and sops_a > 0
+    a.track_energy(False), b.track_energy(False)
+    with torch.no_grad():
+        for masks in (False, True):  # h goes over as floats either way (the cat reads them)
+            a.use_spike_conv(True, backend="cpp", masks=masks)
+            b.use_spike_conv(True, backend="cpp", masks=masks)
+            assert "spikingir::spike_conv2d_fwd" in ran_ops(lambda: a(x))  # c2's spike part
+            assert torch.equal(a(x), out) and torch.equal(b(x), out)
+        # not dyadic: the split sums in another order than the conv of the whole
+        # input (the static part in float64, then the spikes' part), a few float32
+        # ulps of each potential; no spike flips here, so the outputs agree to
+        # float32 rounding of the read-out
+        a = to_snn(anns[0], calib, 4, neuron=neuron)
+        y = torch.cat(images(n=c, seed=8)[:c], 1)
+        split = a(y)
+        a.layers["c2"].register_forward_hook(lambda *_: None)
+        torch.testing.assert_close(split, a(y), rtol=1e-5, atol=1e-6)
 
 
 def test_graph_snn_on_spike_conv(monkeypatch):
@@ -1049,7 +1153,8 @@ def test_a_relu_of_a_relu_runs_on_masks(neuron):
 
 
 @pytest.mark.parametrize("make", [ResBlocks, TinyUNet, OddOps, SharedAndStacked,
-                                  _Scaled, _Summed, _Pooled, _Tied])
+                                  _Scaled, _Summed, _Pooled, _Tied, _InputSkip,
+                                  functools.partial(_InputSkip, "sum")])
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_graph_step_chunks_compute_the_unchunked_forward(make, neuron):
     """step_chunk = N on a graph SNN (layer-major, as the chain's): each neuron
@@ -1115,7 +1220,8 @@ def test_graph_step_chunks_keep_skipped_spikes_as_masks():
     assert [n.v_final is None for n in snn.neurons_] == [True] * 4 + [False]
 
 
-@pytest.mark.parametrize("make", [ResBlocks, TinyUNet, _Scaled, _Summed, _Tied])
+@pytest.mark.parametrize("make", [ResBlocks, TinyUNet, _Scaled, _Summed, _Tied, _InputSkip,
+                                  functools.partial(_InputSkip, "sum")])
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_graph_step_chunks_with_autograd_give_the_unchunked_gradients(make, neuron):
     """With autograd the chunks chain through each neuron's start potential: the

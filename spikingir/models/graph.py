@@ -31,6 +31,7 @@ chain SNN's read-out, bit for bit.
 import copy
 import numbers
 import operator
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -866,12 +867,15 @@ class _Value:
     holds, None for analog values; ``counts`` (a rate of spike-valued inputs,
     when recording; or a sum of spike trains) the spike counts behind it;
     ``scale`` the number its spikes are multiplied by (1.0: the neurons' own
-    values; None: a sum of spike trains, whose values are no spikes of one size)."""
-    __slots__ = ("t", "seq", "sources", "counts", "scale")
+    values; None: a sum of spike trains, whose values are no spikes of one size);
+    ``terms`` the parts of a value that mixes the input and spikes
+    (:func:`_mixed_terms`), else None."""
+    __slots__ = ("t", "seq", "sources", "counts", "scale", "terms")
 
-    def __init__(self, t, seq=False, sources=None, counts=None, scale=1.0):
+    def __init__(self, t, seq=False, sources=None, counts=None, scale=1.0, terms=None):
         self.t, self.seq, self.sources, self.counts = t, seq, sources, counts
         self.scale = scale
+        self.terms = terms
 
     @property
     def shape(self):
@@ -939,9 +943,12 @@ class SpikingGraph(_SpikingNet):
     by a number, summed with other spikes, or averaged in windows that do not
     overlap: each spike one event, the numbers folded into the weights) counts
     the synaptic operations of the spikes of all steps (``sops``); a per-step
-    conv of analog values (spikes plus the input current or a number, averages
-    over overlapping windows) its MACs at every step (``analog_macs``); a
-    read-out conv (computed once on rates) counts the SOPs of the spikes into
+    conv of analog values (spikes plus a number, averages over overlapping
+    windows) its MACs at every step (``analog_macs``); a conv of the input
+    concatenated with (or added to) spikes or per-step values counts and
+    computes each part as that conv split by hand would: the input's once, the
+    spikes' SOPs, the other channels' MACs at every step (:func:`_mixed_terms`);
+    a read-out conv (computed once on rates) counts the SOPs of the spikes into
     it unless they were counted per step, and its MACs once with recycling (the
     chain's read-out rule) or when its input is analog (``readout_macs``).
 
@@ -1052,6 +1059,118 @@ class SpikingGraph(_SpikingNet):
                 and ops.backends.choose("spike_conv2d_masks", cur.device, torch.float32,
                                         self.spike_conv_backend) != "torch")
 
+    def _count_terms(self, conv, v, steps, rate_mode, in_seq, sop_terms, spike_totals,
+                     first_chunk=True):
+        """``forward``'s count of ``conv`` on a value ``v`` that mixes the input and
+        spikes (:func:`_mixed_terms`): what the network with the conv split by hand
+        (by input-channel group and by term) counts. One input channel of the
+        conv costs ``macs / Cin`` MACs (each feeds Cout/groups outputs at every
+        tap); static channels count theirs once (``first_layer_macs``), spike terms
+        their SOPs (``conv_sops`` on their counts in their channels, the other
+        channels' zero) and the energy estimate's terms, analog channels their
+        MACs at every step; in the read-out (rates, once) analog channels and,
+        with recycling, spike channels their MACs once (the chain's read-out
+        rule). A conv run per step and again in the read-out counts the static
+        part and the spikes per step only, as a static conv is counted once.
+        ``first_chunk`` False (with ``step_chunk``, the chunks after the first):
+        the static part (computed once) and the energy estimate's terms (the
+        spike totals are all steps') were counted with the first chunk."""
+        once = not (rate_mode and in_seq)
+        spikes = [(lo, hi, u) for lo, hi, _, kind, u in v.terms if kind == "spikes"]
+        if self._track_energy and once and first_chunk:
+            fan = _mean_fanout(conv)
+            sop_terms.extend(spike_totals[i] * (k * fan) for _, _, u in spikes
+                             for i, k in u.sources)
+        if not self._record:
+            return
+        with torch.no_grad():
+            per = _layer_macs(conv, v.shape) // conv.in_channels  # MACs of one input channel
+
+            def width(kind):  # the channels terms of this kind cover (a sum's overlap)
+                return len({c for lo, hi, _, k, _ in v.terms if k == kind for c in range(lo, hi)})
+
+            if spikes and once:
+                counts = v.t.new_zeros(v.shape, dtype=torch.float32)
+                for lo, hi, u in spikes:
+                    counts[:, lo:hi] += u.counts if rate_mode else _spike_counts(u)
+                self.stats["sops"] += _layer_sops(conv, counts)
+            if once and first_chunk:
+                self.stats["first_layer_macs"] += per * width("static")
+            if not rate_mode:
+                self.stats["analog_macs"] += per * width("analog") * steps
+            else:
+                self.stats["readout_macs"] += per * (width("analog") +
+                                                     (width("spikes") if self.recycling else 0))
+
+    def _splits(self, conv):
+        """Whether a per-step conv of a value that mixes the input and spikes runs
+        split (:meth:`_split_conv`): a Conv2d of one group without hooks (a hooked
+        conv is called on its whole input, which its hooks see)."""
+        return type(conv) is nn.Conv2d and conv.groups == 1 and not _has_hooks(conv)
+
+    def _split_conv(self, conv, v, T):
+        """``conv`` of the per-step value ``v`` that mixes the input and spikes
+        (:func:`_mixed_terms`), computed as it is counted: by linearity,
+        conv(cat(x, h)) = conv_x(x) + conv_h(h) (the weights split by input
+        channel) and conv(x + h) = conv(x) + conv(h), the bias once. The static
+        terms' part is computed once, with the bias, on their channels only
+        (summed in float64 on the CPU, as :meth:`_input_current` sums the input
+        current); the others per step on their channels only: one layer's spikes
+        (times a number) on spike_conv2d where a conv of them alone would run
+        there (:meth:`_on_spike_conv`), the rest dense. The same value as the
+        conv of the whole input up to float32 rounding (a sum in another order),
+        that of the network with the conv split by hand bit for bit. ``T``: the
+        IF steps ``v`` holds (a chunk's with ``step_chunk``)."""
+        b = conv.bias
+
+        def w(a, z):  # the weights of input channels a:z (a view)
+            return conv.weight[:, a:z]
+
+        static = [t for t in v.terms if t[3] == "static"]
+        cur = None  # the static part, [B, Cout, H', W']
+        if static:
+            lo, hi = min(t[0] for t in static), max(t[1] for t in static)
+            if len(static) == 1 and static[0][2] == 1.0:
+                xs = static[0][4].t
+            else:  # several static terms (a sum, or channels apart): their sum, zeros between
+                xs = static[0][4].t.new_zeros((v.shape[0], hi - lo, *v.shape[2:]))
+                for a, z, c, _, u in static:
+                    xs[:, a - lo:z - lo] += u.t * c
+            cur = self._static_current(xs, w(lo, hi), b, conv)
+        out = None  # the per-step part, [steps, B, Cout, H', W']
+        for a, z, c, kind, u in v.terms:
+            if kind == "static":
+                continue
+            bias = b if cur is None and out is None else None  # the bias once
+            if kind == "spikes" and self._on_spike_conv(conv, u):
+                # the conv of these channels (what _conv_spikes reads of a conv)
+                part = SimpleNamespace(weight=w(a, z), bias=bias, stride=conv.stride,
+                                       padding=conv.padding, kernel_size=conv.kernel_size,
+                                       out_channels=conv.out_channels)
+                s = (u.t != 0).to(u.t.dtype)
+                y = SpikingChain._conv_spikes(self, part, s, self.neurons_[u.sources[0][0]],
+                                              T, scale=u.scale * c)
+            else:
+                t = u.t if c == 1.0 else u.t * c
+                y = F.conv2d(t.flatten(0, 1), w(a, z), bias, conv.stride, conv.padding,
+                             conv.dilation).unflatten(0, t.shape[:2])
+            out = y if out is None else out.add_(y)
+        # in place: a fresh [steps, B, C, H, W] is paid in page faults on the CPU (a
+        # conv's backward does not read its output, so autograd allows it)
+        return out if cur is None else out.add_(cur)
+
+    @staticmethod
+    def _static_current(x, weight, bias, conv):
+        """F.conv2d of the static ``x`` (``conv``'s geometry, ``weight`` and ``bias``),
+        summed in float64 and rounded once in CPU float32 inference, as
+        :meth:`_input_current` sums the input current (the same whatever the
+        image's size, so tiles give what the whole image gives)."""
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu")):
+            return F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(),
+                            conv.stride, conv.padding, conv.dilation).float()
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
+
     def forward(self, x):
         c = self.in_channels
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or (c is not None and x.shape[1] != c):
@@ -1072,6 +1191,9 @@ class SpikingGraph(_SpikingNet):
 
         def count_conv(name, conv, v, steps, rate_mode):
             ann_shapes[name] = v.shape
+            if v.terms is not None:  # the input mixed with spikes: counted split (_mixed_terms)
+                return self._count_terms(conv, v, steps, rate_mode, name in st.seq, sop_terms,
+                                         spike_totals, first_chunk=chunk_k == 0)
             in_seq = name in st.seq
             spiky = v.sources is not None
             if track and spiky and not (rate_mode and in_seq) and chunk_k == 0:
@@ -1115,6 +1237,8 @@ class SpikingGraph(_SpikingNet):
                     s = v.t if isinstance(v.t, ops.SpikeMasks) else (v.t != 0).to(v.t.dtype)
                     return _Value(SpikingChain._conv_spikes(self, conv, s, neuron, Tc,
                                                             scale=v.scale), True)
+                if seq and v.terms is not None and self._splits(conv):
+                    return _Value(self._split_conv(conv, v, Tc), True)
                 t = conv(v.t.flatten(0, 1)).unflatten(0, v.t.shape[:2]) if seq else conv(v.t)
                 return _Value(t, seq)
             if kind == "cat":
@@ -1127,7 +1251,9 @@ class SpikingGraph(_SpikingNet):
                 counts = (torch.cat([_spike_counts(v) for v in vals[0]], 1) if spiky and record
                           and (rate_mode or any(v.counts is not None for v in vals[0])) else None)
                 scales = {v.scale for v in vals[0]}
-                return _Value(t, seq, sources, counts, scales.pop() if len(scales) == 1 else None)
+                terms = None if spiky else _mixed_terms(kind, vals, _static_refs(args[0], st))
+                return _Value(t, seq, sources, counts, scales.pop() if len(scales) == 1 else None,
+                              terms)
             if kind == "upsample":
                 v = vals[0]
                 flat = v.t.flatten(0, 1) if seq else v.t
@@ -1144,8 +1270,10 @@ class SpikingGraph(_SpikingNet):
                               *_pooled_spikes(v, info, record))
             # + - * /: a static [B, C, H, W] broadcasts over the steps of a sequence
             a, b = (v.t if isinstance(v, _Value) else v for v in vals)
-            return _Value(_apply(kind, None, (a, b), None), seq,
-                          *_arith_spikes(kind, vals, record))
+            spikes = _arith_spikes(kind, vals, record)
+            terms = None if spikes[0] is not None else _mixed_terms(kind, vals,
+                                                                    _static_refs(args, st))
+            return _Value(_apply(kind, None, (a, b), None), seq, *spikes, terms)
 
         def run_chunks():
             """Step 1 with step_chunk, layer-major (_ChunkPlan): the static nodes once,
@@ -1284,3 +1412,67 @@ class SpikingGraph(_SpikingNet):
             ann = sum(_layer_macs(self.layers[n], s) for n, s in ann_shapes.items())
             self.energy_ratio = sum(sop_terms, x.new_zeros(())) * (E_SOP_PJ / (E_MAC_PJ * ann))
         return out
+
+
+def _static_refs(args, st):
+    """Per argument of a cat (its list) or of + - * / (``args``): whether it is a
+    static node of ``st`` (a number is not)."""
+    return [isinstance(a, _Ref) and a.name in st.static for a in args]
+
+
+def _terms_of(v, static, lo=0):
+    """``v`` (a node's value; ``static``: the node is static) as the terms of
+    :func:`_mixed_terms`, its channels from ``lo``."""
+    if v.terms is not None:
+        return [(a + lo, z + lo, c, k, u) for a, z, c, k, u in v.terms]
+    kind = "static" if static else "spikes" if v.sources is not None else "analog"
+    return [(lo, lo + v.shape[1], 1.0, kind, v)]
+
+
+def _mixed_terms(kind, vals, static):
+    """The terms of the value ``<kind>(vals)`` (a cat of ``vals[0]``, or ``a <kind>
+    b``; ``static``: per value, whether its node is static) where it mixes the
+    input (static values) with spikes or with analog per-step values, else None.
+
+    A conv is linear in its input channels and in the terms of a sum:
+    conv(cat(x, h)) = conv_x(x) + conv_h(h) (its weights split by input-channel
+    group, the bias once) and conv(x + h) = conv(x) + conv(h). A conv of such a
+    value is counted (:meth:`SpikingGraph._count_terms`) and computed
+    (:meth:`SpikingGraph._split_conv`) as the network with the conv split by
+    hand: the static part once (the input current; MACs once, the first
+    layer's rule), spikes as spikes (SOPs), the other analog channels per step
+    (MACs every step); read as a whole it was analog, MACs at every step over
+    all its channels (found: 97 % of the recorded energy of the test's OddOps
+    net at 64x64, T=4, where the image is concatenated with spikes).
+
+    Terms: a list of ``(lo, hi, coef, kind, value)``, ``coef`` times ``value``
+    (a node's :class:`_Value`) in input channels ``lo:hi``, ``kind`` "static",
+    "spikes" or "analog"; terms over the same channels add up. Only static and
+    spike terms are summed: a sum with an analog per-step value is analog (a
+    conv of it costs its MACs at every step whatever is added to it, the input
+    and spikes at no further MAC), so analog terms, from concatenations only,
+    have their channels to themselves."""
+    if kind == "cat":
+        terms, lo = [], 0
+        for v, s in zip(vals[0], static):
+            terms += _terms_of(v, s, lo)
+            lo += v.shape[1]
+    elif kind in ("add", "sub"):
+        a, b = vals
+        if not (isinstance(a, _Value) and isinstance(b, _Value)) or a.shape != b.shape:
+            return None  # a number added (analog), or a broadcast (no channel split)
+        sign = -1.0 if kind == "sub" else 1.0
+        terms = _terms_of(a, static[0]) + [(lo, hi, sign * c, k, u) for lo, hi, c, k, u in
+                                           _terms_of(b, static[1])]
+        if any(t[3] == "analog" for t in terms):
+            return None
+    else:  # * or / by a number (the builder refuses two tensors): the coefficients
+        (v, c), div = ((vals[0], vals[1]) if isinstance(vals[0], _Value) else
+                       (vals[1], vals[0])), kind == "div"
+        if v.terms is None or not _is_number(c) or (div and c == 0):
+            return None
+        return [(lo, hi, k / c if div else k * c, kd, u) for lo, hi, k, kd, u in v.terms]
+    kinds = {t[3] for t in terms}
+    if kinds in ({"analog"}, {"static"}, {"spikes"}):
+        return None  # all analog, all static (a static node) or all spikes (spike-valued)
+    return terms
