@@ -53,7 +53,8 @@ analog values (spikes plus a number, averages over overlapping windows) its MACs
 at every step (``stats["analog_macs"]``). A conv of the input concatenated with
 (or added to) spikes is linear in each part, conv(cat(x, h)) = conv_x(x) +
 conv_h(h): the input's channels count their MACs once, the spikes' SOPs, other
-per-step channels their MACs at every step.
+per-step channels their MACs at every step. A BatchNorm not folded into a conv
+counts no MACs, in the SNN as in the ANN.
 """
 from __future__ import annotations
 

@@ -616,6 +616,55 @@ def test_the_input_mixed_with_spikes_counts_and_runs_split(how, neuron):
         torch.testing.assert_close(split, a(y), rtol=1e-5, atol=1e-6)
 
 
+class _Affine(nn.Module):
+    """A BatchNorm after a sum (no conv before it: its own affine map);
+    ``bn=False``: the same network without it."""
+
+    def __init__(self, bn=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.g = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6) if bn else nn.Identity()
+        self.c3 = nn.Conv2d(6, 1, 3, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h = F.relu(self.bn(h + self.g(h)))
+        return x - self.c3(h)
+
+
+def test_a_batchnorm_of_its_own_counts_no_macs(tmp_path):
+    """The ANN's energy counts conv MACs only (a BatchNorm none): the SNN counts no
+    MACs for a BatchNorm's affine map either, nor puts it in the energy estimate's
+    ANN figure. With a BatchNorm that is the identity on dyadic values the SNN
+    counts what it counts without one (found: its 1x1 depthwise conv counted its
+    MACs at every step and in energy_ratio's ANN figure, not in ann_energy_mj). A
+    saved SNN keeps the mark."""
+    from spikingir.energy import ann_energy_mj
+    from spikingir.pipeline import load_snn, save_snn
+    calib = images()
+    x = (images(n=1, seed=7)[0] * 16).round() / 16
+    anns = [_Affine(bn).eval() for bn in (True, False)]
+    assert ann_energy_mj(anns[0], x.shape) == ann_energy_mj(anns[1], x.shape)
+    a, b = (_dyadic(to_snn(ann, calib, 4, neuron="mprn")) for ann in anns)
+    with torch.no_grad():
+        for n, m in zip(a.neurons(), b.neurons(), strict=True):
+            m.load_state_dict(n.state_dict())
+        for name in ("c1", "g", "c3"):
+            b.layers[name].load_state_dict(a.layers[name].state_dict())
+        assert torch.equal(a.layers["bn"].weight, torch.ones(6, 1, 1, 1))
+        assert torch.equal(a.layers["bn"].bias, torch.zeros(6))
+        a.record_stats(), b.record_stats()
+        assert torch.equal(a(x), b(x)) and a.stats == b.stats and a.stats["analog_macs"] == 0
+        save_snn(a, tmp_path / "a.pt")
+        back = load_snn(tmp_path / "a.pt").record_stats()
+        assert torch.equal(back(x), b(x)) and back.stats == b.stats
+        a.record_stats(False), b.record_stats(False)
+    a.track_energy(), b.track_energy()
+    a(x), b(x)
+    assert float(a.energy_ratio.detach()) == float(b.energy_ratio.detach()) > 0
+
+
 def test_graph_snn_on_spike_conv(monkeypatch):
     """use_spike_conv: the per-step convs that read one layer's spikes (here all
     four in the blocks) run on spike_conv2d in inference; on dyadic values

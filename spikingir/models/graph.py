@@ -121,6 +121,15 @@ _ARITH_METHODS = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub", "mul
 _IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_, F.relu_,
              "add_", "sub_", "mul_", "div_", "relu_"}
 _CATS = {torch.cat, torch.concat, torch.concatenate}
+#: The info of a conv node that is a BatchNorm's affine map (a BatchNorm not right
+#: after a conv). The energy model counts conv MACs only (DESIGN: no ReLU, BN or
+#: additions; spikingir.energy.ann_energy_mj counts the ANN's nn.Conv2d calls), so
+#: the SNN counts no MACs or SOPs for it and leaves it out of the ANN figure of
+#: ``energy_ratio``: a per-channel a * v + b, as the BatchNorm costs in the ANN,
+#: and folded into the weights and biases of the convs next to it in hardware,
+#: as a number times spikes is. Counted on one side only it biased the ratio
+#: (OddOps at 128x128, T=10: 1.4 M analog MACs per image in the SNN, none in the ANN).
+_AFFINE = "affine"
 
 
 class _Builder:
@@ -241,7 +250,8 @@ class _Builder:
                 self.layers[node.name] = (conv[0], m)
                 return self.emit(node, "conv", prev[2])
             self.layers[node.name] = (None, m)  # its affine map, a 1x1 depthwise conv
-            return self.emit(node, "conv", (ref,))
+            # marked "affine": no conv of the ANN, so no MACs in the energy count (_AFFINE)
+            return self.emit(node, "conv", (ref,), _AFFINE)
         if isinstance(m, nn.ReLU):
             _plain(m, nn.ReLU, where)
             return self.relu(node, src, m.inplace)
@@ -950,7 +960,9 @@ class SpikingGraph(_SpikingNet):
     spikes' SOPs, the other channels' MACs at every step (:func:`_mixed_terms`);
     a read-out conv (computed once on rates) counts the SOPs of the spikes into
     it unless they were counted per step, and its MACs once with recycling (the
-    chain's read-out rule) or when its input is analog (``readout_macs``).
+    chain's read-out rule) or when its input is analog (``readout_macs``). A
+    BatchNorm that is not folded into a conv (its affine map, a 1x1 depthwise
+    conv here) counts nothing, as in the ANN's count (:data:`_AFFINE`).
 
     ``use_spike_conv()``: per-step convs that read one neuron layer's spikes
     directly or times a number (folded into the weights with the spike sizes;
@@ -1190,6 +1202,8 @@ class SpikingGraph(_SpikingNet):
         Tc, chunk_k = T, 0  # the IF steps run now (a chunk's with step_chunk), the chunk
 
         def count_conv(name, conv, v, steps, rate_mode):
+            if st.ops[name][3] == _AFFINE:  # a BatchNorm's map: no conv of the ANN (_AFFINE)
+                return
             ann_shapes[name] = v.shape
             if v.terms is not None:  # the input mixed with spikes: counted split (_mixed_terms)
                 return self._count_terms(conv, v, steps, rate_mode, name in st.seq, sop_terms,
