@@ -882,6 +882,7 @@ def _add_demo(sub):
 
 def _cmd_refit_mapper(args):
     from spikingir.finetune import refit_mapper
+    from spikingir.models.spiking import SpikingChain
     from spikingir.pipeline import denoise_pairs, load_snn, save_snn
     from spikingir.weights import WEIGHTS_DIR, snn_weights_name
 
@@ -890,6 +891,10 @@ def _cmd_refit_mapper(args):
     check_outputs(args.out)
     path = args.snn_weights or WEIGHTS_DIR / snn_weights_name("denoise", sigma)
     snn = load_snn(path, task="denoise").eval()
+    if not isinstance(snn, SpikingChain):  # refit_mapper's TypeError was a traceback
+        raise UserError(f"{path}: refit-mapper fits the pixel mapper of a DnCNN or conv-chain SNN, "
+                        f"got a {type(snn).__name__} (a network with skips: its read-out convs "
+                        "are fine-tuned with spikingir finetune --snn-weights)")
     _note_sigma(args, path, snn.meta.get("sigma"), sigma, "fine-tuned")
     data = _data_dir(args, "train400")
     if data is None:

@@ -1058,6 +1058,15 @@ def test_refit_mapper_command(files, tmp_path, capsys):
         code, _, err = run(["refit-mapper", *argv, "--out", str(tmp_path / "x.pt")], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.pt").exists()
+    # a graph SNN (a network with skips) has read-out convs, no pixel mapper to refit: one
+    # line, exit 2 (found in review: refit_mapper's TypeError ended in a traceback)
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_loader("colour_net", None))
+    exec(_COLOUR_NET, mod.__dict__)
+    save_snn(to_snn(mod.colour().eval(), [torch.rand(1, 3, 16, 16)], 2), tmp_path / "graph.pt")
+    code, _, err = run(["refit-mapper", "--sigma", "25", "--snn-weights", str(tmp_path / "graph.pt"),
+                        "--data", str(files / "gray48"), "--out", str(tmp_path / "x.pt")], capsys)
+    assert code == 2 and "got a SpikingGraph" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_ann_fingerprint_is_of_the_network_not_its_form():
