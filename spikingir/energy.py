@@ -54,7 +54,8 @@ at every step (``stats["analog_macs"]``). A conv of the input concatenated with
 (or added to) spikes is linear in each part, conv(cat(x, h)) = conv_x(x) +
 conv_h(h): the input's channels count their MACs once, the spikes' SOPs, other
 per-step channels their MACs at every step. A BatchNorm not folded into a conv
-counts no MACs, in the SNN as in the ANN.
+counts no MACs, in the SNN as in the ANN; of spikes (after a ReLU), its scale and
+shift fold into the convs reading them, which count SOPs.
 """
 from __future__ import annotations
 

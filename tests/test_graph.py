@@ -617,34 +617,38 @@ def test_the_input_mixed_with_spikes_counts_and_runs_split(how, neuron):
 
 
 class _Affine(nn.Module):
-    """A BatchNorm after a sum (no conv before it: its own affine map);
-    ``bn=False``: the same network without it."""
+    """A BatchNorm after a sum (no conv before it: its own affine map), or
+    (``where="relu"``) after a ReLU, on spikes (conv-ReLU-BN); ``bn=False``: the
+    same network without it."""
 
-    def __init__(self, bn=True):
+    def __init__(self, bn=True, where="sum"):
         super().__init__()
         torch.manual_seed(0)
         self.c1, self.g = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
         self.bn = nn.BatchNorm2d(6) if bn else nn.Identity()
-        self.c3 = nn.Conv2d(6, 1, 3, padding=1)
+        self.c3, self.where = nn.Conv2d(6, 1, 3, padding=1), where
 
     def forward(self, x):
         h = F.relu(self.c1(x))
-        h = F.relu(self.bn(h + self.g(h)))
+        h = F.relu(self.bn(h + self.g(h)) if self.where == "sum" else self.g(self.bn(h)))
         return x - self.c3(h)
 
 
-def test_a_batchnorm_of_its_own_counts_no_macs(tmp_path):
+@pytest.mark.parametrize("where", ["sum", "relu"])
+def test_a_batchnorm_of_its_own_counts_no_macs(tmp_path, where):
     """The ANN's energy counts conv MACs only (a BatchNorm none): the SNN counts no
     MACs for a BatchNorm's affine map either, nor puts it in the energy estimate's
     ANN figure. With a BatchNorm that is the identity on dyadic values the SNN
     counts what it counts without one (found: its 1x1 depthwise conv counted its
     MACs at every step and in energy_ratio's ANN figure, not in ann_energy_mj). A
-    saved SNN keeps the mark."""
+    BatchNorm of spikes (after a ReLU) hands them on as spikes, a * s + b, whose
+    reader counts their SOPs (found in review: it counted its MACs at every step,
+    9.9x the ANN's energy for a conv-ReLU-BN net). A saved SNN keeps the mark."""
     from spikingir.energy import ann_energy_mj
     from spikingir.pipeline import load_snn, save_snn
     calib = images()
     x = (images(n=1, seed=7)[0] * 16).round() / 16
-    anns = [_Affine(bn).eval() for bn in (True, False)]
+    anns = [_Affine(bn, where).eval() for bn in (True, False)]
     assert ann_energy_mj(anns[0], x.shape) == ann_energy_mj(anns[1], x.shape)
     a, b = (_dyadic(to_snn(ann, calib, 4, neuron="mprn")) for ann in anns)
     with torch.no_grad():
@@ -1203,7 +1207,8 @@ def test_a_relu_of_a_relu_runs_on_masks(neuron):
 
 @pytest.mark.parametrize("make", [ResBlocks, TinyUNet, OddOps, SharedAndStacked,
                                   _Scaled, _Summed, _Pooled, _Tied, _InputSkip,
-                                  functools.partial(_InputSkip, "sum")])
+                                  functools.partial(_InputSkip, "sum"),
+                                  functools.partial(_Affine, where="relu")])
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_graph_step_chunks_compute_the_unchunked_forward(make, neuron):
     """step_chunk = N on a graph SNN (layer-major, as the chain's): each neuron
