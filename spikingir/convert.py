@@ -575,8 +575,9 @@ def _check_fingerprint(snn, ann):
     recorded = snn.meta.get("ann_fingerprint")
     if recorded is not None and recorded != ann_fingerprint(ann):
         raise ValueError("calibrate_layers: the ANN has the SNN's layers but other weights than "
-                         "the ANN it was converted from (its fingerprint differs): pass the "
-                         "network it was converted from")
+                         "the ANN it was converted from (its fingerprint, over the weights and "
+                         "their state-dict names, differs): pass the network it was converted "
+                         "from, in the same form (e.g. the DnCNN, not an nn.Sequential copy)")
 
 
 def _graph_of(snn, ann):
