@@ -644,6 +644,8 @@ def _cmd_convert(args):
             "ann_fingerprint": snn.meta["ann_fingerprint"], "calibration": source,
             "percentile": args.percentile, "offset_percentile": args.offset_percentile,
             "layer_calibration": method}
+    if "calibrated_layers" in snn.meta:  # a graph SNN: what each conv got (calibrate_layers)
+        meta["calibrated_layers"] = snn.meta["calibrated_layers"]
     save_snn(snn.eval(), args.out, meta)
     kind = "per-layer" if args.per_layer else "per-channel"
     layers = "" if method is None else f" and layer calibration ({method})"

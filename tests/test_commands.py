@@ -1371,6 +1371,8 @@ def test_ann_module_takes_a_network_with_skips(files, tmp_path, capsys):
     assert saved["config"]["arch"] == "graph" and saved["meta"]["layer_calibration"] == "weights"
     ref = to_snn(ann.eval(), calibration_inputs("denoise", 25, data=files / "gray48"), 2,
                  per_channel=True, v0="half", layer_calibration="weights")
+    # the file keeps what each conv got (found: only the converted network in memory had it)
+    assert saved["meta"]["calibrated_layers"] == ref.meta["calibrated_layers"]
     x = torch.rand(1, 1, 20, 22)
     with torch.no_grad():
         torch.testing.assert_close(load_snn(snn_file).eval()(x), ref(x), rtol=0, atol=1e-6)
