@@ -800,6 +800,8 @@ def _calibrate_graph(snn, net, images, method, bias_iters, ridge, target_floor):
     for n in snn.layers:
         sites.setdefault(id(snn.layers[n]), []).append(n)
     tied = {n: s for s in sites.values() if len(s) > 1 for n in s}
+    for n, s in tied.items():  # whether or not a neuron or the output reads it
+        report[n] = f"kept (tied weights, also called at {', '.join(m for m in s if m != n)})"
 
     def fit(top, goal, late, fresh, cone, envs):
         """Fits the fresh convs that can be fitted to ``goal`` (per image, top's
@@ -845,11 +847,10 @@ def _calibrate_graph(snn, net, images, method, bias_iters, ridge, target_floor):
         # bias correction: each channel of the current moved by the first fresh conv on it
         moves, taken = [], torch.zeros(shapes[top][0], dtype=torch.bool)
         for u, how in fresh:
+            if u in tied:  # reported above
+                continue
             if not how:
                 report[u] = "kept (reaches the neuron layer other than per channel)"
-                continue
-            if u in tied:
-                report[u] = "kept (tied weights, also called at " + ", ".join(m for m in tied[u] if m != u) + ")"
                 continue
             alpha, off = how[0], how[1]
             c_u = snn.layers[u].out_channels
@@ -915,9 +916,9 @@ def _calibrate_graph(snn, net, images, method, bias_iters, ridge, target_floor):
     late, fresh, cone = _feeders(st, st.output, done | set(envs[0]), shapes, readers)
     fitted = fit(st.output, outs, late, fresh, cone, envs) if method == "weights" else []
     for u, how in fresh:
-        if u in tied:
-            report[u] = "kept (tied weights, also called at " + ", ".join(m for m in tied[u] if m != u) + ")"
-        elif u in st.static:
+        if u in tied:  # reported above
+            continue
+        if u in st.static:
             report[u] = "kept (a read-out conv of the input, as the ANN's)"
         elif method == "bias":
             report[u] = "kept (read-out: fitted by method 'weights' only)"

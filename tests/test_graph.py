@@ -1102,6 +1102,28 @@ def test_layer_calibration_keeps_a_tied_conv(method):
     for p, q in zip(plain.layers["c"].parameters(), cal.layers["c"].parameters(), strict=True):
         assert torch.equal(p, q)
     assert not torch.equal(plain.layers["c1"].bias, cal.layers["c1"].bias)
+    # a call site no neuron layer calibrates (its value also feeds a BatchNorm) is
+    # reported as tied too (found by the review: the generic "no neuron ... reads
+    # it" reason)
+    ann = _TiedUnderBN().eval()
+    report = to_snn(ann, calib, 4, layer_calibration=method).meta["calibrated_layers"]
+    assert report["t_1"] == "kept (tied weights, also called at t)", report
+
+
+class _TiedUnderBN(nn.Module):
+    """A conv of cat(x, spikes) called twice, the second time under a BatchNorm."""
+
+    def __init__(self, w=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.t = nn.Conv2d(1, w, 3, padding=1), nn.Conv2d(w + 1, w, 3, padding=1)
+        self.bn, self.out = nn.BatchNorm2d(w), nn.Conv2d(w, 1, 3, padding=1)
+        randomise_bn(self)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h2 = F.relu(self.t(torch.cat([x, h], 1)))
+        return x - self.out(F.relu(self.bn(h2 + self.t(torch.cat([x, h2 * 0.5], 1)))))
 
 
 def test_a_conv_and_batchnorm_called_twice():
