@@ -141,12 +141,17 @@ def load_gray(path) -> np.ndarray:
     img = load_image(path, gray=None)
     if img.ndim == 2:
         return img
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if folder not in _COLOUR_FOLDERS_NOTED:
-        _COLOUR_FOLDERS_NOTED.add(folder)
-        warnings.warn(f"{folder}: colour images are converted to gray (luma) for the grayscale "
-                      "denoising model", stacklevel=2)
+    _note_folder(path, _COLOUR_FOLDERS_NOTED, "colour images are converted to gray (luma) for "
+                 "the grayscale denoising model")
     return load_image(path, gray=True)
+
+
+def _note_folder(path, noted, what):
+    """One warning per folder of ``path`` (``noted``: the folders already warned of)."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if folder not in noted:
+        noted.add(folder)
+        warnings.warn(f"{folder}: {what}", stacklevel=3)
 
 
 _GRAY_FOLDERS_NOTED = set()
@@ -160,11 +165,8 @@ def load_rgb(path) -> np.ndarray:
     img = load_image(path, gray=None)
     if img.ndim == 3:
         return img
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if folder not in _GRAY_FOLDERS_NOTED:
-        _GRAY_FOLDERS_NOTED.add(folder)
-        warnings.warn(f"{folder}: gray images are replicated to RGB for the colour denoising "
-                      "model (it sees no colour in them)", stacklevel=2)
+    _note_folder(path, _GRAY_FOLDERS_NOTED, "gray images are replicated to RGB for the colour "
+                 "denoising model (it sees no colour in them)")
     return np.repeat(img[..., None], 3, 2)
 
 

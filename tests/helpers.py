@@ -41,3 +41,34 @@ def randomise_bn(model, seed=0):
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.1)
     return model
+
+
+def dyadic_network_(convs, neurons):
+    """Weights and biases of ``convs`` on a 1/16 grid, the ``neurons``' thresholds
+    powers of two and MPRN's beta = theta / 2, in place: with dyadic inputs every
+    potential is exact, so sums in another order (spike_conv2d, split convs,
+    chunks) cannot flip a spike."""
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.copy_((conv.weight * 16).round() / 16)
+            if conv.bias is not None:
+                conv.bias.copy_((conv.bias * 16).round() / 16)
+        for n in neurons:
+            n.theta.copy_(2.0 ** torch.round(torch.log2(n.theta)))
+            if hasattr(n, "beta"):
+                n.beta.copy_(n.theta * 0.5)
+
+
+def chunked_backward(snn, x, chunks=(None, 1, 3)):
+    """For each ``step_chunk`` in ``chunks``: the output, the energy estimate and
+    every parameter's gradient of ``(snn(x) ** 2).sum() + snn.energy_ratio``
+    (``snn`` tracks energy), as (output, float, {name: grad}) triples."""
+    got = []
+    for n in chunks:
+        snn.step_chunk = n
+        snn.zero_grad()
+        y = snn(x)
+        (y.square().sum() + snn.energy_ratio).backward()
+        got.append((y.detach(), float(snn.energy_ratio.detach()),
+                    {k: p.grad.clone() for k, p in snn.named_parameters()}))
+    return got

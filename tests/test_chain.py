@@ -12,7 +12,7 @@ from spikingir.models import ConvChain, DnCNN, Residual, conv_chain
 from spikingir.models.spiking import SpikingChain, SpikingDnCNN
 from spikingir.pipeline import for_inference, load_snn, save_snn
 
-from helpers import randomise_bn
+from helpers import dyadic_network_, randomise_bn
 
 torch.set_num_threads(1)
 
@@ -99,14 +99,7 @@ def _dyadic(snn, x):
     """The SNN and input moved onto dyadic grids (weights, biases and input on a
     1/16 grid, thresholds powers of two, beta = theta / 2): every potential is
     exact, so the dense and spike_conv2d paths cannot flip a spike on any CPU."""
-    with torch.no_grad():
-        for conv in snn.convs():
-            conv.weight.copy_((conv.weight * 16).round() / 16)
-            conv.bias.copy_((conv.bias * 16).round() / 16)
-        for n in snn.neurons():
-            n.theta.copy_(2.0 ** torch.round(torch.log2(n.theta)))
-            if hasattr(n, "beta"):
-                n.beta.copy_(n.theta * 0.5)
+    dyadic_network_(snn.convs(), snn.neurons())
     return snn, (x * 16).round() / 16
 
 

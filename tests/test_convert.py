@@ -14,6 +14,7 @@ from spikingir.evaluate import Sample, evaluate
 from spikingir.models import AODNet, DnCNN
 from spikingir.nn.mapper import spike_rate
 from spikingir.pipeline import load_snn, save_snn
+from helpers import chunked_backward
 
 torch.set_num_threads(1)
 
@@ -740,15 +741,7 @@ def test_step_chunks_with_autograd_give_the_unchunked_gradients(neuron):
     energy estimate (track_energy: summed per chunk) up to float rounding."""
     snn, x = dyadic_snn(neuron, 4, seed=8)
     snn.track_energy()
-    got = []
-    for n in (None, 1, 3):
-        snn.step_chunk = n
-        snn.zero_grad()
-        y = snn(x)
-        (y.square().sum() + snn.energy_ratio).backward()
-        got.append((y.detach(), float(snn.energy_ratio.detach()),
-                    {k: p.grad.clone() for k, p in snn.named_parameters()}))
-    (ref, ref_energy, ref_grads), *chunked = got
+    (ref, ref_energy, ref_grads), *chunked = chunked_backward(snn, x)
     assert ref_energy > 0
     for out, energy, grads in chunked:
         assert torch.allclose(out, ref, rtol=0, atol=1e-6)

@@ -17,7 +17,7 @@ from spikingir.models import Residual
 from spikingir.models.graph import GraphNet, SpikingGraph, graph_net
 from spikingir.models.spiking import SpikingChain
 
-from helpers import randomise_bn, ran_ops
+from helpers import chunked_backward, dyadic_network_, randomise_bn, ran_ops
 
 torch.set_num_threads(1)
 
@@ -373,14 +373,7 @@ def _dyadic(snn):
     """Weights, biases and thresholds on a dyadic grid (with dyadic inputs every
     potential is exact: a sum in another order, or spike_conv2d, is bit for bit
     the same)."""
-    with torch.no_grad():
-        for conv in snn.layers.values():
-            conv.weight.copy_((conv.weight * 16).round() / 16)
-            conv.bias.copy_((conv.bias * 16).round() / 16)
-        for n in snn.neurons():
-            n.theta.copy_(2.0 ** torch.round(torch.log2(n.theta)))
-            if hasattr(n, "beta"):
-                n.beta.copy_(n.theta * 0.5)
+    dyadic_network_(snn.layers.values(), snn.neurons())
     return snn
 
 
@@ -675,14 +668,8 @@ def test_graph_snn_on_spike_conv(monkeypatch):
     (exact potentials) the output is the dense one."""
     from spikingir import ops
     ann = ResBlocks().eval()
-    snn = to_snn(ann, images(), 4, neuron="mprn")
+    snn = _dyadic(to_snn(ann, images(), 4, neuron="mprn"))
     with torch.no_grad():
-        for conv in snn.layers.values():
-            conv.weight.copy_((conv.weight * 16).round() / 16)
-            conv.bias.copy_((conv.bias * 16).round() / 16)
-        for n in snn.neurons():
-            n.theta.copy_(2.0 ** torch.round(torch.log2(n.theta)))
-            n.beta.copy_(n.theta * 0.5)
         x = (torch.rand(1, 1, 12, 12) * 16).round() / 16
         dense = snn(x)
         calls, spike_conv2d = [], ops.spike_conv2d
@@ -1306,15 +1293,7 @@ def test_graph_step_chunks_with_autograd_give_the_unchunked_gradients(make, neur
     snn = to_snn(make().eval(), images(), 4, neuron=neuron, backend="torch").double()
     snn.track_energy()
     x = torch.cat(images(n=2, seed=8)).double()
-    got = []
-    for n in (None, 1, 3):
-        snn.step_chunk = n
-        snn.zero_grad()
-        y = snn(x)
-        (y.square().sum() + snn.energy_ratio).backward()
-        got.append((y.detach(), float(snn.energy_ratio.detach()),
-                    {k: p.grad.clone() for k, p in snn.named_parameters()}))
-    (ref, ref_energy, ref_grads), *chunked = got
+    (ref, ref_energy, ref_grads), *chunked = chunked_backward(snn, x)
     assert ref_energy > 0 and any(g.abs().sum() > 0 for k, g in ref_grads.items() if "theta" in k)
     for out, energy, grads in chunked:
         assert torch.equal(out, ref)
