@@ -8,6 +8,7 @@ mapper and membrane-potential recycling read-out. The SNN takes and returns
 images like the ANN.
 """
 import copy
+import functools
 import numbers
 
 import numpy as np
@@ -438,8 +439,9 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
     (``snn.mapper``) are fitted in the same way to the ANN's output (with
     ``"weights"`` only; one that cannot be fitted gets the mean error's bias
     shift). Other convs are kept, and so is a conv called at several nodes
-    (tied weights): fitting it for one call site would change the others. ``snn.meta["calibrated_layers"]`` then says
-    what happened to each conv, by node name.
+    (tied weights): fitting it for one call site would change the others.
+    ``snn.meta["calibrated_layers"]`` then says what happened to each conv, by
+    node name (``spikingir convert`` saves it in the file).
     Measured (benchmarks/RESULTS.md, official DnCNN-S s25, per-channel thresholds,
     Set12 crops): PSNR loss at T=10 3.17 dB converted, 2.71 with ``bias``, 1.47
     with ``weights`` (T=5: 4.90, 4.42, 3.32), in 81 s on 2 CPU cores.
@@ -485,7 +487,7 @@ def calibrate_layers(snn, ann, calib_images, method="weights", bias_iters=4, rid
 
 
 def _calibrate_chain(snn, ann_convs, images, method, bias_iters, ridge, target_floor):
-    T, last = snn.timesteps, len(snn.neurons_) - 1
+    last = len(snn.neurons_) - 1
     convs = snn.convs()
     h = images  # the ANN's activations below the current layer, per image
     currents = [snn.conv1(x).unsqueeze(0).expand(snn.steps, -1, -1, -1, -1) for x in images]
@@ -498,16 +500,7 @@ def _calibrate_chain(snn, ann_convs, images, method, bias_iters, ridge, target_f
                 _fit_conv(convs[i], rates, [torch.maximum(zi, floor) for zi in z], ridge)
             currents = [snn.hidden[i - 1](y) for y in spikes]
 
-        def layer_outputs(currents, neuron=neuron, readout=i == last):
-            """(y, rate) per image; the last layer's rate recycles its residual,
-            read from the neuron's state right after that image's run."""
-            out = []
-            for cur in currents:
-                v_final = []
-                y = neuron(cur, v_final_out=v_final)
-                out.append((y, snn._rate(neuron, y, v_final[0]) if readout else y.sum(0) / T))
-            return out
-
+        layer_outputs = functools.partial(_layer_outputs, snn, neuron, i == last)  # last: recycles
         spikes, rates = map(list, zip(*_correct_bias(_shift_bias(convs[i]), currents,
                                                      layer_outputs, z, bias_iters)))
         h = [torch.relu(zi) for zi in z]
@@ -522,6 +515,18 @@ def _shift_bias(conv):
         conv.bias += delta
         return [cur + delta.view(1, 1, -1, 1, 1) for cur in currents]
     return move
+
+
+def _layer_outputs(snn, neuron, read_out, currents):
+    """(spikes, rate) of ``neuron`` on each image's ``currents`` (the calibration's
+    layer runs); a read-out layer's rate recycles its residual, read from the
+    neuron's state right after that image's run."""
+    out = []
+    for cur in currents:
+        v_final = []
+        y = neuron(cur, v_final_out=v_final)
+        out.append((y, snn._rate(neuron, y, v_final[0]) if read_out else y.sum(0) / snn.timesteps))
+    return out
 
 
 def _correct_bias(move, currents, layer_outputs, z, iters):
@@ -885,15 +890,7 @@ def _calibrate_graph(snn, net, images, method, bias_iters, ridge, target_floor):
                     env[n] = _graph_value(snn, n, env)
             return currents()
 
-        def layer_outputs(cur, neuron=neuron, read_out=relu in st.readout):
-            """(y, rate) per image; a read-out layer's rate recycles its residual."""
-            out = []
-            for c in cur:
-                v_final = []
-                y = neuron(c, v_final_out=v_final)
-                out.append((y, snn._rate(neuron, y, v_final[0]) if read_out else y.sum(0) / T))
-            return out
-
+        layer_outputs = functools.partial(_layer_outputs, snn, neuron, relu in st.readout)
         result = (_correct_bias(move, currents(), layer_outputs, zs[i], bias_iters) if moves
                   else layer_outputs(currents()))
         for k, (y, r) in enumerate(result):
