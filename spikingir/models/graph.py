@@ -1009,6 +1009,17 @@ class SpikingGraph(_SpikingNet):
         self.spike_masks = True
         self._structure = _Structure(self.program)
 
+    def _ann_macs(self, x):
+        """MACs of the ANN on ``x``, each conv at the size its input has there (after
+        pooling, strides, upsampling; the base class's count takes every conv at
+        the image's size), as the last recorded forward on an input of ``x``'s shape
+        counted them (fine-tuning's validation records its forwards and reads it after each)."""
+        shape, macs = getattr(self, "_ann_count", (None, None))
+        if shape != tuple(x.shape):
+            raise RuntimeError(f"SpikingGraph._ann_macs: run a forward with record_stats() on "
+                               f"a {tuple(x.shape)} input first")
+        return macs
+
     def extra_repr(self):
         return super().extra_repr() + (f", spike_conv=True, spike_conv_backend="
                                        f"{self.spike_conv_backend!r}" if self.spike_conv else "")
@@ -1433,8 +1444,13 @@ class SpikingGraph(_SpikingNet):
                 rate_env[name] = run(name, rate_env, True)
         out = rate_env[st.output].t
         self._release_graph()
+        # the ANN's MACs on this input, each conv at its input's size (pooled, strided or
+        # upsampled on the way); recorded, what _ann_macs answers for an input of this shape
+        ann = sum(_layer_macs(self.layers[n], s) for n, s in ann_shapes.items()) \
+            if record or track else None
+        if record:
+            self._ann_count = (tuple(x.shape), ann)
         if track:  # the SOP part of the SNN/ANN energy ratio, differentiable in the spikes
-            ann = sum(_layer_macs(self.layers[n], s) for n, s in ann_shapes.items())
             self.energy_ratio = sum(sop_terms, x.new_zeros(())) * (E_SOP_PJ / (E_MAC_PJ * ann))
         return out
 
