@@ -506,6 +506,7 @@ def _cmd_restore(args):
                if not args.snn_weights and (args.ann_weights or args.ann_module) else None)
     channels = _denoise_channels(args, (args.snn_weights, loaded) if loaded else
                                  (_ann_name(args), own_ann))
+    untiled = _untileable(loaded if loaded is not None else own_ann)
 
     def read(src):
         img = load_image(src)
@@ -513,6 +514,10 @@ def _cmd_restore(args):
             raise UserError(f"{src}: {RGB_FOR_GRAY}")
         if channels == 3 and img.ndim == 2:
             raise UserError(f"{src}: {GRAY_FOR_RGB}")
+        if untiled and 0 < args.tile < max(img.shape[:2]):  # restore's ValueError, in CLI terms
+            raise UserError(f"{src}: a {img.shape[0]}x{img.shape[1]} image is larger than --tile "
+                            f"{args.tile}, and this network cannot run in tiles ({untiled}): "
+                            "pass --tile 0 to restore it whole (--step-chunk 1 bounds the memory)")
         if blind and min(img.shape[:2]) < 2:
             raise UserError(f"{src}: a {img.shape[0]}x{img.shape[1]} image is too small to "
                             "estimate its noise level; pass --sigma")
@@ -555,6 +560,28 @@ def _cmd_restore(args):
         how = ", each RGB channel on its own" if colour and img.ndim == 3 else ""
         print(f"wrote {dst} ({args.task}{how}, T={args.timesteps}; {origin})")
     return 0
+
+
+def _untileable(net):
+    """Why ``net`` (an SNN, a user's ANN, or None: a shipped DnCNN) cannot restore an
+    image in tiles, or None: it changes scale inside (pooling, upsampling, a transposed
+    or strided conv), so it has no receptive radius (spikingir.tiling.receptive_radius)
+    and restore refuses to tile it. A user's ANN of the graph conversion is read
+    through its traced form, where functional pooling shows."""
+    from spikingir.convert import _graph_net, _is_chain
+    from spikingir.models import AODNet
+    from spikingir.models.spiking import SpikingAODNet, SpikingChain
+    from spikingir.tiling import receptive_radius
+    if net is None:
+        return None
+    if not isinstance(net, (AODNet, SpikingChain, SpikingAODNet)) and not _is_chain(net) and \
+            not hasattr(net, "program"):  # an ANN to_snn reads through torch.fx
+        net = _graph_net(net)
+    try:
+        receptive_radius(net)
+    except ValueError:
+        return "it changes scale inside: pooling, upsampling, a transposed or strided conv"
+    return None
 
 
 def _image_format(path):
