@@ -234,13 +234,21 @@ def _denoise_channels(args, *nets):
     for name, other in rest:
         if other != channels:
             raise UserError(f"{first} takes {channels} image channel(s), {name} {other} (pass "
-                            "--ann-weights with the SNN's own ANN)")
+                            f"{_own_ann_options(nets[0][1])} with the SNN's own ANN)")
     colour = getattr(args, "colour", None)
     if colour and channels != 1:
         raise UserError(f"--colour {colour} runs a grayscale model on each RGB channel; this "
                         f"one takes {channels} channels (a colour model: RGB images go in as "
                         "they are, without --colour)")
     return channels
+
+
+def _own_ann_options(snn):
+    """The options that give ``snn``'s own ANN, for hints: --ann-weights, after the
+    --ann-module that its file records (a network of the user's: its weights alone
+    are no DnCNN checkpoint)."""
+    module = getattr(snn, "meta", None) and snn.meta.get("ann_module")
+    return f"--ann-module {module} --ann-weights" if module else "--ann-weights"
 
 
 def _ann_name(args):
@@ -336,7 +344,8 @@ def _get_snn(task, sigma, ann, timesteps, args, ann_given, loaded=None):
     if path is not None:
         snn = loaded if loaded is not None else _load_converted(path, task, args)
         _note_snn_source(args, path, snn, sigma, ann, "the PSNR loss and conversion rate compare "
-                         "different networks (pass --ann-weights with the SNN's own ANN)")
+                         f"different networks (pass {_own_ann_options(snn)} with the SNN's own "
+                         "ANN)")
         snn.timesteps = timesteps
         origin = f"SNN weights {path}"
     else:
@@ -746,6 +755,7 @@ def _cmd_finetune(args):
             else:
                 snn.mapper.conv.load_state_dict(conv_chain(ann).convs()[-1].state_dict())
     fingerprint = snn.meta.get("ann_fingerprint")  # the ANN it came from, when recorded
+    source_module = snn.meta.get("ann_module")
     t0 = time.time()
     try:
         res = finetune_snn(snn, args.task, sigma=sigma, data=args.data, val_data=args.val_data,
@@ -773,7 +783,8 @@ def _cmd_finetune(args):
             "distill": args.distill,
             "warmup": args.warmup, "init": str(args.snn_weights or "conversion"),
             "layer_calibration": None if args.snn_weights else calibration,
-            "ann_fingerprint": fingerprint, "ann_module": args.ann_module,
+            # a continued SNN keeps the record of the network it was converted from
+            "ann_fingerprint": fingerprint, "ann_module": args.ann_module or source_module,
             "wall_s": round(time.time() - t0, 1), "torch": str(torch.__version__)}
     if res.history:
         last = res.history[-1]  # the last validation (a time limit may stop the run after it)

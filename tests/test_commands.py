@@ -1432,6 +1432,33 @@ def test_ann_module_takes_a_network_with_skips(files, tmp_path, capsys):
     assert re.search(r"node 'max_pool2d'.*ReLU activations only", err), err
 
 
+def test_notes_name_the_ann_module_an_snn_file_was_converted_from(files, tmp_path, capsys):
+    """evaluate's note on an SNN compared with another ANN said "pass --ann-weights
+    with the SNN's own ANN", which for a network of your own fails ("not a DnCNN
+    checkpoint"), and finetune --snn-weights dropped the file's ann_module record
+    (found evaluating a fine-tuned U-Net SNN without --ann-module). The record is
+    kept and the note names --ann-module too."""
+    net, mod = _my_net(tmp_path, "mynet_for_notes")
+    torch.manual_seed(0)
+    torch.save(mod.skips().state_dict(), tmp_path / "w.pt")
+    snn_file, ft = tmp_path / "snn.pt", tmp_path / "ft.pt"
+    code, _, err = run(["convert", "--task", "denoise", "--sigma", "25", "--ann-module",
+                        f"{net}:skips", "--ann-weights", str(tmp_path / "w.pt"), "--timesteps",
+                        "2", "--layer-calibration", "none", "--out", str(snn_file), "--data",
+                        str(files / "gray48")], capsys)
+    assert code == 0, err
+    code, _, err = run(["finetune", "--task", "denoise", "--sigma", "25", "--snn-weights",
+                        str(snn_file), "--timesteps", "2", "--steps", "1", "--batch-size", "2",
+                        "--data", str(files / "gray48"), "--val-data", str(files / "gray48"),
+                        "--val-crop", "32", "--no-progress", "--out", str(ft)], capsys)
+    assert code == 0, err
+    assert torch.load(ft, weights_only=True)["meta"]["ann_module"] == f"{net}:skips"
+    code, _, err = run(["evaluate", "--task", "denoise", "--sigma", "25", "--snn-weights",
+                        str(ft), "--ann-weights", str(files / "dncnn.pt"), "--data",
+                        str(files / "gray"), "--timesteps", "2"], capsys)
+    assert code == 0 and f"pass --ann-module {net}:skips --ann-weights with the SNN's own" in err
+
+
 def test_restore_says_how_to_restore_an_image_larger_than_a_tile_with_a_unet(tmp_path, capsys):
     """A U-Net (pooling, upsampling) has no receptive radius to tile by: restore of an
     image larger than --tile (the default 512 too) stopped with receptive_radius's
