@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before any torch import: read once
 
@@ -434,9 +435,17 @@ def _build_parser():
     return parser
 
 
+def _warning_line(message, category, filename, lineno, line=None):
+    """A warning as the CLI prints it: one line, ``spikingir: warning: ...`` (Python's
+    default adds the file, line and source of the library call that warned, which
+    tell a user of the command nothing)."""
+    return f"spikingir: warning: {message}\n"
+
+
 def main(argv=None):
     """Entry point of the ``spikingir`` console script; returns the exit status."""
     args = None
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _warning_line
     try:
         args = _build_parser().parse_args(argv)
         if os.environ.get("SPIKINGIR_KEEP_FREED_MEMORY", "0") == "1":
@@ -454,6 +463,8 @@ def main(argv=None):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

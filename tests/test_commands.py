@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from spikingir import cli
 from spikingir.cli import main
 from spikingir.convert import to_snn
 from spikingir.models import AODNet, DnCNN
@@ -803,6 +804,32 @@ def test_finetune_patch_size(files, tmp_path, capsys):
     code, _, err = run(args + ["--patch-size", "49"], capsys)
     assert code == 2 and "no 49 x 49 patch fits" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_cli_warnings_are_one_line(files, tmp_path, capsys):
+    """A warning of the library under a command prints as one line, ``spikingir:
+    warning: ...`` (found by a user journey: Python's form with the library's file,
+    line and source such as ``img = load(path)``); Python's own form is back after."""
+    import sys
+    import warnings
+    folder = tmp_path / "colour"
+    folder.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 44, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "c.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # as Python's default outside pytest (which records warnings): to stderr
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(m, c, f, n, line))
+        code, _, err = run(["convert", "--task", "denoise", "--sigma", "25", "--ann-weights",
+                            str(files / "dncnn.pt"), "--data", str(folder), "--timesteps", "2",
+                            "--layer-calibration", "none", "--out", str(tmp_path / "s.pt")],
+                           capsys)
+    assert code == 0, err
+    assert (f"spikingir: warning: {folder}: colour images are converted to gray (luma) for the "
+            "grayscale denoising model\n") in err, err
+    assert ".py:" not in err and "UserWarning" not in err, err
+    assert warnings.formatwarning is not cli._warning_line
 
 
 def test_finetune_and_refit_a_colour_snn(files, tmp_path, capsys):
