@@ -508,10 +508,12 @@ def test_summed_and_pooled_spikes_count_sops(neuron):
 
 class _InputSkip(nn.Module):
     """A conv that reads the image concatenated with spikes (``how="cat"``, a U-Net's
-    input skip), the image plus spikes (``"image"``, an image of ``w`` channels) or
-    the input current minus scaled spikes (``"sum"``); ``split``: the same network
-    with that conv split by hand, a static conv of the input part (with the bias)
-    plus a conv of the spikes (without)."""
+    input skip), the image plus spikes (``"image"``, an image of ``w`` channels;
+    ``"broadcast"``, one channel added to all ``w``), the input current minus
+    scaled spikes (``"sum"``) or a number minus spikes (``"number"``); ``split``:
+    the same network with that conv split by hand, a static conv of the input
+    part (with the bias; the 1-channel image's, or a constant map's, read by the
+    weights summed over the input channels) plus a conv of the spikes (without)."""
 
     def __init__(self, how="cat", split=False, w=6):
         super().__init__()
@@ -521,17 +523,18 @@ class _InputSkip(nn.Module):
         self.c2 = nn.Conv2d(w + 1 if how == "cat" else w, w, 3, padding=1)
         self.c3, self.how, self.split = nn.Conv2d(w, c, 3, padding=1), how, split
         if split:
-            self.sx = nn.Conv2d(1 if how == "cat" else w, w, 3, padding=1)
+            self.sx = nn.Conv2d(w if how in ("image", "sum") else 1, w, 3, padding=1)
             self.sh = nn.Conv2d(w, w, 3, padding=1, bias=False)
 
     def forward(self, x):
         h = F.relu(self.c1(x))
-        a = self.c0(x) if self.how == "sum" else x
+        a = self.c0(x) if self.how == "sum" else x * 0 + 0.5 if self.how == "number" else x
         if self.split:
             z = self.sx(a) + self.sh(h)
         else:
             z = self.c2(torch.cat((x, h), 1) if self.how == "cat" else
-                        a - h / 2 if self.how == "sum" else x + h)
+                        a - h / 2 if self.how == "sum" else 0.5 - h if self.how == "number" else
+                        x + h)
         return x - self.c3(F.relu(z))
 
 
@@ -544,13 +547,14 @@ def _split_by_hand(mixed, split, how):
         for name in set(mixed.layers) & {"c0", "c1", "c3"}:  # c0: "sum" only
             split.layers[name].load_state_dict(mixed.layers[name].state_dict())
         w = mixed.layers["c2"].weight
-        split.layers["sx"].weight.copy_(w[:, :1] if how == "cat" else w)
+        split.layers["sx"].weight.copy_(w[:, :1] if how == "cat" else w if how in ("image", "sum")
+                                        else w.sum(1, keepdim=True))
         split.layers["sx"].bias.copy_(mixed.layers["c2"].bias)
-        split.layers["sh"].weight.copy_(w[:, 1:] if how == "cat" else
-                                        -w / 2 if how == "sum" else w)
+        split.layers["sh"].weight.copy_(w[:, 1:] if how == "cat" else -w / 2 if how == "sum" else
+                                        -w if how == "number" else w)
 
 
-@pytest.mark.parametrize("how", ["cat", "image", "sum"])
+@pytest.mark.parametrize("how", ["cat", "image", "sum", "number", "broadcast"])
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_the_input_mixed_with_spikes_counts_and_runs_split(how, neuron):
     """conv(cat(x, h)) = conv_x(x) + conv_h(h), conv(x + h) = conv(x) + conv(h),
@@ -561,7 +565,11 @@ def test_the_input_mixed_with_spikes_counts_and_runs_split(how, neuron):
     the conv split by hand; on dyadic values (exact potentials) the outputs are
     those of the conv of the whole input (a hooked conv runs so, as before),
     otherwise up to float32 rounding (found: such a conv was analog MACs at every
-    step over all its channels, 97 % of the OddOps net's energy at 64x64, T=4)."""
+    step over all its channels, 97 % of the OddOps net's energy at 64x64, T=4).
+    A number (conv(0.5 - h) = conv(0.5 * 1) + conv(-h)) and a 1-channel image
+    broadcast over the spikes' channels are static too: a 1-channel map read by
+    the weights summed over the input channels, one channel's MACs once (found:
+    both were analog MACs at every step over all the conv's channels)."""
     from spikingir.energy import ann_macs
     c = 6 if how == "image" else 1
     calib = [torch.cat(images(n=c, seed=s)[:c], 1) for s in (1, 2, 3)]
@@ -575,8 +583,9 @@ def test_the_input_mixed_with_spikes_counts_and_runs_split(how, neuron):
         assert torch.equal(out, b(x)) and a.stats == b.stats, (a.stats, b.stats)
         st = a.stats
         assert st["analog_macs"] == 0 and st["sops"] > 0
-        # c2's MACs of the static channels (the image's one of 7, or all 6)
-        c2 = conv_call_macs(a.layers["c2"], 1, 16, 16)[0] // (7 if how == "cat" else 1)
+        # c2's MACs of the static channels (the image's one of 7, all 6, or one of 6)
+        c2 = conv_call_macs(a.layers["c2"], 1, 16, 16)[0] // {"cat": 7, "image": 1,
+                                                                "sum": 1}.get(how, 6)
         assert st["first_layer_macs"] == c2 + sum(conv_call_macs(a.layers[n], 1, 16, 16)[0]
                                                   for n in (("c0", "c1") if how == "sum" else
                                                             ("c1",)))
@@ -593,10 +602,15 @@ def test_the_input_mixed_with_spikes_counts_and_runs_split(how, neuron):
     assert sops_a == pytest.approx(sops_b, rel=1e-6) and sops_a > 0
     a.track_energy(False), b.track_energy(False)
     with torch.no_grad():
-        for masks in (False, True):  # h goes over as floats either way (the cat reads them)
+        for masks in (False, True):
             a.use_spike_conv(True, backend="cpp", masks=masks)
             b.use_spike_conv(True, backend="cpp", masks=masks)
-            assert "spikingir::spike_conv2d_fwd" in ran_ops(lambda: a(x))  # c2's spike part
+            ran = ran_ops(lambda: a(x))  # c2's spike part on spike_conv2d; with masks, a
+            # concatenation with the image is not made, so h goes over as masks (a sum
+            # reads its values)
+            on_masks = masks and how == "cat"
+            assert any(k.startswith("spikingir::spike_conv2d_fwd_masks") for k in ran) == \
+                on_masks and ("spikingir::spike_conv2d_fwd" in ran) != on_masks, ran
             assert torch.equal(a(x), out) and torch.equal(b(x), out)
         # not dyadic: the split sums in another order than the conv of the whole
         # input (the static part in float64, then the spikes' part), a few float32
@@ -1235,6 +1249,8 @@ def test_a_relu_of_a_relu_runs_on_masks(neuron):
 @pytest.mark.parametrize("make", [ResBlocks, TinyUNet, OddOps, SharedAndStacked,
                                   _Scaled, _Summed, _Pooled, _Tied, _InputSkip,
                                   functools.partial(_InputSkip, "sum"),
+                                  functools.partial(_InputSkip, "number"),
+                                  functools.partial(_InputSkip, "broadcast"),
                                   functools.partial(_Affine, where="relu")])
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_graph_step_chunks_compute_the_unchunked_forward(make, neuron):
@@ -1302,7 +1318,9 @@ def test_graph_step_chunks_keep_skipped_spikes_as_masks():
 
 
 @pytest.mark.parametrize("make", [ResBlocks, TinyUNet, _Scaled, _Summed, _Tied, _InputSkip,
-                                  functools.partial(_InputSkip, "sum")])
+                                  functools.partial(_InputSkip, "sum"),
+                                  functools.partial(_InputSkip, "number"),
+                                  functools.partial(_InputSkip, "broadcast")])
 @pytest.mark.parametrize("neuron", ["if", "mprn"])
 def test_graph_step_chunks_with_autograd_give_the_unchunked_gradients(make, neuron):
     """With autograd the chunks chain through each neuron's start potential: the

@@ -879,17 +879,22 @@ class _Value:
     ``scale`` the number its spikes are multiplied by (1.0: the neurons' own
     values; None: a sum of spike trains, whose values are no spikes of one size);
     ``terms`` the parts of a value that mixes the input and spikes
-    (:func:`_mixed_terms`), else None."""
-    __slots__ = ("t", "seq", "sources", "counts", "scale", "terms")
+    (:func:`_mixed_terms`), else None; ``t`` None (``shape`` given): such a value
+    per step whose readers read only its terms (:meth:`SpikingGraph._split_read`)."""
+    __slots__ = ("t", "seq", "sources", "counts", "scale", "terms", "_shape")
 
-    def __init__(self, t, seq=False, sources=None, counts=None, scale=1.0, terms=None):
+    def __init__(self, t, seq=False, sources=None, counts=None, scale=1.0, terms=None,
+                 shape=None):
         self.t, self.seq, self.sources, self.counts = t, seq, sources, counts
         self.scale = scale
         self.terms = terms
+        self._shape = shape  # with t None: a mixed value read by split convs only
 
     @property
     def shape(self):
         """The ANN's [B, C, H, W] shape of this value."""
+        if self.t is None:
+            return self._shape
         return self.t.shape[1:] if self.seq else self.t.shape
 
 
@@ -953,11 +958,13 @@ class SpikingGraph(_SpikingNet):
     by a number, summed with other spikes, or averaged in windows that do not
     overlap: each spike one event, the numbers folded into the weights) counts
     the synaptic operations of the spikes of all steps (``sops``); a per-step
-    conv of analog values (spikes plus a number, averages over overlapping
-    windows) its MACs at every step (``analog_macs``); a conv of the input
-    concatenated with (or added to) spikes or per-step values counts and
-    computes each part as that conv split by hand would: the input's once, the
-    spikes' SOPs, the other channels' MACs at every step (:func:`_mixed_terms`);
+    conv of analog values (averages over overlapping windows, sums with
+    per-step analog values) its MACs at every step (``analog_macs``); a conv
+    of the input concatenated with (or added to, a 1-channel image broadcast
+    over the channels too) spikes or per-step values, or of spikes plus a
+    number, counts and computes each part as that conv split by hand would: the
+    input's (the number's) once, the spikes' SOPs, the other channels' MACs at
+    every step (:func:`_mixed_terms`);
     a read-out conv (computed once on rates) counts the SOPs of the spikes into
     it unless they were counted per step, and its MACs once with recycling (the
     chain's read-out rule) or when its input is analog (``readout_macs``). A
@@ -1063,16 +1070,32 @@ class SpikingGraph(_SpikingNet):
 
     def _emits_masks(self, name, neuron, cur):
         """Whether neuron layer ``name`` (input current ``cur``) emits channel masks:
-        every per-step reader of its spikes is a conv on spike_conv2d reading them
-        directly; the chain's conditions for masks otherwise (SpikingChain.forward)."""
+        every per-step reader of its spikes takes masks (:meth:`_reads_masks`: a conv
+        on spike_conv2d reading them directly, or the input concatenated with them
+        read by such convs only); the chain's conditions for masks otherwise
+        (SpikingChain.forward)."""
         st = self._structure
         return (self.spike_conv and self.spike_masks and not torch.is_grad_enabled()
                 and not self._record and not self._track_energy and not _has_hooks(neuron)
                 and cur.dtype in ops.backends.FUSED_DTYPES
-                and all(st.ops[r][1] == "conv" and st.ops[r][2][0].name == name
-                        and self._spike_conv_layer(self.layers[r]) for r in st.seq_readers[name])
+                and all(self._reads_masks(r, name) for r in st.seq_readers[name])
                 and ops.backends.choose("spike_conv2d_masks", cur.device, torch.float32,
                                         self.spike_conv_backend) != "torch")
+
+    def _reads_masks(self, r, name):
+        """Whether node ``r``, a per-step reader of neuron layer ``name``'s spikes,
+        takes them as masks: a conv on spike_conv2d reading them directly, or a
+        concatenation of them with a static node (the input mixed with spikes, so
+        its spikes are a term: :func:`_mixed_terms`) that only split convs on
+        spike_conv2d read: it is not made (:meth:`_split_read`), and each conv
+        runs the spikes' channels on spike_conv2d (:meth:`_split_conv`)."""
+        st = self._structure
+        _, kind, args, _ = st.ops[r]
+        if kind == "conv":
+            return args[0].name == name and self._spike_conv_layer(self.layers[r])
+        return (kind == "cat" and any(a.name in st.static for a in args[0])
+                and self._split_read(r)
+                and all(self._spike_conv_layer(self.layers[c]) for c in st.seq_readers[r]))
 
     def _packs(self, neuron, cur):
         """Whether a neuron layer (input current ``cur``) whose spikes are kept for
@@ -1115,12 +1138,14 @@ class SpikingGraph(_SpikingNet):
                 return len({c for lo, hi, _, k, _ in v.terms if k == kind for c in range(lo, hi)})
 
             if spikes and once:
-                counts = v.t.new_zeros(v.shape, dtype=torch.float32)
+                counts = conv.weight.new_zeros(v.shape, dtype=torch.float32)
                 for lo, hi, u in spikes:
                     counts[:, lo:hi] += u.counts if rate_mode else _spike_counts(u)
                 self.stats["sops"] += _layer_sops(conv, counts)
-            if once and first_chunk:
-                self.stats["first_layer_macs"] += per * width("static")
+            if once and first_chunk:  # the static conv's input channels (_static_groups)
+                full, wide = _static_groups(v.terms)
+                self.stats["first_layer_macs"] += per * (
+                    len({c for lo, hi, *_ in full for c in range(lo, hi)}) + len(wide))
             if not rate_mode:
                 self.stats["analog_macs"] += per * width("analog") * steps
             else:
@@ -1132,6 +1157,18 @@ class SpikingGraph(_SpikingNet):
         split (:meth:`_split_conv`): a Conv2d of one group without hooks (a hooked
         conv is called on its whole input, which its hooks see)."""
         return type(conv) is nn.Conv2d and conv.groups == 1 and not _has_hooks(conv)
+
+    def _split_read(self, name):
+        """Whether per step node ``name``, a value that mixes the input and spikes
+        (:func:`_mixed_terms`), is read only by convs that run split
+        (:meth:`_splits`): they read its terms, so the value itself ([steps, B,
+        C, H, W], the static parts repeated over the steps) is not made (a
+        :class:`_Value` of its terms and shape only; the read-out makes its own
+        from the rates)."""
+        st = self._structure
+        readers = st.seq_readers[name]
+        return bool(readers) and all(st.ops[r][1] == "conv" and self._splits(self.layers[r])
+                                     for r in readers)
 
     def _split_conv(self, conv, v, T):
         """``conv`` of the per-step value ``v`` that mixes the input and spikes
@@ -1151,17 +1188,26 @@ class SpikingGraph(_SpikingNet):
         def w(a, z):  # the weights of input channels a:z (a view)
             return conv.weight[:, a:z]
 
-        static = [t for t in v.terms if t[3] == "static"]
-        cur = None  # the static part, [B, Cout, H', W']
-        if static:
-            lo, hi = min(t[0] for t in static), max(t[1] for t in static)
-            if len(static) == 1 and static[0][2] == 1.0:
-                xs = static[0][4].t
+        full, wide = _static_groups(v.terms)
+        xs, ws = [], []  # the static conv's inputs and their weights
+        if full:
+            lo, hi = min(t[0] for t in full), max(t[1] for t in full)
+            if len(full) == 1 and full[0][2] == 1.0:
+                xs.append(full[0][4].t)
             else:  # several static terms (a sum, or channels apart): their sum, zeros between
-                xs = static[0][4].t.new_zeros((v.shape[0], hi - lo, *v.shape[2:]))
-                for a, z, c, _, u in static:
-                    xs[:, a - lo:z - lo] += u.t * c
-            cur = self._static_current(xs, w(lo, hi), b, conv)
+                xs.append(full[0][4].t.new_zeros((v.shape[0], hi - lo, *v.shape[2:])))
+                for a, z, c, _, u in full:
+                    xs[0][:, a - lo:z - lo] += u.t * c
+            ws.append(w(lo, hi))
+        for (a, z), group in wide.items():  # one channel, the weights of a:z summed
+            one = (v.shape[0], 1, *v.shape[2:])
+            xs.append(sum(conv.weight.new_full(one, c) if u is None else u.t * c
+                          for _, _, c, _, u in group))
+            ws.append(w(a, z).sum(1, keepdim=True))
+        cur = None  # the static part, [B, Cout, H', W']
+        if xs:
+            cur = self._static_current(xs[0] if len(xs) == 1 else torch.cat(xs, 1),
+                                       ws[0] if len(ws) == 1 else torch.cat(ws, 1), b, conv)
         out = None  # the per-step part, [steps, B, Cout, H', W']
         for a, z, c, kind, u in v.terms:
             if kind == "static":
@@ -1172,7 +1218,7 @@ class SpikingGraph(_SpikingNet):
                 part = SimpleNamespace(weight=w(a, z), bias=bias, stride=conv.stride,
                                        padding=conv.padding, kernel_size=conv.kernel_size,
                                        out_channels=conv.out_channels)
-                s = (u.t != 0).to(u.t.dtype)
+                s = u.t if isinstance(u.t, ops.SpikeMasks) else (u.t != 0).to(u.t.dtype)
                 y = SpikingChain._conv_spikes(self, part, s, self.neurons_[u.sources[0][0]],
                                               T, scale=u.scale * c)
             else:
@@ -1278,16 +1324,20 @@ class SpikingGraph(_SpikingNet):
                     return _Value(t, seq, v.sources, counts, None)
                 return _Value(t, seq)
             if kind == "cat":
+                spiky = all(v.sources is not None for v in vals[0])
+                terms = None if spiky else _mixed_terms(kind, vals, _static_refs(args[0], st))
+                if seq and terms is not None and self._split_read(name):
+                    v = vals[0][0]
+                    return _Value(None, True, terms=terms, shape=torch.Size(
+                        (v.shape[0], sum(u.shape[1] for u in vals[0]), *v.shape[2:])))
                 parts = [v.t.unsqueeze(0).expand(S, *v.t.shape) if seq and not v.seq else v.t
                          for v in vals[0]]
                 t = torch.cat(parts, 2 if seq else 1)
-                spiky = all(v.sources is not None for v in vals[0])
                 sources = [s for v in vals[0] for s in v.sources] if spiky else None
                 # per step, a summed part's counts (the others' are read from the spikes)
                 counts = (torch.cat([_spike_counts(v) for v in vals[0]], 1) if spiky and record
                           and (rate_mode or any(v.counts is not None for v in vals[0])) else None)
                 scales = {v.scale for v in vals[0]}
-                terms = None if spiky else _mixed_terms(kind, vals, _static_refs(args[0], st))
                 return _Value(t, seq, sources, counts, scales.pop() if len(scales) == 1 else None,
                               terms)
             if kind == "upsample":
@@ -1305,10 +1355,13 @@ class SpikingGraph(_SpikingNet):
                 return _Value(t.unflatten(0, v.t.shape[:2]) if seq else t, seq,
                               *_pooled_spikes(v, info, record))
             # + - * /: a static [B, C, H, W] broadcasts over the steps of a sequence
-            a, b = (v.t if isinstance(v, _Value) else v for v in vals)
             spikes = _arith_spikes(kind, vals, record)
             terms = None if spikes[0] is not None else _mixed_terms(kind, vals,
                                                                     _static_refs(args, st))
+            if seq and terms is not None and self._split_read(name):
+                return _Value(None, True, terms=terms, shape=torch.broadcast_shapes(
+                    *(v.shape for v in vals if isinstance(v, _Value))))
+            a, b = (v.t if isinstance(v, _Value) else v for v in vals)
             return _Value(_apply(kind, None, (a, b), None), seq, *spikes, terms)
 
         def run_chunks():
@@ -1470,6 +1523,45 @@ def _terms_of(v, static, lo=0):
     return [(lo, lo + v.shape[1], 1.0, kind, v)]
 
 
+def _operand_terms(v, static, shape):
+    """An operand ``v`` of a sum of ``shape`` [B, C, H, W] (``static``: its node is
+    static) as terms (:func:`_mixed_terms`), else None where its broadcast does
+    not split by channel. A number c is a static term c times 1s over all C
+    channels, and a static 1-channel image over the C channels a static term
+    over them (value None for the number's 1s; :func:`_static_groups` computes
+    both on one channel): by linearity conv(h + c) = conv(h) + conv(c * 1), and
+    conv(c * 1) is static, a constant input current (with zero padding it is no
+    per-channel constant near the borders, so a map, not a bias)."""
+    if _is_number(v):
+        return [(0, shape[1], float(v), "static", None)]
+    if v.shape == shape:
+        return _terms_of(v, static)
+    if static and v.terms is None and v.shape[1] == 1 and v.shape[0] == shape[0] and \
+            v.shape[2:] == shape[2:]:
+        return [(0, shape[1], 1.0, "static", v)]
+    return None
+
+
+def _static_groups(terms):
+    """The static terms of a mixed value (:func:`_mixed_terms`) as the inputs of
+    its static conv: ``(full, wide)``, ``full`` the terms whose value has all
+    their channels (summed into one input, zeros between), ``wide`` {(lo, hi):
+    terms} the 1-channel ones broadcast over channels lo:hi (a number's 1s, a
+    1-channel image), those over the same channels summed into one input
+    channel read by the weights of lo:hi summed over their input channels:
+    conv_w(x broadcast over C) = conv_{sum_c w_c}(x), one channel's MACs, as
+    the network with the conv split by hand (a conv of the 1-channel image)."""
+    full, wide = [], {}
+    for t in terms:
+        if t[3] != "static":
+            continue
+        if t[4] is not None and t[4].shape[1] == t[1] - t[0]:
+            full.append(t)
+        else:
+            wide.setdefault(t[:2], []).append(t)
+    return full, wide
+
+
 def _mixed_terms(kind, vals, static):
     """The terms of the value ``<kind>(vals)`` (a cat of ``vals[0]``, or ``a <kind>
     b``; ``static``: per value, whether its node is static) where it mixes the
@@ -1486,8 +1578,14 @@ def _mixed_terms(kind, vals, static):
     all its channels (found: 97 % of the recorded energy of the test's OddOps
     net at 64x64, T=4, where the image is concatenated with spikes).
 
+    A number added to spikes and a 1-channel static image added to spikes of C
+    channels are static terms too (:func:`_operand_terms`): conv(h + c) =
+    conv(h) + conv(c * 1), the constant's part a static map (found: spikes
+    plus a number, or plus a broadcast image, were analog MACs at every step).
+
     Terms: a list of ``(lo, hi, coef, kind, value)``, ``coef`` times ``value``
-    (a node's :class:`_Value`) in input channels ``lo:hi``, ``kind`` "static",
+    (a node's :class:`_Value`; None: 1s) in input channels ``lo:hi`` (a static
+    1-channel value broadcast over them: :func:`_static_groups`), ``kind`` "static",
     "spikes" or "analog"; terms over the same channels add up. Only static and
     spike terms are summed: a sum with an analog per-step value is analog (a
     conv of it costs its MACs at every step whatever is added to it, the input
@@ -1499,12 +1597,15 @@ def _mixed_terms(kind, vals, static):
             terms += _terms_of(v, s, lo)
             lo += v.shape[1]
     elif kind in ("add", "sub"):
-        a, b = vals
-        if not (isinstance(a, _Value) and isinstance(b, _Value)) or a.shape != b.shape:
-            return None  # a number added (analog), or a broadcast (no channel split)
+        try:  # the sum's shape (the ANN's broadcast); an error is _apply's to raise
+            shape = torch.broadcast_shapes(*(v.shape for v in vals if isinstance(v, _Value)))
+        except RuntimeError:
+            return None
+        parts = [_operand_terms(v, s, shape) for v, s in zip(vals, static)]
+        if None in parts:
+            return None  # a broadcast other than a static image's one channel
         sign = -1.0 if kind == "sub" else 1.0
-        terms = _terms_of(a, static[0]) + [(lo, hi, sign * c, k, u) for lo, hi, c, k, u in
-                                           _terms_of(b, static[1])]
+        terms = parts[0] + [(lo, hi, sign * c, k, u) for lo, hi, c, k, u in parts[1]]
         if any(t[3] == "analog" for t in terms):
             return None
     else:  # * or / by a number (the builder refuses two tensors): the coefficients
