@@ -626,14 +626,14 @@ def test_the_input_mixed_with_spikes_counts_and_runs_split(how, neuron):
 class _Affine(nn.Module):
     """A BatchNorm after a sum (no conv before it: its own affine map), or
     (``where="relu"``) after a ReLU, on spikes (conv-ReLU-BN); ``bn=False``: the
-    same network without it."""
+    same network without it; ``w`` channels wide."""
 
-    def __init__(self, bn=True, where="sum"):
+    def __init__(self, bn=True, where="sum", w=6):
         super().__init__()
         torch.manual_seed(0)
-        self.c1, self.g = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
-        self.bn = nn.BatchNorm2d(6) if bn else nn.Identity()
-        self.c3, self.where = nn.Conv2d(6, 1, 3, padding=1), where
+        self.c1, self.g = nn.Conv2d(1, w, 3, padding=1), nn.Conv2d(w, w, 3, padding=1)
+        self.bn = nn.BatchNorm2d(w) if bn else nn.Identity()
+        self.c3, self.where = nn.Conv2d(w, 1, 3, padding=1), where
 
     def forward(self, x):
         h = F.relu(self.c1(x))
@@ -674,6 +674,25 @@ def test_a_batchnorm_of_its_own_counts_no_macs(tmp_path, where):
     a.track_energy(), b.track_energy()
     a(x), b(x)
     assert float(a.energy_ratio.detach()) == float(b.energy_ratio.detach()) > 0
+
+
+def test_a_one_channel_batchnorm_of_spikes_counts_sops_on_spike_conv():
+    """A 1-channel BatchNorm's affine map is a conv of one group, so with
+    use_spike_conv it ran on spike_conv2d, which handed on analog values: its
+    reader counted MACs at every step (11520 analog MACs, no SOPs, for this net
+    at 16x16, T=4) where without spike_conv it counted SOPs (found in review).
+    It hands on spikes either way: the same outputs and statistics."""
+    x = (images(n=1, seed=7)[0] * 16).round() / 16
+    snn = _dyadic(to_snn(randomise_bn(_Affine(where="relu", w=1)).eval(), images(), 4,
+                         neuron="mprn"))
+    with torch.no_grad():
+        snn.record_stats()
+        dense, stats = snn(x), snn.stats
+        snn.use_spike_conv(True, backend="cpp")
+        assert "spikingir::spike_conv2d_fwd" in ran_ops(lambda: snn(x))
+        assert torch.equal(snn(x), dense) and snn.stats == stats and stats["analog_macs"] == 0
+        snn.record_stats(False)
+        assert torch.equal(snn(x), dense)  # masks
 
 
 def test_graph_snn_on_spike_conv(monkeypatch):

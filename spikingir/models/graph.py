@@ -1308,18 +1308,20 @@ class SpikingGraph(_SpikingNet):
                     i = v.sources[0][0]
                     neuron = self.neurons_[i]
                     s = v.t if isinstance(v.t, ops.SpikeMasks) else (v.t != 0).to(v.t.dtype)
-                    return _Value(SpikingChain._conv_spikes(self, conv, s, neuron, Tc,
-                                                            scale=v.scale), True)
-                if seq and v.terms is not None and self._splits(conv):
+                    t = SpikingChain._conv_spikes(self, conv, s, neuron, Tc, scale=v.scale)
+                elif seq and v.terms is not None and self._splits(conv):
                     return _Value(self._split_conv(conv, v, Tc), True)
-                t = conv(v.t.flatten(0, 1)).unflatten(0, v.t.shape[:2]) if seq else conv(v.t)
+                else:
+                    t = conv(v.t.flatten(0, 1)).unflatten(0, v.t.shape[:2]) if seq else conv(v.t)
                 if info == _AFFINE and v.sources is not None:
                     # a BatchNorm's a * s + b of spikes (a ReLU then a BatchNorm): one event
                     # per spike for the convs that read it, a folded into their weights and
                     # b into their biases (_AFFINE), as a number times spikes; the counts are
                     # the spikes' (b makes the zeros nonzero). Read as analog, the next conv
                     # counted its MACs at every step (conv-ReLU-BN, 16 wide, 32x32, T=10:
-                    # 9.9x the ANN's energy, 0.36x counted as spikes, as without the BatchNorm)
+                    # 9.9x the ANN's energy, 0.36x counted as spikes, as without the BatchNorm).
+                    # On spike_conv2d too (a 1-channel BatchNorm is a conv of one group): its
+                    # readers counted analog MACs at every step there, SOPs without it
                     counts = (_spike_counts(v) if seq else v.counts) if record else None
                     return _Value(t, seq, v.sources, counts, None)
                 return _Value(t, seq)
