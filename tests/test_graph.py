@@ -623,6 +623,35 @@ def test_the_input_mixed_with_spikes_counts_and_runs_split(how, neuron):
         torch.testing.assert_close(split, a(y), rtol=1e-5, atol=1e-6)
 
 
+class _Depthwise(nn.Module):
+    """A depthwise conv of spikes plus a number, and of spikes plus the 1-channel
+    image broadcast over their channels."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.d1, self.d2 = (nn.Conv2d(6, 6, 3, padding=1, groups=6) for _ in range(2))
+        self.c3 = nn.Conv2d(12, 1, 3, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        return x - self.c3(torch.cat((F.relu(self.d1(h + 0.5)), F.relu(self.d2(h - x))), 1))
+
+
+def test_a_grouped_conv_counts_a_broadcast_channel_per_group():
+    """A grouped conv (run whole) of spikes plus a number or a 1-channel image counts
+    the static part's MACs as the network split by hand computes it: one input
+    channel per group, as a grouped conv cannot sum its weights across groups
+    (found in review: one channel, 1/6 of it for these depthwise convs)."""
+    snn = to_snn(_Depthwise().eval(), images(), 4).record_stats()
+    with torch.no_grad():
+        snn(images(n=1, seed=7)[0])
+    d = conv_call_macs(snn.layers["d1"], 1, 16, 16)[0]  # one channel per group: all of them
+    assert snn.stats["first_layer_macs"] == conv_call_macs(snn.layers["c1"], 1, 16, 16)[0] + 2 * d
+    assert snn.stats["analog_macs"] == 0
+
+
 class _Affine(nn.Module):
     """A BatchNorm after a sum (no conv before it: its own affine map), or
     (``where="relu"``) after a ReLU, on spikes (conv-ReLU-BN); ``bn=False``: the

@@ -1144,8 +1144,12 @@ class SpikingGraph(_SpikingNet):
                 self.stats["sops"] += _layer_sops(conv, counts)
             if once and first_chunk:  # the static conv's input channels (_static_groups)
                 full, wide = _static_groups(v.terms)
+                # a broadcast channel is one input channel per group it reaches (a
+                # grouped conv, run whole, has no weights to sum across its groups)
+                g = conv.in_channels // conv.groups
                 self.stats["first_layer_macs"] += per * (
-                    len({c for lo, hi, *_ in full for c in range(lo, hi)}) + len(wide))
+                    len({c for lo, hi, *_ in full for c in range(lo, hi)})
+                    + sum(len({c // g for c in range(lo, hi)}) for lo, hi in wide))
             if not rate_mode:
                 self.stats["analog_macs"] += per * width("analog") * steps
             else:
