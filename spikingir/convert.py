@@ -606,23 +606,14 @@ _SIZE_KINDS = ("shape", "item", "size_arith")
 def _graph_targets(net, images):
     """Per image, the ANN's pre-activations at each ReLU (a list per neuron layer)
     and its output; and every tensor node's [C, H, W] (of the first image)."""
-    from spikingir.models.graph import _apply, _resolve, _size_op
     zs, outs, shapes = [[] for _ in net.relus], [], {}
     for k, x in enumerate(images):
-        env = {}
+        env = net.node_values(x)
         for name, kind, args, info in net.program:
-            if kind == "input":
-                env[name] = x
-            elif kind == "output":
-                outs.append(env[args[0].name])
+            if kind == "output":
+                outs.append(env[name])
             elif kind == "relu":
                 zs[info].append(env[args[0].name])
-                env[name] = torch.relu(env[args[0].name])
-            elif kind in _SIZE_KINDS:
-                env[name] = _size_op(kind, _resolve(args, env), info, lambda t: t.shape)
-            else:
-                env[name] = _apply(kind, net.layers[name] if kind == "conv" else None,
-                                   _resolve(args, env), _resolve(info, env))
         if k == 0:
             shapes = {n: tuple(v.shape[1:]) for n, v in env.items() if isinstance(v, torch.Tensor)}
     return zs, outs, shapes

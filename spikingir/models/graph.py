@@ -578,12 +578,18 @@ class GraphNet(nn.Module):
         self.in_channels = in_channels
 
     def forward(self, x):
+        return self.node_values(x)[self.program[-1][0]]  # the output node is the last
+
+    def node_values(self, x):
+        """Every node's value on ``x``, by node name (the output node's: the
+        output; a ReLU's input: its pre-activation, which the layer calibration
+        fits to)."""
         env = {}
         for name, kind, args, info in self.program:
             if kind == "input":
                 env[name] = x
             elif kind == "output":
-                return env[args[0].name]
+                env[name] = env[args[0].name]
             elif kind == "relu":
                 env[name] = self.relus[info](env[args[0].name])
             elif kind in ("shape", "item", "size_arith"):
@@ -591,7 +597,7 @@ class GraphNet(nn.Module):
             else:
                 env[name] = _apply(kind, self.layers[name] if kind == "conv" else None,
                                    _resolve(args, env), _resolve(info, env))
-        raise AssertionError("no output")
+        return env
 
     def relu_channels(self):
         """Per ReLU (neuron layer), in order: the channels of its input where a
