@@ -1074,19 +1074,23 @@ class SpikingGraph(_SpikingNet):
                 and value.sources[0][1] == 1.0 and value.scale is not None
                 and self._spike_conv_layer(conv))
 
+    def _masks_allowed(self, neuron, cur):
+        """The chain's conditions for a neuron layer (input current ``cur``) to emit
+        channel masks (SpikingChain.forward): inference on spike_conv2d with masks,
+        nothing recorded or hooked, a fused dtype and a masks backend."""
+        return (self.spike_conv and self.spike_masks and not torch.is_grad_enabled()
+                and not self._record and not self._track_energy and not _has_hooks(neuron)
+                and cur.dtype in ops.backends.FUSED_DTYPES
+                and ops.backends.choose("spike_conv2d_masks", cur.device, torch.float32,
+                                        self.spike_conv_backend) != "torch")
+
     def _emits_masks(self, name, neuron, cur):
         """Whether neuron layer ``name`` (input current ``cur``) emits channel masks:
         every per-step reader of its spikes takes masks (:meth:`_reads_masks`: a conv
         on spike_conv2d reading them directly, or the input concatenated with them
-        read by such convs only); the chain's conditions for masks otherwise
-        (SpikingChain.forward)."""
-        st = self._structure
-        return (self.spike_conv and self.spike_masks and not torch.is_grad_enabled()
-                and not self._record and not self._track_energy and not _has_hooks(neuron)
-                and cur.dtype in ops.backends.FUSED_DTYPES
-                and all(self._reads_masks(r, name) for r in st.seq_readers[name])
-                and ops.backends.choose("spike_conv2d_masks", cur.device, torch.float32,
-                                        self.spike_conv_backend) != "torch")
+        read by such convs only), and :meth:`_masks_allowed`."""
+        return (all(self._reads_masks(r, name) for r in self._structure.seq_readers[name])
+                and self._masks_allowed(neuron, cur))
 
     def _reads_masks(self, r, name):
         """Whether node ``r``, a per-step reader of neuron layer ``name``'s spikes,
@@ -1106,12 +1110,9 @@ class SpikingGraph(_SpikingNet):
     def _packs(self, neuron, cur):
         """Whether a neuron layer (input current ``cur``) whose spikes are kept for
         later layers, but read as values, keeps them as channel masks with
-        ``step_chunk``: the conditions of :meth:`_emits_masks` but its readers'."""
-        return (self.spike_conv and self.spike_masks and not torch.is_grad_enabled()
-                and not self._record and not self._track_energy and not _has_hooks(neuron)
-                and neuron.scale_output and cur.dtype in ops.backends.FUSED_DTYPES
-                and ops.backends.choose("spike_conv2d_masks", cur.device, torch.float32,
-                                        self.spike_conv_backend) != "torch")
+        ``step_chunk``: :meth:`_masks_allowed`, and spikes of the neuron's own
+        values (theta, beta), which its readers get back."""
+        return neuron.scale_output and self._masks_allowed(neuron, cur)
 
     def _count_terms(self, conv, v, steps, rate_mode, in_seq, sop_terms, spike_totals,
                      first_chunk=True):
